@@ -1,0 +1,1 @@
+"""hmmirror.arch.x86."""

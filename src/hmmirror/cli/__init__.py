@@ -1,0 +1,1 @@
+"""The ``hmmirror`` command line."""

@@ -1,0 +1,363 @@
+"""Transparent huge pages and huge (PMD/PUD) leaf handling (mm/huge_memory.c).
+
+Covers anonymous THP faults (huge zero page on read, a 2 MiB folio on write), write faults on huge PMDs
+(reuse, copy or split per the profile), PMD splits and zaps, PUD leaves (device-dax, 1 GiB hugetlb) and
+``vmf_insert_pfn_pmd/pud`` used by DAX fault handlers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hmmirror.arch.x86 import pgtable as x86
+from hmmirror.arch.x86.pgtable import (
+    _PAGE_DEVMAP,
+    _PAGE_PSE,
+    _PAGE_SPECIAL,
+    HPAGE_PMD_NR,
+    HPAGE_PUD_NR,
+    PMD_SIZE,
+    PUD_SIZE,
+    pfn_pte,
+    pmd_leaf,
+    pte_none,
+    pte_pfn,
+    pud_leaf,
+)
+from hmmirror.include.mm_types import MMU_NOTIFY, VM, VM_FAULT
+from hmmirror.kernel import sched
+from hmmirror.kernel.sched import Gen
+from hmmirror.mm import rmap
+from hmmirror.mm.memory import VmFault, maybe_mkwrite, pmd_lockptr
+from hmmirror.mm.mm_struct import VMA, vma_is_anonymous
+from hmmirror.mm.mmu_notifier import (
+    mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start,
+    mmu_notifier_range_init,
+)
+from hmmirror.mm.page_alloc import PG
+from hmmirror.mm.pgtable import LVL_PTE, Ptr
+
+if TYPE_CHECKING:
+    from hmmirror.mm.mm_struct import MMStruct
+
+
+def mk_huge_pmd(pfn: int, prot: int) -> int:
+    """mk_huge_pmd(): a PSE leaf mapping the 2 MiB block at ``pfn``."""
+    return pfn_pte(pfn, prot) | _PAGE_PSE
+
+
+def is_huge_zero_pmd(mm: "MMStruct", pmd: int) -> bool:
+    """is_huge_zero_pmd()."""
+    return pmd_leaf(pmd) and mm.machine.mem.is_huge_zero_pfn(pte_pfn(pmd))
+
+
+def _account_leaf(mm: "MMStruct", pfn: int, nr: int, delta: int) -> None:
+    """Add/remove one mapping of a huge leaf of ``nr`` frames from the counts (if counted)."""
+    mem = mm.machine.mem
+    if not rmap.counted(mem, pfn, mm.machine.profile.dax_refcounted):
+        return
+    mem.mapcount[pfn: pfn + nr] += delta
+    head = mem.compound_head(pfn)
+    if delta > 0:
+        mem.refcount[head] += delta
+    else:
+        mem.put_page(head)
+
+
+# --- anonymous THP faults --------------------------------------------------------------------------------
+def do_huge_pmd_anonymous_page(vmf: VmFault) -> Gen[int]:
+    """do_huge_pmd_anonymous_page(): huge zero page on read (``use_zero_page``), a new THP on write."""
+    vma, mm = vmf.vma, vmf.mm
+    machine, pool, mem = mm.machine, mm.machine.pool, mm.machine.mem
+    haddr = vmf.address & ~(PMD_SIZE - 1)
+    if haddr < vma.vm_start or haddr + PMD_SIZE > vma.vm_end:
+        return int(VM_FAULT.FALLBACK)
+    assert vmf.pmdp is not None
+    vma.anon_vma = True
+    ptl = pmd_lockptr(mm, vmf.pmdp)
+    if not vmf.write and machine.thp.use_zero_page:
+        zpfn = mem.huge_zero_pfn()
+        if zpfn < 0:
+            return int(VM_FAULT.FALLBACK)
+        yield from sched.spin_lock(ptl)
+        if pte_none(pool.get(vmf.pmdp)):
+            pool.set(vmf.pmdp, x86.pte_wrprotect(mk_huge_pmd(zpfn, vma.vm_page_prot)))
+            if machine.profile.huge_zero_per_mm:
+                mm.huge_zero_ref = True
+        sched.spin_unlock(ptl)
+        return 0
+    yield from sched.might_sleep("vma_alloc_folio(HPAGE_PMD_ORDER)")
+    head = mem.alloc_folio(9)
+    if head < 0:
+        machine.counters["thp_fault_fallback"] += 1
+        return int(VM_FAULT.FALLBACK)
+    entry = maybe_mkwrite(x86.pte_mkdirty(mk_huge_pmd(head, vma.vm_page_prot)), vma)
+    yield from sched.spin_lock(ptl)
+    if not pte_none(pool.get(vmf.pmdp)):
+        sched.spin_unlock(ptl)
+        mem.put_page(head)
+        return 0
+    rmap.page_add_new_anon_rmap(mem, head, HPAGE_PMD_NR)
+    pool.set(vmf.pmdp, x86.pte_mkyoung(entry))
+    sched.spin_unlock(ptl)
+    machine.counters["thp_fault_alloc"] += 1
+    return 0
+
+
+def huge_pmd_set_accessed(vmf: VmFault, pmd: int) -> Gen[None]:
+    """huge_pmd_set_accessed()."""
+    mm = vmf.mm
+    assert vmf.pmdp is not None
+    ptl = pmd_lockptr(mm, vmf.pmdp)
+    yield from sched.spin_lock(ptl)
+    if mm.machine.pool.get(vmf.pmdp) == pmd:
+        new = x86.pte_mkyoung(pmd)
+        if vmf.write:
+            new = x86.pte_mkdirty(new)
+        mm.machine.pool.set(vmf.pmdp, new)
+    sched.spin_unlock(ptl)
+
+
+def huge_pud_set_accessed(vmf: VmFault, pud: int) -> Gen[None]:
+    """huge_pud_set_accessed(): under the PUD lock (``mm.page_table_lock``)."""
+    mm = vmf.mm
+    assert vmf.pudp is not None
+    yield from sched.spin_lock(mm.page_table_lock)
+    if mm.machine.pool.get(vmf.pudp) == pud:
+        mm.machine.pool.set(vmf.pudp, x86.pte_mkyoung(pud))
+    sched.spin_unlock(mm.page_table_lock)
+
+
+def wp_huge_pmd(vmf: VmFault, pmd: int) -> Gen[int]:
+    """wp_huge_pmd(): anonymous -> do_huge_pmd_wp_page; file -> ``huge_fault`` or split + FALLBACK."""
+    vma = vmf.vma
+    if vma_is_anonymous(vma):
+        return (yield from do_huge_pmd_wp_page(vmf, pmd))
+    ops = vma.vm_ops
+    if ops is not None and ops.huge_fault is not None:
+        ret = yield from ops.huge_fault(vmf, "pmd")
+        if not ret & VM_FAULT.FALLBACK:
+            return ret
+    assert vmf.pmdp is not None
+    yield from __split_huge_pmd(vma, vmf.pmdp, vmf.address)
+    return int(VM_FAULT.FALLBACK)
+
+
+def do_huge_pmd_wp_page(vmf: VmFault, orig_pmd: int) -> Gen[int]:
+    """do_huge_pmd_wp_page(): huge zero -> new THP; exclusive -> reuse; shared -> copy [5.2] or split [6.18]."""
+    vma, mm = vmf.vma, vmf.mm
+    machine, pool, mem = mm.machine, mm.machine.pool, mm.machine.mem
+    assert vmf.pmdp is not None
+    haddr = vmf.address & ~(PMD_SIZE - 1)
+    pfn = pte_pfn(orig_pmd)
+    ptl = pmd_lockptr(mm, vmf.pmdp)
+    if not is_huge_zero_pmd(mm, orig_pmd):
+        yield from sched.spin_lock(ptl)
+        if pool.get(vmf.pmdp) != orig_pmd:
+            sched.spin_unlock(ptl)
+            return 0
+        if mem.mapcount[pfn] == 1 and int(mem.refcount[mem.compound_head(pfn)]) == 1:
+            pool.set(vmf.pmdp, maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(orig_pmd)), vma))
+            sched.spin_unlock(ptl)
+            return int(VM_FAULT.WRITE)
+        sched.spin_unlock(ptl)
+        if machine.profile.thp_cow_split:
+            yield from __split_huge_pmd(vma, vmf.pmdp, vmf.address)
+            return int(VM_FAULT.FALLBACK)
+    # [5.2] copy of a shared THP, and (both) the huge zero page: a new THP replaces the PMD
+    yield from sched.might_sleep("vma_alloc_folio(HPAGE_PMD_ORDER)")
+    new = mem.alloc_folio(9)
+    if new < 0:
+        machine.counters["thp_fault_fallback"] += 1
+        yield from __split_huge_pmd(vma, vmf.pmdp, vmf.address)
+        return int(VM_FAULT.FALLBACK)
+    if not is_huge_zero_pmd(mm, orig_pmd):
+        for k in range(HPAGE_PMD_NR):
+            if pfn + k in mem.contents:
+                mem.copy(new + k, pfn + k)
+    r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, haddr, haddr + PMD_SIZE)
+    yield from mmu_notifier_invalidate_range_start(r)
+    yield from sched.spin_lock(ptl)
+    if pool.get(vmf.pmdp) == orig_pmd:
+        entry = maybe_mkwrite(x86.pte_mkdirty(mk_huge_pmd(new, vma.vm_page_prot)), vma)
+        rmap.page_add_new_anon_rmap(mem, new, HPAGE_PMD_NR)
+        pool.set(vmf.pmdp, x86.pte_mkyoung(entry))
+        _account_leaf(mm, pfn, HPAGE_PMD_NR, -1)
+        new = -1
+    sched.spin_unlock(ptl)
+    if new >= 0:
+        mem.put_page(new)
+    yield from mmu_notifier_invalidate_range_end(r)
+    return int(VM_FAULT.WRITE)
+
+
+def do_huge_pmd_numa_page(vmf: VmFault, pmd: int) -> Gen[int]:
+    """do_huge_pmd_numa_page(): restore the VMA protection on a protnone PMD leaf."""
+    mm = vmf.mm
+    assert vmf.pmdp is not None
+    ptl = pmd_lockptr(mm, vmf.pmdp)
+    yield from sched.spin_lock(ptl)
+    if mm.machine.pool.get(vmf.pmdp) == pmd:
+        mm.machine.pool.set(vmf.pmdp, x86.pte_mkyoung(x86.pte_modify(pmd, vmf.vma.vm_page_prot)))
+    sched.spin_unlock(ptl)
+    return 0
+
+
+# --- split and zap ---------------------------------------------------------------------------------------
+def __split_huge_pmd(vma: VMA, pmdp: Ptr, address: int) -> Gen[None]:
+    """__split_huge_pmd(): notifier CLEAR over the 2 MiB block, then split under the PMD lock."""
+    mm = vma.vm_mm
+    haddr = address & ~(PMD_SIZE - 1)
+    r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, haddr, haddr + PMD_SIZE)
+    yield from mmu_notifier_invalidate_range_start(r)
+    ptl = pmd_lockptr(mm, pmdp)
+    yield from sched.spin_lock(ptl)
+    pmd = mm.machine.pool.get(pmdp)
+    if pmd_leaf(pmd) or (not pte_none(pmd) and not pmd & x86._PAGE_PRESENT):
+        __split_huge_pmd_locked(vma, pmdp, haddr, pmd)
+    sched.spin_unlock(ptl)
+    yield from mmu_notifier_invalidate_range_end(r)
+    mm.machine.counters["thp_split_pmd"] += 1
+
+
+def __split_huge_pmd_locked(vma: VMA, pmdp: Ptr, haddr: int, pmd: int) -> None:
+    """__split_huge_pmd_locked(): file/DAX leaves are cleared; anon leaves become 512 PTEs with the same
+    pfns and permissions; the huge zero page becomes 512 zero-page PTEs; migration entries 512 PTE ones."""
+    mm = vma.vm_mm
+    pool, mem = mm.machine.pool, mm.machine.mem
+    import numpy as np
+
+    if not vma_is_anonymous(vma) and not is_huge_zero_pmd(mm, pmd):
+        pool.set(pmdp, 0)
+        if pmd & x86._PAGE_PRESENT or pmd & x86._PAGE_PROTNONE:
+            _account_leaf(mm, pte_pfn(pmd), HPAGE_PMD_NR, -1)
+        return
+    tid = pool.alloc(LVL_PTE)
+    k = np.arange(HPAGE_PMD_NR, dtype=np.uint64)
+    if is_huge_zero_pmd(mm, pmd):
+        zero = pfn_pte(mem.zero_pfn, vma.vm_page_prot) | _PAGE_SPECIAL
+        pool.tables[tid, :] = np.uint64(x86.pte_wrprotect(zero))
+    elif pmd & (x86._PAGE_PRESENT | x86._PAGE_PROTNONE):
+        flags = pmd & x86.PTE_FLAGS_MASK & ~_PAGE_PSE
+        base = pte_pfn(pmd)
+        pool.tables[tid, :] = ((np.uint64(base) + k) << np.uint64(12)) | np.uint64(flags)
+        head = mem.compound_head(base)
+        mem.refcount[head] += HPAGE_PMD_NR - 1     # one reference per PTE mapping from now on
+    else:                                          # PMD migration entry -> PTE migration entries
+        e = x86.pte_to_swp_entry(pmd)
+        vals = [x86.swp_entry_to_pte(x86.SwpEntry(e.type, e.offset + i)) for i in range(HPAGE_PMD_NR)]
+        pool.tables[tid, :] = np.array(vals, dtype=np.uint64)
+    pool.set(pmdp, x86.mk_table_entry(tid))
+
+
+def split_huge_pmd_address(vma: VMA, address: int) -> Gen[None]:
+    """split_huge_pmd_address(): split the huge PMD mapping ``address``, if any (VMA boundary changes)."""
+    mm = vma.vm_mm
+    level, p, e = mm.pt.lookup(address)
+    if level == "pmd" and p is not None and not pte_none(e) and (pmd_leaf(e) or not e & x86._PAGE_PRESENT):
+        yield from __split_huge_pmd(vma, p, address)
+
+
+def zap_huge_pmd(vma: VMA, pmdp: Ptr, addr: int) -> Gen[None]:
+    """zap_huge_pmd(): clear a whole PMD leaf (THP, huge zero page, DAX, hugetlb 2 MiB)."""
+    mm = vma.vm_mm
+    ptl = pmd_lockptr(mm, pmdp)
+    yield from sched.spin_lock(ptl)
+    pmd = mm.machine.pool.get(pmdp)
+    mm.machine.pool.set(pmdp, 0)
+    sched.spin_unlock(ptl)
+    if pmd & (x86._PAGE_PRESENT | x86._PAGE_PROTNONE):
+        _account_leaf(mm, pte_pfn(pmd), HPAGE_PMD_NR, -1)
+
+
+def zap_huge_pud(vma: VMA, pudp: Ptr, addr: int) -> Gen[None]:
+    """zap_huge_pud(): clear a whole PUD leaf (device-dax 1 GiB, hugetlb 1 GiB)."""
+    mm = vma.vm_mm
+    yield from sched.spin_lock(mm.page_table_lock)
+    pud = mm.machine.pool.get(pudp)
+    mm.machine.pool.set(pudp, 0)
+    sched.spin_unlock(mm.page_table_lock)
+    if pud & x86._PAGE_PRESENT:
+        _account_leaf(mm, pte_pfn(pud), HPAGE_PUD_NR, -1)
+
+
+def __split_huge_pud(vma: VMA, pudp: Ptr, address: int) -> Gen[None]:
+    """__split_huge_pud(): DAX PUD leaves are simply cleared (refaulted later); notifier CLEAR [1G)."""
+    mm = vma.vm_mm
+    haddr = address & ~(PUD_SIZE - 1)
+    r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, haddr, haddr + PUD_SIZE)
+    yield from mmu_notifier_invalidate_range_start(r)
+    yield from zap_huge_pud(vma, pudp, address)
+    yield from mmu_notifier_invalidate_range_end(r)
+
+
+# --- pfn insertion for DAX -------------------------------------------------------------------------------
+def _devmap_leaf(mm: "MMStruct", pfn: int, prot: int) -> int:
+    entry = pfn_pte(pfn, prot) | _PAGE_PSE
+    if mm.machine.profile.devmap_bits:
+        entry |= _PAGE_DEVMAP
+    return entry
+
+
+def vmf_insert_pfn_pmd(vmf: VmFault, pfn: int, write: bool) -> Gen[int]:
+    """vmf_insert_pfn_pmd(): map a 2 MiB device block (devmap PMD [5.2..6.16]) under the PMD lock."""
+    vma, mm = vmf.vma, vmf.mm
+    pool = mm.machine.pool
+    assert vmf.pmdp is not None
+    ptl = pmd_lockptr(mm, vmf.pmdp)
+    yield from sched.spin_lock(ptl)
+    cur = pool.get(vmf.pmdp)
+    if not pte_none(cur):
+        if write and pte_pfn(cur) == pfn and pmd_leaf(cur):
+            pool.set(vmf.pmdp, maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(cur)), vma))
+        sched.spin_unlock(ptl)
+        return int(VM_FAULT.NOPAGE)
+    entry = _devmap_leaf(mm, pfn, vma.vm_page_prot)
+    if write:
+        entry = maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(entry)), vma)
+    pool.set(vmf.pmdp, entry)
+    _account_leaf(mm, pfn, HPAGE_PMD_NR, +1)
+    sched.spin_unlock(ptl)
+    return int(VM_FAULT.NOPAGE)
+
+
+def vmf_insert_pfn_pud(vmf: VmFault, pfn: int, write: bool) -> Gen[int]:
+    """vmf_insert_pfn_pud(): map a 1 GiB device block (devmap PUD [5.2..6.16]) under the PUD lock."""
+    vma, mm = vmf.vma, vmf.mm
+    pool = mm.machine.pool
+    assert vmf.pudp is not None
+    yield from sched.spin_lock(mm.page_table_lock)
+    cur = pool.get(vmf.pudp)
+    if not pte_none(cur):
+        if write and pte_pfn(cur) == pfn and pud_leaf(cur):
+            pool.set(vmf.pudp, maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(cur)), vma))
+        sched.spin_unlock(mm.page_table_lock)
+        return int(VM_FAULT.NOPAGE)
+    entry = _devmap_leaf(mm, pfn, vma.vm_page_prot)
+    if write:
+        entry = maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(entry)), vma)
+    pool.set(vmf.pudp, entry)
+    _account_leaf(mm, pfn, HPAGE_PUD_NR, +1)
+    sched.spin_unlock(mm.page_table_lock)
+    return int(VM_FAULT.NOPAGE)
+
+
+def set_huge_zero_pmd(vmf: VmFault) -> Gen[int]:
+    """dax_pmd_load_hole() / set_huge_zero_page(): map the huge zero folio read-only."""
+    mm, vma = vmf.mm, vmf.vma
+    zpfn = mm.machine.mem.huge_zero_pfn()
+    if zpfn < 0:
+        return int(VM_FAULT.FALLBACK)
+    assert vmf.pmdp is not None
+    ptl = pmd_lockptr(mm, vmf.pmdp)
+    yield from sched.spin_lock(ptl)
+    if pte_none(mm.machine.pool.get(vmf.pmdp)):
+        mm.machine.pool.set(vmf.pmdp, x86.pte_wrprotect(mk_huge_pmd(zpfn, vma.vm_page_prot)))
+        if mm.machine.profile.huge_zero_per_mm:
+            mm.huge_zero_ref = True
+    sched.spin_unlock(ptl)
+    return int(VM_FAULT.NOPAGE)
+
+
+_ = (VM, PG)

@@ -1,0 +1,435 @@
+"""MMU notifiers: classic subscribers and interval subscriptions (mm/mmu_notifier.c).
+
+Classic subscribers exist in every profile ([5.2] and [6.18]); interval subscriptions only where
+``profile.interval_notifiers`` is true.  Callbacks may sleep, so they are generators; the core runs them with
+``yield from``.
+
+Every invalidation is also appended to the machine's event log (``mmu_notifier_invalidate_range_start`` /
+``_end`` records with range, event and blockable flag), which tests and the simulator read.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hmmirror.include.mm_types import MMU_NOTIFIER_RANGE_BLOCKABLE, MMU_NOTIFY
+from hmmirror.kernel import sched
+from hmmirror.kernel.sched import Gen, Lock
+
+if TYPE_CHECKING:
+    from hmmirror.mm.mm_struct import VMA, MMStruct
+
+ULONG_MAX = (1 << 64) - 1
+
+
+@dataclass
+class MmuNotifierRange:
+    """``struct mmu_notifier_range``."""
+
+    mm: "MMStruct"
+    start: int
+    end: int
+    event: MMU_NOTIFY = MMU_NOTIFY.UNMAP
+    flags: int = MMU_NOTIFIER_RANGE_BLOCKABLE
+    vma: "VMA | None" = None
+    owner: Any = None
+
+    def __repr__(self) -> str:
+        b = "blockable" if self.flags & MMU_NOTIFIER_RANGE_BLOCKABLE else "nonblock"
+        return f"Range({self.start:#x}-{self.end:#x} {self.event.name} {b})"
+
+
+def mmu_notifier_range_init(event: MMU_NOTIFY, vma: "VMA | None", mm: "MMStruct", start: int, end: int,
+                            owner: Any = None) -> MmuNotifierRange:
+    """mmu_notifier_range_init() / mmu_notifier_range_init_owner()."""
+    return MmuNotifierRange(mm, start, end, event, 0, vma, owner)
+
+
+def mmu_notifier_range_blockable(r: MmuNotifierRange) -> bool:
+    """mmu_notifier_range_blockable()."""
+    return bool(r.flags & MMU_NOTIFIER_RANGE_BLOCKABLE)
+
+
+class MmuNotifierOps:
+    """``struct mmu_notifier_ops`` (classic).  Override the hooks you need; generators may sleep."""
+
+    def release(self, mn: "MmuNotifier", mm: "MMStruct") -> Gen[None]:
+        return
+        yield
+
+    def invalidate_range_start(self, mn: "MmuNotifier", r: MmuNotifierRange) -> Gen[int]:
+        return 0
+        yield
+
+    def invalidate_range_end(self, mn: "MmuNotifier", r: MmuNotifierRange) -> Gen[None]:
+        return
+        yield
+
+    has_invalidate_range_end = True
+
+
+@dataclass(eq=False)
+class MmuNotifier:
+    """``struct mmu_notifier``: a classic subscriber."""
+
+    ops: MmuNotifierOps
+    mm: "MMStruct | None" = None
+
+
+class MmuIntervalNotifierOps:
+    """``struct mmu_interval_notifier_ops``: ``invalidate(sub, range, cur_seq) -> bool`` (a generator)."""
+
+    def invalidate(self, sub: "MmuIntervalNotifier", r: MmuNotifierRange, cur_seq: int) -> Gen[bool]:
+        return True
+        yield
+
+
+@dataclass(eq=False)
+class MmuIntervalNotifier:
+    """``struct mmu_interval_notifier``: ``[start, last]`` (inclusive last, as the kernel's interval tree)."""
+
+    start: int = 0
+    last: int = 0
+    ops: MmuIntervalNotifierOps | None = None
+    mm: "MMStruct | None" = None
+    invalidate_seq: int = 0
+    in_tree: bool = False
+
+
+class IntervalTree:
+    """Interval tree of subscriptions: sorted by start with a max-``last`` segment tree.
+
+    ``overlapping(s, e)`` visits only subtrees whose maximum ``last`` reaches ``s`` among entries whose
+    start is ``<= e``: O(log n + matches), not a scan of all subscriptions.  Rebuilt on insert/remove,
+    which are rare next to queries.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[MmuIntervalNotifier] = []
+        self._keys: list[tuple[int, int]] = []
+        self._max: list[int] = []
+        self._n = 0
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def insert(self, sub: MmuIntervalNotifier) -> None:
+        self._seq += 1
+        key = (sub.start, self._seq)
+        i = bisect.bisect_left(self._keys, key)
+        self._keys.insert(i, key)
+        self._items.insert(i, sub)
+        self._rebuild()
+
+    def remove(self, sub: MmuIntervalNotifier) -> None:
+        i = self._items.index(sub)
+        del self._items[i]
+        del self._keys[i]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        n = 1
+        while n < max(len(self._items), 1):
+            n *= 2
+        self._n = n
+        mx = [-1] * (2 * n)
+        for i, s in enumerate(self._items):
+            mx[n + i] = s.last
+        for i in range(n - 1, 0, -1):
+            mx[i] = max(mx[2 * i], mx[2 * i + 1])
+        self._max = mx
+
+    def overlapping(self, start: int, last: int) -> list[MmuIntervalNotifier]:
+        """Subscriptions intersecting ``[start, last]``, in tree (start) order."""
+        k = bisect.bisect_right(self._keys, (last, 1 << 62))   # candidates: items[:k] have start <= last
+        out: list[MmuIntervalNotifier] = []
+        if k == 0:
+            return out
+        self._collect(1, 0, self._n, k, start, out)
+        return out
+
+    def _collect(self, node: int, lo: int, hi: int, k: int, start: int, out: list[MmuIntervalNotifier]) -> None:
+        if lo >= k or self._max[node] < start:
+            return
+        if hi - lo == 1:
+            out.append(self._items[lo])
+            return
+        mid = (lo + hi) // 2
+        self._collect(2 * node, lo, mid, k, start, out)
+        self._collect(2 * node + 1, mid, hi, k, start, out)
+
+
+class NotifierSubscriptions:
+    """``struct mmu_notifier_subscriptions`` (6.x naming; [5.2] ``mmu_notifier_mm`` with the list only)."""
+
+    def __init__(self, mm: "MMStruct") -> None:
+        self.list: list[MmuNotifier] = []            # classic, head first (newest first)
+        self.lock = Lock(f"{mm.name}.subscriptions.lock", "spin")
+        self.invalidate_seq = 2                       # even: no interval invalidation in progress
+        self.active_invalidate_ranges = 0
+        self.itree = IntervalTree()
+        self.deferred: list[tuple[str, MmuIntervalNotifier]] = []
+        self.srcu_readers = 0
+
+
+def _subs(mm: "MMStruct") -> NotifierSubscriptions:
+    if mm.notifier_subscriptions is None:
+        mm.notifier_subscriptions = NotifierSubscriptions(mm)
+    return mm.notifier_subscriptions
+
+
+def _log(mm: "MMStruct", what: str, r: MmuNotifierRange, **extra: Any) -> None:
+    mm.machine.log(what, mm=mm.name, start=r.start, end=r.end, event=r.event.name,
+                   blockable=mmu_notifier_range_blockable(r), **extra)
+
+
+# --- classic registration --------------------------------------------------------------------------------
+def __mmu_notifier_register(mn: MmuNotifier, mm: "MMStruct") -> Gen[int]:
+    """__mmu_notifier_register(): caller holds mmap lock for write; mm_take_all_locks() sleeps."""
+    if mm.mm_users <= 0:
+        sched.report("WARN_ON", f"__mmu_notifier_register on {mm.name} with mm_users == 0")
+    yield from sched.might_sleep("mm_take_all_locks")
+    subs = _subs(mm)
+    mm.mm_count += 1                                  # mmgrab
+    mn.mm = mm
+    subs.list.insert(0, mn)
+    mm.machine.log("mmu_notifier_register", mm=mm.name)
+    return 0
+
+
+def mmu_notifier_register(mn: MmuNotifier, mm: "MMStruct") -> Gen[int]:
+    """mmu_notifier_register(): takes the mmap lock for write itself."""
+    yield from sched.down_write(mm.mmap_sem)
+    try:
+        return (yield from __mmu_notifier_register(mn, mm))
+    finally:
+        sched.up_write(mm.mmap_sem)
+
+
+def mmdrop(mm: "MMStruct") -> None:
+    """mmdrop()."""
+    mm.mm_count -= 1
+
+
+def mmu_notifier_unregister_no_release(mn: MmuNotifier, mm: "MMStruct") -> None:
+    """mmu_notifier_unregister_no_release(): unlink without SRCU synchronisation, then mmdrop."""
+    subs = _subs(mm)
+    if mn in subs.list:
+        subs.list.remove(mn)
+    mmdrop(mm)
+
+
+def mmu_notifier_unregister(mn: MmuNotifier, mm: "MMStruct") -> Gen[None]:
+    """mmu_notifier_unregister(): release() if still linked, unlink, synchronize_srcu, mmdrop."""
+    subs = _subs(mm)
+    if mn in subs.list:
+        yield from mn.ops.release(mn, mm)
+        subs.list.remove(mn)
+    yield from sched.might_sleep("synchronize_srcu")
+    mmdrop(mm)
+
+
+# --- interval registration [5.5+] ------------------------------------------------------------------------
+def mmu_interval_notifier_insert(sub: MmuIntervalNotifier, mm: "MMStruct", start: int, length: int,
+                                 ops: MmuIntervalNotifierOps) -> Gen[int]:
+    """mmu_interval_notifier_insert() [6.x]."""
+    if not mm.machine.profile.interval_notifiers:
+        return -22
+    yield from sched.might_sleep("mmu_interval_notifier_insert")
+    if length == 0 or start + length - 1 > ULONG_MAX:
+        return -75                                        # -EOVERFLOW
+    if mm.mm_users <= 0:
+        return -22
+    subs = _subs(mm)
+    sub.start, sub.last, sub.ops, sub.mm = start, start + length - 1, ops, mm
+    mm.mm_count += 1
+    if subs.active_invalidate_ranges:
+        if subs.invalidate_seq & 1:
+            subs.deferred.append(("insert", sub))
+        else:
+            subs.invalidate_seq |= 1
+            subs.itree.insert(sub)
+            sub.in_tree = True
+        sub.invalidate_seq = subs.invalidate_seq
+    else:
+        sub.invalidate_seq = subs.invalidate_seq - 1
+        subs.itree.insert(sub)
+        sub.in_tree = True
+    mm.machine.log("mmu_interval_notifier_insert", mm=mm.name, start=sub.start, last=sub.last)
+    return 0
+
+
+def mmu_interval_notifier_remove(sub: MmuIntervalNotifier) -> Gen[None]:
+    """mmu_interval_notifier_remove(): waits until no invalidate callback for ``sub`` can run."""
+    mm = sub.mm
+    assert mm is not None
+    subs = _subs(mm)
+    seq = 0
+    if subs.invalidate_seq & 1:
+        if not sub.in_tree:
+            subs.deferred = [(op, s) for op, s in subs.deferred if s is not sub]
+        else:
+            subs.deferred.append(("remove", sub))
+            seq = subs.invalidate_seq
+    else:
+        subs.itree.remove(sub)
+        sub.in_tree = False
+    if seq:
+        yield from sched.wait_event(lambda: subs.invalidate_seq != seq, "mmu_interval_notifier_remove")
+    mmdrop(mm)
+    mm.machine.log("mmu_interval_notifier_remove", mm=mm.name, start=sub.start, last=sub.last)
+
+
+def mmu_interval_read_begin(sub: MmuIntervalNotifier) -> Gen[int]:
+    """mmu_interval_read_begin(): a sequence number; waits while an invalidation covers ``sub``."""
+    assert sub.mm is not None
+    subs = _subs(sub.mm)
+    seq = sub.invalidate_seq
+    if seq == subs.invalidate_seq:
+        yield from sched.wait_event(lambda: subs.invalidate_seq != seq, "mmu_interval_read_begin")
+    return seq
+
+
+def mmu_interval_read_retry(sub: MmuIntervalNotifier, seq: int) -> bool:
+    """mmu_interval_read_retry(): call under the driver lock taken by ``invalidate``."""
+    return sub.invalidate_seq != seq
+
+
+def mmu_interval_check_retry(sub: MmuIntervalNotifier, seq: int) -> bool:
+    """mmu_interval_check_retry(): a lock-free hint."""
+    return sub.invalidate_seq != seq
+
+
+def mmu_interval_set_seq(sub: MmuIntervalNotifier, cur_seq: int) -> None:
+    """mmu_interval_set_seq(): from ``invalidate``, under the driver lock."""
+    sub.invalidate_seq = cur_seq
+
+
+# --- invalidation ----------------------------------------------------------------------------------------
+def _itree_invalidate_start(subs: NotifierSubscriptions, r: MmuNotifierRange) -> Gen[int]:
+    """mn_itree_invalidate()."""
+    subs.active_invalidate_ranges += 1
+    hits = subs.itree.overlapping(r.start, r.end - 1)
+    if hits:
+        subs.invalidate_seq |= 1
+    cur_seq = subs.invalidate_seq
+    for sub in hits:
+        assert sub.ops is not None
+        ok = yield from _call_atomic_aware(r, sub.ops.invalidate(sub, r, cur_seq))
+        if not ok:
+            if mmu_notifier_range_blockable(r):
+                sched.report("WARN_ON", "interval invalidate returned false for a blockable range")
+                continue
+            _itree_inv_end(subs)
+            return -11
+    return 0
+
+
+def _itree_inv_end(subs: NotifierSubscriptions) -> None:
+    """mn_itree_inv_end()."""
+    subs.active_invalidate_ranges -= 1
+    if subs.active_invalidate_ranges or not subs.invalidate_seq & 1:
+        return
+    subs.invalidate_seq += 1
+    for op, sub in subs.deferred:
+        if op == "insert":
+            subs.itree.insert(sub)
+            sub.in_tree = True
+        elif sub.in_tree:
+            subs.itree.remove(sub)
+            sub.in_tree = False
+    subs.deferred.clear()
+
+
+def _call_atomic_aware(r: MmuNotifierRange, gen: Gen[Any]) -> Gen[Any]:
+    """Run a callback; for a non-blockable range the task is atomic (sleeping is a reported bug)."""
+    task = sched.current()
+    atomic = not mmu_notifier_range_blockable(r)
+    task.atomic += atomic
+    try:
+        return (yield from gen)
+    finally:
+        task.atomic -= atomic
+
+
+def _classic_start(subs: NotifierSubscriptions, r: MmuNotifierRange) -> Gen[int]:
+    ret = 0
+    for mn in list(subs.list):
+        rc = yield from _call_atomic_aware(r, mn.ops.invalidate_range_start(mn, r))
+        if rc:
+            ret = rc
+    return ret
+
+
+def mmu_notifier_invalidate_range_start(r: MmuNotifierRange) -> Gen[None]:
+    """mmu_notifier_invalidate_range_start(): blockable; entries change only after this returns."""
+    r.flags |= MMU_NOTIFIER_RANGE_BLOCKABLE
+    yield from sched.might_sleep("mmu_notifier_invalidate_range_start")
+    _log(r.mm, "invalidate_range_start", r)
+    subs = r.mm.notifier_subscriptions
+    if subs is None:
+        return
+    if subs.itree:
+        yield from _itree_invalidate_start(subs, r)
+    elif r.mm.machine.profile.interval_notifiers:
+        subs.active_invalidate_ranges += 1
+    yield from _classic_start(subs, r)
+
+
+def mmu_notifier_invalidate_range_start_nonblock(r: MmuNotifierRange) -> Gen[int]:
+    """mmu_notifier_invalidate_range_start_nonblock(): subscribers must not sleep; may fail with -EAGAIN."""
+    r.flags &= ~MMU_NOTIFIER_RANGE_BLOCKABLE
+    _log(r.mm, "invalidate_range_start", r)
+    subs = r.mm.notifier_subscriptions
+    if subs is None:
+        return 0
+    if r.mm.machine.profile.interval_notifiers:
+        if subs.itree:
+            rc = yield from _itree_invalidate_start(subs, r)
+            if rc:
+                _log(r.mm, "invalidate_range_start_failed", r, ret=rc)
+                return rc
+        else:
+            subs.active_invalidate_ranges += 1
+    rc = yield from _classic_start(subs, r)
+    if rc and r.mm.machine.profile.interval_notifiers:
+        # [6.x] the core ends every classic subscriber that implements invalidate_range_end
+        for mn in list(subs.list):
+            if mn.ops.has_invalidate_range_end:
+                yield from _call_atomic_aware(r, mn.ops.invalidate_range_end(mn, r))
+        _itree_inv_end(subs)
+    if rc:
+        _log(r.mm, "invalidate_range_start_failed", r, ret=rc)
+    return rc
+
+
+def mmu_notifier_invalidate_range_end(r: MmuNotifierRange) -> Gen[None]:
+    """mmu_notifier_invalidate_range_end(): after the entries changed."""
+    subs = r.mm.notifier_subscriptions
+    if subs is not None:
+        if r.mm.machine.profile.interval_notifiers:
+            _itree_inv_end(subs)
+        for mn in list(subs.list):
+            yield from _call_atomic_aware(r, mn.ops.invalidate_range_end(mn, r))
+    _log(r.mm, "invalidate_range_end", r)
+
+
+def mmu_notifier_release(mm: "MMStruct") -> Gen[None]:
+    """__mmu_notifier_release(): intervals get RELEASE over everything; classic ``release`` then unlink."""
+    subs = mm.notifier_subscriptions
+    if subs is None:
+        return
+    if subs.itree:
+        r = MmuNotifierRange(mm, 0, ULONG_MAX, MMU_NOTIFY.RELEASE, MMU_NOTIFIER_RANGE_BLOCKABLE)
+        _log(mm, "invalidate_range_start", r)
+        yield from _itree_invalidate_start(subs, r)
+        _itree_inv_end(subs)
+        _log(mm, "invalidate_range_end", r)
+    for mn in list(subs.list):
+        yield from mn.ops.release(mn, mm)
+    subs.list.clear()
+    yield from sched.might_sleep("synchronize_srcu")

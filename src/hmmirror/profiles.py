@@ -1,0 +1,76 @@
+"""Kernel profiles: every per-version behaviour of the substrate and the HMM layer lives here, as data.
+
+Model code never tests a version string; it reads a named field of :class:`KernelProfile` (e.g.
+``profile.devmap_bits``).  Adding a version means adding a profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hmmirror.errors import InputError
+
+
+@dataclass(frozen=True)
+class KernelProfile:
+    """What differs between the kernels hmmirror models (mm-substrate.md era tags)."""
+
+    name: str
+    hmm_module: str                     # module implementing the HMM API of this version
+    devmap_bits: bool                   # DAX entries carry _PAGE_DEVMAP (PTE: SPECIAL|DEVMAP) [5.2 .. 6.16]
+    dax_refcounted: bool                # mapping a DAX frame takes refcount/mapcount [6.18]
+    mprotect_keeps_exclusive_writable: bool   # mprotect(RW) makes exclusive anon entries writable [6.18, obs A10]
+    thp_cow_split: bool                 # write to a shared anon THP: split + copy 4K [6.18]; False: copy 2 MiB [5.2]
+    file_pmd_mappings: bool             # ext4/xfs page cache PMD-mapped with MADV_HUGEPAGE [6.18, obs D12]
+    hugetlb_dontneed: bool              # MADV_DONTNEED allowed on hugetlb VMAs [6.18]
+    mprotect_chunk_shift: int           # PROTECTION_VMA chunking: PUD (30) [5.2] or P4D (39) [6.18]
+    notifier_events: int                # number of mmu_notifier_event values (5 [5.2], 8 [6.18])
+    pte_markers: bool                   # guard / uffd-wp / poison markers exist [6.18]
+    huge_zero_per_mm: bool              # huge zero folio referenced per mm [5.2]
+    interval_notifiers: bool            # mmu_interval_notifier exists [5.5+]
+
+
+V5_2 = KernelProfile(
+    name="5.2",
+    hmm_module="hmmirror.mm.hmm.v5_2",
+    devmap_bits=True,
+    dax_refcounted=False,
+    mprotect_keeps_exclusive_writable=False,
+    thp_cow_split=False,
+    file_pmd_mappings=False,
+    hugetlb_dontneed=False,
+    mprotect_chunk_shift=30,
+    notifier_events=5,
+    pte_markers=False,
+    huge_zero_per_mm=True,
+    interval_notifiers=False,
+)
+
+V6_18 = KernelProfile(
+    name="6.18",
+    hmm_module="hmmirror.mm.hmm.modern",
+    devmap_bits=False,
+    dax_refcounted=True,
+    mprotect_keeps_exclusive_writable=True,
+    thp_cow_split=True,
+    file_pmd_mappings=True,
+    hugetlb_dontneed=True,
+    mprotect_chunk_shift=39,
+    notifier_events=8,
+    pte_markers=True,
+    huge_zero_per_mm=False,
+    interval_notifiers=True,
+)
+
+PROFILES = {"5.2": V5_2, "6.18": V6_18}
+ALIASES = {"6.x": "6.18", "modern": "6.18", "v5.2": "5.2", "v6.18": "6.18"}
+
+
+def get_profile(name: str) -> KernelProfile:
+    """The profile for ``name`` (``"5.2"``, ``"6.18"`` or the alias ``"6.x"``)."""
+    key = ALIASES.get(str(name), str(name))
+    try:
+        return PROFILES[key]
+    except KeyError:
+        known = ", ".join(sorted(PROFILES) + sorted(ALIASES))
+        raise InputError(f"unknown kernel profile {name!r} (known: {known})") from None
