@@ -98,6 +98,33 @@ class Machine:
         self.mms[name] = mm
         return mm
 
+    # -- devices and filesystems (implemented in drivers/ and fs/) -------------------------------------------
+    def add_pmem(self, name: str, size: int, mode: str = "fsdax", align: int = 2 << 20) -> Any:
+        """Add a pmem device (``mode`` "fsdax" or "devdax"; device-dax appears as /dev/daxN.0)."""
+        from hmmirror.drivers.nvdimm.pmem import add_pmem
+        return add_pmem(self, name, size, mode, align)
+
+    def mount(self, path: str, fstype: str, dax: str | None = None, huge: str = "never",
+              pagesize: int | None = None) -> Any:
+        """Mount a filesystem (ext4, xfs, tmpfs, hugetlbfs; ``dax`` names an fsdax pmem device)."""
+        from hmmirror.fs.super import mount
+        return mount(self, path, fstype, dax=dax, huge=huge, pagesize=pagesize)
+
+    def create_file(self, path: str, size: int, content: str = "data") -> Any:
+        """Create a file under a mount ("data": every page written; "sparse": a hole; "zero": fallocated)."""
+        from hmmirror.fs.super import create_file
+        return create_file(self, path, size, content)
+
+    def open_file(self, path: str, map_flags: int = 0, writable: bool = True) -> Any:
+        """open(2) of a file or device path; returns a File whose ``mmap(vma)`` sets the VMA up."""
+        from hmmirror.fs.super import open_file
+        return open_file(self, path, map_flags, writable)
+
+    def truncate(self, path: str, size: int) -> int:
+        """truncate(2): change a file's size (shrinking unmaps the tail from every mapping)."""
+        from hmmirror.fs.super import truncate
+        return truncate(self, path, size)
+
     # -- observability -------------------------------------------------------------------------------------
     def log(self, what: str, **fields: Any) -> None:
         """Append an event (HMM calls, notifier callbacks, operations) to the machine's log."""
