@@ -235,32 +235,40 @@ def _parse_header(line: str) -> tuple[int, int, str, int, tuple[int, int], int, 
         return None
 
 
-def _iter_smaps(text: str) -> Iterator[tuple[tuple, dict[str, str]]]:
-    """Yield ``(header fields, {key: value})`` per VMA of an smaps text."""
+_HEX = frozenset("0123456789abcdef")
+
+
+def _iter_smaps(text: str, lo: int, hi: int) -> Iterator[tuple[tuple, dict[str, str]]]:
+    """Yield ``(header fields, {KernelPageSize, VmFlags})`` per VMA of an smaps text overlapping [lo, hi).
+
+    Header lines start with a lowercase hex digit, key lines with an uppercase letter; only the two
+    keys we use are kept, and VMAs outside the range are skipped without parsing.
+    """
     header: tuple | None = None
     keys: dict[str, str] = {}
     for line in text.splitlines():
-        h = _parse_header(line)
-        if h is not None:
+        if line[:1] in _HEX:
             if header is not None:
                 yield header, keys
-            header, keys = h, {}
-            continue
-        key, sep, value = line.partition(":")
-        if sep:
+            header, keys = None, {}
+            vstart, _, rest = line.partition("-")
+            if int(vstart, 16) < hi and int(rest[:rest.index(" ")], 16) > lo:
+                header = _parse_header(line)
+        elif header is not None and line.startswith(("KernelPageSize:", "VmFlags:")):
+            key, _, value = line.partition(":")
             keys[key] = value.strip()
     if header is not None:
         yield header, keys
 
 
-def read_vmas(pid: int) -> list[Vma]:
-    """The VMAs of process ``pid`` from ``/proc/PID/smaps``, sorted by address."""
+def read_vmas(pid: int, lo: int = 0, hi: int = 1 << 64) -> list[Vma]:
+    """The VMAs of process ``pid`` overlapping ``[lo, hi)``, from ``/proc/PID/smaps``, sorted by address."""
     mounts = _parse_mountinfo(_proc_read_text(pid, "mountinfo"))
     vmas = []
-    for (lo, hi, perms, off, dev, inode, path), keys in _iter_smaps(_proc_read_text(pid, "smaps")):
+    for (vlo, vhi, perms, off, dev, inode, path), keys in _iter_smaps(_proc_read_text(pid, "smaps"), lo, hi):
         flags = frozenset(keys.get("VmFlags", "").split())
         kps = int(keys.get("KernelPageSize", "4 kB").split()[0]) * 1024
-        vmas.append(Vma(lo, hi, perms, off, dev, inode, path, flags, kps,
+        vmas.append(Vma(vlo, vhi, perms, off, dev, inode, path, flags, kps,
                         _backing(path, dev, flags, mounts)))
     return vmas
 
@@ -472,7 +480,7 @@ def read_raw(pid: int, start: int, end: int) -> RawPages:
         cats = scan_categories_fd(fd, start, end)
     finally:
         os.close(fd)
-    vmas, vidx = _vma_index(read_vmas(pid), start, end)
+    vmas, vidx = _vma_index(read_vmas(pid, start, end), start, end)
     present = (entries & np.uint64(PM_PRESENT)) != 0
     pfns = entries & np.uint64(PM_PFRAME_MASK)
     kflags = None

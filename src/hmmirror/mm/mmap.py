@@ -48,14 +48,16 @@ def get_unmapped_area(mm: "MMStruct", addr: int, length: int, flags: int, align:
         if addr + length <= task_size and not mm.vmas_in(addr, addr + length) and addr % align == 0:
             return addr
     top = min(MMAP_BASE, task_size)
-    for vma in reversed([v for v in mm.vmas if v.vm_start < top] + [None]):   # type: ignore[list-item]
-        gap_lo = vma.vm_end if vma is not None else 0x10000
-        cand = (top - length) & ~(align - 1)
-        if cand >= gap_lo:
-            return cand
-        if vma is not None:
-            top = min(top, vma.vm_start)
-    return -ENOMEM
+    for vma in reversed(mm.vmas):
+        if vma.vm_start >= top:
+            continue
+        if vma.vm_end < top:
+            cand = (top - length) & ~(align - 1)
+            if cand >= vma.vm_end:
+                return cand
+        top = vma.vm_start
+    cand = (top - length) & ~(align - 1)
+    return cand if cand >= 0x10000 else -ENOMEM
 
 
 def do_mmap(mm: "MMStruct", addr: int, length: int, prot: int, flags: int, file: Any = None, pgoff: int = 0,
