@@ -5,7 +5,25 @@ from __future__ import annotations
 from enum import IntEnum, IntFlag
 
 
-class VM(IntFlag):
+class Flags:
+    """A namespace of bit constants as plain ints.
+
+    ``VM``, ``FAULT_FLAG`` and ``VM_FAULT`` are tested on every fault; ``enum.IntFlag`` arithmetic costs
+    about a microsecond per operation, so these are plain ints with a :meth:`names` helper for display.
+    """
+
+    @classmethod
+    def members(cls) -> list[tuple[str, int]]:
+        return [(k, v) for k, v in vars(cls).items() if k.isupper() and isinstance(v, int) and v]
+
+    @classmethod
+    def names(cls, value: int) -> str:
+        """``VM.names(0x3)`` -> ``"READ|WRITE"``."""
+        out = [k for k, v in cls.members() if value & v == v]
+        return "|".join(out) if out else "0"
+
+
+class VM(Flags):
     """vm_flags (include/linux/mm.h)."""
 
     NONE = 0
@@ -47,7 +65,7 @@ VM_MNEMONICS = {
 }
 
 
-class FAULT_FLAG(IntFlag):
+class FAULT_FLAG(Flags):
     """enum fault_flag."""
 
     NONE = 0
@@ -61,7 +79,7 @@ class FAULT_FLAG(IntFlag):
     REMOTE = 1 << 7
 
 
-class VM_FAULT(IntFlag):
+class VM_FAULT(Flags):
     """vm_fault_t bits."""
 
     NONE = 0

@@ -73,7 +73,7 @@ _MAP_FAILED = (1 << 64) - 1
 _MSG_MAX = 1 << 16
 _CHUNK = 1 << 16  # bytes compared/filled per step: keeps worker temporaries below malloc's mmap threshold
 _SIZE_RE = re.compile(r"^\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_EXPR_RE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(?:([+-])\s*(.+))?$")
+_EXPR_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:([+-])\s*(.+))?$")
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 M_MMAP_THRESHOLD = -3
 
@@ -147,9 +147,9 @@ def _prot(value: int | str) -> int:
 
 
 def _map_flags(value: int | str | Sequence[str] | None) -> int:
-    """MAP_* bits of a list of names (or an int)."""
+    """MAP_* bits of a list of names (or an int); no flags means MAP_PRIVATE."""
     if value is None:
-        return MAP_PRIVATE | MAP_ANONYMOUS
+        return MAP_PRIVATE
     if isinstance(value, int):
         return value
     names = [value] if isinstance(value, str) else list(value)

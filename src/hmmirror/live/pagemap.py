@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import gzip
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ class Vma:
     dev: tuple[int, int]        # (major, minor)
     inode: int
     path: str                   # "" for anonymous; "[heap]"; "/dev/zero (deleted)" ...
-    vm_flags: frozenset[str]    # smaps "VmFlags" mnemonics ("rd", "wr", "ht", "pf", "hg" ...)
+    vm_flags: frozenset[str]    # smaps "VmFlags" mnemonics ("ht", "pf" ...); empty when read from maps
     kernel_page_size: int       # smaps "KernelPageSize" in bytes
     backing: str                # "anon", "file", "shmem", "hugetlb", "fsdax", "devdax", "pfnmap"
 
@@ -261,11 +262,31 @@ def _iter_smaps(text: str, lo: int, hi: int) -> Iterator[tuple[tuple, dict[str, 
         yield header, keys
 
 
+def _needs_smaps(path: str, dev: tuple[int, int], mounts: dict[tuple[int, int], tuple[str, str]]) -> bool:
+    """Whether a VMA's kind needs smaps (VmFlags, KernelPageSize): hugetlb, devices, internal mounts."""
+    if not path.startswith("/"):
+        return path.startswith("[vvar") or path.startswith("[vdso")  # special mappings: VM_PFNMAP-like
+    if path.startswith("/dev/zero"):  # shared anonymous memory: shmem, never hugetlb or PFNMAP
+        return False
+    if path.startswith(("/dev/", "/anon_hugepage", "/memfd:")):
+        return True
+    return mounts.get(dev, ("",))[0] in ("", "hugetlbfs")
+
+
 def read_vmas(pid: int, lo: int = 0, hi: int = 1 << 64) -> list[Vma]:
-    """The VMAs of process ``pid`` overlapping ``[lo, hi)``, from ``/proc/PID/smaps``, sorted by address."""
+    """The VMAs of process ``pid`` overlapping ``[lo, hi)``, sorted by address.
+
+    ``/proc/PID/maps`` is enough for anonymous memory and ordinary files; ``/proc/PID/smaps`` (slower: it
+    walks every VMA's page tables) is read only when some VMA in the range needs VmFlags or KernelPageSize.
+    """
     mounts = _parse_mountinfo(_proc_read_text(pid, "mountinfo"))
+    heads = [h for h, _ in _iter_smaps(_proc_read_text(pid, "maps"), lo, hi)]
+    if any(_needs_smaps(h[6], h[4], mounts) for h in heads):
+        items = list(_iter_smaps(_proc_read_text(pid, "smaps"), lo, hi))
+    else:
+        items = [(h, {}) for h in heads]
     vmas = []
-    for (vlo, vhi, perms, off, dev, inode, path), keys in _iter_smaps(_proc_read_text(pid, "smaps"), lo, hi):
+    for (vlo, vhi, perms, off, dev, inode, path), keys in items:
         flags = frozenset(keys.get("VmFlags", "").split())
         kps = int(keys.get("KernelPageSize", "4 kB").split()[0]) * 1024
         vmas.append(Vma(vlo, vhi, perms, off, dev, inode, path, flags, kps,
@@ -534,8 +555,6 @@ def _nonswap_types() -> dict[int, str]:
     Only without CONFIG_DEVICE_PRIVATE is the position of the migration types certain.
     """
     try:
-        import gzip
-
         with gzip.open("/proc/config.gz", "rt") as f:
             config = f.read()
     except OSError:

@@ -63,7 +63,7 @@ class VmFault:
 
     vma: VMA
     address: int                  # page aligned
-    flags: FAULT_FLAG
+    flags: int                    # FAULT_FLAG bits
     pgoff: int = 0
     pudp: Ptr | None = None
     pmdp: Ptr | None = None
@@ -74,9 +74,10 @@ class VmFault:
     cow_page: int = -1
     ptl: Any = None
 
-    @property
-    def write(self) -> bool:
-        return bool(self.flags & FAULT_FLAG.WRITE)
+    write: bool = False           # flags & FAULT_FLAG_WRITE (set once, tested everywhere)
+
+    def __post_init__(self) -> None:
+        self.write = bool(self.flags & FAULT_FLAG.WRITE)
 
     @property
     def mm(self) -> "MMStruct":
@@ -120,7 +121,7 @@ def pmd_lockptr(mm: "MMStruct", pmdp: Ptr) -> sched.Lock:
 
 
 # --- the fault entry points ------------------------------------------------------------------------------
-def handle_mm_fault(vma: VMA, address: int, flags: FAULT_FLAG) -> Gen[int]:
+def handle_mm_fault(vma: VMA, address: int, flags: int) -> Gen[int]:
     """handle_mm_fault() (mm/memory.c): may sleep; caller holds the mmap lock for read; no VMA checks."""
     mm = vma.vm_mm
     machine = mm.machine
@@ -153,7 +154,7 @@ def transparent_hugepage_enabled(vma: VMA) -> bool:
         ops.huge_fault is not None
 
 
-def __handle_mm_fault(vma: VMA, address: int, flags: FAULT_FLAG) -> Gen[int]:
+def __handle_mm_fault(vma: VMA, address: int, flags: int) -> Gen[int]:
     """__handle_mm_fault(): allocate the upper levels, try PUD then PMD leaves, then the PTE level."""
     mm = vma.vm_mm
     pt, pool = mm.pt, mm.machine.pool

@@ -64,7 +64,7 @@ class VMA:
     vm_mm: "MMStruct"
     vm_start: int
     vm_end: int
-    vm_flags: VM
+    vm_flags: int
     vm_pgoff: int = 0                 # file offset in pages (anon: vm_start >> PAGE_SHIFT)
     vm_file: Any = None               # an open file (fs.File) or None for anonymous memory
     vm_ops: VmOps | None = None

@@ -27,10 +27,10 @@ def page_align(n: int) -> int:
     return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
-def calc_vm_prot_bits(prot: int) -> VM:
+def calc_vm_prot_bits(prot: int) -> int:
     """calc_vm_prot_bits()."""
-    return VM((VM.READ if prot & PROT.READ else 0) | (VM.WRITE if prot & PROT.WRITE else 0)
-              | (VM.EXEC if prot & PROT.EXEC else 0))
+    return ((VM.READ if prot & PROT.READ else 0) | (VM.WRITE if prot & PROT.WRITE else 0)
+            | (VM.EXEC if prot & PROT.EXEC else 0))
 
 
 def get_unmapped_area(mm: "MMStruct", addr: int, length: int, flags: int, align: int = PAGE_SIZE) -> int:
@@ -95,7 +95,7 @@ def do_mmap(mm: "MMStruct", addr: int, length: int, prot: int, flags: int, file:
         ret = yield from do_munmap(mm, addr, length)
         if ret:
             return ret
-    vma = VMA(mm, addr, addr + length, VM(vm_flags), pgoff if file is not None else addr >> 12, file)
+    vma = VMA(mm, addr, addr + length, int(vm_flags), pgoff if file is not None else addr >> 12, file)
     if file is not None:
         ret = file.mmap(vma)
         if ret:

@@ -79,7 +79,7 @@ class TablePool:
 
     def get(self, p: Ptr) -> int:
         """Read an entry (READ_ONCE(*p))."""
-        return int(self.tables[p[0], p[1]])
+        return self.tables.item(p[0], p[1])
 
     def set(self, p: Ptr, val: int) -> None:
         """Write an entry (set_pte_at / set_pmd_at / set_pud_at / pte_clear)."""
