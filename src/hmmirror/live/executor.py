@@ -28,6 +28,7 @@ import array
 import contextlib
 import ctypes
 import errno as _errno
+import faulthandler
 import os
 import pickle
 import re
@@ -69,6 +70,8 @@ OPS = ("mmap", "munmap", "mprotect", "madvise", "touch", "check", "fork", "exit"
        "_sleep")
 #: Values of ``file`` that cannot be reproduced on a host without the model's drivers.
 UNSUPPORTED_FILES = ("pfnmap",)
+#: Devices an ``mmap`` may name directly (nothing that maps host memory such as /dev/mem).
+ALLOWED_DEVICES = ("/dev/dax", "/dev/zero")
 _MAP_FAILED = (1 << 64) - 1
 _MSG_MAX = 1 << 16
 _CHUNK = 1 << 16  # bytes compared/filled per step: keeps worker temporaries below malloc's mmap threshold
@@ -141,9 +144,9 @@ def _prot(value: int | str) -> int:
     """PROT_* bits of ``"rw"``-style names (or an int)."""
     if isinstance(value, int):
         return value
-    if value not in PROT:
+    if str(value).lower() not in PROT:
         raise InputError(f"unknown prot {value!r} (one of {', '.join(PROT)})")
-    return PROT[value]
+    return PROT[str(value).lower()]
 
 
 def _map_flags(value: int | str | Sequence[str] | None) -> int:
@@ -152,7 +155,7 @@ def _map_flags(value: int | str | Sequence[str] | None) -> int:
         return MAP_PRIVATE
     if isinstance(value, int):
         return value
-    names = [value] if isinstance(value, str) else list(value)
+    names = [str(n).lower() for n in ([value] if isinstance(value, str) else value)]
     bad = [n for n in names if n not in MAP]
     if bad:
         raise InputError(f"unknown mmap flag {bad[0]!r} (one of {', '.join(MAP)})")
@@ -166,9 +169,9 @@ def _advice(value: int | str) -> int:
     """MADV_* value of an advice name (or an int)."""
     if isinstance(value, int):
         return value
-    if value not in MADV:
+    if str(value).lower() not in MADV:
         raise InputError(f"unknown advice {value!r} (one of {', '.join(MADV)})")
-    return MADV[value]
+    return MADV[str(value).lower()]
 
 
 # ----------------------------------------------------------------------------------------- messages
@@ -224,14 +227,19 @@ class _Map:
     path: str
 
 
-def _self_maps() -> list[_Map]:
-    """The worker's own VMAs."""
+def _self_maps(lo: int = 0, hi: int = 1 << 64) -> list[_Map]:
+    """The worker's own VMAs overlapping ``[lo, hi)`` (others are skipped before parsing)."""
     out = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append(_Map(lo, hi, parts[1], int(parts[2], 16), parts[5].strip() if len(parts) > 5 else ""))
+    with open("/proc/self/maps", "rb") as f:
+        text = f.read().decode("utf-8", "replace")
+    for line in text.splitlines():
+        dash = line.index("-")
+        space = line.index(" ", dash)
+        start, end = int(line[:dash], 16), int(line[dash + 1:space], 16)
+        if end <= lo or start >= hi:
+            continue
+        parts = line.split(None, 5)
+        out.append(_Map(start, end, parts[1], int(parts[2], 16), parts[5].strip() if len(parts) > 5 else ""))
     return out
 
 
@@ -269,16 +277,17 @@ class _Worker:
                 out.append((hi, b))
         self.owned = out
 
-    def foreign(self, lo: int, hi: int) -> list[tuple[int, int]]:
+    def foreign(self, lo: int, hi: int, maps: list[_Map] | None = None) -> list[tuple[int, int]]:
         """Parts of ``[lo, hi)`` mapped by the interpreter, not by the scenario."""
-        parts = [(max(m.start, lo), min(m.end, hi)) for m in _self_maps() if m.start < hi and m.end > lo]
+        maps = _self_maps(lo, hi) if maps is None else maps
+        parts = [(max(m.start, lo), min(m.end, hi)) for m in maps if m.start < hi and m.end > lo]
         for a, b in self.owned:
             parts = [q for p in parts for q in _subtract(p, (a, b))]
         return parts
 
-    def _guard(self, lo: int, length: int) -> dict[str, Any] | None:
+    def _guard(self, lo: int, length: int, maps: list[_Map] | None = None) -> dict[str, Any] | None:
         """A refusal if ``[lo, lo+length)`` touches interpreter memory, else None."""
-        hit = self.foreign(lo, lo + max(length, 1))
+        hit = self.foreign(lo, lo + max(length, 1), maps)
         if hit:
             return _refuse(f"refused: [{hit[0][0]:#x}, {hit[0][1]:#x}) is the worker's own memory")
         return None
@@ -376,9 +385,10 @@ class _Worker:
 
     def op_touch(self, m: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
         lo, length, write = m["addr"], m["length"], m["access"] == "write"
-        if ref := self._guard(lo, length):
+        maps = _self_maps(lo, lo + max(length, 1))
+        if ref := self._guard(lo, length, maps):
             return ref
-        ok_len, sig = _accessible_prefix(lo, length, write)
+        ok_len, sig = _accessible_prefix(lo, length, write, maps)
         if ok_len:
             _touch(lo, ok_len, write, m.get("fill"))
         pages = _pages_in(lo, ok_len)
@@ -388,9 +398,10 @@ class _Worker:
 
     def op_check(self, m: dict[str, Any], _fds: list[int]) -> dict[str, Any]:
         lo, length = m["addr"], m["length"]
-        if ref := self._guard(lo, length):
+        maps = _self_maps(lo, lo + max(length, 1))
+        if ref := self._guard(lo, length, maps):
             return ref
-        ok_len, sig = _accessible_prefix(lo, length, False)
+        ok_len, sig = _accessible_prefix(lo, length, False, maps)
         if sig:
             return {"ok": False, "ret": None, "errno": "EFAULT", "signal": sig}
         return _ok(_mismatching_pages(lo, ok_len, m.get("fill")))
@@ -469,10 +480,13 @@ def _pages_in(lo: int, length: int) -> int:
     return (_round_up(lo + length, PAGE_SIZE) - (lo // PAGE_SIZE * PAGE_SIZE)) // PAGE_SIZE
 
 
-def _accessible_prefix(lo: int, length: int, write: bool) -> tuple[int, str | None]:
-    """Bytes from ``lo`` the CPU can access without a signal, and the signal the next byte would raise."""
+def _accessible_prefix(lo: int, length: int, write: bool, maps: list[_Map]) -> tuple[int, str | None]:
+    """Bytes from ``lo`` the CPU can access without a signal, and the signal the next byte would raise.
+
+    ``maps``: the worker's VMAs overlapping the range, sorted.
+    """
     pos, end = lo, lo + length
-    for m in _self_maps():
+    for m in maps:
         if m.end <= pos:
             continue
         if m.start > pos:
@@ -556,6 +570,7 @@ def _worker_main(sock: socket.socket, close_fds: Iterable[int]) -> None:
                 os.close(fd)
         with contextlib.suppress(ValueError):  # only possible from the main thread
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+        faulthandler.disable()  # an unforeseen SIGBUS is a result, not a traceback on the caller's stderr
         _libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # keep malloc out of the scenario's address holes
         _Worker(sock).loop()
     except BaseException:  # noqa: BLE001 - a worker must never return into the caller's stack
@@ -575,7 +590,7 @@ class _Proc:
     pid: int
     sock: socket.socket | None
     direct: bool             # a child of the controller (else of another worker)
-    state: str = "alive"     # "alive", "exited", "dead"
+    state: str = "alive"     # "alive", "exited" (exit op), "dead" (killed or crashed), "reaped"
 
 
 @dataclass
@@ -685,20 +700,28 @@ class LiveExecutor:
 
     # -- files ----------------------------------------------------------------------------------
 
-    def resolve_path(self, path: str) -> str:
-        """Real path of a scenario file path (longest mount prefix), devices as they are."""
+    def resolve_path(self, path: str, device_ok: bool = True) -> str:
+        """Real path of a scenario file path (longest mount prefix); ``/dev/dax*`` and ``/dev/zero`` as
+        they are when ``device_ok``."""
+        path = os.path.normpath(path)
         best = max((m for m in self.mounts if path == m or path.startswith(m.rstrip("/") + "/")),
                    key=len, default=None)
         if best is None:
-            if path.startswith("/dev/"):
+            if device_ok and path.startswith(ALLOWED_DEVICES):
                 return path
             raise InputError(f"file {path!r} is under no mounted filesystem "
                              f"(known: {', '.join(self.mounts) or 'none'})")
-        return os.path.join(self.mounts[best], path[len(best):].lstrip("/"))
+        root = self.mounts[best]
+        if not os.path.isdir(root):
+            raise InputError(f"mount {best!r} maps to {root!r}, which is not a directory")
+        real = os.path.join(root, path[len(best):].lstrip("/"))
+        if os.path.commonpath([os.path.realpath(real), os.path.realpath(root)]) != os.path.realpath(root):
+            raise InputError(f"file {path!r} leaves its mount {best!r}")
+        return real
 
     def _create_file(self, spec: Mapping[str, Any]) -> None:
         """Create one ``[[file]]`` with its content in the real mount."""
-        path = self.resolve_path(str(spec["path"]))
+        path = self.resolve_path(str(spec["path"]), device_ok=False)
         size = parse_size(spec.get("size", 0), "file size")
         content = spec.get("content", "data")
         if content not in ("data", "sparse", "zero"):
@@ -728,10 +751,11 @@ class LiveExecutor:
 
     def check_paths(self, ops: Sequence[Mapping[str, Any]]) -> None:
         """InputError unless every file path of the files and ops lies under a known mount."""
-        paths = [str(f["path"]) for f in self.files if f.get("path") is not None]
-        paths += [str(op["file"]) for op in ops if op.get("file") not in (None, *UNSUPPORTED_FILES)]
-        for p in paths:
-            self.resolve_path(p)
+        for f in self.files:
+            self.resolve_path(str(f.get("path")), device_ok=False)
+        for op in ops:
+            if op.get("file") not in (None, *UNSUPPORTED_FILES):
+                self.resolve_path(str(op["file"]), device_ok=op.get("op") == "mmap")
 
     def execute(self, index: int, op: Mapping[str, Any]) -> OpResult:
         """Execute one (validated) operation and return its result."""
@@ -863,7 +887,8 @@ class LiveExecutor:
         elif name == "check":
             msg["fill"] = op.get("fill")
         elif name == "truncate":
-            msg["path"], msg["size"] = self.resolve_path(op["file"]), parse_size(op["size"])
+            msg["path"] = self.resolve_path(str(op["file"]), device_ok=False)
+            msg["size"] = parse_size(op["size"])
         elif name == "_sleep":
             msg["seconds"] = op.get("seconds", 0)
         return msg

@@ -8,20 +8,36 @@ Sources, all read from outside the target process:
 - ``/proc/kpageflags``: one 64-bit ``KPF_*`` word per pfn (root only).
 - the ``PAGEMAP_SCAN`` ioctl on the same pagemap fd [6.7+]: ``PAGE_IS_HUGE`` marks pages mapped by a PMD or
   PUD leaf (THP, hugetlb), ``PAGE_IS_PFNZERO`` the zero page even when pfns are hidden.
-- ``/proc/PID/smaps`` and ``/proc/PID/mountinfo``: the VMAs, to tell shmem from file, hugetlb and PFNMAP
-  mappings, and the hugetlb/device-dax page size (``KernelPageSize``).
+- ``/proc/PID/maps`` and ``/proc/PID/mountinfo``: the VMAs, to tell shmem from file; ``/proc/PID/smaps``
+  only when a VMA in the range may be hugetlb, a device or PFNMAP (``VmFlags``, ``KernelPageSize``).
 
 The result is a list of :class:`~hmmirror.include.pagestate.PageState`, one per 4 KiB page; fields the host
 does not expose are ``None`` (``write`` always: pagemap does not export the PTE write bit).
+
+Field rules:
+
+- ``kind`` of a present page, first match: PFNMAP VMA -> ``special``; zero page -> ``zero``; hugetlb VMA or
+  ``KPF_HUGE`` -> ``hugetlb``; ``KPF_HWPOISON``; ``KPF_NOPAGE`` (ZONE_DEVICE) -> ``devmap``; ``KPF_ANON`` ->
+  ``anon``; ``KPF_SWAPBACKED`` -> ``shmem``; else ``file``. Without kpageflags: bit 61 and the VMA's backing.
+  Not present: swap-format -> ``marker`` (guard bit or swap type 31), ``migration``/``hwpoison`` where the
+  kernel config fixes their type numbers, else ``swap``; otherwise ``none``.
+- ``level``: ``pte`` unless ``PAGE_IS_HUGE``; a huge leaf is ``pmd``/``pud`` by the VMA's page size for
+  hugetlb and device-dax, ``pmd`` for THP (anon, shmem, file, fsdax); None without PAGEMAP_SCAN.
+- ``zero``: ``KPF_ZERO_PAGE`` (the 4 KiB zero page and the huge zero folio), else ``PAGE_IS_PFNZERO``.
+- ``file``, ``exclusive``, ``swapped``: pagemap bits 61, 56, 62 as read (False where not present), except
+  ``exclusive`` is None for PUD leaves (see :func:`_exclusive`).
+- ``protnone``: True for present entries in a PROT_NONE VMA; False in accessible VMAs when NUMA balancing is
+  off (else None: NUMA-hinting entries cannot be told from pagemap); False where not present.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import gc
 import gzip
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from functools import lru_cache
@@ -357,6 +373,12 @@ def _pfn_clusters(pfns: np.ndarray, gap: int) -> Iterator[tuple[int, int]]:
         yield int(pfns[s]), int(pfns[e])
 
 
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """Sorted unique values (sort-based: numpy 2's hash-based ``np.unique`` is slower here)."""
+    s = np.sort(a)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+
+
 def read_kpageflags(pfns: np.ndarray, gap: int = 512) -> np.ndarray | None:
     """``KPF_*`` words for ``pfns`` (same shape), or None when ``/proc/kpageflags`` is not readable.
 
@@ -368,11 +390,11 @@ def read_kpageflags(pfns: np.ndarray, gap: int = 512) -> np.ndarray | None:
     except OSError:
         return None
     try:
-        uniq = np.unique(pfns.astype(np.uint64))
+        uniq = _sorted_unique(pfns.astype(np.uint64))
         flags = np.zeros(uniq.size, dtype=np.uint64)
         for lo, hi in _pfn_clusters(uniq, gap):
             words = np.frombuffer(_pread_all(fd, (hi - lo + 1) * 8, lo * 8), dtype=np.uint64)
-            i, j = np.searchsorted(uniq, [lo, hi + 1])
+            i, j = np.searchsorted(uniq, np.array([lo, hi + 1], dtype=np.uint64))
             idx = uniq[i:j] - np.uint64(lo)
             ok = idx < words.size
             flags[i:j][ok] = words[idx[ok].astype(np.int64)]
@@ -454,12 +476,6 @@ class RawPages:
     vma_index: np.ndarray          # index into vmas per page, -1 outside any VMA
     numa_balancing: bool | None    # host NUMA balancing (protnone entries in accessible VMAs)
 
-    @property
-    def pfns_visible(self) -> bool:
-        """Whether pagemap shows pfns (``CAP_SYS_ADMIN``): some present entry has a non-zero pfn."""
-        present = (self.entries & np.uint64(PM_PRESENT)) != 0
-        return bool(np.any((self.entries[present] & np.uint64(PM_PFRAME_MASK)) != 0)) or not present.any()
-
 
 def _numa_balancing() -> bool | None:
     """Host ``kernel.numa_balancing`` (None if unreadable)."""
@@ -527,7 +543,7 @@ def _mask(words: np.ndarray | None, mask: int) -> np.ndarray | None:
     return (words & np.uint64(mask)) != 0
 
 
-def _vma_attr(raw: RawPages, fn, default) -> np.ndarray:
+def _vma_attr(raw: RawPages, fn: Callable[[Vma], object], default: object) -> np.ndarray:
     """Per-page array of ``fn(vma)`` (``default`` outside any VMA)."""
     table = np.array([fn(v) for v in raw.vmas] + [default])
     return table[raw.vma_index]  # index -1 picks the default
@@ -538,6 +554,7 @@ def _swap_kinds(entries: np.ndarray, swapped: np.ndarray) -> np.ndarray:
 
     Migration, device-private and hwpoison entries use swap types whose numbering depends on the kernel
     configuration; they are reported as ``swap`` except where :func:`_nonswap_types` can tell them apart.
+    Without ``CAP_SYS_ADMIN`` the type field reads 0, so only guard markers (bit 58) are recognised.
     """
     kinds = np.full(entries.shape, "swap", dtype=object)
     swp_type = (entries & np.uint64((1 << SWP_TYPE_BITS) - 1)).astype(np.int64)
@@ -643,26 +660,45 @@ def classify_columns(raw: RawPages) -> dict[str, list]:
     kinds = np.where(present, _present_kinds(raw, zero), _swap_kinds(e, swapped))
     kinds[~present & ~swapped] = "none"
     pfn_ok = present & ((e & np.uint64(PM_PFRAME_MASK)) != 0)
+    levels = _levels(raw, present, huge)
     return {
         "addr": (raw.start + (np.arange(e.size, dtype=np.int64) << PAGE_SHIFT)).tolist(),
         "present": present.tolist(),
         "pfn": np.where(pfn_ok, (e & np.uint64(PM_PFRAME_MASK)).astype(object), None).tolist(),
         "kind": kinds.tolist(),
-        "level": _levels(raw, present, huge).tolist(),
+        "level": levels.tolist(),
         "write": [None] * e.size,
         "zero": (zero.tolist() if zero is not None else _unknown_when(present)),
         "huge": (huge.tolist() if huge is not None else _unknown_when(present)),
         "file": _mask(e, PM_FILE).tolist(),
-        "exclusive": _mask(e, PM_MMAP_EXCLUSIVE).tolist(),
+        "exclusive": _exclusive(e, levels),
         "swapped": _mask(e, PM_SWAP).tolist(),
         "protnone": _protnone(raw, present).tolist(),
     }
 
 
+def _exclusive(entries: np.ndarray, levels: np.ndarray) -> list[bool | None]:
+    """Pagemap bit 56; None for PUD leaves, where 6.18 reports it inconsistently.
+
+    Observed on 6.18: a private 1 GiB hugetlb page mapped once reads bit 56 set in some runs and clear
+    in others for the same state (2 MiB pages are stable). The bit is derived through
+    ``hugetlb_pmd_shared()`` on the PUD table, so it is not trusted there.
+    """
+    out = np.where(_mask(entries, PM_MMAP_EXCLUSIVE), True, False).astype(object)
+    out[levels == "pud"] = None
+    return out.tolist()
+
+
 def classify(raw: RawPages) -> list[PageState]:
     """Turn raw arrays into one :class:`PageState` per page (unknown fields are ``None``)."""
     cols = classify_columns(raw)
-    return list(starmap(PageState, zip(*(cols[name] for name in FIELDS))))
+    was_enabled = gc.isenabled()
+    gc.disable()  # hundreds of thousands of small objects: collection passes would dominate
+    try:
+        return list(starmap(PageState, zip(*(cols[name] for name in FIELDS))))
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _unknown_when(present: np.ndarray) -> list[bool | None]:

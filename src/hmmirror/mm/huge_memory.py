@@ -222,13 +222,14 @@ def __split_huge_pmd(vma: VMA, pmdp: Ptr, address: int) -> Gen[None]:
 
 
 def __split_huge_pmd_locked(vma: VMA, pmdp: Ptr, haddr: int, pmd: int) -> None:
-    """__split_huge_pmd_locked(): file/DAX leaves are cleared; anon leaves become 512 PTEs with the same
-    pfns and permissions; the huge zero page becomes 512 zero-page PTEs; migration entries 512 PTE ones."""
+    """__split_huge_pmd_locked(): file/DAX leaves (huge zero PMDs included) are cleared; anon leaves become
+    512 PTEs with the same pfns and permissions; an anon huge zero PMD becomes 512 zero-page PTEs; migration
+    entries 512 PTE ones."""
     mm = vma.vm_mm
     pool, mem = mm.machine.pool, mm.machine.mem
     import numpy as np
 
-    if not vma_is_anonymous(vma) and not is_huge_zero_pmd(mm, pmd):
+    if not vma_is_anonymous(vma):                  # file/DAX VMAs: a huge zero PMD is cleared too (obs-6.1)
         pool.set(pmdp, 0)
         if pmd & x86._PAGE_PRESENT or pmd & x86._PAGE_PROTNONE:
             _account_leaf(mm, pte_pfn(pmd), HPAGE_PMD_NR, -1)

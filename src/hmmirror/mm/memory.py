@@ -11,11 +11,15 @@ behind ``vma.vm_ops``; THP in mm/huge_memory.py.
 
 from __future__ import annotations
 
+import inspect as _pyinspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import (
+    HPAGE_PMD_NR,
     PAGE_SIZE,
     PMD_SIZE,
     PTRS_PER_TABLE,
@@ -393,8 +397,9 @@ def wp_page_copy(vmf: VmFault, old: int) -> Gen[int]:
     new = mem.alloc_page()
     if new < 0:
         return int(VM_FAULT.OOM)
-    if old >= 0 and not mem.flags[old] & PG.zero:
-        mem.copy(new, old)
+    src = old if old >= 0 else pte_pfn(vmf.orig_pte)   # cow_user_page(): a special pfn is copied via the user VA
+    if not (src < mem.nr_pfns and mem.flags[src] & PG.zero):
+        mem.copy(new, src)
     r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, vmf.address, vmf.address + PAGE_SIZE)
     yield from mmu_notifier_invalidate_range_start(r)
     assert vmf.pmdp is not None and vmf.ptep is not None
@@ -420,7 +425,7 @@ def wp_page_copy(vmf: VmFault, old: int) -> Gen[int]:
 
 # --- file-backed memory ----------------------------------------------------------------------------------
 def do_fault(vmf: VmFault) -> Gen[int]:
-    """do_fault(): read / private write (COW) / shared write."""
+    """do_fault() (mm/memory.c): no ``->fault`` -> SIGBUS; else read / private write (COW) / shared write."""
     ops = vmf.vma.vm_ops
     if ops is None or ops.fault is None:
         return int(VM_FAULT.SIGBUS)
@@ -433,7 +438,7 @@ def do_fault(vmf: VmFault) -> Gen[int]:
 
 def fault_around_window(vmf: VmFault) -> tuple[int, int]:
     """do_fault_around(): ``[S, S+16 pages)`` with ``S = max(align_down(addr, 64K), vm_start)``, clipped to
-    the VMA and to the PTE table of ``addr``."""
+    the VMA and to the PTE table of ``addr`` (mm-substrate.md §5.5; it follows the VA, not the file offset)."""
     vma = vmf.vma
     start = max(vmf.address & ~(FAULT_AROUND_PAGES * PAGE_SIZE - 1), vma.vm_start)
     table_end = (vmf.address & ~(PMD_SIZE - 1)) + PMD_SIZE
@@ -442,47 +447,76 @@ def fault_around_window(vmf: VmFault) -> tuple[int, int]:
 
 
 def do_fault_around(vmf: VmFault) -> Gen[int]:
-    """do_fault_around(): map already-cached pages of the window under the PTE lock (``map_pages``)."""
+    """do_fault_around() (mm/memory.c): ``->map_pages`` over the window; VM_FAULT_NOPAGE if that mapped the
+    faulting address (by a PTE or a PMD), else 0.
+
+    ``map_pages(vmf, start, end)`` is either a generator that takes the PTE lock itself (the 6.x
+    filemap_map_pages shape, used by the page cache and shmem: it may also install a PMD for a PMD-sized
+    folio, or install no PTE table when nothing is cached) or a plain function, which is called with the
+    PTE table allocated and its lock held.
+    """
     ops = vmf.vma.vm_ops
     assert ops is not None and vmf.pmdp is not None
-    if ops.map_pages is None:
-        return 0
     mm = vmf.mm
-    if pte_none(mm.machine.pool.get(vmf.pmdp)):
-        mm.pt.pte_alloc(vmf.pmdp)
+    pool = mm.machine.pool
     start, end = fault_around_window(vmf)
-    ptl = pte_lockptr(mm, vmf.pmdp)
-    yield from sched.spin_lock(ptl)
-    mapped = ops.map_pages(vmf, start, end)
-    sched.spin_unlock(ptl)
-    return mapped
+    if _pyinspect.isgeneratorfunction(ops.map_pages):
+        yield from ops.map_pages(vmf, start, end)
+    else:
+        if pte_none(pool.get(vmf.pmdp)):
+            mm.pt.pte_alloc(vmf.pmdp)
+        ptl = pte_lockptr(mm, vmf.pmdp)
+        yield from sched.spin_lock(ptl)
+        ops.map_pages(vmf, start, end)
+        sched.spin_unlock(ptl)
+    pmd = pool.get(vmf.pmdp)
+    if pmd_leaf(pmd):
+        return int(VM_FAULT.NOPAGE)                  # huge page is mapped: the fault is solved
+    if pte_none(pmd) or not pmd & x86._PAGE_PRESENT:
+        return 0                                     # ->map_pages did nothing useful (cold cache)
+    if not pte_none(pool.get(mm.pt.pte_offset_map(vmf.pmdp, vmf.address))):
+        return int(VM_FAULT.NOPAGE)
+    return 0
 
 
 def __do_fault(vmf: VmFault) -> Gen[int]:
-    """__do_fault(): ``vma->vm_ops->fault``; on success ``vmf.page`` holds a referenced pfn."""
+    """__do_fault() (mm/memory.c): ``vma->vm_ops->fault``; on success ``vmf.page`` holds a referenced pfn
+    (unless the handler installed the entry itself: NOPAGE, or DONE_COW for a DAX copy)."""
     ops = vmf.vma.vm_ops
     assert ops is not None
+    vmf.page = -1
     ret = yield from ops.fault(vmf)
+    if ret & (_ERR | VM_FAULT.NOPAGE | VM_FAULT.RETRY | VM_FAULT.DONE_COW):
+        return ret
+    mem = vmf.mm.machine.mem
+    if vmf.page >= 0 and vmf.page < mem.nr_pfns and mem.flags[vmf.page] & PG.hwpoison:
+        _put_fault_page(vmf)
+        return int(VM_FAULT.HWPOISON)
     return ret
 
 
+def _put_fault_page(vmf: VmFault) -> None:
+    """put_page(vmf->page): drop the reference ``->fault`` returned (if that frame is refcounted)."""
+    mem = vmf.mm.machine.mem
+    if vmf.page >= 0 and rmap.counted(mem, vmf.page, vmf.mm.machine.profile.dax_refcounted):
+        mem.put_page(vmf.page)
+    vmf.page = -1
+
+
 def do_read_fault(vmf: VmFault) -> Gen[int]:
-    """do_read_fault(): fault-around first, then ``->fault`` for the page if it is still not mapped."""
+    """do_read_fault() (mm/memory.c): fault-around first when the VMA has ``->map_pages``, then ``->fault``
+    for the faulting page and finish_fault()."""
     ops = vmf.vma.vm_ops
     assert ops is not None
-    if ops.map_pages is not None:
-        if hasattr(ops, "readahead"):
-            ret = yield from ops.readahead(vmf)
-            if ret & (VM_FAULT.RETRY | VM_FAULT.SIGBUS | VM_FAULT.OOM):
-                return ret
-        yield from do_fault_around(vmf)
-        ptep = vmf.mm.pt.pte_offset_map(vmf.pmdp, vmf.address)          # type: ignore[arg-type]
-        if not pte_none(vmf.mm.machine.pool.get(ptep)):
-            return 0
+    if ops.map_pages is not None and FAULT_AROUND_PAGES > 1:
+        ret = yield from do_fault_around(vmf)
+        if ret:
+            return ret
     ret = yield from __do_fault(vmf)
     if ret & (_ERR | VM_FAULT.RETRY | VM_FAULT.NOPAGE):
         return ret
-    return (yield from finish_fault(vmf))
+    ret |= yield from finish_fault(vmf)
+    return ret
 
 
 _ERR = VM_FAULT.OOM | VM_FAULT.SIGBUS | VM_FAULT.SIGSEGV | VM_FAULT.HWPOISON | VM_FAULT.HWPOISON_LARGE
@@ -490,91 +524,173 @@ VM_FAULT_ERROR_BITS = int(_ERR)     # VM_FAULT_ERROR without FALLBACK (never ret
 
 
 def do_cow_fault(vmf: VmFault) -> Gen[int]:
-    """do_cow_fault(): private write to an unmapped file page: copy into a new anonymous page."""
+    """do_cow_fault() (mm/memory.c): private write to an unmapped file page: copy it into a new anonymous
+    page and map that (no notifier: the entry was none)."""
     vma, mem = vmf.vma, vmf.mm.machine.mem
     yield from sched.might_sleep("alloc_page_vma")
-    vma.anon_vma = True
+    vma.anon_vma = True                               # anon_vma_prepare()
     vmf.cow_page = mem.alloc_page()
     if vmf.cow_page < 0:
         return int(VM_FAULT.OOM)
     ret = yield from __do_fault(vmf)
     if ret & (_ERR | VM_FAULT.RETRY | VM_FAULT.NOPAGE):
         mem.put_page(vmf.cow_page)
+        vmf.cow_page = -1
+        return ret
+    if ret & VM_FAULT.DONE_COW:                       # the (DAX) handler copied and mapped it itself
         return ret
     if vmf.page >= 0:
-        mem.copy(vmf.cow_page, vmf.page)
-        if rmap.counted(mem, vmf.page, vmf.mm.machine.profile.dax_refcounted):
-            mem.put_page(vmf.page)
+        mem.copy(vmf.cow_page, vmf.page)              # copy_user_highpage()
     ret |= yield from finish_fault(vmf)
+    _put_fault_page(vmf)                              # unlock_page(); put_page(vmf->page)
     return ret
 
 
 def do_shared_fault(vmf: VmFault) -> Gen[int]:
-    """do_shared_fault(): ``->fault``, then ``page_mkwrite`` when the file wants it, then map writable."""
+    """do_shared_fault() (mm/memory.c): ``->fault``, then ``->page_mkwrite`` when the file has one (ext4, xfs;
+    not shmem), then map the page writable; the page is marked dirty (fault_dirty_shared_page)."""
     ops = vmf.vma.vm_ops
     assert ops is not None
     ret = yield from __do_fault(vmf)
     if ret & (_ERR | VM_FAULT.RETRY | VM_FAULT.NOPAGE):
         return ret
+    page = vmf.page
     if ops.page_mkwrite is not None:
-        r2 = yield from ops.page_mkwrite(vmf, vmf.page)
-        if r2 & (_ERR | VM_FAULT.NOPAGE):
-            return r2
-    return (yield from finish_fault(vmf))
+        tmp = yield from ops.page_mkwrite(vmf, page)
+        if tmp & (_ERR | VM_FAULT.NOPAGE):
+            _put_fault_page(vmf)
+            return tmp
+    ret |= yield from finish_fault(vmf)
+    mem = vmf.mm.machine.mem
+    if page >= 0 and page < mem.nr_ram and not ret & (_ERR | VM_FAULT.NOPAGE):
+        mem.flags[page] |= PG.dirty                   # fault_dirty_shared_page()
+    return ret
 
 
-def finish_fault(vmf: VmFault) -> Gen[int]:
-    """finish_fault() / alloc_set_pte(): install ``vmf.cow_page`` or ``vmf.page`` at the faulting address."""
+def transhuge_vma_suitable(vma: VMA, haddr: int) -> bool:
+    """transhuge_vma_suitable(): the 2 MiB block at ``haddr`` lies in the VMA and, for file VMAs, the VA
+    and the file offset are congruent modulo 2 MiB."""
+    if not vma_is_anonymous(vma) and ((vma.vm_start >> 12) - vma.vm_pgoff) % HPAGE_PMD_NR:
+        return False
+    return haddr >= vma.vm_start and haddr + PMD_SIZE <= vma.vm_end
+
+
+def do_set_pmd(vmf: VmFault, page: int) -> Gen[int]:
+    """do_set_pmd() (mm/memory.c): map the PMD-sized page-cache folio holding ``page`` (the frame for
+    ``vmf.address``) with one PMD leaf; VM_FAULT_FALLBACK when the VMA or the folio does not allow it or the
+    PMD is no longer none.  On success the caller's reference on the folio becomes the mapping's."""
     vma, mm = vmf.vma, vmf.mm
     pool, mem = mm.machine.pool, mm.machine.mem
     assert vmf.pmdp is not None
-    if pmd_leaf(pool.get(vmf.pmdp)):
-        return 0
+    haddr = vmf.address & ~(PMD_SIZE - 1)
+    if not transhuge_vma_suitable(vma, haddr) or vma.vm_flags & VM.NOHUGEPAGE:
+        return int(VM_FAULT.FALLBACK)
+    head = mem.compound_head(page)
+    if page >= mem.nr_ram or int(mem.order[head]) != 9 or head != page - ((vmf.address - haddr) >> 12):
+        return int(VM_FAULT.FALLBACK)
+    ptl = pmd_lockptr(mm, vmf.pmdp)
+    yield from sched.spin_lock(ptl)
+    if not pte_none(pool.get(vmf.pmdp)):
+        sched.spin_unlock(ptl)
+        return int(VM_FAULT.FALLBACK)
+    entry = pfn_pte(head, vma.vm_page_prot) | x86._PAGE_PSE
+    if vmf.write:
+        entry = maybe_mkwrite(x86.pte_mkdirty(entry), vma)
+    rmap.page_add_rmap(mem, head, HPAGE_PMD_NR)       # page_add_file_rmap(page, compound=true)
+    pool.set(vmf.pmdp, x86.pte_mkyoung(entry))
+    sched.spin_unlock(ptl)
+    mm.machine.counters["thp_file_mapped"] += 1
+    return 0
+
+
+def finish_fault(vmf: VmFault) -> Gen[int]:
+    """finish_fault() / alloc_set_pte() (mm/memory.c): install ``vmf.cow_page`` (private write) or
+    ``vmf.page`` at the faulting address.  A page of a PMD-sized folio goes through do_set_pmd() first when
+    the PMD is none.  The reference taken by ``->fault`` (or the cow page's allocation) becomes the mapping's;
+    it is dropped when the entry turned out to be populated meanwhile."""
+    vma, mm = vmf.vma, vmf.mm
+    pool, mem = mm.machine.pool, mm.machine.mem
+    assert vmf.pmdp is not None
+    cow = vmf.write and not vma.vm_flags & VM.SHARED
+    pfn = vmf.cow_page if cow else vmf.page
+    counted = rmap.counted(mem, pfn, mm.machine.profile.dax_refcounted)
+    if not cow and pte_none(pool.get(vmf.pmdp)) and 0 <= pfn < mem.nr_ram \
+            and int(mem.order[mem.compound_head(pfn)]) == 9 and not mem.flags[pfn] & PG.hugetlb:
+        ret = yield from do_set_pmd(vmf, pfn)
+        if ret != VM_FAULT.FALLBACK:
+            vmf.page = -1                              # the reference is the PMD mapping's now
+            return ret
+    pmd = pool.get(vmf.pmdp)
+    if not pte_none(pmd) and (pmd_leaf(pmd) or not pmd & x86._PAGE_PRESENT):
+        if counted:                                    # pmd_devmap_trans_unstable(): a huge entry raced in
+            mem.put_page(pfn)
+        if not cow:
+            vmf.page = -1
+        return int(VM_FAULT.NOPAGE)
     mm.pt.pte_alloc(vmf.pmdp)
     vmf.ptep = mm.pt.pte_offset_map(vmf.pmdp, vmf.address)
     ptl = pte_lockptr(mm, vmf.pmdp)
-    cow = vmf.write and not vma.vm_flags & VM.SHARED
-    pfn = vmf.cow_page if cow else vmf.page
     yield from sched.spin_lock(ptl)
     if not pte_none(pool.get(vmf.ptep)):
         sched.spin_unlock(ptl)
-        if rmap.counted(mem, pfn, mm.machine.profile.dax_refcounted):
+        if counted:
             mem.put_page(pfn)
-        return 0
+        if not cow:
+            vmf.page = -1
+        return int(VM_FAULT.NOPAGE)
     entry = mk_pte(pfn, vma.vm_page_prot)
     if vmf.write:
         entry = maybe_mkwrite(x86.pte_mkdirty(entry), vma)
     if cow:
         rmap.page_add_new_anon_rmap(mem, pfn)
-    elif rmap.counted(mem, pfn, mm.machine.profile.dax_refcounted):
+    elif counted:
         rmap.page_add_rmap(mem, pfn)
     pool.set(vmf.ptep, x86.pte_mkyoung(entry))
     sched.spin_unlock(ptl)
+    if cow:
+        vmf.cow_page = -1
+    else:
+        vmf.page = -1                                  # the reference is the PTE mapping's now
     return 0
 
 
-def set_pte_range_from_cache(vmf: VmFault, start: int, pfns: list[tuple[int, int]], writable: bool) -> int:
-    """filemap_map_pages() body: map (addr, pfn) pairs into none PTEs of the current table (PTE lock held).
+def set_pte_range_from_cache(vmf: VmFault, start: int, pfns: Any, write: bool = False) -> int:
+    """set_pte_range() / the PTE loop of filemap_map_pages() (mm/memory.c, mm/filemap.c): map ``pfns[i]``
+    at ``start + i * 4K`` into the none PTEs of the table below ``vmf.pmdp`` (``-1``: skip that page).
 
-    Each mapped page takes a reference and a mapcount.  Returns the number of entries installed.
+    The caller holds that table's PTE lock and has checked the pages (uptodate, not locked, below EOF).
+    Entries take ``vm_page_prot`` (read-only under write-notify or COW), young; ``write`` makes them dirty
+    and writable if ``VM_WRITE``.  Each mapped frame gets a mapcount and its folio a reference.
+    Vectorised over the window.  ``pfns`` may also be a list of ``(addr, pfn)`` pairs.  Returns the number
+    of PTEs installed.
     """
     vma, mm = vmf.vma, vmf.mm
     pool, mem = mm.machine.pool, mm.machine.mem
     assert vmf.pmdp is not None
     tid = table_id_of(pool.get(vmf.pmdp))
-    n = 0
-    for addr, pfn in pfns:
-        idx = (addr >> 12) & (PTRS_PER_TABLE - 1)
-        if not pte_none(int(pool.tables[tid, idx])):
-            continue
-        entry = mk_pte(pfn, vma.vm_page_prot)
-        if not writable:
-            entry = x86.pte_wrprotect(entry)
-        mem.get_page(pfn)
-        rmap.page_add_rmap(mem, pfn)
-        pool.tables[tid, idx] = entry
-        n += 1
-    return n
+    if isinstance(pfns, list) and pfns and isinstance(pfns[0], tuple):
+        idx = np.array([(a >> 12) & (PTRS_PER_TABLE - 1) for a, _ in pfns], dtype=np.int64)
+        arr = np.array([p for _, p in pfns], dtype=np.int64)
+    else:
+        arr = np.asarray(pfns, dtype=np.int64)
+        idx = ((start >> 12) & (PTRS_PER_TABLE - 1)) + np.arange(arr.shape[0], dtype=np.int64)
+    if not arr.size:
+        return 0
+    cur = pool.tables[tid, idx]
+    ok = (arr >= 0) & ((cur & ~np.uint64(x86._PAGE_ACCESSED | x86._PAGE_DIRTY)) == 0)
+    if not ok.any():
+        return 0
+    p, i = arr[ok], idx[ok]
+    bits = mk_pte(0, vma.vm_page_prot) | x86._PAGE_ACCESSED
+    if write:
+        bits = maybe_mkwrite(x86.pte_mkdirty(bits), vma)
+    pool.tables[tid, i] = (p.astype(np.uint64) << np.uint64(12)) | np.uint64(bits)
+    c = p[rmap.counted_mask(mem, p, mm.machine.profile.dax_refcounted)]
+    if c.size:
+        np.add.at(mem.mapcount, c, 1)
+        heads = c & ~((np.int64(1) << mem.order[c].astype(np.int64)) - 1)
+        np.add.at(mem.refcount, heads, 1)
+    return int(p.size)
 
 
 # --- swap, migration, NUMA -------------------------------------------------------------------------------
@@ -768,3 +884,173 @@ def free_pgtables(mm: "MMStruct", start: int, end: int) -> None:
     hi = (end + (1 << 21) - 1) & ~((1 << 21) - 1)
     top_shift = geo.pgdir_shift
     free_level(pt.pgd, 0, top_shift, lo, hi)
+
+
+# --- pfn and page insertion for drivers and DAX (mm/memory.c) --------------------------------------------
+def _get_locked_pte(vma: VMA, addr: int) -> tuple[Ptr | None, sched.Lock | None]:
+    """get_locked_pte() without the lock: allocate the levels down to the PTE table of ``addr``.
+
+    Returns (pte pointer, its PTE lock), or (None, None) when a huge leaf maps ``addr`` (callers retry).
+    """
+    mm = vma.vm_mm
+    pt, pool = mm.pt, mm.machine.pool
+    pudp = pt.walk_to_pud(addr, alloc=True)
+    assert pudp is not None
+    if pud_leaf(pool.get(pudp)):
+        return None, None
+    pmdp = pt.pmd_alloc(pudp, addr)
+    pmd = pool.get(pmdp)
+    if pmd_leaf(pmd) or (not pte_none(pmd) and not pmd & x86._PAGE_PRESENT):
+        return None, None
+    pt.pte_alloc(pmdp)
+    return pt.pte_offset_map(pmdp, addr), pte_lockptr(mm, pmdp)
+
+
+def insert_pfn(vma: VMA, addr: int, pfn: int, prot: int, mkwrite: bool, devmap: bool = False) -> Gen[int]:
+    """insert_pfn() (mm/memory.c [5.2]): a special PTE (``pte_mkdevmap``: SPECIAL|DEVMAP for a devmap pfn_t).
+
+    An existing entry is left alone, except that ``mkwrite`` on the same pfn sets young/dirty/write in place.
+    Takes no page reference.  Returns VM_FAULT_NOPAGE.
+    """
+    mm = vma.vm_mm
+    pool = mm.machine.pool
+    ptep, ptl = _get_locked_pte(vma, addr)
+    if ptep is None or ptl is None:
+        return int(VM_FAULT.NOPAGE)
+    yield from sched.spin_lock(ptl)
+    cur = pool.get(ptep)
+    if not pte_none(cur):
+        if mkwrite and pte_pfn(cur) == pfn:
+            pool.set(ptep, maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(cur)), vma))
+        sched.spin_unlock(ptl)
+        return int(VM_FAULT.NOPAGE)
+    entry = mk_pte(pfn, prot) | _PAGE_SPECIAL
+    if devmap:
+        entry |= x86._PAGE_DEVMAP
+    if mkwrite:
+        entry = maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(entry)), vma)
+    pool.set(ptep, entry)
+    sched.spin_unlock(ptl)
+    return int(VM_FAULT.NOPAGE)
+
+
+def insert_page(vma: VMA, addr: int, pfn: int, prot: int, mkwrite: bool = False) -> Gen[int]:
+    """insert_page() (mm/memory.c; insert_page_into_pte_locked [6.x]): a normal PTE of a refcounted page.
+
+    Takes a page reference and a mapcount (``get_page`` + ``page_add_file_rmap``).  An existing entry gives
+    -EBUSY, except ``mkwrite`` on the same pfn, which sets young/dirty/write in place (0).  0 or -errno.
+    """
+    mm = vma.vm_mm
+    pool, mem = mm.machine.pool, mm.machine.mem
+    ptep, ptl = _get_locked_pte(vma, addr)
+    if ptep is None or ptl is None:
+        return -16
+    yield from sched.spin_lock(ptl)
+    cur = pool.get(ptep)
+    if not pte_none(cur):
+        ret = -16                                      # -EBUSY
+        if mkwrite:
+            if pte_pfn(cur) == pfn:
+                pool.set(ptep, maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(cur)), vma))
+                ret = 0
+            else:
+                ret = -14                              # WARN_ON_ONCE + -EFAULT
+        sched.spin_unlock(ptl)
+        return ret
+    entry = mk_pte(pfn, prot)
+    if mkwrite:
+        entry = maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(entry)), vma)
+    mem.get_page(pfn)
+    rmap.page_add_rmap(mem, pfn)
+    pool.set(ptep, entry)
+    sched.spin_unlock(ptl)
+    return 0
+
+
+def vmf_insert_pfn(vma: VMA, addr: int, pfn: int) -> Gen[int]:
+    """vmf_insert_pfn() (mm/memory.c): a special PTE with ``vm_page_prot``; VM_FAULT_NOPAGE."""
+    return (yield from insert_pfn(vma, addr, pfn, vma.vm_page_prot, False))
+
+
+def _is_devmap_pfn(vma: VMA, pfn: int) -> bool:
+    mem = vma.vm_mm.machine.mem
+    return pfn < mem.nr_pfns and bool(mem.flags[pfn] & PG.device)
+
+
+def __vm_insert_mixed(vma: VMA, addr: int, pfn: int, mkwrite: bool) -> Gen[int]:
+    """__vm_insert_mixed(): a devmap pfn (pmem page) as a devmap PTE [5.2 .. 6.16] or, where DAX pages are
+    refcounted [6.18], as a normal page (``vmf_insert_page_mkwrite``); anything else as a special PTE."""
+    machine = vma.vm_mm.machine
+    if _is_devmap_pfn(vma, pfn):
+        if machine.profile.dax_refcounted:
+            ret = yield from insert_page(vma, addr, pfn, vma.vm_page_prot, mkwrite)
+            return int(VM_FAULT.NOPAGE) if ret in (0, -16) else int(VM_FAULT.SIGBUS)
+        return (yield from insert_pfn(vma, addr, pfn, vma.vm_page_prot, mkwrite,
+                                      devmap=machine.profile.devmap_bits))
+    return (yield from insert_pfn(vma, addr, pfn, vma.vm_page_prot, mkwrite))
+
+
+def vmf_insert_mixed(vma: VMA, addr: int, pfn: int) -> Gen[int]:
+    """vmf_insert_mixed() (mm/memory.c): see :func:`__vm_insert_mixed`; VM_FAULT_NOPAGE."""
+    return (yield from __vm_insert_mixed(vma, addr, pfn, False))
+
+
+def vmf_insert_mixed_mkwrite(vma: VMA, addr: int, pfn: int) -> Gen[int]:
+    """vmf_insert_mixed_mkwrite() (mm/memory.c): as vmf_insert_mixed, writable and dirty if VM_WRITE."""
+    return (yield from __vm_insert_mixed(vma, addr, pfn, True))
+
+
+def vm_insert_page(vma: VMA, addr: int, pfn: int) -> Gen[int]:
+    """vm_insert_page() (mm/memory.c): sets VM_MIXEDMAP on first use (mmap lock held for write) and maps a
+    refcounted page with ``vm_page_prot`` (read-only for MAP_PRIVATE).  0, -EFAULT outside the VMA, -EINVAL
+    for a frame without struct page or a zero page, -EBUSY if an entry exists."""
+    if addr < vma.vm_start or addr >= vma.vm_end:
+        return -14
+    mem = vma.vm_mm.machine.mem
+    if pfn >= mem.nr_pfns or mem.flags[pfn] & PG.zero:
+        return -22
+    if not vma.vm_flags & VM.MIXEDMAP:
+        if vma.vm_flags & VM.PFNMAP:
+            sched.report("BUG_ON", f"vm_insert_page on a VM_PFNMAP VMA {vma}")
+        vma.vm_flags |= VM.MIXEDMAP
+    return (yield from insert_page(vma, addr, pfn, vma.vm_page_prot))
+
+
+def remap_pfn_range(vma: VMA, addr: int, pfn: int, size: int, prot: int) -> int:
+    """remap_pfn_range() (mm/memory.c): special PTEs for ``[addr, addr+size)`` -> ``pfn..``, at mmap time.
+
+    Sets VM_IO|VM_PFNMAP|VM_DONTEXPAND|VM_DONTDUMP.  A COW mapping must be remapped whole (``vm_pgoff`` becomes
+    ``pfn``), else -EINVAL.  Runs inside ``f_op->mmap`` with the mmap lock held for write, before the VMA is
+    visible, so the model writes the tables directly (no PTE lock, no preemption point).  0 or -errno.
+    """
+    import numpy as np
+
+    from hmmirror.mm.mm_struct import is_cow_mapping
+
+    end = addr + size
+    if addr & (PAGE_SIZE - 1) or size <= 0 or size & (PAGE_SIZE - 1):
+        return -22
+    if is_cow_mapping(vma.vm_flags):
+        if addr != vma.vm_start or end != vma.vm_end:
+            return -22
+        vma.vm_pgoff = pfn
+    vma.vm_flags |= VM.IO | VM.PFNMAP | VM.DONTEXPAND | VM.DONTDUMP
+    mm = vma.vm_mm
+    pt, pool = mm.pt, mm.machine.pool
+    flags = (mk_pte(0, prot) | _PAGE_SPECIAL) & x86.PTE_FLAGS_MASK
+    a = addr
+    while a < end:
+        nxt = min((a & ~(PMD_SIZE - 1)) + PMD_SIZE, end)
+        pudp = pt.walk_to_pud(a, alloc=True)
+        assert pudp is not None
+        pmdp = pt.pmd_alloc(pudp, a)
+        tid = pt.pte_alloc(pmdp)
+        lo = (a >> 12) & (PTRS_PER_TABLE - 1)
+        n = (nxt - a) >> 12
+        first = pfn + ((a - addr) >> 12)
+        if pool.tables[tid, lo: lo + n].any():
+            return -17                                 # BUG_ON(!pte_none(*pte)) -> -EEXIST [6.x]
+        pfns = np.arange(first, first + n, dtype=np.uint64)
+        pool.tables[tid, lo: lo + n] = (pfns << np.uint64(12)) | np.uint64(flags)
+        a = nxt
+    return 0

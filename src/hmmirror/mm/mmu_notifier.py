@@ -36,6 +36,7 @@ class MmuNotifierRange:
     flags: int = MMU_NOTIFIER_RANGE_BLOCKABLE
     vma: "VMA | None" = None
     owner: Any = None
+    itree_started: bool = False       # model: this range went through the interval side of _start
 
     def __repr__(self) -> str:
         b = "blockable" if self.flags & MMU_NOTIFIER_RANGE_BLOCKABLE else "nonblock"
@@ -172,6 +173,8 @@ class NotifierSubscriptions:
         self.invalidate_seq = 2                       # even: no interval invalidation in progress
         self.active_invalidate_ranges = 0
         self.itree = IntervalTree()
+        self.has_itree = False                        # set by the first interval insert, never cleared
+        # deferred_list: hlist_add_head order (newest first), applied at the last mn_itree_inv_end()
         self.deferred: list[tuple[str, MmuIntervalNotifier]] = []
         self.srcu_readers = 0
 
@@ -236,27 +239,71 @@ def mmu_notifier_unregister(mn: MmuNotifier, mm: "MMStruct") -> Gen[None]:
 # --- interval registration [5.5+] ------------------------------------------------------------------------
 def mmu_interval_notifier_insert(sub: MmuIntervalNotifier, mm: "MMStruct", start: int, length: int,
                                  ops: MmuIntervalNotifierOps) -> Gen[int]:
-    """mmu_interval_notifier_insert() [6.x]."""
+    """mmu_interval_notifier_insert() [6.x] (mm/mmu_notifier.c): must not be called with the mmap lock held.
+
+    The first interval subscription of an mm registers the per-mm subscriptions object through
+    ``mmu_notifier_register(NULL, mm)``, which takes the mmap lock for write (mm_take_all_locks): that is
+    what keeps an invalidation that started before the registration from ending after it.
+    """
     if not mm.machine.profile.interval_notifiers:
         return -22
     yield from sched.might_sleep("mmu_interval_notifier_insert")
-    if length == 0 or start + length - 1 > ULONG_MAX:
-        return -75                                        # -EOVERFLOW
-    if mm.mm_users <= 0:
+    subs = mm.notifier_subscriptions
+    if subs is None or not subs.has_itree:
+        yield from sched.down_write(mm.mmap_sem)
+        try:
+            __mmu_notifier_register_itree(mm)
+        finally:
+            sched.up_write(mm.mmap_sem)
+    return __mmu_interval_notifier_insert(sub, mm, start, length, ops)
+
+
+def mmu_interval_notifier_insert_locked(sub: MmuIntervalNotifier, mm: "MMStruct", start: int, length: int,
+                                        ops: MmuIntervalNotifierOps) -> int:
+    """mmu_interval_notifier_insert_locked() [6.x]: the caller holds the mmap lock for write."""
+    if not mm.machine.profile.interval_notifiers:
         return -22
+    if mm.mmap_sem.owner is not sched.current():
+        sched.report("lockdep", f"mmu_interval_notifier_insert_locked without {mm.mmap_sem.name} held for write")
+    subs = mm.notifier_subscriptions
+    if subs is None or not subs.has_itree:
+        __mmu_notifier_register_itree(mm)
+    return __mmu_interval_notifier_insert(sub, mm, start, length, ops)
+
+
+def __mmu_notifier_register_itree(mm: "MMStruct") -> None:
+    """__mmu_notifier_register(NULL, mm) [6.x]: allocate the subscriptions object, set ``has_itree``."""
+    if mm.mm_users <= 0:
+        sched.report("BUG_ON", f"__mmu_notifier_register on {mm.name} with mm_users == 0")
+    _subs(mm).has_itree = True
+
+
+def __mmu_interval_notifier_insert(sub: MmuIntervalNotifier, mm: "MMStruct", start: int, length: int,
+                                   ops: MmuIntervalNotifierOps) -> int:
+    """__mmu_interval_notifier_insert() [6.x]: the new subscription's seq is always odd (see read_begin)."""
     subs = _subs(mm)
-    sub.start, sub.last, sub.ops, sub.mm = start, start + length - 1, ops, mm
-    mm.mm_count += 1
+    sub.mm, sub.ops, sub.in_tree = mm, ops, False
+    if length == 0 or start + length - 1 > ULONG_MAX:       # check_add_overflow(start, length - 1)
+        return -75                                        # -EOVERFLOW
+    sub.start, sub.last = start, start + length - 1
+    if mm.mm_users <= 0:                                  # WARN_ON: "Must call with a mmget() held"
+        mm.machine.log("WARN_ON", what_failed="mmu_interval_notifier_insert with mm_users == 0", mm=mm.name)
+        return -22
+    mm.mm_count += 1                                      # mmgrab, paired with mmdrop in _remove
     if subs.active_invalidate_ranges:
+        # An invalidation may be running over an unknown range: the new subscription must assume it is
+        # covered.  The tree cannot change while invalidating (odd seq): defer the insert to inv_end.
         if subs.invalidate_seq & 1:
-            subs.deferred.append(("insert", sub))
+            subs.deferred.insert(0, ("insert", sub))
         else:
             subs.invalidate_seq |= 1
             subs.itree.insert(sub)
             sub.in_tree = True
         sub.invalidate_seq = subs.invalidate_seq
     else:
-        sub.invalidate_seq = subs.invalidate_seq - 1
+        if subs.invalidate_seq & 1:
+            mm.machine.log("WARN_ON", what_failed="odd invalidate_seq with no active range", mm=mm.name)
+        sub.invalidate_seq = subs.invalidate_seq - 1     # odd, != current
         subs.itree.insert(sub)
         sub.in_tree = True
     mm.machine.log("mmu_interval_notifier_insert", mm=mm.name, start=sub.start, last=sub.last)
@@ -267,17 +314,22 @@ def mmu_interval_notifier_remove(sub: MmuIntervalNotifier) -> Gen[None]:
     """mmu_interval_notifier_remove(): waits until no invalidate callback for ``sub`` can run."""
     mm = sub.mm
     assert mm is not None
+    yield from sched.might_sleep("mmu_interval_notifier_remove")
     subs = _subs(mm)
     seq = 0
     if subs.invalidate_seq & 1:
-        if not sub.in_tree:
+        if not sub.in_tree:                               # insert still pending on the deferred list
             subs.deferred = [(op, s) for op, s in subs.deferred if s is not sub]
-        else:
-            subs.deferred.append(("remove", sub))
+        else:                                             # removal deferred to the last inv_end
+            subs.deferred.insert(0, ("remove", sub))
             seq = subs.invalidate_seq
     else:
-        subs.itree.remove(sub)
-        sub.in_tree = False
+        if not sub.in_tree:
+            mm.machine.log("WARN_ON", what_failed="mmu_interval_notifier_remove of a subscription not in the tree",
+                           mm=mm.name)
+        else:
+            subs.itree.remove(sub)
+            sub.in_tree = False
     if seq:
         yield from sched.wait_event(lambda: subs.invalidate_seq != seq, "mmu_interval_notifier_remove")
     mmdrop(mm)
@@ -334,12 +386,12 @@ def _itree_inv_end(subs: NotifierSubscriptions) -> None:
     subs.active_invalidate_ranges -= 1
     if subs.active_invalidate_ranges or not subs.invalidate_seq & 1:
         return
-    subs.invalidate_seq += 1
-    for op, sub in subs.deferred:
-        if op == "insert":
+    subs.invalidate_seq += 1                          # becomes even: no interval invalidation in progress
+    for _op, sub in subs.deferred:                    # decided by tree membership, as the kernel does
+        if not sub.in_tree:
             subs.itree.insert(sub)
             sub.in_tree = True
-        elif sub.in_tree:
+        else:
             subs.itree.remove(sub)
             sub.in_tree = False
     subs.deferred.clear()
@@ -373,10 +425,9 @@ def mmu_notifier_invalidate_range_start(r: MmuNotifierRange) -> Gen[None]:
     subs = r.mm.notifier_subscriptions
     if subs is None:
         return
-    if subs.itree:
+    if subs.has_itree:
+        r.itree_started = True
         yield from _itree_invalidate_start(subs, r)
-    elif r.mm.machine.profile.interval_notifiers:
-        subs.active_invalidate_ranges += 1
     yield from _classic_start(subs, r)
 
 
@@ -387,21 +438,21 @@ def mmu_notifier_invalidate_range_start_nonblock(r: MmuNotifierRange) -> Gen[int
     subs = r.mm.notifier_subscriptions
     if subs is None:
         return 0
-    if r.mm.machine.profile.interval_notifiers:
-        if subs.itree:
-            rc = yield from _itree_invalidate_start(subs, r)
-            if rc:
-                _log(r.mm, "invalidate_range_start_failed", r, ret=rc)
-                return rc
-        else:
-            subs.active_invalidate_ranges += 1
+    if subs.has_itree:
+        rc = yield from _itree_invalidate_start(subs, r)
+        if rc:                                        # the interval side was ended by the core itself
+            _log(r.mm, "invalidate_range_start_failed", r, ret=rc)
+            return rc
+        r.itree_started = True
     rc = yield from _classic_start(subs, r)
     if rc and r.mm.machine.profile.interval_notifiers:
-        # [6.x] the core ends every classic subscriber that implements invalidate_range_end
+        # [6.x] the core ends every classic subscriber that implements invalidate_range_end.  It does not
+        # end the interval side: __mmu_notifier_invalidate_range_start() returns the hlist error after a
+        # successful mn_itree_invalidate(), and the caller calls no _end, so active_invalidate_ranges
+        # stays raised (mainline 6.x as written; kept deliberately, a simulator can report it).
         for mn in list(subs.list):
             if mn.ops.has_invalidate_range_end:
                 yield from _call_atomic_aware(r, mn.ops.invalidate_range_end(mn, r))
-        _itree_inv_end(subs)
     if rc:
         _log(r.mm, "invalidate_range_start_failed", r, ret=rc)
     return rc
@@ -411,7 +462,8 @@ def mmu_notifier_invalidate_range_end(r: MmuNotifierRange) -> Gen[None]:
     """mmu_notifier_invalidate_range_end(): after the entries changed."""
     subs = r.mm.notifier_subscriptions
     if subs is not None:
-        if r.mm.machine.profile.interval_notifiers:
+        if r.itree_started:
+            r.itree_started = False
             _itree_inv_end(subs)
         for mn in list(subs.list):
             yield from _call_atomic_aware(r, mn.ops.invalidate_range_end(mn, r))
@@ -423,7 +475,7 @@ def mmu_notifier_release(mm: "MMStruct") -> Gen[None]:
     subs = mm.notifier_subscriptions
     if subs is None:
         return
-    if subs.itree:
+    if subs.has_itree:
         r = MmuNotifierRange(mm, 0, ULONG_MAX, MMU_NOTIFY.RELEASE, MMU_NOTIFIER_RANGE_BLOCKABLE)
         _log(mm, "invalidate_range_start", r)
         yield from _itree_invalidate_start(subs, r)

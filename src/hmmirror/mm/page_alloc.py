@@ -241,8 +241,19 @@ class PhysMem:
         """put_page(): drop a reference; the folio is freed at zero (device pages: see memremap)."""
         head = self.compound_head(pfn)
         self.refcount[head] -= 1
-        if self.refcount[head] == 0 and head < self.nr_ram:
+        if head >= self.nr_ram:
+            self._put_device_page(head)
+        elif self.refcount[head] == 0:
             self.free_folio(head)
+
+    def _put_device_page(self, pfn: int) -> None:
+        """ZONE_DEVICE part of put_page(): the owning pgmap's hook (memremap.put_device_page)."""
+        for start, end, owner in self.device_ranges:
+            if start <= pfn < end:
+                hook = getattr(owner, "put_device_page", None)
+                if hook is not None:
+                    hook(pfn, int(self.refcount[pfn]))
+                return
 
     def nr_free_pages(self) -> int:
         """Free 4 KiB frames (excluding hugetlb pools)."""

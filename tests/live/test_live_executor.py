@@ -17,7 +17,7 @@ from hmmirror.live import hostenv
 from hmmirror.live.executor import LiveExecutor, OpResult, run_ops
 
 _REASON = hostenv.why_not_live()
-pytestmark = [pytest.mark.live, pytest.mark.skipif(_REASON is not None, reason=f"live: {_REASON}")]
+pytestmark = [pytest.mark.live, pytest.mark.xdist_group("host"), pytest.mark.skipif(_REASON is not None, reason=f"live: {_REASON}")]
 
 
 def mmap(name: str, length: str, **kw: object) -> dict:

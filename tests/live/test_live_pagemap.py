@@ -17,7 +17,7 @@ from hmmirror.live import hostenv
 from hmmirror.live.pagemap import PAGE_SIZE, read_columns, read_range
 
 _REASON = hostenv.why_not_live()
-pytestmark = [pytest.mark.live, pytest.mark.skipif(_REASON is not None, reason=f"live: {_REASON}")]
+pytestmark = [pytest.mark.live, pytest.mark.xdist_group("host"), pytest.mark.skipif(_REASON is not None, reason=f"live: {_REASON}")]
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p

@@ -1,0 +1,1 @@
+"""DAX drivers (drivers/dax): device-dax character devices."""

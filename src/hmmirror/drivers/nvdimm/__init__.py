@@ -1,0 +1,1 @@
+"""NVDIMM drivers (drivers/nvdimm): pmem namespaces."""

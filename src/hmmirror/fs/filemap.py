@@ -1,0 +1,282 @@
+"""The page cache of ext4/xfs files and its fault hooks (mm/filemap.c, fs/ext4/inode.c, fs/xfs/xfs_file.c).
+
+Model rules (mm-substrate.md §5.1, §5.5):
+
+* A read fault first maps the already-cached pages of the fault-around window (``filemap_map_pages``), then
+  ``filemap_fault`` handles the faulting page.  A page that is not cached is read with *readahead covering
+  the fault-around window*: every page of the window below EOF is brought in (holes inside EOF become
+  zero-filled page-cache pages, obs D9).  The model's I/O is synchronous (pages are uptodate at once).
+* With ``FAULT_FLAG_ALLOW_RETRY`` a fault that had to read returns ``VM_FAULT_RETRY | VM_FAULT_MAJOR`` having
+  released ``mmap_sem`` (kept with ``RETRY_NOWAIT``), as ``do_sync_mmap_readahead`` /
+  ``maybe_unlock_mmap_for_io`` do; the retried fault finds the window cached and fault-around maps it.
+  Without ``ALLOW_RETRY`` (GUP, [6.18] HMM) the page is returned at once (``VM_FAULT_MAJOR``) and only the
+  faulting page is mapped by that fault.
+* Shared mappings are read-only after a read fault (write-notify); the first write calls ``page_mkwrite``,
+  which dirties the page and allocates the block, and the write bit is set in place (same pfn, no notifier).
+* An access at or beyond EOF is ``VM_FAULT_SIGBUS``.
+* [6.18] (``profile.file_pmd_mappings``): with ``VM_HUGEPAGE`` the readahead of a read fault allocates a
+  PMD-sized folio for the 2 MiB-aligned block when the whole block is below EOF and not cached, and the
+  fault maps it with one PMD (obs D12/X12).  [5.2] never.  Other 6.18 large folios (order < 9) are not
+  modelled: the page cache otherwise holds 4 KiB pages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hmmirror.arch.x86.pgtable import HPAGE_PMD_NR, PAGE_SIZE, pmd_leaf, pte_none
+from hmmirror.fs.file import DATA, File, Inode, pages_of
+from hmmirror.fs.super import FileSystemType, SuperBlock
+from hmmirror.include.mm_types import FAULT_FLAG, VM, VM_FAULT
+from hmmirror.kernel import sched
+from hmmirror.kernel.sched import Gen
+from hmmirror.mm.memory import (
+    VmFault,
+    do_set_pmd,
+    fault_around_window,
+    pte_lockptr,
+    set_pte_range_from_cache,
+)
+from hmmirror.mm.mm_struct import VMA, VmOps
+from hmmirror.mm.page_alloc import PG
+
+if TYPE_CHECKING:
+    from hmmirror.machine import Machine
+    from hmmirror.mm.page_alloc import PhysMem
+
+
+# --- page-cache population -------------------------------------------------------------------------------
+def add_new_cache_pages(mem: "PhysMem", inode: Inode, indices: np.ndarray, kind: int) -> int:
+    """Allocate frames for ``indices`` and insert them into the inode's page cache (uptodate, clean).
+
+    ``kind`` is ``PG.file`` (disk file) or ``PG.swapbacked`` (shmem).  Returns how many were inserted (fewer
+    when memory runs out; the lowest indices first).  Model helper (the allocation + add_to_page_cache_lru
+    + I/O completion of readahead).
+    """
+    if not indices.size:
+        return 0
+    pfns = mem.alloc_pages_bulk(int(indices.size))
+    got = int(pfns.size)
+    if not got:
+        return 0
+    mapping = inode.i_mapping
+    idx = indices[:got]
+    mapping._ensure(int(idx.max()) + 1)
+    mapping.pages[idx] = pfns
+    mapping.nrpages += got
+    mem.flags[pfns] = np.uint32(kind | PG.uptodate)
+    return got
+
+
+def ra_pmd_index(vmf: VmFault, inode: Inode) -> int:
+    """page_cache_ra_order(HPAGE_PMD_ORDER) decision [6.18, VM_HUGEPAGE]: the 2 MiB-aligned index whose block
+    the readahead reads as one PMD-sized folio (it lies below EOF and none of it is cached), or -1."""
+    vma = vmf.vma
+    if not vmf.mm.machine.profile.file_pmd_mappings or not vma.vm_flags & VM.HUGEPAGE \
+            or vma.vm_flags & VM.NOHUGEPAGE:
+        return -1
+    hindex = vmf.pgoff & ~(HPAGE_PMD_NR - 1)
+    if hindex + HPAGE_PMD_NR > inode.nr_pages or not inode.i_mapping.range_empty(hindex, hindex + HPAGE_PMD_NR):
+        return -1
+    return hindex
+
+
+def readahead_indices(vmf: VmFault, inode: Inode) -> np.ndarray:
+    """The page indices the model's readahead reads for a fault: the file pages behind the fault-around
+    window (§5.5), below EOF, not cached yet (the faulting index first)."""
+    start, end = fault_around_window(vmf)
+    first = vmf.vma.linear_page_index(start)
+    idx = np.arange(first, first + ((end - start) >> 12), dtype=np.int64)
+    idx = idx[idx < inode.nr_pages]
+    slots = inode.i_mapping.lookup_range(first, first + ((end - start) >> 12))[: idx.size]
+    idx = idx[slots < 0]
+    faulting = idx == vmf.pgoff
+    return np.concatenate([idx[faulting], idx[~faulting]])
+
+
+def page_cache_sync_readahead(machine: "Machine", inode: Inode, hindex: int, indices: np.ndarray) -> int:
+    """The readahead I/O (model: synchronous, pages uptodate at once): a PMD-sized folio at ``hindex``
+    (if >= 0 and still possible), else 4 KiB pages for those of ``indices`` still not cached.
+
+    Works on the file only (the caller may have released mmap_sem).  Returns the number of slots added.
+    """
+    mem = machine.mem
+    mapping = inode.i_mapping
+    if hindex >= 0 and hindex + HPAGE_PMD_NR <= inode.nr_pages and mapping.range_empty(hindex, hindex + HPAGE_PMD_NR):
+        head = mem.alloc_folio(9)
+        if head >= 0:
+            mapping.add_to_page_cache(hindex, head, HPAGE_PMD_NR)
+            mem.flags[head: head + HPAGE_PMD_NR] |= np.uint32(PG.file | PG.uptodate)
+            machine.counters["file_thp_readahead"] += 1
+            return HPAGE_PMD_NR
+    indices = indices[indices < inode.nr_pages]
+    if indices.size:
+        indices = indices[mapping.lookup_range(0, int(indices.max()) + 1)[indices] < 0]
+    n = add_new_cache_pages(mem, inode, indices, PG.file)
+    machine.counters["readahead_pages"] += n
+    return n
+
+
+# --- vm_operations_struct hooks --------------------------------------------------------------------------
+def filemap_fault(vmf: VmFault) -> Gen[int]:
+    """filemap_fault() (mm/filemap.c) [5.2 shape; readahead simplified per mm-substrate.md §5.1/§5.5].
+
+    Returns 0 or VM_FAULT_MAJOR with ``vmf.page`` referenced, VM_FAULT_RETRY (| MAJOR) after reading when the
+    caller allows a retry (``mmap_sem`` released unless RETRY_NOWAIT), VM_FAULT_SIGBUS at or beyond EOF,
+    VM_FAULT_OOM when no frame could be had for the faulting page.
+    """
+    vma, mm = vmf.vma, vmf.mm
+    machine, mem = mm.machine, mm.machine.mem
+    inode: Inode = vma.vm_file.inode
+    mapping = inode.i_mapping
+    offset = vmf.pgoff
+    if offset >= inode.nr_pages:
+        return int(VM_FAULT.SIGBUS)
+    allow_retry = bool(vmf.flags & FAULT_FLAG.ALLOW_RETRY)
+    drop_mmap = (vmf.flags & (FAULT_FLAG.ALLOW_RETRY | FAULT_FLAG.RETRY_NOWAIT)) == FAULT_FLAG.ALLOW_RETRY
+    ret = 0
+    pfn = mapping.find_page(offset)
+    if pfn < 0:
+        # No page in the page cache at all: a major fault.  maybe_unlock_mmap_for_io(): the I/O is done
+        # without mmap_sem when the caller can retry; from here on only the file (not the VMA) is used.
+        ret = int(VM_FAULT.MAJOR)
+        machine.counters["pgmajfault"] += 1
+        hindex, indices = ra_pmd_index(vmf, inode), readahead_indices(vmf, inode)
+        if drop_mmap:
+            sched.up_read(mm.mmap_sem)
+        yield from sched.might_sleep("page_cache_sync_readahead")
+        page_cache_sync_readahead(machine, inode, hindex, indices)
+        if allow_retry:
+            return ret | int(VM_FAULT.RETRY)
+        pfn = mapping.find_page(offset)
+        if pfn < 0:
+            return ret | int(VM_FAULT.OOM)
+    while mem.flags[pfn] & PG.locked:
+        # lock_page_maybe_drop_mmap(): the page is locked (I/O or truncate in progress)
+        if allow_retry:
+            if drop_mmap:
+                sched.up_read(mm.mmap_sem)
+                yield from sched.wait_event(lambda p=pfn: not mem.flags[p] & PG.locked, "__lock_page_or_retry")
+            return ret | int(VM_FAULT.RETRY)
+        yield from sched.wait_event(lambda p=pfn: not mem.flags[p] & PG.locked, "__lock_page")
+        pfn = mapping.find_page(offset)                  # truncated meanwhile?
+        if pfn < 0 or offset >= inode.nr_pages:
+            return ret | int(VM_FAULT.SIGBUS)
+    if offset >= inode.nr_pages:                          # i_size re-checked with the page locked
+        return ret | int(VM_FAULT.SIGBUS)
+    mem.get_page(pfn)
+    vmf.page = pfn
+    return ret
+
+
+def filemap_map_pages(vmf: VmFault, start: int, end: int) -> Gen[int]:
+    """filemap_map_pages() (mm/filemap.c, 6.x shape; 5.2 maps the same set through alloc_set_pte()).
+
+    Maps every page of ``[start, end)`` that is cached, uptodate, not locked and below EOF into none PTEs.
+    If the PMD is none and the first such page belongs to a PMD-sized folio that fits the VMA, the folio is
+    mapped by one PMD instead (filemap_map_pmd -> do_set_pmd).  Nothing cached: no PTE table is installed.
+    Takes the PTE (or PMD) lock itself.  Returns the number of entries installed (a PMD counts 1).
+    """
+    vma, mm = vmf.vma, vmf.mm
+    pool, mem = mm.machine.pool, mm.machine.mem
+    assert vmf.pmdp is not None
+    inode: Inode = vma.vm_file.inode
+    first = vma.linear_page_index(start)
+    n = (end - start) >> 12
+    slots = inode.i_mapping.lookup_range(first, first + n)
+    idx = np.arange(first, first + n, dtype=np.int64)
+    ok = (slots >= 0) & (idx < inode.nr_pages)
+    if ok.any():
+        fl = mem.flags[slots[ok]]
+        good = ((fl & PG.uptodate) != 0) & ((fl & (PG.locked | PG.hwpoison)) == 0)
+        sub = ok.copy()
+        sub[ok] = good
+        ok = sub
+    if not ok.any():
+        return 0
+    slots = np.where(ok, slots, -1)
+    pmd = pool.get(vmf.pmdp)
+    if pmd_leaf(pmd):
+        return 0
+    if pte_none(pmd):
+        # filemap_map_pmd(): a PMD-mappable folio at the start of the window is mapped by a PMD.
+        k = int(np.flatnonzero(ok)[0])
+        pfn0 = int(slots[k])
+        head = mem.compound_head(pfn0)
+        if int(mem.order[head]) == 9 and not mem.flags[head] & PG.hugetlb:
+            at = pfn0 + ((vmf.address - (start + k * PAGE_SIZE)) >> 12)
+            if head <= at < head + HPAGE_PMD_NR:
+                mem.get_page(head)
+                r = yield from do_set_pmd(vmf, at)
+                if r == 0:
+                    return 1
+                mem.put_page(head)
+        if pmd_leaf(pool.get(vmf.pmdp)):
+            return 0
+        mm.pt.pte_alloc(vmf.pmdp)                        # pmd_install(vmf->prealloc_pte)
+    ptl = pte_lockptr(mm, vmf.pmdp)
+    yield from sched.spin_lock(ptl)
+    mapped = set_pte_range_from_cache(vmf, start, slots)
+    sched.spin_unlock(ptl)
+    mm.machine.counters["fault_around_mapped"] += mapped
+    return mapped
+
+
+def filemap_page_mkwrite(vmf: VmFault, page: int) -> Gen[int]:
+    """ext4_page_mkwrite() / xfs_filemap_page_mkwrite() (filemap_page_mkwrite() shape): the first write to a
+    shared page: lock it, check it is still cached below EOF (else VM_FAULT_NOPAGE: the fault is retried),
+    allocate its block (a hole becomes DATA), mark it dirty.  0 on success (the kernel's VM_FAULT_LOCKED)."""
+    inode: Inode = vmf.vma.vm_file.inode
+    mem = vmf.mm.machine.mem
+    yield from sched.might_sleep("sb_start_pagefault")
+    index = vmf.pgoff
+    if index >= inode.nr_pages or inode.i_mapping.find_page(index) != page:
+        return int(VM_FAULT.NOPAGE)                      # truncated meanwhile
+    if index >= inode.blocks.shape[0] or inode.blocks[index] != DATA:
+        inode.set_blocks(index, index + 1, DATA)         # delayed allocation of the hole's block
+    mem.flags[page] |= PG.dirty
+    vmf.mm.machine.counters["page_mkwrite"] += 1
+    return 0
+
+
+class FilemapVmOps(VmOps):
+    """ext4_file_vm_ops / xfs_file_vm_ops: ``fault``, ``map_pages``, ``page_mkwrite``; dirty accounting."""
+
+    name = "file"
+    accounts_dirty = True
+    fault = staticmethod(filemap_fault)
+    map_pages = staticmethod(filemap_map_pages)
+    page_mkwrite = staticmethod(filemap_page_mkwrite)
+
+
+FILEMAP_VM_OPS = FilemapVmOps()
+
+
+class PageCacheFs(FileSystemType):
+    """ext4 / xfs without DAX: regular files backed by the page cache.
+
+    ``create_file(content="data")`` leaves the written pages in the page cache (clean), as after write(2)
+    and writeback, if they fit in half of the free memory (else none is cached: a cold file).  "sparse"
+    and "zero" (fallocated, unwritten extents) files start with nothing cached.
+    """
+
+    name = "pagecache"
+
+    def new_inode(self, sb: SuperBlock, path: str, size: int, content: str) -> Inode:
+        inode = super().new_inode(sb, path, size, content)
+        if content == "data":
+            mem = self.machine.mem
+            n = pages_of(size)
+            if 0 < n <= mem.nr_free_pages() // 2:
+                add_new_cache_pages(mem, inode, np.arange(n, dtype=np.int64), PG.file)
+        return inode
+
+    def mmap(self, file: File, vma: VMA) -> int:
+        """generic_file_mmap() / ext4_file_mmap(): page-cache ops."""
+        vma.vm_ops = FILEMAP_VM_OPS
+        return 0
+
+
+_ = ("Machine", sched)

@@ -1,0 +1,357 @@
+"""The simulation engine: many model generators interleaved at their preemption points.
+
+The engine owns a list of :class:`SimTask` (a :class:`~hmmirror.kernel.sched.Task`, the generator it runs
+and the :class:`~hmmirror.kernel.sched.Point` it is suspended at).  One *step* is: ask the scheduler for a
+runnable task (suspended at a Point without ``ready`` or whose ``ready()`` holds), make it ``current``,
+advance its generator to the next Point, record ``(step, task, point kind, what)`` in the trace, and call the
+instruments.  Nothing else decides anything: the scheduler draws from the one stream of choices
+(:mod:`hmmirror.sim.choices`).
+
+Findings.  Every broken rule becomes a :class:`~hmmirror.sim.findings.Finding` and ends the run after the
+current step: a ``sched.report`` (installed as the report handler while the engine runs), a Python exception
+escaping model code, all remaining tasks blocked (deadlock / a wait without a waker), and every violation an
+instrument (invariant) reports through :meth:`Engine.violate`.
+
+Instruments (trio style) plug in without touching the core: any object with some of the methods
+``task_spawned(engine, st)``, ``before_step(engine, st)``, ``after_step(engine, st, point)``,
+``task_exited(engine, st)``, ``on_log(engine, event)`` (every ``machine.log`` record as it is appended) and
+``run_finished(engine)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Generator
+from typing import Any
+
+from hmmirror.kernel import sched
+from hmmirror.kernel.sched import Lock, Point, Task
+from hmmirror.sim.findings import Finding, frame_stack, gen_stack, location_of
+
+_HOOKS = ("task_spawned", "before_step", "after_step", "task_exited", "on_log", "run_finished")
+
+#: sched.report kinds -> invariant names
+REPORT_INVARIANT = {
+    "sleep_in_atomic": "sleep_in_atomic",
+    "bad_unlock": "double_unlock",
+    "recursive_lock": "recursive_lock",
+    "livelock": "liveness",
+    "deadlock": "deadlock",
+}
+
+
+class StopRun(BaseException):
+    """Raised inside a task to abandon it when the run is over (never escapes the engine)."""
+
+
+class SimTask:
+    """One interleaved thread: a CPU thread (``cpu``), a device job (``device``) or a kernel event (``kevent``)."""
+
+    __slots__ = ("idx", "name", "kind", "task", "gen", "point", "ready", "done", "result", "op", "op_start",
+                 "label", "steps", "error")
+
+    def __init__(self, idx: int, name: str, kind: str, gen: Generator[Point, None, Any], label: str = "") -> None:
+        self.idx = idx
+        self.name = name
+        self.kind = kind
+        self.task = Task(name, "kthread" if kind == "kevent" else kind)
+        self.gen = gen
+        self.point: Point | None = None
+        self.ready: Callable[[], bool] | None = None
+        self.done = False
+        self.result: Any = None
+        self.op = ""              # what the task is doing now (set by the task body, for reports)
+        self.op_start = 0         # step at which the current operation began
+        self.label = label or kind  # kevent: the event kind (reclaim, thp_split, ...)
+        self.steps = 0
+        self.error: BaseException | None = None
+
+    def runnable(self) -> bool:
+        return not self.done and (self.ready is None or self.ready())
+
+    def __repr__(self) -> str:
+        return f"SimTask({self.name})"
+
+
+class Engine:
+    """Interleaves :class:`SimTask` generators over one machine."""
+
+    def __init__(self, machine: Any, scheduler: Any, instruments: list[Any] | None = None,
+                 max_steps: int = 200_000) -> None:
+        self.machine = machine
+        self.scheduler = scheduler
+        self.tasks: list[SimTask] = []
+        self.step = 0
+        self.max_steps = max_steps
+        self.trace: list[tuple[int, int, str, str]] = []      # (step, task idx, point kind, what)
+        self.picks: list[int] = []
+        self.finding: Finding | None = None
+        self.extra_findings = 0
+        self.current: SimTask | None = None
+        self.last_kevent: tuple[int, str] = (-1, "")
+        self.instruments: list[Any] = []
+        self._hooks: dict[str, list[Callable[..., Any]]] = {h: [] for h in _HOOKS}
+        self.record_trace = True
+        for inst in instruments or ():
+            self.add_instrument(inst)
+
+    # -- set-up --------------------------------------------------------------------------------------------
+    def add_instrument(self, inst: Any) -> None:
+        self.instruments.append(inst)
+        for h in _HOOKS:
+            fn = getattr(inst, h, None)
+            if fn is not None:
+                self._hooks[h].append(fn)
+
+    def spawn(self, name: str, kind: str, gen: Generator[Point, None, Any], label: str = "") -> SimTask:
+        """Add a task (it first runs when the scheduler picks it)."""
+        st = SimTask(len(self.tasks), name, kind, gen, label)
+        self.tasks.append(st)
+        if hasattr(self.scheduler, "on_spawn"):
+            self.scheduler.on_spawn(self, st)
+        for fn in self._hooks["task_spawned"]:
+            fn(self, st)
+        return st
+
+    # -- findings ------------------------------------------------------------------------------------------
+    def violate(self, invariant: str, message: str, *, st: SimTask | None = None, mm: Any = None,
+                addr: int | None = None, state: dict[str, Any] | None = None, location: str | None = None,
+                stack: list[str] | None = None, entry: str | None = None, vma_kind: str | None = None) -> None:
+        """Record a broken invariant (the first one of a run is kept; the run stops after this step)."""
+        if self.finding is not None:
+            self.extra_findings += 1
+            return
+        st = st or self.current
+        if stack is None:
+            stack = gen_stack(st.gen) if st is not None and not st.done else []
+        ctx_mm, ctx_addr = mm, addr
+        if (ctx_mm is None or ctx_addr is None) and st is not None and not st.done:
+            fmm, faddr = _context_from_gen(st.gen)
+            ctx_mm = ctx_mm or fmm
+            ctx_addr = faddr if ctx_addr is None else ctx_addr
+        if vma_kind is None or entry is None:
+            vk, en = describe_address(ctx_mm, ctx_addr)
+            vma_kind = vma_kind or vk
+            entry = entry or en
+        kevent = "-"
+        if st is not None:
+            if st.kind == "kevent":
+                kevent = st.label
+            elif self.last_kevent[0] >= st.op_start and self.last_kevent[0] >= 0:
+                kevent = self.last_kevent[1]
+        self.finding = Finding(
+            invariant=invariant, message=message, step=self.step, task=st.name if st else "-",
+            task_kind=st.kind if st else "-", op=st.op if st else "", stack=stack,
+            location=location or location_of(stack), vma_kind=vma_kind or "-", entry=entry or "-",
+            kevent=kevent, addr=ctx_addr, state=state or {},
+        )
+
+    def _on_report(self, kind: str, message: str) -> None:
+        stack = frame_stack(sys._getframe(1))
+        self.violate(REPORT_INVARIANT.get(kind, f"report:{kind}"), message, stack=stack)
+
+    def _on_log(self, orig: Callable[..., None]) -> Callable[..., None]:
+        hooks = self._hooks["on_log"]
+        machine = self.machine
+
+        def log(what: str, **fields: Any) -> None:
+            orig(what, **fields)
+            fields["what"] = what
+            for fn in hooks:
+                fn(self, fields)
+        _ = machine
+        return log
+
+    # -- running -------------------------------------------------------------------------------------------
+    def run(self) -> Finding | None:
+        """Run until every task finished, a finding, or the step bound; returns the finding (or None)."""
+        prev_handler = sched.set_report_handler(self._on_report)
+        prev_current = sched.current()
+        machine = self.machine
+        orig_log = None
+        if self._hooks["on_log"]:
+            orig_log = machine.log
+            machine.log = self._on_log(orig_log)
+        try:
+            self._loop()
+            if self.finding is None:
+                for fn in self._hooks["run_finished"]:
+                    fn(self)
+                    if self.finding is not None:
+                        break
+        finally:
+            self._abandon()
+            if orig_log is not None:
+                try:
+                    del machine.log
+                except AttributeError:
+                    machine.log = orig_log
+            sched.set_report_handler(prev_handler)
+            sched.set_current(prev_current)
+        return self.finding
+
+    def _loop(self) -> None:
+        tasks = self.tasks
+        pick = self.scheduler.pick
+        before = self._hooks["before_step"]
+        after = self._hooks["after_step"]
+        exited = self._hooks["task_exited"]
+        trace = self.trace
+        picks = self.picks
+        record = self.record_trace
+        while self.finding is None:
+            runnable = [t for t in tasks if not t.done and (t.ready is None or t.ready())]
+            if not runnable:
+                if any(not t.done for t in tasks):
+                    self._all_blocked()
+                return
+            if self.step >= self.max_steps:
+                self._step_bound()
+                return
+            st = pick(self, runnable)
+            self.current = st
+            for fn in before:
+                fn(self, st)
+            sched.set_current(st.task)
+            point = None
+            try:
+                point = st.gen.send(None)
+            except StopIteration as stop:
+                st.done = True
+                st.result = stop.value
+                st.ready = None
+                st.point = None
+            except StopRun:
+                st.done = True
+            except Exception as exc:                      # a crash of model code is a finding
+                st.error = exc
+                tb = exc.__traceback__
+                stack = _tb_stack(tb)
+                self.violate("exception", f"{type(exc).__name__}: {exc}", st=st, stack=stack)
+                st.done = True
+            else:
+                st.point = point
+                st.ready = point.ready
+            st.steps += 1
+            picks.append(st.idx)
+            if record:
+                if point is None:
+                    trace.append((self.step, st.idx, "exit", ""))
+                else:
+                    trace.append((self.step, st.idx, point.kind, point.what))
+            if st.kind == "kevent":
+                self.last_kevent = (self.step, st.label)
+            for fn in after:
+                fn(self, st, point)
+            if st.done:
+                for fn in exited:
+                    fn(self, st)
+            self.step += 1
+
+    def _all_blocked(self) -> None:
+        """No task can run but some are not finished: a deadlock or a wait nobody will end."""
+        blocked = [t for t in self.tasks if not t.done]
+        waits_lock = []
+        for t in blocked:
+            obj = t.point.obj if t.point is not None else None
+            if isinstance(obj, Lock):
+                waits_lock.append((t, obj))
+        names = {t.task: t for t in self.tasks}
+        state = {t.name: (t.point.what if t.point else "?") for t in blocked}
+        for t, lock in waits_lock:
+            holders = [lock.owner] if lock.owner is not None else list(lock.readers)
+            for h in holders:
+                hst = names.get(h)
+                if hst is None or hst.done:
+                    self.violate("locks_balanced", f"{t.name} waits for {lock.name}, held by "
+                                 f"{h.name if h else '?'} which is no longer running", st=t, state=state)
+                    return
+        if len(waits_lock) == len(blocked):
+            cyc = " -> ".join(f"{t.name} waits {l.name}" for t, l in waits_lock)
+            self.violate("deadlock", f"lock deadlock: {cyc}", st=waits_lock[0][0], state=state)
+            return
+        t = next(t for t in blocked if not (t.point is not None and isinstance(t.point.obj, Lock)))
+        inv = "device_teardown" if t.kind == "kevent" and t.label in ("pmem_unbind", "dax_unbind") else "no_waker"
+        self.violate(inv, f"{t.name} waits for {t.point.what if t.point else '?'} and no task can wake it",
+                     st=t, state=state)
+
+    def _step_bound(self) -> None:
+        counts: dict[int, int] = {}
+        for idx in self.picks[-2000:]:
+            counts[idx] = counts.get(idx, 0) + 1
+        busiest = self.tasks[max(counts, key=lambda k: counts[k])] if counts else None
+        self.violate("liveness", f"the run did not finish within {self.max_steps} steps "
+                     f"({busiest.name if busiest else '?'} ran most of the last 2000)", st=busiest)
+
+    def _abandon(self) -> None:
+        """Close unfinished generators (their ``finally`` blocks may report: ignored, the run is over)."""
+        sched.set_report_handler(lambda kind, msg: None)
+        for t in self.tasks:
+            if not t.done:
+                sched.set_current(t.task)
+                try:
+                    t.gen.close()
+                except BaseException:       # noqa: BLE001 - a model finally-block crashing at teardown
+                    pass
+
+
+def _tb_stack(tb: Any) -> list[str]:
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    from hmmirror.sim.findings import describe_frame, is_model_frame
+    return [describe_frame(f, f.f_lineno) for f in frames if is_model_frame(f)] or \
+        [describe_frame(f, f.f_lineno) for f in frames[-3:]]
+
+
+def _context_from_gen(gen: Any) -> tuple[Any, int | None]:
+    """(mm, address) found in the locals of the innermost model frames of a suspended generator chain."""
+    frames = []
+    while gen is not None:
+        f = getattr(gen, "gi_frame", None)
+        if f is None:
+            break
+        frames.append(f)
+        gen = getattr(gen, "gi_yieldfrom", None)
+    mm = None
+    addr = None
+    for f in reversed(frames):
+        loc = f.f_locals
+        if addr is None:
+            for k in ("address", "addr", "haddr", "start"):
+                v = loc.get(k)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    addr = v
+                    break
+        if mm is None:
+            v = loc.get("vma")
+            if v is not None and hasattr(v, "vm_mm"):
+                mm = v.vm_mm
+            else:
+                v = loc.get("mm")
+                if v is not None and hasattr(v, "pt"):
+                    mm = v
+        if mm is not None and addr is not None:
+            break
+    return mm, addr
+
+
+def describe_address(mm: Any, addr: int | None) -> tuple[str, str]:
+    """(VMA kind, entry type) at ``addr`` of ``mm``: e.g. ``("anon", "pte/anon")``; ``"-"`` when unknown."""
+    if mm is None or addr is None:
+        return "-", "-"
+    try:
+        vma = mm.vma_lookup(addr)
+        vk = vma.kind if vma is not None else "novma"
+        from hmmirror.mm.inspect import model_page_state
+        ps = model_page_state(mm, addr & ~0xFFF)
+        entry = f"{ps.level or 'pte'}/{ps.kind}"
+        if ps.protnone:
+            entry += "/protnone"
+        return vk, entry
+    except Exception:                 # noqa: BLE001 - describing must never fail a run
+        return "-", "-"
+
+
+_ = Task
