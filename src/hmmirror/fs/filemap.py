@@ -278,5 +278,3 @@ class PageCacheFs(FileSystemType):
         vma.vm_ops = FILEMAP_VM_OPS
         return 0
 
-
-_ = ("Machine", sched)

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from hmmirror.include.pagestate import PageState
 from hmmirror.scenario.runner import OpResult, Run
+from hmmirror.viz.pagetables import TableView, collect, fmt_size, vma_json
 
 #: Page fields that must be equal for pages to share one row of a page table.
 ROW_FIELDS = ("present", "kind", "level", "write", "zero", "huge", "file", "exclusive", "swapped", "protnone")
@@ -26,10 +27,6 @@ def runs_json(runs: list[Run]) -> Any:
     """One run: its object; several: a list of them (``hmmirror run --json``)."""
     docs = [r.to_json() for r in runs]
     return docs[0] if len(docs) == 1 else docs
-
-
-def _flag(v: bool | None) -> str:
-    return "?" if v is None else ("y" if v else "n")
 
 
 def _pfns(pages: list[PageState]) -> str:
@@ -54,23 +51,38 @@ def page_runs(pages: list[PageState]) -> list[tuple[int, list[PageState]]]:
     return out
 
 
+#: One letter per boolean page field, in this order, for the compact ``flags`` column.
+FLAG_LETTERS = (("present", "p"), ("write", "w"), ("zero", "z"), ("huge", "h"), ("file", "f"),
+                ("exclusive", "x"), ("swapped", "s"), ("protnone", "n"))
+FLAGS_LEGEND = "flags: p present, w write, z zero page, h huge, f file (pagemap), x exclusive, s swap, n protnone"
+
+
+def flag_string(p: PageState) -> str:
+    """``pw---x--``: the letter when the field is true, ``-`` when false, ``?`` when unknown."""
+    return "".join("?" if getattr(p, f) is None else (c if getattr(p, f) else "-") for f, c in FLAG_LETTERS)
+
+
 def pages_table(pages: list[PageState], title: str = "") -> Table:
     """Per-page states, one row per run of identical pages."""
-    t = Table(title=title or None, title_justify="left", show_edge=False, pad_edge=False)
-    for col in ("pages", "address", "n", "present", "pfn", "kind", "level", "write", "zero", "huge", "file",
-                "excl", "swap", "protnone"):
-        t.add_column(col, justify="right" if col == "n" else "left")
+    t = Table(title=title or None, title_justify="left", caption=FLAGS_LEGEND, caption_justify="left")
+    for col in ("pages", "n", "address", "kind", "level", "flags", "pfn"):
+        t.add_column(col, justify="right" if col == "n" else "left", no_wrap=col != "pfn")
     for first, g in page_runs(pages):
         p = g[0]
         idx = f"{first}" if len(g) == 1 else f"{first}-{first + len(g) - 1}"
-        t.add_row(idx, f"{p.addr:#x}", str(len(g)), _flag(p.present), _pfns(g), p.kind, p.level or "-",
-                  _flag(p.write), _flag(p.zero), _flag(p.huge), _flag(p.file), _flag(p.exclusive),
-                  _flag(p.swapped), _flag(p.protnone))
+        t.add_row(idx, str(len(g)), f"{p.addr:#x}", p.kind, p.level or "-", flag_string(p), _pfns(g))
     return t
 
 
 def _args(rec: OpResult) -> str:
-    return " ".join(f"{k}={v}" for k, v in rec.args.items() if v is not None)
+    out = []
+    for k, v in rec.args.items():
+        if k in ("length", "size", "offset", "align") and isinstance(v, int):
+            v = fmt_size(v)
+        elif isinstance(v, list):
+            v = ",".join(map(str, v))
+        out.append(f"{k}={v}")
+    return " ".join(out)
 
 
 def _result(rec: OpResult) -> Text:
@@ -127,3 +139,59 @@ def render_run(run: Run, pages: bool = True) -> Group:
 
 def print_run(run: Run, console: Console | None = None, pages: bool = True) -> None:
     (console or Console()).print(render_run(run, pages))
+
+
+# ----------------------------------------------------------------------------------------- page tables (show, demo)
+
+
+def mapping_names(run: Run) -> dict[int, str]:
+    """Start address -> ``as`` name of the mappings a run created (first name wins)."""
+    out: dict[int, str] = {}
+    for name, (addr, length) in run.ctx.names.items():
+        if length is not None:
+            out.setdefault(addr, name)
+    return out
+
+
+def vma_views(run: Run, proc: str, ranges: list[tuple[int, int]] | None = None) -> list[TableView]:
+    """Page-table views of ``proc``: one per given range, or one per VMA (labelled with its ``as`` name)."""
+    mm = run.ctx.procs[proc].mm
+    names = mapping_names(run)
+    if ranges is None:
+        order = {a: k for k, a in enumerate(names)}            # named mappings in the order they were made
+        vmas = sorted(mm.vmas, key=lambda v: (order.get(v.vm_start, len(order)), v.vm_start))
+        ranges = [(v.vm_start, v.vm_end) for v in vmas]
+    return [collect(mm, a, b, names.get(a, "")) for a, b in ranges]
+
+
+def vmas_json(run: Run, proc: str) -> list[dict[str, Any]]:
+    """The VMAs of ``proc`` with their ``as`` names."""
+    names = mapping_names(run)
+    out = []
+    for v in run.ctx.procs[proc].mm.vmas:
+        d = vma_json(v)
+        d["proc"], d["name"] = proc, names.get(v.vm_start)
+        out.append(d)
+    return out
+
+
+def vmas_table(vmas: list[dict[str, Any]], title: str = "VMAs") -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("name", "start", "end", "size", "kind", "perms", "file", "pgoff"):
+        t.add_column(col, justify="right" if col in ("size", "pgoff") else "left", overflow="fold")
+    for v in vmas:
+        t.add_row(v.get("name") or "", v["start"], v["end"], fmt_size(v["size"]), v["kind"], v["perms"],
+                  v["file"] or "", str(v["pgoff"]) if v["file"] else "")
+    return t
+
+
+def pagetables_json(run: Run, proc: str, views: list[TableView], pages: bool = False) -> dict[str, Any]:
+    """The ``--json`` document of ``show`` and ``demo``: kernel, vmas, page_tables and the op records."""
+    records = []
+    for r in run.records:
+        d = r.to_json()
+        if not pages:
+            d.pop("pages", None)
+        records.append(d)
+    return {"scenario": run.scenario.file, "kernel": run.kernel, "proc": proc, "ok": run.ok,
+            "vmas": vmas_json(run, proc), "page_tables": [v.to_json() for v in views], "records": records}

@@ -244,18 +244,17 @@ def _pfns(n: Node) -> str:
 
 
 def node_label(n: Node, child_level: str | None = None) -> str:
-    """One line describing a node (rich markup)."""
-    span = f"{n.start:#x}-{n.end:#x}"
-    head = f"{n.level}[{_idx(n)}]"
+    """One line describing a node (rich markup): index, first address, what the entries hold."""
+    head = f"{n.level}[{_idx(n)}] {n.start:#x}"
+    each = fmt_size((n.end - n.start) // n.count)
     if n.entry == "table":
-        return f"[bold]{head}[/] {span} -> {child_level or 'next'} table"
+        return f"[bold]{head}[/] {each} \u2192 {child_level or 'next'} table"
     if n.entry == "none":
-        return f"[dim]{head} {span} none ({n.count})[/]"
+        return f"[dim]{head} none \u00d7{n.count}[/]"
     style = _RICH_STYLE.get(n.kind, "")
-    what = f"{n.count} x {fmt_size(n.end - n.start) if n.count == 1 else fmt_size((n.end - n.start) // n.count)}"
     perm = "protnone" if n.protnone else ("rw" if n.write else "ro") if n.present else "not present"
     huge = " [bold]huge[/]" if n.huge else ""
-    return f"{head} {span} {what} [{style}]{n.kind}[/]{huge} {perm} {_pfns(n)}".rstrip()
+    return f"{head} {n.count}\u00d7{each} [{style}]{n.kind}[/]{huge} {perm} {_pfns(n)}".rstrip()
 
 
 def render_tree(view: TableView) -> Tree:

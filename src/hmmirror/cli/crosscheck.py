@@ -1,0 +1,90 @@
+"""``hmmirror crosscheck``: run scenarios on the real kernel and on the model, compare page by page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from hmmirror.errors import InputError
+
+
+@click.command()
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--random", "nrandom", type=click.IntRange(min=1), default=None,
+              help="Generate N random scenarios instead of reading files.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the random scenarios.")
+@click.option("--save", type=click.Path(file_okay=False), default=None,
+              help="Write the generated scenarios (TOML) into this directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--max-disagreements", type=int, default=20, show_default=True,
+              help="How many disagreements the table lists.")
+def command(files: tuple[str, ...], nrandom: int | None, seed: int, save: str | None, as_json: bool,
+            max_disagreements: int) -> None:
+    """Run scenarios in real child processes and in the model; report per-field agreement."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from hmmirror.live import hostenv
+    from hmmirror.live.crosscheck import Report, crosscheck_scenario
+    from hmmirror.live.randscen import random_scenario
+    from hmmirror.scenario import schema
+
+    if bool(files) == bool(nrandom):
+        raise click.UsageError("give scenario FILES or --random N (not both)")
+    reason = hostenv.why_not_live()
+    if reason:
+        raise InputError(f"crosscheck needs the live kernel: {reason}", "EPERM")
+    if nrandom:
+        texts = [(f"random-{seed}-{i}.toml", random_scenario(seed, i)) for i in range(nrandom)]
+        if save:
+            Path(save).mkdir(parents=True, exist_ok=True)
+            for name, text in texts:
+                (Path(save) / name).write_text(text)
+        scenarios = [schema.parse(text, file=name) for name, text in texts]
+    else:
+        scenarios = [schema.load(f) for f in files]
+    report = Report()
+    host_thp = hostenv.thp_settings()
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=as_json and not console.is_terminal) as progress:
+        task = progress.add_task("crosscheck", total=len(scenarios))
+        for scn in scenarios:
+            crosscheck_scenario(scn, report, host_thp)
+            progress.advance(task)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+        return
+    _print(report, max_disagreements)
+
+
+def _print(report: "object", limit: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hmmirror.live.crosscheck import Report, summary_rows, top_disagreements
+
+    assert isinstance(report, Report)
+    con = Console()
+    pct = 100.0 * report.agree / report.pages if report.pages else 100.0
+    con.print(f"{report.scenarios} scenarios, {report.pages} pages compared, "
+              f"{report.agree} agree on every field ({pct:.2f}%)")
+    t = Table("field", "agree", "compared", "agreement", title="agreement per field")
+    for fld, ok, n, ratio in summary_rows(report):
+        t.add_row(fld, str(ok), str(n), f"{100 * ratio:.2f}%")
+    con.print(t)
+    if report.disagreements:
+        k = Table("field", "model", "kernel", "count", title="most frequent disagreements")
+        for (fld, mv, rv), n in top_disagreements(report):
+            k.add_row(fld, mv, rv, str(n))
+        con.print(k)
+        d = Table("scenario", "op", "page", "field", "model", "kernel", "after", title="disagreements")
+        for x in report.disagreements[:limit]:
+            d.add_row(x.scenario, str(x.op_index), "" if x.page is None else str(x.page), x.field,
+                      repr(x.model), repr(x.real), x.produced_by or "")
+        con.print(d)
+    for name, err in report.crashes:
+        con.print(f"[red]model crashed[/] {name}: {err}")
+    for name, reason in report.skipped:
+        con.print(f"[yellow]skipped[/] {name}: {reason}")

@@ -1,0 +1,195 @@
+"""The differential runner: the same scenario in a real child process and in the model, compared per page.
+
+The model is configured like this machine: the 6.18 profile (the host kernel), the host's THP settings read
+from /sys, enough RAM.  The real side runs through :mod:`hmmirror.live.executor` with filesystems and
+hugetlb pools from :mod:`hmmirror.live.hostenv` (all cleaned up afterwards).
+
+Compared, for every ``inspect`` operation and every page: ``present``, ``kind``, ``level``, ``huge``, ``zero``,
+``file``, ``exclusive``, ``swapped``, and ``pfn_class`` — pfns are physical and differ between the two
+sides, so each side's pfns are renamed in order of first appearance over the whole scenario (the zero page
+is class ``"Z"``), which compares *which pages are the same page* (COW sharing after fork, same page after
+DONTNEED of shmem, contiguity of THPs is not compared).  Fields the real kernel does not expose (the PTE
+write bit) are ``None`` there and not compared.  Every operation's outcome (errno name) is compared too
+(field ``errno``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from hmmirror.include.pagestate import PageState
+
+FIELDS = ("present", "kind", "level", "huge", "zero", "file", "exclusive", "swapped", "pfn_class")
+
+
+@dataclass
+class Disagreement:
+    """One field of one page (or one operation's outcome) on which the model and the kernel differ."""
+
+    scenario: str
+    op_index: int
+    field: str
+    model: Any
+    real: Any
+    page: int | None = None
+    addr_offset: int | None = None
+    produced_by: str | None = None     # the last state-changing op before the inspect, "#i op proc"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("scenario", "op_index", "page", "addr_offset", "field", "model",
+                                              "real", "produced_by")}
+
+
+@dataclass
+class Report:
+    """Agreement over all scenarios: per field, pages compared and pages agreeing."""
+
+    scenarios: int = 0
+    pages: int = 0
+    agree: int = 0
+    by_field: dict[str, list[int]] = field(default_factory=dict)     # field -> [agree, compared]
+    disagreements: list[Disagreement] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    crashes: list[tuple[str, str]] = field(default_factory=list)    # the model raised: a model bug
+
+    def count(self, fld: str, same: bool) -> None:
+        cell = self.by_field.setdefault(fld, [0, 0])
+        cell[0] += same
+        cell[1] += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenarios": self.scenarios,
+            "pages": self.pages,
+            "agree": self.agree,
+            "by_field": {k: {"agree": v[0], "compared": v[1], "ratio": round(v[0] / v[1], 6) if v[1] else None}
+                         for k, v in sorted(self.by_field.items())},
+            "disagreements": [d.to_json() for d in self.disagreements],
+            "skipped": [{"scenario": s, "reason": r} for s, r in self.skipped],
+            "model_crashes": [{"scenario": s, "error": r} for s, r in self.crashes],
+        }
+
+
+class _PfnClasses:
+    """Rename pfns in order of first appearance (per side); the zero page is ``"Z"``."""
+
+    def __init__(self) -> None:
+        self.ids: dict[int, int] = {}
+
+    def __call__(self, s: PageState) -> Any:
+        if not s.present or s.pfn is None:
+            return None
+        if s.zero and s.kind == "zero" and not s.huge:
+            return "Z"
+        return self.ids.setdefault(s.pfn, len(self.ids))
+
+
+def _value(s: PageState, fld: str, classes: _PfnClasses) -> Any:
+    if fld == "pfn_class":
+        return classes(s)
+    return getattr(s, fld)
+
+
+def compare_pages(name: str, op_index: int, model: list[PageState], real: list[PageState], report: Report,
+                  mcls: _PfnClasses, rcls: _PfnClasses, produced_by: str | None) -> None:
+    """Compare one inspect's page lists field by field into ``report``."""
+    base = model[0].addr if model else 0
+    for i, (ms, rs) in enumerate(zip(model, real)):
+        page_agree = True
+        for fld in FIELDS:
+            mv, rv = _value(ms, fld, mcls), _value(rs, fld, rcls)
+            if rv is None and fld not in ("pfn_class", "level"):
+                continue                                  # not observable on the real side
+            if fld == "level" and not rs.present:
+                continue
+            same = mv == rv
+            report.count(fld, same)
+            if not same:
+                page_agree = False
+                report.disagreements.append(Disagreement(name, op_index, fld, mv, rv, i, ms.addr - base,
+                                                         produced_by))
+        report.pages += 1
+        report.agree += page_agree
+
+
+def _model_side(scn: Any, host_thp: dict[str, Any]) -> Any:
+    from hmmirror.scenario import runner
+
+    thp = dict(scn.machine.thp)
+    for key in ("enabled", "defrag", "shmem_enabled"):
+        if isinstance(host_thp.get(key), str):
+            thp[key] = host_thp[key]
+    if isinstance(host_thp.get("use_zero_page"), bool):
+        thp["use_zero_page"] = host_thp["use_zero_page"]
+    scn.machine.thp = thp
+    scn.machine.kernel = "6.18"
+    scn.machine.ram = max(scn.machine.ram, 1 << 30)
+    return runner.run(scn, kernel="6.18")
+
+
+def _real_side(scn: Any) -> list[Any]:
+    from hmmirror.live import executor, hostenv
+
+    with contextlib.ExitStack() as stack:
+        mounts: dict[str, str] = {}
+        if scn.machine.hugepages_2m:
+            stack.enter_context(hostenv.reserve_hugepages("2M", scn.machine.hugepages_2m))
+        if scn.machine.hugepages_1g:
+            stack.enter_context(hostenv.reserve_hugepages("1G", scn.machine.hugepages_1g))
+        for fs in scn.machine.fs:
+            if fs.dax:
+                raise hostenv.Unavailable(f"{fs.mount}: DAX filesystems exist only in the model")
+            psize = "1G" if fs.pagesize == 1 << 30 else "2M"
+            mounts[fs.mount] = stack.enter_context(hostenv.filesystem(fs.type, huge=fs.huge, pagesize=psize))
+        if scn.machine.pmem:
+            raise hostenv.Unavailable("pmem devices exist only in the model")
+        return executor.run_ops(scn.raw_ops(), scn.processes, scn.raw_files(), mounts)
+
+
+def crosscheck_scenario(scn: Any, report: Report, host_thp: dict[str, Any] | None = None) -> None:
+    """Run one parsed scenario on both sides and add the comparison to ``report``."""
+    from hmmirror.live import hostenv
+
+    name = scn.file
+    try:
+        real = _real_side(scn)
+    except hostenv.Unavailable as exc:
+        report.skipped.append((name, exc.reason))
+        return
+    unsupported = [r for r in real if r.unsupported]
+    if unsupported:
+        report.skipped.append((name, f"op #{unsupported[0].index} not runnable here: {unsupported[0].note}"))
+        return
+    try:
+        model = _model_side(scn, host_thp if host_thp is not None else hostenv.thp_settings())
+    except Exception as exc:                      # a model crash is a finding, not the end of the run
+        report.crashes.append((name, f"{type(exc).__name__}: {exc}"))
+        return
+    report.scenarios += 1
+    mcls, rcls = _PfnClasses(), _PfnClasses()
+    last_change: str | None = None
+    for mrec, rrec in zip(model.records, real):
+        same = (mrec.errno or None) == (rrec.errno or None)
+        report.count("errno", same)
+        if not same:
+            report.disagreements.append(Disagreement(name, mrec.index, "errno", mrec.errno, rrec.errno,
+                                                     produced_by=f"#{mrec.index} {mrec.op} {mrec.proc}"))
+        if mrec.op == "inspect" and mrec.pages is not None and rrec.pages is not None:
+            compare_pages(name, mrec.index, mrec.pages, rrec.pages, report, mcls, rcls, last_change)
+        elif mrec.op != "inspect":
+            last_change = f"#{mrec.index} {mrec.op} {mrec.proc}"
+
+
+def summary_rows(report: Report) -> list[tuple[str, int, int, float]]:
+    """(field, agree, compared, ratio) rows, worst first."""
+    rows = [(k, v[0], v[1], v[0] / v[1] if v[1] else 1.0) for k, v in report.by_field.items()]
+    return sorted(rows, key=lambda r: r[3])
+
+
+def top_disagreements(report: Report, n: int = 10) -> list[tuple[tuple[str, str, str], int]]:
+    """The most frequent (field, model value, real value) disagreement kinds."""
+    c = Counter((d.field, repr(d.model), repr(d.real)) for d in report.disagreements)
+    return c.most_common(n)
