@@ -42,13 +42,23 @@ class Swap:
 
     slots: dict[int, bytes | None] = field(default_factory=dict)
     next_slot: int = 1
+    swap_map: dict[int, int] = field(default_factory=dict)   # slot -> entries referring to it (swap_map[])
 
     def release_entry(self, e: SwpEntry) -> None:
         """free_swap_and_cache() for a zapped swap entry (non-swap entries hold no slot)."""
         from hmmirror.arch.x86.pgtable import non_swap_entry
 
         if not non_swap_entry(e):
-            self.slots.pop(e.offset, None)
+            left = self.swap_map.get(e.offset, 1) - 1
+            if left > 0:
+                self.swap_map[e.offset] = left
+            else:
+                self.swap_map.pop(e.offset, None)
+                self.slots.pop(e.offset, None)
+
+    def swap_duplicate(self, e: SwpEntry) -> None:
+        """swap_duplicate(): one more entry (a forked PTE) refers to the slot."""
+        self.swap_map[e.offset] = self.swap_map.get(e.offset, 1) + 1
 
     def swapin(self, vmf: Any, e: SwpEntry) -> Gen[int]:
         """do_swap_page() body: read the slot into a new anonymous page."""

@@ -28,6 +28,21 @@ class KernelProfile:
     pte_markers: bool                   # guard / uffd-wp / poison markers exist [6.18]
     huge_zero_per_mm: bool              # huge zero folio referenced per mm [5.2]
     interval_notifiers: bool            # mmu_interval_notifier exists [5.5+]
+    mprotect_pud_leaf: bool             # mprotect changes/splits PUD leaves [6.18]; [5.2] clears them as bad (rejected)
+    madvise_advice: tuple[str, ...]     # advice names madvise_behavior_valid() accepts; others -EINVAL
+    fork_copies_shared_hugetlb: bool    # fork copies shared hugetlb page tables [5.2]; lazy since 6.0 (bcd51a3c679d)
+    exit_mmap_takes_mmap_lock: bool     # exit_mmap takes mmap_lock (read: unmap, write: free_pgtables) [6.18]
+    oom_reap_skips_locked: bool         # OOM reaper skips VM_LOCKED VMAs (can_madv_dontneed_vma) [5.2]
+    swapin_exclusive_writable: bool     # do_swap_page maps an exclusive page writable on a read fault [6.x]
+    wp_huge_split_on_fallback: bool     # file write fault on a huge PMD/PUD: huge_fault only for shared VMAs, split
+                                        # on FALLBACK [5.8+]; [5.2] returns huge_fault's result (DAX splits itself)
+    pgmap_owner_required: bool          # device-private dev_pagemaps must carry a non-NULL owner [5.7+]
+
+
+# madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
+# POPULATE_READ/WRITE (5.14) and COLLAPSE (6.1).  DONTNEED_LOCKED and GUARD_INSTALL/REMOVE are not modelled.
+_MADV_5_2 = ("NORMAL", "RANDOM", "SEQUENTIAL", "WILLNEED", "DONTNEED", "FREE", "REMOVE", "DONTFORK", "DOFORK",
+             "HUGEPAGE", "NOHUGEPAGE", "WIPEONFORK", "KEEPONFORK", "DONTDUMP", "DODUMP")
 
 
 V5_2 = KernelProfile(
@@ -44,6 +59,14 @@ V5_2 = KernelProfile(
     pte_markers=False,
     huge_zero_per_mm=True,
     interval_notifiers=False,
+    mprotect_pud_leaf=False,
+    madvise_advice=_MADV_5_2,
+    fork_copies_shared_hugetlb=True,
+    exit_mmap_takes_mmap_lock=False,
+    oom_reap_skips_locked=True,
+    swapin_exclusive_writable=False,
+    wp_huge_split_on_fallback=False,
+    pgmap_owner_required=False,
 )
 
 V6_18 = KernelProfile(
@@ -60,6 +83,14 @@ V6_18 = KernelProfile(
     pte_markers=True,
     huge_zero_per_mm=False,
     interval_notifiers=True,
+    mprotect_pud_leaf=True,
+    madvise_advice=_MADV_5_2 + ("COLD", "PAGEOUT", "POPULATE_READ", "POPULATE_WRITE", "COLLAPSE"),
+    fork_copies_shared_hugetlb=False,
+    exit_mmap_takes_mmap_lock=True,
+    oom_reap_skips_locked=False,
+    swapin_exclusive_writable=True,
+    wp_huge_split_on_fallback=True,
+    pgmap_owner_required=True,
 )
 
 PROFILES = {"5.2": V5_2, "6.18": V6_18}

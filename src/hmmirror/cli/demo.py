@@ -18,14 +18,14 @@ from hmmirror.errors import InputError
 from hmmirror.profiles import get_profile
 from hmmirror.scenario import parse, run
 from hmmirror.scenario.report import dumps, ops_table, pagetables_json, vma_views, vmas_json, vmas_table
-from hmmirror.viz.pagetables import draw, render_tree
+from hmmirror.viz.pagetables import draw_png, render_tree
 
 DEMO = "demo.toml"
 
 
 def demo_text() -> str:
     """The embedded demo scenario (TOML text)."""
-    return resources.files("hmmirror").joinpath("data", DEMO).read_text(encoding="utf-8")
+    return resources.files("hmmirror").joinpath("data").joinpath(DEMO).read_text(encoding="utf-8")
 
 
 @click.command()
@@ -45,7 +45,7 @@ def command(as_json: bool, kernel: str, png: str | None) -> int:
     proc = scn.processes[0]
     views = vma_views(r, proc)
     if png:
-        draw(views, png, f"hmmirror demo: DAX page tables of process {proc} (kernel {r.kernel})")
+        draw_png(views, png, f"hmmirror demo: DAX page tables of process {proc} (kernel {r.kernel})")
     if as_json:
         click.echo(dumps(pagetables_json(r, proc, views)))
         return 0 if r.ok else 1

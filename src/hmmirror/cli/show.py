@@ -14,11 +14,10 @@ from rich.console import Console
 from hmmirror.arch.x86.pgtable import PAGE_SIZE
 from hmmirror.errors import InputError
 from hmmirror.scenario import load, run
-from hmmirror.scenario.report import pagetables_json, vma_views, vmas_json, vmas_table
-from hmmirror.scenario.runner import Run, _Unresolved
+from hmmirror.scenario.report import dumps, pagetables_json, vma_views, vmas_json, vmas_table
+from hmmirror.scenario.runner import Run, Unresolved
 from hmmirror.scenario.schema import parse_addr
-from hmmirror.scenario.report import dumps
-from hmmirror.viz.pagetables import draw, render_tree
+from hmmirror.viz.pagetables import draw_png, render_tree
 
 
 def parse_range(text: str, r: Run) -> tuple[int, int]:
@@ -34,7 +33,7 @@ def parse_range(text: str, r: Run) -> tuple[int, int]:
     try:
         lo = r.ctx.resolve(parse_addr(lo_s, "--range start"))
         hi = r.ctx.resolve(parse_addr(hi_s, "--range end"))
-    except _Unresolved as exc:
+    except Unresolved as exc:
         raise InputError(f"--range: {exc}") from None
     except InputError as exc:
         raise InputError(f"--range {text!r}: {exc}") from None
@@ -67,7 +66,7 @@ def command(file: str, proc: str | None, range_: str | None, png: str | None, as
     if png:
         if not views:
             raise InputError(f"process {proc!r} has no VMA to draw")
-        draw(views, png, f"{scn.title or file}: page tables of process {proc} (kernel {r.kernel})")
+        draw_png(views, png, f"{scn.title or file}: page tables of process {proc} (kernel {r.kernel})")
     if as_json:
         click.echo(dumps(pagetables_json(r, proc, views)))
         return

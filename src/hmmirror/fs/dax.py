@@ -38,41 +38,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hmmirror.arch.x86 import pgtable as x86
-from hmmirror.arch.x86.pgtable import (
-    HPAGE_PMD_NR,
-    PAGE_SIZE,
-    PMD_LEVEL,
-    PMD_SIZE,
-    PTRS_PER_TABLE,
-    pmd_leaf,
-    pte_none,
-    pud_leaf,
-    table_id_of,
-)
+from hmmirror.arch.x86.pgtable import HPAGE_PMD_NR, PAGE_SIZE, PMD_SIZE, pmd_leaf, pte_none
 from hmmirror.errors import InputError
 from hmmirror.fs.file import DATA, HOLE, UNWRITTEN, File, Inode, pages_of
 from hmmirror.fs.super import CONTENTS, FileSystemType, SuperBlock
-from hmmirror.include.mm_types import MMU_NOTIFY, VM, VM_FAULT
+from hmmirror.include.mm_types import VM, VM_FAULT
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen, Lock
-from hmmirror.mm.huge_memory import __split_huge_pmd, set_huge_zero_pmd, vmf_insert_pfn_pmd, zap_huge_pmd
-from hmmirror.mm.memory import (
-    VmFault,
-    finish_fault,
-    pte_lockptr,
-    release_entries,
-    unmap_page_range,
-    vmf_insert_mixed,
-    vmf_insert_mixed_mkwrite,
-)
+from hmmirror.mm.huge_memory import __split_huge_pmd, set_huge_zero_pmd, vmf_insert_pfn_pmd
+from hmmirror.mm.memory import VmFault, finish_fault, vmf_insert_mixed, vmf_insert_mixed_mkwrite
 from hmmirror.mm.mm_struct import VMA, VmOps
-from hmmirror.mm.mmu_notifier import (
-    mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start,
-    mmu_notifier_range_init,
-)
-from hmmirror.mm.page_alloc import PG
+from hmmirror.mm.truncate import truncate_pagecache, unmap_mapping_pages
 
 if TYPE_CHECKING:
     from hmmirror.drivers.nvdimm.pmem import PmemDevice
@@ -111,27 +87,24 @@ class PmemBlocks:
         self.free[b: b + HPAGE_PMD_NR] = False
         return b
 
+    def alloc_blocks(self, n: int) -> np.ndarray:
+        """``n`` free blocks (all or none: an empty array when fewer are free), taken first from chunks that
+        are already partly used, then from the tail beyond the last whole chunk, then from free chunks."""
+        idx = np.flatnonzero(self.free)
+        if idx.size < n:
+            return idx[:0]
+        nchunks = self.npages // HPAGE_PMD_NR
+        counts = np.bincount(idx // HPAGE_PMD_NR, minlength=nchunks + 1)
+        chunk = idx // HPAGE_PMD_NR
+        key = np.where(chunk >= nchunks, 1, np.where(counts[chunk] < HPAGE_PMD_NR, 0, 2))
+        got = idx[np.argsort(key, kind="stable")[:n]]
+        self.free[got] = False
+        return got
+
     def alloc_block(self) -> int:
-        """One free block, preferring chunks that are already partly used; -1 when the device is full."""
-        n = self.npages // HPAGE_PMD_NR
-        if n:
-            counts = self.free[: n * HPAGE_PMD_NR].reshape(n, HPAGE_PMD_NR).sum(axis=1)
-            partial = np.flatnonzero((counts > 0) & (counts < HPAGE_PMD_NR))
-            if partial.size:
-                c = int(partial[0]) * HPAGE_PMD_NR
-                b = c + int(np.argmax(self.free[c: c + HPAGE_PMD_NR]))
-                self.free[b] = False
-                return b
-        tail = np.flatnonzero(self.free[n * HPAGE_PMD_NR:])
-        if tail.size:
-            b = n * HPAGE_PMD_NR + int(tail[0])
-        else:
-            idx = np.flatnonzero(self.free)
-            if not idx.size:
-                return -1
-            b = int(idx[0])
-        self.free[b] = False
-        return b
+        """One free block (see :meth:`alloc_blocks`), or -1 when the device is full."""
+        got = self.alloc_blocks(1)
+        return int(got[0]) if got.size else -1
 
     def release(self, blocks: np.ndarray) -> None:
         """Free blocks (truncate)."""
@@ -233,11 +206,11 @@ def ext4_iomap_begin(fs: "DaxFs", inode: Inode, index: int, npages: int, write: 
                 if b >= 0:
                     pblk[index: index + HPAGE_PMD_NR] = np.arange(b, b + HPAGE_PMD_NR)
                     holes = holes[:0]
-            for i in holes.tolist():
-                b = fs.blocks.alloc_block()
-                if b < 0:
+            if holes.size:
+                got = fs.blocks.alloc_blocks(int(holes.size))
+                if got.size < holes.size:
                     return -ENOSPC
-                pblk[i] = b
+                pblk[holes] = got
         fresh = np.flatnonzero(st != DATA) + index
         for i in fresh.tolist():                       # zero the new / unwritten blocks
             mem.clear(fs.pmem.start_pfn + int(pblk[i]))
@@ -252,73 +225,6 @@ def ext4_iomap_begin(fs: "DaxFs", inode: Inode, index: int, npages: int, write: 
     run = int(np.argmin(same)) if not same.all() else end - index
     addr = int(pblk[index]) if kind != IOMAP_HOLE else -1
     return Iomap(kind, index, run, addr, new)
-
-
-# --- unmap_mapping_pages ---------------------------------------------------------------------------------
-def _zap_keep_anon(vma: VMA, start: int, end: int) -> Gen[None]:
-    """zap_page_range_single() with ``details->check_mapping`` (even_cows == false): clear every entry of
-    ``[start, end)`` except PTEs of anonymous (COW) pages, which belong to the VMA, not to the file."""
-    mm = vma.vm_mm
-    machine, pool, mem = mm.machine, mm.machine.pool, mm.machine.mem
-    addr = start
-    while addr < end:
-        nxt = PMD_LEVEL.addr_end(addr, end)
-        pudp = mm.pt.walk_to_pud(addr)
-        if pudp is None or pte_none(pool.get(pudp)) or pud_leaf(pool.get(pudp)):
-            addr = nxt
-            continue
-        pmdp = mm.pt.pmd_offset(pudp, addr)
-        pmd = pool.get(pmdp)
-        if pmd_leaf(pmd):
-            if nxt - addr == PMD_SIZE:
-                yield from zap_huge_pmd(vma, pmdp, addr)
-            else:
-                yield from __split_huge_pmd(vma, pmdp, addr)          # file/DAX leaves are cleared
-        elif not pte_none(pmd) and pmd & x86._PAGE_PRESENT:
-            ptl = pte_lockptr(mm, pmdp)
-            yield from sched.spin_lock(ptl)
-            tid = table_id_of(pool.get(pmdp))
-            lo = (addr >> 12) & (PTRS_PER_TABLE - 1)
-            hi = lo + ((nxt - addr) >> 12)
-            ents = pool.tables[tid, lo:hi].copy()
-            pfns = ((ents & np.uint64(x86.PTE_PFN_MASK)) >> np.uint64(12)).astype(np.int64)
-            present = (ents & np.uint64(x86._PAGE_PRESENT | x86._PAGE_PROTNONE)) != 0
-            inside = pfns < mem.nr_pfns
-            fl = np.zeros(pfns.shape, dtype=np.uint32)
-            fl[inside] = mem.flags[pfns[inside]]
-            keep = present & ((fl & np.uint32(PG.anon)) != 0)
-            clear = ~keep & (ents != 0)
-            pool.tables[tid, lo:hi][clear] = 0
-            sched.spin_unlock(ptl)
-            release_entries(machine, ents[clear], pte_level=True)
-        yield from sched.preempt_point("zap_pmd_range")
-        addr = nxt
-
-
-def unmap_mapping_pages(inode: Inode, start: int, nr: int, even_cows: bool) -> Gen[None]:
-    """unmap_mapping_pages() (mm/memory.c): for every VMA mapping file pages ``[start, start+nr)``, one CLEAR
-    invalidation over its part and a zap of it (``even_cows`` false: private COW copies are kept).
-    Takes ``i_mmap_rwsem`` for write, as 5.2's ``i_mmap_lock_write``."""
-    lock = inode.i_mapping.i_mmap_rwsem
-    yield from sched.down_write(lock)
-    try:
-        for vma in list(inode.i_mmap):
-            npages = (vma.vm_end - vma.vm_start) >> 12
-            lo = max(start, vma.vm_pgoff)
-            hi = min(start + nr, vma.vm_pgoff + npages)
-            if lo >= hi:
-                continue
-            s = vma.vm_start + ((lo - vma.vm_pgoff) << 12)
-            e = vma.vm_start + ((hi - vma.vm_pgoff) << 12)
-            r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, vma.vm_mm, s, e)
-            yield from mmu_notifier_invalidate_range_start(r)
-            if even_cows or vma.vm_flags & VM.SHARED:
-                yield from unmap_page_range(vma, s, e)
-            else:
-                yield from _zap_keep_anon(vma, s, e)
-            yield from mmu_notifier_invalidate_range_end(r)
-    finally:
-        sched.up_write(lock)
 
 
 # --- the DAX entry protocol ------------------------------------------------------------------------------
@@ -558,11 +464,11 @@ class DaxFs(FileSystemType):
                 if b >= 0:
                     pblk[c: c + HPAGE_PMD_NR] = np.arange(b, b + HPAGE_PMD_NR)
                     continue
-                for i in range(c, min(c + HPAGE_PMD_NR, n)):
-                    b = self.blocks.alloc_block()
-                    if b < 0:
-                        raise InputError(f"create_file: {path}: no space left on {self.pmem.name}", "ENOSPC")
-                    pblk[i] = b
+                hi = min(c + HPAGE_PMD_NR, n)
+                got = self.blocks.alloc_blocks(hi - c)
+                if got.size < hi - c:
+                    raise InputError(f"create_file: {path}: no space left on {self.pmem.name}", "ENOSPC")
+                pblk[c:hi] = got
             inode.set_blocks(0, n, state)
             mem = self.machine.mem
             for p in (self.pmem.start_pfn + pblk[:n]).tolist():
@@ -580,24 +486,30 @@ class DaxFs(FileSystemType):
         return PMD_SIZE
 
     def setattr_size(self, inode: Inode, size: int) -> Gen[int]:
-        """ext4_setattr(ATTR_SIZE) on a DAX inode [5.2]: ``i_mmap_sem`` for write; shrinking unmaps the tail
-        from every mapping (COW copies included), drops its DAX entries and frees its blocks."""
+        """ext4_setattr(ATTR_SIZE) on a DAX inode [5.2]: ``i_mmap_sem`` for write; shrinking zeroes the tail of
+        the last partial block, runs ``truncate_pagecache`` (the tail is unmapped from every mapping, COW
+        copies included, twice), drops its DAX entries and frees its blocks (ext4_truncate)."""
         sem: Lock = inode.private["i_mmap_sem"]
         yield from sched.down_write(sem)
         try:
             old = inode.i_size
             n_old, n_new = pages_of(old), pages_of(size)
-            inode.i_size = size
             if n_new > inode.blocks.shape[0]:
                 inode.set_blocks(inode.blocks.shape[0], n_new, HOLE)
                 dax_pblk(inode)
-            if n_new < n_old:
-                yield from unmap_mapping_pages(inode, n_new, n_old - n_new, True)
+            if size < old:
+                tail = self.block_pfn(inode, size >> 12) if size & (PAGE_SIZE - 1) else -1
+                data = self.machine.mem.contents.get(tail) if tail >= 0 else None
+                if data is not None:                   # ext4_block_truncate_page(): zero the partial block
+                    data[size & (PAGE_SIZE - 1):] = bytes(PAGE_SIZE - (size & (PAGE_SIZE - 1)))
+                inode.i_size = size
+                yield from truncate_pagecache(inode, size)
                 dax_entries(inode).delete_from(n_new)
                 pblk = dax_pblk(inode)
-                self.blocks.release(pblk[n_new:].copy())
+                self.blocks.release(pblk[n_new:n_old].copy())
                 pblk[n_new:] = -1
                 inode.blocks[n_new:] = HOLE
+            inode.i_size = size
         finally:
             sched.up_write(sem)
         return 0

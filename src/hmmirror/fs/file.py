@@ -145,6 +145,24 @@ class AddressSpace:
         return f"AddressSpace({self.host.path}, {self.nrpages} cached)"
 
 
+class IMmap(list):  # type: ignore[type-arg]
+    """``inode->i_mapping->i_mmap``: the VMAs mapping a file (a list; mm/ appends and removes).
+
+    For a file that only its VMAs hold (shared anonymous memory, ``MAP_HUGETLB``: no file descriptor
+    exists), removing the last VMA is the last ``fput``: the inode is evicted and its page cache freed
+    (shmem_evict_inode / hugetlbfs_evict_inode).  Model shortcut for the missing file reference counts.
+    """
+
+    def __init__(self, inode: "Inode") -> None:
+        super().__init__()
+        self._inode = inode
+
+    def remove(self, vma: "VMA") -> None:
+        super().remove(vma)
+        if not self and self._inode.release_on_last_unmap:
+            self._inode.evict()
+
+
 class Inode:
     """``struct inode``: a file's size, its mappings and its page cache.
 
@@ -163,11 +181,18 @@ class Inode:
         Inode._next_ino += 1
         self.i_size = size
         self.huge_shift = huge_shift
-        self.i_mmap: list[VMA] = []
+        self.i_mmap: list[VMA] = IMmap(self)
         self.blocks = np.zeros(pages_of(size), dtype=np.int8)
         self.i_mapping = AddressSpace(self, pages_of(size, huge_shift))
         self.private: dict[str, Any] = {}
         self.unlinked = False
+        self.release_on_last_unmap = False     # only VMAs hold this file (shared anon, MAP_HUGETLB)
+
+    def evict(self) -> int:
+        """evict() -> truncate_inode_pages_final(): drop the whole page cache.  Returns the slots dropped."""
+        mapping = self.i_mapping
+        return mapping.delete_range(self.machine.mem, 0, mapping.pages.shape[0],
+                                    per_slot_heads=self.huge_shift != PAGE_SHIFT)
 
     @property
     def machine(self) -> Any:

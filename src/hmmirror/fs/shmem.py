@@ -219,6 +219,7 @@ def shmem_zero_setup(vma: VMA) -> int:
     the VMA's size.  do_mmap ignores the offset of a shared anonymous mapping (pgoff = 0)."""
     machine = vma.vm_mm.machine
     file = shmem_file_setup(machine, "/dev/zero (deleted)", vma.vm_end - vma.vm_start)
+    file.inode.release_on_last_unmap = True           # only the VMA (and its copies) hold the file
     vma.vm_pgoff = 0
     vma.vm_file = file
     vma.vm_ops = SHMEM_VM_OPS

@@ -66,10 +66,28 @@ class FileSystemType:
         return False
 
     def setattr_size(self, inode: Inode, size: int) -> Gen[int]:
-        """``->setattr(ATTR_SIZE)``: truncate_setsize() + truncate_pagecache() (mm/truncate.c)."""
+        """``->setattr(ATTR_SIZE)``: truncate_setsize() (shrinking: truncate_pagecache(), mm/truncate.c);
+        the blocks past the new EOF are freed."""
         from hmmirror.mm.truncate import truncate_setsize
 
         yield from truncate_setsize(inode, size)
+        inode.blocks[pages_of(size):] = HOLE
+        return 0
+
+    def punch_hole(self, inode: Inode, offset: int, length: int) -> Gen[int]:
+        """``fallocate(FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE)`` (ext4_punch_hole / shmem_fallocate):
+        unmap the whole pages of the hole from every mapping (private COW copies stay), drop them from the
+        page cache, free their blocks."""
+        from hmmirror.mm.truncate import truncate_pagecache_range
+
+        if length <= 0:
+            return -22
+        end = min(offset + length, inode.i_size)
+        if end > offset:
+            yield from truncate_pagecache_range(inode, offset, end - 1)
+            first, last = pages_of(offset), end >> PAGE_SHIFT
+            if last > first:
+                inode.blocks[first:min(last, inode.blocks.shape[0])] = HOLE
         return 0
 
 
@@ -213,15 +231,24 @@ def open_file(machine: "Machine", path: str, map_flags: int = 0, writable: bool 
     if path == "pfnmap":
         from hmmirror.drivers.pfnmap import open_pfnmap
         return open_pfnmap(machine)
-    if isinstance(path, str) and path.startswith("/dev/"):
-        dev = machine.devices.get(path)
-        if dev is None:
-            raise InputError(f"open: no device {path}", "ENOENT")
+    if not isinstance(path, str):
+        raise InputError(f"open: path must be a string, not {path!r}")
+    inode = machine.files.get(path)
+    if inode is not None:
+        return File(inode, readable=True, writable=writable, map_flags=map_flags)
+    dev = machine.devices.get(path) if path.startswith("/dev/") else None
+    if dev is not None and hasattr(dev, "open"):            # /dev/daxX.Y (device-dax character devices)
         return dev.open(map_flags, writable)
-    inode = machine.files.get(path if not isinstance(path, str) else path.rstrip("/"))
-    if inode is None:
-        raise InputError(f"open: no file {path!r}", "ENOENT")
-    return File(inode, readable=True, writable=writable, map_flags=map_flags)
+    raise InputError(f"open: no such file or device {path!r}", "ENOENT")
+
+
+def vfs_fallocate_punch_hole(file: File, offset: int, length: int) -> Gen[int]:
+    """vfs_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) (fs/open.c), as MADV_REMOVE uses it:
+    0 or -errno (-EOPNOTSUPP where the filesystem cannot punch holes)."""
+    punch = getattr(file.f_op, "punch_hole", None)
+    if punch is None:
+        return -95
+    return (yield from punch(file.inode, offset, length))
 
 
 def truncate(machine: "Machine", path: str, size: int) -> int:

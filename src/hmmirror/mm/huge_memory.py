@@ -130,12 +130,19 @@ def huge_pud_set_accessed(vmf: VmFault, pud: int) -> Gen[None]:
 
 
 def wp_huge_pmd(vmf: VmFault, pmd: int) -> Gen[int]:
-    """wp_huge_pmd(): anonymous -> do_huge_pmd_wp_page; file -> ``huge_fault`` or split + FALLBACK."""
+    """wp_huge_pmd(): anonymous -> do_huge_pmd_wp_page; file -> ``huge_fault`` or split + FALLBACK.
+
+    [5.2] a file VMA with ``huge_fault`` gets its result as is (DAX splits on fallback itself); [5.8+]
+    (``profile.wp_huge_split_on_fallback``) only shared VMAs try ``huge_fault`` and a FALLBACK splits here.
+    """
     vma = vmf.vma
     if vma_is_anonymous(vma):
         return (yield from do_huge_pmd_wp_page(vmf, pmd))
     ops = vma.vm_ops
-    if ops is not None and ops.huge_fault is not None:
+    if not vma.vm_mm.machine.profile.wp_huge_split_on_fallback:
+        if ops is not None and ops.huge_fault is not None:
+            return (yield from ops.huge_fault(vmf, "pmd"))
+    elif ops is not None and ops.huge_fault is not None and vma.vm_flags & (VM.SHARED | VM.MAYSHARE):
         ret = yield from ops.huge_fault(vmf, "pmd")
         if not ret & VM_FAULT.FALLBACK:
             return ret
@@ -145,19 +152,29 @@ def wp_huge_pmd(vmf: VmFault, pmd: int) -> Gen[int]:
 
 
 def do_huge_pmd_wp_page(vmf: VmFault, orig_pmd: int) -> Gen[int]:
-    """do_huge_pmd_wp_page(): huge zero -> new THP; exclusive -> reuse; shared -> copy [5.2] or split [6.18]."""
+    """do_huge_pmd_wp_page(): huge zero -> new THP; exclusive -> reuse; shared -> copy [5.2] or split [6.18].
+
+    [5.2] (``not profile.thp_cow_split``): the new THP is allocated only while THP is enabled for the VMA; for
+    a shared THP without one, do_huge_pmd_wp_page_fallback() copies it into 512 small pages, and only if that
+    fails too the PMD is split (FALLBACK).  [6.18] the huge zero page is always replaced by a new THP when one
+    can be allocated (do_huge_zero_wp_pmd).  Reuse marks the page anon-exclusive again [6.x].
+    """
+    from hmmirror.mm.memory import transparent_hugepage_enabled
+
     vma, mm = vmf.vma, vmf.mm
     machine, pool, mem = mm.machine, mm.machine.pool, mm.machine.mem
     assert vmf.pmdp is not None
     haddr = vmf.address & ~(PMD_SIZE - 1)
     pfn = pte_pfn(orig_pmd)
     ptl = pmd_lockptr(mm, vmf.pmdp)
-    if not is_huge_zero_pmd(mm, orig_pmd):
+    huge_zero = is_huge_zero_pmd(mm, orig_pmd)
+    if not huge_zero:
         yield from sched.spin_lock(ptl)
         if pool.get(vmf.pmdp) != orig_pmd:
             sched.spin_unlock(ptl)
             return 0
         if mem.mapcount[pfn] == 1 and int(mem.refcount[mem.compound_head(pfn)]) == 1:
+            mem.flags[pfn: pfn + HPAGE_PMD_NR] |= PG.anon_exclusive      # SetPageAnonExclusive() [6.x]
             pool.set(vmf.pmdp, maybe_mkwrite(x86.pte_mkyoung(x86.pte_mkdirty(orig_pmd)), vma))
             sched.spin_unlock(ptl)
             return int(VM_FAULT.WRITE)
@@ -166,13 +183,19 @@ def do_huge_pmd_wp_page(vmf: VmFault, orig_pmd: int) -> Gen[int]:
             yield from __split_huge_pmd(vma, vmf.pmdp, vmf.address)
             return int(VM_FAULT.FALLBACK)
     # [5.2] copy of a shared THP, and (both) the huge zero page: a new THP replaces the PMD
-    yield from sched.might_sleep("vma_alloc_folio(HPAGE_PMD_ORDER)")
-    new = mem.alloc_folio(9)
+    new = -1
+    if machine.profile.thp_cow_split or transparent_hugepage_enabled(vma):
+        yield from sched.might_sleep("vma_alloc_folio(HPAGE_PMD_ORDER)")
+        new = mem.alloc_folio(9)
     if new < 0:
         machine.counters["thp_fault_fallback"] += 1
+        if not huge_zero:
+            ret = yield from do_huge_pmd_wp_page_fallback(vmf, orig_pmd, pfn)
+            if not ret & VM_FAULT.OOM:
+                return ret
         yield from __split_huge_pmd(vma, vmf.pmdp, vmf.address)
         return int(VM_FAULT.FALLBACK)
-    if not is_huge_zero_pmd(mm, orig_pmd):
+    if not huge_zero:
         for k in range(HPAGE_PMD_NR):
             if pfn + k in mem.contents:
                 mem.copy(new + k, pfn + k)
@@ -189,6 +212,48 @@ def do_huge_pmd_wp_page(vmf: VmFault, orig_pmd: int) -> Gen[int]:
     if new >= 0:
         mem.put_page(new)
     yield from mmu_notifier_invalidate_range_end(r)
+    return int(VM_FAULT.WRITE)
+
+
+def do_huge_pmd_wp_page_fallback(vmf: VmFault, orig_pmd: int, pfn: int) -> Gen[int]:
+    """do_huge_pmd_wp_page_fallback() [5.2]: copy a shared THP into 512 new small pages (all writable if
+    ``VM_WRITE``) under CLEAR [2M); VM_FAULT_OOM when the small pages cannot be allocated."""
+    import numpy as np
+
+    vma, mm = vmf.vma, vmf.mm
+    machine, pool, mem = mm.machine, mm.machine.pool, mm.machine.mem
+    assert vmf.pmdp is not None
+    haddr = vmf.address & ~(PMD_SIZE - 1)
+    yield from sched.might_sleep("alloc_page_vma_node")
+    pages = mem.alloc_pages_bulk(HPAGE_PMD_NR)
+    if pages.size < HPAGE_PMD_NR:
+        for p in pages.tolist():
+            mem.put_page(p)
+        return int(VM_FAULT.OOM)
+    for k, p in enumerate(pages.tolist()):
+        if pfn + k in mem.contents:
+            mem.copy(p, pfn + k)
+    r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, haddr, haddr + PMD_SIZE)
+    yield from mmu_notifier_invalidate_range_start(r)
+    ptl = pmd_lockptr(mm, vmf.pmdp)
+    yield from sched.spin_lock(ptl)
+    if pool.get(vmf.pmdp) != orig_pmd:
+        sched.spin_unlock(ptl)
+        for p in pages.tolist():
+            mem.put_page(p)
+        yield from mmu_notifier_invalidate_range_end(r)
+        return 0
+    pool.set(vmf.pmdp, 0)                                  # pmdp_huge_clear_flush_notify()
+    tid = pool.alloc(LVL_PTE)
+    entry = maybe_mkwrite(x86.pte_mkdirty(pfn_pte(0, vma.vm_page_prot)), vma)
+    pool.tables[tid, :] = (pages.astype(np.uint64) << np.uint64(12)) | np.uint64(entry)
+    mem.mapcount[pages] = 1                                # page_add_new_anon_rmap() for each page
+    mem.flags[pages] |= PG.anon | PG.anon_exclusive
+    pool.set(vmf.pmdp, x86.mk_table_entry(tid))
+    _account_leaf(mm, pfn, HPAGE_PMD_NR, -1)               # page_remove_rmap(page, true) + put_page()
+    sched.spin_unlock(ptl)
+    yield from mmu_notifier_invalidate_range_end(r)
+    machine.counters["cow_copies"] += HPAGE_PMD_NR
     return int(VM_FAULT.WRITE)
 
 

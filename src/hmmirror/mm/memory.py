@@ -327,6 +327,7 @@ def do_wp_page(vmf: VmFault) -> Gen[int]:
     if mem.flags[pfn] & PG.anon and not shared_writable:
         head = mem.compound_head(pfn)
         if mem.mapcount[pfn] == 1 and int(mem.refcount[head]) == _expected_anon_refs(mem, pfn):
+            mem.flags[pfn] |= PG.anon_exclusive      # "if (!PageAnonExclusive(vmf->page)) SetPageAnonExclusive" [6.x]
             return wp_page_reuse(vmf)
         sched.spin_unlock(vmf.ptl)
         return (yield from wp_page_copy(vmf, pfn))

@@ -352,7 +352,7 @@ def devm_memremap_pages(machine: "Machine", pgmap: DevPagemap) -> int:
     if pgmap.type == MEMORY_DEVICE_PRIVATE and (pgmap.ops is None or pgmap.ops.migrate_to_ram is None
                                                 or pgmap.ops.page_free is None):
         return -EINVAL
-    if pgmap.type == MEMORY_DEVICE_PRIVATE and pgmap.owner is None and machine.profile.interval_notifiers:
+    if pgmap.type == MEMORY_DEVICE_PRIVATE and pgmap.owner is None and machine.profile.pgmap_owner_required:
         return -EINVAL                                      # [6.x] device-private pgmaps need an owner
     mem = machine.mem
     if pgmap.res is None:

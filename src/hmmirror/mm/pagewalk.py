@@ -301,24 +301,10 @@ def hstate_order(vma: "VMA") -> int:
 
 
 def huge_pte_offset(mm: "MMStruct", addr: int, sz: int) -> Ptr | None:
-    """huge_pte_offset() (mm/hugetlb.c, generic): the PUD (1 GiB) or PMD (2 MiB) entry pointer for
-    ``addr`` — none, present or swap — or None when the level above is missing."""
-    try:
-        from hmmirror.mm import hugetlb as _hugetlb
-        fn = getattr(_hugetlb, "huge_pte_offset", None)
-    except ImportError:
-        fn = None
-    if fn is not None:
-        return fn(mm, addr, sz)          # type: ignore[no-any-return]
-    # local equivalent until mm/hugetlb.py provides it
-    pudp = mm.pt.walk_to_pud(addr)
-    if pudp is None:
-        return None
-    if sz == PUD_SIZE:
-        return pudp
-    if not pud_present(mm.machine.pool.get(pudp)):
-        return None
-    return mm.pt.pmd_offset(pudp, addr)
+    """huge_pte_offset() (mm/hugetlb.c, generic): the PUD (1 GiB) or PMD (2 MiB) entry pointer for ``addr``
+    — none, present or swap — or None when the level above is missing (``hugetlb_walk()`` in 6.x)."""
+    from hmmirror.mm.hugetlb import huge_pte_offset as _huge_pte_offset
+    return _huge_pte_offset(mm, addr, sz)
 
 
 def hugetlb_vma_lock(vma: "VMA") -> Lock:

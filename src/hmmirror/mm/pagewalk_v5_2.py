@@ -53,9 +53,7 @@ from hmmirror.arch.x86.pgtable import (
     PAGE_SHIFT,
     PAGE_SIZE,
     PMD_LEVEL,
-    PMD_SIZE,
     PUD_LEVEL,
-    PUD_SIZE,
     pmd_devmap,
     pmd_none,
     pmd_present,
@@ -69,6 +67,7 @@ from hmmirror.arch.x86.pgtable import (
 from hmmirror.include.mm_types import VM
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen, Lock
+from hmmirror.mm.hugetlb import huge_page_order, huge_pte_offset
 from hmmirror.mm.mm_struct import is_vm_hugetlb_page
 from hmmirror.mm.pgtable import Ptr
 
@@ -193,39 +192,7 @@ def split_huge_pmd(vma: "VMA", pmdp: Ptr, address: int) -> Gen[None]:
 
 def huge_page_shift_of(vma: "VMA") -> int:
     """huge_page_shift(hstate_vma(vma)): 21 for 2 MiB pages, 30 for 1 GiB pages."""
-    return PAGE_SHIFT + vma.hstate_order
-
-
-def huge_pte_offset(mm: "MMStruct", addr: int, sz: int) -> Ptr | None:
-    """huge_pte_offset() (mm/hugetlb.c, generic version [5.2]): the entry at the hstate's level.
-
-    Returns a pointer for present, non-present (swap-type) and none entries whenever the levels above exist:
-    for 2 MiB pages NULL only if the PGD/P4D is not present or the PUD is none; for 1 GiB pages only if the
-    PGD/P4D is not present (hmm-5.2.md §6).
-
-    Model note: ``mm/hugetlb.py`` (the hugetlb engineer's) had no ``huge_pte_offset`` when this was written;
-    this is a local equivalent of the generic kernel function.
-    """
-    pt, pool = mm.pt, mm.machine.pool
-    pgdp = pt.pgd_offset(addr)
-    if not pt.geo.p4d_folded and not pool.get(pgdp) & x86._PAGE_PRESENT:
-        return None
-    p4dp = pt.p4d_offset(pgdp, addr)
-    if not pool.get(p4dp) & x86._PAGE_PRESENT:
-        return None
-    pudp = pt.pud_offset(p4dp, addr)
-    pud = pool.get(pudp)
-    if sz != PUD_SIZE and pud_none(pud):
-        return None
-    if x86.pud_huge(pud) or not pud_present(pud):             # hugepage or swap?
-        return pudp
-    pmdp = pt.pmd_offset(pudp, addr)
-    pmd = pool.get(pmdp)
-    if sz != PMD_SIZE and pmd_none(pmd):
-        return None
-    if x86.pmd_huge(pmd) or not pmd_present(pmd):             # hugepage or swap?
-        return pmdp
-    return None
+    return PAGE_SHIFT + huge_page_order(vma)
 
 
 # --- the level loops (mm/pagewalk.c [5.2]) ---------------------------------------------------------------
@@ -470,4 +437,3 @@ def walk_page_range(start: int, end: int, walk: MmWalk) -> Gen[int]:
     return err
 
 
-_ = (PMD_SIZE, PUD_SIZE)

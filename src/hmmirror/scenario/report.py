@@ -167,8 +167,9 @@ def vma_views(run: Run, proc: str, ranges: list[tuple[int, int]] | None = None) 
 def vmas_json(run: Run, proc: str) -> list[dict[str, Any]]:
     """The VMAs of ``proc`` with their ``as`` names."""
     names = mapping_names(run)
+    order = {a: k for k, a in enumerate(names)}
     out = []
-    for v in run.ctx.procs[proc].mm.vmas:
+    for v in sorted(run.ctx.procs[proc].mm.vmas, key=lambda v: (order.get(v.vm_start, len(order)), v.vm_start)):
         d = vma_json(v)
         d["proc"], d["name"] = proc, names.get(v.vm_start)
         out.append(d)
@@ -177,11 +178,11 @@ def vmas_json(run: Run, proc: str) -> list[dict[str, Any]]:
 
 def vmas_table(vmas: list[dict[str, Any]], title: str = "VMAs") -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("name", "start", "end", "size", "kind", "perms", "file", "pgoff"):
-        t.add_column(col, justify="right" if col in ("size", "pgoff") else "left", overflow="fold")
+    for col in ("name", "start", "size", "kind", "perms", "file @ page offset"):
+        t.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
     for v in vmas:
-        t.add_row(v.get("name") or "", v["start"], v["end"], fmt_size(v["size"]), v["kind"], v["perms"],
-                  v["file"] or "", str(v["pgoff"]) if v["file"] else "")
+        f = f"{v['file']} @ {v['pgoff']}" if v["file"] else ""
+        t.add_row(v.get("name") or "", v["start"], fmt_size(v["size"]), v["kind"], v["perms"], f)
     return t
 
 

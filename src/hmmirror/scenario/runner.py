@@ -92,7 +92,7 @@ class OpResult:
         return d
 
 
-class _Unresolved(Exception):
+class Unresolved(Exception):
     """An address names a result that does not exist at run time (its op failed)."""
 
 
@@ -113,7 +113,9 @@ class RunContext:
 
     def process(self, name: str) -> Process:
         """The live process ``name`` (KernelError ESRCH once it has exited)."""
-        p = self.procs[name]
+        p = self.procs.get(name)
+        if p is None:
+            raise KernelError("ESRCH", f"process {name!r} does not exist (its fork failed)")
         if p.mm.exited:
             raise KernelError("ESRCH", f"process {name!r} has exited")
         return p
@@ -123,7 +125,7 @@ class RunContext:
         if value.name is None:
             return value.offset
         if value.name not in self.names:
-            raise _Unresolved(f"address {value.text!r}: {value.name!r} has no value (its op failed)")
+            raise Unresolved(f"address {value.text!r}: {value.name!r} has no value (its op failed)")
         return self.names[value.name][0] + value.offset
 
     def define(self, name: str, addr: int, length: int | None = None) -> None:
@@ -246,7 +248,7 @@ def execute(ctx: RunContext, op: Op) -> OpResult:
         raise InputError(f"op {op.index} ({op.name}): {exc}", exc.errno_name, where=where) from None
     except KernelError as exc:
         rec.errno, rec.note = exc.errno_name, exc.message or None
-    except _Unresolved as exc:
+    except Unresolved as exc:
         rec.errno, rec.note = "EINVAL", str(exc)
     except ModelBug as exc:
         rec.bug, rec.note = exc.kind, str(exc)
@@ -281,7 +283,7 @@ def _resolve_args(ctx: RunContext, op: Op, d: OpDef) -> dict[str, Any]:
     if d.range_op and "length" not in args and isinstance(addr, Addr) and addr.name is not None:
         start, length = ctx.names[addr.name]
         if length is None:
-            raise _Unresolved(f"length left out and {addr.name!r} is not a mapping")
+            raise Unresolved(f"length left out and {addr.name!r} is not a mapping")
         args["length"] = max(start + length - args["addr"], 0)
     for k in d.aligned:
         v = args.get(k)
@@ -391,29 +393,33 @@ def check_pages(ctx: RunContext, pages: list[PageState], rows: list[PageRow]) ->
             contig = None not in pfns and all(b == a + 1 for a, b in zip(pfns, pfns[1:]))  # type: ignore[operator]
             if contig != row.contiguous:
                 msg = f"pfns of pages {row.first}-{last} {'not ' if row.contiguous else ''}contiguous"
-                found.append((row.first, msg, msg))
+                found.append((-1, msg, msg))
     return _merge(found)
 
 
 def _merge(found: list[tuple[int, str, str]]) -> list[str]:
-    """Messages of consecutive pages with the same text become one ``pages a-b: ...`` line."""
+    """Messages of consecutive pages with the same text become one ``pages a-b: ...`` line (ordered by first
+    page; index -1 marks a message about a whole row)."""
     by_key: dict[str, list[tuple[int, str]]] = {}
     for i, key, full in found:
         by_key.setdefault(key, []).append((i, full))
-    out: list[str] = []
+    lines: list[tuple[int, str]] = []
     for key, hits in by_key.items():
         hits.sort()
         j = 0
         while j < len(hits):
             k = j
-            while k + 1 < len(hits) and hits[k + 1][0] == hits[k][0] + 1:
+            while k + 1 < len(hits) and hits[k + 1][0] == hits[k][0] + 1 and hits[j][0] >= 0:
                 k += 1
-            if hits[k][0] == hits[j][0]:
-                out.append(f"page {hits[j][0]}: {hits[j][1]}")
+            a, b = hits[j][0], hits[k][0]
+            if a < 0:
+                lines.append((a, hits[j][1]))
+            elif a == b:
+                lines.append((a, f"page {a}: {hits[j][1]}"))
             else:
-                out.append(f"pages {hits[j][0]}-{hits[k][0]}: {key}")
+                lines.append((a, f"pages {a}-{b}: {key}"))
             j = k + 1
-    return out
+    return [text for _i, text in sorted(lines, key=lambda t: t[0])]
 
 
 # ----------------------------------------------------------------------------------------- built-in operations

@@ -312,7 +312,7 @@ class Locator:
                 self._ws()
                 self._adv()                       # '='
                 self._ws()
-                self._value(path + tuple(parts))
+                self._progress(path + tuple(parts))
         elif c == "[":
             self._adv()
             n = 0
@@ -326,10 +326,17 @@ class Locator:
                     n += 1
                     continue
                 self.lines.setdefault(path + (n,), self.line)
-                self._value(path + (n,))
+                self._progress(path + (n,))
         else:
             while self.i < len(self.s) and self.s[self.i] not in ",]}\n#":
                 self.i += 1
+
+    def _progress(self, path: Path_) -> None:
+        """``_value`` that must consume something (a stuck scanner gives up instead of looping)."""
+        at = self.i
+        self._value(path)
+        if self.i == at:
+            raise ValueError("scanner made no progress")
 
     def _header(self, aot: bool) -> Path_:
         line = self.line

@@ -15,7 +15,9 @@ instrument (invariant) reports through :meth:`Engine.violate`.
 Instruments (trio style) plug in without touching the core: any object with some of the methods
 ``task_spawned(engine, st)``, ``before_step(engine, st)``, ``after_step(engine, st, point)``,
 ``task_exited(engine, st)``, ``on_log(engine, event)`` (every ``machine.log`` record as it is appended) and
-``run_finished(engine)``.
+``run_finished(engine)``, and ``fault_begin(engine, st, start, end, write)`` /
+``fault_end(engine, st, start, end, write, ret)`` around every device fault the driver handles, and
+``op_end(engine, st)`` after every CPU-thread operation.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Lock, Point, Task
 from hmmirror.sim.findings import Finding, frame_stack, gen_stack, location_of
 
-_HOOKS = ("task_spawned", "before_step", "after_step", "task_exited", "on_log", "run_finished")
+_HOOKS = ("task_spawned", "before_step", "after_step", "task_exited", "on_log", "run_finished", "fault_begin",
+          "fault_end", "op_end")
 
 #: sched.report kinds -> invariant names
 REPORT_INVARIANT = {
@@ -112,6 +115,11 @@ class Engine:
         for fn in self._hooks["task_spawned"]:
             fn(self, st)
         return st
+
+    def emit(self, hook: str, *args: Any) -> None:
+        """Call every instrument's ``hook(engine, *args)``."""
+        for fn in self._hooks[hook]:
+            fn(self, *args)
 
     # -- findings ------------------------------------------------------------------------------------------
     def violate(self, invariant: str, message: str, *, st: SimTask | None = None, mm: Any = None,

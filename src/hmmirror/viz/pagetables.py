@@ -291,6 +291,24 @@ def _ticks(span: int) -> tuple[int, list[int]]:
     return step, list(range(0, span + 1, step))
 
 
+def _tick_label(n: int) -> str:
+    """1536K -> "1.5M": the largest unit not above ``n``, with up to two decimals."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.2f}".rstrip("0").rstrip(".") + unit
+    return str(n)
+
+
+def draw_png(views: Sequence[TableView], out: str, title: str = "") -> None:
+    """:func:`draw` for the command line: a file that cannot be written is bad input (InputError)."""
+    from hmmirror.errors import InputError
+
+    try:
+        draw(views, out, title)
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
 def draw(views: Sequence[TableView], out: str, title: str = "") -> None:
     """Draw each view as one panel (VMAs and one row per paging level; address across) into ``out`` (PNG)."""
     import matplotlib
@@ -325,8 +343,9 @@ def draw(views: Sequence[TableView], out: str, title: str = "") -> None:
             if not text:
                 return
             if w > char_w * (len(text) + 2):
+                bbox = dict(facecolor=face, edgecolor="none", pad=1.5) if hatch else None
                 ax.text(x0 + w / 2, y + 0.38, text, ha="center", va="center", fontsize=7.5, color=text_color,
-                        clip_on=True)
+                        clip_on=True, bbox=bbox)
             elif outside and x0 + w + char_w * (len(text) + 1) < span and x0 + w > label_end.get(row, -1):
                 ax.text(x0 + w + char_w * 0.6, y + 0.38, text, ha="left", va="center", fontsize=7.5,
                         color="#222222", clip_on=True)
@@ -352,7 +371,19 @@ def draw(views: Sequence[TableView], out: str, title: str = "") -> None:
                     ro = n.present and not n.write
                     readonly_seen |= ro
                     color = KIND_COLORS.get(n.kind, "#999999")
-                    label = f"{n.count} \u00d7 {n.level.upper()}" + (f" {fmt_size(n.end - n.start)}" if n.count == 1 else "")
+                    if n.huge:                    # the levels below a huge leaf hold no tables
+                        x0 = max(n.start, v.start) - v.start
+                        x1 = min(n.end, v.end) - v.start
+                        below = [y_of[r] for r in rows[rows.index(n.level) + 1:]]
+                        ax.add_patch(Rectangle((x0, min(below) - 0.38), x1 - x0, max(below) - min(below) + 0.76,
+                                               facecolor=color, alpha=0.10, edgecolor="none"))
+                        if x1 - x0 > span * 0.3:
+                            ax.text((x0 + x1) / 2, (min(below) + max(below)) / 2,
+                                    f"no lower tables: the {n.level.upper()} entry is the leaf", ha="center",
+                                    va="center", fontsize=7.5, color="#555555", style="italic")
+                    label = f"{n.count} \u00d7 {n.level.upper()}"
+                    if n.count == 1:
+                        label += f" {fmt_size(n.end - n.start)}"
                     box(n.level, n.start, n.end, color, hatch="////" if ro else None, outside=True,
                         text=f"{label} {n.kind} " + ("ro" if ro else "rw" if n.present else "not present"),
                         text_color="white" if n.kind in ("anon", "devmap", "file", "special", "hugetlb",
@@ -364,7 +395,7 @@ def draw(views: Sequence[TableView], out: str, title: str = "") -> None:
         ax.set_yticklabels([r.upper() if r != "vma" else "VMA" for r in rows], fontsize=8)
         _step, ticks = _ticks(span)
         ax.set_xticks(ticks)
-        ax.set_xticklabels(["+0"] + [f"+{fmt_size(t)}" for t in ticks[1:]], fontsize=7.5)
+        ax.set_xticklabels(["+0"] + [f"+{_tick_label(t)}" for t in ticks[1:]], fontsize=7.5)
         ax.tick_params(axis="y", length=0)
         for s in ("top", "right", "left"):
             ax.spines[s].set_visible(False)
@@ -381,5 +412,7 @@ def draw(views: Sequence[TableView], out: str, title: str = "") -> None:
     fig.suptitle(title or f"page tables (kernel {kernel}, {views[0].paging}-level paging)", fontsize=11,
                  x=0.01, ha="left")
     fig.tight_layout(rect=(0, 0.06 + 0.02 / len(views), 1, 0.97))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=110, format="png")
+    finally:
+        plt.close(fig)

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from hmmirror.arch.x86.pgtable import PAGE_SIZE, PMD_SIZE, PUD_SIZE
 from hmmirror.errors import InputError
-from hmmirror.include.mm_types import MMU_NOTIFY, VM, VM_FAULT
+from hmmirror.include.mm_types import VM, VM_FAULT
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
 from hmmirror.mm.huge_memory import vmf_insert_pfn_pmd, vmf_insert_pfn_pud
-from hmmirror.mm.memory import VmFault, vmf_insert_mixed, zap_page_range
+from hmmirror.mm.memory import VmFault, vmf_insert_mixed
 from hmmirror.mm.memremap import (
     MEMORY_DEVICE_GENERIC,
     DevPagemap,
@@ -42,11 +42,12 @@ from hmmirror.mm.memremap import (
     run_memunmap_pages,
 )
 from hmmirror.mm.mm_struct import VMA, VmOps
+from hmmirror.mm.truncate import unmap_mapping_range
 
 if TYPE_CHECKING:
     from hmmirror.machine import Machine
 
-EINVAL, ENXIO, EACCES = 22, 6, 13
+EINVAL, ENXIO = 22, 6
 FAULT_SIZES = {"pte": PAGE_SIZE, "pmd": PMD_SIZE, "pud": PUD_SIZE}
 
 
@@ -232,27 +233,11 @@ def kill_dax(dev_dax: DevDax) -> Gen[None]:
     yield from sched.might_sleep("synchronize_srcu(dax_srcu)")
 
 
-def unmap_mapping_range(inode: DaxInode, holebegin: int = 0, holelen: int = 0, even_cows: bool = True) -> Gen[None]:
-    """unmap_mapping_range() (mm/memory.c) over the device inode: for every VMA mapping the byte range
-    (``holelen == 0``: to the end of the file), one CLEAR invalidation and a zap of its part."""
-    first = holebegin >> 12
-    last = (1 << 52) if holelen == 0 else ((holebegin + holelen + PAGE_SIZE - 1) >> 12)
-    for vma in list(inode.i_mmap):
-        npages = (vma.vm_end - vma.vm_start) >> 12
-        lo = max(first, vma.vm_pgoff)
-        hi = min(last, vma.vm_pgoff + npages)
-        if lo >= hi:
-            continue
-        start = vma.vm_start + ((lo - vma.vm_pgoff) << 12)
-        end = vma.vm_start + ((hi - vma.vm_pgoff) << 12)
-        yield from zap_page_range(vma, start, end, MMU_NOTIFY.CLEAR)
-
-
 def kill_dev_dax(dev_dax: DevDax) -> Gen[None]:
     """kill_dev_dax() (drivers/dax/bus.c): ``kill_dax`` then ``unmap_mapping_range(inode->i_mapping, 0, 0, 1)``."""
     yield from kill_dax(dev_dax)
     assert dev_dax.inode is not None
-    yield from unmap_mapping_range(dev_dax.inode, 0, 0, True)
+    yield from unmap_mapping_range(dev_dax.inode, 0, 0, True)     # CLEAR on every mapping VMA
 
 
 def dev_dax_unbind(dev_dax: DevDax) -> Gen[int]:
@@ -269,11 +254,3 @@ def dev_dax_unbind(dev_dax: DevDax) -> Gen[int]:
         del machine.devices[dev_dax.path]
     assert dev_dax.pgmap is not None
     return (yield from devm_memremap_pages_release(machine, dev_dax.pgmap))
-
-
-def open_dev_dax(machine: "Machine", path: str, map_flags: int = 0, writable: bool = True) -> DevDaxFile:
-    """open(2) of ``/dev/daxX.Y`` (for fs/super.py's open_file): InputError ENOENT if there is no such device."""
-    dev = machine.devices.get(path)
-    if not isinstance(dev, DevDax):
-        raise InputError(f"{path}: no such device", "ENOENT")
-    return dev.open(map_flags, writable)

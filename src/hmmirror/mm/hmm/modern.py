@@ -60,7 +60,12 @@ from hmmirror.include.mm_types import FAULT_FLAG, VM, VM_FAULT_ERROR, Flags
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen, Lock
 from hmmirror.mm.memory import handle_mm_fault, migration_entry_wait, vm_normal_page
-from hmmirror.mm.mmu_notifier import MmuIntervalNotifier, mmu_interval_check_retry
+from hmmirror.mm.mmu_notifier import (
+    MmuIntervalNotifier,
+    MmuIntervalNotifierOps,
+    mmu_interval_check_retry,
+    mmu_interval_set_seq,
+)
 from hmmirror.mm.pagewalk import (
     ACTION_CONTINUE,
     ACTION_SUBTREE,
@@ -602,6 +607,61 @@ def new_hmm_pfns(npages: int) -> np.ndarray:
     return np.zeros(npages, dtype=np.uint64)
 
 
+class _SeqOnlyOps(MmuIntervalNotifierOps):
+    """Ours: an interval notifier that only records the invalidation (like dmirror's snapshot notifier)."""
+
+    def invalidate(self, sub: MmuIntervalNotifier, r: Any, cur_seq: int) -> Gen[bool]:
+        mmu_interval_set_seq(sub, cur_seq)
+        return True
+        yield  # pragma: no cover
+
+
+def model_range_fault(mm: "MMStruct", start: int, end: int, default_flags: int = 0, pfn_flags_mask: int = 0,
+                      hmm_pfns: np.ndarray | None = None, dev_private_owner: Any = None,
+                      max_retries: int = 1000) -> Gen[tuple[int, np.ndarray]]:
+    """Ours: one mirroring of ``[start, end)`` the way a driver does it (hmm-modern.md §5) with a temporary
+    interval notifier and no device page table: ``read_begin``; ``hmm_range_fault`` under the mmap read lock;
+    retry on -EBUSY or when an invalidation intervened (at most ``max_retries`` passes, then -EBUSY).
+
+    Returns ``(ret, hmm_pfns)``; ``hmm_pfns`` (the inputs, default zeros) holds the outputs when ``ret == 0``.
+    """
+    from hmmirror.mm.mmu_notifier import mmu_interval_notifier_insert, mmu_interval_notifier_remove, \
+        mmu_interval_read_begin, mmu_interval_read_retry
+
+    npages = max((end - start) >> PAGE_SHIFT, 0)
+    pfns = new_hmm_pfns(npages) if hmm_pfns is None else hmm_pfns
+    sub = MmuIntervalNotifier()
+    ret = yield from mmu_interval_notifier_insert(sub, mm, start, max(end - start, 1), _SeqOnlyOps())
+    if ret:
+        return ret, pfns
+    rng = HmmRange(sub, start, end, pfns, default_flags=default_flags, pfn_flags_mask=pfn_flags_mask,
+                   dev_private_owner=dev_private_owner)
+    inputs = pfns.copy()
+    try:
+        for _ in range(max_retries + 1):
+            pfns[:] = inputs
+            rng.notifier_seq = yield from mmu_interval_read_begin(sub)
+            yield from sched.down_read(mm.mmap_sem)
+            ret = yield from hmm_range_fault(rng)
+            sched.up_read(mm.mmap_sem)
+            if ret == -EBUSY or (ret == 0 and mmu_interval_read_retry(sub, rng.notifier_seq)):
+                continue
+            return ret, pfns
+        return -EBUSY, pfns
+    finally:
+        yield from mmu_interval_notifier_remove(sub)
+
+
+def run_range_fault(proc: Any, start: int, npages: int, default_flags: int = 0, pfn_flags_mask: int = 0,
+                    hmm_pfns: np.ndarray | None = None, dev_private_owner: Any = None) -> tuple[int, np.ndarray]:
+    """Ours: :func:`model_range_fault` run sequentially in the task of ``proc`` (a Process or an mm)."""
+    mm = getattr(proc, "mm", proc)
+    result: tuple[int, np.ndarray] = sched.run(
+        model_range_fault(mm, start, start + (npages << PAGE_SHIFT), default_flags, pfn_flags_mask, hmm_pfns,
+                          dev_private_owner), mm.task)
+    return result
+
+
 __all__ = [
     "HMM_NEED_ALL_BITS", "HMM_NEED_FAULT", "HMM_NEED_WRITE_FAULT", "HMM_PFN", "HMM_PFN_DMA_MAPPED",
     "HMM_PFN_ERROR", "HMM_PFN_FLAGS", "HMM_PFN_INOUT_FLAGS", "HMM_PFN_ORDER_SHIFT", "HMM_PFN_P2PDMA",
@@ -610,6 +670,6 @@ __all__ = [
     "hmm_pfn_to_pfn", "hmm_pfns_fill", "hmm_pte_need_fault", "hmm_range_fault", "hmm_range_need_fault",
     "hmm_vma_fault", "hmm_vma_handle_absent_pmd", "hmm_vma_handle_pmd", "hmm_vma_handle_pte",
     "hmm_vma_walk_hole", "hmm_vma_walk_hugetlb_entry", "hmm_vma_walk_pmd", "hmm_vma_walk_pud",
-    "hmm_vma_walk_test", "hmm_walk_ops", "new_hmm_pfns", "pmd_to_hmm_pfn_flags", "pte_to_hmm_pfn_flags",
-    "pud_to_hmm_pfn_flags",
+    "hmm_vma_walk_test", "hmm_walk_ops", "model_range_fault", "new_hmm_pfns", "pmd_to_hmm_pfn_flags",
+    "pte_to_hmm_pfn_flags", "pud_to_hmm_pfn_flags", "run_range_fault",
 ]

@@ -87,6 +87,7 @@ from hmmirror.arch.x86.pgtable import (
 from hmmirror.include.mm_types import FAULT_FLAG, VM, VM_FAULT, VM_FAULT_ERROR
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen, Lock
+from hmmirror.mm.hugetlb import huge_page_order, huge_pte_lock
 from hmmirror.mm.memory import handle_mm_fault, migration_entry_wait
 from hmmirror.mm.memremap import get_dev_pagemap, put_dev_pagemap
 from hmmirror.mm.mm_struct import is_vm_hugetlb_page
@@ -109,6 +110,7 @@ if TYPE_CHECKING:
 
 EPERM, ENOENT, EAGAIN, ENOMEM, EFAULT, EBUSY, EINVAL = 1, 2, 11, 12, 14, 16, 22
 U64 = (1 << 64) - 1
+LIVELOCK_RESTARTS = 1000  # model: restarts at the same address before a livelock is reported
 range_ = range          # the builtin: ``range`` names struct hmm_range variables below, as in the C code
 
 
@@ -1295,8 +1297,7 @@ def hmm_vma_walk_hugetlb_entry(pte: Ptr, hmask: int, start: int, end: int, walk:
         pfn_inc = 1
         size = PAGE_SIZE
 
-    ptl = _huge_pte_lockptr(vma, pte)                    # huge_pte_lock(hstate_vma(walk->vma), walk->mm, pte)
-    yield from sched.spin_lock(ptl)
+    ptl = yield from huge_pte_lock(walk.mm, huge_page_order(vma), pte)   # huge_pte_lock(hstate_vma(vma), mm, pte)
     entry = machine.pool.get(pte)                        # huge_ptep_get(pte)
 
     i = (start - range.start) >> range.page_shift
@@ -1328,13 +1329,6 @@ def hmm_vma_walk_hugetlb_entry(pte: Ptr, hmask: int, start: int, end: int, walk:
         return (yield from hmm_vma_walk_hole_(addr, end, fault, write_fault, walk))
 
     return ret
-
-
-def _huge_pte_lockptr(vma: "VMA", pte: Ptr) -> Lock:
-    """huge_pte_lockptr(): the PMD table's split lock for 2 MiB pages, ``mm.page_table_lock`` otherwise."""
-    if huge_page_shift_of(vma) == x86.PMD_SHIFT:
-        return vma.vm_mm.machine.pool.ptlock(pte[0])
-    return vma.vm_mm.page_table_lock
 
 
 def hmm_pfns_clear(range: HmmRange, pfns: np.ndarray, addr: int, end: int) -> None:
@@ -1560,15 +1554,26 @@ def hmm_range_fault(range: HmmRange, block: bool) -> Gen[int]:
         end = min(range.end, vma.vm_end)
         mm_walk = _new_mm_walk(vma, hmm_vma_walk)
 
+        stuck = 0
         while True:
             _count(range, "walks")
             ret = yield from walk_page_range(start, end, mm_walk)
+            progress = hmm_vma_walk.last != start
             start = hmm_vma_walk.last
             if ret == -EBUSY:
                 _count(range, "walk_ebusy")
             # Keep trying while the range is valid.
             if not (ret == -EBUSY and range.valid):
                 break
+            # Model: the kernel can be preempted here (CONFIG_PREEMPT); a restart that never advances `last`
+            # (e.g. get_dev_pagemap failing on a dying pgmap while the range stays valid) spins forever in
+            # 5.2: reported as a livelock finding, after which the model returns the -EBUSY.
+            stuck = 0 if progress else stuck + 1
+            if stuck >= LIVELOCK_RESTARTS:
+                sched.report("livelock", f"hmm_range_fault({range.name}): {stuck} walks restarted at "
+                                         f"{start:#x} without progress")
+                break
+            yield from sched.preempt_point("hmm_range_fault")
 
         if ret:
             i = (hmm_vma_walk.last - range.start) >> PAGE_SHIFT

@@ -1,0 +1,239 @@
+"""Model self-checks (ours; the kernel's mm/debug.c dumps pages, this checks them): leaf-entry enumeration and
+the page-count invariant, for tests and for the simulator's invariant checks.
+
+Counting convention checked by :func:`check_counts` (docs/design.md "Data layout"):
+
+* ``mapcount[pfn]`` equals the number of leaf entries, over the page tables of every live mm, that map the
+  frame: a PTE maps one frame, a PMD leaf 512, a PUD leaf 262144.  Entries that do not count: special PTEs
+  (zero page, ``VM_PFNMAP``/``vmf_insert_pfn`` pfns), PTEs in ``VM_PFNMAP`` VMAs, frames :func:`rmap.counted`
+  rejects (zero pages, DAX frames where DAX is not refcounted).  Device-private and device-exclusive
+  swap-format entries map their frame (the kernel keeps the rmap of both), migration entries do not (frames
+  under migration are skipped: their counts are in flight).
+* ``refcount[head]`` of a RAM folio equals one per leaf entry mapping any of its frames (plus ``extra_refs``),
+  exactly for anonymous folios and as a lower bound for the others (page-cache, hugetlbfs and driver
+  references are not visible to a page-table walk); tail frames hold 0; free frames are not mapped.
+* every non-none leaf entry lies inside a VMA of its mm.
+
+The checks hold at quiescent points (no fault, migration or device operation half done).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hmmirror.arch.x86 import pgtable as x86
+from hmmirror.arch.x86.pgtable import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_PSE,
+    _PAGE_SOFT_DIRTY,
+    _PAGE_SPECIAL,
+    HPAGE_PMD_NR,
+    HPAGE_PUD_NR,
+    PTE_PFN_MASK,
+    PTRS_PER_TABLE,
+    pte_to_swp_entry,
+    table_id_of,
+)
+from hmmirror.include.mm_types import VM
+from hmmirror.mm import rmap
+from hmmirror.mm.page_alloc import PG
+
+if TYPE_CHECKING:
+    from hmmirror.machine import Machine
+    from hmmirror.mm.mm_struct import MMStruct
+
+LEVEL_PTE, LEVEL_PMD, LEVEL_PUD = 1, 2, 3
+LEVEL_NAMES = {LEVEL_PTE: "pte", LEVEL_PMD: "pmd", LEVEL_PUD: "pud"}
+_AD = _PAGE_ACCESSED | _PAGE_DIRTY
+_IGNORED = _AD | _PAGE_SOFT_DIRTY
+_U = np.uint64
+_ULONG = 1 << 64
+
+
+def leaf_entries(mm: "MMStruct", start: int = 0, end: int = _ULONG) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every non-none leaf slot of ``mm``'s page tables that intersects ``[start, end)``.
+
+    Returns three arrays: the address each slot maps from (int64, the leaf's first address), the entry (uint64,
+    present or swap-format) and the level (``LEVEL_PTE``/``PMD``/``PUD``).  The tables are walked, not the VMAs.
+    """
+    pool = mm.machine.pool
+    geo = mm.machine.geo
+    addrs: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    lvls: list[np.ndarray] = []
+    ad = _U(_AD)
+
+    def walk(tid: int, base: int, shift: int) -> None:
+        size = 1 << shift
+        first = max(0, (start - base) >> shift) if start > base else 0
+        last = min(PTRS_PER_TABLE, -(-(end - base) // size))
+        if first >= last:
+            return
+        row = pool.tables[tid, first:last]
+        idx = np.nonzero(row & ~ad)[0]
+        if not idx.size:
+            return
+        if shift == 12:
+            addrs.append(base + ((idx.astype(np.int64) + first) << 12))
+            vals.append(row[idx].copy())
+            lvls.append(np.full(idx.size, LEVEL_PTE, dtype=np.int8))
+            return
+        for i in idx.tolist():
+            e = int(row[i])
+            a = base + (first + i) * size
+            if shift <= x86.PUD_SHIFT and (e & _PAGE_PSE or not e & _PAGE_PRESENT):
+                addrs.append(np.array([a], dtype=np.int64))
+                vals.append(np.array([e], dtype=np.uint64))
+                lvls.append(np.array([LEVEL_PMD if shift == x86.PMD_SHIFT else LEVEL_PUD], dtype=np.int8))
+            elif e & _PAGE_PRESENT:
+                walk(table_id_of(e), a, shift - 9)
+
+    walk(mm.pt.pgd, 0, geo.pgdir_shift)
+    if not addrs:
+        return (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int8))
+    return np.concatenate(addrs), np.concatenate(vals), np.concatenate(lvls)
+
+
+def leaf_present(vals: np.ndarray, lvls: np.ndarray) -> np.ndarray:
+    """Which leaf entries map a frame: P or PROTNONE, or a PSE leaf at the PMD/PUD level."""
+    pres = (vals & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0
+    return pres | ((lvls > LEVEL_PTE) & ((vals & _U(_PAGE_PSE)) != 0))
+
+
+def page_values(mm: "MMStruct", start: int = 0, end: int = _ULONG) -> dict[int, tuple[int, int]]:
+    """Per 4 KiB page of ``[start, end)``: ``(entry, level)`` of the leaf that translates it, with accessed,
+    dirty and soft-dirty cleared; a huge leaf contributes its pfn plus the page's offset, PSE cleared."""
+    addrs, vals, lvls = leaf_entries(mm, start, end)
+    out: dict[int, tuple[int, int]] = {}
+    keep = ~_U(_IGNORED)
+    small = lvls == LEVEL_PTE
+    for a, v in zip(addrs[small].tolist(), (vals[small] & keep).tolist()):
+        if start <= a < end:
+            out[a] = (v, LEVEL_PTE)
+    pres = leaf_present(vals, lvls)
+    for a, v, lv, p in zip(addrs[~small].tolist(), vals[~small].tolist(), lvls[~small].tolist(),
+                           pres[~small].tolist()):
+        n = HPAGE_PMD_NR if lv == LEVEL_PMD else HPAGE_PUD_NR
+        v &= ~_IGNORED
+        lo, hi = max(a, start), min(a + (n << 12), end)
+        if p:
+            v &= ~_PAGE_PSE
+            for pa in range(lo, hi, 4096):
+                out[pa] = (v + (pa - a), lv)
+        else:
+            for pa in range(lo, hi, 4096):
+                out[pa] = (v, lv)
+    return out
+
+
+def _vma_mask(mm: "MMStruct", addrs: np.ndarray, flag: int = 0) -> np.ndarray:
+    """Which addresses lie inside a VMA of ``mm`` (with ``flag`` set in its vm_flags, when given)."""
+    vmas = [v for v in mm.vmas if not flag or v.vm_flags & flag]
+    if not vmas or not addrs.size:
+        return np.zeros(addrs.shape, dtype=bool)
+    starts = np.array([v.vm_start for v in vmas], dtype=np.int64)
+    ends = np.array([v.vm_end for v in vmas], dtype=np.int64)
+    i = np.searchsorted(starts, addrs, side="right") - 1
+    ok = i >= 0
+    ok[ok] &= addrs[ok] < ends[i[ok]]
+    return ok
+
+
+def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, limit: int = 20) -> list[str]:
+    """The page-count invariant (module docstring): every frame's mapcount and every RAM folio's refcount
+    agree with a walk of the page tables of all live mms.  Returns the mismatches (empty: consistent), at
+    most ``limit`` of each kind."""
+    mem = machine.mem
+    dax_rc = machine.profile.dax_refcounted
+    n = mem.nr_pfns
+    walked_map = np.zeros(n, dtype=np.int64)
+    walked_ref = np.zeros(n, dtype=np.int64)
+    in_flight = np.zeros(n, dtype=bool)
+    out: list[str] = []
+    for mm in machine.mms.values():
+        if mm.exited:
+            continue
+        addrs, vals, lvls = leaf_entries(mm)
+        if not addrs.size:
+            continue
+        outside = ~_vma_mask(mm, addrs)
+        for a in addrs[outside][:limit].tolist():
+            out.append(f"{mm.name}: leaf entry at {a:#x} outside every VMA")
+        pres = leaf_present(vals, lvls)
+        pfns = ((vals & _U(PTE_PFN_MASK)) >> _U(12)).astype(np.int64)
+        # PTEs: special entries and VM_PFNMAP VMAs have no struct-page semantics (vm_normal_page())
+        small = pres & (lvls == LEVEL_PTE) & ((vals & _U(_PAGE_SPECIAL)) == 0)
+        small &= ~_vma_mask(mm, addrs, VM.PFNMAP)
+        sp = pfns[small]
+        sp = sp[rmap.counted_mask(mem, sp, dax_rc)]
+        if sp.size:
+            np.add.at(walked_map, sp, 1)
+            heads = sp.copy()
+            ram = sp < mem.nr_ram
+            heads[ram] = sp[ram] & ~((1 << mem.order[sp[ram]].astype(np.int64)) - 1)
+            np.add.at(walked_ref, heads, 1)
+        for pfn, lv in zip(pfns[pres & (lvls > LEVEL_PTE)].tolist(), lvls[pres & (lvls > LEVEL_PTE)].tolist()):
+            if not rmap.counted(mem, pfn, dax_rc):
+                continue
+            nr = HPAGE_PMD_NR if lv == LEVEL_PMD else HPAGE_PUD_NR
+            walked_map[pfn: pfn + nr] += 1
+            walked_ref[mem.compound_head(pfn)] += 1
+        for e in vals[~pres].tolist():
+            s = pte_to_swp_entry(int(e))
+            if s.offset >= n:
+                continue
+            if x86.is_device_private_entry(s) or x86.is_device_exclusive_entry(s):
+                walked_map[s.offset] += 1
+                walked_ref[mem.compound_head(s.offset)] += 1
+            elif x86.is_migration_entry(s):
+                in_flight[mem.compound_head(s.offset)] = True
+    # frames of a folio under migration: spread the head's mark over the folio
+    if in_flight.any():
+        for h in np.nonzero(in_flight)[0].tolist():
+            in_flight[h: h + (1 << int(mem.order[h]))] = True
+    bad_map = np.nonzero((mem.mapcount.astype(np.int64) != walked_map) & ~in_flight)[0]
+    for pfn in bad_map[:limit].tolist():
+        out.append(f"pfn {pfn:#x}: mapcount {int(mem.mapcount[pfn])}, but {int(walked_map[pfn])} leaf entries map it")
+    if bad_map.size > limit:
+        out.append(f"... {bad_map.size - limit} more mapcount mismatches")
+    # refcounts of RAM frames
+    nr = mem.nr_ram
+    fl = mem.flags[:nr]
+    rc = mem.refcount[:nr].astype(np.int64)
+    want = walked_ref[:nr].copy()
+    if extra_refs:
+        for h, k in extra_refs.items():
+            if h < nr:
+                want[h] += k
+    skip = ((fl & (PG.zero | PG.reserved)) != 0) | in_flight[:nr]
+    free = (fl & PG.buddy) != 0
+    tail = (fl & PG.tail) != 0
+    mapped_free = np.nonzero(free & (walked_map[:nr] > 0))[0]
+    for pfn in mapped_free[:limit].tolist():
+        out.append(f"pfn {pfn:#x}: free, but {int(walked_map[pfn])} leaf entries map it")
+    bad_tail = np.nonzero(tail & (rc != 0) & ~skip)[0]
+    for pfn in bad_tail[:limit].tolist():
+        out.append(f"pfn {pfn:#x}: tail frame with refcount {int(rc[pfn])}")
+    head = ~tail & ~free & ~skip
+    anon = (fl & PG.anon) != 0
+    exact = head & anon & (rc != want)
+    low = head & ~anon & (rc < want)
+    for pfn in np.nonzero(exact)[0][:limit].tolist():
+        out.append(f"pfn {pfn:#x}: anon folio refcount {int(rc[pfn])}, but {int(want[pfn])} leaf entries map it")
+    for pfn in np.nonzero(low)[0][:limit].tolist():
+        out.append(f"pfn {pfn:#x}: refcount {int(rc[pfn])} below its {int(want[pfn])} mappings")
+    return out
+
+
+def entries_in(mm: "MMStruct", start: int, end: int) -> list[tuple[int, str, int]]:
+    """The non-none leaf entries of ``[start, end)`` as ``(address, level name, entry)`` (for messages)."""
+    addrs, vals, lvls = leaf_entries(mm, start, end)
+    return [(a, LEVEL_NAMES[lv], v) for a, v, lv in zip(addrs.tolist(), vals.tolist(), lvls.tolist())]
+
+
+_ = Any

@@ -1,0 +1,402 @@
+"""madvise(2) (mm/madvise.c; hugepage_madvise() and madvise_collapse() of mm/huge_memory.c / khugepaged.c).
+
+Per-VMA advice walks the VMAs of the range; holes are skipped and reported as -ENOMEM at the end.  What each
+advice does to page tables and notifiers (mm-substrate.md §6):
+
+* ``DONTNEED``: per VMA one CLEAR over its part of the range around the zap; a THP partly covered is split
+  (CLEAR [2M), nested); page tables stay.  [5.2] -EINVAL on ``VM_HUGETLB|VM_PFNMAP|VM_LOCKED`` VMAs; [6.18]
+  hugetlb allowed (start aligned to the huge page, end rounded down), ``VM_PFNMAP|VM_LOCKED`` -EINVAL.
+* ``FREE``: anonymous VMAs only; CLEAR over the VMA's part; exclusive small pages and whole THPs become clean
+  and old (lazily freeable), swap entries are dropped.  Without memory pressure nothing is reclaimed (obs A13).
+* ``COLD``/``PAGEOUT`` [6.18]: page aging / reclaim hints; the model has no LRU nor swap: no effect (obs A14),
+  -EINVAL on ``VM_LOCKED|VM_PFNMAP|VM_HUGETLB``.
+* ``HUGEPAGE``/``NOHUGEPAGE``, ``DONTFORK``/``DOFORK``, ``WIPEONFORK``/``KEEPONFORK``, ``DONTDUMP``/``DODUMP``,
+  ``NORMAL``/``RANDOM``/``SEQUENTIAL``: VMA flags only (split / merge), no notifier.
+* ``WILLNEED``: readahead hint; no effect in the model.
+* ``REMOVE``: punches a hole in the shared file (shmem): its pages are unmapped everywhere and freed.
+* ``POPULATE_READ``/``POPULATE_WRITE`` [6.18]: faults like GUP over the whole range (not per VMA):
+  -ENOMEM at a hole, -EINVAL for an incompatible VMA, -EFAULT when a fault fails (SIGBUS/SIGSEGV).
+* ``COLLAPSE`` [6.18]: every 2 MiB block of an anonymous VMA inside the range becomes a new THP (CLEAR [2M)).
+
+Not modelled (-EINVAL): KSM (``MERGEABLE``), memory-failure injection, ``DONTNEED_LOCKED``, guard regions.
+Followed: v5.2 mm/madvise.c (SYSCALL madvise, madvise_vma, madvise_behavior, madvise_dontneed_free,
+madvise_free_single_vma, madvise_remove); v6.18 mm/madvise.c (madvise_walk_vmas,
+madvise_dontneed_free_valid_vma, madvise_populate) and mm/gup.c check_vma_flags.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hmmirror.arch.x86 import pgtable as x86
+from hmmirror.arch.x86.pgtable import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    HPAGE_PMD_NR,
+    PAGE_SIZE,
+    PMD_SIZE,
+    PTRS_PER_TABLE,
+    non_swap_entry,
+    pmd_leaf,
+    pte_none,
+    pte_to_swp_entry,
+    table_id_of,
+)
+from hmmirror.include.mm_types import MMU_NOTIFY, VM
+from hmmirror.kernel import sched
+from hmmirror.kernel.sched import Gen
+from hmmirror.mm.memory import pmd_lockptr, pte_lockptr, zap_page_range
+from hmmirror.mm.mm_struct import VMA, is_vm_hugetlb_page, vma_is_anonymous
+from hmmirror.mm.mmap import page_align, split_range, vma_merge_range
+from hmmirror.mm.mmu_notifier import (
+    mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start,
+    mmu_notifier_range_init,
+)
+from hmmirror.mm.page_alloc import PG
+
+if TYPE_CHECKING:
+    from hmmirror.mm.mm_struct import MMStruct
+
+EINVAL, ENOMEM, EACCES, EFAULT, EAGAIN, EOPNOTSUPP = 22, 12, 13, 14, 11, 95
+
+#: madvise advice values (include/uapi/asm-generic/mman-common.h), by name.
+MADV_VALUES = {
+    "NORMAL": 0, "RANDOM": 1, "SEQUENTIAL": 2, "WILLNEED": 3, "DONTNEED": 4, "FREE": 8, "REMOVE": 9,
+    "DONTFORK": 10, "DOFORK": 11, "MERGEABLE": 12, "UNMERGEABLE": 13, "HUGEPAGE": 14, "NOHUGEPAGE": 15,
+    "DONTDUMP": 16, "DODUMP": 17, "WIPEONFORK": 18, "KEEPONFORK": 19, "COLD": 20, "PAGEOUT": 21,
+    "POPULATE_READ": 22, "POPULATE_WRITE": 23, "DONTNEED_LOCKED": 24, "COLLAPSE": 25,
+}
+MADV_NAMES = {v: k for k, v in MADV_VALUES.items()}
+M = MADV_VALUES
+
+VM_SEQ_READ = 0x8000            # include/linux/mm.h (not in include/mm_types.VM: only madvise uses them)
+VM_RAND_READ = 0x10000
+VM_SPECIAL = VM.IO | VM.DONTEXPAND | VM.PFNMAP | VM.MIXEDMAP
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+# --- deciders ---------------------------------------------------------------------------------------------
+def madvise_behavior_valid(profile: Any, behavior: int) -> bool:
+    """madvise_behavior_valid(): the advice exists in this kernel (``profile.madvise_advice``)."""
+    return MADV_NAMES.get(behavior) in profile.madvise_advice
+
+
+def madvise_need_mmap_write(behavior: int) -> bool:
+    """madvise_need_mmap_write(): VMA flag changes take the mmap lock for write, the rest for read."""
+    return behavior not in (M["REMOVE"], M["WILLNEED"], M["DONTNEED"], M["FREE"], M["COLD"], M["PAGEOUT"],
+                            M["POPULATE_READ"], M["POPULATE_WRITE"], M["COLLAPSE"])
+
+
+def can_madv_lru_vma(vma: VMA) -> bool:
+    """can_madv_lru_vma() [6.18]: not locked, PFN-mapped or hugetlb."""
+    return not vma.vm_flags & (VM.LOCKED | VM.PFNMAP | VM.HUGETLB)
+
+
+def madvise_dontneed_free_valid_vma(vma: VMA, behavior: int) -> bool:
+    """can_madv_dontneed_vma() [5.2] / madvise_dontneed_free_valid_vma() [6.18] (range checks aside)."""
+    if is_vm_hugetlb_page(vma):
+        return behavior == M["DONTNEED"] and vma.vm_mm.machine.profile.hugetlb_dontneed
+    return not vma.vm_flags & (VM.LOCKED | VM.PFNMAP)
+
+
+def check_vma_flags(vma: VMA, write: bool) -> int:
+    """check_vma_flags() (mm/gup.c) for MADV_POPULATE_*: 0, or -EFAULT when GUP may not touch the VMA."""
+    f = vma.vm_flags
+    if f & (VM.IO | VM.PFNMAP):
+        return -EFAULT
+    if write:
+        if not f & VM.WRITE:
+            return -EFAULT
+    elif not f & VM.READ:
+        return -EFAULT
+    return 0
+
+
+def madvise_new_flags(vma: VMA, behavior: int) -> int:
+    """The ``new_flags`` computation of madvise_behavior() / hugepage_madvise(); -EINVAL where refused."""
+    f = vma.vm_flags
+    if behavior == M["NORMAL"]:
+        return f & ~(VM_RAND_READ | VM_SEQ_READ)
+    if behavior == M["SEQUENTIAL"]:
+        return (f & ~VM_RAND_READ) | VM_SEQ_READ
+    if behavior == M["RANDOM"]:
+        return (f & ~VM_SEQ_READ) | VM_RAND_READ
+    if behavior == M["DONTFORK"]:
+        return f | VM.DONTCOPY
+    if behavior == M["DOFORK"]:
+        return -EINVAL if f & VM.IO else f & ~VM.DONTCOPY
+    if behavior == M["WIPEONFORK"]:
+        # "MADV_WIPEONFORK is only supported on anonymous memory."
+        return -EINVAL if vma.vm_file is not None or f & VM.SHARED else f | VM.WIPEONFORK
+    if behavior == M["KEEPONFORK"]:
+        return f & ~VM.WIPEONFORK
+    if behavior == M["DONTDUMP"]:
+        return f | VM.DONTDUMP
+    if behavior == M["DODUMP"]:
+        return -EINVAL if not is_vm_hugetlb_page(vma) and f & VM_SPECIAL else f & ~VM.DONTDUMP
+    if behavior == M["HUGEPAGE"]:
+        return (f & ~VM.NOHUGEPAGE) | VM.HUGEPAGE
+    if behavior == M["NOHUGEPAGE"]:
+        return (f & ~VM.HUGEPAGE) | VM.NOHUGEPAGE
+    return -EINVAL
+
+
+# --- per-VMA advice ---------------------------------------------------------------------------------------
+def madvise_behavior(vma: VMA, start: int, end: int, behavior: int) -> Gen[int]:
+    """madvise_behavior() / madvise_update_vma(): set VMA flags over ``[start, end)`` (split, then merge)."""
+    mm = vma.vm_mm
+    new_flags = madvise_new_flags(vma, behavior)
+    if new_flags < 0:
+        return new_flags
+    if new_flags == vma.vm_flags:
+        return 0
+    ret = yield from split_range(mm, start, end)
+    if ret:
+        return -EAGAIN if ret == -ENOMEM else ret
+    vma = mm.vma_lookup(start)
+    assert vma is not None and vma.vm_start == start and vma.vm_end == end
+    vma.vm_flags = new_flags                  # vm_page_prot depends on READ/WRITE/EXEC/SHARED only: unchanged
+    vma_merge_range(mm, start, end)
+    return 0
+
+
+def madvise_dontneed_free(vma: VMA, start: int, end: int, behavior: int) -> Gen[int]:
+    """madvise_dontneed_free(): validity checks, then zap (DONTNEED) or lazy-free (FREE)."""
+    if not madvise_dontneed_free_valid_vma(vma, behavior):
+        return -EINVAL
+    if is_vm_hugetlb_page(vma):
+        hsize = PAGE_SIZE << vma.hstate_order
+        if start & (hsize - 1):
+            return -EINVAL
+        end &= ~(hsize - 1)          # "Avoid unexpected data loss by rounding down the number of huge pages"
+        if start == end:
+            return 0
+    if behavior == M["DONTNEED"]:
+        yield from zap_page_range(vma, start, end, MMU_NOTIFY.CLEAR)     # madvise_dontneed_single_vma()
+        return 0
+    return (yield from madvise_free_single_vma(vma, start, end))
+
+
+def madvise_free_single_vma(vma: VMA, start: int, end: int) -> Gen[int]:
+    """madvise_free_single_vma(): CLEAR over the range; exclusive anon pages clean and old, swap entries gone.
+
+    Not modelled: splitting a PTE-mapped or partly covered large folio (those pages are left as they are).
+    """
+    if not vma_is_anonymous(vma):
+        return -EINVAL
+    mm = vma.vm_mm
+    r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, max(start, vma.vm_start), min(end, vma.vm_end))
+    yield from mmu_notifier_invalidate_range_start(r)
+    yield from _free_range(vma, r.start, r.end)
+    yield from mmu_notifier_invalidate_range_end(r)
+    return 0
+
+
+def _free_range(vma: VMA, start: int, end: int) -> Gen[None]:
+    """madvise_free_pte_range() / madvise_free_huge_pmd() over ``[start, end)``."""
+    mm = vma.vm_mm
+    machine = mm.machine
+    pool, mem = machine.pool, machine.mem
+    clean = np.uint64(~(_PAGE_ACCESSED | _PAGE_DIRTY) & ((1 << 64) - 1))
+    addr = start
+    while addr < end:
+        nxt = x86.PMD_LEVEL.addr_end(addr, end)
+        level, p, e = mm.pt.lookup(addr)
+        if p is None or level == "pud":                     # hole above the PMD level (or a PUD leaf)
+            addr = x86.PUD_LEVEL.addr_end(addr, end)
+            continue
+        if level == "pmd":                                  # none, huge or a PMD migration entry
+            pfn = x86.pte_pfn(e)
+            if nxt - addr == PMD_SIZE and pmd_leaf(e) and pfn < mem.nr_pfns and mem.flags[pfn] & PG.anon \
+                    and mem.mapcount[pfn] == 1:
+                ptl = pmd_lockptr(mm, p)
+                yield from sched.spin_lock(ptl)
+                if pool.get(p) == e:
+                    pool.set(p, e & int(clean))
+                sched.spin_unlock(ptl)
+            addr = nxt
+            continue
+        pudp = mm.pt.walk_to_pud(addr)
+        assert pudp is not None
+        pmdp = mm.pt.pmd_offset(pudp, addr)
+        ptl = pte_lockptr(mm, pmdp)
+        yield from sched.spin_lock(ptl)
+        tid = table_id_of(pool.get(pmdp))
+        lo = (addr >> 12) & (PTRS_PER_TABLE - 1)
+        hi = lo + ((nxt - addr) >> 12)
+        dropped = []
+        for i in range(lo, hi):
+            pte = int(pool.tables[tid, i])
+            if pte_none(pte):
+                continue
+            if not x86.pte_present(pte):
+                s = pte_to_swp_entry(pte)
+                if not non_swap_entry(s) or x86.is_hwpoison_entry(s):
+                    pool.tables[tid, i] = 0                  # free_swap_and_cache(); the data is discardable
+                    dropped.append(s)
+                continue
+            if x86.pte_special(pte):
+                continue
+            pfn = x86.pte_pfn(pte)
+            if pfn >= mem.nr_pfns or not mem.flags[pfn] & PG.anon or mem.order[pfn] or mem.mapcount[pfn] != 1:
+                continue
+            pool.tables[tid, i] = np.uint64(pte) & clean
+        sched.spin_unlock(ptl)
+        for s in dropped:
+            machine.swap.release_entry(s)
+        yield from sched.preempt_point("madvise_free_pte_range")
+        addr = nxt
+
+
+def _vfs_fallocate(file: Any, mode: int, offset: int, length: int, shmem: bool) -> Gen[int]:
+    """vfs_fallocate(): the file's ``fallocate``; -EOPNOTSUPP when it has none.
+
+    Looked up lazily because the filesystems live in fs/: ``hmmirror.fs.super.vfs_fallocate`` or, for shmem,
+    ``hmmirror.fs.shmem.shmem_fallocate`` if they exist; else a shmem hole punch is modelled here as
+    shmem_fallocate(PUNCH_HOLE) does it: unmap the whole pages (private COW copies kept), then drop them from
+    the file (truncate_pagecache_range).
+    """
+    import importlib
+
+    for mod, name, ok in (("hmmirror.fs.super", "vfs_fallocate", True),
+                          ("hmmirror.fs.shmem", "shmem_fallocate", shmem)):
+        try:
+            fn = getattr(importlib.import_module(mod), name, None) if ok else None
+        except ImportError:
+            fn = None
+        if fn is not None:
+            return (yield from fn(file, mode, offset, length))
+    if not shmem or getattr(file, "inode", None) is None:
+        return -EOPNOTSUPP
+    from hmmirror.mm.truncate import truncate_pagecache_range
+
+    yield from truncate_pagecache_range(file.inode, offset, offset + length - 1)
+    return 0
+
+
+def madvise_remove(mm: "MMStruct", vma: VMA, start: int, end: int) -> Gen[int]:
+    """madvise_remove(): punch a hole in the file (drops the mmap lock around vfs_fallocate())."""
+    if vma.vm_flags & VM.LOCKED:
+        return -EINVAL
+    f = vma.vm_file
+    if f is None or getattr(f, "inode", None) is None:
+        return -EINVAL
+    if (vma.vm_flags & (VM.SHARED | VM.WRITE)) != (VM.SHARED | VM.WRITE):
+        return -EACCES
+    offset = (start - vma.vm_start) + (vma.vm_pgoff << 12)
+    sched.up_read(mm.mmap_sem)
+    try:
+        shmem = vma.vm_ops is not None and vma.vm_ops.is_shmem
+        ret = yield from _vfs_fallocate(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - start, shmem)
+    finally:
+        yield from sched.down_read(mm.mmap_sem)
+    return ret
+
+
+def madvise_vma(mm: "MMStruct", vma: VMA, start: int, end: int, behavior: int) -> Gen[int]:
+    """madvise_vma() [5.2] / madvise_vma_behavior() [6.18]: dispatch one VMA's part of the range."""
+    if behavior == M["REMOVE"]:
+        return (yield from madvise_remove(mm, vma, start, end))
+    if behavior == M["WILLNEED"]:
+        return 0                                             # readahead / swapin: nothing to model
+    if behavior in (M["COLD"], M["PAGEOUT"]):
+        return 0 if can_madv_lru_vma(vma) else -EINVAL       # no LRU, no swap: no effect (obs A14)
+    if behavior in (M["DONTNEED"], M["FREE"]):
+        return (yield from madvise_dontneed_free(vma, start, end, behavior))
+    if behavior == M["COLLAPSE"]:
+        return (yield from madvise_collapse(vma, start, end))
+    return (yield from madvise_behavior(vma, start, end, behavior))
+
+
+# --- whole-range advice -----------------------------------------------------------------------------------
+def madvise_populate(mm: "MMStruct", start: int, end: int, behavior: int) -> Gen[int]:
+    """madvise_populate() [6.18]: fault the range in (write faults for POPULATE_WRITE), VMA after VMA."""
+    from hmmirror.mm.gup import populate_vma_page_range
+
+    write = behavior == M["POPULATE_WRITE"]
+    while start < end:
+        vma = mm.vma_lookup(start)
+        if vma is None:
+            return -ENOMEM                                   # "No VMA or out of memory."
+        if check_vma_flags(vma, write):
+            return -EINVAL                                   # "Incompatible mappings / permissions."
+        e = min(end, vma.vm_end)
+        ret = yield from populate_vma_page_range(vma, start, e, write)
+        if ret < 0:
+            return -ENOMEM if ret == -ENOMEM else -EFAULT
+        start = e
+    return 0
+
+
+def madvise_collapse(vma: VMA, start: int, end: int) -> Gen[int]:
+    """madvise_collapse() [6.18]: anonymous VMAs only (in the model); see :mod:`hmmirror.mm.khugepaged`."""
+    try:
+        from hmmirror.mm.khugepaged import madvise_collapse as collapse
+    except ImportError:
+        return -EINVAL
+    return (yield from collapse(vma, start, end))
+
+
+def do_madvise(mm: "MMStruct", start: int, len_in: int, behavior: int) -> Gen[int]:
+    """do_madvise() (mm/madvise.c): 0 or -errno.
+
+    -EINVAL for unknown advice, an unaligned ``start`` or a wrapping range; -ENOMEM when the range covers an
+    unmapped hole (the mapped parts are still advised); per-VMA errors stop the walk.
+    """
+    profile = mm.machine.profile
+    if not madvise_behavior_valid(profile, behavior):
+        return -EINVAL
+    if start & (PAGE_SIZE - 1) or len_in < 0:
+        return -EINVAL
+    length = page_align(len_in)
+    end = start + length
+    if end > (1 << 64) - 1:
+        return -EINVAL
+    if end == start:
+        return 0
+    write = madvise_need_mmap_write(behavior)
+    lock = sched.down_write if write else sched.down_read
+    yield from lock(mm.mmap_sem)
+    try:
+        if behavior in (M["POPULATE_READ"], M["POPULATE_WRITE"]):
+            ret = yield from madvise_populate(mm, start, end, behavior)
+        else:
+            ret = yield from madvise_walk_vmas(mm, start, end, behavior)
+    finally:
+        (sched.up_write if write else sched.up_read)(mm.mmap_sem)
+    mm.machine.log("madvise", mm=mm.name, start=start, end=end, advice=MADV_NAMES.get(behavior, behavior), ret=ret)
+    return ret
+
+
+def madvise_walk_vmas(mm: "MMStruct", start: int, end: int, behavior: int) -> Gen[int]:
+    """madvise_walk_vmas() [6.18] / the loop of sys_madvise [5.2]: holes are skipped, -ENOMEM at the end."""
+    unmapped_error = 0
+    vma = mm.find_vma(start)
+    while True:
+        if vma is None:
+            return -ENOMEM
+        if start < vma.vm_start:
+            unmapped_error = -ENOMEM
+            start = vma.vm_start
+            if start >= end:
+                break
+        tmp = min(vma.vm_end, end)
+        ret = yield from madvise_vma(mm, vma, start, tmp, behavior)
+        if ret:
+            return ret
+        cur = mm.vma_lookup(tmp - 1)                         # after a merge the VMA may reach beyond tmp
+        if cur is not None and cur.vm_end > tmp:
+            tmp = cur.vm_end
+        start = tmp
+        if start >= end:
+            break
+        vma = mm.find_vma(start)
+    return unmapped_error
+
+
+_ = HPAGE_PMD_NR

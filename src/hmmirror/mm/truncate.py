@@ -1,0 +1,262 @@
+"""Unmapping a file range from every mapping, and truncating the page cache (mm/memory.c
+unmap_mapping_range/unmap_mapping_pages, mm/truncate.c).
+
+``unmap_mapping_range`` visits every VMA of the file whose offset range meets the hole and zaps that part
+under one notifier CLEAR per VMA (zap_page_range_single), in file-offset order, holding ``i_mmap_rwsem`` for
+write.  With ``even_cows`` false, private anonymous copies (COW pages and their swap entries) are kept, as
+``details->check_mapping`` does; hugetlb VMAs are always zapped whole (hugetlb ignores the details).
+
+Used by truncate(2) (twice, as truncate_pagecache does: once before and once after dropping the page cache),
+hole punching, fsdax (writes into holes) and device-dax unbind.  ``mapping`` may be an
+:class:`~hmmirror.fs.file.AddressSpace`, an :class:`~hmmirror.fs.file.Inode`, or any object with an
+``i_mmap`` list (a driver's device inode).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hmmirror.arch.x86 import pgtable as x86
+from hmmirror.arch.x86.pgtable import (
+    MAX_SWAPFILES,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_SIZE,
+    PTRS_PER_TABLE,
+    PUD_SIZE,
+    SWP_TYPE_SHIFT,
+    pmd_leaf,
+    pte_none,
+    pud_leaf,
+    table_id_of,
+)
+from hmmirror.include.mm_types import MMU_NOTIFY
+from hmmirror.kernel import sched
+from hmmirror.kernel.sched import Gen, Lock
+from hmmirror.mm.memory import pte_lockptr, release_entries, unmap_page_range
+from hmmirror.mm.mm_struct import is_vm_hugetlb_page
+from hmmirror.mm.mmu_notifier import (
+    mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start,
+    mmu_notifier_range_init,
+)
+from hmmirror.mm.page_alloc import PG
+from hmmirror.mm.pgtable import Ptr
+
+if TYPE_CHECKING:
+    from hmmirror.fs.file import AddressSpace, Inode
+    from hmmirror.mm.mm_struct import VMA
+
+ULONG_MAX = (1 << 64) - 1
+
+
+def _i_mmap(mapping: Any) -> tuple[list["VMA"], Lock | None]:
+    """The VMA list and the i_mmap rwsem of ``mapping`` (AddressSpace, Inode or any object with i_mmap)."""
+    if hasattr(mapping, "i_mapping") and hasattr(mapping.i_mapping, "i_mmap_rwsem"):
+        mapping = mapping.i_mapping
+    vmas = getattr(mapping, "i_mmap", None)
+    if vmas is None and hasattr(mapping, "host"):
+        vmas = mapping.host.i_mmap
+    return (list(vmas or []), getattr(mapping, "i_mmap_rwsem", None))
+
+
+# --- zapping one VMA's range ----------------------------------------------------------------------------
+def _zap_pte_range_keep_cows(vma: "VMA", pmdp: Ptr, addr: int, end: int) -> Gen[None]:
+    """zap_pte_range() with ``details->check_mapping``: clear every entry of ``[addr, end)`` except private
+    anonymous pages and genuine swap entries (the COWed copies)."""
+    mm = vma.vm_mm
+    machine = mm.machine
+    pool, mem = machine.pool, machine.mem
+    ptl = pte_lockptr(mm, pmdp)
+    yield from sched.spin_lock(ptl)
+    tid = table_id_of(pool.get(pmdp))
+    lo = (addr >> PAGE_SHIFT) & (PTRS_PER_TABLE - 1)
+    hi = lo + ((end - addr) >> PAGE_SHIFT)
+    ents = pool.tables[tid, lo:hi].copy()
+    notnone = (ents & ~np.uint64(x86._PAGE_ACCESSED | x86._PAGE_DIRTY)) != 0
+    present = (ents & np.uint64(x86._PAGE_PRESENT | x86._PAGE_PROTNONE)) != 0
+    pfns = ((ents & np.uint64(x86.PTE_PFN_MASK)) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    inside = present & (pfns < mem.nr_pfns)
+    anon = np.zeros(ents.shape, dtype=bool)
+    anon[inside] = (mem.flags[pfns[inside]] & PG.anon) != 0
+    swap = notnone & ~present & ((ents >> np.uint64(SWP_TYPE_SHIFT)) < np.uint64(MAX_SWAPFILES))
+    zap = notnone & ~anon & ~swap
+    if zap.any():
+        pool.tables[tid, lo + np.flatnonzero(zap)] = 0
+    sched.spin_unlock(ptl)
+    if zap.any():
+        release_entries(machine, ents[zap], pte_level=True)
+
+
+def _unmap_range_keep_cows(vma: "VMA", start: int, end: int) -> Gen[None]:
+    """unmap_page_range() with ``details->check_mapping`` (even_cows false)."""
+    from hmmirror.mm import huge_memory
+
+    mm = vma.vm_mm
+    pool = mm.machine.pool
+    for p4dp, a, nxt in mm.pt.p4d_range(start, end):
+        addr = a
+        while addr < nxt:
+            pud_end = x86.PUD_LEVEL.addr_end(addr, nxt)
+            pudp = mm.pt.pud_offset(p4dp, addr)
+            pud = pool.get(pudp)
+            if not pte_none(pud):
+                if pud_leaf(pud):
+                    if pud_end - addr == PUD_SIZE:
+                        yield from huge_memory.zap_huge_pud(vma, pudp, addr)
+                    else:
+                        yield from huge_memory.__split_huge_pud(vma, pudp, addr)
+                else:
+                    b = addr
+                    while b < pud_end:
+                        pmd_end = x86.PMD_LEVEL.addr_end(b, pud_end)
+                        pmdp = mm.pt.pmd_offset(pudp, b)
+                        pmd = pool.get(pmdp)
+                        if not pte_none(pmd):
+                            if pmd_leaf(pmd) or not pmd & x86._PAGE_PRESENT:
+                                if pmd_end - b == PMD_SIZE:
+                                    yield from huge_memory.zap_huge_pmd(vma, pmdp, b)
+                                    b = pmd_end
+                                    continue
+                                yield from huge_memory.__split_huge_pmd(vma, pmdp, b)
+                                pmd = pool.get(pmdp)
+                            if not pte_none(pmd) and not pmd_leaf(pmd):
+                                yield from _zap_pte_range_keep_cows(vma, pmdp, b, pmd_end)
+                        yield from sched.preempt_point("zap_pmd_range")
+                        b = pmd_end
+            addr = pud_end
+
+
+def zap_page_range_single(vma: "VMA", address: int, size: int, even_cows: bool = True) -> Gen[None]:
+    """zap_page_range_single() (mm/memory.c): notifier CLEAR over ``[address, address+size)`` of this VMA
+    around the zap (unmap_single_vma; hugetlb VMAs are zapped whole whatever the details)."""
+    end = address + size
+    r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, vma.vm_mm, address, end)
+    yield from mmu_notifier_invalidate_range_start(r)
+    if even_cows or is_vm_hugetlb_page(vma):
+        yield from unmap_page_range(vma, address, end)
+    else:
+        yield from _unmap_range_keep_cows(vma, address, end)
+    yield from mmu_notifier_invalidate_range_end(r)
+
+
+def unmap_mapping_range_tree(vmas: list["VMA"], first_index: int, last_index: int, even_cows: bool) -> Gen[None]:
+    """unmap_mapping_range_tree(): every VMA whose file pages meet ``[first_index, last_index]`` (in
+    vm_pgoff order, as the interval tree visits them) has that part zapped."""
+    for vma in sorted(vmas, key=lambda v: v.vm_pgoff):
+        vba = vma.vm_pgoff
+        vea = vba + ((vma.vm_end - vma.vm_start) >> PAGE_SHIFT) - 1
+        if vea < first_index or vba > last_index:
+            continue
+        zba = max(first_index, vba)
+        zea = min(last_index, vea)
+        start = ((zba - vba) << PAGE_SHIFT) + vma.vm_start
+        end = ((zea - vba + 1) << PAGE_SHIFT) + vma.vm_start
+        yield from zap_page_range_single(vma, start, end - start, even_cows)
+
+
+def unmap_mapping_pages(mapping: Any, start: int, nr: int, even_cows: bool) -> Gen[None]:
+    """unmap_mapping_pages() (mm/memory.c): unmap file pages ``[start, start+nr)`` (``nr`` 0: to the end)
+    from every mapping; ``even_cows`` also removes private COW copies.  Holds i_mmap_rwsem for write."""
+    first = start
+    last = start + nr - 1
+    if last < first:
+        last = ULONG_MAX
+    vmas, lock = _i_mmap(mapping)
+    if lock is not None:
+        yield from sched.down_write(lock)
+    if vmas:
+        yield from unmap_mapping_range_tree(vmas, first, last, even_cows)
+    if lock is not None:
+        sched.up_write(lock)
+
+
+def unmap_mapping_range(mapping: Any, holebegin: int, holelen: int, even_cows: bool) -> Gen[None]:
+    """unmap_mapping_range() (mm/memory.c): byte range ``[holebegin, holebegin+holelen)`` (``holelen`` 0:
+    to the end of the file) rounded out to pages."""
+    hba = holebegin >> PAGE_SHIFT
+    hlen = (holelen + PAGE_SIZE - 1) >> PAGE_SHIFT
+    yield from unmap_mapping_pages(mapping, hba, hlen, even_cows)
+
+
+# --- the page cache ---------------------------------------------------------------------------------------
+def truncate_inode_pages_range(mapping: "AddressSpace", lstart: int, lend: int) -> Gen[int]:
+    """truncate_inode_pages_range() (mm/truncate.c): remove the cached pages wholly inside the byte range
+    ``[lstart, lend]`` (``lend`` inclusive, -1: to the end) and zero the covered part of a partial first
+    page.  A large folio stays cached while any of its pages remains (model: no folio split).  Returns the
+    number of slots removed."""
+    mem = mapping.host.machine.mem
+    yield from sched.might_sleep("truncate_inode_pages_range")
+    start = (lstart + PAGE_SIZE - 1) >> PAGE_SHIFT
+    end = mapping.pages.shape[0] if lend < 0 else (lend + 1) >> PAGE_SHIFT
+    if lstart & (PAGE_SIZE - 1):
+        pfn = mapping.find_page(lstart >> PAGE_SHIFT)
+        if pfn >= 0 and pfn in mem.contents:
+            off = lstart & (PAGE_SIZE - 1)
+            stop = PAGE_SIZE if lend < 0 or (lend >> PAGE_SHIFT) > (lstart >> PAGE_SHIFT) else (lend & (PAGE_SIZE - 1)) + 1
+            mem.contents[pfn][off:stop] = bytes(stop - off)
+    return mapping.delete_range(mem, start, end)
+
+
+def truncate_pagecache(inode: "Inode", newsize: int) -> Gen[None]:
+    """truncate_pagecache() (mm/truncate.c): unmap the tail (private COW copies included), drop its page
+    cache, unmap again for pages COWed meanwhile (so every mapping sees two CLEAR ranges)."""
+    mapping = inode.i_mapping
+    holebegin = (newsize + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    yield from unmap_mapping_range(mapping, holebegin, 0, True)
+    yield from truncate_inode_pages_range(mapping, newsize, -1)
+    yield from unmap_mapping_range(mapping, holebegin, 0, True)
+
+
+def truncate_setsize(inode: "Inode", newsize: int) -> Gen[None]:
+    """truncate_setsize() (mm/truncate.c): update i_size; when shrinking, truncate_pagecache()."""
+    oldsize = inode.i_size
+    inode.i_size = newsize
+    if newsize < oldsize:
+        yield from truncate_pagecache(inode, newsize)
+
+
+def truncate_pagecache_range(inode: "Inode", lstart: int, lend: int) -> Gen[None]:
+    """truncate_pagecache_range() (mm/truncate.c; hole punch): unmap the whole pages of ``[lstart, lend]``
+    keeping private COW copies, then drop them from the cache."""
+    mapping = inode.i_mapping
+    unmap_start = (lstart + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    unmap_end = ((lend + 1) & ~(PAGE_SIZE - 1)) - 1
+    if unmap_end > unmap_start:
+        yield from unmap_mapping_range(mapping, unmap_start, 1 + unmap_end - unmap_start, False)
+    yield from truncate_inode_pages_range(mapping, lstart, lend)
+
+
+def invalidate_mapping_pages(mapping: "AddressSpace", start: int, end: int) -> int:
+    """invalidate_mapping_pages() (mm/truncate.c; POSIX_FADV_DONTNEED): drop the clean, unlocked, unmapped
+    cached pages of indices ``[start, end]`` (a large folio only if all of it qualifies and lies inside).
+    Returns the number of slots dropped."""
+    mem = mapping.host.machine.mem
+    hi = min(end + 1, mapping.pages.shape[0])
+    if hi <= start:
+        return 0
+    sl = mapping.pages[start:hi]
+    idx = np.flatnonzero(sl >= 0) + start
+    dropped = 0
+    done: set[int] = set()
+    for i in idx.tolist():
+        pfn = int(mapping.pages[i])
+        if pfn < 0:
+            continue
+        head = mem.compound_head(pfn)
+        if head in done:
+            continue
+        done.add(head)
+        n = 1 << int(mem.order[head])
+        first = i - (pfn - head)
+        if first < start or first + n - 1 > end:
+            continue
+        fl = mem.flags[head: head + n]
+        if (mem.mapcount[head: head + n] > 0).any() or (fl & (PG.dirty | PG.locked)).any():
+            continue
+        if int(mem.refcount[head]) != 1:                 # pinned or referenced elsewhere
+            continue
+        dropped += mapping.delete_range(mem, first, first + n)
+    return dropped

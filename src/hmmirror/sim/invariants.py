@@ -1,0 +1,590 @@
+"""The invariants the simulator checks, each a small named instrument.
+
+| name | guarantee |
+|---|---|
+| ``sleep_in_atomic`` | no function that may sleep runs with a spinlock held or in a non-blockable callback (``sched.might_sleep``) |
+| ``locks_balanced`` | a task ends every operation, device fault and its life holding no lock |
+| ``double_unlock`` / ``recursive_lock`` | no lock is released by a task that does not hold it, or taken twice (``sched``) |
+| ``lock_order`` | no two tasks take two lock classes in opposite orders (lockdep's AB-BA) |
+| ``pgmap_refcount`` | every ``dev_pagemap`` count returns to its baseline when no HMM call is in progress |
+| ``page_counts`` | page mapcount (and refcount at quiescent points) agree with a walk of all page tables |
+| ``coherence`` | after ``invalidate_range_end`` returns, and at every device commit outside an invalidation, no device entry maps a pfn the CPU no longer maps there with at least that permission |
+| ``commit_invalid`` | a driver never commits a device entry from a snapshot an invalidation it was told about overlapped |
+| ``result_contract`` | a successful ``hmm_range_fault`` (and a successful driver fault) leaves every requested page valid, writable if asked, and equal to the CPU page table; every VALID entry reported describes the real entry |
+| ``liveness`` | every driver loop completes within a bounded number of retries while no invalidation is pending; the run ends within its step bound |
+| ``deadlock`` / ``no_waker`` / ``device_teardown`` | no task is left waiting with nobody able to wake it (engine) |
+| ``exception`` | no Python exception escapes model code (engine) |
+| ``report:KIND`` | a ``sched.report`` / ``WARN_ON`` event of the model (engine, :class:`WarnEvents`) |
+
+Cadence.  Every invariant is checked at every step, except ``page_counts``: its mapcount walk runs every
+``count_every`` steps (default 64) at a step where no task holds a spinlock (mapcount and entries change
+together under the page-table lock), and its refcount part only when every task is between operations and at
+the end of the run (references are legitimately in flight inside an operation).  ``every_step=True`` (CLI
+``--every-step``) runs the mapcount walk at every such step.  The coherence check looks only at the device
+entries touched in the step and at the range whose ``invalidate_range_end`` returned in it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+from hmmirror.arch.x86 import pgtable as x86
+from hmmirror.arch.x86.pgtable import PAGE_SIZE, PMD_SIZE, PUD_SIZE
+from hmmirror.kernel.sched import Lock
+from hmmirror.sim.findings import frame_stack
+
+EAGAIN = 11
+_BRACKETS = re.compile(r"\[[^\]]*\]|\d+")
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+def cpu_leaf(mm: Any, va: int) -> tuple[int, bool, bool]:
+    """(pfn, readable, writable) of the CPU translation of ``va`` (pfn -1 when nothing present maps it)."""
+    level, p, e = mm.pt.lookup(va)
+    if p is None or x86.pte_none(e) or not e & x86._PAGE_PRESENT:
+        return -1, False, False
+    if level == "pmd":
+        if not x86.pmd_leaf(e):
+            return -1, False, False
+        pfn = x86.pte_pfn(e) + ((va & (PMD_SIZE - 1)) >> 12)
+    elif level == "pud":
+        if not x86.pud_leaf(e):
+            return -1, False, False
+        pfn = x86.pte_pfn(e) + ((va & (PUD_SIZE - 1)) >> 12)
+    else:
+        pfn = x86.pte_pfn(e)
+    return pfn, True, bool(e & x86._PAGE_RW)
+
+
+def overlaps(a0: int, a1: int, b0: int, b1: int) -> bool:
+    return a0 < b1 and b0 < a1
+
+
+class Tracker:
+    """Shared bookkeeping (not an invariant): invalidations in flight per mm, their epochs, device-table
+    touches of the current step, and invalidations delivered to the driver."""
+
+    name = "tracker"
+
+    def __init__(self) -> None:
+        self.inflight: dict[str, list[list[Any]]] = {}     # mm -> [[start, end, start_step]]
+        self.epoch: dict[str, int] = {}                     # mm -> invalidations started so far
+        self.ended: list[tuple[str, int, int]] = []         # (mm, start, end) ended in this step
+        self.touched: list[tuple[str, int, int, bool, int]] = []   # (op, va, pfn, write, task idx)
+        self.delivered: list[list[Any]] = []                # [start, end, step, end_step|None, task idx]
+        self.driver: Any = None
+        self.mm_name = ""
+        self.engine: Any = None
+        self.commit_hooks: list[Any] = []                   # fn(st, va, pfn, write) at every device map
+
+    def attach(self, eng: Any, run: Any) -> None:
+        self.engine = eng
+        self.driver = run.driver
+        self.mm_name = run.driver.mm.name if getattr(run.driver, "mm", None) is not None else run.scenario.mirror
+        pt = getattr(run.driver, "pt", None)
+        if pt is not None and hasattr(pt, "listener"):
+            pt.listener = self._on_pt
+        orig = run.driver.invalidate
+
+        def invalidate(*args: Any, **kw: Any) -> Any:
+            # the driver has been told once its callback returned (it may first wait for its own lock,
+            # behind a commit that it will then undo)
+            ret = yield from orig(*args, **kw)
+            r = next((a for a in args if hasattr(a, "start") and hasattr(a, "end")), None)
+            if r is not None and ret not in (False, -EAGAIN):
+                cur = eng.current.idx if eng.current is not None else -1
+                rec = [int(r.start), int(r.end), eng.step, None, cur]
+                if not self.inflight_overlap(self.mm_name, rec[0], rec[1]):
+                    rec[3] = eng.step
+                self.delivered.append(rec)
+            return ret
+        run.driver.invalidate = invalidate
+
+    def _on_pt(self, op: str, va: int, pfn: int, write: bool) -> None:
+        st = self.engine.current
+        self.touched.append((op, va, pfn, write, st.idx if st is not None else -1))
+        if op == "map" and self.engine.finding is None:
+            for fn in self.commit_hooks:
+                fn(st, va, pfn, write)
+
+    def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
+        what = ev["what"]
+        if what == "invalidate_range_start":
+            mm = ev.get("mm", "")
+            self.inflight.setdefault(mm, []).append([ev["start"], ev["end"], eng.step])
+            self.epoch[mm] = self.epoch.get(mm, 0) + 1
+        elif what in ("invalidate_range_end", "invalidate_range_start_failed"):
+            mm = ev.get("mm", "")
+            lst = self.inflight.get(mm, [])
+            for i, r in enumerate(lst):
+                if r[0] == ev["start"] and r[1] == ev["end"]:
+                    del lst[i]
+                    break
+            if what == "invalidate_range_end":
+                self.ended.append((mm, ev["start"], ev["end"]))
+            if mm == self.mm_name:
+                for d in self.delivered:
+                    if d[3] is None and d[0] == ev["start"] and d[1] == ev["end"]:
+                        d[3] = eng.step
+                        break
+
+    def inflight_overlap(self, mm: str, start: int, end: int) -> bool:
+        for r in self.inflight.get(mm, ()):
+            if overlaps(r[0], r[1], start, end):
+                return True
+        return False
+
+    def before_step(self, eng: Any, st: Any) -> None:
+        if self.ended:
+            self.ended.clear()
+        if self.touched:
+            self.touched.clear()
+
+    def prune(self, oldest: int) -> None:
+        """Forget delivered invalidations that ended before ``oldest`` (no snapshot can still see them)."""
+        if len(self.delivered) > 64:
+            self.delivered = [d for d in self.delivered if d[3] is None or d[3] >= oldest]
+
+
+# --- lock discipline -------------------------------------------------------------------------------------
+class LockDiscipline:
+    """``locks_balanced`` and ``lock_order`` (``sleep_in_atomic``, ``double_unlock`` come from sched)."""
+
+    name = "lock_discipline"
+
+    def __init__(self) -> None:
+        self.edges: dict[tuple[str, str], tuple[str, int]] = {}
+        self.mm_names: set[str] = set()
+        self._cls: dict[str, str] = {}
+
+    def attach(self, eng: Any, run: Any) -> None:
+        self.mm_names = set(run.machine.mms)
+
+    def lock_class(self, name: str) -> str:
+        c = self._cls.get(name)
+        if c is None:
+            head, dot, tail = name.partition(".")
+            if dot and _BRACKETS.sub("", head) in {_BRACKETS.sub("", m) for m in self.mm_names} | {""}:
+                name2 = tail
+            else:
+                name2 = name
+            c = self._cls[name] = _BRACKETS.sub("", name2)
+        return c
+
+    def after_step(self, eng: Any, st: Any, point: Any) -> None:
+        if point is None or point.kind != "lock":
+            return
+        held = st.task.held
+        if not held:
+            return
+        lock: Lock = point.obj
+        b = self.lock_class(lock.name)
+        for h in held:
+            a = self.lock_class(h.name)
+            if a == b:
+                continue
+            rev = self.edges.get((b, a))
+            if rev is not None and rev[0] != st.name:
+                eng.violate("lock_order", f"{st.name} takes {lock.name} while holding {h.name}, but "
+                            f"{rev[0]} took {a} while holding {b} at step {rev[1]} (AB-BA)",
+                            st=st, state={"held": [x.name for x in held], "acquiring": lock.name,
+                                          "other": rev[0], "other_step": rev[1]})
+                return
+            self.edges.setdefault((a, b), (st.name, eng.step))
+
+    def _balanced(self, eng: Any, st: Any, when: str) -> None:
+        if st.task.held:
+            eng.violate("locks_balanced", f"{st.name} {when} holding {', '.join(l.name for l in st.task.held)}",
+                        st=st, state={"held": [l.name for l in st.task.held]})
+
+    def task_exited(self, eng: Any, st: Any) -> None:
+        if st.error is None:
+            self._balanced(eng, st, "finished")
+
+    def op_end(self, eng: Any, st: Any) -> None:
+        self._balanced(eng, st, f"ended {st.op}")
+
+    def fault_end(self, eng: Any, st: Any, start: int, end: int, write: bool, ret: int) -> None:
+        self._balanced(eng, st, f"returned from the driver fault ({ret})")
+
+
+# --- references ------------------------------------------------------------------------------------------
+class PgmapRefs:
+    """``pgmap_refcount``: HMM's ``get_dev_pagemap`` references are all dropped when no HMM call runs.
+
+    Count changes made in a step by a task that is not a device job (teardown, unmapping) move the
+    baseline; changes made by device jobs must cancel out once no device job is inside an HMM call.
+    """
+
+    name = "pgmap_refcount"
+    HMM_CALLS = ("hmm_range_fault", "hmm_range_snapshot", "hmm_vma_fault")
+
+    def __init__(self) -> None:
+        self.base: dict[int, int] = {}
+        self.before: dict[int, int] = {}
+        self.in_hmm: set[int] = set()
+        self.pgmaps: list[Any] = []
+
+    def attach(self, eng: Any, run: Any) -> None:
+        self.pgmaps = list(run.machine.pgmaps)
+        self.base = {id(p): p.count for p in self.pgmaps}
+
+    def before_step(self, eng: Any, st: Any) -> None:
+        if self.pgmaps:
+            self.before = {id(p): p.count for p in self.pgmaps}
+
+    def after_step(self, eng: Any, st: Any, point: Any) -> None:
+        if not self.pgmaps:
+            return
+        if st.kind != "device":
+            for p in self.pgmaps:
+                d = p.count - self.before[id(p)]
+                if d:
+                    self.base[id(p)] += d
+            return
+        if _in_calls(st.gen, self.HMM_CALLS) and not st.done:
+            self.in_hmm.add(st.idx)
+            return
+        self.in_hmm.discard(st.idx)
+        if self.in_hmm:
+            return
+        for p in self.pgmaps:
+            if p.count != self.base[id(p)]:
+                eng.violate("pgmap_refcount", f"{p.name}: count {p.count} after the HMM calls of {st.name} "
+                            f"returned, baseline {self.base[id(p)]}", st=st,
+                            state={"pgmap": p.name, "count": p.count, "baseline": self.base[id(p)],
+                                   "stats": dict(p.ref.stats) if getattr(p, "ref", None) else {}})
+                return
+
+
+def _in_calls(gen: Any, names: tuple[str, ...]) -> bool:
+    while gen is not None:
+        f = getattr(gen, "gi_frame", None)
+        if f is None:
+            return False
+        if f.f_code.co_name in names:
+            return True
+        gen = getattr(gen, "gi_yieldfrom", None)
+    return False
+
+
+class PageCounts:
+    """``page_counts``: mapcount (and, at quiescent points, refcount) agree with the page tables."""
+
+    name = "page_counts"
+
+    def __init__(self, every: int = 64, every_step: bool = False) -> None:
+        self.every = 1 if every_step else every
+        self.next = 0
+        self.machine: Any = None
+        self.check_counts: Any = None
+
+    def attach(self, eng: Any, run: Any) -> None:
+        self.machine = run.machine
+        try:
+            from hmmirror.mm.debug import check_counts
+            self.check_counts = check_counts
+        except ImportError:
+            self.check_counts = None
+
+    def after_step(self, eng: Any, st: Any, point: Any) -> None:
+        if eng.step < self.next:
+            return
+        for t in eng.tasks:
+            if not t.done and t.task.holds_spinlock() is not None:
+                return
+        self.next = eng.step + self.every
+        quiescent = all(t.done or not t.op for t in eng.tasks)
+        self._check(eng, st, refs=quiescent)
+
+    def run_finished(self, eng: Any) -> None:
+        self._check(eng, None, refs=True)
+
+    def _check(self, eng: Any, st: Any, refs: bool) -> None:
+        bad = self.mismatches(refs)
+        if bad:
+            eng.violate("page_counts", f"{len(bad)} frame(s) disagree with the page tables: {bad[0]}",
+                        st=st, stack=[] if st is None else None, state={"mismatches": [str(b) for b in bad[:8]]},
+                        location="page_counts" if st is None else None)
+
+    def mismatches(self, refs: bool) -> list[Any]:
+        if self.check_counts is None:
+            return mapcount_mismatches(self.machine)
+        mem = self.machine.mem
+        import numpy as np
+
+        from hmmirror.mm.page_alloc import PG
+        # memory_failure() keeps the reference of a poisoned page it unmapped (sim/kevents.py)
+        poisoned = np.flatnonzero((mem.flags[:mem.nr_ram] & np.uint32(PG.hwpoison)) != 0)
+        extra = {int(p): int(mem.refcount[p]) for p in poisoned.tolist() if mem.refcount[p] > 0}
+        out = list(self.check_counts(self.machine, extra_refs=extra or None))
+        if not refs:
+            # inside operations only the counts that change atomically with the entries are meaningful
+            out = [m for m in out if "mapcount" in m or "free, but" in m or "tail frame" in m]
+        return out
+
+
+def mapcount_mismatches(machine: Any) -> list[str]:
+    """Ours (until mm/debug.py lands): expected mapcount of every counted frame from all leaf entries."""
+    import numpy as np
+
+    from hmmirror.mm import rmap
+    from hmmirror.mm.page_alloc import PG
+
+    pool, mem = machine.pool, machine.mem
+    n = mem.nr_pfns
+    expect = np.zeros(n, dtype=np.int64)
+    pres = np.uint64(x86._PAGE_PRESENT | x86._PAGE_PROTNONE)
+    pfnmask = np.uint64(x86.PTE_PFN_MASK)
+    for lvl, span in ((1, 1), (2, 512), (3, 262144)):
+        rows = np.flatnonzero(pool.level == lvl)
+        if rows.size == 0:
+            continue
+        ents = pool.tables[rows].ravel()
+        m = (ents & pres) != 0
+        if lvl > 1:
+            m &= (ents & np.uint64(x86._PAGE_PSE)) != 0
+        else:
+            m &= (ents & np.uint64(x86._PAGE_SPECIAL)) == 0
+        pf = ((ents[m] & pfnmask) >> np.uint64(12)).astype(np.int64)
+        pf = pf[pf < n]
+        if span == 1:
+            np.add.at(expect, pf, 1)
+        else:
+            for base in pf.tolist():
+                expect[base: base + span] += 1
+    counted = rmap.counted_mask(mem, np.arange(n, dtype=np.int64), machine.profile.dax_refcounted)
+    counted &= (mem.flags & np.uint32(PG.hwpoison)) == 0
+    diff = np.flatnonzero(counted & (expect != mem.mapcount.astype(np.int64)))
+    return [f"pfn {p:#x}: mapcount {int(mem.mapcount[p])}, page tables map it {int(expect[p])} time(s)"
+            for p in diff[:8].tolist()]
+
+
+# --- the mirror ------------------------------------------------------------------------------------------
+class Coherence:
+    """``coherence``: device entries never outlive or exceed the CPU mapping they mirror."""
+
+    name = "coherence"
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.t = tracker
+        self.mm: Any = None
+        self.entries: Any = None
+
+    def attach(self, eng: Any, run: Any) -> None:
+        self.mm = getattr(run.driver, "mm", None) or run.procs[run.scenario.mirror].mm
+        self.entries = run.driver.pt
+        self.engine = eng
+        self.t.commit_hooks.append(self.on_commit)
+
+    def on_commit(self, st: Any, va: int, pfn: int, write: bool) -> None:
+        if not self.t.inflight_overlap(self.mm.name, va, va + PAGE_SIZE):
+            self._check(self.engine, st, va, pfn, write, "device commit", frame_stack(sys._getframe(1)))
+
+    def _check(self, eng: Any, st: Any, va: int, pfn: int, write: bool, why: str,
+               stack: list[str] | None = None) -> bool:
+        cpfn, readable, cw = cpu_leaf(self.mm, va)
+        if cpfn == pfn and readable and (cw or not write):
+            return True
+        cpu = "nothing" if cpfn < 0 else f"pfn {cpfn:#x} {'rw' if cw else 'r'}"
+        eng.violate("coherence", f"{why}: device maps {va:#x} -> pfn {pfn:#x} {'rw' if write else 'r'}, "
+                    f"the CPU maps {cpu}", st=st, mm=self.mm, addr=va, stack=stack,
+                    state={"device": (hex(pfn), write), "cpu": (hex(cpfn), readable, cw)})
+        return False
+
+    def after_step(self, eng: Any, st: Any, point: Any) -> None:
+        t = self.t
+        mmn = self.mm.name
+        if t.ended:
+            for mm, start, end in t.ended:
+                if mm != mmn or t.inflight_overlap(mm, start, end):
+                    continue
+                ents = self.entries.entries
+                if (end - start) // PAGE_SIZE < len(ents):
+                    vas = [v for v in range(start, min(end, 1 << 57), PAGE_SIZE) if v in ents]
+                else:
+                    vas = [v for v in ents if start <= v < end]
+                for va in vas:
+                    pfn, write = ents[va]
+                    if not self._check(eng, st, va, pfn, write, "after invalidate_range_end"):
+                        return
+
+
+class CommitInvalid:
+    """``commit_invalid``: a commit never uses a snapshot that an invalidation it was told about overlapped.
+
+    The snapshot of a commit starts at the beginning of the committing task's latest HMM call (or of its
+    driver fault when it made none).  A told invalidation overlaps it if it was delivered before the commit
+    and had not ended when the snapshot began.  Checked at the commit itself (the stack is the committer's).
+    """
+
+    name = "commit_invalid"
+    HMM_CALLS = ("hmm_range_fault", "hmm_range_snapshot")
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.t = tracker
+        self.snap: dict[int, int] = {}
+        self.in_call: dict[int, bool] = {}
+        self.engine: Any = None
+
+    def attach(self, eng: Any, run: Any) -> None:
+        self.engine = eng
+        self.t.commit_hooks.append(self.on_commit)
+
+    def fault_begin(self, eng: Any, st: Any, start: int, end: int, write: bool) -> None:
+        self.snap[st.idx] = eng.step
+        self.in_call[st.idx] = False
+
+    def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
+        if ev["what"] in self.HMM_CALLS:
+            st = eng.current
+            if st is not None and st.kind == "device" and not self.in_call.get(st.idx):
+                self.snap[st.idx] = eng.step          # the whole call ran inside this step
+
+    def after_step(self, eng: Any, st: Any, point: Any) -> None:
+        if st.kind == "device" and not st.done:
+            inside = _in_calls(st.gen, self.HMM_CALLS)
+            if inside and not self.in_call.get(st.idx):
+                self.snap[st.idx] = eng.step
+            self.in_call[st.idx] = inside
+        if len(self.t.delivered) > 64:
+            self.t.prune(min(self.snap.values()) if self.snap else 0)
+
+    def on_commit(self, st: Any, va: int, pfn: int, write: bool) -> None:
+        if st is None:
+            return
+        eng = self.engine
+        snap = self.snap.get(st.idx, 0)
+        for d in self.t.delivered:
+            if d[2] <= eng.step and (d[3] is None or d[3] >= snap) and d[0] <= va < d[1] and d[4] != -2:
+                eng.violate("commit_invalid",
+                            f"device entry {va:#x} committed from a snapshot begun at step {snap}, but an "
+                            f"invalidation of {d[0]:#x}-{d[1]:#x} was delivered at step {d[2]} and "
+                            f"{'is still running' if d[3] is None else f'ended at step {d[3]}'}",
+                            st=st, mm=getattr(self.t.driver, "mm", None), addr=va,
+                            stack=frame_stack(sys._getframe(1)),
+                            state={"snapshot_step": snap, "invalidation": (hex(d[0]), hex(d[1]), d[2], d[3])})
+                return
+
+
+class ResultContract:
+    """``result_contract`` on ``hmm_range_fault`` returns and on successful driver faults, and ``liveness`` of
+    the driver's retry loop."""
+
+    name = "result_contract"
+    MAX_LOOP_CALLS = 48
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.t = tracker
+        self.begin: dict[int, tuple[int, int]] = {}      # task idx -> (step, epoch of the mm)
+        self.calls: dict[int, int] = {}
+        self.mm: Any = None
+        self.driver: Any = None
+
+    def attach(self, eng: Any, run: Any) -> None:
+        self.driver = run.driver
+        self.mm = getattr(run.driver, "mm", None) or run.procs[run.scenario.mirror].mm
+
+    def fault_begin(self, eng: Any, st: Any, start: int, end: int, write: bool) -> None:
+        self.begin[st.idx] = (eng.step, self.t.epoch.get(self.mm.name, 0))
+        self.calls[st.idx] = 0
+
+    def _quiet_since(self, idx: int, start: int, end: int) -> bool:
+        """No invalidation of the mirrored mm started since ``idx``'s fault began, none is in flight."""
+        b = self.begin.get(idx)
+        if b is None:
+            return False
+        mmn = self.mm.name
+        return self.t.epoch.get(mmn, 0) == b[1] and not self.t.inflight.get(mmn)
+
+    def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
+        what = ev["what"]
+        if what == "invalidate_range_start" and ev.get("mm") == self.mm.name:
+            for k in self.calls:
+                self.calls[k] = 0
+            return
+        if what not in ("hmm_range_fault", "hmm_range_snapshot"):
+            return
+        st = eng.current
+        if st is None or st.kind != "device":
+            return
+        self.calls[st.idx] = self.calls.get(st.idx, 0) + 1
+        if self.calls[st.idx] > self.MAX_LOOP_CALLS:
+            eng.violate("liveness", f"{st.name}'s driver loop called {what} {self.calls[st.idx]} times "
+                        f"with no invalidation of {self.mm.name} pending", st=st)
+            return
+        ret = ev.get("ret")
+        if ret is None or ret < 0 or not self._quiet_since(st.idx, ev.get("start", 0), ev.get("end", 0)):
+            return
+        rng = sys._getframe(2).f_locals.get("range")
+        if rng is None or not hasattr(rng, "hmm_pfns"):
+            return
+        self._check_modern(eng, st, rng, what)
+
+    def _check_modern(self, eng: Any, st: Any, rng: Any, what: str) -> None:
+        from hmmirror.mm.hmm import modern as hmm
+
+        mm = rng.notifier.mm if getattr(rng, "notifier", None) is not None else self.mm
+        n = (rng.end - rng.start) >> 12
+        for k in range(n):
+            e = int(rng.hmm_pfns[k])
+            va = rng.start + k * PAGE_SIZE
+            req = (e & rng.pfn_flags_mask) | rng.default_flags
+            valid = bool(e & hmm.HMM_PFN_VALID)
+            wr = bool(e & hmm.HMM_PFN_WRITE)
+            if req & hmm.HMM_PFN_REQ_FAULT and not (e & hmm.HMM_PFN_ERROR):
+                if not valid or (req & hmm.HMM_PFN_REQ_WRITE and not wr):
+                    eng.violate("result_contract", f"{what} returned 0 but page {va:#x} is "
+                                f"{'not valid' if not valid else 'not writable'} although requested",
+                                st=st, mm=mm, addr=va, state={"entry": hex(e), "request": hex(req)})
+                    return
+            if valid:
+                pfn = hmm.hmm_pfn_to_pfn(e)
+                cpfn, readable, cw = cpu_leaf(mm, va)
+                if pfn != cpfn or not readable or (wr and not cw):
+                    eng.violate("result_contract", f"{what} reports {va:#x} -> pfn {pfn:#x} "
+                                f"{'rw' if wr else 'r'}, the CPU maps "
+                                f"{'nothing' if cpfn < 0 else hex(cpfn) + (' rw' if cw else ' r')}",
+                                st=st, mm=mm, addr=va, state={"entry": hex(e), "cpu": (hex(cpfn), readable, cw)})
+                    return
+
+    def fault_end(self, eng: Any, st: Any, start: int, end: int, write: bool, ret: int) -> None:
+        if ret != 0 or self.mm.exited or self.mm.mm_users <= 0:
+            return
+        if not self._quiet_since(st.idx, start, end):
+            return
+        pt = self.driver.pt
+        for va in range(start, end, PAGE_SIZE):
+            ent = pt.get(va)
+            cpfn, readable, cw = cpu_leaf(self.mm, va)
+            if ent is None or (write and not ent[1]) or ent[0] != cpfn or not readable:
+                eng.violate("result_contract", f"driver fault of {start:#x}-{end:#x} ({'write' if write else 'read'}) "
+                            f"returned 0 but the device maps {va:#x} as {ent}, the CPU as "
+                            f"{'nothing' if cpfn < 0 else hex(cpfn) + (' rw' if cw else ' r')}",
+                            st=st, mm=self.mm, addr=va, state={"device": ent, "cpu": (hex(cpfn), readable, cw)})
+                return
+
+
+class WarnEvents:
+    """``report:WARN_ON``: WARN_ON-style events a model writes to the event log instead of reporting."""
+
+    name = "warn_events"
+    KINDS = ("WARN_ON", "WARN_ON_ONCE", "BUG_ON", "VM_BUG_ON")
+
+    def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
+        if ev["what"] in self.KINDS:
+            eng.violate(f"report:{ev['what']}", str(ev.get("what_failed", ev)))
+
+
+def default_invariants(every_step: bool = False, count_every: int = 64) -> list[Any]:
+    """Every invariant, sharing one tracker."""
+    t = Tracker()
+    return [t, LockDiscipline(), PgmapRefs(), PageCounts(count_every, every_step), Coherence(t),
+            CommitInvalid(t), ResultContract(t), WarnEvents()]
+
+
+INVARIANTS = ("sleep_in_atomic", "locks_balanced", "double_unlock", "recursive_lock", "lock_order",
+              "pgmap_refcount", "page_counts", "coherence", "commit_invalid", "result_contract", "liveness",
+              "deadlock", "no_waker", "device_teardown", "exception")

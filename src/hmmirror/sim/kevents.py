@@ -1,0 +1,431 @@
+"""Kernel background events: what the kernel does to an address space behind the mirror's back.
+
+Each event is a generator run as its own simulator task (a kernel thread: kswapd, khugepaged, kcompactd,
+the NUMA scanner, memory-failure handling, the OOM reaper, a driver unbind, ...).  Where the model has the
+kernel function (``mm/swap.py``'s reclaim, ``huge_memory.__split_huge_pmd``, ``drivers/dax`` unbind,
+``mm/oom_kill.py``, ``kernel/fork.py``) the event calls it; the others are modelled here, following the
+kernel's order of steps (locks, notifier range, entry changes) and named after the kernel functions:
+
+* ``migrate``: ``migrate_pages`` of one anonymous 4 KiB page -- ``try_to_migrate_one`` (notifier CLEAR
+  ``[4K)``, the PTE becomes a migration entry under the PTE lock), the copy (``hold`` preemption points: the
+  migration entry is present "for a while", faults and HMM walks wait on it), ``remove_migration_ptes`` (the
+  new page is mapped; no notifier, the entry was not present).
+* ``khugepaged``: ``collapse_huge_page`` of one 2 MiB anonymous range (mmap lock for write, notifier CLEAR
+  ``[2M)``, ``pmdp_collapse_flush`` under the PMD lock, copy, ``set_pmd_at`` of the new THP).
+* ``numa``: ``change_prot_numa`` (mmap lock for read, notifier PROTECTION_VMA, present anonymous PTEs and
+  THP PMDs become PROT_NONE hinting entries; the hint fault restores them).
+* ``memory_failure``: ``memory_failure`` of the page mapped at an address -- ``PG_hwpoison``, then
+  ``try_to_unmap_one`` with TTU_HWPOISON (notifier CLEAR ``[4K)``, the PTE becomes a hwpoison entry); the
+  poisoned page keeps the reference memory_failure took (it is never reused).
+* ``notifier_churn``: a second mirror (and a plain notifier) registered and unregistered concurrently.
+
+An event that finds nothing suitable at its address does nothing (returns a negative errno, as the kernel's
+helpers skip such pages); that is not a finding.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+from hmmirror.arch.x86 import pgtable as x86
+from hmmirror.arch.x86.pgtable import HPAGE_PMD_NR, PAGE_SIZE, PMD_SIZE
+from hmmirror.include.mm_types import MMU_NOTIFY, VM
+from hmmirror.kernel import sched
+from hmmirror.kernel.sched import Gen
+from hmmirror.mm import rmap
+from hmmirror.mm.memory import pmd_lockptr, pte_lockptr
+from hmmirror.mm.mm_struct import vma_is_anonymous
+from hmmirror.mm.mmu_notifier import (
+    mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start,
+    mmu_notifier_range_init,
+)
+from hmmirror.mm.page_alloc import PG
+from hmmirror.sim.scenario import parse_size, resolve_addr
+
+EINVAL, EBUSY, EAGAIN, ENOENT = 22, 16, 11, 2
+
+
+def _has(mod: str, attr: str | None = None) -> bool:
+    try:
+        if importlib.util.find_spec(mod) is None:
+            return False
+    except ModuleNotFoundError:
+        return False
+    if attr is None:
+        return True
+    try:
+        return hasattr(importlib.import_module(mod), attr)
+    except Exception:                 # noqa: BLE001 - a module mid-edit by its owner
+        return False
+
+
+def supported(kind: str) -> bool:
+    """Does the model have what the event ``kind`` needs?"""
+    if kind == "reclaim":
+        return _has("hmmirror.mm.swap", "model_swap_out")
+    if kind == "pmem_unbind":
+        return _has("hmmirror.drivers.dax.device", "dev_dax_unbind")
+    if kind == "oom_reap":
+        return _has("hmmirror.mm.oom_kill", "__oom_reap_task_mm")
+    if kind == "exit":
+        return _has("hmmirror.kernel.fork", "mmput")
+    return kind in ("thp_split", "khugepaged", "migrate", "numa", "memory_failure", "notifier_churn", "gc")
+
+
+def run_event(run: Any, ev: dict[str, Any]) -> Gen[int]:
+    """Run one event of a scenario (the body of a ``kevent`` task)."""
+    kind = ev["kind"]
+    proc = run.procs.get(ev.get("proc", run.scenario.mirror))
+    mm = proc.mm if proc is not None else None
+    addr = resolve_addr(ev["addr"], run.names) if "addr" in ev else None
+    if "addr" in ev and addr is None:
+        return -ENOENT
+    if mm is None or (mm.exited and kind not in ("pmem_unbind", "gc")):
+        return -ENOENT
+    if kind in ("pmem_unbind", "gc", "exit"):
+        return (yield from _run_event(run, ev, kind, mm, addr))
+    # the kernel thread holds a user reference on the mm while it works on it (mmget_not_zero / mmput)
+    if mm.mm_users <= 0:
+        return -ENOENT
+    mm.mm_users += 1
+    try:
+        return (yield from _run_event(run, ev, kind, mm, addr))
+    finally:
+        yield from _mmput(mm)
+
+
+def _mmput(mm: Any) -> Gen[None]:
+    try:
+        from hmmirror.kernel.fork import mmput
+    except ImportError:
+        mm.mm_users -= 1
+        return
+    yield from mmput(mm)
+
+
+def _run_event(run: Any, ev: dict[str, Any], kind: str, mm: Any, addr: Any) -> Gen[int]:
+    if kind == "reclaim":
+        from hmmirror.mm.swap import model_swap_out
+        return (yield from model_swap_out(mm, addr))
+    if kind == "thp_split":
+        return (yield from thp_split(mm, addr))
+    if kind == "khugepaged":
+        return (yield from collapse_huge_page(mm, addr))
+    if kind == "migrate":
+        return (yield from migrate_page(mm, addr, int(ev.get("hold", 4))))
+    if kind == "numa":
+        return (yield from change_prot_numa(mm, addr, addr + parse_size(ev.get("length", PAGE_SIZE))))
+    if kind == "memory_failure":
+        return (yield from memory_failure(mm, addr))
+    if kind == "pmem_unbind":
+        from hmmirror.drivers.dax.device import dev_dax_unbind
+        dev = run.machine.devices.get(ev.get("device", "/dev/dax1.0"))
+        if dev is None or not hasattr(dev, "pgmap"):
+            return -ENOENT
+        return (yield from dev_dax_unbind(dev))
+    if kind == "oom_reap":
+        return (yield from oom_reap(mm))
+    if kind == "exit":
+        from hmmirror.kernel.fork import mmput
+        gone = run.__dict__.setdefault("exited", set())
+        if mm.exited or mm.name in gone:
+            return -ENOENT                               # a process exits once
+        gone.add(mm.name)
+        yield from mmput(mm)
+        return 0
+    if kind == "notifier_churn":
+        return (yield from notifier_churn(run, mm))
+    if kind == "gc":
+        gc = getattr(run.driver, "gc", None)
+        if gc is None:
+            return 0
+        ret = yield from gc()
+        return ret if isinstance(ret, int) else 0
+    return -EINVAL
+
+
+# --- events ----------------------------------------------------------------------------------------------
+def thp_split(mm: Any, addr: int) -> Gen[int]:
+    """split_huge_pmd() of the PMD leaf mapping ``addr`` (deferred split / reclaim of a THP)."""
+    from hmmirror.mm.huge_memory import __split_huge_pmd
+
+    vma = mm.vma_lookup(addr)
+    if vma is None:
+        return -ENOENT
+    level, p, e = mm.pt.lookup(addr)
+    if level != "pmd" or p is None or not x86.pmd_leaf(e):
+        return -EINVAL
+    yield from __split_huge_pmd(vma, p, addr)
+    return 0
+
+
+def _anon_pte(mm: Any, addr: int) -> tuple[Any, Any, int, int] | None:
+    """(vma, ptep, pte, pfn) of a present, normal, exclusive 4 KiB anonymous page at ``addr``."""
+    vma = mm.vma_lookup(addr)
+    if vma is None or not (vma_is_anonymous(vma) or vma.anon_vma) or vma.vm_flags & VM.HUGETLB:
+        return None
+    level, ptep, pte = mm.pt.lookup(addr)
+    if level != "pte" or ptep is None or not pte & x86._PAGE_PRESENT or x86.pte_special(pte):
+        return None
+    mem = mm.machine.mem
+    pfn = x86.pte_pfn(pte)
+    if pfn >= mem.nr_ram or not mem.flags[pfn] & PG.anon or mem.order[pfn] != 0:
+        return None
+    if int(mem.mapcount[pfn]) != 1 or int(mem.refcount[pfn]) != 1:
+        return None
+    return vma, ptep, pte, pfn
+
+
+def migrate_page(mm: Any, addr: int, hold: int) -> Gen[int]:
+    """migrate_pages() of the anonymous page at ``addr``: unmap to a migration entry, copy, remap."""
+    addr &= ~(PAGE_SIZE - 1)
+    got = _anon_pte(mm, addr)
+    if got is None:
+        return -EINVAL
+    vma, ptep, pte, pfn = got
+    machine = mm.machine
+    pool, mem = machine.pool, machine.mem
+    yield from sched.might_sleep("migrate_pages")
+    # try_to_migrate_one(): notifier around the replacement of the PTE by a migration entry
+    r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + PAGE_SIZE)
+    yield from mmu_notifier_invalidate_range_start(r)
+    level, ptep, cur = mm.pt.lookup(addr)
+    if level != "pte" or ptep is None:
+        yield from mmu_notifier_invalidate_range_end(r)
+        return -EAGAIN
+    pmdp = _pmdp_of(mm, addr)
+    ptl = pte_lockptr(mm, pmdp)
+    yield from sched.spin_lock(ptl)
+    cur = pool.get(ptep)
+    if cur != pte and not (x86.pte_pfn(cur) == pfn and cur & x86._PAGE_PRESENT):
+        sched.spin_unlock(ptl)
+        yield from mmu_notifier_invalidate_range_end(r)
+        return -EAGAIN
+    writable = x86.pte_write(cur)
+    pool.set(ptep, x86.make_migration_entry(pfn, writable))
+    rmap.page_remove_rmap(mem, pfn)                      # the isolation reference keeps the page
+    sched.spin_unlock(ptl)
+    yield from mmu_notifier_invalidate_range_end(r)
+    machine.log("migrate_unmap", mm=mm.name, addr=addr, pfn=pfn)
+    # the copy: the migration entry stays present for a while
+    for _ in range(hold):
+        yield from sched.preempt_point("migrate_page_copy")
+    new = mem.alloc_page()
+    if new >= 0:
+        mem.copy(new, pfn)
+        mem.flags[new] |= PG.anon | PG.anon_exclusive
+    # remove_migration_ptes(): map the new page (or the old one when allocation failed)
+    target = new if new >= 0 else pfn
+    yield from sched.spin_lock(ptl)
+    level, ptep2, cur = mm.pt.lookup(addr)
+    still = ptep2 == ptep and cur == x86.make_migration_entry(pfn, writable)
+    if still:
+        entry = x86.pte_mkyoung(x86.pfn_pte(target, vma.vm_page_prot))
+        if writable:
+            entry = x86.pte_mkwrite(x86.pte_mkdirty(entry))
+        pool.set(ptep, entry)
+        rmap.page_add_rmap(mem, target)
+        if new >= 0:
+            mem.mapcount[new] = 1
+    sched.spin_unlock(ptl)
+    if new >= 0:
+        if not still:
+            mem.put_page(new)
+        mem.put_page(pfn)                                # the old page goes back to the allocator
+    elif not still:
+        mem.put_page(pfn)
+    machine.log("migrate_remap", mm=mm.name, addr=addr, old=pfn, new=target, mapped=still)
+    return 0
+
+
+def _pmdp_of(mm: Any, addr: int) -> Any:
+    pudp = mm.pt.walk_to_pud(addr)
+    return mm.pt.pmd_offset(pudp, addr)
+
+
+def collapse_huge_page(mm: Any, addr: int) -> Gen[int]:
+    """khugepaged's collapse_huge_page() of the 2 MiB range holding ``addr`` (anonymous THP-able VMA)."""
+    import numpy as np
+
+    from hmmirror.mm.huge_memory import mk_huge_pmd
+    from hmmirror.mm.memory import maybe_mkwrite, transparent_hugepage_enabled
+
+    machine = mm.machine
+    pool, mem = machine.pool, machine.mem
+    haddr = addr & ~(PMD_SIZE - 1)
+    yield from sched.might_sleep("khugepaged_alloc_page")
+    new = mem.alloc_folio(9)
+    if new < 0:
+        return -EAGAIN
+    yield from sched.down_write(mm.mmap_sem)
+    try:
+        vma = mm.vma_lookup(haddr)
+        ok = vma is not None and vma_is_anonymous(vma) and vma.vm_start <= haddr and \
+            haddr + PMD_SIZE <= vma.vm_end and transparent_hugepage_enabled(vma)
+        level, pmdp, pmd = mm.pt.lookup(haddr)
+        if not ok or level != "pte":
+            mem.put_page(new)
+            return -EINVAL
+        pmdp = _pmdp_of(mm, haddr)
+        tid = x86.table_id_of(pool.get(pmdp))
+        ents = pool.tables[tid].copy()
+        present = (ents & np.uint64(x86._PAGE_PRESENT)) != 0
+        if not present.any() or ((ents != 0) & ~present).any():
+            mem.put_page(new)                             # swap/migration/protnone entries: skip
+            return -EINVAL
+        pfns = ((ents & np.uint64(x86.PTE_PFN_MASK)) >> np.uint64(12)).astype(np.int64)
+        for k in np.flatnonzero(present).tolist():
+            p = int(pfns[k])
+            if ents[k] & np.uint64(x86._PAGE_SPECIAL) or p >= mem.nr_ram or not mem.flags[p] & PG.anon \
+                    or mem.order[p] != 0 or mem.mapcount[p] != 1 or mem.refcount[p] != 1:
+                mem.put_page(new)                         # shared / pinned / zero pages: skip
+                return -EBUSY
+        writable = bool(((ents[present] & np.uint64(x86._PAGE_RW)) != 0).any())
+        r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, haddr, haddr + PMD_SIZE)
+        yield from mmu_notifier_invalidate_range_start(r)
+        pmd_ptl = pmd_lockptr(mm, pmdp)
+        yield from sched.spin_lock(pmd_ptl)
+        old_table = pool.get(pmdp)
+        pool.set(pmdp, 0)                                 # pmdp_collapse_flush()
+        sched.spin_unlock(pmd_ptl)
+        yield from mmu_notifier_invalidate_range_end(r)
+        # __collapse_huge_page_copy(): copy and release the old pages
+        ents = pool.tables[x86.table_id_of(old_table)].copy()
+        for k in range(HPAGE_PMD_NR):
+            e = int(ents[k])
+            if e & x86._PAGE_PRESENT:
+                p = x86.pte_pfn(e)
+                mem.copy(new + k, p)
+                rmap.page_remove_rmap(mem, p)
+                mem.put_page(p)
+        pool.free(x86.table_id_of(old_table))
+        entry = mk_huge_pmd(new, vma.vm_page_prot)
+        entry = x86.pte_mkyoung(x86.pte_mkdirty(entry))
+        if writable:
+            entry = maybe_mkwrite(entry, vma)
+        yield from sched.spin_lock(pmd_ptl)
+        rmap.page_add_new_anon_rmap(mem, new, HPAGE_PMD_NR)
+        pool.set(pmdp, entry)
+        sched.spin_unlock(pmd_ptl)
+        machine.counters["thp_collapse_alloc"] += 1
+        machine.log("khugepaged_collapse", mm=mm.name, addr=haddr, new=new)
+        return 0
+    finally:
+        sched.up_write(mm.mmap_sem)
+
+
+def change_prot_numa(mm: Any, start: int, end: int) -> Gen[int]:
+    """change_prot_numa() from task_numa_work(): anonymous entries become PROT_NONE hinting entries."""
+    start &= ~(PAGE_SIZE - 1)
+    end = (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    yield from sched.down_read(mm.mmap_sem)
+    try:
+        vma = mm.vma_lookup(start)
+        if vma is None or not vma_is_anonymous(vma) or vma.vm_flags & (VM.HUGETLB | VM.PFNMAP):
+            return -EINVAL
+        end = min(end, vma.vm_end)
+        pool, mem = mm.machine.pool, mm.machine.mem
+        r = mmu_notifier_range_init(MMU_NOTIFY.PROTECTION_VMA, vma, mm, start, end)
+        yield from mmu_notifier_invalidate_range_start(r)
+        n = 0
+        addr = start
+        while addr < end:
+            level, p, e = mm.pt.lookup(addr)
+            nxt = (addr & ~(PMD_SIZE - 1)) + PMD_SIZE
+            if p is None or x86.pte_none(e):
+                addr = min(nxt, end) if level != "pte" else addr + PAGE_SIZE
+                continue
+            if level == "pmd" and x86.pmd_leaf(e):
+                if e & x86._PAGE_PRESENT and not mem.is_huge_zero_pfn(x86.pte_pfn(e)) and \
+                        addr & ~(PMD_SIZE - 1) >= vma.vm_start and nxt <= vma.vm_end:
+                    ptl = pmd_lockptr(mm, p)
+                    yield from sched.spin_lock(ptl)
+                    if pool.get(p) == e:
+                        pool.set(p, x86.pte_modify(e, x86.PAGE_NONE) | x86._PAGE_PSE)
+                        n += 1
+                    sched.spin_unlock(ptl)
+                addr = min(nxt, end)
+                continue
+            if level == "pte" and e & x86._PAGE_PRESENT and not x86.pte_special(e):
+                pfn = x86.pte_pfn(e)
+                if pfn < mem.nr_ram and mem.flags[pfn] & PG.anon:
+                    ptl = pte_lockptr(mm, _pmdp_of(mm, addr))
+                    yield from sched.spin_lock(ptl)
+                    if pool.get(p) == e:
+                        pool.set(p, x86.pte_modify(e, x86.PAGE_NONE))
+                        n += 1
+                    sched.spin_unlock(ptl)
+            addr += PAGE_SIZE
+        yield from mmu_notifier_invalidate_range_end(r)
+        mm.machine.log("numa_protect", mm=mm.name, start=start, end=end, entries=n)
+        return n
+    finally:
+        sched.up_read(mm.mmap_sem)
+
+
+def memory_failure(mm: Any, addr: int) -> Gen[int]:
+    """memory_failure() of the anonymous page mapped at ``addr``: poison it and unmap it everywhere."""
+    addr &= ~(PAGE_SIZE - 1)
+    got = _anon_pte(mm, addr)
+    if got is None:
+        return -EINVAL
+    vma, ptep, pte, pfn = got
+    machine = mm.machine
+    pool, mem = machine.pool, machine.mem
+    mem.flags[pfn] |= PG.hwpoison                     # TestSetPageHWPoison
+    yield from sched.might_sleep("hwpoison_user_mappings")
+    r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + PAGE_SIZE)
+    yield from mmu_notifier_invalidate_range_start(r)
+    ptl = pte_lockptr(mm, _pmdp_of(mm, addr))
+    yield from sched.spin_lock(ptl)
+    level, ptep2, cur = mm.pt.lookup(addr)
+    done = ptep2 == ptep and cur & x86._PAGE_PRESENT and x86.pte_pfn(cur) == pfn
+    if done:
+        pool.set(ptep, x86.make_hwpoison_entry(pfn))
+        rmap.page_remove_rmap(mem, pfn)                # the mapping's reference stays with memory_failure
+    sched.spin_unlock(ptl)
+    yield from mmu_notifier_invalidate_range_end(r)
+    machine.log("memory_failure", mm=mm.name, addr=addr, pfn=pfn, unmapped=bool(done))
+    return 0 if done else -EAGAIN
+
+
+def oom_reap(mm: Any) -> Gen[int]:
+    """oom_reap_task_mm(): mmap read trylock, then __oom_reap_task_mm (non-blockable invalidations)."""
+    from hmmirror.mm import oom_kill
+
+    if not sched.down_read_trylock(mm.mmap_sem):
+        return -EAGAIN
+    try:
+        ret = oom_kill.__oom_reap_task_mm(mm)
+        if hasattr(ret, "send"):
+            ret = yield from ret
+        return 0 if ret in (None, True) else (ret if isinstance(ret, int) else -EAGAIN)
+    finally:
+        sched.up_read(mm.mmap_sem)
+
+
+def notifier_churn(run: Any, mm: Any) -> Gen[int]:
+    """A second mirror of ``mm`` registered then unregistered, and a plain notifier likewise."""
+    from hmmirror.mm.mmu_notifier import MmuNotifier, MmuNotifierOps, mmu_notifier_register, \
+        mmu_notifier_unregister
+
+    class _Ops(MmuNotifierOps):
+        def invalidate_range_start(self, mn: Any, r: Any) -> Gen[int]:
+            yield from sched.preempt_point("churn_invalidate")
+            return 0
+
+    mn = MmuNotifier(_Ops())
+    ret = yield from mmu_notifier_register(mn, mm)
+    if ret:
+        return ret
+    from hmmirror.sim.driver import builtin_driver
+    other = builtin_driver(mm.machine.profile)
+    ret = yield from other.bind(mm)
+    yield from sched.preempt_point("churn")
+    if ret == 0:
+        yield from other.unbind()
+    yield from mmu_notifier_unregister(mn, mm)
+    return 0

@@ -1,0 +1,355 @@
+"""Running one scenario: build the machine, do the setup, spawn the tasks, interleave, check.
+
+``run_scenario(scenario, scheduler)`` is the one entry point used by the fuzzer, ``hmmirror replay`` and the
+tests.  The set-up (machine, files, processes, ``[[op]]`` list, binding the driver) runs sequentially;
+then the CPU threads, device jobs and kernel events of ``[sim]`` run as tasks of an
+:class:`~hmmirror.sim.engine.Engine` with every invariant of :mod:`hmmirror.sim.invariants` installed.
+A crash or a broken rule during the set-up is a finding too (task ``setup``, step 0).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hmmirror.arch.x86.pgtable import PAGE_SIZE
+from hmmirror.errors import HmmirrorError, InputError, KernelError, ModelBug
+from hmmirror.include.mm_types import MADV
+from hmmirror.kernel import sched
+from hmmirror.sim.engine import Engine, SimTask
+from hmmirror.sim.findings import Finding, frame_stack, location_of, strip_ids
+from hmmirror.sim.scenario import SimScenario, parse_size, resolve_addr
+
+PROTS = {"none": 0, "r": 1, "w": 2, "rw": 3, "x": 4, "rx": 5, "rwx": 7}
+
+
+@dataclass
+class SimResult:
+    """What one run produced."""
+
+    scenario: SimScenario
+    finding: Finding | None
+    steps: int
+    elapsed: float
+    schedule: list[list[Any]]
+    trace: list[tuple[int, int, str, str]] = field(default_factory=list)
+    tasks: list[tuple[str, str]] = field(default_factory=list)      # (name, kind) by task index
+    events: list[dict[str, Any]] = field(default_factory=list)
+    diverged: str | None = None
+
+    def log_bytes(self) -> bytes:
+        """The event log and the trace as bytes (what the determinism test compares)."""
+        return log_bytes(self.events, self.trace, self.tasks)
+
+
+def log_bytes(events: list[dict[str, Any]], trace: list[tuple[int, int, str, str]],
+              tasks: list[tuple[str, str]]) -> bytes:
+    out = []
+    for e in events:
+        out.append(json.dumps(e, sort_keys=True, default=_jsonable))
+    for step, idx, kind, what in trace:
+        out.append(f"{step} {tasks[idx][0]} {kind} {what}")
+    return ("\n".join(out) + "\n").encode()
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "name") and hasattr(v, "value"):
+        return v.name
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return strip_ids(repr(v))
+
+
+class SimRun:
+    """The state of one run: machine, processes, address names, driver, engine."""
+
+    def __init__(self, scenario: SimScenario) -> None:
+        self.scenario = scenario
+        self.machine: Any = None
+        self.procs: dict[str, Any] = {}
+        self.names: dict[str, int] = {}
+        self.driver: Any = None
+        self.engine: Engine | None = None
+
+
+# --- set-up ----------------------------------------------------------------------------------------------
+def build_machine(sc: SimScenario, strict: bool = False, run: SimRun | None = None) -> SimRun:
+    """Machine, devices, filesystems, files, processes and the setup operations (sequential)."""
+    from hmmirror.machine import Machine, ThpSettings
+
+    run = run or SimRun(sc)
+    m = sc.machine
+    thp = m.get("thp", {})
+    machine = Machine(str(m.get("kernel", "6.18")), ram=parse_size(m.get("ram", "64M")),
+                      hugepages_2m=int(m.get("hugepages_2m", 0)), hugepages_1g=int(m.get("hugepages_1g", 0)),
+                      thp=ThpSettings(enabled=thp.get("enabled", "madvise"),
+                                      use_zero_page=bool(thp.get("use_zero_page", True))))
+    run.machine = machine
+    for pm in m.get("pmem", []):
+        machine.add_pmem(pm["name"], parse_size(pm["size"]), pm.get("mode", "fsdax"),
+                         parse_size(pm.get("align", "2M")))
+    for fs in m.get("fs", []):
+        machine.mount(fs["mount"], fs["type"], dax=fs.get("dax"), huge=fs.get("huge", "never"),
+                      pagesize=parse_size(fs["pagesize"]) if "pagesize" in fs else None)
+    for f in sc.files:
+        machine.create_file(f["path"], parse_size(f["size"]), f.get("content", "data"))
+    for p in sc.processes:
+        run.procs[p] = machine.spawn(p)
+    for op in sc.setup:
+        try:
+            _setup_op(run, op)
+        except KernelError:
+            if strict:
+                raise
+    return run
+
+
+def _setup_op(run: SimRun, op: dict[str, Any]) -> None:
+    proc = run.procs[op.get("proc", run.scenario.processes[0])]
+    kind = op["op"]
+    if kind == "mmap":
+        addr = resolve_addr(op["addr"], run.names) if "addr" in op else 0
+        a = proc.mmap(parse_size(op["length"]), op.get("prot", "rw"), op.get("flags", ["private", "anonymous"]),
+                      file=op.get("file"), offset=parse_size(op.get("offset", 0)), addr=addr or 0,
+                      align=parse_size(op["align"]) if "align" in op else None)
+        if "as" in op:
+            run.names[op["as"]] = a
+        return
+    addr = resolve_addr(op.get("addr", 0), run.names)
+    if addr is None:
+        raise InputError(f"setup op {kind}: unknown address {op.get('addr')!r}")
+    length = parse_size(op.get("length", PAGE_SIZE))
+    if kind == "touch":
+        proc.touch(addr, length, write=op.get("access", "read") == "write", fill=op.get("fill"))
+    elif kind == "munmap":
+        proc.munmap(addr, length)
+    elif kind == "mprotect":
+        proc.mprotect(addr, length, op["prot"])
+    elif kind == "madvise":
+        proc.madvise(addr, length, op["advice"])
+    else:
+        raise InputError(f"unknown setup op {kind!r}")
+
+
+# --- task bodies -----------------------------------------------------------------------------------------
+def _describe(op: dict[str, Any]) -> str:
+    keys = [f"{k}={v}" for k, v in op.items() if k not in ("op",)]
+    return f"{op['op']}({', '.join(keys)})"
+
+
+def cpu_thread(run: SimRun, st: SimTask, spec: dict[str, Any]) -> Any:
+    """A CPU thread: the operations of ``spec`` one after another (each may sleep, fault, take locks)."""
+    from hmmirror.arch.x86.fault import cpu_access
+    from hmmirror.mm.mmap import vm_mmap, vm_munmap
+
+    eng = run.engine
+    assert eng is not None
+    machine = run.machine
+    proc = run.procs.get(spec.get("proc", run.scenario.processes[0]))
+    for op in spec.get("ops", []):
+        if proc is None or proc.mm.exited:
+            break
+        mm = proc.mm
+        kind = op["op"]
+        addr = resolve_addr(op.get("addr", 0), run.names)
+        if addr is None:
+            machine.log("sim_op", task=st.name, op=kind, skipped="address")
+            continue
+        length = parse_size(op.get("length", PAGE_SIZE))
+        st.op, st.op_start = _describe(op), eng.step
+        ret: Any = 0
+        if kind == "touch":
+            write = op.get("access", "read") == "write"
+            for a in range(addr & ~(PAGE_SIZE - 1), addr + length, PAGE_SIZE):
+                ret = yield from cpu_access(mm, a, write, None)
+                if ret:
+                    break
+        elif kind == "munmap":
+            ret = yield from vm_munmap(mm, addr, length)
+        elif kind == "mmap":
+            from hmmirror.process import parse_map_flags
+            flags = parse_map_flags(op.get("flags", ["private", "anonymous"]))
+            ret = yield from vm_mmap(mm, addr, length, PROTS[op.get("prot", "rw")], flags, None, 0)
+            if isinstance(ret, int) and ret >= 0 and "as" in op:
+                run.names[op["as"]] = ret
+        elif kind == "mprotect":
+            from hmmirror.mm.mprotect import do_mprotect_pkey
+            ret = yield from do_mprotect_pkey(mm, addr, length, PROTS[op["prot"]])
+        elif kind == "madvise":
+            from hmmirror.mm.madvise import do_madvise
+            ret = yield from do_madvise(mm, addr, length, int(MADV[op["advice"].upper()]))
+        elif kind == "fork":
+            from hmmirror.kernel.fork import dup_mm
+            from hmmirror.process import Process
+            child = op.get("child", "c")
+            if child in machine.mms:
+                ret = -17
+            else:
+                new = yield from dup_mm(mm, child)
+                if isinstance(new, int):
+                    ret = new
+                else:
+                    run.procs[child] = Process(machine, new)
+                    ret = 0
+        else:
+            ret = -22
+        machine.log("sim_op", task=st.name, op=kind, ret=ret if isinstance(ret, int) else 0)
+        eng.emit("op_end", st)
+        st.op = ""
+    return 0
+
+
+def device_job(run: SimRun, st: SimTask, spec: dict[str, Any]) -> Any:
+    """A device job: each job is a device fault ``[addr, addr+length)`` handled by the driver."""
+    eng = run.engine
+    assert eng is not None
+    drv = run.driver
+    for job in spec.get("jobs", []):
+        start = resolve_addr(job["addr"], run.names)
+        if start is None:
+            continue
+        start &= ~(PAGE_SIZE - 1)
+        end = start + max(parse_size(job.get("length", PAGE_SIZE)), PAGE_SIZE)
+        end = (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        write = bool(job.get("write", False))
+        st.op, st.op_start = f"fault({start:#x}-{end:#x}, {'write' if write else 'read'})", eng.step
+        eng.emit("fault_begin", st, start, end, write)
+        ret = yield from drv.fault(start, end, write)
+        eng.emit("fault_end", st, start, end, write, ret)
+        run.machine.log("sim_fault", task=st.name, start=start, end=end, write=write, ret=ret)
+        st.op = ""
+    return 0
+
+
+def kevent_task(run: SimRun, st: SimTask, ev: dict[str, Any]) -> Any:
+    """A kernel background event (after ``delay`` preemption points)."""
+    from hmmirror.sim import kevents
+
+    eng = run.engine
+    assert eng is not None
+    for _ in range(int(ev.get("delay", 0))):
+        yield from sched.preempt_point("delay")
+    st.op, st.op_start = _describe({"op": ev["kind"], **{k: v for k, v in ev.items() if k not in ("kind", "name")}}), \
+        eng.step
+    ret = yield from kevents.run_event(run, ev)
+    run.machine.log("sim_event", task=st.name, kind=ev["kind"], ret=ret if isinstance(ret, int) else 0)
+    st.op = ""
+    return ret
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+def make_driver(run: SimRun) -> Any:
+    from hmmirror.sim.driver import builtin_driver, check_driver, load_driver
+
+    spec = run.scenario.driver
+    if spec in ("builtin", ""):
+        drv = builtin_driver(run.machine.profile)
+    else:
+        drv = load_driver(spec)()
+    check_driver(drv)
+    return drv
+
+
+def run_scenario(sc: SimScenario, scheduler: Any, invariants: Any = None, driver: Any = None,
+                 every_step: bool = False, record_trace: bool = True) -> SimResult:
+    """Run ``sc`` under ``scheduler`` with the invariants installed; never raises for model faults."""
+    from hmmirror.sim.invariants import default_invariants
+
+    t0 = time.perf_counter()
+    run = SimRun(sc)
+    finding = None
+    prev_handler = sched.set_report_handler(None)
+    setup_stack: list[str] = []
+
+    def setup_report(kind: str, msg: str) -> None:
+        import sys
+        setup_stack[:] = frame_stack(sys._getframe(1))
+        raise ModelBug(kind, msg)
+
+    sched.set_report_handler(setup_report)
+    try:
+        build_machine(sc, run=run)
+        run.driver = driver if driver is not None else make_driver(run)
+        mirror = run.procs.get(sc.mirror)
+        if mirror is None:
+            raise InputError(f"[sim] mirror names no process: {sc.mirror!r}")
+        ret = sched.run(run.driver.bind(mirror.mm), mirror.mm.task)
+        if ret:
+            raise InputError(f"driver {run.driver.name}: bind failed with {ret}")
+    except InputError:
+        sched.set_report_handler(prev_handler)
+        raise
+    except (HmmirrorError, Exception) as exc:      # a crash or broken rule during the set-up
+        sched.set_report_handler(prev_handler)
+        stack = setup_stack or _exc_stack(exc)
+        inv = f"report:{exc.kind}" if isinstance(exc, ModelBug) else "exception"
+        if isinstance(exc, ModelBug) and exc.kind in ("sleep_in_atomic", "bad_unlock", "recursive_lock"):
+            inv = {"bad_unlock": "double_unlock"}.get(exc.kind, exc.kind)
+        finding = Finding(inv, f"during set-up: {type(exc).__name__}: {exc}", 0, "setup", "setup",
+                          stack=stack, location=location_of(stack))
+        return SimResult(sc, finding, 0, time.perf_counter() - t0, [],
+                         events=list(run.machine.events) if run.machine else [])
+    sched.set_report_handler(prev_handler)
+    invs = default_invariants(every_step=every_step) if invariants is None else invariants
+    eng = Engine(run.machine, scheduler, list(invs), max_steps=sc.max_steps)
+    eng.record_trace = record_trace
+    eng.sim = run                                       # type: ignore[attr-defined]
+    run.engine = eng
+    for inst in eng.instruments:
+        if hasattr(inst, "attach"):
+            inst.attach(eng, run)
+    for t in sc.threads:
+        st = eng.spawn(t["name"], "cpu", None)          # type: ignore[arg-type]
+        st.gen = cpu_thread(run, st, t)
+    for d in sc.devices:
+        st = eng.spawn(d["name"], "device", None)       # type: ignore[arg-type]
+        st.gen = device_job(run, st, d)
+    for ev in sc.events:
+        st = eng.spawn(ev.get("name", ev["kind"]), "kevent", None, label=ev["kind"])  # type: ignore[arg-type]
+        st.gen = kevent_task(run, st, ev)
+    diverged = None
+    try:
+        finding = eng.run()
+    except Exception as exc:                            # noqa: BLE001 - schedule divergence on replay
+        from hmmirror.sim.schedulers import ScheduleDiverged
+        if not isinstance(exc, ScheduleDiverged):
+            raise
+        diverged = str(exc)
+        finding = eng.finding
+    from hmmirror.sim.schedulers import ReplayScheduler, encode_schedule
+    schedule = encode_schedule(eng)
+    if finding is not None and finding.invariant == "page_counts" and not every_step and invariants is None \
+            and diverged is None:
+        # the periodic walk saw it late: the exact replay with the walk at every step finds the step
+        again = run_scenario(sc, ReplayScheduler(schedule), None, driver, every_step=True, record_trace=record_trace)
+        if again.finding is not None and again.finding.invariant == "page_counts":
+            return again
+    return SimResult(sc, finding, eng.step, time.perf_counter() - t0, schedule, eng.trace,
+                     [(t.name, t.kind if t.kind != "kevent" else f"kevent:{t.label}") for t in eng.tasks],
+                     list(run.machine.events), diverged)
+
+
+def _exc_stack(exc: BaseException) -> list[str]:
+    from hmmirror.sim.engine import _tb_stack
+    return _tb_stack(exc.__traceback__)
+
+
+def scheduler_for(sc: SimScenario, choices: Any = None) -> Any:
+    """The scheduler a scenario asks for (``[sim.scheduler]``), or its recorded schedule when present."""
+    from hmmirror.sim.choices import SeededChoices
+    from hmmirror.sim.schedulers import PCTScheduler, RandomScheduler, ReplayScheduler, SwitchListScheduler
+
+    if sc.schedule is not None:
+        return ReplayScheduler(sc.schedule)
+    s = sc.scheduler or {}
+    kind = s.get("kind", "switch")
+    if kind == "switch":
+        return SwitchListScheduler([tuple(x) for x in s.get("switches", [])])
+    ch = choices or SeededChoices(int(s.get("seed", 0)))
+    if kind == "random":
+        return RandomScheduler(ch)
+    if kind == "pct":
+        return PCTScheduler(ch, int(s.get("depth", 3)), int(s.get("expected_steps", 2000)))
+    raise InputError(f"unknown scheduler {kind!r} (use switch, random or pct)")
