@@ -17,7 +17,7 @@
 | ``report:KIND`` | a ``sched.report`` / ``WARN_ON`` event of the model (engine, :class:`WarnEvents`) |
 
 Cadence.  Every invariant is checked at every step, except ``page_counts``: its mapcount walk runs every
-``count_every`` steps (default 64) at a step where no task holds a spinlock (mapcount and entries change
+``count_every`` steps (default 256) at a step where no task holds a spinlock (mapcount and entries change
 together under the page-table lock), and its refcount part only when every task is between operations and at
 the end of the run (references are legitimately in flight inside an operation).  ``every_step=True`` (CLI
 ``--every-step``) runs the mapcount walk at every such step.  The coherence check looks only at the device
@@ -130,6 +130,15 @@ class Tracker:
                         d[3] = eng.step
                         break
 
+    HMM_CALLS = ("hmm_range_fault", "hmm_range_snapshot", "hmm_vma_fault")
+
+    def after_step(self, eng: Any, st: Any, point: Any) -> None:
+        """Is the device task that just ran inside an HMM call (walked once per step, shared)?"""
+        if st.kind == "device":
+            self.in_hmm = not st.done and _in_calls(st.gen, self.HMM_CALLS)
+
+    in_hmm = False
+
     def inflight_overlap(self, mm: str, start: int, end: int) -> bool:
         for r in self.inflight.get(mm, ()):
             if overlaps(r[0], r[1], start, end):
@@ -219,9 +228,9 @@ class PgmapRefs:
     """
 
     name = "pgmap_refcount"
-    HMM_CALLS = ("hmm_range_fault", "hmm_range_snapshot", "hmm_vma_fault")
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: Tracker) -> None:
+        self.t = tracker
         self.base: dict[int, int] = {}
         self.before: dict[int, int] = {}
         self.in_hmm: set[int] = set()
@@ -244,7 +253,7 @@ class PgmapRefs:
                 if d:
                     self.base[id(p)] += d
             return
-        if _in_calls(st.gen, self.HMM_CALLS) and not st.done:
+        if self.t.in_hmm:
             self.in_hmm.add(st.idx)
             return
         self.in_hmm.discard(st.idx)
@@ -275,7 +284,7 @@ class PageCounts:
 
     name = "page_counts"
 
-    def __init__(self, every: int = 64, every_step: bool = False) -> None:
+    def __init__(self, every: int = 256, every_step: bool = False) -> None:
         self.every = 1 if every_step else every
         self.next = 0
         self.machine: Any = None
@@ -381,13 +390,13 @@ class Coherence:
 
     def on_commit(self, st: Any, va: int, pfn: int, write: bool) -> None:
         if not self.t.inflight_overlap(self.mm.name, va, va + PAGE_SIZE):
-            self._check(self.engine, st, va, pfn, write, "device commit", frame_stack(sys._getframe(1)))
+            self._check(self.engine, st, va, pfn, write, "device commit", sys._getframe(1))
 
-    def _check(self, eng: Any, st: Any, va: int, pfn: int, write: bool, why: str,
-               stack: list[str] | None = None) -> bool:
+    def _check(self, eng: Any, st: Any, va: int, pfn: int, write: bool, why: str, frame: Any = None) -> bool:
         cpfn, readable, cw = cpu_leaf(self.mm, va)
         if cpfn == pfn and readable and (cw or not write):
             return True
+        stack = frame_stack(frame) if frame is not None else None
         cpu = "nothing" if cpfn < 0 else f"pfn {cpfn:#x} {'rw' if cw else 'r'}"
         eng.violate("coherence", f"{why}: device maps {va:#x} -> pfn {pfn:#x} {'rw' if write else 'r'}, "
                     f"the CPU maps {cpu}", st=st, mm=self.mm, addr=va, stack=stack,
@@ -445,7 +454,7 @@ class CommitInvalid:
 
     def after_step(self, eng: Any, st: Any, point: Any) -> None:
         if st.kind == "device" and not st.done:
-            inside = _in_calls(st.gen, self.HMM_CALLS)
+            inside = self.t.in_hmm
             if inside and not self.in_call.get(st.idx):
                 self.snap[st.idx] = eng.step
             self.in_call[st.idx] = inside
@@ -578,10 +587,10 @@ class WarnEvents:
             eng.violate(f"report:{ev['what']}", str(ev.get("what_failed", ev)))
 
 
-def default_invariants(every_step: bool = False, count_every: int = 64) -> list[Any]:
+def default_invariants(every_step: bool = False, count_every: int = 256) -> list[Any]:
     """Every invariant, sharing one tracker."""
     t = Tracker()
-    return [t, LockDiscipline(), PgmapRefs(), PageCounts(count_every, every_step), Coherence(t),
+    return [t, LockDiscipline(), PgmapRefs(t), PageCounts(count_every, every_step), Coherence(t),
             CommitInvalid(t), ResultContract(t), WarnEvents()]
 
 

@@ -353,3 +353,42 @@ def scheduler_for(sc: SimScenario, choices: Any = None) -> Any:
     if kind == "pct":
         return PCTScheduler(ch, int(s.get("depth", 3)), int(s.get("expected_steps", 2000)))
     raise InputError(f"unknown scheduler {kind!r} (use switch, random or pct)")
+
+
+def run_tasks(machine: Any, driver: Any, mm: Any, tasks: list[tuple[str, str, Any]], scheduler: Any = None,
+              invariants: Any = None, max_steps: int = 100_000, every_step: bool = True,
+              bind: bool = True) -> tuple[Finding | None, Engine]:
+    """Interleave hand-written tasks over an existing machine with every invariant on (tests, pytest users).
+
+    ``tasks`` are ``(name, kind, factory)`` where ``kind`` is ``cpu``, ``device`` or ``kevent:LABEL`` and
+    ``factory(run)`` returns the task's generator (``run.driver``, ``run.machine``, ``run.procs`` are set).
+    The driver is bound to ``mm`` first (sequentially).  Returns the finding (or None) and the engine.
+    """
+    from hmmirror.sim.choices import SeededChoices
+    from hmmirror.sim.invariants import default_invariants
+    from hmmirror.sim.schedulers import RandomScheduler
+
+    sc = SimScenario(machine={"kernel": machine.profile.name}, processes=list(machine.mms), mirror=mm.name)
+    run = SimRun(sc)
+    run.machine = machine
+    from hmmirror.process import Process
+    run.procs = {name: Process(machine, m) for name, m in machine.mms.items()}
+    run.driver = driver
+    if bind and driver is not None:
+        ret = sched.run(driver.bind(mm), mm.task)
+        if ret:
+            raise InputError(f"driver {getattr(driver, 'name', driver)}: bind failed with {ret}")
+    invs = default_invariants(every_step=every_step) if invariants is None else invariants
+    eng = Engine(machine, scheduler or RandomScheduler(SeededChoices(0)), list(invs), max_steps=max_steps)
+    eng.sim = run                                       # type: ignore[attr-defined]
+    run.engine = eng
+    for inst in eng.instruments:
+        if hasattr(inst, "attach"):
+            inst.attach(eng, run)
+    for name, kind, factory in tasks:
+        label = ""
+        if kind.startswith("kevent:"):
+            kind, label = "kevent", kind.split(":", 1)[1]
+        st = eng.spawn(name, kind, None, label=label)   # type: ignore[arg-type]
+        st.gen = factory(run)
+    return eng.run(), eng

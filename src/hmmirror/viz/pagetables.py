@@ -331,25 +331,51 @@ def draw(views: Sequence[TableView], out: str, title: str = "") -> None:
         y_of = {name: len(rows) - 1 - k for k, name in enumerate(rows)}
         min_w = span * 0.005
         char_w = span * 0.0052            # approximate width of one label character at fontsize 7.5
-        label_end: dict[str, float] = {}  # per row: where the last outside label ends (no overlaps)
+        leaf_boxes: dict[str, list[dict[str, Any]]] = {}   # per row: leaf boxes whose label did not fit
 
         def box(row: str, a: int, b: int, face: str, edge: str = "#444444", hatch: str | None = None,
-                text: str = "", text_color: str = "black", lw: float = 0.6, outside: bool = False) -> None:
+                text: str = "", text_color: str = "black", lw: float = 0.6) -> tuple[float, float, bool]:
+            """Draw one box; its label goes inside if it fits.  Returns (x0, x1, labelled)."""
             x0 = max(a, v.start) - v.start
             x1 = min(b, v.end) - v.start
             w = max(x1 - x0, min_w)
             y = y_of[row] - 0.38
             ax.add_patch(Rectangle((x0, y), w, 0.76, facecolor=face, edgecolor=edge, hatch=hatch, linewidth=lw))
-            if not text:
-                return
-            if w > char_w * (len(text) + 2):
+            fits = bool(text) and w > char_w * (len(text) + 2)
+            if fits:
                 bbox = dict(facecolor=face, edgecolor="none", pad=1.5) if hatch else None
                 ax.text(x0 + w / 2, y + 0.38, text, ha="center", va="center", fontsize=7.5, color=text_color,
                         clip_on=True, bbox=bbox)
-            elif outside and x0 + w + char_w * (len(text) + 1) < span and x0 + w > label_end.get(row, -1):
-                ax.text(x0 + w + char_w * 0.6, y + 0.38, text, ha="left", va="center", fontsize=7.5,
-                        color="#222222", clip_on=True)
-                label_end[row] = x0 + w + char_w * (len(text) + 2)
+            return x0, x0 + w, fits
+
+        def outside_labels(row: str, boxes: list[dict[str, Any]]) -> None:
+            """One label per cluster of adjacent leaf boxes too narrow for their own (after it, else before)."""
+            boxes.sort(key=lambda d: d["x0"])
+            clusters: list[list[dict[str, Any]]] = []
+            for d in boxes:
+                if clusters and d["x0"] - clusters[-1][-1]["x1"] <= min_w * 0.5:
+                    clusters[-1].append(d)
+                else:
+                    clusters.append([d])
+            taken = 0.0                                   # the right end of the last label placed
+            for k, c in enumerate(clusters):
+                if any(d["labelled"] for d in c):
+                    taken = max(taken, c[-1]["x1"])
+                    continue
+                kinds = "/".join(dict.fromkeys(d["kind"] for d in c))
+                perms = "/".join(dict.fromkeys(d["perm"] for d in c))
+                text = f"{sum(d['count'] for d in c)} \u00d7 {c[0]['level'].upper()} {kinds} {perms}"
+                width = char_w * (len(text) + 1.5)
+                nxt = clusters[k + 1][0]["x0"] if k + 1 < len(clusters) else span
+                y = y_of[row]
+                if c[-1]["x1"] + width < nxt:
+                    ax.text(c[-1]["x1"] + char_w * 0.6, y, text, ha="left", va="center", fontsize=7.5,
+                            color="#222222", clip_on=True)
+                    taken = c[-1]["x1"] + width
+                elif c[0]["x0"] - width > taken:
+                    ax.text(c[0]["x0"] - char_w * 0.6, y, text, ha="right", va="center", fontsize=7.5,
+                            color="#222222", clip_on=True)
+                    taken = c[-1]["x1"]
 
         for vm in v.vmas:
             a, b = int(vm["start"], 16), int(vm["end"], 16)
@@ -384,11 +410,18 @@ def draw(views: Sequence[TableView], out: str, title: str = "") -> None:
                     label = f"{n.count} \u00d7 {n.level.upper()}"
                     if n.count == 1:
                         label += f" {fmt_size(n.end - n.start)}"
-                    box(n.level, n.start, n.end, color, hatch="////" if ro else None, outside=True,
-                        text=f"{label} {n.kind} " + ("ro" if ro else "rw" if n.present else "not present"),
-                        text_color="white" if n.kind in ("anon", "devmap", "file", "special", "hugetlb",
-                                                         "hwpoison", "device_private") else "black")
+                    perm = "ro" if ro else "rw" if n.present else "not present"
+                    x0, x1, fits = box(n.level, n.start, n.end, color, hatch="////" if ro else None,
+                                       text=f"{label} {n.kind} {perm}",
+                                       text_color="white" if n.kind in ("anon", "devmap", "file", "special",
+                                                                        "hugetlb", "hwpoison",
+                                                                        "device_private") else "black")
+                    leaf_boxes.setdefault(n.level, []).append(
+                        {"x0": x0, "x1": x1, "labelled": fits, "count": n.count, "level": n.level,
+                         "kind": n.kind, "perm": perm})
         rec(v.nodes)
+        for row, boxes in leaf_boxes.items():
+            outside_labels(row, boxes)
         ax.set_xlim(0, span)
         ax.set_ylim(-0.6, len(rows) - 0.4)
         ax.set_yticks([y_of[r] for r in rows])
