@@ -315,3 +315,31 @@ def test_5_2_madv_hugepage_read_maps_ptes() -> None:
     p.touch(a + 5 * P)
     assert present(p, a, 512) == list(range(16))
     assert all(s.level == "pte" for s in p.inspect(a, 16 * P))
+
+
+def test_file_fault_over_a_uffd_wp_marker_replaces_it() -> None:
+    # [6.18] §5.2: a uffd-wp PTE marker is handled as a none entry; the fault installs over it
+    # (vmf_pte_changed() compares with the marker, FAULT_FLAG_ORIG_PTE_VALID)
+    from hmmirror.arch.x86 import pgtable as x86
+    from hmmirror.mm.memory import VmFault, do_fault
+
+    m, p = setup("6.18", "ext4")
+    a = p.mmap(16 * P, "r", ["shared"], file="/mnt/f", addr=BASE)
+    p.touch(a + 8 * P)                                     # fault-around maps pages 0..15
+    vma = p.mm.vma_lookup(a)
+    _, ptep, entry = p.mm.pt.lookup(a + 3 * P)
+    assert entry                                           # mapped by the fault-around above
+    m.pool.set(ptep, 0)                                    # unmap page 3 by hand, as a zap would
+    pfn = m.files["/mnt/f"].i_mapping.find_page(3)
+    m.mem.mapcount[pfn] -= 1
+    m.mem.refcount[pfn] -= 1
+    marker = x86.make_pte_marker(x86.PTE_MARKER_UFFD_WP)
+    m.pool.set(ptep, marker)
+    vmf = VmFault(vma, a + 3 * P, FAULT_FLAG.REMOTE, vma.linear_page_index(a + 3 * P))
+    vmf.pudp = p.mm.pt.walk_to_pud(a + 3 * P)
+    vmf.pmdp = p.mm.pt.pmd_offset(vmf.pudp, a + 3 * P)
+    vmf.ptep, vmf.orig_pte = ptep, marker
+    sched.run(do_fault(vmf), p.mm.task)
+    s = p.inspect(a + 3 * P, P)[0]
+    assert s.present and s.pfn == pfn
+    assert (m.mem.refcount[pfn], m.mem.mapcount[pfn]) == (2, 1)

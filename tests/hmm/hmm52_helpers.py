@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from hmmirror import Machine
-from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import (
     _PAGE_DEVMAP,
     _PAGE_PSE,
@@ -232,5 +231,3 @@ class Stepper:
                 return self.result
         raise AssertionError("generator did not finish")
 
-
-_ = x86

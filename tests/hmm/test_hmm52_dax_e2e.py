@@ -30,7 +30,6 @@ from hmm52_helpers import (  # noqa: E402
 )
 from hmmirror import Machine  # noqa: E402
 from hmmirror.errors import ModelBug  # noqa: E402
-from hmmirror.mm.hmm import v5_2 as hmm  # noqa: E402
 
 pytest.importorskip("hmmirror.drivers.nvdimm.pmem", reason="pmem driver (DAX substrate) not available yet")
 pytest.importorskip("hmmirror.fs.dax", reason="fsdax (DAX substrate) not available yet")
@@ -170,5 +169,3 @@ def test_hugetlb_page_shift_end_to_end() -> None:
     assert out(r) == [ent(h0.pfn), ent(h1.pfn)]
     assert r.stats["faults"] == 1
 
-
-_ = hmm

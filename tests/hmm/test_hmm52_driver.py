@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hmm52_helpers import K, M2, VALID, WRITE, Stepper, ent  # noqa: E402
+from hmm52_helpers import K, Stepper, ent  # noqa: E402
 from hmmirror import Machine  # noqa: E402
 from hmmirror.drivers.hmm_mirror_v5_2 import HmmMirrorDriver52  # noqa: E402
 from hmmirror.errors import ModelBug  # noqa: E402
@@ -242,6 +242,8 @@ def test_scenario_operations_and_json() -> None:
     assert all(e.startswith("VW@") for e in flt["entries"][:3]) and flt["entries"][3].startswith("VW@")
     assert flt["stats"]["faults"] == 2 and flt["stats"]["walk_ebusy"] == 1
     assert "pgmap_refs" in flt
+    hmf = [c for c in flt["lock_contexts"] if c["call"] == "handle_mm_fault"]
+    assert hmf == [{"call": "handle_mm_fault", "locks": ["rwsem:p.mmap_lock"], "atomic": 0, "count": 2}]
     json.dumps(r.to_json())
 
 
@@ -274,5 +276,3 @@ def test_seed_story() -> None:
     assert [c["write"] for c in pte["cpu"]] == [False, True, False, False]
     assert s["ret"] == {"pmd": 4, "pte": 4}
 
-
-_ = (M2, VALID, WRITE)

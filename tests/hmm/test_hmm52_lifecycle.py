@@ -21,14 +21,12 @@ from hmm52_helpers import (  # noqa: E402
     WRITE,
     add_vma,
     ent,
-    fault,
     machine,
     new_registered_range,
     normal_pte,
     out,
     register_mirror,
     set_pte,
-    snapshot,
     under_read,
 )
 from hmmirror.include.mm_types import MMU_NOTIFIER_RANGE_BLOCKABLE, MMU_NOTIFY  # noqa: E402
@@ -408,4 +406,16 @@ def test_dma_map_error_unwinds(env) -> None:
     assert under_read(mm, hmm.hmm_range_dma_map(r2, dev, np.zeros(1, dtype=np.uint64), True)) == -hmm.EBUSY
 
 
-_ = (fault, snapshot)
+
+# --- reading side by side with the kernel files -----------------------------------------------------------
+def test_every_function_names_its_kernel_function() -> None:
+    import inspect
+
+    from hmmirror.mm import pagewalk_v5_2
+
+    for mod in (hmm, pagewalk_v5_2):
+        for name, f in vars(mod).items():
+            if not inspect.isfunction(f) or f.__module__ != mod.__name__ or name.startswith("_"):
+                continue
+            first = (f.__doc__ or "").strip().splitlines()[0]
+            assert first.startswith(f.__name__) or first.startswith("Ours"), (mod.__name__, name, first)

@@ -43,7 +43,6 @@ from hmm52_helpers import (  # noqa: E402
     snapshot,
     special_pte,
     thp_pmd,
-    under_read,
 )
 from hmmirror.arch.x86 import pgtable as x86  # noqa: E402
 from hmmirror.arch.x86.pgtable import (  # noqa: E402
@@ -546,5 +545,3 @@ def test_device_private_entry_faults_only_when_requested(env) -> None:
     assert fault(mm, r, request=[VALID | DP, 0]) == -hmm.EFAULT
     assert out(r) == [NONE, NONE]
 
-
-_ = (pytest, under_read, devmap_pte)

@@ -22,9 +22,11 @@ from hmmirror.errors import InputError
               help="switch: Hypothesis-drawn bounded switch lists (shrunk by Hypothesis); random / pct: seeded")
 @click.option("--seed", default=0, show_default=True, type=int, help="campaign seed")
 @click.option("--every-step", is_flag=True, help="run the page-count walk at every step (slow)")
+@click.option("--kinds", default=None, help="comma-separated VMA kinds to generate (default: all available)")
+@click.option("--events", default=None, help="comma-separated background events (default: all; 'none' for none)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON on stdout")
 def command(kernel: str, seconds: float, jobs: int, driver: str, findings_dir: str, scheduler: str, seed: int,
-            every_step: bool, as_json: bool) -> None:
+            every_step: bool, kinds: str | None, events: str | None, as_json: bool) -> None:
     """Fuzz the model and a mirroring driver under random interleavings; save shrunk reproducers."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -39,8 +41,17 @@ def command(kernel: str, seconds: float, jobs: int, driver: str, findings_dir: s
         raise InputError("--seconds and --jobs must be positive")
     if driver != "builtin":
         check_driver(load_driver(driver)())
+    from hmmirror.sim.scenario import EVENT_KINDS, VMA_KINDS
+    kind_t = tuple(k for k in kinds.split(",") if k) if kinds else None
+    ev_t = () if events == "none" else (tuple(e for e in events.split(",") if e) if events else None)
+    for k in kind_t or ():
+        if k not in VMA_KINDS:
+            raise InputError(f"--kinds: unknown VMA kind {k!r} (use {', '.join(VMA_KINDS)})")
+    for e in ev_t or ():
+        if e not in EVENT_KINDS:
+            raise InputError(f"--events: unknown event {e!r} (use {', '.join(EVENT_KINDS)})")
     cfg = Config(kernel=kernel, driver=driver, seconds=seconds, jobs=jobs, findings_dir=findings_dir,
-                 scheduler=scheduler, seed=seed, every_step=every_step)
+                 scheduler=scheduler, seed=seed, every_step=every_step, kinds=kind_t, events=ev_t)
     err = Console(stderr=True)
     t0 = time.time()
     with Progress(TextColumn("[bold]fuzz {task.fields[kernel]}"), BarColumn(), TextColumn("{task.fields[info]}"),

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT
+from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PMD_SHIFT
 from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen, Lock
@@ -348,5 +348,3 @@ class HmmMirrorDriver52(HmmMirrorOps):
                     bad.append(f"{addr:#x}: device writable, CPU read-only")
         return bad
 
-
-_ = PAGE_SIZE

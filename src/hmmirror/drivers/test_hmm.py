@@ -53,7 +53,7 @@ import numpy as np
 
 from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT
 from hmmirror.errors import InputError, KernelError
-from hmmirror.include.mm_types import MMU_NOTIFY, VM
+from hmmirror.include.mm_types import MMU_NOTIFY
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen, Lock
 from hmmirror.mm.hmm.modern import (
@@ -80,7 +80,6 @@ from hmmirror.mm.mmu_notifier import (
     mmu_interval_set_seq,
     mmu_notifier_range_blockable,
 )
-from hmmirror.mm.page_alloc import PG
 
 if TYPE_CHECKING:
     from hmmirror.machine import Machine
@@ -153,8 +152,12 @@ class HmmDmirrorCmd:
     faults: int = 0
 
     def __repr__(self) -> str:
-        ptr = hex(self.ptr) if isinstance(self.ptr, int) else \
-            "None" if self.ptr is None else f"<{type(self.ptr).__name__} of {len(memoryview(self.ptr).cast('B'))} bytes>"
+        if isinstance(self.ptr, int):
+            ptr = hex(self.ptr)
+        elif self.ptr is None:
+            ptr = "None"
+        else:
+            ptr = f"<{type(self.ptr).__name__} of {memoryview(self.ptr).nbytes} bytes>"
         return (f"HmmDmirrorCmd(addr={self.addr:#x}, ptr={ptr}, npages={self.npages}, cpages={self.cpages}, "
                 f"faults={self.faults})")
 

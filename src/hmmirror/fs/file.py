@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE
+from hmmirror.arch.x86.pgtable import PAGE_SHIFT
 from hmmirror.kernel.sched import Lock
 from hmmirror.mm.page_alloc import PG
 
@@ -253,5 +253,3 @@ class File:
     def __repr__(self) -> str:
         return f"File({self.inode.path}, {'rw' if self.writable else 'ro'})"
 
-
-_ = PAGE_SIZE

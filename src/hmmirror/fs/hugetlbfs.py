@@ -11,7 +11,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE
+from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PMD_SIZE, PUD_SIZE
 from hmmirror.errors import InputError
 from hmmirror.fs.file import File, Inode
 from hmmirror.fs.super import FileSystemType, SuperBlock
@@ -23,7 +23,7 @@ from hmmirror.mm.page_alloc import PG
 if TYPE_CHECKING:
     from hmmirror.machine import Machine
 
-EINVAL, ENOSPC, ENOMEM = 22, 28, 12
+EINVAL = 22
 MAP_HUGE_SHIFT, MAP_HUGE_MASK = 26, 0x3F
 HUGE_SHIFTS = {PMD_SIZE: 21, PUD_SIZE: 30}
 
@@ -152,5 +152,3 @@ def hugetlb_file_setup(machine: "Machine", length: int, map_flags: int) -> File 
     inode.release_on_last_unmap = True                # only the VMA (and its copies) hold the file
     return File(inode, readable=True, writable=True, map_flags=map_flags)
 
-
-_ = (ENOSPC, ENOMEM, PAGE_SIZE)

@@ -265,5 +265,3 @@ def truncate(machine: "Machine", path: str, size: int) -> int:
     machine.log("truncate", path=path, size=size)
     return 0
 
-
-_ = PAGE_SHIFT

@@ -475,9 +475,19 @@ def do_fault_around(vmf: VmFault) -> Gen[int]:
         return int(VM_FAULT.NOPAGE)                  # huge page is mapped: the fault is solved
     if pte_none(pmd) or not pmd & x86._PAGE_PRESENT:
         return 0                                     # ->map_pages did nothing useful (cold cache)
-    if not pte_none(pool.get(mm.pt.pte_offset_map(vmf.pmdp, vmf.address))):
+    if vmf_pte_changed(vmf, pool.get(mm.pt.pte_offset_map(vmf.pmdp, vmf.address))):
         return int(VM_FAULT.NOPAGE)
     return 0
+
+
+def vmf_pte_changed(vmf: VmFault, cur: int) -> bool:
+    """vmf_pte_changed() (mm/memory.c [6.x]): has the faulting PTE changed since the fault looked at it?
+    A fault entered on a PTE marker (``vmf.orig_pte`` holds it: FAULT_FLAG_ORIG_PTE_VALID) compares with
+    the marker, which is then replaced; otherwise the entry must still be none."""
+    orig = vmf.orig_pte
+    if not pte_none(orig) and not pte_present(orig) and is_pte_marker(pte_to_swp_entry(orig)):
+        return cur != orig
+    return not pte_none(cur)
 
 
 def __do_fault(vmf: VmFault) -> Gen[int]:
@@ -632,7 +642,7 @@ def finish_fault(vmf: VmFault) -> Gen[int]:
     vmf.ptep = mm.pt.pte_offset_map(vmf.pmdp, vmf.address)
     ptl = pte_lockptr(mm, vmf.pmdp)
     yield from sched.spin_lock(ptl)
-    if not pte_none(pool.get(vmf.ptep)):
+    if vmf_pte_changed(vmf, pool.get(vmf.ptep)):
         sched.spin_unlock(ptl)
         if counted:
             mem.put_page(pfn)

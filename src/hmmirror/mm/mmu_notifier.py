@@ -101,11 +101,12 @@ class MmuIntervalNotifier:
 
 
 class IntervalTree:
-    """Interval tree of subscriptions: sorted by start with a max-``last`` segment tree.
+    """Interval tree of subscriptions: sorted by start, with a max-``last`` segment tree over that order.
 
-    ``overlapping(s, e)`` visits only subtrees whose maximum ``last`` reaches ``s`` among entries whose
-    start is ``<= e``: O(log n + matches), not a scan of all subscriptions.  Rebuilt on insert/remove,
-    which are rare next to queries.
+    ``overlapping(s, e)`` visits only subtrees whose maximum ``last`` reaches ``s`` among entries whose start
+    is ``<= e``: O(log n + matches), not a scan of all subscriptions.  Insert/remove keep the sorted order
+    (a list insertion) and mark the segment tree stale; the next query rebuilds it with numpy, level by level.
+    Equal starts keep insertion order (the kernel's rb-tree inserts an equal key to the right).
     """
 
     def __init__(self) -> None:
@@ -114,6 +115,7 @@ class IntervalTree:
         self._max: list[int] = []
         self._n = 0
         self._seq = 0
+        self._stale = True
 
     def __len__(self) -> int:
         return len(self._items)
@@ -124,25 +126,31 @@ class IntervalTree:
         i = bisect.bisect_left(self._keys, key)
         self._keys.insert(i, key)
         self._items.insert(i, sub)
-        self._rebuild()
+        self._stale = True
 
     def remove(self, sub: MmuIntervalNotifier) -> None:
         i = self._items.index(sub)
         del self._items[i]
         del self._keys[i]
-        self._rebuild()
+        self._stale = True
 
     def _rebuild(self) -> None:
+        import numpy as np
+
         n = 1
         while n < max(len(self._items), 1):
             n *= 2
+        mx = np.zeros(2 * n, dtype=np.uint64)
+        if self._items:
+            mx[n:n + len(self._items)] = np.fromiter((s.last for s in self._items), dtype=np.uint64,
+                                                     count=len(self._items))
+        h = n // 2
+        while h >= 1:                                  # parents of level [2h, 4h) are [h, 2h)
+            mx[h:2 * h] = np.maximum(mx[2 * h:4 * h:2], mx[2 * h + 1:4 * h:2])
+            h //= 2
         self._n = n
-        mx = [-1] * (2 * n)
-        for i, s in enumerate(self._items):
-            mx[n + i] = s.last
-        for i in range(n - 1, 0, -1):
-            mx[i] = max(mx[2 * i], mx[2 * i + 1])
-        self._max = mx
+        self._max = mx.tolist()
+        self._stale = False
 
     def overlapping(self, start: int, last: int) -> list[MmuIntervalNotifier]:
         """Subscriptions intersecting ``[start, last]``, in tree (start) order."""
@@ -150,6 +158,8 @@ class IntervalTree:
         out: list[MmuIntervalNotifier] = []
         if k == 0:
             return out
+        if self._stale:
+            self._rebuild()
         self._collect(1, 0, self._n, k, start, out)
         return out
 

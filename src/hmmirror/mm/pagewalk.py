@@ -38,7 +38,6 @@ from hmmirror.arch.x86.pgtable import (
     PMD_LEVEL,
     PTE_LEVEL,
     PUD_LEVEL,
-    PUD_SIZE,
     pmd_leaf,
     pmd_present,
     pte_none,

@@ -60,7 +60,6 @@ from hmmirror.arch.x86.pgtable import (
     pmd_trans_huge,
     pud_devmap,
     pud_none,
-    pud_present,
     pud_trans_huge,
     pte_none,
 )
@@ -191,7 +190,7 @@ def split_huge_pmd(vma: "VMA", pmdp: Ptr, address: int) -> Gen[None]:
 
 
 def huge_page_shift_of(vma: "VMA") -> int:
-    """huge_page_shift(hstate_vma(vma)): 21 for 2 MiB pages, 30 for 1 GiB pages."""
+    """Ours: ``huge_page_shift(hstate_vma(vma))``: 21 for 2 MiB pages, 30 for 1 GiB pages."""
     return PAGE_SHIFT + huge_page_order(vma)
 
 

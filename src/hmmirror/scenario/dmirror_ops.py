@@ -2,14 +2,19 @@
 
 Registered with :func:`~hmmirror.scenario.schema.register_op` when the runner loads ``*_ops`` modules:
 
-| op | keys | does |
-|---|---|---|
-| ``dmirror_open`` | ``device`` (0/1, default 0), ``fd`` (a name, default ``dmirror<device>``) | the process opens ``/dev/hmm_dmirror<device>``: a mirror of its own mm |
-| ``dmirror_read`` | ``addr``, ``length``, ``fd``, ``fill`` | HMM_DMIRROR_READ; result 0; ``cpages``, ``faults``; with ``fill``, ``bad_pages`` = pages whose bytes read differ from it |
-| ``dmirror_write`` | ``addr``, ``length``, ``fd``, ``fill`` | HMM_DMIRROR_WRITE of ``fill`` (default ``"index32"``); ``cpages``, ``faults`` |
-| ``dmirror_snapshot`` | ``addr``, ``length``, ``fd`` | HMM_DMIRROR_SNAPSHOT; ``snapshot``: one HMM_DMIRROR_PROT_* byte per page (list of ints) |
-| ``dmirror_pt`` | ``addr``, ``length``, ``fd`` | the device page table over the range; result: entries present; ``pt``: ``"-"``, ``"r"``, ``"w"`` per page |
-| ``dmirror_close`` | ``fd`` | close(2) |
+* ``dmirror_open`` (``device``: 0 or 1, default 0; ``fd``: a name, default ``dmirror<device>``): the process
+  opens ``/dev/hmm_dmirror<device>``, a mirror of its own mm;
+* ``dmirror_read`` (``addr``, ``length``, ``fd``, ``fill``): HMM_DMIRROR_READ; result 0; ``cpages``,
+  ``faults``; with ``fill``, ``bad_pages`` = pages whose bytes read differ from it;
+* ``dmirror_write`` (``addr``, ``length``, ``fd``, ``fill``): HMM_DMIRROR_WRITE of ``fill`` (default
+  ``"index32"``); ``cpages``, ``faults``;
+* ``dmirror_snapshot`` (``addr``, ``length``, ``fd``): HMM_DMIRROR_SNAPSHOT; ``snapshot``: one
+  HMM_DMIRROR_PROT_* byte per page (a list of ints);
+* ``dmirror_pt`` (``addr``, ``length``, ``fd``): the device page table over the range; result: entries
+  present; ``pt``: ``"-"``, ``"r"``, ``"w"``, ``"a"`` per page;
+* ``dmirror_close`` (``fd``): close(2);
+* ``mirror_range`` (``addr``, ``length``, ``access``: none/read/write): one snapshot or fault of the range
+  through the HMM API of the running profile (6.x or 5.2); ``entries`` per page in one notation.
 
 A failing ioctl is a result with its errno (``expect.errno``), as hmm-tests sees ``-errno``; ``cpages`` and
 ``faults`` are then not reported (the driver does not copy the command back on error).  ``expect`` may compare
@@ -158,6 +163,88 @@ register_op("dmirror_snapshot", _dmirror_snapshot, _RANGE, ("addr",), range_op=T
 register_op("dmirror_pt", _dmirror_pt, _RANGE, ("addr",), range_op=True, expect_keys={"pt": _pt_string},
             doc="the device page table over the range; result: entries present")
 register_op("dmirror_close", _dmirror_close, {"fd": "name"}, (), doc="close the dmirror file")
+
+
+# --- one mirroring call, whatever the profile -----------------------------------------------------------------
+def decode_modern(e: int) -> str:
+    """A 6.x ``hmm_pfns`` output in the 5.2 ops' notation: ``"VW@0x..."``, ``"V@0x..."``, ``"NONE"``, ``"ERROR"``
+    (``"RAW:0x..."`` for pfn bits without VALID: protnone entries, hugetlb none entries)."""
+    from hmmirror.mm.hmm.modern import HMM_PFN_ERROR, HMM_PFN_VALID, HMM_PFN_WRITE, hmm_pfn_to_pfn
+
+    if e & HMM_PFN_ERROR:
+        return "ERROR"
+    if not e & HMM_PFN_VALID:
+        return "NONE" if not hmm_pfn_to_pfn(e) else f"RAW:{e:#x}"
+    return ("VW" if e & HMM_PFN_WRITE else "V") + f"@{hmm_pfn_to_pfn(e):#x}"
+
+
+def _mirror_range_modern(ctx: RunContext, op: Op, start: int, end: int, access: str) -> Outcome:
+    from hmmirror.mm.hmm.modern import HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, hmm_pfn_to_map_order, run_range_fault
+    from hmmirror.errors import errno_name
+
+    flags = {"none": 0, "read": HMM_PFN_REQ_FAULT, "write": HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE}[access]
+    ret, out = run_range_fault(ctx.process(op.proc), start, (end - start) >> PAGE_SHIFT, flags)
+    vals = [int(x) for x in out.tolist()]
+    extra = {"entries": [decode_modern(e) for e in vals],
+             "orders": [hmm_pfn_to_map_order(e) if e >> 63 else 0 for e in vals]}
+    return Outcome(ret=ret, errno=errno_name(ret) if ret < 0 else None, extra=extra)
+
+
+def _mirror_range_5_2(ctx: RunContext, op: Op, start: int, end: int, access: str) -> Outcome:
+    from hmmirror.drivers.hmm_mirror_v5_2 import HmmMirrorDriver52
+    from hmmirror.errors import errno_name
+    from hmmirror.kernel import sched
+    from hmmirror.mm.hmm import v5_2 as h52
+    from hmmirror.scenario.hmm_v5_2_ops import _with_mmap_read, decode_entry
+
+    p = ctx.process(op.proc)
+    drivers = ctx.state.setdefault("mirror_range_5_2", {})
+    if op.proc not in drivers:
+        drv = HmmMirrorDriver52(ctx.machine, f"mirror_range.{op.proc}")
+        ret = sched.run(drv.register(p.mm), p.mm.task)
+        if ret:
+            raise KernelError(-ret, "hmm_mirror_register")
+        drivers[op.proc] = drv
+    r = h52.new_range(start, end, name="mirror_range")
+    ret = sched.run(h52.hmm_range_register(r, p.mm, start, end, PAGE_SHIFT), p.mm.task)
+    if ret:
+        raise KernelError(-ret, "hmm_range_register")
+    try:
+        if access == "none":
+            ret = _with_mmap_read(p, h52.hmm_range_snapshot(r))
+        else:
+            r.default_flags = r.flags[h52.HMM_PFN_VALID] | (r.flags[h52.HMM_PFN_WRITE] if access == "write" else 0)
+            r.pfn_flags_mask = 0
+            ret = _with_mmap_read(p, h52.hmm_range_fault(r, True))
+        extra = {"entries": [decode_entry(r, int(e)) for e in r.pfns.tolist()]}
+    finally:
+        sched.run(h52.hmm_range_unregister(r), p.mm.task)
+    return Outcome(ret=ret, errno=errno_name(ret) if ret < 0 else None, extra=extra)
+
+
+def _mirror_range(ctx: RunContext, op: Op) -> Outcome:
+    """``mirror_range``: one snapshot (access "none") or fault ("read"/"write") of the range through the HMM
+    API of the running profile: 6.x ``hmm_range_fault`` with a temporary interval notifier; 5.2
+    ``hmm_range_register`` + ``hmm_range_snapshot`` / ``hmm_range_fault(range, block)`` of a registered mirror.
+    The result is the kernel's return value (6.x: 0; 5.2: a page count), an errno on failure; ``entries``
+    per page in one notation for both (``VW@pfn``, ``V@pfn``, ``NONE``, ``ERROR``, 5.2 ``SPECIAL``)."""
+    start, end = ctx.args["addr"], ctx.args["addr"] + _npages(ctx) * PAGE_SIZE
+    access = ctx.args.get("access", "none")
+    if ctx.machine.profile.hmm_module == "hmmirror.mm.hmm.v5_2":
+        return _mirror_range_5_2(ctx, op, start, end, access)
+    return _mirror_range_modern(ctx, op, start, end, access)
+
+
+def _entries(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"{what} must be a list of entry strings like [\"VW@0x4000\", \"NONE\", \"ERROR\"]")
+    return value
+
+
+register_op("mirror_range", _mirror_range, {"addr": "addr", "length": "size",
+                                            "access": ("none", "read", "write")}, ("addr",), range_op=True,
+            aligned=("addr",), expect_keys={"entries": _entries},
+            doc="one HMM snapshot/fault of the range with the profile's API; entries per page")
 
 
 # --- the demo story through the device ---------------------------------------------------------------------

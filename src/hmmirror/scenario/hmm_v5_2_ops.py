@@ -24,7 +24,9 @@ the range, inclusive); pages not listed request nothing.  ``pfn_flags_mask`` may
 
 Every snapshot/fault record carries ``entries`` (per page: ``"V"``, ``"VW"``, ``"VD"``, ``"VWD"`` followed by
 ``@pfn``, or ``"NONE"``, ``"ERROR"``, ``"SPECIAL"``), ``pfns`` (the raw entries, hex), ``stats`` (the call's
-counters), ``pgmap_refs`` and ``valid``; ``expect.entries`` compares the per-page list.
+counters), ``pgmap_refs``, ``valid`` and ``lock_contexts`` (the task's held locks and atomic depth at every
+call that may sleep during the call, ``handle_mm_fault`` included, merged with counts); ``expect.entries``
+compares the per-page list.
 """
 
 from __future__ import annotations
@@ -222,12 +224,28 @@ def _with_mmap_read(p: Any, gen: Any) -> int:
     return sched.run(body(), task)
 
 
+def lock_contexts(machine: Any, since: int) -> list[dict[str, Any]]:
+    """The lock context of every call that may sleep logged since event ``since`` (``may_sleep`` events),
+    merged: one record per distinct (call, locks, atomic) with its count, in first-seen order."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for e in machine.events[since:]:
+        if e.get("what") != "may_sleep":
+            continue
+        key = (e["call"], tuple(e["locks"]), e["atomic"])
+        rec = out.get(key)
+        if rec is None:
+            rec = out[key] = {"call": e["call"], "locks": list(e["locks"]), "atomic": e["atomic"], "count": 0}
+        rec["count"] += 1
+    return list(out.values())
+
+
 def op_snapshot(ctx: Any, op: Any) -> Any:
     """hmm52_snapshot: ``hmm_range_snapshot(range)`` under mmap_sem (read)."""
     r = _range(ctx, ctx.args.get("range", "range0"))
     p = ctx.process(op.proc)
+    since = len(ctx.machine.events)
     ret = _with_mmap_read(p, hmm.hmm_range_snapshot(r))
-    return _result(ret, range_record(r))
+    return _result(ret, {**range_record(r), "lock_contexts": lock_contexts(ctx.machine, since)})
 
 
 def op_fault(ctx: Any, op: Any) -> Any:
@@ -238,8 +256,9 @@ def op_fault(ctx: Any, op: Any) -> Any:
     fill_requests(r, a.get("request"))
     r.default_flags = _flags_word(a.get("default_flags", "none"), "default_flags")
     r.pfn_flags_mask = _flags_word(a.get("pfn_flags_mask", "all"), "pfn_flags_mask")
+    since = len(ctx.machine.events)
     ret = _with_mmap_read(p, hmm.hmm_range_fault(r, a.get("block", True)))
-    return _result(ret, range_record(r))
+    return _result(ret, {**range_record(r), "lock_contexts": lock_contexts(ctx.machine, since)})
 
 
 def op_range_valid(ctx: Any, op: Any) -> Any:

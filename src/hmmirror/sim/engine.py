@@ -43,6 +43,10 @@ REPORT_INVARIANT = {
 }
 
 
+#: steps within which a background event counts as involved in a violation (signature)
+KEVENT_WINDOW = 64
+
+
 class StopRun(BaseException):
     """Raised inside a task to abandon it when the run is over (never escapes the engine)."""
 
@@ -145,8 +149,12 @@ class Engine:
         if st is not None:
             if st.kind == "kevent":
                 kevent = st.label
-            elif self.last_kevent[0] >= st.op_start and self.last_kevent[0] >= 0:
-                kevent = self.last_kevent[1]
+            else:
+                # a background event counts as involved if it ran during the violating operation and
+                # recently (KEVENT_WINDOW steps): an event long finished is not what broke the rule
+                k_step, k_label = self.last_kevent
+                if k_step >= 0 and k_step >= st.op_start and self.step - k_step <= KEVENT_WINDOW:
+                    kevent = k_label
         self.finding = Finding(
             invariant=invariant, message=message, step=self.step, task=st.name if st else "-",
             task_kind=st.kind if st else "-", op=st.op if st else "", stack=stack,
@@ -155,8 +163,10 @@ class Engine:
         )
 
     def _on_report(self, kind: str, message: str) -> None:
-        stack = frame_stack(sys._getframe(1))
-        self.violate(REPORT_INVARIANT.get(kind, f"report:{kind}"), message, stack=stack)
+        frame = sys._getframe(1)
+        stack = frame_stack(frame)
+        mm, addr = _context_from_frames(frame)
+        self.violate(REPORT_INVARIANT.get(kind, f"report:{kind}"), message, stack=stack, mm=mm, addr=addr)
 
     def _on_log(self, orig: Callable[..., None]) -> Callable[..., None]:
         hooks = self._hooks["on_log"]
@@ -313,6 +323,17 @@ def _tb_stack(tb: Any) -> list[str]:
         [describe_frame(f, f.f_lineno) for f in frames[-3:]]
 
 
+def _context_from_frames(frame: Any) -> tuple[Any, int | None]:
+    """(mm, address) from the locals of the running Python stack (innermost first)."""
+    frames = []
+    f = frame
+    while f is not None and len(frames) < 40:
+        frames.append(f)
+        f = f.f_back
+    frames.reverse()
+    return _context_of(frames)
+
+
 def _context_from_gen(gen: Any) -> tuple[Any, int | None]:
     """(mm, address) found in the locals of the innermost model frames of a suspended generator chain."""
     frames = []
@@ -322,12 +343,16 @@ def _context_from_gen(gen: Any) -> tuple[Any, int | None]:
             break
         frames.append(f)
         gen = getattr(gen, "gi_yieldfrom", None)
+    return _context_of(frames)
+
+
+def _context_of(frames: list[Any]) -> tuple[Any, int | None]:
     mm = None
     addr = None
     for f in reversed(frames):
         loc = f.f_locals
         if addr is None:
-            for k in ("address", "addr", "haddr", "start"):
+            for k in ("address", "addr", "haddr", "start", "last"):
                 v = loc.get(k)
                 if isinstance(v, int) and not isinstance(v, bool):
                     addr = v

@@ -45,6 +45,8 @@ class Config:
     every_step: bool = False
     examples: int = 200
     max_switches: int = 24
+    kinds: tuple[str, ...] | None = None        # VMA kinds to generate (None: every available kind)
+    events: tuple[str, ...] | None = None       # background events (None: every available event)
 
 
 @dataclass
@@ -213,7 +215,7 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
 
     def body(data: Any) -> None:
         c = HypothesisChoices(data)
-        sc = generate(c, cfg.kernel, cfg.driver)
+        sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events)
         sw = SwitchListScheduler.draw(c, cfg.max_switches)
         if time.monotonic() > deadline:           # after the draws: the same choices draw the same way
             raise _OutOfTime()
@@ -251,7 +253,7 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
 
 def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder) -> None:
     c = SeededChoices(seed)
-    sc = generate(c, cfg.kernel, cfg.driver)
+    sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events)
     if cfg.scheduler == "random":
         sc.scheduler = {"kind": "random", "seed": seed}
         sched = RandomScheduler(c)

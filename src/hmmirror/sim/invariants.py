@@ -528,9 +528,39 @@ class ResultContract:
         if ret is None or ret < 0 or not self._quiet_since(st.idx, ev.get("start", 0), ev.get("end", 0)):
             return
         rng = sys._getframe(2).f_locals.get("range")
-        if rng is None or not hasattr(rng, "hmm_pfns"):
+        if rng is None:
             return
-        self._check_modern(eng, st, rng, what)
+        if hasattr(rng, "hmm_pfns"):
+            self._check_modern(eng, st, rng, what)
+        elif hasattr(rng, "pfns") and hasattr(rng, "values") and what == "hmm_range_fault":
+            self._check_v5_2(eng, st, rng, int(ret))
+
+    def _check_v5_2(self, eng: Any, st: Any, rng: Any, count: int) -> None:
+        """[5.2] a non-negative return is the number of pages from ``start`` the walk completed (§9.2):
+        each requested one must be VALID (WRITE if asked) and every VALID entry must match the CPU."""
+        VALID, WRITE = rng.flags[0], rng.flags[1]
+        special = {rng.values[0], rng.values[1], rng.values[2]}
+        mm = self.mm
+        for k in range(min(count, (rng.end - rng.start) >> 12)):
+            e = int(rng.pfns[k])
+            va = rng.start + k * PAGE_SIZE
+            req = rng.default_flags                    # the request of every page (pfn_flags_mask 0 drivers)
+            valid = e not in special and bool(e & VALID)
+            wr = valid and bool(e & WRITE)
+            if rng.pfn_flags_mask == 0 and req & VALID and (not valid or (req & WRITE and not wr)):
+                eng.violate("result_contract", f"hmm_range_fault returned {count} but page {va:#x} is "
+                            f"{'not valid' if not valid else 'not writable'} although requested",
+                            st=st, mm=mm, addr=va, state={"entry": hex(e), "request": hex(req)})
+                return
+            if valid:
+                pfn = e >> rng.pfn_shift
+                cpfn, readable, cw = cpu_leaf(mm, va)
+                if pfn != cpfn or not readable or (wr and not cw):
+                    eng.violate("result_contract", f"hmm_range_fault reports {va:#x} -> pfn {pfn:#x} "
+                                f"{'rw' if wr else 'r'}, the CPU maps "
+                                f"{'nothing' if cpfn < 0 else hex(cpfn) + (' rw' if cw else ' r')}",
+                                st=st, mm=mm, addr=va, state={"entry": hex(e), "cpu": (hex(cpfn), readable, cw)})
+                    return
 
     def _check_modern(self, eng: Any, st: Any, rng: Any, what: str) -> None:
         from hmmirror.mm.hmm import modern as hmm

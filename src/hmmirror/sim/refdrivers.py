@@ -4,14 +4,11 @@
   ``mmu_interval_read_begin`` -> ``hmm_range_fault`` under the mmap read lock -> driver lock ->
   ``mmu_interval_read_retry`` -> program the device page table.  The retry loop is bounded by
   ``max_tries`` (the driver's ``HMM_RANGE_DEFAULT_TIMEOUT``), after which it returns -EBUSY.
-* :class:`Hmm52Mirror` -- the [5.2] loop of Documentation/vm/hmm.rst (hmm-5.2.md §12):
-  ``hmm_range_register`` -> ``hmm_range_wait_until_valid`` -> ``down_read`` -> ``hmm_range_fault`` ->
-  driver lock -> ``hmm_range_valid`` -> program the device page table.  Written as the document writes it,
-  except that success is ``ret >= 0`` (5.2 returns a page count, the document's ``if (ret)`` predates that).
 
-:func:`builtin_for` returns the driver of a profile: the HMM engineers' drivers
-(``hmmirror.drivers.test_hmm`` / ``hmmirror.drivers.hmm_mirror_v5_2``) through a thin adapter when they
-exist, these reference loops otherwise.
+:func:`builtin_for` returns the built-in driver of a profile: the HMM engineers' drivers through the thin
+adapters of :mod:`hmmirror.sim.adapters` -- [6.x] lib/test_hmm.c's dmirror (``hmmirror.drivers.test_hmm``),
+[5.2] the hmm.rst 5.2 loop (``hmmirror.drivers.hmm_mirror_v5_2``); :class:`IntervalMirror` when dmirror is
+not available.
 """
 
 from __future__ import annotations
@@ -80,99 +77,16 @@ class IntervalMirror(DriverBase):
         return True
 
 
-class Hmm52Mirror(DriverBase):
-    """The [5.2] hmm.rst driver loop over ``hmm_mirror`` + ``hmm_range_register`` + ``hmm_range_fault``."""
-
-    name = "hmm52-mirror"
-    profiles = ("5.2",)
-    max_tries = 64
-    timeout = 1000
-
-    def fault(self, start: int, end: int, write: bool) -> Gen[int]:
-        """driver_populate_range() of hmm.rst [5.2]."""
-        hmm = importlib.import_module("hmmirror.mm.hmm.v5_2")
-        mm = self.mm
-        npages = (end - start) >> PAGE_SHIFT
-        rng = hmm_range_52(hmm, start, end, npages, write)
-        ret = yield from _maybe_gen(hmm.hmm_range_register(rng, mm, start, end, PAGE_SHIFT))
-        if ret:
-            return ret
-        yield from _maybe_gen(hmm.hmm_range_wait_until_valid(rng, self.timeout))
-        for _ in range(self.max_tries):
-            yield from sched.down_read(mm.mmap_sem)
-            ret = yield from _maybe_gen(hmm.hmm_range_fault(rng, True))
-            if ret < 0:
-                sched.up_read(mm.mmap_sem)                      # as hmm.rst writes it
-                if ret == -EAGAIN:
-                    yield from _maybe_gen(hmm.hmm_range_wait_until_valid(rng, self.timeout))
-                    continue
-                yield from _maybe_gen(hmm.hmm_range_unregister(rng))
-                return ret
-            yield from sched.mutex_lock(self.lock)
-            if not hmm.hmm_range_valid(rng):
-                sched.mutex_unlock(self.lock)
-                sched.up_read(mm.mmap_sem)
-                continue
-            for k in range(npages):
-                pfn = hmm.hmm_device_entry_to_pfn(rng, int(rng.pfns[k]))
-                if pfn >= 0:
-                    write_bit = rng.flags[hmm.HMM_PFN_WRITE_IDX] if hasattr(hmm, "HMM_PFN_WRITE_IDX") else 2
-                    self.pt.map(start + k * PAGE_SIZE, pfn, bool(int(rng.pfns[k]) & int(write_bit)))
-            yield from _maybe_gen(hmm.hmm_range_unregister(rng))
-            sched.mutex_unlock(self.lock)
-            sched.up_read(mm.mmap_sem)
-            return 0
-        yield from _maybe_gen(hmm.hmm_range_unregister(rng))
-        return -EBUSY
-
-    def invalidate(self, inv: Invalidation) -> Gen[bool]:
-        """``sync_cpu_device_pagetables``: take ``driver.update`` (trylock when not blockable), unmap."""
-        if inv.blockable:
-            yield from sched.mutex_lock(self.lock)
-        elif not sched.mutex_trylock(self.lock):
-            return False
-        self.pt.unmap(inv.start, inv.end)
-        sched.mutex_unlock(self.lock)
-        return True
-
-
-def hmm_range_52(hmm: Any, start: int, end: int, npages: int, write: bool) -> Any:
-    """A 5.2 ``hmm_range`` with the model test encoding of hmm-5.2.md §1.4 (requests in ``pfns``)."""
-    rng = hmm.HmmRange() if _no_args(hmm.HmmRange) else hmm.HmmRange(start=start, end=end)
-    import numpy as np
-    flags = getattr(hmm, "MODEL_FLAGS", [1 << 0, 1 << 1, 1 << 2])
-    values = getattr(hmm, "MODEL_VALUES", [0xFFFF_FFFF_FFFF_FFFE, 0, 0xFFFF_FFFF_FFFF_FFFC])
-    rng.flags = list(flags)
-    rng.values = list(values)
-    rng.pfn_shift = 12
-    rng.default_flags = flags[0] | (flags[1] if write else 0)
-    rng.pfn_flags_mask = 0
-    rng.pfns = np.zeros(npages, dtype=np.uint64)
-    return rng
-
-
-def _no_args(cls: Any) -> bool:
-    try:
-        cls()
-        return True
-    except TypeError:
-        return False
-
-
-def _maybe_gen(x: Any) -> Gen[Any]:
-    """Call sites that may be generators or plain functions in the 5.2 module."""
-    if hasattr(x, "send"):
-        return (yield from x)
-    return x
-
-
 def builtin_for(profile: Any) -> Any:
     """A new built-in driver for ``profile`` (the HMM engineers' driver when it exists)."""
     if profile.interval_notifiers:
         ext = _external("hmmirror.sim.adapters", "dmirror_driver")
         return ext() if ext is not None else IntervalMirror()
     ext = _external("hmmirror.sim.adapters", "hmm52_driver")
-    return ext() if ext is not None else Hmm52Mirror()
+    if ext is None:
+        from hmmirror.errors import InputError
+        raise InputError("no built-in 5.2 driver (hmmirror.drivers.hmm_mirror_v5_2 is missing)")
+    return ext()
 
 
 def _external(mod: str, attr: str) -> Any:

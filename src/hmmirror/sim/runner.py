@@ -215,12 +215,22 @@ def device_job(run: SimRun, st: SimTask, spec: dict[str, Any]) -> Any:
         end = (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         write = bool(job.get("write", False))
         st.op, st.op_start = f"fault({start:#x}-{end:#x}, {'write' if write else 'read'})", eng.step
-        eng.emit("fault_begin", st, start, end, write)
-        ret = yield from drv.fault(start, end, write)
-        eng.emit("fault_end", st, start, end, write, ret)
-        run.machine.log("sim_fault", task=st.name, start=start, end=end, write=write, ret=ret)
+        yield from device_fault(run, start, end, write)
         st.op = ""
     return 0
+
+
+def device_fault(run: SimRun, start: int, end: int, write: bool) -> Any:
+    """One device fault handled by the driver, with the ``fault_begin``/``fault_end`` instrument hooks (the
+    result-contract and commit invariants need them).  Use it in hand-written device tasks."""
+    eng = run.engine
+    assert eng is not None and eng.current is not None
+    st = eng.current
+    eng.emit("fault_begin", st, start, end, write)
+    ret = yield from run.driver.fault(start, end, write)
+    eng.emit("fault_end", st, start, end, write, ret)
+    run.machine.log("sim_fault", task=st.name, start=start, end=end, write=write, ret=ret)
+    return ret
 
 
 def kevent_task(run: SimRun, st: SimTask, ev: dict[str, Any]) -> Any:
@@ -390,5 +400,6 @@ def run_tasks(machine: Any, driver: Any, mm: Any, tasks: list[tuple[str, str, An
         if kind.startswith("kevent:"):
             kind, label = "kevent", kind.split(":", 1)[1]
         st = eng.spawn(name, kind, None, label=label)   # type: ignore[arg-type]
+        st.op = name                                    # one operation for the task's whole life
         st.gen = factory(run)
     return eng.run(), eng

@@ -113,6 +113,7 @@ HMM_PFN_REQ_WRITE = HMM_PFN_WRITE            # input: fault it writable (with RE
 HMM_PFN_FLAGS = U64 & ~((1 << HMM_PFN_ORDER_SHIFT) - 1)      # bits 53..63
 HMM_PFN_INOUT_FLAGS = HMM_PFN_DMA_MAPPED | HMM_PFN_P2PDMA | HMM_PFN_P2PDMA_BUS   # carried input -> output
 HMM_RANGE_DEFAULT_TIMEOUT = 1000             # ms; drivers bound their retry loops with it
+HMM_MODEL_MAX_RESTARTS = 64                  # ours: restarts at one address before a "livelock" report
 
 # mm/hmm.c: what a decider asks for
 HMM_NEED_FAULT = 1 << 0
@@ -582,6 +583,7 @@ def hmm_range_fault(range: HmmRange) -> Gen[int]:   # noqa: A002 - kernel name
     mmap_assert_locked(mm)
     machine.counters["hmm_range_fault"] += 1
     hmm_vma_walk = HmmVmaWalk(range, range.start)
+    stuck = 0                                   # model: restarts at the same `last` in a row
     while True:
         # If the range is no longer valid force a retry.
         if mmu_interval_check_retry(range.notifier, range.notifier_seq):
@@ -590,9 +592,16 @@ def hmm_range_fault(range: HmmRange) -> Gen[int]:   # noqa: A002 - kernel name
         machine.counters["hmm_walks"] += 1
         machine.counters["hmm_pages_walked"] += (range.end - hmm_vma_walk.last) >> PAGE_SHIFT
         hmm_vma_walk.walks += 1
+        last = hmm_vma_walk.last
         ret = yield from walk_page_range(mm, hmm_vma_walk.last, range.end, hmm_walk_ops, hmm_vma_walk)
         # After -EBUSY the loop restarts at `last`: entries below it hold outputs, the rest their inputs.
         if ret != -EBUSY:
+            break
+        stuck = stuck + 1 if hmm_vma_walk.last == last else 0
+        if stuck >= HMM_MODEL_MAX_RESTARTS:
+            # The kernel would loop forever: a fault that leaves the entry as it was is a substrate bug.
+            sched.report("livelock", f"hmm_range_fault restarted {stuck} times at {hmm_vma_walk.last:#x} "
+                                     "without progress")
             break
     if ret == -EBUSY:
         machine.counters["hmm_ebusy"] += 1

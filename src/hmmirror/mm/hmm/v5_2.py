@@ -1748,5 +1748,3 @@ def _ret_dma(range: HmmRange, name: str, ret: int) -> int:
     _log(_range_machine(range), name, range=range.name, ret=ret)
     return ret
 
-
-_ = (pte_special, pmd_huge)
