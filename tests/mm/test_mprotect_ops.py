@@ -250,3 +250,25 @@ def test_hugetlb_one_range_over_the_request(machine: Machine) -> None:
         p.mprotect(a, P, "rw")
     assert exc.value.errno_name == "EINVAL"
     assert check_counts(m) == []
+
+
+def test_pud_leaf(machine: Machine) -> None:
+    # §6 "mprotect over a PUD leaf": [5.2] the walk would clear it as a bad PUD (model: refused as not
+    # modelled); [6.18] changed in place (one PROTECTION_VMA, the leaf kept, write removed)
+    pytest.importorskip("hmmirror.drivers.dax.device")
+    machine.add_pmem("pmem0", G1, "devdax", G1)
+    p = machine.spawn()
+    a = p.mmap(G1, "rw", ["shared"], file="/dev/dax0.0")
+    p.touch(a + 5 * P, 1)
+    assert p.inspect(a, P)[0].level == "pud"
+    ev = len(machine.events)
+    if machine.profile.name == "5.2":
+        with pytest.raises(KernelError) as exc:
+            p.mprotect(a, G1, "r")
+        assert exc.value.errno_name == "EOPNOTSUPP"
+        assert p.inspect(a, P)[0].write and p.mm.vmas[0].vm_flags & VM.WRITE    # nothing changed
+        return
+    p.mprotect(a, G1, "r")
+    assert invalidations(machine, ev) == [(a, a + G1, "PROTECTION_VMA")]
+    s = p.inspect(a, P)[0]
+    assert s.level == "pud" and not s.write

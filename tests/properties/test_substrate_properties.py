@@ -192,9 +192,6 @@ class World:
                     p.madvise(start, length, self.advice[(k * 7 + l_) % len(self.advice)])
                 elif kind == "touch_r":
                     p.touch(start, min(length, 64 * P))
-                elif kind == "touch_rw":                  # read then write: zero-page and COW paths
-                    p.touch(start, min(length, 64 * P))
-                    p.touch(start, min(length, 64 * P), write=True)
                 else:
                     p.touch(start, min(length, 64 * P), write=True, fill=(k % 250) + 1)
         except KernelError:
@@ -207,7 +204,10 @@ class World:
 
 def run_sequence(kernel: str, ops: list[tuple[str, int, int, int, int]]) -> None:
     w = World(kernel)
-    for n, op in enumerate(ops):
+    steps = []
+    for op in ops:                       # "touch_rw": a read, then (checked separately) a write of the same range
+        steps += [("touch_r",) + op[1:], ("touch_w",) + op[1:]] if op[0] == "touch_rw" else [op]
+    for n, op in enumerate(steps):
         before = w.snapshot()
         w.log.clear()
         unmapped = w.apply(op)

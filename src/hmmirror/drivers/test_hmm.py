@@ -364,6 +364,11 @@ class DmirrorDevice:
     def __repr__(self) -> str:
         return f"DmirrorDevice({self.path})"
 
+    def open(self, map_flags: int = 0, writable: bool = True) -> Any:
+        """``machine.open_file(path)``: not enough here — opening mirrors the *opener's* mm."""
+        raise InputError(f"open {self.path}: use hmmirror.drivers.test_hmm.hmm_open(process, {self.id}) "
+                         "(the device mirrors the mm of the process that opens it)")
+
 
 def hmm_dmirror_init(machine: "Machine") -> list[DmirrorDevice]:
     """hmm_dmirror_init(): load the module — devices 0 and 1 (device-private), registered under

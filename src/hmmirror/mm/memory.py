@@ -287,7 +287,7 @@ def do_anonymous_page(vmf: VmFault) -> Gen[int]:
         entry = mk_pte(mem.zero_pfn, vma.vm_page_prot) | _PAGE_SPECIAL
         entry = x86.pte_wrprotect(entry)
         yield from sched.spin_lock(ptl)
-        if pte_none(pool.get(vmf.ptep)):
+        if not vmf_pte_changed(vmf, pool.get(vmf.ptep)):
             pool.set(vmf.ptep, entry)
         sched.spin_unlock(ptl)
         return 0
@@ -300,7 +300,7 @@ def do_anonymous_page(vmf: VmFault) -> Gen[int]:
     if vma.vm_flags & VM.WRITE:
         entry = x86.pte_mkwrite(x86.pte_mkdirty(entry))
     yield from sched.spin_lock(ptl)
-    if not pte_none(pool.get(vmf.ptep)):
+    if vmf_pte_changed(vmf, pool.get(vmf.ptep)):
         sched.spin_unlock(ptl)
         mem.put_page(pfn)
         return 0
@@ -726,7 +726,7 @@ def do_swap_page(vmf: VmFault) -> Gen[int]:
                 return int(VM_FAULT.SIGSEGV)
             if e.offset & x86.PTE_MARKER_POISONED:
                 return int(VM_FAULT.HWPOISON)
-            vmf.orig_pte = 0                      # uffd-wp marker: handled as a none entry
+            # uffd-wp marker: handled as a none entry; orig_pte keeps the marker (FAULT_FLAG_ORIG_PTE_VALID)
             return (yield from do_anonymous_page(vmf)) if vma_is_anonymous(vmf.vma) else (yield from do_fault(vmf))
         return int(VM_FAULT.SIGBUS)
     return (yield from mm.machine.swap.swapin(vmf, e))
