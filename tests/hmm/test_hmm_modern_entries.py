@@ -168,9 +168,6 @@ def test_pte_markers(p, m):
     assert fault(p, a + PAGE_SIZE, 1, F)[0] == -EFAULT           # poison: HWPOISON
 
 
-@pytest.mark.xfail(raises=ModelBug, strict=False,
-                   reason="substrate: do_swap_page's uffd-wp path (mm/memory.py) leaves the marker in place, so "
-                          "the fault never maps the page and hmm_range_fault reports a livelock")
 def test_uffd_wp_marker_is_faulted_like_none(p, m):
     a = p.mmap(PAGE_SIZE, "rw")
     set_pte(p, a, x86.make_pte_marker(x86.PTE_MARKER_UFFD_WP))

@@ -242,3 +242,30 @@ def test_dontneed_shmem_keeps_pages(machine: Machine) -> None:
     p.touch(a, 4 * P)
     assert [s.pfn for s in p.inspect(a, 4 * P)] == pfns
     assert check_counts(machine) == []
+
+
+def test_t7_t11_collapse(m618: Machine) -> None:
+    # T7/T11 [6.18]: MADV_COLLAPSE (with or without MADV_HUGEPAGE): PMD again, new pfns, holes filled;
+    # CLEAR [2M) around the collapse
+    p = m618.spawn()
+    a = p.mmap(2 * M2, align=M2)
+    p.touch(a, 16 * P, write=True, fill="index32")         # no advice: 4K pages (T10)
+    assert p.inspect(a, P)[0].level == "pte"
+    p.madvise(a + 3 * P, P, "dontneed")                    # a hole
+    old = {s.pfn for s in p.inspect(a, 16 * P) if s.present}
+    free0 = m618.mem.nr_free_pages()
+    ev = len(m618.events)
+    p.madvise(a, M2, "collapse")
+    starts = [(e["start"], e["end"], e["event"]) for e in m618.events[ev:] if e["what"] == "invalidate_range_start"]
+    assert starts == [(a, a + M2, "CLEAR")]
+    st = p.inspect(a, M2)
+    assert all(s.level == "pmd" and s.kind == "anon" and s.write for s in st)
+    assert not old & {s.pfn for s in st}
+    assert p.read_bytes(a + 3 * P, 8) == bytes(8)          # the hole reads as zeroes
+    assert p.read_bytes(a + 5 * P, 4) == (5 * 1024).to_bytes(4, "little")
+    assert m618.mem.nr_free_pages() == free0 + 15 - 512      # 15 small pages freed, one 2 MiB folio taken
+    assert check_counts(m618) == []
+    # an untouched block has no page table: not collapsed -> EINVAL (madvise_collapse_errno(SCAN_PMD_NULL))
+    assert errno_of(p.madvise, a + M2, M2, "collapse") == "EINVAL"
+    p.madvise(a, 2 * M2, "nohugepage")
+    assert errno_of(p.madvise, a, M2, "collapse") == "EINVAL"

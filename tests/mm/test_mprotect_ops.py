@@ -265,7 +265,7 @@ def test_pud_leaf(machine: Machine) -> None:
     if machine.profile.name == "5.2":
         with pytest.raises(KernelError) as exc:
             p.mprotect(a, G1, "r")
-        assert exc.value.errno_name == "EOPNOTSUPP"
+        assert exc.value.errno == 95                   # EOPNOTSUPP
         assert p.inspect(a, P)[0].write and p.mm.vmas[0].vm_flags & VM.WRITE    # nothing changed
         return
     p.mprotect(a, G1, "r")

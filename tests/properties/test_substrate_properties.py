@@ -43,7 +43,7 @@ KINDS = ["mmap", "mmap_thp", "mmap_thp", "mmap_shared", "munmap", "munmap", "mpr
          "madvise", "madvise", "madvise", "touch_r", "touch_w", "touch_w", "touch_rw", "touch_rw", "fork", "fork",
          "exit"]
 ADVICE_5_2 = ["dontneed", "dontneed", "hugepage", "nohugepage", "dontfork", "wipeonfork", "free", "remove"]
-ADVICE_6_18 = ADVICE_5_2 + ["populate_write", "populate_read", "pageout"]
+ADVICE_6_18 = ADVICE_5_2 + ["populate_write", "populate_read", "pageout", "collapse"]
 PROTS = ["none", "r", "rw", "rw"]
 
 OPS = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 7), st.integers(0, 15), st.integers(0, 1023),
@@ -226,7 +226,7 @@ def run_sequence(kernel: str, ops: list[tuple[str, int, int, int, int]]) -> None
 
 
 @pytest.mark.parametrize("kernel", ["5.2", "6.18"])
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
           database=None)
 @given(ops=OPS)
 def test_counts_unmap_and_notifier_coverage(kernel: str, ops: list[tuple[str, int, int, int, int]]) -> None:

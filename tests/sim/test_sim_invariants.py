@@ -253,3 +253,27 @@ def test_signature_separates_causes():
                 kevent="migrate")
     assert len({a.signature, b.signature, c.signature}) == 3
     assert a.sig_id != b.sig_id
+
+
+def test_driverbase_registers_on_5_2():
+    """[5.2] DriverBase binds through hmm_mirror_register; an munmap reaches ``invalidate`` (hmm-5.2.md §3.4)."""
+    from hmmirror.sim.driver import DriverBase
+
+    class Counting(DriverBase):
+        seen: list = []
+
+        def fault(self, start, end, write):
+            return -5
+            yield
+
+        def invalidate(self, inv):
+            self.seen.append((inv.start, inv.end, inv.blockable))
+            self.pt.unmap(inv.start, inv.end)
+            return True
+            yield
+
+    m, p, a = setup("5.2")
+    drv = Counting()
+    f = go(drv, [("cpu0", "cpu", munmap_task(p.mm, a, 4096))], m, p)
+    assert f is None, f.describe()
+    assert drv.mirror is not None and (a, a + 4096, True) in drv.seen

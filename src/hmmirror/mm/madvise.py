@@ -16,12 +16,15 @@ advice does to page tables and notifiers (mm-substrate.md §6):
 * ``REMOVE``: punches a hole in the shared file (shmem): its pages are unmapped everywhere and freed.
 * ``POPULATE_READ``/``POPULATE_WRITE`` [6.18]: faults like GUP over the whole range (not per VMA):
   -ENOMEM at a hole, -EINVAL for an incompatible VMA, -EFAULT when a fault fails (SIGBUS/SIGSEGV).
-* ``COLLAPSE`` [6.18]: every 2 MiB block of an anonymous VMA inside the range becomes a new THP (CLEAR [2M)).
+* ``COLLAPSE`` [6.18]: every 2 MiB block of an anonymous VMA inside the range becomes a new THP (CLEAR [2M)
+  around clearing the PMD; the new PMD is installed after the range ends).  File/shmem collapse and
+  swap-in during collapse are not modelled (-EINVAL / the block is skipped).
 
 Not modelled (-EINVAL): KSM (``MERGEABLE``), memory-failure injection, ``DONTNEED_LOCKED``, guard regions.
 Followed: v5.2 mm/madvise.c (SYSCALL madvise, madvise_vma, madvise_behavior, madvise_dontneed_free,
 madvise_free_single_vma, madvise_remove); v6.18 mm/madvise.c (madvise_walk_vmas,
-madvise_dontneed_free_valid_vma, madvise_populate) and mm/gup.c check_vma_flags.
+madvise_dontneed_free_valid_vma, madvise_populate), mm/gup.c check_vma_flags and mm/khugepaged.c
+(madvise_collapse, hpage_collapse_scan_pmd, collapse_huge_page).
 """
 
 from __future__ import annotations
@@ -333,13 +336,150 @@ def madvise_populate(mm: "MMStruct", start: int, end: int, behavior: int) -> Gen
     return 0
 
 
-def madvise_collapse(vma: VMA, start: int, end: int) -> Gen[int]:
-    """madvise_collapse() [6.18]: anonymous VMAs only (in the model); see :mod:`hmmirror.mm.khugepaged`."""
+# --- MADV_COLLAPSE [6.18] (mm/khugepaged.c) -----------------------------------------------------------------
+SCAN_SUCCEED, SCAN_PMD_NULL, SCAN_PMD_MAPPED, SCAN_PTE_NON_PRESENT, SCAN_PAGE_NULL, SCAN_PAGE_COUNT = range(6)
+SCAN_PAGE_RO, SCAN_PAGE_ANON, SCAN_ALLOC_HUGE_PAGE_FAIL, SCAN_VMA_CHECK = range(6, 10)
+_SCAN_CONTINUE = (SCAN_PMD_NULL, SCAN_PTE_NON_PRESENT, SCAN_PAGE_NULL, SCAN_PAGE_COUNT)
+
+
+def madvise_collapse_errno(r: int) -> int:
+    """madvise_collapse_errno(): -ENOMEM without a huge page, -EAGAIN for transient page states, else -EINVAL."""
+    if r == SCAN_ALLOC_HUGE_PAGE_FAIL:
+        return -ENOMEM
+    if r == SCAN_PAGE_COUNT:
+        return -EAGAIN
+    return -EINVAL
+
+
+def collapse_allowed(vma: VMA) -> bool:
+    """thp_vma_allowable_order(TVA_FORCED_COLLAPSE, PMD_ORDER) for the model's anonymous VMAs: sysfs
+    ``enabled`` is ignored; VM_NOHUGEPAGE, special and hugetlb VMAs refuse; one aligned 2 MiB block must fit.
+    File and shmem collapse are not modelled."""
+    if not vma_is_anonymous(vma) or vma.vm_flags & (VM.NOHUGEPAGE | VM_SPECIAL | VM.HUGETLB):
+        return False
+    return ((vma.vm_start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)) + PMD_SIZE <= vma.vm_end
+
+
+def _collapse_scan(vma: VMA, addr: int) -> int:
+    """hpage_collapse_scan_pmd() for MADV_COLLAPSE (no khugepaged limits): may the block at ``addr``
+    collapse?  ``SCAN_SUCCEED`` or the reason it may not."""
+    mm = vma.vm_mm
+    mem, pool = mm.machine.mem, mm.machine.pool
+    level, p, e = mm.pt.lookup(addr)
+    if p is None or level == "pud" or (level == "pmd" and (pte_none(e) or not x86.pmd_present(e))):
+        return SCAN_PMD_NULL
+    if level == "pmd":
+        return SCAN_PMD_MAPPED                                # a THP or the huge zero page already
+    pudp = mm.pt.walk_to_pud(addr)
+    assert pudp is not None
+    tid = table_id_of(pool.get(mm.pt.pmd_offset(pudp, addr)))
+    writable = False
+    for pte in pool.tables[tid].tolist():
+        if pte_none(pte):
+            continue
+        if not x86.pte_present(pte):
+            return SCAN_PTE_NON_PRESENT                       # model: no swap-in during collapse
+        pfn = x86.pte_pfn(pte)
+        if mem.is_zero_pfn(pfn):
+            continue
+        if x86.pte_special(pte) or pfn >= mem.nr_ram:
+            return SCAN_PAGE_NULL
+        if not mem.flags[pfn] & PG.anon:
+            return SCAN_PAGE_ANON
+        head = mem.compound_head(pfn)
+        n = 1 << int(mem.order[head])
+        if int(mem.refcount[head]) != int(mem.mapcount[head: head + n].sum()):
+            return SCAN_PAGE_COUNT                            # is_refcount_suitable(): extra pins
+        writable |= x86.pte_write(pte)
+    return SCAN_SUCCEED if writable else SCAN_PAGE_RO
+
+
+def collapse_huge_page(mm: "MMStruct", addr: int) -> Gen[int]:
+    """collapse_huge_page() (mm/khugepaged.c): a new THP replaces the PTE table of ``[addr, addr+2M)``.
+
+    Entered with the mmap lock held for read, drops it and takes it for write (revalidating the VMA), and
+    returns with it held for read again.  The PMD is cleared under CLEAR [2M); after the range ends the data
+    is copied (holes and zero pages become zeroes), the old pages are released and the new PMD installed.
+    """
+    from hmmirror.mm.huge_memory import mk_huge_pmd
+    from hmmirror.mm.memory import maybe_mkwrite, release_entries
+    from hmmirror.mm import rmap
+
+    machine = mm.machine
+    mem, pool = machine.mem, machine.pool
+    yield from sched.might_sleep("alloc_charge_folio")
+    new = mem.alloc_folio(9)
+    if new < 0:
+        return SCAN_ALLOC_HUGE_PAGE_FAIL
+    sched.up_read(mm.mmap_sem)
+    yield from sched.down_write(mm.mmap_sem)
     try:
-        from hmmirror.mm.khugepaged import madvise_collapse as collapse
-    except ImportError:
+        vma = mm.vma_lookup(addr)                             # hugepage_vma_revalidate()
+        if vma is None or vma.vm_end < addr + PMD_SIZE or not collapse_allowed(vma):
+            mem.put_page(new)
+            return SCAN_VMA_CHECK
+        result = _collapse_scan(vma, addr)
+        if result != SCAN_SUCCEED:
+            mem.put_page(new)
+            return result
+        pudp = mm.pt.walk_to_pud(addr)
+        assert pudp is not None
+        pmdp = mm.pt.pmd_offset(pudp, addr)
+        r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + PMD_SIZE)
+        yield from mmu_notifier_invalidate_range_start(r)
+        ptl = pmd_lockptr(mm, pmdp)
+        yield from sched.spin_lock(ptl)
+        table = pool.get(pmdp)
+        pool.set(pmdp, 0)                                     # pmdp_collapse_flush()
+        sched.spin_unlock(ptl)
+        yield from mmu_notifier_invalidate_range_end(r)
+        tid = table_id_of(table)
+        ents = pool.tables[tid].copy()                        # __collapse_huge_page_copy()
+        for i, pte in enumerate(ents.tolist()):
+            if not pte_none(pte) and x86.pte_present(pte) and not x86.pte_special(pte):
+                mem.copy(new + i, x86.pte_pfn(pte))
+        pool.tables[tid] = 0
+        release_entries(machine, ents, pte_level=True)
+        pool.free(tid)
+        entry = maybe_mkwrite(x86.pte_mkdirty(mk_huge_pmd(new, vma.vm_page_prot)), vma)
+        yield from sched.spin_lock(ptl)
+        rmap.page_add_new_anon_rmap(mem, new, HPAGE_PMD_NR)
+        pool.set(pmdp, entry)
+        sched.spin_unlock(ptl)
+        machine.counters["thp_collapse_alloc"] += 1
+        return SCAN_SUCCEED
+    finally:
+        sched.up_write(mm.mmap_sem)
+        yield from sched.down_read(mm.mmap_sem)
+
+
+def madvise_collapse(vma: VMA, start: int, end: int) -> Gen[int]:
+    """madvise_collapse() (mm/khugepaged.c) [6.18]: collapse every 2 MiB block of ``[start, end)`` into a new
+    THP (obs T7/T11: PMD again, new pfns, holes filled), regardless of MADV_HUGEPAGE and sysfs ``enabled``.
+
+    0 when every block ends up PMD-mapped; else the errno of the last failure.  Anonymous VMAs only.
+    """
+    mm = vma.vm_mm
+    if not collapse_allowed(vma):
         return -EINVAL
-    return (yield from collapse(vma, start, end))
+    hstart = (start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    hend = end & ~(PMD_SIZE - 1)
+    thps, last_fail = 0, SCAN_SUCCEED
+    for addr in range(hstart, hend, PMD_SIZE):
+        cur = mm.vma_lookup(addr)
+        if cur is None or not collapse_allowed(cur):
+            last_fail = SCAN_VMA_CHECK
+            break
+        result = _collapse_scan(cur, addr)
+        if result == SCAN_SUCCEED:
+            result = yield from collapse_huge_page(mm, addr)
+        if result in (SCAN_SUCCEED, SCAN_PMD_MAPPED):
+            thps += 1
+        else:
+            last_fail = result
+            if result not in _SCAN_CONTINUE:
+                break
+    return 0 if thps == (hend - hstart) // PMD_SIZE else madvise_collapse_errno(last_fail)
 
 
 def do_madvise(mm: "MMStruct", start: int, len_in: int, behavior: int) -> Gen[int]:

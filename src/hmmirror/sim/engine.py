@@ -99,6 +99,7 @@ class Engine:
         self.instruments: list[Any] = []
         self._hooks: dict[str, list[Callable[..., Any]]] = {h: [] for h in _HOOKS}
         self.record_trace = True
+        self.in_step = False
         for inst in instruments or ():
             self.add_instrument(inst)
 
@@ -135,7 +136,10 @@ class Engine:
             return
         st = st or self.current
         if stack is None:
-            stack = gen_stack(st.gen) if st is not None and not st.done else []
+            if self.in_step and st is self.current:
+                stack = frame_stack(sys._getframe(1))     # the running task: its live Python stack
+            else:
+                stack = gen_stack(st.gen) if st is not None and not st.done else []
         ctx_mm, ctx_addr = mm, addr
         if (ctx_mm is None or ctx_addr is None) and st is not None and not st.done:
             fmm, faddr = _context_from_gen(st.gen)
@@ -232,6 +236,7 @@ class Engine:
                 fn(self, st)
             sched.set_current(st.task)
             point = None
+            self.in_step = True
             try:
                 point = st.gen.send(None)
             except StopIteration as stop:
@@ -250,6 +255,7 @@ class Engine:
             else:
                 st.point = point
                 st.ready = point.ready
+            self.in_step = False
             st.steps += 1
             picks.append(st.idx)
             if record:

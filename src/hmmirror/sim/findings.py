@@ -120,7 +120,7 @@ def frame_stack(frame: Any) -> list[str]:
     f = frame
     while f is not None:
         fn = f.f_code.co_filename.replace("\\", "/")
-        if fn.endswith("/hmmirror/sim/engine.py") or fn.endswith("/hmmirror/sim/runner.py"):
+        if fn.endswith("/hmmirror/sim/engine.py") and f.f_code.co_name == "_loop":
             break
         if _SIM not in fn and ("site-packages" not in fn or _PKG in fn) and "/_pytest/" not in fn \
                 and "/pluggy/" not in fn:

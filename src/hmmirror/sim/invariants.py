@@ -519,6 +519,8 @@ class ResultContract:
         st = eng.current
         if st is None or st.kind != "device":
             return
+        if self.t.inflight.get(self.mm.name):
+            self.calls[st.idx] = 0                  # an invalidation is pending: retrying is expected
         self.calls[st.idx] = self.calls.get(st.idx, 0) + 1
         if self.calls[st.idx] > self.MAX_LOOP_CALLS:
             eng.violate("liveness", f"{st.name}'s driver loop called {what} {self.calls[st.idx]} times "

@@ -18,6 +18,8 @@ kernel's order of steps (locks, notifier range, entry changes) and named after t
   ``try_to_unmap_one`` with TTU_HWPOISON (notifier CLEAR ``[4K)``, the PTE becomes a hwpoison entry); the
   poisoned page keeps the reference memory_failure took (it is never reused).
 * ``notifier_churn``: a second mirror (and a plain notifier) registered and unregistered concurrently.
+* ``exit``: the process exits when its last thread does -- the event waits until the scenario's CPU threads of
+  that process finished, then drops the process's ``mm_users`` reference (``mmput``; ``exit_mmap`` at zero).
 
 An event that finds nothing suitable at its address does nothing (returns a negative errno, as the kernel's
 helpers skip such pages); that is not a finding.
@@ -134,6 +136,11 @@ def _run_event(run: Any, ev: dict[str, Any], kind: str, mm: Any, addr: Any) -> G
         if mm.exited or mm.name in gone:
             return -ENOENT                               # a process exits once
         gone.add(mm.name)
+        # the process exits when its last thread does: its CPU threads finish first (do_exit of each)
+        threads = run.threads_of.get(mm.name, [])
+        yield from sched.wait_event(lambda: all(t.done for t in threads), "exit: wait for the other threads")
+        if mm.exited:
+            return -ENOENT
         yield from mmput(mm)
         return 0
     if kind == "notifier_churn":

@@ -72,6 +72,7 @@ class SimRun:
         self.names: dict[str, int] = {}
         self.driver: Any = None
         self.engine: Engine | None = None
+        self.threads_of: dict[str, list[SimTask]] = {}   # process -> its CPU threads
 
 
 # --- set-up ----------------------------------------------------------------------------------------------
@@ -313,6 +314,7 @@ def run_scenario(sc: SimScenario, scheduler: Any, invariants: Any = None, driver
     for t in sc.threads:
         st = eng.spawn(t["name"], "cpu", None)          # type: ignore[arg-type]
         st.gen = cpu_thread(run, st, t)
+        run.threads_of.setdefault(t.get("proc", sc.processes[0]), []).append(st)
     for d in sc.devices:
         st = eng.spawn(d["name"], "device", None)       # type: ignore[arg-type]
         st.gen = device_job(run, st, d)

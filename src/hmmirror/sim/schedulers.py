@@ -60,7 +60,22 @@ class PCTScheduler:
             self.prio[best.idx] = self.depth - self._ci
             self._ci += 1
             best = max(runnable, key=lambda t: self.prio[t.idx])
+        if best is self._last and self._run >= QUANTUM and len(runnable) > 1:
+            # timeslice expired: the spinning task goes below every other (see QUANTUM)
+            self.prio[best.idx] = min(self.prio.values()) - 1
+            best = max(runnable, key=lambda t: self.prio[t.idx])
+        self._run = self._run + 1 if best is self._last else 1
+        self._last = best
         return best
+
+    _last: Any = None
+    _run = 0
+
+
+#: timeslice: a task that ran this many consecutive steps while others could run is switched out (round
+#: robin), as the kernel's scheduler would; without it a task spinning on a retry-with-timeout loop would
+#: starve the very task it waits for, an interleaving no kernel produces
+QUANTUM = 512
 
 
 class SwitchListScheduler:
@@ -70,6 +85,7 @@ class SwitchListScheduler:
         self.switches = sorted(switches)
         self._si = 0
         self.cur: Any = None
+        self.run_len = 0
 
     @classmethod
     def draw(cls, choices: Choices, max_switches: int = 24, horizon: int = 4000) -> "SwitchListScheduler":
@@ -95,8 +111,19 @@ class SwitchListScheduler:
             cur = others[rank % len(others)]
         elif cur is None or cur.done or cur not in runnable:
             cur = runnable[0]
+        elif self.run_len >= QUANTUM and len(runnable) > 1:
+            cur = _next_after(cur, runnable)
+        self.run_len = self.run_len + 1 if cur is self.cur else 1
         self.cur = cur
         return cur
+
+
+def _next_after(cur: Any, runnable: list[Any]) -> Any:
+    """Round robin: the first runnable task created after ``cur`` (wrapping)."""
+    for t in runnable:
+        if t.idx > cur.idx:
+            return t
+    return runnable[0]
 
 
 class ReplayScheduler:
