@@ -46,8 +46,13 @@ def command(as_json: bool, kernel: str, png: str | None) -> int:
     views = vma_views(r, proc)
     if png:
         draw_png(views, png, f"hmmirror demo: DAX page tables of process {proc} (kernel {r.kernel})")
+    from hmmirror.cli.demo_mirror import mirror_story
+
+    story = mirror_story(r, proc)
     if as_json:
-        click.echo(dumps(pagetables_json(r, proc, views)))
+        doc = pagetables_json(r, proc, views)
+        doc.update(story)
+        click.echo(dumps(doc))
         return 0 if r.ok else 1
     console = Console()
     console.print(Text(scn.title, style="bold"))
@@ -59,9 +64,27 @@ def command(as_json: bool, kernel: str, png: str | None) -> int:
     console.print(vmas_table(vmas_json(r, proc), f"VMAs of process {proc}"))
     for v in views:
         console.print(render_tree(v))
+    console.print(_mirror_table(story))
     n_exp = sum(1 for x in r.records if x.expect_ok is not None)
     console.print(Text(f"{n_exp} expectations from mm-substrate.md §5.7/§5.8: "
                        + ("all met" if r.ok else "some FAILED"), style="green" if r.ok else "bold red"))
     if png:
         console.print(f"wrote {png}")
     return 0 if r.ok else 1
+
+
+def _mirror_table(story: dict) -> "Table":  # type: ignore[type-arg]
+    """The device's entries beside the CPU's, per mirrored range, and the pgmap references."""
+    from rich.table import Table
+
+    t = Table("range", "page", "CPU entry", "device entry (pfns[])", "snapshot",
+              title=f"mirrored through {story['api']}; pgmap refs before {story['pgmap_refs']['before']} "
+                    f"after {story['pgmap_refs']['after']}")
+    for m in story["mirror"]:
+        snap = m.get("snapshot") or []
+        for i, (cpu, raw) in enumerate(zip(m["cpu"], m["pfns"])):
+            if i >= 2:
+                break
+            c = f"{cpu['kind']} {cpu['level']} pfn {cpu['pfn']} {'rw' if cpu['write'] else 'ro'}"
+            t.add_row(m["range"] if i == 0 else "", str(i), c, raw, f"{snap[i]:#04x}" if i < len(snap) else "")
+    return t
