@@ -49,6 +49,10 @@ class AddressSpace:
         self.host = host
         self.pages = np.full(max(nr_slots, 16), -1, dtype=np.int64)
         self.nrpages = 0                                  # cached slots (a 2 MiB folio fills 512)
+        # [6.18] large page-cache folios of 4 KiB frames: order of the folio holding each slot (naturally
+        # aligned in the file); None while every folio is a single page.  Only the folio's extent matters
+        # to the model (how much fault-around maps), not physical contiguity.
+        self.folio_order: np.ndarray | None = None
         self.i_mmap_rwsem = Lock(f"{host.path}.i_mmap_rwsem", "rwsem")
 
     @property
@@ -61,6 +65,28 @@ class AddressSpace:
             grown = np.full(max(n, self.pages.shape[0] * 2), -1, dtype=np.int64)
             grown[: self.pages.shape[0]] = self.pages
             self.pages = grown
+            if self.folio_order is not None:
+                orders = np.zeros(grown.shape[0], dtype=np.uint8)
+                orders[: self.folio_order.shape[0]] = self.folio_order
+                self.folio_order = orders
+
+    def folio_span(self, index: int) -> tuple[int, int]:
+        """The slots ``[first, end)`` of the (possibly large) folio holding ``index``."""
+        if self.folio_order is None or index >= self.folio_order.shape[0]:
+            return index, index + 1
+        n = 1 << int(self.folio_order[index])
+        first = index & ~(n - 1)
+        return first, first + n
+
+    def set_folio_orders(self, start: int, orders: list[int]) -> None:
+        """Record consecutive folios of the given orders from slot ``start`` on."""
+        if self.folio_order is None:
+            self.folio_order = np.zeros(self.pages.shape[0], dtype=np.uint8)
+        idx = start
+        for o in orders:
+            self._ensure(idx + (1 << o))
+            self.folio_order[idx: idx + (1 << o)] = o
+            idx += 1 << o
 
     # -- lookups (plain: the kernel does them under RCU) -----------------------------------------------------
     def find_page(self, index: int) -> int:

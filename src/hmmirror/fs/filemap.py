@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hmmirror.arch.x86.pgtable import HPAGE_PMD_NR, PAGE_SIZE, pmd_leaf, pte_none
+from hmmirror.arch.x86.pgtable import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pmd_leaf, pte_none
 from hmmirror.fs.file import DATA, File, Inode, pages_of
 from hmmirror.fs.super import FileSystemType, SuperBlock
 from hmmirror.include.mm_types import FAULT_FLAG, VM, VM_FAULT
@@ -68,6 +68,42 @@ def add_new_cache_pages(mem: "PhysMem", inode: Inode, indices: np.ndarray, kind:
     mapping.nrpages += got
     mem.flags[pfns] = np.uint32(kind | PG.uptodate)
     return got
+
+
+def write_folio_orders(start: int, nr: int, max_order: int = 9) -> list[int]:
+    """Folio orders a buffered write of pages ``[start, start+nr)`` creates [6.18, large-folio mappings]:
+    generic_perform_write() asks __filemap_get_folio() for a folio of ``ilog2(bytes left)`` pages, limited
+    by the index's alignment (fgf_set_order) and the mapping's maximum order (PMD)."""
+    out = []
+    idx, left = start, nr
+    while left > 0:
+        order = min(left.bit_length() - 1, max_order)
+        if idx:
+            order = min(order, (idx & -idx).bit_length() - 1)
+        out.append(order)
+        idx += 1 << order
+        left -= 1 << order
+    return out
+
+
+def folio_extended_window(vmf: VmFault, inode: Inode, start: int, end: int) -> tuple[int, int]:
+    """filemap_map_pages() [6.18, "map entire large folio"]: the first and last folio touching the
+    fault-around window are mapped whole when the folio lies inside the VMA and inside one page table."""
+    mapping = inode.i_mapping
+    if mapping.folio_order is None:
+        return start, end
+    vma = vmf.vma
+
+    def va(index: int) -> int:
+        return vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
+
+    for edge in (vma.linear_page_index(start), vma.linear_page_index(end - PAGE_SIZE)):
+        first, last = mapping.folio_span(edge)
+        a, b = va(first), va(last)
+        if a >= vma.vm_start and b <= vma.vm_end and (a & ~(PMD_SIZE - 1)) == ((b - 1) & ~(PMD_SIZE - 1)) \
+                and (a & ~(PMD_SIZE - 1)) == (vmf.address & ~(PMD_SIZE - 1)):
+            start, end = min(start, a), max(end, b)
+    return start, end
 
 
 def ra_pmd_index(vmf: VmFault, inode: Inode) -> int:
@@ -183,6 +219,7 @@ def filemap_map_pages(vmf: VmFault, start: int, end: int) -> Gen[int]:
     pool, mem = mm.machine.pool, mm.machine.mem
     assert vmf.pmdp is not None
     inode: Inode = vma.vm_file.inode
+    start, end = folio_extended_window(vmf, inode, start, end)
     first = vma.linear_page_index(start)
     n = (end - start) >> 12
     slots = inode.i_mapping.lookup_range(first, first + n)
@@ -271,6 +308,8 @@ class PageCacheFs(FileSystemType):
             n = pages_of(size)
             if 0 < n <= mem.nr_free_pages() // 2:
                 add_new_cache_pages(mem, inode, np.arange(n, dtype=np.int64), PG.file)
+                if self.machine.profile.file_large_folios:
+                    inode.i_mapping.set_folio_orders(0, write_folio_orders(0, n))
         return inode
 
     def mmap(self, file: File, vma: VMA) -> int:

@@ -115,8 +115,19 @@ def compare_pages(name: str, op_index: int, model: list[PageState], real: list[P
         report.agree += page_agree
 
 
-def _model_side(scn: Any, host_thp: dict[str, Any]) -> Any:
+def _model_side(scn: Any, host_thp: dict[str, Any], real: list[Any] | None = None) -> Any:
+    """Run the scenario on the model configured like this machine.
+
+    Each ``mmap`` gets the address the real kernel chose as its hint, so both address spaces have the same
+    layout: behaviour that depends on the virtual address (fault-around windows, THP alignment) is then
+    compared on equal terms.
+    """
     from hmmirror.scenario import runner
+    from hmmirror.scenario.schema import Addr
+
+    for op, rec in zip(scn.ops, real or []):
+        if op.name == "mmap" and rec.ok and isinstance(rec.ret, int) and "addr" not in op.args:
+            op.args["addr"] = Addr(rec.ret, None, hex(rec.ret))
 
     thp = dict(scn.machine.thp)
     for key in ("enabled", "defrag", "shmem_enabled"):
@@ -146,7 +157,7 @@ def _real_side(scn: Any) -> list[Any]:
             mounts[fs.mount] = stack.enter_context(hostenv.filesystem(fs.type, huge=fs.huge, pagesize=psize))
         if scn.machine.pmem:
             raise hostenv.Unavailable("pmem devices exist only in the model")
-        return executor.run_ops(scn.raw_ops(), scn.processes, scn.raw_files(), mounts)
+        return executor.run_ops(scn.raw_ops(), scn.processes, scn.raw_files(), mounts, drop_caches=False)
 
 
 def crosscheck_scenario(scn: Any, report: Report, host_thp: dict[str, Any] | None = None) -> None:
@@ -164,7 +175,7 @@ def crosscheck_scenario(scn: Any, report: Report, host_thp: dict[str, Any] | Non
         report.skipped.append((name, f"op #{unsupported[0].index} not runnable here: {unsupported[0].note}"))
         return
     try:
-        model = _model_side(scn, host_thp if host_thp is not None else hostenv.thp_settings())
+        model = _model_side(scn, host_thp if host_thp is not None else hostenv.thp_settings(), real)
     except Exception as exc:                      # a model crash is a finding, not the end of the run
         report.crashes.append((name, f"{type(exc).__name__}: {exc}"))
         return

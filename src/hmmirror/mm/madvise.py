@@ -429,18 +429,17 @@ def collapse_huge_page(mm: "MMStruct", addr: int) -> Gen[int]:
         yield from mmu_notifier_invalidate_range_start(r)
         ptl = pmd_lockptr(mm, pmdp)
         yield from sched.spin_lock(ptl)
-        table = pool.get(pmdp)
+        tid = table_id_of(pool.get(pmdp))
         pool.set(pmdp, 0)                                     # pmdp_collapse_flush()
-        sched.spin_unlock(ptl)
-        yield from mmu_notifier_invalidate_range_end(r)
-        tid = table_id_of(table)
-        ents = pool.tables[tid].copy()                        # __collapse_huge_page_copy()
-        for i, pte in enumerate(ents.tolist()):
-            if not pte_none(pte) and x86.pte_present(pte) and not x86.pte_special(pte):
-                mem.copy(new + i, x86.pte_pfn(pte))
+        ents = pool.tables[tid].copy()
+        for i, pte in enumerate(ents.tolist()):               # __collapse_huge_page_copy() (model: copied
+            if not pte_none(pte) and x86.pte_present(pte) and not x86.pte_special(pte):   # and released under
+                mem.copy(new + i, x86.pte_pfn(pte))           # the lock, so counts never lag the tables)
         pool.tables[tid] = 0
         release_entries(machine, ents, pte_level=True)
         pool.free(tid)
+        sched.spin_unlock(ptl)
+        yield from mmu_notifier_invalidate_range_end(r)
         entry = maybe_mkwrite(x86.pte_mkdirty(mk_huge_pmd(new, vma.vm_page_prot)), vma)
         yield from sched.spin_lock(ptl)
         rmap.page_add_new_anon_rmap(mem, new, HPAGE_PMD_NR)

@@ -657,12 +657,36 @@ def finish_fault(vmf: VmFault) -> Gen[int]:
     elif counted:
         rmap.page_add_rmap(mem, pfn)
     pool.set(vmf.ptep, x86.pte_mkyoung(entry))
+    if not cow:
+        _map_rest_of_folio(vmf)
     sched.spin_unlock(ptl)
     if cow:
         vmf.cow_page = -1
     else:
         vmf.page = -1                                  # the reference is the PTE mapping's now
     return 0
+
+
+def _map_rest_of_folio(vmf: VmFault) -> int:
+    """finish_fault() [6.18]: the other pages of a large page-cache folio are mapped with the faulting page
+    (same permission) when the folio lies inside the VMA and inside this page table; else only the page."""
+    vma = vmf.vma
+    mapping = getattr(getattr(getattr(vma, "vm_file", None), "inode", None), "i_mapping", None)
+    if not vma.vm_mm.machine.profile.file_large_folios or getattr(mapping, "folio_order", None) is None:
+        return 0
+    first, end = mapping.folio_span(vmf.pgoff)
+    if end - first < 2:
+        return 0
+    vma_off = vmf.pgoff - vma.vm_pgoff
+    pte_off = (vmf.address >> 12) & (PTRS_PER_TABLE - 1)
+    idx = vmf.pgoff - first
+    nr = end - first
+    pages = (vma.vm_end - vma.vm_start) >> 12
+    if vma_off < idx or vma_off + (nr - idx) > pages or pte_off < idx or pte_off + (nr - idx) > PTRS_PER_TABLE:
+        return 0
+    slots = mapping.lookup_range(first, end)
+    slots[idx] = -1                                   # the faulting page is mapped already
+    return set_pte_range_from_cache(vmf, vmf.address - idx * PAGE_SIZE, slots, write=vmf.write)
 
 
 def set_pte_range_from_cache(vmf: VmFault, start: int, pfns: Any, write: bool = False) -> int:
