@@ -120,10 +120,10 @@ class Machine:
         from hmmirror.fs.super import mount
         return mount(self, path, fstype, dax=dax, huge=huge, pagesize=pagesize)
 
-    def create_file(self, path: str, size: int, content: str = "data") -> Any:
+    def create_file(self, path: str, size: int, content: str = "data", cached: bool = True) -> Any:
         """Create a file under a mount ("data": every page written; "sparse": a hole; "zero": fallocated)."""
         from hmmirror.fs.super import create_file
-        return create_file(self, path, size, content)
+        return create_file(self, path, size, content, cached)
 
     def open_file(self, path: str, map_flags: int = 0, writable: bool = True) -> Any:
         """open(2) of a file or device path; returns a File whose ``mmap(vma)`` sets the VMA up."""

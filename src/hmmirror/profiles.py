@@ -28,6 +28,7 @@ class KernelProfile:
     pte_markers: bool                   # guard / uffd-wp / poison markers exist [6.18]
     huge_zero_per_mm: bool              # huge zero folio referenced per mm [5.2]
     interval_notifiers: bool            # mmu_interval_notifier exists [5.5+]
+    pagemap_exclusive_per_folio: bool   # pagemap "exclusive" of a large folio: mapped by this mm only [6.18]
     file_large_folios: bool             # ext4/xfs page cache in large folios, fault-around maps whole folios [6.18]
     mprotect_pud_leaf: bool             # mprotect changes/splits PUD leaves [6.18]; [5.2] clears them as bad (rejected)
     madvise_advice: tuple[str, ...]     # advice names madvise_behavior_valid() accepts; others -EINVAL
@@ -61,6 +62,7 @@ V5_2 = KernelProfile(
     huge_zero_per_mm=True,
     interval_notifiers=False,
     file_large_folios=False,
+    pagemap_exclusive_per_folio=False,
     mprotect_pud_leaf=False,
     madvise_advice=_MADV_5_2,
     fork_copies_shared_hugetlb=True,
@@ -86,6 +88,7 @@ V6_18 = KernelProfile(
     huge_zero_per_mm=False,
     interval_notifiers=True,
     file_large_folios=True,
+    pagemap_exclusive_per_folio=True,
     mprotect_pud_leaf=True,
     madvise_advice=_MADV_5_2 + ("COLD", "PAGEOUT", "POPULATE_READ", "POPULATE_WRITE", "COLLAPSE"),
     fork_copies_shared_hugetlb=False,

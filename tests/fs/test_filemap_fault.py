@@ -343,3 +343,31 @@ def test_file_fault_over_a_uffd_wp_marker_replaces_it() -> None:
     s = p.inspect(a + 3 * P, P)[0]
     assert s.present and s.pfn == pfn
     assert (m.mem.refcount[pfn], m.mem.mapcount[pfn]) == (2, 1)
+
+
+# --- [6.18] large page-cache folios (observed on this machine's 6.18 kernel by `hmmirror crosscheck`) -----
+def test_large_folio_write_orders_follow_generic_perform_write() -> None:
+    # one buffered write of 42 pages from index 0: folios of 32, 8 and 2 pages (ilog2 of what is left,
+    # limited by the index alignment), as __filemap_get_folio(fgf_set_order(len)) makes them
+    from hmmirror.fs.filemap import write_folio_orders
+
+    assert write_folio_orders(0, 42) == [5, 3, 1]
+    assert write_folio_orders(0, 1024) == [9, 9]           # capped at PMD order
+    assert write_folio_orders(3, 5) == [0, 2]              # index 3 is odd: order 0, then index 4: order 2
+
+
+def test_fault_around_maps_whole_large_folio_on_618_only() -> None:
+    # a warm 42-page ext4 file written at once: a read of page 23 maps the fault-around window (for
+    # this 64K-aligned VA: pages 16..31) and, in 6.18, all of the 32-page folio [0, 32) it touches (filemap_map_pages maps an entire
+    # large folio that lies inside the VMA and the page table); 5.2 maps the window only.
+    from hmmirror import Machine
+
+    for kernel, first_mapped in (("6.18", 0), ("5.2", 16)):
+        m = Machine(kernel, ram=256 << 20)
+        m.mount("/mnt/e", "ext4")
+        m.create_file("/mnt/e/f", 42 * 4096)
+        p = m.spawn()
+        a = p.mmap(42 * 4096, "r", ["shared"], file="/mnt/e/f", addr=0x7F0000000000)
+        p.touch(a + 23 * 4096, 1)
+        present = [s.present for s in p.inspect(a, 42 * 4096)]
+        assert present.index(True) == first_mapped, kernel

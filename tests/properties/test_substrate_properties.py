@@ -226,7 +226,7 @@ def run_sequence(kernel: str, ops: list[tuple[str, int, int, int, int]]) -> None
 
 
 @pytest.mark.parametrize("kernel", ["5.2", "6.18"])
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
           database=None)
 @given(ops=OPS)
 def test_counts_unmap_and_notifier_coverage(kernel: str, ops: list[tuple[str, int, int, int, int]]) -> None:

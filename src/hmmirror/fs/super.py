@@ -210,8 +210,11 @@ def find_mount(machine: "Machine", path: str) -> SuperBlock:
     return best
 
 
-def create_file(machine: "Machine", path: str, size: int, content: str = "data") -> Inode:
-    """Create a regular file (``content``: "data" every page written, "sparse" a hole, "zero" fallocated)."""
+def create_file(machine: "Machine", path: str, size: int, content: str = "data", cached: bool = True) -> Inode:
+    """Create a regular file (``content``: "data" every page written, "sparse" a hole, "zero" fallocated).
+
+    ``cached=False``: the written pages are dropped from the page cache afterwards (as after writeback and
+    POSIX_FADV_DONTNEED or drop_caches): the file starts cold."""
     path = _norm(path, "create_file")
     if path in machine.files:
         raise InputError(f"create_file: {path} already exists", "EEXIST")
@@ -222,6 +225,9 @@ def create_file(machine: "Machine", path: str, size: int, content: str = "data")
     sb = find_mount(machine, path)
     inode = sb.s_type.new_inode(sb, path, size, content)
     machine.files[path] = inode
+    if not cached and getattr(inode, "i_mapping", None) is not None and inode.i_mapping.nrpages:
+        from hmmirror.mm.truncate import invalidate_mapping_pages
+        invalidate_mapping_pages(inode.i_mapping, 0, inode.i_mapping.pages.shape[0])
     machine.log("create_file", path=path, size=size, content=content)
     return inode
 

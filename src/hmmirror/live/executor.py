@@ -731,7 +731,7 @@ class LiveExecutor:
         self._created.append(path)
         try:
             _fill_file(fd, size, content)
-            if self.drop_caches:
+            if self.drop_caches or spec.get("cached") is False:
                 with contextlib.suppress(OSError):
                     os.fsync(fd)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -824,6 +824,9 @@ class LiveExecutor:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(proc.pid, 0)
                 proc.state = "reaped"
+        else:
+            _wait_zombie(proc.pid, self.timeout)
+
 
     def _dead(self, res: OpResult, proc: _Proc) -> OpResult:
         """Fill ``res`` for a worker that died during the op (e.g. an unforeseen SIGBUS)."""
@@ -1109,3 +1112,18 @@ def run_ops(ops: Sequence[Mapping[str, Any]], processes: Sequence[str] = ("p",),
     ex.check_paths(ops)
     with ex:
         return [ex.execute(i, op) for i, op in enumerate(ops)]
+
+
+def _wait_zombie(pid: int, timeout: float) -> None:
+    """Wait until a process that is not our child has released its mm: it is a zombie (exit_mm() runs
+    before exit_notify()) or gone.  Without this an inspect right after ``exit`` races with the teardown."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            return
+        if stat[stat.rfind(")") + 2] in "ZX":
+            return
+        time.sleep(0.0005)

@@ -27,7 +27,28 @@ def _swap_kind(e: int) -> str:
     return "swap"
 
 
-def model_page_state(mm: "MMStruct", addr: int) -> PageState:
+def _folio_mapped_only_here(mm: "MMStruct", addr: int, pfn: int, head: int, order: int) -> bool:
+    """[6.18] ``!folio_maybe_mapped_shared()``: every mapping of the large folio is one of this mm's
+    entries over the folio's linear VA range (model: compares the folio's total mapcount with them)."""
+    import numpy as np
+
+    mem = mm.machine.mem
+    n = 1 << order
+    total = int(mem.mapcount[head: head + n].sum())
+    base = addr - ((pfn - head) << 12)
+    here = 0
+    for a in range(base, base + n * PAGE_SIZE, PAGE_SIZE):
+        lvl, p, e = mm.pt.lookup(a)
+        if p is None or x86.pte_none(e) or not x86.pte_present(e) and not (lvl != "pte" and e & x86._PAGE_PSE):
+            continue
+        off = (a & ((PMD_SIZE if lvl == "pmd" else PUD_SIZE) - 1)) >> 12 if lvl != "pte" else 0
+        if head <= x86.pte_pfn(e) + off < head + n:
+            here += 1
+    _ = np
+    return total == here
+
+
+def model_page_state(mm: "MMStruct", addr: int, _memo: dict[int, bool] | None = None) -> PageState:
     """The state of the 4 KiB page at ``addr`` as the model's page tables describe it."""
     mem = mm.machine.mem
     level, p, e = mm.pt.lookup(addr)
@@ -62,6 +83,14 @@ def model_page_state(mm: "MMStruct", addr: int) -> PageState:
     page = has_meta and not special and not (fl & PG.device and not mm.machine.profile.dax_refcounted)
     file_bit = page and not fl & PG.anon
     exclusive = page and not zero and int(mem.mapcount[pfn]) == 1
+    if page and not zero and mm.machine.profile.pagemap_exclusive_per_folio and pfn < mem.nr_ram:
+        head = mem.compound_head(pfn)
+        order = int(mem.order[head])
+        if order and not fl & PG.hugetlb:
+            memo = _memo if _memo is not None else {}
+            if head not in memo:
+                memo[head] = _folio_mapped_only_here(mm, addr, pfn, head, order)
+            exclusive = memo[head]
     return PageState(
         addr=addr, present=True, pfn=pfn, kind=kind, level=level, write=x86.pte_write(e), zero=zero,
         huge=level != "pte", file=bool(file_bit), exclusive=bool(exclusive), swapped=False,
@@ -71,4 +100,5 @@ def model_page_state(mm: "MMStruct", addr: int) -> PageState:
 
 def inspect_range(mm: "MMStruct", start: int, end: int) -> list[PageState]:
     """Per-page states of ``[start, end)``."""
-    return [model_page_state(mm, a) for a in range(start, end, PAGE_SIZE)]
+    memo: dict[int, bool] = {}
+    return [model_page_state(mm, a, memo) for a in range(start, end, PAGE_SIZE)]

@@ -213,7 +213,7 @@ def build(scn: Scenario, kernel: str | None = None) -> RunContext:
         setup(f.line, f"mount {f.mount}",
               lambda f=f: machine.mount(f.mount, f.type, dax=f.dax, huge=f.huge, pagesize=f.pagesize))
     for fl in scn.files:
-        setup(fl.line, f"file {fl.path}", lambda fl=fl: machine.create_file(fl.path, fl.size, fl.content))
+        setup(fl.line, f"file {fl.path}", lambda fl=fl: machine.create_file(fl.path, fl.size, fl.content, fl.cached))
     ctx = RunContext(scn, machine)
     for name in scn.processes:
         ctx.procs[name] = machine.spawn(name)

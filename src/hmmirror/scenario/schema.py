@@ -524,6 +524,7 @@ class FileSpec:
     size: int
     content: str = "data"
     line: int | None = None
+    cached: bool = True
 
 
 @dataclass
@@ -564,7 +565,7 @@ class Scenario:
         return [dict(op.raw) for op in self.ops]
 
     def raw_files(self) -> list[dict[str, Any]]:
-        return [{"path": f.path, "size": f.size, "content": f.content} for f in self.files]
+        return [{"path": f.path, "size": f.size, "content": f.content, "cached": f.cached} for f in self.files]
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -577,7 +578,7 @@ THP_KEYS = {"enabled": ("always", "madvise", "never"), "defrag": ("always", "def
 PMEM_KEYS = ("name", "size", "mode", "align")
 FS_KEYS = ("mount", "type", "dax", "huge", "pagesize")
 FS_TYPES = ("ext4", "xfs", "tmpfs", "hugetlbfs")
-FILE_KEYS = ("path", "size", "content")
+FILE_KEYS = ("path", "size", "content", "cached")
 EXPECT_KEYS = ("kernel", "ret", "errno", "pages")
 ROW_SPECIAL = ("range", "pfn_same_as", "pfn_differs_from", "contiguous")
 ROW_BOOL_FIELDS = ("present", "write", "zero", "huge", "file", "exclusive", "swapped", "protnone")
@@ -722,7 +723,8 @@ class _Validator:
         size = self.conv(parse_size, f.get("size", 0), path + ("size",), "file size")
         content = self.conv(_enum("data", "sparse", "zero"), f.get("content", "data"), path + ("content",),
                             "file content")
-        return FileSpec(p, size, content, self.loc.find(path))
+        cached = self.conv(_bool, f.get("cached", True), path + ("cached",), "file cached")
+        return FileSpec(p, size, content, self.loc.find(path), cached)
 
     def ops(self, ops: list[dict[str, Any]], procs: list[str], machine: MachineSpec) -> list[Op]:
         from hmmirror.scenario.runner import load_extensions   # the built-in ops register themselves there

@@ -304,8 +304,13 @@ class Engine:
         for idx in self.picks[-2000:]:
             counts[idx] = counts.get(idx, 0) + 1
         busiest = self.tasks[max(counts, key=lambda k: counts[k])] if counts else None
+        stack = gen_stack(busiest.gen) if busiest is not None and not busiest.done else []
+        # where a step bound is hit is arbitrary: the signature names the busiest task's outermost model
+        # function (the loop that does not end), not the innermost one it happened to be in
         self.violate("liveness", f"the run did not finish within {self.max_steps} steps "
-                     f"({busiest.name if busiest else '?'} ran most of the last 2000)", st=busiest)
+                     f"({busiest.name if busiest else '?'} ran most of the last 2000)", st=busiest, stack=stack,
+                     location=("step_bound:" + stack[0].rsplit(":", 1)[0]) if stack else "step_bound",
+                     vma_kind="-", entry="-")
 
     def _abandon(self) -> None:
         """Close unfinished generators (their ``finally`` blocks may report: ignored, the run is over)."""
