@@ -44,7 +44,7 @@ def test_same_seed_same_log_across_processes(tmp_path):
 def test_fuzz_finds_shrinks_saves_and_replays(tmp_path):
     """A broken toy driver: the campaign finds the coherence violation, shrinks it, and the file replays it."""
     cfg = Config(kernel="6.18", driver="sim_toy_drivers:NoUnmapMirror", seconds=10, findings_dir=str(tmp_path),
-                 examples=60, kinds=("anon",), events=())
+                 examples=60, kinds=("anon",), events=(), scheduler="switch")
     stats = campaign(cfg, time.monotonic() + cfg.seconds)
     assert stats.runs > 0
     sigs = known_signatures(str(tmp_path))

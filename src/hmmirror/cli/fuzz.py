@@ -18,8 +18,9 @@ from hmmirror.errors import InputError
 @click.option("--driver", default="builtin", show_default=True,
               help="the mirroring driver: builtin or package.module:ClassName")
 @click.option("--findings", "findings_dir", default="findings", show_default=True, help="reproducer directory")
-@click.option("--scheduler", type=click.Choice(["switch", "random", "pct"]), default="switch", show_default=True,
-              help="switch: Hypothesis-drawn bounded switch lists (shrunk by Hypothesis); random / pct: seeded")
+@click.option("--scheduler", type=click.Choice(["mixed", "switch", "random", "pct"]), default="mixed",
+              show_default=True, help="switch: Hypothesis-drawn bounded switch lists (shrunk by Hypothesis); "
+              "random / pct: seeded per-step schedules (greedy shrinking); mixed: both, alternating")
 @click.option("--seed", default=0, show_default=True, type=int, help="campaign seed")
 @click.option("--every-step", is_flag=True, help="run the page-count walk at every step (slow)")
 @click.option("--kinds", default=None, help="comma-separated VMA kinds to generate (default: all available)")

@@ -8,7 +8,10 @@ run with that signature replaces the saved reproducer.  Known signatures (alread
 pass, so each session hunts for new causes.  A session ends after ``examples`` runs, a finding, or the
 deadline; the campaign starts the next one with the next seed.
 
-With ``--scheduler random`` or ``pct`` scenarios and schedules come from a seeded stream
+``--scheduler mixed`` (the default) alternates a Hypothesis session with a batch of seeded runs under the
+per-step ``random`` and ``pct`` schedulers (bounded switch lists rarely preempt inside short critical
+sections; per-step random schedules do).  With ``--scheduler random`` or ``pct`` scenarios and schedules come
+from a seeded stream
 (:class:`~hmmirror.sim.choices.SeededChoices`) and a finding is shrunk by :func:`shrink_greedy` (ours:
 Hypothesis cannot replay a foreign choice sequence): drop events, device jobs, CPU operations, threads and
 set-up steps, then context switches, while the signature still reproduces.
@@ -40,7 +43,7 @@ class Config:
     seconds: float = 60.0
     jobs: int = 1
     findings_dir: str = "findings"
-    scheduler: str = "switch"
+    scheduler: str = "mixed"
     seed: int = 0
     every_step: bool = False
     examples: int = 200
@@ -97,7 +100,7 @@ def reproducer_text(res: SimResult, seed: int, cfg: Config, path: str) -> str:
         f"finding: [{f.invariant}] {f.message}",
         f"where: {f.location}   vma: {f.vma_kind}   entry: {f.entry}   event: {f.kevent}",
         f"at step {f.step} in task {f.task} ({f.task_kind}) {f.op}",
-        f"found by: hmmirror fuzz --kernel {cfg.kernel} --scheduler {cfg.scheduler} --seed {seed}"
+        f"found by: hmmirror fuzz --kernel {cfg.kernel} --scheduler {cfg.scheduler} (run seed {seed})"
         + (f" --driver {cfg.driver}" if cfg.driver != "builtin" else ""),
         f"size: {sc.size()} operations, {res.steps} steps",
         f"replay: hmmirror replay {path}",
@@ -194,8 +197,15 @@ def campaign(cfg: Config, deadline: float, worker: int = 0, report: Callable[[st
     while time.monotonic() < deadline:
         seed = cfg.seed * 1_000_003 + worker * 10_007 + session
         session += 1
-        if cfg.scheduler == "switch":
+        if cfg.scheduler == "switch" or (cfg.scheduler == "mixed" and session % 2 == 1):
             _hypothesis_session(cfg, seed, deadline, stats, rec, tick)
+        elif cfg.scheduler == "mixed":
+            # a batch of seeded runs, per-step random and PCT schedules alternating
+            for k in range(cfg.examples // 2):
+                if time.monotonic() > deadline:
+                    break
+                _seeded_run(cfg, seed * 1000 + k, deadline, stats, rec, "random" if k % 2 == 0 else "pct")
+                tick()
         else:
             _seeded_run(cfg, seed, deadline, stats, rec)
         tick()
@@ -251,10 +261,11 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
     rec.preexisting |= set(stats.findings)
 
 
-def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder) -> None:
+def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder,
+                scheduler: str | None = None) -> None:
     c = SeededChoices(seed)
     sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events)
-    if cfg.scheduler == "random":
+    if (scheduler or cfg.scheduler) == "random":
         sc.scheduler = {"kind": "random", "seed": seed}
         sched = RandomScheduler(c)
     else:
