@@ -80,3 +80,29 @@ length = "64K"
     assert rep.crashes == [] and rep.skipped == []
     assert rep.pages == 16
     assert rep.disagreements == [], rep.disagreements
+
+
+@pytest.mark.live
+@pytest.mark.xdist_group("host")
+@pytest.mark.skipif(hostenv.why_not_live() is not None or not hostenv.is_root(),
+                    reason="needs root and a readable /proc/self/pagemap")
+def test_hmmirror_live_reads_what_crosscheck_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    # `hmmirror live PID START END` and the differential runner's inspection read the same process alike
+    import json
+
+    from hmmirror.cli.main import main
+    from hmmirror.live.executor import LiveExecutor
+
+    ops = [{"op": "mmap", "as": "b", "length": "2M", "prot": "rw", "flags": ["private", "anonymous"]},
+           {"op": "touch", "addr": "b", "length": "64K", "access": "read"},
+           {"op": "touch", "addr": "b+64K", "length": "64K", "access": "write"},
+           {"op": "inspect", "addr": "b", "length": "256K"}]
+    with LiveExecutor(("p",)) as ex:
+        inspected = ex.run(ops)[-1].pages
+        start = ex.names["b"].addr
+        with pytest.raises(SystemExit) as exit_:
+            main(["live", str(ex.procs["p"].pid), hex(start), hex(start + (256 << 10)), "--json"])
+        assert exit_.value.code == 0
+    live = json.loads(capsys.readouterr().out)["pages"]
+    assert [p.to_json() for p in inspected] == live
+    assert [p["kind"] for p in live[:16]] == ["zero"] * 16 and [p["kind"] for p in live[16:32]] == ["anon"] * 16
