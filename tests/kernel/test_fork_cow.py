@@ -211,3 +211,21 @@ def test_hugetlb_private_fork_clear_range(machine: Machine) -> None:
     assert invalidations(m, ev) == [("p", a, a + M2, "CLEAR")]
     assert c.inspect(a, P)[0].pfn == p.inspect(a, P)[0].pfn and not p.inspect(a, P)[0].write
     assert check_counts(m) == []
+
+
+def test_shared_hugetlb_copy_depends_on_version(machine: Machine) -> None:
+    # §6 lists hugetlb among the VMAs whose entries fork copies; that is the 5.2 rule.  Since v6.0
+    # (commit bcd51a3c679d "hugetlb: lazy page table copies in fork()", vma_needs_copy() without VM_HUGETLB)
+    # a shared hugetlb VMA, which has no anon_vma, is refaulted instead.  Not a COW mapping: no notifier.
+    pytest.importorskip("hmmirror.mm.hugetlb")
+    m = Machine(machine.profile, ram=256 << 20, hugepages_2m=2)
+    p = m.spawn("p")
+    a = p.mmap(M2, "rw", ["shared", "anonymous", "hugetlb"])
+    p.touch(a, 1, write=True)
+    ev = len(m.events)
+    c = p.fork("c")
+    assert invalidations(m, ev) == []
+    assert c.inspect(a, P)[0].present is (m.profile.name == "5.2")
+    c.touch(a, 1)
+    assert c.inspect(a, P)[0].pfn == p.inspect(a, P)[0].pfn
+    assert check_counts(m) == []

@@ -39,7 +39,8 @@ def test_a11_a12_dontneed_then_read(machine: Machine) -> None:
     tables0 = machine.pool.nr_tables
     ev = len(machine.events)
     p.madvise(a + 2 * P, 4 * P, "dontneed")
-    assert invalidations(machine, ev) == [("start", a + 2 * P, a + 6 * P, "CLEAR"), ("end", a + 2 * P, a + 6 * P, "CLEAR")]
+    rng = (a + 2 * P, a + 6 * P, "CLEAR")
+    assert invalidations(machine, ev) == [("start",) + rng, ("end",) + rng]
     st = p.inspect(a, 8 * P)
     assert [s.present for s in st] == [True, True, False, False, False, False, True, True]
     assert machine.mem.nr_free_pages() == free0 + 4
@@ -269,3 +270,17 @@ def test_t7_t11_collapse(m618: Machine) -> None:
     assert errno_of(p.madvise, a + M2, M2, "collapse") == "EINVAL"
     p.madvise(a, 2 * M2, "nohugepage")
     assert errno_of(p.madvise, a, M2, "collapse") == "EINVAL"
+
+
+def test_a15_munmap_contrast(machine: Machine) -> None:
+    # A15: munmap p2-3: those entries gone and no VMA there (unlike DONTNEED, which keeps the VMA);
+    # T10: without advice under enabled=madvise only 4K pages are used
+    p = machine.spawn()
+    a = p.mmap(6 * P)
+    p.touch(a, 6 * P, write=True)
+    p.munmap(a + 2 * P, 2 * P)
+    assert [s.present for s in p.inspect(a, 6 * P)] == [True, True, False, False, True, True]
+    assert p.mm.vma_lookup(a + 2 * P) is None and p.mm.vma_lookup(a + 3 * P) is None
+    assert entries_in(p.mm, a + 2 * P, a + 4 * P) == []
+    assert all(s.level == "pte" for s in p.inspect(a, 2 * P))
+    assert check_counts(machine) == []

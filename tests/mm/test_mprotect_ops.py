@@ -272,3 +272,23 @@ def test_pud_leaf(machine: Machine) -> None:
     assert invalidations(machine, ev) == [(a, a + G1, "PROTECTION_VMA")]
     s = p.inspect(a, P)[0]
     assert s.level == "pud" and not s.write
+
+
+def test_write_notify_keeps_dirty_entries_writable(machine: Machine) -> None:
+    # §5.3: a shared VMA under write-notify (ext4) gets a read-only vm_page_prot, "except entries that are
+    # already dirty, which stay writable": after mprotect(R) then RW, the written page is writable again,
+    # the only-read one is not
+    pytest.importorskip("hmmirror.fs.filemap")
+    machine.mount("/mnt", "ext4")
+    machine.create_file("/mnt/f", 16 * P)
+    p = machine.spawn()
+    a = p.mmap(16 * P, "rw", ["shared"], file="/mnt/f")
+    p.touch(a, 2 * P)                                   # read: read-only entries (write-notify)
+    p.touch(a, P, write=True)                           # page_mkwrite: p0 writable and dirty
+    st = p.inspect(a, 2 * P)
+    assert st[0].write and not st[1].write
+    p.mprotect(a, 16 * P, "r")
+    assert not any(s.write for s in p.inspect(a, 2 * P))
+    p.mprotect(a, 16 * P, "rw")
+    st = p.inspect(a, 2 * P)
+    assert st[0].write and not st[1].write

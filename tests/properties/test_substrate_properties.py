@@ -1,7 +1,8 @@
 """Property tests of the mm substrate over random operation sequences (Hypothesis), both kernel profiles.
 
 Operations: mmap (private anon, 2 MiB-aligned anon with MADV_HUGEPAGE, shared anon when shmem exists),
-munmap, mprotect, madvise, read/write touches, fork and exit, on small machines.  After every operation:
+munmap, mprotect, madvise, mremap (when the module exists), read/write touches, fork and exit, on small
+machines.  After every operation:
 
 1. the page counts agree with a walk of every live mm's page tables (``mm.debug.check_counts``; the
    convention of docs/design.md "Data layout");
@@ -39,9 +40,15 @@ try:
 except ImportError:
     HAVE_SHMEM = False
 
+try:
+    import hmmirror.mm.mremap  # noqa: F401
+    HAVE_MREMAP = True
+except ImportError:
+    HAVE_MREMAP = False
+
 KINDS = ["mmap", "mmap_thp", "mmap_thp", "mmap_shared", "munmap", "munmap", "mprotect", "mprotect", "mprotect",
          "madvise", "madvise", "madvise", "touch_r", "touch_w", "touch_w", "touch_rw", "touch_rw", "fork", "fork",
-         "exit"]
+         "exit", "mremap"]
 ADVICE_5_2 = ["dontneed", "dontneed", "hugepage", "nohugepage", "dontfork", "wipeonfork", "free", "remove"]
 ADVICE_6_18 = ADVICE_5_2 + ["populate_write", "populate_read", "pageout", "collapse"]
 PROTS = ["none", "r", "rw", "rw"]
@@ -192,6 +199,11 @@ class World:
                     p.madvise(start, length, self.advice[(k * 7 + l_) % len(self.advice)])
                 elif kind == "touch_r":
                     p.touch(start, min(length, 64 * P))
+                elif kind == "mremap":
+                    if HAVE_MREMAP:
+                        from hmmirror.mm.mremap import MREMAP_MAYMOVE, do_mremap
+                        new_len = (1 + (k * 13 + l_) % 12) * P
+                        sched.run(do_mremap(p.mm, start, length, new_len, MREMAP_MAYMOVE), p.mm.task)
                 else:
                     p.touch(start, min(length, 64 * P), write=True, fill=(k % 250) + 1)
         except KernelError:

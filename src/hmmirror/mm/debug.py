@@ -19,7 +19,7 @@ The checks hold at quiescent points (no fault, migration or device operation hal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -235,5 +235,3 @@ def entries_in(mm: "MMStruct", start: int, end: int) -> list[tuple[int, str, int
     addrs, vals, lvls = leaf_entries(mm, start, end)
     return [(a, LEVEL_NAMES[lv], v) for a, v, lv in zip(addrs.tolist(), vals.tolist(), lvls.tolist())]
 
-
-_ = Any

@@ -537,5 +537,3 @@ def madvise_walk_vmas(mm: "MMStruct", start: int, end: int, behavior: int) -> Ge
         vma = mm.find_vma(start)
     return unmapped_error
 
-
-_ = HPAGE_PMD_NR

@@ -91,7 +91,7 @@ class PhysMem:
         # free 2 MiB blocks below `top`, as a stack handing out ascending pfns
         self._blocks = np.arange(top - 1, -1, -1, dtype=np.int64)
         self._nblocks = top
-        self._free4k = np.zeros(self.nr_ram, dtype=np.int64)
+        self._free4k = np.zeros(2 * HPAGE_PMD_NR, dtype=np.int64)   # grows as 4 KiB pages are freed
         self._n4k = 0
 
     def add_device_range(self, npages: int, align_pages: int = HPAGE_PUD_NR, owner: object = None) -> int:
@@ -230,6 +230,8 @@ class PhysMem:
             self._blocks[self._nblocks] = head // HPAGE_PMD_NR
             self._nblocks += 1
         else:
+            if self._n4k == self._free4k.shape[0]:
+                self._free4k = np.concatenate([self._free4k, np.zeros_like(self._free4k)])
             self._free4k[self._n4k] = head
             self._n4k += 1
 

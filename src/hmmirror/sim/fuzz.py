@@ -48,6 +48,7 @@ class Config:
     every_step: bool = False
     examples: int = 200
     max_switches: int = 24
+    stop_after: int = 0                         # end the campaign after this many new findings (0: never)
     kinds: tuple[str, ...] | None = None        # VMA kinds to generate (None: every available kind)
     events: tuple[str, ...] | None = None       # background events (None: every available event)
 
@@ -209,6 +210,8 @@ def campaign(cfg: Config, deadline: float, worker: int = 0, report: Callable[[st
         else:
             _seeded_run(cfg, seed, deadline, stats, rec)
         tick()
+        if cfg.stop_after and len(stats.findings) >= cfg.stop_after:
+            break
     tick(True)
     if report:
         for e in stats.errors[:5]:
@@ -244,6 +247,10 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
         rec.offer(res, seed)
         raise _found_type(sig)(sig)
 
+    # Hypothesis gives shrinking up to five minutes; bound it by the campaign deadline (and one minute per
+    # finding) so a campaign ends on time and keeps hunting
+    from hypothesis.internal.conjecture import engine as _hyp_engine
+    _hyp_engine.MAX_SHRINKING_SECONDS = max(1, min(60, int(deadline - time.monotonic())))  # type: ignore[misc]
     test = given(st.data())(body)
     test = settings(max_examples=cfg.examples, database=None, deadline=None, derandomize=False,
                     suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],

@@ -327,7 +327,7 @@ class PageCounts:
         from hmmirror.mm.page_alloc import PG
         # memory_failure() keeps the reference of a poisoned page it unmapped (sim/kevents.py)
         poisoned = np.flatnonzero((mem.flags[:mem.nr_ram] & np.uint32(PG.hwpoison)) != 0)
-        extra = {int(p): int(mem.refcount[p]) for p in poisoned.tolist() if mem.refcount[p] > 0}
+        extra = {int(p): 1 for p in poisoned.tolist() if mem.refcount[p] > 0}
         out = list(self.check_counts(self.machine, extra_refs=extra or None))
         if not refs:
             # inside operations only the counts that change atomically with the entries are meaningful
@@ -497,11 +497,14 @@ class ResultContract:
         self.mm = getattr(run.driver, "mm", None) or run.procs[run.scenario.mirror].mm
 
     def fault_begin(self, eng: Any, st: Any, start: int, end: int, write: bool) -> None:
-        self.begin[st.idx] = (eng.step, self.t.epoch.get(self.mm.name, 0))
+        mmn = self.mm.name
+        # an invalidation already running when the fault begins counts as one during it
+        self.begin[st.idx] = (eng.step, self.t.epoch.get(mmn, 0) - len(self.t.inflight.get(mmn, ())))
         self.calls[st.idx] = 0
 
     def _quiet_since(self, idx: int, start: int, end: int) -> bool:
-        """No invalidation of the mirrored mm started since ``idx``'s fault began, none is in flight."""
+        """No invalidation of the mirrored mm ran (started, or was still running) since ``idx``'s fault
+        began, and none is in flight now."""
         b = self.begin.get(idx)
         if b is None:
             return False

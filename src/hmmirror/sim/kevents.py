@@ -224,28 +224,45 @@ def migrate_page(mm: Any, addr: int, hold: int) -> Gen[int]:
     if new >= 0:
         mem.copy(new, pfn)
         mem.flags[new] |= PG.anon | PG.anon_exclusive
-    # remove_migration_ptes(): map the new page (or the old one when allocation failed)
+    # remove_migration_ptes(): every migration entry of the old page -- in this mm and in any child that
+    # fork gave a copy of it (read-only after fork) -- is replaced by the new page (or the old one when the
+    # allocation failed); the rmap walk finds them all
     target = new if new >= 0 else pfn
-    yield from sched.spin_lock(ptl)
-    level, ptep2, cur = mm.pt.lookup(addr)
-    still = ptep2 == ptep and cur == x86.make_migration_entry(pfn, writable)
-    if still:
-        entry = x86.pte_mkyoung(x86.pfn_pte(target, vma.vm_page_prot))
-        if writable:
-            entry = x86.pte_mkwrite(x86.pte_mkdirty(entry))
-        pool.set(ptep, entry)
-        rmap.page_add_rmap(mem, target)
-        if new >= 0:
-            mem.mapcount[new] = 1
-    sched.spin_unlock(ptl)
-    if new >= 0:
-        if not still:
-            mem.put_page(new)
-        mem.put_page(pfn)                                # the old page goes back to the allocator
-    elif not still:
-        mem.put_page(pfn)
+    mapped = 0
+    for omm in list(machine.mms.values()):
+        if omm.exited:
+            continue
+        ovma = omm.vma_lookup(addr)
+        level, p2, cur = omm.pt.lookup(addr)
+        if ovma is None or level != "pte" or p2 is None or not _is_migration_of(cur, pfn):
+            continue
+        optl = pte_lockptr(omm, _pmdp_of(omm, addr))
+        yield from sched.spin_lock(optl)
+        level, p2, cur = omm.pt.lookup(addr)
+        if level == "pte" and p2 is not None and _is_migration_of(cur, pfn):
+            wr = x86.is_writable_migration_entry(x86.pte_to_swp_entry(cur))
+            entry = x86.pte_mkyoung(x86.pfn_pte(target, ovma.vm_page_prot))
+            if wr:
+                entry = x86.pte_mkwrite(x86.pte_mkdirty(entry))
+            pool.set(p2, entry)
+            rmap.page_add_rmap(mem, target)
+            if mapped or target == pfn:
+                mem.get_page(target)            # the new page's allocation reference covers its first mapping
+            mapped += 1
+        sched.spin_unlock(optl)
+    if new >= 0 and not mapped:
+        mem.put_page(new)
+    mem.put_page(pfn)                                    # the migration's reference on the old page
+    still = mapped > 0
     machine.log("migrate_remap", mm=mm.name, addr=addr, old=pfn, new=target, mapped=still)
     return 0
+
+
+def _is_migration_of(pte: int, pfn: int) -> bool:
+    if x86.pte_none(pte) or x86.pte_present(pte):
+        return False
+    e = x86.pte_to_swp_entry(pte)
+    return x86.is_migration_entry(e) and e.offset == pfn
 
 
 def _pmdp_of(mm: Any, addr: int) -> Any:
@@ -390,12 +407,19 @@ def memory_failure(mm: Any, addr: int) -> Gen[int]:
     yield from sched.spin_lock(ptl)
     level, ptep2, cur = mm.pt.lookup(addr)
     done = ptep2 == ptep and cur & x86._PAGE_PRESENT and x86.pte_pfn(cur) == pfn
+    if done and int(mem.mapcount[pfn]) != 1:
+        # mapped elsewhere meanwhile (fork): the kernel's rmap walk would unmap every mapping; this model of
+        # memory_failure handles exclusively mapped pages only, so it gives up (and unpoisons)
+        done = False
+        mem.flags[pfn] &= ~PG.hwpoison
     if done:
         pool.set(ptep, x86.make_hwpoison_entry(pfn))
         rmap.page_remove_rmap(mem, pfn)                # the mapping's reference stays with memory_failure
     sched.spin_unlock(ptl)
     yield from mmu_notifier_invalidate_range_end(r)
     machine.log("memory_failure", mm=mm.name, addr=addr, pfn=pfn, unmapped=bool(done))
+    if not done:
+        mem.flags[pfn] &= ~PG.hwpoison
     return 0 if done else -EAGAIN
 
 
