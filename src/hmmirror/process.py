@@ -90,6 +90,8 @@ class Process:
         return ret
 
     def _check_range(self, addr: int, length: int, what: str) -> None:
+        if self.mm.exited:
+            raise InputError(f"{what}: process {self.name} has exited", "ESRCH")
         if not isinstance(addr, int) or not isinstance(length, int):
             raise InputError(f"{what}: address and length must be integers")
         if addr < 0 or length < 0 or addr + length > self.machine.geo.task_size:
@@ -137,6 +139,14 @@ class Process:
                 raise InputError(f"unknown madvise advice {advice!r}")
             advice = int(ADVICE[advice.lower()])
         return self._run(do_madvise(self.mm, addr, length, advice), "madvise")
+
+    def mremap(self, addr: int, old_len: int, new_len: int, maymove: bool = True, new_addr: int = 0) -> int:
+        """mremap(2) (MREMAP_MAYMOVE, and MREMAP_FIXED when ``new_addr`` is given); returns the new address."""
+        from hmmirror.mm.mremap import do_mremap
+
+        self._check_range(addr, old_len, "mremap")
+        flags = (1 if maymove else 0) | (2 if new_addr else 0)
+        return self._run(do_mremap(self.mm, addr, old_len, new_len, flags, new_addr), "mremap")
 
     def fork(self, child: str) -> "Process":
         """fork(2): a new process named ``child``."""

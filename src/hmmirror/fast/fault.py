@@ -30,10 +30,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hmmirror.arch.x86 import pgtable as x86
-from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE, PTRS_PER_TABLE, PUD_SHIFT
+from hmmirror.arch.x86.pgtable import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_SHIFT,
+    PMD_SIZE,
+    PTRS_PER_TABLE,
+    PUD_SHIFT,
+    PUD_SIZE,
+)
 from hmmirror.include.mm_types import FAULT_FLAG, VM
 from hmmirror.kernel import sched
 from hmmirror.mm.page_alloc import PG
+from hmmirror.mm.pgtable import LVL_PTE
 
 from .gather import entry_is_table, entry_none, row_slice
 
@@ -140,32 +149,75 @@ def anon_fault_run(vma: "VMA", addr: int, end: int, flags: int) -> int:
         if vma.vm_flags & VM.WRITE:
             bits |= x86._PAGE_RW | x86._PAGE_DIRTY
         bits |= x86._PAGE_ACCESSED
-        entries = (pfns.astype(np.uint64) << U64(PAGE_SHIFT)) | U64(bits)
-        mem.mapcount[pfns] = 1                              # page_add_new_anon_rmap()
-        mem.flags[pfns] |= _ANON_BITS
+        p0 = int(pfns[0])
+        if int(pfns[-1]) - p0 == n - 1 and (n < 2 or bool(np.all(np.diff(pfns) == 1))):
+            mem.mapcount[p0:p0 + n] = 1                     # page_add_new_anon_rmap(), contiguous frames
+            mem.flags[p0:p0 + n] |= _ANON_BITS
+        else:
+            mem.mapcount[pfns] = 1                          # page_add_new_anon_rmap()
+            mem.flags[pfns] |= _ANON_BITS
+        entries = pfns.view(np.uint64)                      # pfns are non-negative: reuse the buffer
+        np.left_shift(entries, U64(PAGE_SHIFT), out=entries)
+        np.bitwise_or(entries, U64(bits), out=entries)
         machine.counters["anon_pages_allocated"] += n
+        zero_entry = 0
     else:
-        zero = ((mem.zero_pfn << PAGE_SHIFT) & x86.PTE_PFN_MASK) | ((prot | x86._PAGE_SPECIAL) & ~x86._PAGE_RW)
+        zero_entry = ((mem.zero_pfn << PAGE_SHIFT) & x86.PTE_PFN_MASK) | \
+            ((prot | x86._PAGE_SPECIAL) & ~x86._PAGE_RW)
         entries = None
     machine.counters["handle_mm_fault"] += n
-    # Tables, in page order: the first page of each 2 MiB chunk allocates what is missing above it.
-    a, done = addr, 0
     stop = addr + (n << PAGE_SHIFT)
-    while a < stop:
-        b = min((a & ~(PMD_SIZE - 1)) + PMD_SIZE, stop)
+    done = 0
+    a = addr
+    while a < stop:                                         # one PUD entry (1 GiB) at a time
+        b = min((a & ~(PUD_SIZE - 1)) + PUD_SIZE, stop)
+        # tables in page order: the first page needing a level allocates it (PUD/PMD tables, then one PTE
+        # table at the first page of each 2 MiB chunk whose PMD is none)
         pudp = pt.pud_alloc(pt.p4d_alloc(pt.pgd_offset(a), a), a)
         pmdp = pt.pmd_alloc(pudp, a)
-        tid = pt.pte_alloc(pmdp)
-        pool.ptlock(tid)                                    # pte_lockptr(): the split lock exists from now on
-        i = (a >> PAGE_SHIFT) & (PTRS_PER_TABLE - 1)
-        k = (b - a) >> PAGE_SHIFT
-        if entries is None:
-            pool.tables[tid, i:i + k] = zero
-        else:
-            pool.tables[tid, i:i + k] = entries[done:done + k]
-        done += k
+        pmd_tid = pmdp[0]
+        i0 = pmdp[1]
+        k = ((b - 1) >> PMD_SHIFT) - (a >> PMD_SHIFT) + 1   # 2 MiB chunks in [a, b)
+        rows = pool.tables[pmd_tid, i0:i0 + k].copy()
+        missing = np.flatnonzero(entry_none(rows))
+        for j in missing.tolist():
+            rows[j] = x86.mk_table_entry(pool.alloc(LVL_PTE))  # pte_alloc()
+        if missing.size:
+            pool.tables[pmd_tid, i0:i0 + k] = rows
+        tids = ((rows & x86.PTE_PFN_MASK) >> PAGE_SHIFT).astype(np.int64)
+        for tid in tids.tolist():
+            pool.ptlock(tid)                                # pte_lockptr(): the split lock exists from now on
+        # the entries
+        first = (a >> PAGE_SHIFT) & (PTRS_PER_TABLE - 1)
+        cnt = (b - a) >> PAGE_SHIFT
+        _write_ptes(pool, tids, first, cnt, entries, done, zero_entry)
+        done += cnt
         a = b
     return n
+
+
+def _write_ptes(pool: object, tids: np.ndarray, first: int, cnt: int, entries: np.ndarray | None, done: int,
+                zero_entry: int) -> None:
+    """Write ``cnt`` PTEs from index ``first`` of the first table of ``tids`` on (one 1 GiB region)."""
+    tables = pool.tables                                    # type: ignore[attr-defined]
+    flat_ok = tids.size > 0 and bool(np.all(np.diff(tids) == 1)) if tids.size > 1 else True
+    if flat_ok:
+        t0 = int(tids[0])
+        view = tables[t0:t0 + tids.size].reshape(-1)[first:first + cnt]
+        if entries is None:
+            view[:] = zero_entry
+        else:
+            view[:] = entries[done:done + cnt]
+        return
+    pos = 0
+    for j, tid in enumerate(tids.tolist()):
+        lo = first if j == 0 else 0
+        k = min(PTRS_PER_TABLE - lo, cnt - pos)
+        if entries is None:
+            tables[tid, lo:lo + k] = zero_entry
+        else:
+            tables[tid, lo:lo + k] = entries[done + pos:done + pos + k]
+        pos += k
 
 
 __all__ = ["anon_fault_ok", "anon_fault_run", "first_populated"]

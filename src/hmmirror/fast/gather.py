@@ -18,9 +18,10 @@ Nothing here changes the page tables or any counter: gathering is a pure read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -157,9 +158,12 @@ class PmdBatch:
         """The ``pmd_t *`` of row ``r``."""
         return (self.pmd_tid, self.i0 + r)
 
-    def pte_rows(self, sel: np.ndarray | None = None) -> np.ndarray:
-        """The PTE tables below the TABLE rows (or below rows ``sel``), gathered: shape ``(k, 512)``."""
+    def pte_rows(self, sel: np.ndarray | None = None, ws: "Workspace | None" = None) -> np.ndarray:
+        """The PTE tables below rows ``sel`` (default: all rows), gathered: shape ``(k, 512)``; into scratch
+        memory of ``ws`` if given."""
         rows = self.rows if sel is None else self.rows[sel]
+        if ws is not None:
+            return gather_pte_rows(self.pool, rows, ws)
         return self.pool.tables[table_ids(rows)]
 
     def padded(self, values: np.ndarray) -> np.ndarray:
@@ -267,3 +271,44 @@ def _gather_pmd(g: Gathered, pool: "TablePool", pmd_tid: int, addr: int, end: in
     i = (addr - g.start) >> PAGE_SHIFT
     g.entries[i:i + batch.npages] = batch.padded(out)
     g.level[i:i + batch.npages] = batch.padded(lvl)
+
+
+# --- scratch memory ------------------------------------------------------------------------------------
+class Workspace:
+    """Reusable scratch arrays of the fast walks.
+
+    A 1 GiB PMD batch works on 2 MiB arrays; allocating them afresh for every batch costs a page fault per
+    4 KiB of fresh memory, which is most of the time of a vectorised pass.  A walk takes a workspace for the
+    duration of a batch (:func:`workspace`) and gets its named arrays from it; a concurrent walk (another
+    generator suspended in the middle of a batch) gets its own.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, n: int, dtype: "np.dtype[Any] | type" = np.uint64) -> np.ndarray:
+        """A 1-D scratch array of ``n`` elements (contents undefined)."""
+        b = self._bufs.get(name)
+        if b is None or b.shape[0] < n or b.dtype != np.dtype(dtype):
+            b = self._bufs[name] = np.empty(max(n, 4096), dtype=dtype)
+        return b[:n]
+
+
+_free_workspaces: list[Workspace] = []
+
+
+@contextmanager
+def workspace() -> Iterator[Workspace]:
+    """Lease a :class:`Workspace` for the duration of a ``with`` block."""
+    ws = _free_workspaces.pop() if _free_workspaces else Workspace()
+    try:
+        yield ws
+    finally:
+        _free_workspaces.append(ws)
+
+
+def gather_pte_rows(pool: "TablePool", rows: np.ndarray, ws: Workspace) -> np.ndarray:
+    """``pool.tables[table ids of rows]`` into scratch memory: shape ``(len(rows), 512)``."""
+    tids = table_ids(rows)
+    out = ws.array("pte_rows", tids.shape[0] * PTRS_PER_TABLE).reshape(-1, PTRS_PER_TABLE)
+    return np.take(pool.tables, tids, axis=0, out=out)

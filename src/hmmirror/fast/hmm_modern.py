@@ -48,7 +48,18 @@ from hmmirror.mm.mmu_notifier import mmu_interval_check_retry
 from . import decode as dec
 from .decode import Kind
 from .fault import anon_fault_ok, anon_fault_run
-from .gather import ROW_HUGE, ROW_NONE, ROW_OTHER, ROW_TABLE, PmdBatch, chunk_bounds, entry_none, row_slice
+from .gather import (
+    ROW_HUGE,
+    ROW_NONE,
+    ROW_OTHER,
+    ROW_TABLE,
+    PmdBatch,
+    Workspace,
+    chunk_bounds,
+    entry_none,
+    row_slice,
+    workspace,
+)
 
 if TYPE_CHECKING:
     from hmmirror.mm.mm_struct import MMStruct
@@ -65,6 +76,7 @@ _NEED_ALL = ref.HMM_NEED_ALL_BITS
 _INOUT = U64(ref.HMM_PFN_INOUT_FLAGS)
 _ORDER9 = ref.hmm_pfn_flags_order(9)
 _PFN_COLS = np.arange(PTRS_PER_TABLE, dtype=np.uint64)
+_PLAIN_MASK = U64(x86._PAGE_PRESENT | x86._PAGE_PROTNONE | x86._PAGE_SPECIAL | x86._PAGE_DEVMAP)
 
 #: What each PTE kind is worth to the 6.18 ``hmm_vma_handle_pte`` (hmm-modern.md §4.5, §4.6), as a table:
 #: kind -> (cpu flags for the fault decision, output when no fault is needed, what a needed fault does).
@@ -234,28 +246,38 @@ class _PteDecode:
     whose cpu flags do not satisfy the request); ``required``: its fault bits.
     """
 
-    def __init__(self, e: np.ndarray, req_wf: Any, req_ww: Any, walk: pw.MmWalk, never: bool) -> None:
+    def __init__(self, e: np.ndarray, req_wf: Any, req_ww: Any, walk: pw.MmWalk, never: bool,
+                 wsp: Workspace) -> None:
         machine = walk.mm.machine
         rng: ref.HmmRange = walk.private.range
         mem = machine.mem
         vma = walk.vma
         assert vma is not None
         self.stop: np.ndarray | None = None
-        mask = x86._PAGE_PROTNONE | x86._PAGE_SPECIAL | x86._PAGE_DEVMAP
+        n = e.size
+        ef = e.reshape(-1)
+        # the common case: every entry present (P), not protnone/special/devmap, a pfn with a struct page
+        t = wsp.array("t", n)
+        np.bitwise_and(ef, _PLAIN_MASK, out=t)
+        flag = wsp.array("b", n, np.bool_)
+        np.equal(t, dec.P, out=flag)
+        if flag.all() and not vma.vm_flags & VM.PFNMAP:
+            pfn = wsp.array("pfn", n)
+            np.bitwise_and(ef, dec.PFN_MASK, out=pfn)
+            np.right_shift(pfn, U64(PAGE_SHIFT), out=pfn)
+            if n == 0 or int(pfn.max()) < mem.nr_pfns:
+                np.bitwise_and(ef, dec.RW, out=t)
+                np.left_shift(t, U64(61), out=t)                  # _PAGE_RW (bit 1) -> HMM_PFN_WRITE (bit 62)
+                if not never:
+                    req = _page_required(req_wf, req_ww, True, (t != 0).reshape(e.shape))
+                    self.required = req
+                    self.stop = req != 0
+                    self.faultable = self.stop
+                np.bitwise_or(pfn, t, out=pfn)
+                np.bitwise_or(pfn, U64(_VALID), out=pfn)
+                self.new = pfn.reshape(e.shape)
+                return
         pfn = dec.pfn(e)
-        plain = dec.all_plain_present(e, mask) and not vma.vm_flags & VM.PFNMAP and \
-            (pfn.size == 0 or int(pfn.max()) < mem.nr_pfns)
-        if plain:
-            # every entry: present, normal page; cpu = VALID [| WRITE]
-            wbit = (e & dec.RW) << U64(61)                      # _PAGE_RW (bit 1) -> HMM_PFN_WRITE (bit 62)
-            self.new = pfn | wbit | U64(_VALID)
-            if not never:
-                cpu_w = wbit != 0
-                req = _page_required(req_wf, req_ww, True, cpu_w)
-                self.required = req
-                self.stop = req != 0
-                self.faultable = self.stop
-            return
         kinds = dec.pte_kinds(e)
         new = np.zeros(e.shape, dtype=np.uint64)
         present = kinds == Kind.PRESENT
@@ -316,14 +338,15 @@ def _walk_pmd_range(pudp: tuple[int, int], addr: int, end: int, walk: pw.MmWalk)
     cur = addr
     while True:
         batch = PmdBatch.read(pool, tid, cur, end, huge_fn)
-        err, resume = yield from _pmd_batch(pudp, batch, walk)
+        with workspace() as wsp:
+            err, resume = yield from _pmd_batch(pudp, batch, walk, wsp)
         if err or resume >= end:
             return err
         cur = resume
         yield from sched.preempt_point("walk_pmd_range")
 
 
-def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk) -> Gen[tuple[int, int]]:
+def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk, wsp: Workspace) -> Gen[tuple[int, int]]:
     """Rows of one PMD table, in order: all rows before the first one that stops are written with numpy;
     that row faults (here) or goes to the reference walker.  Returns (err, address to resume at)."""
     ws: ref.HmmVmaWalk = walk.private
@@ -356,7 +379,7 @@ def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk) -> Gen[tuple
     table = kinds == ROW_TABLE
     pte: _PteDecode | None = None
     if table.any():
-        e2 = b.pte_rows(table)                                   # (t, 512)
+        e2 = b.pte_rows(table, wsp)                              # (t, 512), scratch memory
         if isinstance(wf, np.ndarray):
             # requests per page of the table rows, in the (t, 512) layout
             pad = np.zeros((nrows, PTRS_PER_TABLE), dtype=bool)
@@ -366,7 +389,7 @@ def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk) -> Gen[tuple
             pwf, pww = pad[table], padw[table]
         else:
             pwf, pww = wf, ww
-        pte = _PteDecode(e2, pwf, pww, walk, req.never)
+        pte = _PteDecode(e2, pwf, pww, walk, req.never, wsp)
 
     # which row stops first
     stop_row = nrows
@@ -401,7 +424,7 @@ def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk) -> Gen[tuple
 
     # write rows [0, stop_row)
     if stop_row:
-        _write_rows(b, rng, i_base, stop_row, row_page, cpu_rows, pte, table)
+        _write_rows(b, rng, i_base, stop_row, row_page, cpu_rows, pte, table, wsp)
         nt = int(table[:stop_row].sum())
         if nt:
             machine.counters["hmm_pte_tables"] += nt
@@ -438,7 +461,7 @@ def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk) -> Gen[tuple
 
 
 def _write_rows(b: PmdBatch, rng: ref.HmmRange, i_base: int, nrows: int, row_page: np.ndarray,
-                cpu_rows: np.ndarray, pte: _PteDecode | None, table: np.ndarray) -> None:
+                cpu_rows: np.ndarray, pte: _PteDecode | None, table: np.ndarray, wsp: Workspace) -> None:
     """``(entry & INOUT) | new`` for the pages of rows ``[0, nrows)`` of the batch."""
     kinds = b.kinds[:nrows]
     npages = int(row_page[nrows]) if nrows < b.nrows else b.npages
@@ -449,9 +472,14 @@ def _write_rows(b: PmdBatch, rng: ref.HmmRange, i_base: int, nrows: int, row_pag
     if pte is not None and (kinds == ROW_TABLE).all():
         flat = pte.new.reshape(-1)[b.off0:b.off0 + npages]
     else:
-        new = np.zeros((nrows, PTRS_PER_TABLE), dtype=np.uint64)
+        new = wsp.array("new", nrows * PTRS_PER_TABLE).reshape(nrows, PTRS_PER_TABLE)
         h = kinds == ROW_HUGE
-        if h.any():
+        if h.all():
+            base = dec.pfn(b.rows[:nrows]) | cpu_rows[:nrows]
+            np.add(base[:, None], _PFN_COLS[None, :], out=new)
+        else:
+            new[:] = 0
+        if h.any() and not h.all():
             base = dec.pfn(b.rows[:nrows][h]) | cpu_rows[:nrows][h]
             new[h] = base[:, None] + _PFN_COLS[None, :]
         t = kinds == ROW_TABLE

@@ -49,7 +49,18 @@ from hmmirror.mm.mm_struct import is_vm_hugetlb_page
 from . import decode as dec
 from .decode import Kind
 from .fault import anon_fault_ok, anon_fault_run
-from .gather import ROW_HUGE, ROW_NONE, ROW_OTHER, ROW_TABLE, PmdBatch, chunk_bounds, entry_none, row_slice
+from .gather import (
+    ROW_HUGE,
+    ROW_NONE,
+    ROW_OTHER,
+    ROW_TABLE,
+    PmdBatch,
+    Workspace,
+    chunk_bounds,
+    entry_none,
+    row_slice,
+    workspace,
+)
 
 if TYPE_CHECKING:
     from hmmirror.machine import Machine
@@ -57,6 +68,7 @@ if TYPE_CHECKING:
 EFAULT, EBUSY, EINVAL, EAGAIN, EPERM = 14, 16, 22, 11, 1
 U64 = np.uint64
 _PFN_COLS = np.arange(PTRS_PER_TABLE, dtype=np.uint64)
+_PLAIN_MASK = U64(x86._PAGE_PRESENT | x86._PAGE_SPECIAL | x86._PAGE_DEVMAP)
 
 #: What each PTE kind is worth to the 5.2 ``hmm_vma_handle_pte`` (hmm-5.2.md §7.3, §13), as a table:
 #: kind -> (cpu flags for the fault decision, value written when no fault is needed, result).
@@ -210,9 +222,7 @@ def hmm_vma_walk_hole_(addr: int, end: int, fault: bool, write_fault: bool, walk
             ref._count(rng, "pages_walked", n)
             ref._count(rng, "faults", n)
             if machine.logging:
-                for k in range(n):
-                    ref._may_sleep(machine, "handle_mm_fault", addr=a + (k << PAGE_SHIFT), flags=int(flags),
-                                   write=write_fault, vma=vma.vm_start)
+                _may_sleep_run(machine, a, n, int(flags), write_fault, vma.vm_start)
             a += n << PAGE_SHIFT
             i += n
             continue
@@ -224,6 +234,20 @@ def hmm_vma_walk_hole_(addr: int, end: int, fault: bool, write_fault: bool, walk
         a += PAGE_SIZE
         i += 1
     return -EBUSY
+
+
+def _may_sleep_run(machine: "Machine", addr: int, n: int, flags: int, write: bool, vm_start: int) -> None:
+    """The ``may_sleep`` events ``hmm_vma_do_fault`` records before each of ``n`` faults from ``addr``:
+    what ``ref._may_sleep(machine, "handle_mm_fault", ...)`` followed by ``machine.log`` append, built in
+    one pass (the lock context is the same for the whole run; the equivalence tests compare the events)."""
+    task = sched.current()
+    ctx = sched.lock_context(task)
+    atomic = task.atomic
+    machine.events.extend(
+        {"call": "handle_mm_fault", "task": ctx.task, "locks": list(ctx.locks), "atomic": atomic,
+         "addr": addr + (k << PAGE_SHIFT), "flags": flags, "write": write, "vma": vm_start,
+         "what": "may_sleep"}
+        for k in range(n))
 
 
 def _holes(starts: list[int], ends: list[int], walk: pw.MmWalk) -> Gen[int]:
@@ -265,20 +289,37 @@ class _PteDecode:
     ``fault``/``write_fault``: its flags.
     """
 
-    def __init__(self, e: np.ndarray, req: _Req, v: Any, w: Any, dp: Any, rng: ref.HmmRange) -> None:
+    def __init__(self, e: np.ndarray, req: _Req, v: Any, w: Any, dp: Any, rng: ref.HmmRange,
+                 wsp: Workspace) -> None:
         fv, fw, fdp = U64(req.fv), U64(req.fw), U64(req.fdp)
         self.stop: np.ndarray | None = None
         self.devmap = None
-        pfn = dec.pfn(e)
         none_val = U64(rng.values[ref.HMM_PFN_NONE] & ref.U64)
-        if dec.all_plain_present(e, x86._PAGE_SPECIAL | x86._PAGE_DEVMAP):
-            cpu = fv | np.where(dec.write(e), fw, U64(0))
-            self.new = _entries(rng, pfn, cpu)
+        n = e.size
+        ef = e.reshape(-1)
+        # the common case: every entry present (P), neither special nor devmap
+        t = wsp.array("t", n)
+        np.bitwise_and(ef, _PLAIN_MASK, out=t)
+        flag = wsp.array("b", n, np.bool_)
+        np.equal(t, dec.P, out=flag)
+        if flag.all():
+            new = wsp.array("pfn", n)
+            np.bitwise_and(ef, dec.PFN_MASK, out=new)
+            np.right_shift(new, U64(PAGE_SHIFT), out=new)
+            np.left_shift(new, U64(rng.pfn_shift), out=new)           # from_pfn(): pfn << pfn_shift | VALID
+            np.bitwise_or(new, fv, out=new)
+            np.bitwise_and(ef, dec.RW, out=t)                        # cpu = VALID | (WRITE if pte_write)
+            np.right_shift(t, U64(1), out=t)
+            np.multiply(t, fw, out=t)
+            np.bitwise_or(t, fv, out=t)
             if not req.never:
-                f, wf = req.pages(v, w, dp, cpu)
+                f, wf = req.pages(v, w, dp, t.reshape(e.shape))
                 self.stop = self.faultable = f | wf
                 self.fault, self.write_fault = f, wf
+            np.bitwise_or(new, t, out=new)
+            self.new = new.reshape(e.shape)
             return
+        pfn = dec.pfn(e)
         kinds = dec.pte_kinds(e)
         present = kinds == Kind.PRESENT
         cpu = np.where(present, fv | np.where(dec.write(e), fw, U64(0)), U64(0))
@@ -326,14 +367,15 @@ def _walk_pmd_range(pudp: tuple[int, int], addr: int, end: int, walk: pw.MmWalk)
     cur = addr
     while True:
         batch = PmdBatch.read(pool, tid, cur, end, _huge_fn)
-        err, resume = yield from _pmd_batch(pudp, batch, walk)
+        with workspace() as wsp:
+            err, resume = yield from _pmd_batch(pudp, batch, walk, wsp)
         if err or resume >= end:
             return err
         cur = resume
         yield from sched.preempt_point("walk_pmd_range")
 
 
-def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk) -> Gen[tuple[int, int]]:
+def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk, wsp: Workspace) -> Gen[tuple[int, int]]:
     """Rows of one PMD table in order; rows before the first stopping one are written with numpy."""
     ws: ref.HmmVmaWalk = walk.private
     rng = ws.range
@@ -365,7 +407,7 @@ def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk) -> Gen[tuple
     table = kinds == ROW_TABLE
     pte: _PteDecode | None = None
     if table.any():
-        e2 = b.pte_rows(table)
+        e2 = b.pte_rows(table, wsp)
         if isinstance(v, np.ndarray):
             pads = []
             for arr in (v, w, dp):
@@ -375,7 +417,7 @@ def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk) -> Gen[tuple
             pv, pwr, pdp = pads
         else:
             pv, pwr, pdp = v, w, dp
-        pte = _PteDecode(e2, req, pv, pwr, pdp, rng)
+        pte = _PteDecode(e2, req, pv, pwr, pdp, rng, wsp)
 
     # the first stopping row
     stop_row = nrows
@@ -433,7 +475,7 @@ def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk) -> Gen[tuple
 
     # rows [0, stop_row): write, count, log
     if stop_row:
-        _write_rows(b, ws, i_base, stop_row, row_page, cpu_rows, pn_rows, pte, table, pg_rows, walk)
+        _write_rows(b, ws, i_base, stop_row, row_page, cpu_rows, pn_rows, pte, table, pg_rows, walk, wsp)
     if stop_row == nrows:
         return 0, b.end
 
@@ -482,7 +524,7 @@ def _reference_row(pudp: tuple[int, int], a: int, e: int, walk: pw.MmWalk) -> Ge
 
 def _write_rows(b: PmdBatch, ws: ref.HmmVmaWalk, i_base: int, nrows: int, row_page: np.ndarray,
                 cpu_rows: np.ndarray, pn_rows: np.ndarray, pte: _PteDecode | None, table: np.ndarray,
-                pg_rows: dict[int, tuple[np.ndarray, np.ndarray]], walk: pw.MmWalk) -> None:
+                pg_rows: dict[int, tuple[np.ndarray, np.ndarray]], walk: pw.MmWalk, wsp: Workspace) -> None:
     """The effects of rows ``[0, nrows)`` (none of which stops), in row order."""
     rng = ws.range
     assert walk.mm is not None
@@ -497,9 +539,16 @@ def _write_rows(b: PmdBatch, ws: ref.HmmVmaWalk, i_base: int, nrows: int, row_pa
     elif pte is not None and (kinds == ROW_TABLE).all():
         view[:] = pte.new.reshape(-1)[b.off0:b.off0 + npages]
     else:
-        new = np.full((nrows, PTRS_PER_TABLE), none_val, dtype=np.uint64)
+        new = wsp.array("new", nrows * PTRS_PER_TABLE).reshape(nrows, PTRS_PER_TABLE)
         h = (kinds == ROW_HUGE) & ~pn_rows[:nrows]
-        if h.any():
+        if h.all():
+            base = dec.pfn(b.rows[:nrows])
+            np.add(base[:, None], _PFN_COLS[None, :], out=new)
+            np.left_shift(new, U64(rng.pfn_shift), out=new)
+            np.bitwise_or(new, U64(int(rng.flags[ref.HMM_PFN_VALID])) | cpu_rows[:nrows][:, None], out=new)
+        else:
+            new[:] = none_val
+        if h.any() and not h.all():
             base = dec.pfn(b.rows[:nrows][h])
             new[h] = _entries(rng, base[:, None] + _PFN_COLS[None, :], cpu_rows[:nrows][h][:, None])
         t = kinds == ROW_TABLE
