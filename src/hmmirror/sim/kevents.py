@@ -48,6 +48,7 @@ from hmmirror.mm.page_alloc import PG
 from hmmirror.sim.scenario import parse_size, resolve_addr
 
 EINVAL, EBUSY, EAGAIN, ENOENT = 22, 16, 11, 2
+_NOT_HWPOISON = 0xFFFF_FFFF & ~PG.hwpoison            # flags are a uint32 array
 
 
 def _has(mod: str, attr: str | None = None) -> bool:
@@ -93,10 +94,9 @@ def run_event(run: Any, ev: dict[str, Any]) -> Gen[int]:
     if mm.mm_users <= 0:
         return -ENOENT
     mm.mm_users += 1
-    try:
-        return (yield from _run_event(run, ev, kind, mm, addr))
-    finally:
-        yield from _mmput(mm)
+    ret = yield from _run_event(run, ev, kind, mm, addr)      # a crash propagates: it is the finding
+    yield from _mmput(mm)
+    return ret
 
 
 def _mmput(mm: Any) -> Gen[None]:
@@ -411,7 +411,7 @@ def memory_failure(mm: Any, addr: int) -> Gen[int]:
         # mapped elsewhere meanwhile (fork): the kernel's rmap walk would unmap every mapping; this model of
         # memory_failure handles exclusively mapped pages only, so it gives up (and unpoisons)
         done = False
-        mem.flags[pfn] &= ~PG.hwpoison
+        mem.flags[pfn] &= _NOT_HWPOISON
     if done:
         pool.set(ptep, x86.make_hwpoison_entry(pfn))
         rmap.page_remove_rmap(mem, pfn)                # the mapping's reference stays with memory_failure
@@ -419,7 +419,7 @@ def memory_failure(mm: Any, addr: int) -> Gen[int]:
     yield from mmu_notifier_invalidate_range_end(r)
     machine.log("memory_failure", mm=mm.name, addr=addr, pfn=pfn, unmapped=bool(done))
     if not done:
-        mem.flags[pfn] &= ~PG.hwpoison
+        mem.flags[pfn] &= _NOT_HWPOISON
     return 0 if done else -EAGAIN
 
 
