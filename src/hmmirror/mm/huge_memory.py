@@ -325,16 +325,24 @@ def split_huge_pmd_address(vma: VMA, address: int) -> Gen[None]:
         yield from __split_huge_pmd(vma, p, address)
 
 
-def zap_huge_pmd(vma: VMA, pmdp: Ptr, addr: int) -> Gen[None]:
-    """zap_huge_pmd(): clear a whole PMD leaf (THP, huge zero page, DAX, hugetlb 2 MiB)."""
+def zap_huge_pmd(vma: VMA, pmdp: Ptr, addr: int) -> Gen[bool]:
+    """zap_huge_pmd(): clear a whole PMD leaf (THP, huge zero page, DAX, hugetlb 2 MiB).
+
+    As __pmd_trans_huge_lock(), the entry is re-checked under the PMD lock: if it is no longer a huge (or
+    migration) entry (split meanwhile), nothing is done and False is returned, so the caller zaps the PTEs.
+    """
     mm = vma.vm_mm
     ptl = pmd_lockptr(mm, pmdp)
     yield from sched.spin_lock(ptl)
     pmd = mm.machine.pool.get(pmdp)
+    if pte_none(pmd) or not (pmd_leaf(pmd) or not pmd & x86._PAGE_PRESENT):
+        sched.spin_unlock(ptl)
+        return False
     mm.machine.pool.set(pmdp, 0)
     sched.spin_unlock(ptl)
     if pmd & (x86._PAGE_PRESENT | x86._PAGE_PROTNONE):
         _account_leaf(mm, pte_pfn(pmd), HPAGE_PMD_NR, -1)
+    return True
 
 
 def zap_huge_pud(vma: VMA, pudp: Ptr, addr: int) -> Gen[None]:

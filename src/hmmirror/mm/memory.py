@@ -842,12 +842,14 @@ def zap_pmd_range(vma: VMA, pudp: Ptr, addr: int, end: int) -> Gen[None]:
         if not pte_none(pmd):
             if pmd_leaf(pmd) or not pmd & x86._PAGE_PRESENT:
                 if nxt - addr == PMD_SIZE:
-                    yield from huge_memory.zap_huge_pmd(vma, pmdp, addr)
-                    addr = nxt
-                    continue
-                yield from huge_memory.__split_huge_pmd(vma, pmdp, addr)
+                    if (yield from huge_memory.zap_huge_pmd(vma, pmdp, addr)):
+                        addr = nxt
+                        continue
+                else:
+                    yield from huge_memory.__split_huge_pmd(vma, pmdp, addr)
                 pmd = pool.get(pmdp)
-            if not pte_none(pmd):
+            # pmd_none_or_trans_huge_or_clear_bad(): a huge entry that raced in again is left alone
+            if not pte_none(pmd) and not pmd_leaf(pmd) and pmd & x86._PAGE_PRESENT:
                 yield from zap_pte_range(vma, pmdp, addr, nxt)
         yield from sched.preempt_point("zap_pmd_range")
         addr = nxt

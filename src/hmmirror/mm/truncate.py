@@ -117,12 +117,13 @@ def _unmap_range_keep_cows(vma: "VMA", start: int, end: int) -> Gen[None]:
                         if not pte_none(pmd):
                             if pmd_leaf(pmd) or not pmd & x86._PAGE_PRESENT:
                                 if pmd_end - b == PMD_SIZE:
-                                    yield from huge_memory.zap_huge_pmd(vma, pmdp, b)
-                                    b = pmd_end
-                                    continue
-                                yield from huge_memory.__split_huge_pmd(vma, pmdp, b)
+                                    if (yield from huge_memory.zap_huge_pmd(vma, pmdp, b)):
+                                        b = pmd_end
+                                        continue
+                                else:
+                                    yield from huge_memory.__split_huge_pmd(vma, pmdp, b)
                                 pmd = pool.get(pmdp)
-                            if not pte_none(pmd) and not pmd_leaf(pmd):
+                            if not pte_none(pmd) and not pmd_leaf(pmd) and pmd & x86._PAGE_PRESENT:
                                 yield from _zap_pte_range_keep_cows(vma, pmdp, b, pmd_end)
                         yield from sched.preempt_point("zap_pmd_range")
                         b = pmd_end

@@ -128,6 +128,11 @@ class DevDax:
     inode: DaxInode | None = field(default=None, repr=False)
     vm_ops: DevDaxVmOps | None = field(default=None, repr=False)
     unbound: bool = False
+    srcu_readers: int = 0                    # faults inside dax_read_lock() (dax_srcu read sections)
+    device_lock: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.device_lock = sched.Lock(f"{self.name}.device_lock", "mutex")
 
     @property
     def path(self) -> str:
@@ -170,8 +175,17 @@ def check_vma(dev_dax: DevDax, vma: VMA) -> int:
 
 
 def dev_dax_huge_fault(dev_dax: DevDax, vmf: VmFault, pe_size: str) -> Gen[int]:
-    """dev_dax_huge_fault() (drivers/dax/device.c [5.2]): ``__dev_dax_{pte,pmd,pud}_fault`` by ``pe_size``."""
-    yield from sched.might_sleep("dax_read_lock")             # SRCU read section against kill_dax
+    """dev_dax_huge_fault() (drivers/dax/device.c [5.2]): ``__dev_dax_{pte,pmd,pud}_fault`` by ``pe_size``,
+    inside ``dax_read_lock()`` (an SRCU read section that kill_dax() waits for)."""
+    dev_dax.srcu_readers += 1
+    try:
+        return (yield from __dev_dax_fault(dev_dax, vmf, pe_size))
+    finally:
+        dev_dax.srcu_readers -= 1
+
+
+def __dev_dax_fault(dev_dax: DevDax, vmf: VmFault, pe_size: str) -> Gen[int]:
+    """__dev_dax_pte_fault() / __dev_dax_pmd_fault() / __dev_dax_pud_fault() [5.2]."""
     if pe_size not in FAULT_SIZES:
         return int(VM_FAULT.SIGBUS)
     vma = vmf.vma
@@ -230,7 +244,7 @@ def kill_dax(dev_dax: DevDax) -> Gen[None]:
     """kill_dax() (drivers/dax/super.c): clear ``DAXDEV_ALIVE`` then ``synchronize_srcu`` (waits for faults
     inside ``dax_read_lock``); new mmaps fail with -ENXIO, new faults with SIGBUS."""
     dev_dax.alive = False
-    yield from sched.might_sleep("synchronize_srcu(dax_srcu)")
+    yield from sched.wait_event(lambda: dev_dax.srcu_readers == 0, "synchronize_srcu(dax_srcu)")
 
 
 def kill_dev_dax(dev_dax: DevDax) -> Gen[None]:
@@ -243,14 +257,19 @@ def kill_dev_dax(dev_dax: DevDax) -> Gen[None]:
 def dev_dax_unbind(dev_dax: DevDax) -> Gen[int]:
     """Unbinding the device-dax driver (device_release_driver -> devm actions in reverse) [5.2]:
     ``kill_dev_dax``, ``cdev_del``, then ``devm_memremap_pages_release`` of the pgmap.  0 or -errno.
-    May sleep (the pgmap teardown waits for every reference)."""
-    if dev_dax.unbound:
-        return -ENXIO
-    machine = dev_dax.machine
-    machine.log("dev_dax_unbind", name=dev_dax.name)
-    yield from kill_dev_dax(dev_dax)
-    dev_dax.unbound = True                                   # cdev_del(): the /dev node goes away
-    if machine.devices.get(dev_dax.path) is dev_dax:
-        del machine.devices[dev_dax.path]
-    assert dev_dax.pgmap is not None
-    return (yield from devm_memremap_pages_release(machine, dev_dax.pgmap))
+    May sleep (the pgmap teardown waits for every reference).  Runs under ``device_lock()`` as the driver
+    core does, so two unbinds are serialised: the second finds the device unbound."""
+    yield from sched.mutex_lock(dev_dax.device_lock)
+    try:
+        if dev_dax.unbound:
+            return -ENXIO
+        machine = dev_dax.machine
+        machine.log("dev_dax_unbind", name=dev_dax.name)
+        yield from kill_dev_dax(dev_dax)
+        dev_dax.unbound = True                               # cdev_del(): the /dev node goes away
+        if machine.devices.get(dev_dax.path) is dev_dax:
+            del machine.devices[dev_dax.path]
+        assert dev_dax.pgmap is not None
+        return (yield from devm_memremap_pages_release(machine, dev_dax.pgmap))
+    finally:
+        sched.mutex_unlock(dev_dax.device_lock)

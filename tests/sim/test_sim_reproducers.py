@@ -1,0 +1,27 @@
+"""Saved reproducers of real kernel behaviour re-trigger their violation (issue: "replaying any saved
+reproducer re-triggers its violation"); the reproducers of model bugs that were fixed no longer do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hmmirror.sim.replay import replay_file
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "sim-reproducers"
+KEPT = sorted(DOCS.glob("*.toml"))
+FIXED = sorted((DOCS / "fixed").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", KEPT, ids=[p.stem for p in KEPT])
+def test_reproducer_retriggers(path: Path) -> None:
+    rep = replay_file(str(path))
+    assert rep.expected is not None
+    assert rep.reproduced, rep.result.finding
+
+
+@pytest.mark.parametrize("path", FIXED, ids=[p.stem for p in FIXED])
+def test_fixed_model_bug_stays_fixed(path: Path) -> None:
+    rep = replay_file(str(path))
+    assert not rep.reproduced
