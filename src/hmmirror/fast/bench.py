@@ -58,14 +58,19 @@ class Case:
 
 
 def median_time(fn: Callable[[], Any], runs: int) -> float:
-    """Median wall time of ``fn()`` over ``runs`` runs, after one warm-up run (seconds)."""
+    """Median wall time of ``fn()`` over ``runs`` runs, after one warm-up run (seconds); the garbage
+    collector is off while a run is timed."""
     fn()
     times = []
+    gc.collect()
     for _ in range(max(1, runs)):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
     return statistics.median(times)
 
 
@@ -114,8 +119,9 @@ class ModelRange:
     def pfns(self) -> np.ndarray:
         return self.range.pfns if self.api == "5.2" else self.range.hmm_pfns
 
-    def snapshot(self, reference: bool = False) -> int:
-        """One snapshot (no fault requested) under the mmap lock; the return value."""
+    def snapshot(self, reference: bool = False, keep_events: bool = False) -> int:
+        """One snapshot (no fault requested) under the mmap lock; the return value.  The event log is
+        cleared afterwards unless ``keep_events`` (repeated runs would grow it)."""
         mm = self.mm
         rng = self.range
         if self.api == "5.2":
@@ -135,10 +141,11 @@ class ModelRange:
             return r
 
         ret = sched.run(go(), mm.task)
-        self.m.events.clear()
+        if not keep_events:
+            self.m.events.clear()
         return ret  # type: ignore[no-any-return]
 
-    def fault_in(self, write: bool = True, reference: bool = False) -> int:
+    def fault_in(self, write: bool = True, reference: bool = False, keep_events: bool = False) -> int:
         """``hmm_range_fault`` requesting every page (writable if ``write``)."""
         mm = self.mm
         rng = self.range
@@ -161,7 +168,8 @@ class ModelRange:
             return r
 
         ret = sched.run(go(), mm.task)
-        self.m.events.clear()
+        if not keep_events:
+            self.m.events.clear()
         return ret  # type: ignore[no-any-return]
 
 
@@ -183,10 +191,11 @@ def make_resident(m: Any) -> None:
         v[::PAGE_SIZE] = v[::PAGE_SIZE]
 
 
-def model_4k(profile: str, size: int) -> tuple[Any, int, float]:
+def model_4k(profile: str, size: int, logging: bool = True) -> tuple[Any, int, float]:
     """A process with ``size`` bytes of anonymous 4 KiB pages, faulted in by the fast ``hmm_range_fault``;
-    returns (process, start, seconds of the fault-in)."""
+    returns (process, start, seconds of the fault-in).  ``logging=False`` turns the event log off."""
     m = _machine(profile, size + 128 * MiB)
+    m.logging = logging
     make_resident(m)
     p = m.spawn("bench")
     a = p.mmap(size, "rw", ["private", "anonymous"], align=PUD_SIZE)
@@ -213,7 +222,8 @@ def model_thp(profile: str, size: int) -> tuple[Any, int]:
 
 
 def model_fsdax_pmd(profile: str, size: int) -> tuple[Any, int]:
-    """``size`` bytes of an fsdax file mapped by PMDs (one read per 2 MiB)."""
+    """``size`` bytes of an fsdax file mapped by PMDs of pmem (one write per 2 MiB: a read of an unwritten
+    extent would map the huge zero page instead)."""
     m = _machine(profile, 256 * MiB)
     m.add_pmem("pmem0", size + 64 * MiB, "fsdax")
     m.mount("/mnt/pmem", "ext4", dax="pmem0")
@@ -221,7 +231,7 @@ def model_fsdax_pmd(profile: str, size: int) -> tuple[Any, int]:
     p = m.spawn("bench")
     a = p.mmap(size, "rw", ["shared"], file="/mnt/pmem/big", align=PUD_SIZE)
     for off in range(0, size, PMD_SIZE):
-        p.touch(a + off, 1)
+        p.touch(a + off, 1, write=True)
     return p, a
 
 
@@ -394,7 +404,7 @@ def _kernel_shape(kind: str, size: int, kt: KernelTimer, runs: int) -> dict[str,
         km.madvise(MADV_POPULATE_WRITE)
         out["shape"] = "anonymous THP (MADV_HUGEPAGE, MADV_POPULATE_WRITE)"
     elif kind == "hugetlb1g":
-        km = KernelMap(size, flags=MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_1GB, align=PUD_SIZE)
+        km = KernelMap(size, flags=MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_1GB)   # 1 GiB aligned
         km.madvise(MADV_POPULATE_WRITE)
         out["shape"] = "hugetlb 1 GiB page (MAP_HUGETLB|MAP_HUGE_1GB)"
     elif kind == "holes":
@@ -453,7 +463,12 @@ SPECS = [
 def _build(spec: Spec, profile: str) -> tuple[Any, int, dict[str, Any]]:
     extra: dict[str, Any] = {}
     if spec.name.startswith("4k"):
+        _p, _a, dt0 = model_4k(profile, spec.size, logging=False)
+        extra["fault_in_ns_per_page_logging_off"] = dt0 / (spec.size >> PAGE_SHIFT) * 1e9
+        del _p
+        gc.collect()
         p, a, dt = model_4k(profile, spec.size)
+        p.machine.logging = True
         extra["fault_in_ns_per_page"] = dt / (spec.size >> PAGE_SHIFT) * 1e9
         extra["bytes_per_page"] = model_bytes_per_page(p.machine, spec.size >> PAGE_SHIFT)
     elif spec.name.startswith("thp"):
@@ -508,7 +523,8 @@ def run_case(spec: Spec, profile: str, runs: int, kernel: dict[str, Any] | None)
             f.kernel_shape = "MADV_POPULATE_WRITE of anonymous 4 KiB pages"
             f.extra["kernel_populate_ns_per_page"] = kernel["populate_ns_per_page"]
             f.ratio = f.model_ns_per_page / kernel["populate_ns_per_page"]
-        f.extra["logging"] = p.machine.logging
+        f.extra["logging"] = True
+        f.extra["model_ns_per_page_logging_off"] = extra["fault_in_ns_per_page_logging_off"]
         cases.append(f)
     del p, fast, small
     gc.collect()
@@ -579,6 +595,11 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{f(c['reference_ns_per_page'], '{:.0f}'):>9} {f(c['kernel_pagemap_ns_per_page']):>8} "
                      f"{f(c['kernel_pagemap_scan_ns_per_page']):>7} {f(c['ratio'], '{:.3f}'):>6} "
                      f"{f(c['speedup_vs_reference'], '{:.0f}'):>7}  {goal}")
+    for c in result["cases"]:
+        off = c["extra"].get("model_ns_per_page_logging_off")
+        if off is not None:
+            lines.append(f"fault-in [{c['profile']}] with the event log off: {off:.1f} ns/page "
+                         f"(5.2 records one may_sleep event per handle_mm_fault)")
     for c in result["cases"]:
         bpp = c["extra"].get("bytes_per_page")
         if bpp:

@@ -312,3 +312,51 @@ def gather_pte_rows(pool: "TablePool", rows: np.ndarray, ws: Workspace) -> np.nd
     tids = table_ids(rows)
     out = ws.array("pte_rows", tids.shape[0] * PTRS_PER_TABLE).reshape(-1, PTRS_PER_TABLE)
     return np.take(pool.tables, tids, axis=0, out=out)
+
+
+# --- leaf fills in cache-sized pieces -------------------------------------------------------------------
+_CHUNK = 1 << 16                                    # 512 KiB of uint64: the passes of a piece stay in L2
+_AR = np.arange(_CHUNK, dtype=np.uint64)
+_shifted: dict[int, np.ndarray] = {}
+
+
+def _arange_shifted(n: int, shift: int) -> np.ndarray:
+    """``arange(n) << shift``, cached (one array per shift, grown on demand)."""
+    a = _shifted.get(shift)
+    if a is None or a.shape[0] < n:
+        a = _shifted[shift] = np.arange(max(n, 4096), dtype=np.uint64) << U64(shift)
+    return a[:n]
+
+
+def fill_leaf(view: np.ndarray, pfn0: int, cpu: int, keep: int) -> None:
+    """``view[k] = (view[k] & keep) | (pfn0 + k) | cpu`` -- the per-page loop of a PMD/PUD leaf [6.18]
+    (``keep``: the sticky input bits).  Done per piece of 65536 entries with three in-place passes while
+    the piece is in cache; ``((x & keep) | ((p + s) | cpu)) + k`` equals the formula because no sum carries
+    out of the pfn field (checked; otherwise the plain formula is used)."""
+    n = view.shape[0]
+    if pfn0 + n >= 1 << 52 or (cpu | keep) & ((1 << 53) - 1):
+        view &= U64(keep)
+        view |= np.arange(pfn0, pfn0 + n, dtype=np.uint64) | U64(cpu)
+        return
+    for s in range(0, n, _CHUNK):
+        v = view[s:s + _CHUNK]
+        np.bitwise_and(v, U64(keep), out=v)
+        np.bitwise_or(v, U64((pfn0 + s) | cpu), out=v)
+        np.add(v, _AR[:v.shape[0]], out=v)
+
+
+def fill_from_pfn(view: np.ndarray, pfn0: int, shift: int, const: int) -> None:
+    """``view[k] = ((pfn0 + k) << shift) | const`` with the C ``u64`` wrap-around -- the 5.2
+    ``hmm_device_entry_from_pfn(pfn0 + k) | cpu`` loop.  When ``const`` lies below the shifted pfns and
+    nothing wraps, that is ``(k << shift) + ((pfn0 << shift) | const)``: one pass over a cached
+    ``arange << shift``."""
+    n = view.shape[0]
+    if shift < 64 and const < (1 << shift) and (pfn0 + n) << shift < 1 << 64:
+        np.add(_arange_shifted(n, shift), U64((pfn0 << shift) | const), out=view)
+        return
+    for s in range(0, n, _CHUNK):
+        v = view[s:s + _CHUNK]
+        np.add(_AR[:v.shape[0]], U64(pfn0 + s), out=v)
+        if shift:
+            np.left_shift(v, U64(shift), out=v)
+        np.bitwise_or(v, U64(const), out=v)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from hmmirror.arch.x86 import pgtable as x86
-from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SHIFT
+from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE, PUD_SHIFT, PUD_SIZE
 from hmmirror.include.mm_types import FAULT_FLAG, VM, VM_FAULT_ERROR
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
@@ -57,6 +57,7 @@ from .gather import (
     Workspace,
     chunk_bounds,
     entry_none,
+    fill_leaf,
     row_slice,
     workspace,
 )
@@ -469,6 +470,17 @@ def _write_rows(b: PmdBatch, rng: ref.HmmRange, i_base: int, nrows: int, row_pag
     if (kinds == ROW_NONE).all():
         view &= _INOUT
         return
+    if (kinds == ROW_HUGE).all() and b.off0 == 0 and npages == nrows * PTRS_PER_TABLE:
+        # whole PMD leaves: (entry & INOUT) | (pmd_pfn + k) | cpu, in place row block by row block
+        base = dec.pfn(b.rows[:nrows]) | cpu_rows[:nrows]
+        v2 = view.reshape(nrows, PTRS_PER_TABLE)
+        step = 64
+        for r0 in range(0, nrows, step):
+            v = v2[r0:r0 + step]
+            np.bitwise_and(v, _INOUT, out=v)
+            np.bitwise_or(v, base[r0:r0 + step, None], out=v)
+            np.add(v, _PFN_COLS[None, :], out=v)
+        return
     if pte is not None and (kinds == ROW_TABLE).all():
         flat = pte.new.reshape(-1)[b.off0:b.off0 + npages]
     else:
@@ -492,6 +504,31 @@ def _write_rows(b: PmdBatch, rng: ref.HmmRange, i_base: int, nrows: int, row_pag
 
 
 # --- upper levels ----------------------------------------------------------------------------------------
+def _pud_entry(pudp: tuple[int, int], start: int, end: int, walk: pw.MmWalk) -> Gen[int]:
+    """hmm_vma_walk_pud() (6.18): a present leaf PUD that needs no fault is filled here (in cache-sized
+    pieces, under the PUD lock, action CONTINUE); every other PUD goes to the reference callback."""
+    ws: ref.HmmVmaWalk = walk.private
+    rng = ws.range
+    machine = walk.mm.machine
+    pud = machine.pool.get(pudp)
+    devmap_bits = machine.profile.devmap_bits
+    huge = x86.pud_trans_huge(pud) or (devmap_bits and x86.pud_devmap(pud) and x86.pud_leaf(pud))
+    if not (huge and x86.pud_present(pud) and x86.pud_leaf(pud) and (not devmap_bits or x86.pud_devmap(pud))):
+        return (yield from _call(walk.ops.pud_entry, pudp, start, end, walk))
+    i = (start - rng.start) >> PAGE_SHIFT
+    n = (end - start) >> PAGE_SHIFT
+    cpu = ref.pud_to_hmm_pfn_flags(rng, pud)
+    if _unit_required(_Req(rng), rng, i, i + n, cpu):
+        return (yield from _call(walk.ops.pud_entry, pudp, start, end, walk))
+    ptl = yield from ref.pud_trans_huge_lock(pudp, walk)
+    assert ptl is not None
+    walk.action = pw.ACTION_CONTINUE
+    fill_leaf(rng.hmm_pfns[i:i + n], x86.pud_pfn(pud) + ((start & (PUD_SIZE - 1)) >> PAGE_SHIFT), cpu,
+              ref.HMM_PFN_INOUT_FLAGS)
+    sched.spin_unlock(ptl)
+    return 0
+
+
 def _walk_pud_range(p4dp: tuple[int, int], addr: int, end: int, walk: pw.MmWalk) -> Gen[int]:
     """walk_pud_range() (6.18): runs of none PUDs as holes; every other PUD through the reference
     ``pud_entry`` (``hmm_vma_walk_pud``) and, for tables, :func:`_walk_pmd_range`."""
@@ -522,7 +559,7 @@ def _walk_pud_range(p4dp: tuple[int, int], addr: int, end: int, walk: pw.MmWalk)
                 err = yield from _holes([a], [nxt], walk)
                 break
             walk.action = pw.ACTION_SUBTREE
-            err = yield from _call(ops.pud_entry, pudp, a, nxt, walk)
+            err = yield from _pud_entry(pudp, a, nxt, walk)
             if err or walk.action == pw.ACTION_CONTINUE:
                 break
             if walk.action == pw.ACTION_AGAIN:

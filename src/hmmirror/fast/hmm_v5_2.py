@@ -51,6 +51,8 @@ from .decode import Kind
 from .fault import anon_fault_ok, anon_fault_run
 from .gather import (
     ROW_HUGE,
+    _arange_shifted,
+    fill_from_pfn,
     ROW_NONE,
     ROW_OTHER,
     ROW_TABLE,
@@ -139,15 +141,8 @@ def _entries(rng: ref.HmmRange, pfn: np.ndarray, cpu: Any) -> np.ndarray:
 
 
 # --- dev_pagemap runs ------------------------------------------------------------------------------------
-def _pgmap_index(machine: "Machine", pfns: np.ndarray) -> np.ndarray:
-    """Index in ``machine.pgmaps`` of the pgmap ``machine.pgmap_of`` returns for each pfn (-1: none)."""
-    idx = np.full(pfns.shape, -1, dtype=np.int64)
-    for j in range(len(machine.pgmaps) - 1, -1, -1):       # the first covering pgmap wins
-        res = machine.pgmaps[j].res
-        if res is None:
-            continue
-        idx[(pfns >= U64(res.start)) & (pfns < U64(res.end))] = j
-    return idx
+#: A pfn sequence as runs of one pgmap: (first pfn of the run, number of pfns, index in machine.pgmaps).
+Runs = list[tuple[int, int, int]]
 
 
 def _pgmaps_disjoint(machine: "Machine") -> bool:
@@ -155,40 +150,106 @@ def _pgmaps_disjoint(machine: "Machine") -> bool:
     return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
-def _runs_ok(machine: "Machine", idx: np.ndarray) -> bool:
-    """Would every lookup of this pfn sequence succeed (fresh cache at the start)?"""
-    if idx.size == 0:
-        return True
+def _live(machine: "Machine", j: int) -> bool:
+    if j < 0:
+        return False
+    r = machine.pgmaps[j].ref
+    return r is not None and not r.dead
+
+
+def runs_of_array(machine: "Machine", pfns: np.ndarray) -> Runs | None:
+    """The runs of an arbitrary pfn sequence, or None when a lookup would fail (no pgmap, a killed one) or
+    pgmaps overlap (then only the per-pfn reference is exact)."""
+    if pfns.size == 0:
+        return []
     if not _pgmaps_disjoint(machine):
-        return False
-    used = np.unique(idx)
-    if used[0] < 0:
-        return False
-    for j in used.tolist():
-        ref_ = machine.pgmaps[j].ref
-        if ref_ is None or ref_.dead:
-            return False
-    return True
+        return None
+    idx = np.full(pfns.shape, -1, dtype=np.int64)
+    for j, pgmap in enumerate(machine.pgmaps):
+        res = pgmap.res
+        if res is not None:
+            idx[(pfns >= U64(res.start)) & (pfns < U64(res.end))] = j
+    cut = [0, *(np.flatnonzero(idx[1:] != idx[:-1]) + 1).tolist(), int(pfns.size)]
+    runs = [(int(pfns[s]), e - s, int(idx[s])) for s, e in zip(cut[:-1], cut[1:])]
+    return runs if all(_live(machine, j) for _p, _n, j in runs) else None
 
 
-def _pgmap_emulate(machine: "Machine", ws: ref.HmmVmaWalk, pfns: np.ndarray, idx: np.ndarray) -> None:
-    """``ws.pgmap = get_dev_pagemap(pfn, ws.pgmap)`` for every pfn in order (all known to succeed): the real
-    call at each change of pgmap, the cached hits only counted."""
-    n = int(pfns.shape[0])
-    if n == 0:
-        return
-    change = np.flatnonzero(idx[1:] != idx[:-1]) + 1
-    starts = [0, *change.tolist()]
-    for s in starts:
-        ws.pgmap = get_dev_pagemap(machine, int(pfns[s]), ws.pgmap)
-    if n > len(starts):
-        machine.counters["get_dev_pagemap"] += n - len(starts)
+def runs_of_range(machine: "Machine", pfn: int, n: int) -> Runs | None:
+    """The runs of the contiguous pfns ``[pfn, pfn+n)`` (computed from the pgmap ranges, no per-pfn
+    arrays), or None as :func:`runs_of_array`."""
+    if n <= 0:
+        return []
+    if not _pgmaps_disjoint(machine):
+        return None
+    runs: Runs = []
+    pos, end = pfn, pfn + n
+    spans = sorted((p.res.start, p.res.end, j) for j, p in enumerate(machine.pgmaps) if p.res is not None)
+    for s, e, j in spans:
+        if e <= pos or s >= end:
+            continue
+        if s > pos:
+            return None                                   # a pfn without pgmap: the lookup fails
+        hi = min(e, end)
+        runs.append((pos, hi - pos, j))
+        pos = hi
+        if pos >= end:
+            break
+    if pos < end:
+        return None
+    return runs if all(_live(machine, j) for _p, _n, j in runs) else None
+
+
+def _pgmap_emulate(machine: "Machine", ws: ref.HmmVmaWalk, runs: Runs) -> None:
+    """``ws.pgmap = get_dev_pagemap(pfn, ws.pgmap)`` for every pfn of the runs, in order (all known to
+    succeed): the real call at each run start, the cached hits only counted."""
+    hits = 0
+    for pfn, n, _j in runs:
+        ws.pgmap = get_dev_pagemap(machine, pfn, ws.pgmap)
+        hits += n - 1
+    if hits:
+        machine.counters["get_dev_pagemap"] += hits
 
 
 def _pgmap_put(ws: ref.HmmVmaWalk) -> None:
     if ws.pgmap is not None:
         put_dev_pagemap(ws.pgmap)
         ws.pgmap = None
+
+
+def _pgmap_uniform(machine: "Machine", ws: ref.HmmVmaWalk, j: int, nchunks: int, npfns: int) -> bool:
+    """``nchunks`` chunks (``npfns`` pfns in all), each one run of pgmap ``j``, starting uncached and put at
+    their end: per chunk ``percpu_ref_tryget_live`` then ``percpu_ref_put``, so the count comes back to its
+    value (it stays above zero: a live pgmap holds its initial reference) and only the operation counts and
+    the ``get_dev_pagemap`` counter move; applied in one step.  False (nothing done) when that does not
+    hold; the caller replays the chunks."""
+    pref = machine.pgmaps[j].ref
+    if ws.pgmap is not None or pref is None or pref.dead or pref.count < 1 or not hasattr(pref, "stats"):
+        return False
+    machine.counters["get_dev_pagemap"] += npfns
+    pref.stats["tryget_live"] += nchunks                 # the first get_dev_pagemap() of each chunk
+    pref.stats["put"] += nchunks                         # put_dev_pagemap() after each chunk
+    return True
+
+
+def _pgmap_chunks(machine: "Machine", ws: ref.HmmVmaWalk, chunks: list[Runs]) -> None:
+    """The pgmap traffic of consecutive chunks (PMD leaves, PTE tables), each starting with no cached
+    pgmap and putting it at its end.
+
+    When every chunk is one run of the same live pgmap whose count stays above zero, the sequence is, per
+    chunk, ``percpu_ref_tryget_live`` then ``percpu_ref_put``: the count returns to its value, the operation
+    counts grow by one each, and ``get_dev_pagemap`` is counted once per pfn; that is applied in one step.
+    Otherwise each chunk is replayed with the real calls.
+    """
+    chunks = [c for c in chunks if c]
+    if not chunks:
+        return
+    js = {j for c in chunks for _p, _n, j in c}
+    if len(js) == 1 and all(len(c) == 1 for c in chunks) and \
+            _pgmap_uniform(machine, ws, next(iter(js)), len(chunks), sum(c[0][1] for c in chunks)):
+        return
+    for c in chunks:
+        _pgmap_emulate(machine, ws, c)
+        _pgmap_put(ws)
 
 
 # --- the hole path --------------------------------------------------------------------------------------
@@ -304,13 +365,15 @@ class _PteDecode:
         np.equal(t, dec.P, out=flag)
         if flag.all():
             new = wsp.array("pfn", n)
-            np.bitwise_and(ef, dec.PFN_MASK, out=new)
-            np.right_shift(new, U64(PAGE_SHIFT), out=new)
-            np.left_shift(new, U64(rng.pfn_shift), out=new)           # from_pfn(): pfn << pfn_shift | VALID
+            np.bitwise_and(ef, dec.PFN_MASK, out=new)                # pte_pfn() << PAGE_SHIFT
+            if rng.pfn_shift != PAGE_SHIFT:
+                np.right_shift(new, U64(PAGE_SHIFT), out=new)
+                np.left_shift(new, U64(rng.pfn_shift), out=new)       # from_pfn(): pfn << pfn_shift | VALID
             np.bitwise_or(new, fv, out=new)
             np.bitwise_and(ef, dec.RW, out=t)                        # cpu = VALID | (WRITE if pte_write)
-            np.right_shift(t, U64(1), out=t)
-            np.multiply(t, fw, out=t)
+            if int(fw) != x86._PAGE_RW:
+                np.right_shift(t, U64(1), out=t)
+                np.multiply(t, fw, out=t)
             np.bitwise_or(t, fv, out=t)
             if not req.never:
                 f, wf = req.pages(v, w, dp, t.reshape(e.shape))
@@ -446,36 +509,49 @@ def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk, wsp: Workspa
         if hit.size:
             stop_row = min(stop_row, int(np.flatnonzero(table)[hit[0]]))
     # devmap huge rows and devmap PTEs: every lookup must succeed, else the row stops (reference)
-    pg_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for r in range(min(stop_row, nrows)):
-        k = int(kinds[r])
-        if k == ROW_HUGE and not pn_rows[r] and x86.pmd_devmap(int(b.rows[r])):
+    pg_rows: dict[int, Runs] = {}
+    lim = min(stop_row, nrows)
+    hdev = huge[:lim] & ~pn_rows[:lim] & dec.devmap(b.rows[:lim])
+    tdev = np.zeros(lim, dtype=bool)
+    if pte is not None and pte.devmap is not None and table[:lim].any():
+        if valid is None:
+            valid = np.zeros((nrows, PTRS_PER_TABLE), dtype=bool)
+            b.padded(valid)[:] = True
+        tdev[table[:lim]] = (pte.devmap.reshape(-1, PTRS_PER_TABLE)[: int(table[:lim].sum())]
+                             & valid[table][: int(table[:lim].sum())]).any(axis=1)
+    hr = np.flatnonzero(hdev)
+    pg_uniform: tuple[int, int, int] | None = None          # (pgmap index, chunks, pfns)
+    if hr.size and not tdev.any():
+        # devmap PMD leaves only: one run per row when all of them lie in one live pgmap
+        base = np.int64(b.base)
+        rs = np.maximum(base + hr.astype(np.int64) * PMD_SIZE, np.int64(b.start))
+        re_ = np.minimum(base + (hr.astype(np.int64) + 1) * PMD_SIZE, np.int64(b.end))
+        lo = dec.pfn(b.rows[hr]) + ((rs.astype(np.uint64) >> U64(PAGE_SHIFT)) & U64(PTRS_PER_TABLE - 1))
+        cnt = ((re_ - rs) >> PAGE_SHIFT).astype(np.uint64)
+        one = runs_of_range(machine, int(lo.min()), int((lo + cnt).max() - lo.min()))
+        if one is not None and len(one) == 1:
+            pg_uniform = (one[0][2], int(hr.size), int(cnt.sum()))
+            hr = hr[:0]
+    for r in sorted(set(hr.tolist()) | set(np.flatnonzero(tdev).tolist())):
+        if kinds[r] == ROW_HUGE:
             a = b.row_start(r)
-            n = (b.row_end(r) - a) >> PAGE_SHIFT
-            pf = np.arange(n, dtype=np.uint64) + U64(x86.pmd_pfn(int(b.rows[r])) + x86.PTE_LEVEL.index(a))
-        elif k == ROW_TABLE and pte is not None and pte.devmap is not None:
-            t = int(np.count_nonzero(table[:r]))
-            sel = pte.devmap.reshape(-1, PTRS_PER_TABLE)[t]
-            if valid is not None:
-                sel = sel & valid[r]
-            else:
-                vr = np.zeros((nrows, PTRS_PER_TABLE), dtype=bool)
-                b.padded(vr)[:] = True
-                sel = sel & vr[r]
-            if not sel.any():
-                continue
-            pf = pte.pfn.reshape(-1, PTRS_PER_TABLE)[t][sel]
+            runs = runs_of_range(machine, x86.pmd_pfn(int(b.rows[r])) + x86.PTE_LEVEL.index(a),
+                                 (b.row_end(r) - a) >> PAGE_SHIFT)
         else:
-            continue
-        idx = _pgmap_index(machine, pf)
-        if not _runs_ok(machine, idx):
+            t = int(np.count_nonzero(table[:r]))
+            assert pte is not None and pte.devmap is not None and valid is not None
+            sel = pte.devmap.reshape(-1, PTRS_PER_TABLE)[t] & valid[r]
+            runs = runs_of_array(machine, pte.pfn.reshape(-1, PTRS_PER_TABLE)[t][sel])
+        if runs is None:
             stop_row = r
+            pg_rows = {q: v for q, v in pg_rows.items() if q < r}
             break
-        pg_rows[r] = (pf, idx)
+        pg_rows[r] = runs
 
     # rows [0, stop_row): write, count, log
     if stop_row:
-        _write_rows(b, ws, i_base, stop_row, row_page, cpu_rows, pn_rows, pte, table, pg_rows, walk, wsp)
+        _write_rows(b, ws, i_base, stop_row, row_page, cpu_rows, pn_rows, pte, table, pg_rows, pg_uniform, walk,
+                    wsp)
     if stop_row == nrows:
         return 0, b.end
 
@@ -494,11 +570,10 @@ def _pmd_batch(pudp: tuple[int, int], b: PmdBatch, walk: pw.MmWalk, wsp: Workspa
             c = int(cols[0])
             dm = pte.devmap.reshape(-1, PTRS_PER_TABLE)[t, lo:c] if pte.devmap is not None else None
             if dm is not None and dm.any():
-                pf = pte.pfn.reshape(-1, PTRS_PER_TABLE)[t, lo:c][dm]
-                idx = _pgmap_index(machine, pf)
-                if not _runs_ok(machine, idx):
+                runs = runs_of_array(machine, pte.pfn.reshape(-1, PTRS_PER_TABLE)[t, lo:c][dm])
+                if runs is None:
                     return (yield from _reference_row(pudp, a, e, walk)), e
-                _pgmap_emulate(machine, ws, pf, idx)
+                _pgmap_emulate(machine, ws, runs)
             ref._pte_offset_map(machine, walk.mm, b.pmdp(r), a, "hmm_vma_walk_pmd")
             i = i_base + int(row_page[r])
             if c > lo:
@@ -524,7 +599,8 @@ def _reference_row(pudp: tuple[int, int], a: int, e: int, walk: pw.MmWalk) -> Ge
 
 def _write_rows(b: PmdBatch, ws: ref.HmmVmaWalk, i_base: int, nrows: int, row_page: np.ndarray,
                 cpu_rows: np.ndarray, pn_rows: np.ndarray, pte: _PteDecode | None, table: np.ndarray,
-                pg_rows: dict[int, tuple[np.ndarray, np.ndarray]], walk: pw.MmWalk, wsp: Workspace) -> None:
+                pg_rows: dict[int, Runs], pg_uniform: tuple[int, int, int] | None, walk: pw.MmWalk,
+                wsp: Workspace) -> None:
     """The effects of rows ``[0, nrows)`` (none of which stops), in row order."""
     rng = ws.range
     assert walk.mm is not None
@@ -539,40 +615,47 @@ def _write_rows(b: PmdBatch, ws: ref.HmmVmaWalk, i_base: int, nrows: int, row_pa
     elif pte is not None and (kinds == ROW_TABLE).all():
         view[:] = pte.new.reshape(-1)[b.off0:b.off0 + npages]
     else:
-        new = wsp.array("new", nrows * PTRS_PER_TABLE).reshape(nrows, PTRS_PER_TABLE)
+        full = b.off0 == 0 and npages == nrows * PTRS_PER_TABLE
+        new = view.reshape(nrows, PTRS_PER_TABLE) if full else \
+            wsp.array("new", nrows * PTRS_PER_TABLE).reshape(nrows, PTRS_PER_TABLE)
         h = (kinds == ROW_HUGE) & ~pn_rows[:nrows]
         if h.all():
-            base = dec.pfn(b.rows[:nrows])
-            np.add(base[:, None], _PFN_COLS[None, :], out=new)
-            np.left_shift(new, U64(rng.pfn_shift), out=new)
-            np.bitwise_or(new, U64(int(rng.flags[ref.HMM_PFN_VALID])) | cpu_rows[:nrows][:, None], out=new)
+            shift = rng.pfn_shift
+            pfn = dec.pfn(b.rows[:nrows])
+            low = U64(int(rng.flags[ref.HMM_PFN_VALID])) | cpu_rows[:nrows]      # VALID | cpu, per row
+            if int(low.max()) < 1 << shift and int(pfn.max()) + PTRS_PER_TABLE < 1 << (64 - shift):
+                # from_pfn(pfn + c) | cpu == (c << shift) + ((pfn << shift) | VALID | cpu): one pass
+                np.add(_arange_shifted(PTRS_PER_TABLE, shift)[None, :], ((pfn << U64(shift)) | low)[:, None],
+                       out=new)
+            else:
+                np.add(pfn[:, None], _PFN_COLS[None, :], out=new)
+                np.left_shift(new, U64(shift), out=new)
+                np.bitwise_or(new, low[:, None], out=new)
         else:
             new[:] = none_val
-        if h.any() and not h.all():
+        if h.any() and not h.all():  # mixed rows
             base = dec.pfn(b.rows[:nrows][h])
             new[h] = _entries(rng, base[:, None] + _PFN_COLS[None, :], cpu_rows[:nrows][h][:, None])
         t = kinds == ROW_TABLE
         if t.any():
             assert pte is not None
             new[t] = pte.new.reshape(-1, PTRS_PER_TABLE)[: int(t.sum())]
-        view[:] = new.reshape(-1)[b.off0:b.off0 + npages]
+        if not full:
+            view[:] = new.reshape(-1)[b.off0:b.off0 + npages]
     ref._count(rng, "pages_walked", npages)
-    # per row, in order: pgmap lookups and puts, pte_offset_map / pte_unmap events
-    log = machine.logging
-    mm = walk.mm
-    for r in range(nrows):
-        k = int(kinds[r])
-        if k == ROW_TABLE:
-            if log:
-                ref._pte_offset_map(machine, mm, b.pmdp(r), b.row_start(r), "hmm_vma_walk_pmd")
-            if r in pg_rows:
-                _pgmap_emulate(machine, ws, *pg_rows[r])
-                _pgmap_put(ws)
-            if log:
-                ref._pte_unmap(machine, b.row_end(r) - PAGE_SIZE, "hmm_vma_walk_pmd")
-        elif r in pg_rows:
-            _pgmap_emulate(machine, ws, *pg_rows[r])
-            _pgmap_put(ws)
+    # per row, in order: pgmap lookups and puts (no events), pte_offset_map / pte_unmap events
+    if pg_uniform is not None:
+        _pgmap_uniform(machine, ws, *pg_uniform)
+    else:
+        _pgmap_chunks(machine, ws, [pg_rows[r] for r in sorted(pg_rows) if r < nrows])
+    if machine.logging:
+        # the pte_offset_map / pte_unmap events of ref._pte_offset_map / ref._pte_unmap, built in one pass
+        name = walk.mm.name
+        ev: list[dict[str, Any]] = []
+        for r in np.flatnonzero(kinds == ROW_TABLE).tolist():
+            ev.append({"mm": name, "addr": b.row_start(r), "caller": "hmm_vma_walk_pmd", "what": "pte_offset_map"})
+            ev.append({"addr": b.row_end(r) - PAGE_SIZE, "caller": "hmm_vma_walk_pmd", "what": "pte_unmap"})
+        machine.events.extend(ev)
     r = nrows - 1
     ws.last = b.row_start(r) if hole_like[r] else b.row_end(r)
 
@@ -595,14 +678,12 @@ def _pud_leaf(pudp: tuple[int, int], start: int, end: int, walk: pw.MmWalk) -> G
     if f or wf or i + n > rng.pfns.shape[0]:
         return (yield from ref.hmm_vma_walk_pud(pudp, start, end, walk))
     pfn0 = x86.pud_pfn(pud) + ((start & (PUD_SIZE - 1)) >> PAGE_SHIFT)
-    pf = np.arange(pfn0, pfn0 + n, dtype=np.uint64)
-    idx = _pgmap_index(machine, pf)
-    if not _runs_ok(machine, idx):
+    runs = runs_of_range(machine, pfn0, n)
+    if runs is None:
         return (yield from ref.hmm_vma_walk_pud(pudp, start, end, walk))
-    _pgmap_emulate(machine, ws, pf, idx)
-    rng.pfns[i:i + n] = _entries(rng, pf, U64(cpu))
+    _pgmap_chunks(machine, ws, [runs])
+    fill_from_pfn(rng.pfns[i:i + n], pfn0, rng.pfn_shift, U64(int(rng.flags[ref.HMM_PFN_VALID]) | cpu))
     ref._count(rng, "pages_walked", n)
-    _pgmap_put(ws)
     ws.last = end
     return 0
 
@@ -849,8 +930,10 @@ _traced_fault = ref._traced(_fault)
 
 
 def _covered(range: ref.HmmRange) -> bool:   # noqa: A002
-    """The fast path covers ranges indexed by 4 KiB pages whose pfns array is as long as the range."""
-    return range.page_shift == PAGE_SHIFT and range.pfns.shape[0] >= (range.end - range.start) >> PAGE_SHIFT
+    """The fast path covers ranges indexed by 4 KiB pages whose pfns array is as long as the range (and a
+    ``pfn_shift`` below 64)."""
+    return range.page_shift == PAGE_SHIFT and 0 <= range.pfn_shift < 64 and \
+        range.pfns.shape[0] >= (range.end - range.start) >> PAGE_SHIFT
 
 
 def hmm_range_snapshot(range: ref.HmmRange, *, reference: bool = False) -> Gen[int]:   # noqa: A002
