@@ -218,7 +218,7 @@ class HmmMirrorDriver52(HmmMirrorOps):
         if range is None:
             range = self.make_range(start, end, write)
         self.last_range = range
-        ret = yield from hmm_range_register(range, mm, start, end, PAGE_SHIFT)
+        ret = yield from hmm_range_register(range, mm, start, end, range.page_shift)
         if ret:
             return ret
         yield from hmm_range_wait_until_valid(range, TIMEOUT_IN_MSEC)      # return value ignored (hmm.rst)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE
+from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
 from hmmirror.sim.driver import DevicePageTable
 
@@ -41,6 +42,7 @@ class DmirrorAdapter:
         self.mm: Any = None
         self.file: Any = None
         self.dm: Any = None
+        self._arrays: dict[tuple[int, int], np.ndarray] = {}
 
     def bind(self, mm: Any) -> Gen[int]:
         from hmmirror.drivers import test_hmm as th
@@ -86,6 +88,78 @@ class DmirrorAdapter:
     def fault(self, start: int, end: int, write: bool) -> Gen[int]:
         return (yield from self.dm.populate(start, end, write))
 
+    def fault_mode(self, start: int, end: int, write: bool, mode: str, job: dict[str, Any]) -> Gen[int]:
+        """The other [6.x] API modes, each the hmm.rst loop (``mmu_interval_read_begin`` -> ``hmm_range_fault``
+        under the mmap read lock -> driver lock + ``mmu_interval_read_retry``) around a different request:
+
+        * ``snapshot``: no request (``default_flags = 0``): what is mapped now, nothing faulted; the valid
+          entries are programmed (a driver prefetching what the CPU has);
+        * ``fault_perpage``: ``pfn_flags_mask = REQ_FAULT|REQ_WRITE``, per-page requests (some pages read,
+          some write, some nothing: :func:`request_pattern`); valid entries are programmed;
+        * ``fault_reuse``: the same, the ``hmm_pfns`` array of the previous call on that range reused as it
+          is (its output entries read as the new requests, as a driver keeping its array does);
+        * ``fault_noowner``: dmirror's whole-range fault with ``dev_private_owner = NULL``.
+        """
+        from hmmirror.drivers import test_hmm as th
+        from hmmirror.mm.hmm import modern as hmm
+
+        dm = self.dm
+        mm = dm.mm
+        if not th.mmget_not_zero(mm):
+            return 0
+        try:
+            npages = (end - start) >> PAGE_SHIFT
+            owner: Any = dm.mdevice
+            if mode == "snapshot":
+                pfns, dflt, mask = np.zeros(npages, dtype=np.uint64), 0, 0
+            elif mode == "fault_noowner":
+                pfns = np.zeros(npages, dtype=np.uint64)
+                dflt, mask, owner = hmm.HMM_PFN_REQ_FAULT | (hmm.HMM_PFN_REQ_WRITE if write else 0), 0, None
+            else:
+                key = (start, end)
+                old = self._arrays.get(key) if mode == "fault_reuse" else None
+                pfns = old if old is not None else request_pattern(npages, write, int(job.get("pattern", 0)),
+                                                                   hmm.HMM_PFN_REQ_FAULT, hmm.HMM_PFN_REQ_WRITE)
+                dflt, mask = 0, hmm.HMM_PFN_REQ_FAULT | hmm.HMM_PFN_REQ_WRITE
+                self._arrays[key] = pfns
+            rng = hmm.HmmRange(dm.notifier, start, end, pfns, pfn_flags_mask=mask, default_flags=dflt,
+                               dev_private_owner=owner)
+            if mode == "fault_noowner":
+                return (yield from dm.range_fault(rng))
+            return (yield from self._loop(rng))
+        finally:
+            yield from th.mmput(mm)
+
+    def _loop(self, rng: Any) -> Gen[int]:
+        """MirrorDriver.range_fault with a commit of the valid entries only (requests may leave pages out)."""
+        from hmmirror.drivers.test_hmm import DPT_XA_TAG_WRITE
+        from hmmirror.mm.hmm import modern as hmm
+        from hmmirror.mm.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry
+
+        dm = self.dm
+        mm = dm.mm
+        for _ in range(dm.max_retries + 1):
+            rng.notifier_seq = yield from mmu_interval_read_begin(rng.notifier)
+            yield from sched.down_read(mm.mmap_sem)
+            ret = yield from hmm.hmm_range_fault(rng)
+            sched.up_read(mm.mmap_sem)
+            if ret:
+                if ret == -EBUSY:
+                    continue
+                return ret
+            yield from sched.mutex_lock(dm.mutex)
+            if mmu_interval_read_retry(rng.notifier, rng.notifier_seq):
+                sched.mutex_unlock(dm.mutex)
+                continue
+            first = rng.start >> PAGE_SHIFT
+            for k, e in enumerate(rng.hmm_pfns.tolist()):
+                if e & hmm.HMM_PFN_VALID and not e & hmm.HMM_PFN_ERROR:
+                    tag = DPT_XA_TAG_WRITE if e & hmm.HMM_PFN_WRITE else 0
+                    dm.pt.store_range(first + k, np.array([(hmm.hmm_pfn_to_pfn(e) << 2) | tag], dtype=np.uint64))
+            sched.mutex_unlock(dm.mutex)
+            return 0
+        return -EBUSY
+
     def gc(self) -> Gen[Any]:
         return (yield from self.dm.gc())
 
@@ -103,6 +177,7 @@ class Hmm52Adapter:
     def __init__(self, literal: bool = False) -> None:
         self.literal = literal
         self.pt = DevicePageTable()
+        self._ranges: dict[tuple[int, int], Any] = {}
         self.mm: Any = None
         self.drv: Any = None
 
@@ -141,6 +216,53 @@ class Hmm52Adapter:
     def fault(self, start: int, end: int, write: bool) -> Gen[int]:
         return (yield from self.drv.populate(start, end, write, literal=self.literal))
 
+    def fault_mode(self, start: int, end: int, write: bool, mode: str, job: dict[str, Any]) -> Gen[int]:
+        """The other [5.2] API modes through the hmm.rst loop (``hmm_range_register``,
+        ``hmm_range_wait_until_valid``, snapshot/fault under ``mmap_sem``, ``driver.update`` +
+        ``hmm_range_valid``, commit):
+
+        * ``fault_nonblock``: ``hmm_range_fault(range, block=false)``;
+        * ``snapshot``: ``hmm_range_snapshot`` (no fault; whatever it wrote is committed);
+        * ``fault_perpage``: ``default_flags = 0``, ``pfn_flags_mask = VALID|WRITE`` and per-page requests in
+          ``pfns`` (:func:`request_pattern`);
+        * ``fault_reuse``: the same, with the ``pfns`` array of the previous call on that range reused without
+          re-initialisation (its output entries are read as requests, as a driver keeping its array does);
+        * ``fault_huge`` / ``snapshot_huge``: ``page_shift`` = the hugetlb page shift of the VMA at ``start``
+          (one ``pfns`` entry per huge page).
+        """
+        from hmmirror.mm.hmm.v5_2 import HMM_PFN_VALID, HMM_PFN_WRITE, new_range
+
+        drv = self.drv
+        if mode == "fault_nonblock":
+            return (yield from drv.populate(start, end, write, block=False, literal=self.literal))
+        if mode == "snapshot":
+            return (yield from drv.populate(start, end, write, mode="snapshot", literal=self.literal))
+        if mode in ("fault_huge", "snapshot_huge"):
+            vma = self.mm.find_vma(start) if self.mm is not None else None
+            shift = PAGE_SHIFT
+            if vma is not None and vma.vm_start <= start:
+                from hmmirror.include.mm_types import VM
+                from hmmirror.mm.pagewalk_v5_2 import huge_page_shift_of
+                if vma.vm_flags & VM.HUGETLB:
+                    shift = huge_page_shift_of(vma)
+            r = new_range(start, end, shift, name=f"{drv.name}:{start:#x}", flags=drv.flags,  # type: ignore[arg-type]
+                          values=drv.values, pfn_shift=drv.pfn_shift)                        # type: ignore[arg-type]
+            r.default_flags = drv.flags[HMM_PFN_VALID] | (drv.flags[HMM_PFN_WRITE] if write else 0)
+            return (yield from drv.populate(start, end, write, mode="snapshot" if mode == "snapshot_huge"
+                                            else "fault", literal=self.literal, range=r))
+        if mode in ("fault_perpage", "fault_reuse"):
+            key = (start, end)
+            r = self._ranges.get(key) if mode == "fault_reuse" else None
+            if r is None:
+                r = drv.make_range(start, end, write)
+                r.pfns[:] = request_pattern(r.pfns.shape[0], write, int(job.get("pattern", 0)),
+                                            drv.flags[HMM_PFN_VALID], drv.flags[HMM_PFN_WRITE])
+            r.default_flags = 0
+            r.pfn_flags_mask = drv.flags[HMM_PFN_VALID] | drv.flags[HMM_PFN_WRITE]
+            self._ranges[key] = r
+            return (yield from drv.populate(start, end, write, literal=self.literal, range=r))
+        return (yield from drv.populate(start, end, write, literal=self.literal))
+
     def gc(self) -> Gen[Any]:
         return (yield from self.drv.gc())
 
@@ -155,6 +277,21 @@ class Hmm52LiteralAdapter(Hmm52Adapter):
 
     def __init__(self) -> None:
         super().__init__(literal=True)
+
+
+def request_pattern(npages: int, write: bool, pattern: int, valid: int, wbit: int) -> np.ndarray:
+    """Per-page requests of a job (ours): every page asks for VALID; with ``pattern & 1`` every third page
+    asks for nothing; a write job asks for WRITE on every page, or (``pattern & 2``) on even pages only;
+    ``pattern & 4`` reverses which pages are skipped."""
+    k = np.arange(npages)
+    skip = (k % 3 == (0 if pattern & 4 else 2)) if pattern & 1 else np.zeros(npages, dtype=bool)
+    wr = np.full(npages, bool(write)) & ((k % 2 == 0) if pattern & 2 else True)
+    out = np.where(wr, np.uint64(valid | wbit), np.uint64(valid))
+    out[skip] = 0
+    return out.astype(np.uint64)
+
+
+EBUSY = 16
 
 
 def dmirror_driver(probe: bool = False) -> Any:

@@ -546,9 +546,10 @@ class ResultContract:
         VALID, WRITE = rng.flags[0], rng.flags[1]
         special = {rng.values[0], rng.values[1], rng.values[2]}
         mm = self.mm
-        for k in range(min(count, (rng.end - rng.start) >> 12)):
+        shift = rng.page_shift                         # one entry per huge page with a hugetlb page_shift
+        for k in range(min((count << 12) >> shift, (rng.end - rng.start) >> shift, rng.pfns.shape[0])):
             e = int(rng.pfns[k])
-            va = rng.start + k * PAGE_SIZE
+            va = rng.start + (k << shift)
             req = rng.default_flags                    # the request of every page (pfn_flags_mask 0 drivers)
             valid = e not in special and bool(e & VALID)
             wr = valid and bool(e & WRITE)
@@ -597,6 +598,9 @@ class ResultContract:
     def fault_end(self, eng: Any, st: Any, start: int, end: int, write: bool, ret: int) -> None:
         if ret != 0 or self.mm.exited or self.mm.mm_users <= 0:
             return
+        from hmmirror.sim.runner import WHOLE_RANGE_MODES
+        if getattr(eng, "fault_modes", {}).get(st.idx, "fault") not in WHOLE_RANGE_MODES:
+            return                                  # snapshot / per-page requests: not every page is asked for
         if not self._quiet_since(st.idx, start, end):
             return
         pt = self.driver.pt

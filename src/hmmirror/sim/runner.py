@@ -95,7 +95,7 @@ def build_machine(sc: SimScenario, strict: bool = False, run: SimRun | None = No
         machine.mount(fs["mount"], fs["type"], dax=fs.get("dax"), huge=fs.get("huge", "never"),
                       pagesize=parse_size(fs["pagesize"]) if "pagesize" in fs else None)
     for f in sc.files:
-        machine.create_file(f["path"], parse_size(f["size"]), f.get("content", "data"))
+        machine.create_file(f["path"], parse_size(f["size"]), f.get("content", "data"), bool(f.get("cached", True)))
     for p in sc.processes:
         run.procs[p] = machine.spawn(p)
     for op in sc.setup:
@@ -107,13 +107,21 @@ def build_machine(sc: SimScenario, strict: bool = False, run: SimRun | None = No
     return run
 
 
+def _open_special(machine: Any, path: Any) -> Any:
+    """``mixedmap``: the VM_MIXEDMAP device of drivers/pfnmap.py (``pfnmap`` and paths go to open_file)."""
+    if path == "mixedmap":
+        from hmmirror.drivers.pfnmap import open_pfnmap
+        return open_pfnmap(machine, "mixedmap")
+    return path
+
+
 def _setup_op(run: SimRun, op: dict[str, Any]) -> None:
     proc = run.procs[op.get("proc", run.scenario.processes[0])]
     kind = op["op"]
     if kind == "mmap":
         addr = resolve_addr(op["addr"], run.names) if "addr" in op else 0
         a = proc.mmap(parse_size(op["length"]), op.get("prot", "rw"), op.get("flags", ["private", "anonymous"]),
-                      file=op.get("file"), offset=parse_size(op.get("offset", 0)), addr=addr or 0,
+                      file=_open_special(run.machine, op.get("file")), offset=parse_size(op.get("offset", 0)), addr=addr or 0,
                       align=parse_size(op["align"]) if "align" in op else None)
         if "as" in op:
             run.names[op["as"]] = a
@@ -215,22 +223,41 @@ def device_job(run: SimRun, st: SimTask, spec: dict[str, Any]) -> Any:
         end = start + max(parse_size(job.get("length", PAGE_SIZE)), PAGE_SIZE)
         end = (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         write = bool(job.get("write", False))
-        st.op, st.op_start = f"fault({start:#x}-{end:#x}, {'write' if write else 'read'})", eng.step
-        yield from device_fault(run, start, end, write)
+        mode = str(job.get("mode", "fault"))
+        st.op, st.op_start = f"fault({start:#x}-{end:#x}, {'write' if write else 'read'}" + \
+            (f", {mode})" if mode != "fault" else ")"), eng.step
+        yield from device_fault(run, start, end, write, mode, job)
         st.op = ""
     return 0
 
 
-def device_fault(run: SimRun, start: int, end: int, write: bool) -> Any:
+#: API modes after which every page of a successful driver fault must be mirrored (result contract)
+WHOLE_RANGE_MODES = ("fault", "fault_nonblock", "fault_noowner", "fault_huge")
+
+
+def device_fault(run: SimRun, start: int, end: int, write: bool, mode: str = "fault",
+                 job: dict[str, Any] | None = None) -> Any:
     """One device fault handled by the driver, with the ``fault_begin``/``fault_end`` instrument hooks (the
-    result-contract and commit invariants need them).  Use it in hand-written device tasks."""
+    result-contract and commit invariants need them).  Use it in hand-written device tasks.
+
+    ``mode`` is the HMM API mode of the job (scenario.DEVICE_MODES); a driver with ``fault_mode(start, end,
+    write, mode, job)`` runs it, any other driver gets a plain ``fault`` (mode recorded as ``driver``).
+    ``engine.fault_modes[task index]`` holds the mode of the fault in progress."""
     eng = run.engine
     assert eng is not None and eng.current is not None
     st = eng.current
+    fm = getattr(run.driver, "fault_mode", None)
+    if fm is None:
+        mode = "fault" if mode == "fault" else "driver"
+    modes = eng.__dict__.setdefault("fault_modes", {})
+    modes[st.idx] = mode
     eng.emit("fault_begin", st, start, end, write)
-    ret = yield from run.driver.fault(start, end, write)
+    if mode in ("fault", "driver"):
+        ret = yield from run.driver.fault(start, end, write)
+    else:
+        ret = yield from fm(start, end, write, mode, job or {})
     eng.emit("fault_end", st, start, end, write, ret)
-    run.machine.log("sim_fault", task=st.name, start=start, end=end, write=write, ret=ret)
+    run.machine.log("sim_fault", task=st.name, start=start, end=end, write=write, ret=ret, mode=mode)
     return ret
 
 

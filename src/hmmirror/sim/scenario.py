@@ -17,7 +17,7 @@ import copy
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from hmmirror.errors import InputError
 from hmmirror.sim.choices import Choices
@@ -266,88 +266,536 @@ def available_ops() -> tuple[str, ...]:
     return tuple(ops)
 
 
+# --- generation: the drawing tables ----------------------------------------------------------------------
+#
+# Everything the generator can draw is an entry of one of four tables: a mapping kind (MAPPINGS), a CPU
+# operation (CPU_OPS), a device-job API mode (DEVICE_MODES) or a kernel background event (EVENTS).  An entry
+# has a name, a weight and a drawing function ``draw(g, ...)`` that reads the one stream of choices through
+# ``g.c`` and returns what it drew (or None: nothing suitable, the draw is skipped).  ``generate`` only picks
+# entries by weight; it knows no kind.  Other parts of the package add entries with :func:`register`
+# (device-memory jobs and events, say) instead of editing ``generate``.  Table order matters for shrinking:
+# Hypothesis lowers choices towards 0, so the simplest entry of a table comes first.
+
+
+@dataclass
+class Entry:
+    """One drawable thing: ``draw(g, *args)`` returns a dict (or a :class:`MapInfo`), None to skip."""
+
+    name: str
+    weight: int
+    draw: Callable[..., Any]
+    kind: str = ""                          # coarse kind: mappings the VMA kind, events the event kind
+    profiles: tuple[str, ...] | None = None  # None: every profile
+    needs: Callable[["GenCtx"], bool] | None = None   # drawable in this context (e.g. needs a devdax map)
+    opt_in: bool = False                    # drawn only when the campaign asks for it (``inject``)
+
+
+@dataclass
+class MapInfo:
+    """A mapping of the set-up, as later draws see it."""
+
+    name: str
+    kind: str                 # VMA kind (anon, file, shmem, fsdax, devdax, hugetlb, pfnmap)
+    variant: str              # the MAPPINGS entry that made it
+    pages: int                # length in 4 KiB pages
+    prot: str = "rw"
+    shared: bool = False
+    huge: int = 4096          # the leaf size the mapping is made for (THP/DAX PMD 2M, PUD 1G, hugetlb)
+    file: str | None = None
+
+    @property
+    def write(self) -> bool:
+        return "w" in self.prot
+
+
+MAPPINGS: list[Entry] = []
+CPU_OPS: list[Entry] = []
+DEVICE_MODES: list[Entry] = []
+EVENTS: list[Entry] = []
+TABLES = {"mapping": MAPPINGS, "cpu": CPU_OPS, "mode": DEVICE_MODES, "event": EVENTS}
+
+
+def register(table: str, entry: Entry) -> Entry:
+    """Add ``entry`` to a drawing table (``mapping``, ``cpu``, ``mode``, ``event``); replaces one of the
+    same name.  Call it at import time of the module that provides the feature."""
+    tab = TABLES[table]
+    for i, e in enumerate(tab):
+        if e.name == entry.name:
+            tab[i] = entry
+            return entry
+    tab.append(entry)
+    return entry
+
+
+class GenCtx:
+    """What the drawing functions see: the choices, the profile, the scenario so far and helpers."""
+
+    def __init__(self, c: Choices, kernel: str, sc: SimScenario, weights: dict[str, float] | None,
+                 inject: bool = False) -> None:
+        self.c = c
+        self.kernel = kernel
+        self.sc = sc
+        self.maps: list[MapInfo] = []
+        self.weights = weights or {}
+        self.inject = inject
+        self.features: list[str] = []       # table:name of every entry drawn (steering feedback)
+        self._n = 0
+
+    # -- weighted choice ---------------------------------------------------------------------------------
+    def usable(self, table: str, names: tuple[str, ...] | None = None) -> list[Entry]:
+        out = []
+        for e in TABLES[table]:
+            if e.profiles is not None and self.kernel not in e.profiles:
+                continue
+            if e.opt_in and not self.inject:
+                continue
+            if names is not None and (e.kind or e.name) not in names and e.name not in names:
+                continue
+            if e.needs is not None and not e.needs(self):
+                continue
+            out.append(e)
+        return out
+
+    def choose(self, table: str, entries: list[Entry]) -> Entry | None:
+        """One entry by weight (``weights["table:name"]`` scales an entry's weight: steering)."""
+        ws = []
+        for e in entries:
+            f = self.weights.get(f"{table}:{e.name}", 1.0)
+            ws.append(max(0, int(round(e.weight * 16 * f))))
+        total = sum(ws)
+        if total <= 0:
+            return None
+        r = self.c.below(total)
+        for e, w in zip(entries, ws):
+            if r < w:
+                self.features.append(f"{table}:{e.name}")
+                return e
+            r -= w
+        return entries[-1]
+
+    # -- helpers for drawing functions -------------------------------------------------------------------
+    def has(self, kind: str) -> bool:
+        return any(m.kind == kind for m in self.maps)
+
+    def pick_map(self, pred: Callable[[MapInfo], bool] | None = None) -> MapInfo | None:
+        cands = [m for m in self.maps if pred is None or pred(m)]
+        return self.c.pick(cands) if cands else None
+
+    def machine_add(self, add: dict[str, Any]) -> None:
+        _merge_machine(self.sc.machine, add)
+
+    def pmem(self, mode: str, align: str, size: str) -> str:
+        """The name of a pmem namespace of that mode and alignment (created once per scenario)."""
+        for pm in self.sc.machine.get("pmem", []):
+            if pm.get("mode") == mode and pm.get("align", "2M") == align:
+                return str(pm["name"])
+        used = {int(pm["name"][4:]) for pm in self.sc.machine.get("pmem", [])}
+        n = min(k for k in range(8) if k not in used)
+        self.sc.machine.setdefault("pmem", []).append({"name": f"pmem{n}", "size": size, "mode": mode,
+                                                       "align": align})
+        return f"pmem{n}"
+
+    def dax_mount(self) -> str:
+        for fs in self.sc.machine.get("fs", []):
+            if fs.get("dax"):
+                return str(fs["mount"])
+        name = self.pmem("fsdax", "2M", "32M")
+        self.machine_add({"fs": [{"mount": "/mnt/dax", "type": "ext4", "dax": name}]})
+        return "/mnt/dax"
+
+    def prot(self) -> str:
+        return ("rw", "rw", "rw", "rw", "rw", "r", "r", "none")[self.c.below(8)]
+
+    def rng(self, maxpages: int = 64, m: MapInfo | None = None) -> tuple[MapInfo, str, int]:
+        """A page range: mostly inside one mapping, sometimes running past its end (into a gap or the next
+        VMA) or starting below it."""
+        m = m or self.c.pick(self.maps)
+        shape = self.c.below(8)
+        if shape == 7 and m.pages > 1:               # start a few pages below the mapping (a gap, a neighbour)
+            back = 1 + self.c.below(8)
+            return m, f"{m.name}-{fmt_size(back * 4096)}", back + 1 + self.c.below(min(m.pages, maxpages))
+        first = self.c.below(m.pages)
+        if shape == 6:                               # run past the end of the mapping
+            n = 1 + self.c.below(maxpages)
+        else:
+            n = 1 + self.c.below(max(1, min(m.pages - first, maxpages)))
+        return m, f"{m.name}+{fmt_size(first * 4096)}" if first else m.name, n
+
+    def new_name(self, prefix: str = "m") -> str:
+        self._n += 1
+        return f"{prefix}{self._n - 1}"
+
+
+def _mmap_op(name: str, pages: int, prot: str, flags: list[str], **kw: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {"op": "mmap", "as": name, "length": fmt_size(pages * 4096), "prot": prot, "flags": flags}
+    op.update({k: v for k, v in kw.items() if v is not None})
+    return op
+
+
+def _shape_mapping(g: GenCtx, m: MapInfo, populate: bool = True, holes: bool = True) -> None:
+    """Set-up steps after an mmap: populate part of it, punch a gap in it, mix protections."""
+    c, setup = g.c, g.sc.setup
+    if populate and m.prot != "none" and c.flip(2, 3):
+        first = c.below(m.pages) if c.flip(1, 3) else 0
+        n = 1 + c.below(max(1, min(m.pages - first, 48)))
+        setup.append({"op": "touch", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
+                      "length": fmt_size(n * 4096), "access": "write" if m.write and c.flip() else "read"})
+    if m.huge > 4096 or m.pages < 4:
+        return
+    if holes and c.flip(1, 6):                       # a gap inside: two VMAs with a hole between them
+        first = 1 + c.below(m.pages - 2)
+        n = 1 + c.below(min(m.pages - first - 1, 8))
+        setup.append({"op": "munmap", "addr": f"{m.name}+{fmt_size(first * 4096)}", "length": fmt_size(n * 4096)})
+    if c.flip(1, 6):                                 # mixed protections: part of it read-only or PROT_NONE
+        first = c.below(m.pages - 1)
+        n = 1 + c.below(min(m.pages - first, 16))
+        setup.append({"op": "mprotect", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
+                      "length": fmt_size(n * 4096), "prot": c.pick(("r", "none", "r"))})
+
+
+# -- MAPPINGS ----------------------------------------------------------------------------------------------
+def _draw_anon(g: GenCtx, name: str) -> MapInfo:
+    pages = 1 + g.c.below(32)
+    m = MapInfo(name, "anon", "anon", pages, g.prot())
+    g.sc.setup.append(_mmap_op(name, pages, m.prot, ["private", "anonymous"]))
+    _shape_mapping(g, m)
+    return m
+
+
+def _draw_anon_thp(g: GenCtx, name: str) -> MapInfo:
+    pages = 512 * (1 + g.c.below(2))
+    m = MapInfo(name, "anon", "anon_thp", pages, g.prot(), huge=2 << 20)
+    g.sc.setup.append(_mmap_op(name, pages, m.prot, ["private", "anonymous"], align="2M"))
+    g.sc.setup.append({"op": "madvise", "addr": name, "length": fmt_size(pages * 4096), "advice": "hugepage"})
+    _shape_mapping(g, m)
+    return m
+
+
+def _draw_shmem(g: GenCtx, name: str) -> MapInfo:
+    pages = 1 + g.c.below(32)
+    m = MapInfo(name, "shmem", "shmem", pages, g.prot(), shared=True)
+    g.sc.setup.append(_mmap_op(name, pages, m.prot, ["shared", "anonymous"]))
+    _shape_mapping(g, m)
+    return m
+
+
+def _draw_file(g: GenCtx, name: str) -> MapInfo:
+    """ext4 page cache: warm (cached) or cold, shared or private (COW of page-cache pages)."""
+    c = g.c
+    pages = 1 + c.below(32)
+    cached = c.flip()
+    shared = c.flip(2, 3)
+    path = f"/mnt/ext4/{name}"
+    g.machine_add({"fs": [{"mount": "/mnt/ext4", "type": "ext4"}]})
+    f: dict[str, Any] = {"path": path, "size": fmt_size(pages * 4096), "content": "data"}
+    if not cached:
+        f["cached"] = False
+    g.sc.files.append(f)
+    m = MapInfo(name, "file", "file_" + ("warm" if cached else "cold"), pages, g.prot(), shared=shared, file=path)
+    g.sc.setup.append(_mmap_op(name, pages, m.prot, ["shared" if shared else "private"], file=path))
+    _shape_mapping(g, m)
+    return m
+
+
+def _draw_fsdax(g: GenCtx, name: str) -> MapInfo:
+    """fsdax: shared or private (COW inside DAX), written / sparse (holes) / unwritten extents, files smaller
+    than 2 MiB, mappings whose address and offset are 2 MiB-congruent (PMD) or not (PTE-mapped DAX), and
+    sometimes a second mapping of the same file beside it with the other congruence."""
+    c = g.c
+    mount = g.dax_mount()
+    small = c.flip(1, 3)
+    pages = 1 + c.below(64) if small else 512 * (1 + c.below(2))
+    content = ("data", "data", "sparse", "zero")[c.below(4)]
+    shared = c.flip(2, 3)
+    congruent = small or c.flip(2, 3)
+    path = f"{mount}/{name}"
+    fpages = pages + (0 if congruent else 1)
+    g.sc.files.append({"path": path, "size": fmt_size(fpages * 4096), "content": content})
+    prot = g.prot()
+    flags = ["shared" if shared else "private"]
+    variant = "fsdax_" + ("shared" if shared else "private") + ("_small" if small else "") + \
+        ("" if content == "data" else "_" + content) + ("" if congruent else "_unaligned")
+    g.sc.setup.append(_mmap_op(name, pages, prot, flags, file=path, align="2M",
+                               offset=None if congruent else "4K"))
+    if content == "sparse" and c.flip():             # write part of a sparse file: data blocks between holes
+        first = c.below(pages)
+        n = 1 + c.below(max(1, min(pages - first, 16)))
+        g.sc.setup.append({"op": "touch", "addr": f"{name}+{fmt_size(first * 4096)}" if first else name,
+                           "length": fmt_size(n * 4096), "access": "write"})
+    m = MapInfo(name, "fsdax", variant, pages, prot, shared=shared, huge=4096 if small or not congruent else 2 << 20,
+                file=path)
+    _shape_mapping(g, m, holes=False)
+    if not small and c.flip(1, 4):                   # the same file again, with the other congruence
+        name2 = g.new_name()
+        other = not congruent
+        g.sc.setup.append(_mmap_op(name2, pages, prot, flags, file=path, align="2M",
+                                   offset=None if other else "4K"))
+        g.maps.append(MapInfo(name2, "fsdax", variant + "_twin", pages, prot,
+                              shared=shared, huge=2 << 20 if other else 4096, file=path))
+    return m
+
+
+def _draw_devdax(g: GenCtx, name: str) -> MapInfo:
+    """device-dax with 4K, 2M or 1G alignment; 1G mappings are PUD-mapped (read-only when PROT_READ)."""
+    c = g.c
+    align = ("4K", "2M", "2M", "1G", "1G")[c.below(5)]
+    size = {"4K": "16M", "2M": "16M", "1G": "1G"}[align]
+    pm = g.pmem("devdax", align, size)
+    dev = f"/dev/dax{pm[4:]}.0"
+    if align == "1G":
+        pages = 1 << 18
+    elif align == "2M":
+        pages = 512 * (1 + c.below(2))
+    else:
+        pages = 1 + c.below(64)
+    prot = ("rw", "rw", "r", "r", "none")[c.below(5)] if align == "1G" else g.prot()
+    g.sc.setup.append(_mmap_op(name, pages, prot, ["shared"], file=dev, align=align if align != "4K" else "2M"))
+    m = MapInfo(name, "devdax", f"devdax_{align}", pages, prot, shared=True,
+                huge={"4K": 4096, "2M": 2 << 20, "1G": 1 << 30}[align], file=dev)
+    if prot != "none" and c.flip(3, 4):              # fault it in (a PUD leaf for 1G)
+        first = c.below(m.pages)
+        g.sc.setup.append({"op": "touch", "addr": f"{name}+{fmt_size(first * 4096)}" if first else name,
+                           "length": "4K", "access": "write" if m.write and c.flip() else "read"})
+    return m
+
+
+def _draw_hugetlb(g: GenCtx, name: str) -> MapInfo:
+    c = g.c
+    one_g = c.flip(1, 4)
+    shared = c.flip(1, 3)
+    if one_g:
+        g.sc.machine["ram"] = "2112M"
+        g.sc.machine["hugepages_1g"] = max(int(g.sc.machine.get("hugepages_1g", 0)), 1)
+        pages = 1 << 18
+    else:
+        g.machine_add({"hugepages_2m": 4})
+        pages = 512 * (1 + c.below(2))
+    prot = g.prot()
+    flags = ["shared" if shared else "private", "anonymous", "hugetlb"] + (["huge_1g"] if one_g else [])
+    g.sc.setup.append(_mmap_op(name, pages, prot, flags))
+    m = MapInfo(name, "hugetlb", "hugetlb_1g" if one_g else "hugetlb_2m", pages, prot, shared=shared,
+                huge=(1 << 30) if one_g else (2 << 20))
+    if prot != "none" and c.flip():
+        g.sc.setup.append({"op": "touch", "addr": name, "length": "4K",
+                           "access": "write" if m.write and c.flip() else "read"})
+    return m
+
+
+def _draw_pfnmap(g: GenCtx, name: str) -> MapInfo:
+    c = g.c
+    mixed = c.flip()
+    pages = 1 + c.below(16)
+    prot = ("rw", "rw", "r")[c.below(3)]
+    dev = "mixedmap" if mixed else "pfnmap"
+    g.sc.setup.append(_mmap_op(name, pages, prot, ["shared"], file=dev))
+    m = MapInfo(name, "pfnmap", dev, pages, prot, shared=True, file=dev)
+    if mixed and c.flip():
+        g.sc.setup.append({"op": "touch", "addr": name, "length": fmt_size(pages * 4096), "access": "read"})
+    return m
+
+
+for _e in (Entry("anon", 8, _draw_anon, "anon"), Entry("anon_thp", 4, _draw_anon_thp, "anon"),
+           Entry("file", 5, _draw_file, "file"), Entry("shmem", 3, _draw_shmem, "shmem"),
+           Entry("fsdax", 9, _draw_fsdax, "fsdax"), Entry("devdax", 7, _draw_devdax, "devdax"),
+           Entry("hugetlb", 4, _draw_hugetlb, "hugetlb"), Entry("pfnmap", 2, _draw_pfnmap, "pfnmap")):
+    register("mapping", _e)
+
+
+# -- CPU_OPS -----------------------------------------------------------------------------------------------
+def _op_touch(g: GenCtx, t: int) -> dict[str, Any]:
+    _m, addr, n = g.rng(16)
+    return {"op": "touch", "addr": addr, "length": fmt_size(n * 4096), "access": g.c.pick(("read", "write"))}
+
+
+def _profile(kernel: str) -> Any:
+    from hmmirror.profiles import get_profile
+    return get_profile(kernel)
+
+
+def _op_munmap(g: GenCtx, t: int) -> dict[str, Any]:
+    _m, addr, n = g.rng(16)
+    return {"op": "munmap", "addr": addr, "length": fmt_size(n * 4096)}
+
+
+def _op_mprotect(g: GenCtx, t: int) -> dict[str, Any] | None:
+    m, addr, n = g.rng(16)
+    if m.huge >= 1 << 30 and m.kind == "devdax" and not _profile(g.kernel).mprotect_pud_leaf:
+        return None                                  # [5.2] mprotect over a PUD leaf is not modelled (InputError)
+    return {"op": "mprotect", "addr": addr, "length": fmt_size(n * 4096), "prot": g.c.pick(("r", "rw", "none"))}
+
+
+def _op_madvise(g: GenCtx, t: int) -> dict[str, Any]:
+    _m, addr, n = g.rng(16)
+    return {"op": "madvise", "addr": addr, "length": fmt_size(n * 4096),
+            "advice": g.c.pick(("dontneed", "dontneed", "hugepage", "remove"))}
+
+
+def _op_mmap(g: GenCtx, t: int) -> dict[str, Any]:
+    _m, addr, n = g.rng(16)
+    return {"op": "mmap", "as": f"t{t}m{g.c.below(1000)}", "length": fmt_size(n * 4096), "prot": "rw",
+            "flags": ["private", "anonymous", "fixed"], "addr": addr}
+
+
+def _op_fork(g: GenCtx, t: int) -> dict[str, Any]:
+    return {"op": "fork", "child": f"c{t}"}
+
+
+for _e in (Entry("touch", 8, _op_touch), Entry("munmap", 3, _op_munmap), Entry("mprotect", 3, _op_mprotect),
+           Entry("madvise", 3, _op_madvise), Entry("mmap", 1, _op_mmap), Entry("fork", 2, _op_fork)):
+    register("cpu", _e)
+
+
+# -- DEVICE_MODES: the HMM API modes of device jobs --------------------------------------------------------
+def _job(g: GenCtx, mode: str, maxpages: int = 64, m: MapInfo | None = None) -> dict[str, Any]:
+    _m, addr, n = g.rng(maxpages, m)
+    job: dict[str, Any] = {"addr": addr, "length": fmt_size(n * 4096), "write": g.c.flip()}
+    if mode != "fault":
+        job["mode"] = mode
+    return job
+
+
+def _mode(name: str) -> Callable[[GenCtx], dict[str, Any]]:
+    return lambda g: _job(g, name)
+
+
+def _mode_perpage(name: str) -> Callable[[GenCtx], dict[str, Any]]:
+    def draw(g: GenCtx) -> dict[str, Any]:
+        job = _job(g, name)
+        job["pattern"] = g.c.below(16)              # which pages request what (see adapters.request_pattern)
+        return job
+    return draw
+
+
+def _mode_huge(name: str) -> Callable[[GenCtx], dict[str, Any] | None]:
+    def draw(g: GenCtx) -> dict[str, Any] | None:
+        m = g.pick_map(lambda x: x.kind == "hugetlb")
+        if m is None:
+            return None
+        hp = m.huge // 4096
+        first = g.c.below(max(1, m.pages // hp)) * hp
+        n = hp * (1 + g.c.below(2 if hp == 512 else 1))
+        addr = f"{m.name}+{fmt_size(first * 4096)}" if first else m.name
+        return {"addr": addr, "length": fmt_size(n * 4096), "write": g.c.flip(), "mode": name}
+    return draw
+
+
+def _has_hugetlb(g: GenCtx) -> bool:
+    return g.has("hugetlb")
+
+
+for _e in (Entry("fault", 8, _mode("fault")),
+           Entry("fault_nonblock", 3, _mode("fault_nonblock"), profiles=("5.2",)),
+           Entry("snapshot", 4, _mode("snapshot")),
+           Entry("fault_perpage", 4, _mode_perpage("fault_perpage")),
+           Entry("fault_reuse", 3, _mode_perpage("fault_reuse")),
+           Entry("fault_huge", 4, _mode_huge("fault_huge"), profiles=("5.2",), needs=_has_hugetlb),
+           Entry("snapshot_huge", 2, _mode_huge("snapshot_huge"), profiles=("5.2",), needs=_has_hugetlb),
+           Entry("fault_noowner", 2, _mode("fault_noowner"), profiles=("6.18",))):
+    register("mode", _e)
+
+
+# -- EVENTS ------------------------------------------------------------------------------------------------
+def _ev_at(kind: str, length: bool = False, hold: bool = False,
+           pred: Callable[[MapInfo], bool] | None = None) -> Callable[[GenCtx, str], dict[str, Any] | None]:
+    def draw(g: GenCtx, name: str) -> dict[str, Any] | None:
+        m = g.pick_map(pred) if pred is not None else None
+        if pred is not None and m is None:
+            return None
+        _m, addr, n = g.rng(8, m)
+        ev: dict[str, Any] = {"name": name, "kind": kind, "addr": addr}
+        if length:
+            ev["length"] = fmt_size(n * 4096)
+        if hold:
+            ev["hold"] = 1 + g.c.below(8)
+        return ev
+    return draw
+
+
+def _ev_proc(kind: str) -> Callable[[GenCtx, str], dict[str, Any] | None]:
+    def draw(g: GenCtx, name: str) -> dict[str, Any] | None:
+        if kind == "exit" and any(x["kind"] == "exit" for x in g.sc.events):
+            return None
+        return {"name": name, "kind": kind, "proc": "p"}
+    return draw
+
+
+def _ev_pmem_unbind(g: GenCtx, name: str) -> dict[str, Any] | None:
+    m = g.pick_map(lambda x: x.kind == "devdax")
+    if m is None:
+        return None
+    return {"name": name, "kind": "pmem_unbind", "device": m.file}
+
+
+def _ev_plain(kind: str) -> Callable[[GenCtx, str], dict[str, Any]]:
+    return lambda g, name: {"name": name, "kind": kind}
+
+
+def _has_devdax(g: GenCtx) -> bool:
+    return g.has("devdax")
+
+
+for _e in (Entry("reclaim", 3, _ev_at("reclaim")), Entry("thp_split", 3, _ev_at("thp_split")),
+           Entry("khugepaged", 2, _ev_at("khugepaged")), Entry("migrate", 3, _ev_at("migrate", hold=True)),
+           Entry("numa", 2, _ev_at("numa", length=True)), Entry("memory_failure", 3, _ev_at("memory_failure")),
+           Entry("pmem_unbind", 3, _ev_pmem_unbind, needs=_has_devdax), Entry("oom_reap", 2, _ev_proc("oom_reap")),
+           Entry("notifier_churn", 2, _ev_proc("notifier_churn")), Entry("exit", 2, _ev_proc("exit")),
+           Entry("gc", 1, _ev_plain("gc"))):
+    register("event", _e)
+
+
 # --- generation ------------------------------------------------------------------------------------------
 def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str, ...] | None = None,
-             events: tuple[str, ...] | None = None) -> SimScenario:
-    """Draw a small scenario: 1-3 mappings, 1-2 CPU threads, 1-2 device jobs, 0-3 background events."""
+             events: tuple[str, ...] | None = None, weights: dict[str, float] | None = None,
+             inject: bool = False, features: list[str] | None = None) -> SimScenario:
+    """Draw a scenario: 1-3 mappings (plus their set-up), 1-2 CPU threads, 1-2 device jobs with API modes,
+    0-3 background events -- each picked by weight from the drawing tables.
+
+    ``kinds``/``events`` restrict the mapping and event kinds; ``weights`` scales entries (``"table:name"``
+    -> factor; the campaign's steering); ``inject`` allows opt-in entries; ``features`` (a list) receives
+    the ``table:name`` of every entry drawn.
+    """
     kinds = kinds or available_kinds(kernel)
-    events = available_events(kernel) if events is None else events
-    ops_avail = available_ops()
     sc = SimScenario(machine={"kernel": kernel, "ram": "64M",
                               "thp": {"enabled": c.pick(("madvise", "always", "never"))}}, driver=driver)
-    nmaps = 1 + c.below(3)
-    maps: list[tuple[str, str, int, bool]] = []
-    for i in range(nmaps):
-        kind = c.pick(kinds)
-        huge = kind in ("devdax", "hugetlb") or (kind in ("anon", "fsdax") and c.flip(1, 3))
-        pages = 512 * (1 + c.below(2)) if huge else 1 + c.below(32)
-        write = kind == "devdax" or c.flip(3, 4)
-        name = f"m{i}"
-        mach, files, ops, extra = _mapping_setup(kind, name, pages, write, huge)
-        _merge_machine(sc.machine, mach)
-        sc.files += files
-        sc.setup += ops + extra
-        if kind != "pfnmap" and c.flip(2, 3):     # populate part of it
-            n = 1 + c.below(min(pages, 32))
-            sc.setup.append({"op": "touch", "addr": name, "length": fmt_size(n * 4096),
-                             "access": "write" if write and c.flip() else "read"})
-        maps.append((name, kind, pages, write))
-
-    def rng(maxpages: int = 64) -> tuple[str, str, int]:
-        name, kind, pages, _w = c.pick(maps)
-        first = c.below(pages)
-        n = 1 + c.below(min(pages - first, maxpages))
-        return name, f"{name}+{fmt_size(first * 4096)}" if first else name, n
-
-    nthreads = 1 + c.below(2)
-    for t in range(nthreads):
+    g = GenCtx(c, kernel, sc, weights, inject)
+    for _ in range(1 + c.below(3)):
+        e = g.choose("mapping", g.usable("mapping", kinds))
+        if e is None:
+            break
+        m = e.draw(g, g.new_name())
+        if m is not None:
+            g.maps.append(m)
+    if not g.maps:
+        m = _draw_anon(g, g.new_name())
+        g.maps.append(m)
+    g.maps.sort(key=lambda x: int(x.name[1:]))
+    g.features += [f"variant:{m.variant}:{m.prot}" for m in g.maps]
+    for t in range(1 + c.below(2)):
         ops = []
         for _ in range(1 + c.below(4)):
-            kind = c.pick(ops_avail)
-            name, addr, n = rng(16)
-            if kind == "touch":
-                ops.append({"op": "touch", "addr": addr, "length": fmt_size(n * 4096),
-                            "access": c.pick(("read", "write"))})
-            elif kind == "munmap":
-                ops.append({"op": "munmap", "addr": addr, "length": fmt_size(n * 4096)})
-            elif kind == "mprotect":
-                ops.append({"op": "mprotect", "addr": addr, "length": fmt_size(n * 4096),
-                            "prot": c.pick(("r", "rw", "none"))})
-            elif kind == "madvise":
-                ops.append({"op": "madvise", "addr": addr, "length": fmt_size(n * 4096),
-                            "advice": c.pick(("dontneed", "dontneed", "hugepage"))})
-            elif kind == "mmap":
-                ops.append({"op": "mmap", "as": f"t{t}m{len(ops)}", "length": fmt_size(n * 4096), "prot": "rw",
-                            "flags": ["private", "anonymous", "fixed"], "addr": addr})
-            elif kind == "fork":
-                ops.append({"op": "fork", "child": f"c{t}"})
+            e = g.choose("cpu", g.usable("cpu"))
+            op = e.draw(g, t) if e is not None else None
+            if op is not None:
+                ops.append(op)
         sc.threads.append({"name": f"cpu{t}", "proc": "p", "ops": ops})
-    ndev = 1 + c.below(2)
-    for d in range(ndev):
+    for d in range(1 + c.below(2)):
         jobs = []
         for _ in range(1 + c.below(3)):
-            _name, addr, n = rng(64)
-            jobs.append({"addr": addr, "length": fmt_size(n * 4096), "write": c.flip()})
+            e = g.choose("mode", g.usable("mode"))
+            job = e.draw(g) if e is not None else None
+            if job is not None:
+                jobs.append(job)
+        if not jobs:
+            jobs.append(_job(g, "fault"))
         sc.devices.append({"name": f"dev{d}", "jobs": jobs})
-    used = {k for _n, k, _p, _w in maps}
-    events = tuple(e for e in events if e != "pmem_unbind" or "devdax" in used)
-    if events:
-        for e in range(c.below(4)):
-            kind = c.pick(events)
-            if kind == "exit" and any(x["kind"] == "exit" for x in sc.events):
-                continue
-            ev: dict[str, Any] = {"name": f"ev{e}", "kind": kind}
-            if kind in ("reclaim", "thp_split", "khugepaged", "migrate", "memory_failure", "numa"):
-                _name, addr, n = rng(8)
-                ev["addr"] = addr
-                if kind == "numa":
-                    ev["length"] = fmt_size(n * 4096)
-                if kind == "migrate":
-                    ev["hold"] = 1 + c.below(8)
-            if kind == "pmem_unbind":
-                ev["device"] = "/dev/dax1.0"
-            if kind in ("oom_reap", "exit", "notifier_churn"):
-                ev["proc"] = "p"
-            ev["delay"] = c.below(16)
-            sc.events.append(ev)
+    usable_ev = g.usable("event", events)
+    if usable_ev:
+        for k in range(c.below(4)):
+            e = g.choose("event", usable_ev)
+            ev = e.draw(g, f"ev{k}") if e is not None else None
+            if ev is not None:
+                ev["delay"] = c.below(16)
+                sc.events.append(ev)
+    if features is not None:
+        features.extend(g.features)
     return sc
