@@ -11,6 +11,7 @@ from typing import Any
 
 from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE
 from hmmirror.kernel import sched
+from hmmirror.kernel.fork import mmget_not_zero, mmput
 from hmmirror.kernel.sched import Gen, Lock
 from hmmirror.mm.hmm import modern as hmm
 from hmmirror.mm.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry, mmu_interval_set_seq
@@ -42,6 +43,15 @@ class GoodMirror(DriverBase):
             self.pt.map(rng.start + k * PAGE_SIZE, hmm.hmm_pfn_to_pfn(e), bool(e & hmm.HMM_PFN_WRITE))
 
     def fault(self, start: int, end: int, write: bool) -> Gen[int]:
+        # the mm is the mirrored process's: pin its address space first (lib/test_hmm.c dmirror_fault);
+        # without it a fault can populate page tables that exit_mmap is about to free
+        if not mmget_not_zero(self.mm):
+            return -EFAULT
+        ret = yield from self.fault_loop(start, end, write)
+        yield from mmput(self.mm)
+        return ret
+
+    def fault_loop(self, start: int, end: int, write: bool) -> Gen[int]:
         for _ in range(self.max_tries):
             ret, rng = yield from self.snapshot(start, end, write)
             if ret == -EBUSY:

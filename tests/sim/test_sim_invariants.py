@@ -245,14 +245,20 @@ def test_deadlock_is_reported_by_the_engine():
     assert f is not None and f.invariant == "deadlock", f and f.describe()
 
 
-def test_signature_separates_causes():
+def test_signature_is_the_cause_not_the_incidentals():
+    """One driver mistake reached on different mappings, entries or after different background events is one
+    signature; a different function or a different cause named by the model is another."""
     from hmmirror.sim.findings import Finding
     a = Finding("coherence", "m", 1, "dev0", location="drivers.x.invalidate", vma_kind="anon", entry="pte/anon")
     b = Finding("coherence", "m", 1, "dev0", location="drivers.x.invalidate", vma_kind="devdax", entry="pmd/devmap")
     c = Finding("coherence", "m", 1, "dev0", location="drivers.x.invalidate", vma_kind="anon", entry="pte/anon",
                 kevent="migrate")
-    assert len({a.signature, b.signature, c.signature}) == 3
-    assert a.sig_id != b.sig_id
+    assert len({a.signature, b.signature, c.signature}) == 1
+    d = Finding("coherence", "m", 1, "dev0", location="drivers.x.commit")
+    e = Finding("liveness", "m", 1, "dev0", location="mm.hmm.v5_2.hmm_range_fault", detail="refault")
+    f = Finding("liveness", "m", 1, "dev0", location="mm.hmm.v5_2.hmm_range_fault", detail="no-fault")
+    assert len({a.signature, d.signature, e.signature, f.signature}) == 4
+    assert len({a.sig_id, d.sig_id, e.sig_id, f.sig_id}) == 4
 
 
 def test_driverbase_registers_on_5_2():

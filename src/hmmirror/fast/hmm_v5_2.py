@@ -898,6 +898,7 @@ def _fault(range: ref.HmmRange, block: bool) -> Gen[int]:   # noqa: A002 - kerne
         end = min(range.end, vma.vm_end)
         mm_walk = ref._new_mm_walk(vma, hmm_vma_walk)
         stuck = 0
+        faults0 = range.stats["faults"]
         while True:
             ref._count(range, "walks")
             ret = yield from walk_page_range(start, end, mm_walk)
@@ -907,10 +908,13 @@ def _fault(range: ref.HmmRange, block: bool) -> Gen[int]:   # noqa: A002 - kerne
                 ref._count(range, "walk_ebusy")
             if not (ret == -EBUSY and range.valid):
                 break
-            stuck = 0 if progress else stuck + 1
+            if progress:
+                stuck, faults0 = 0, range.stats["faults"]
+            else:
+                stuck += 1
             if stuck >= ref.LIVELOCK_RESTARTS:
                 sched.report("livelock", f"hmm_range_fault({range.name}): {stuck} walks restarted at "
-                                         f"{start:#x} without progress")
+                                         f"{start:#x} without progress", cause=ref._livelock_cause(range, faults0))
                 break
             yield from sched.preempt_point("hmm_range_fault")
         if ret:

@@ -91,9 +91,25 @@ def _raise(kind: str, message: str) -> None:
 _report_handler: Callable[[str, str], None] = _raise
 
 
-def report(kind: str, message: str) -> None:
-    """A broken rule (``WARN_ON``/lockdep splat): raise, or record when a simulator handles it."""
-    _report_handler(kind, message)
+_report_cause = "-"
+
+
+def report(kind: str, message: str, cause: str = "-") -> None:
+    """A broken rule (``WARN_ON``/lockdep splat): raise, or record when a simulator handles it.
+
+    ``cause`` (ours): a short, address-free name of the reason when one call site reports several (the
+    simulator puts it in the finding's signature; read it with :func:`report_cause` inside the handler)."""
+    global _report_cause
+    _report_cause = cause
+    try:
+        _report_handler(kind, message)
+    finally:
+        _report_cause = "-"
+
+
+def report_cause() -> str:
+    """The ``cause`` of the :func:`report` being handled (``-`` when none was given)."""
+    return _report_cause
 
 
 def set_report_handler(handler: Callable[[str, str], None] | None) -> Callable[[str, str], None]:

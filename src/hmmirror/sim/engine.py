@@ -129,8 +129,14 @@ class Engine:
     # -- findings ------------------------------------------------------------------------------------------
     def violate(self, invariant: str, message: str, *, st: SimTask | None = None, mm: Any = None,
                 addr: int | None = None, state: dict[str, Any] | None = None, location: str | None = None,
-                stack: list[str] | None = None, entry: str | None = None, vma_kind: str | None = None) -> None:
-        """Record a broken invariant (the first one of a run is kept; the run stops after this step)."""
+                stack: list[str] | None = None, entry: str | None = None, vma_kind: str | None = None,
+                detail: str | None = None) -> None:
+        """Record a broken invariant (the first one of a run is kept; the run stops after this step).
+
+        The signature comes from what the invariant passes and from the model's state: ``location`` (else
+        the innermost kernel-named function of ``stack``, else of the task's own stack), ``detail``.  The
+        VMA kind and entry are described at ``mm``/``addr`` when the invariant passes them (report only).
+        """
         if self.finding is not None:
             self.extra_findings += 1
             return
@@ -140,13 +146,8 @@ class Engine:
                 stack = frame_stack(sys._getframe(1))     # the running task: its live Python stack
             else:
                 stack = gen_stack(st.gen) if st is not None and not st.done else []
-        ctx_mm, ctx_addr = mm, addr
-        if (ctx_mm is None or ctx_addr is None) and st is not None and not st.done:
-            fmm, faddr = _context_from_gen(st.gen)
-            ctx_mm = ctx_mm or fmm
-            ctx_addr = faddr if ctx_addr is None else ctx_addr
         if vma_kind is None or entry is None:
-            vk, en = describe_address(ctx_mm, ctx_addr)
+            vk, en = describe_address(mm, addr)
             vma_kind = vma_kind or vk
             entry = entry or en
         kevent = "-"
@@ -154,23 +155,24 @@ class Engine:
             if st.kind == "kevent":
                 kevent = st.label
             else:
-                # a background event counts as involved if it ran during the violating operation and
-                # recently (KEVENT_WINDOW steps): an event long finished is not what broke the rule
+                # for the report: a background event that ran during the violating operation, recently
                 k_step, k_label = self.last_kevent
                 if k_step >= 0 and k_step >= st.op_start and self.step - k_step <= KEVENT_WINDOW:
                     kevent = k_label
+        if detail is None:
+            detail = "-"
         self.finding = Finding(
             invariant=invariant, message=message, step=self.step, task=st.name if st else "-",
             task_kind=st.kind if st else "-", op=st.op if st else "", stack=stack,
             location=location or location_of(stack), vma_kind=vma_kind or "-", entry=entry or "-",
-            kevent=kevent, addr=ctx_addr, state=state or {},
+            kevent=kevent, detail=detail, addr=addr, state=state or {},
         )
 
     def _on_report(self, kind: str, message: str) -> None:
-        frame = sys._getframe(1)
-        stack = frame_stack(frame)
-        mm, addr = _context_from_frames(frame)
-        self.violate(REPORT_INVARIANT.get(kind, f"report:{kind}"), message, stack=stack, mm=mm, addr=addr)
+        stack = frame_stack(sys._getframe(1))
+        cause = sched.report_cause()
+        self.violate(REPORT_INVARIANT.get(kind, f"report:{kind}"), message, stack=stack,
+                     detail=None if cause == "-" else cause)
 
     def _on_log(self, orig: Callable[..., None]) -> Callable[..., None]:
         hooks = self._hooks["on_log"]
@@ -332,53 +334,6 @@ def _tb_stack(tb: Any) -> list[str]:
     from hmmirror.sim.findings import describe_frame, is_model_frame
     return [describe_frame(f, f.f_lineno) for f in frames if is_model_frame(f)] or \
         [describe_frame(f, f.f_lineno) for f in frames[-3:]]
-
-
-def _context_from_frames(frame: Any) -> tuple[Any, int | None]:
-    """(mm, address) from the locals of the running Python stack (innermost first)."""
-    frames = []
-    f = frame
-    while f is not None and len(frames) < 40:
-        frames.append(f)
-        f = f.f_back
-    frames.reverse()
-    return _context_of(frames)
-
-
-def _context_from_gen(gen: Any) -> tuple[Any, int | None]:
-    """(mm, address) found in the locals of the innermost model frames of a suspended generator chain."""
-    frames = []
-    while gen is not None:
-        f = getattr(gen, "gi_frame", None)
-        if f is None:
-            break
-        frames.append(f)
-        gen = getattr(gen, "gi_yieldfrom", None)
-    return _context_of(frames)
-
-
-def _context_of(frames: list[Any]) -> tuple[Any, int | None]:
-    mm = None
-    addr = None
-    for f in reversed(frames):
-        loc = f.f_locals
-        if addr is None:
-            for k in ("address", "addr", "haddr", "start", "last"):
-                v = loc.get(k)
-                if isinstance(v, int) and not isinstance(v, bool):
-                    addr = v
-                    break
-        if mm is None:
-            v = loc.get("vma")
-            if v is not None and hasattr(v, "vm_mm"):
-                mm = v.vm_mm
-            else:
-                v = loc.get("mm")
-                if v is not None and hasattr(v, "pt"):
-                    mm = v
-        if mm is not None and addr is not None:
-            break
-    return mm, addr
 
 
 def describe_address(mm: Any, addr: int | None) -> tuple[str, str]:

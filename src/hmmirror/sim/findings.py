@@ -1,10 +1,20 @@
 """Findings: a broken invariant with the step, the stack of model functions and the state that broke it.
 
-A finding's *signature* keeps distinct causes apart: the invariant, the model function where it broke
-(``location``), and what was involved at the violating step -- the VMA kind, the page-table entry type at
-the address concerned, and the kernel background event that interleaved with the violating operation (if
-any).  Two root causes that break the same invariant in the same function differ in at least one of these
-in practice (e.g. a pgmap leak on a device-dax PMD vs. on a fsdax PTE).
+A finding's *signature* names its root cause and nothing incidental: ``invariant|location|detail``.
+
+* ``location`` is the model function, under its kernel name, where the rule broke: the innermost model frame
+  that is neither a scheduling primitive (``kernel/sched.py``) nor a wrapper or private helper of ours (a
+  decorator's ``wrapper`` is described as the function it wraps).  Invariants that judge a state after the
+  fact name the function responsible, from the model's state: a pgmap reference kept after a walk at the
+  HMM call that returned with it, a stale device entry after ``invalidate_range_end`` at the subscriber
+  whose callback returned while its device still mapped the range.
+* ``detail`` is a short cause the invariant derives from the model's state when one location has several
+  (``-`` otherwise); the background event when the violating task is that event.
+
+The VMA kind, the entry at the address concerned and the background event that ran nearby are kept in the
+finding for the report, but are not part of the signature: the same driver mistake reached on an anonymous
+page or a DAX PMD, after a migration or a reclaim, is one cause and gives one reproducer.  Nothing here looks
+at the locals of the caller's frames: the address of a finding is the one its invariant passes.
 """
 
 from __future__ import annotations
@@ -34,13 +44,14 @@ class Finding:
     vma_kind: str = "-"
     entry: str = "-"
     kevent: str = "-"
+    detail: str = "-"
     addr: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def signature(self) -> str:
-        """``invariant|location|vma kind|entry type|background event``."""
-        return "|".join((self.invariant, self.location, self.vma_kind, self.entry, self.kevent))
+        """``invariant|location|detail`` (see the module docstring)."""
+        return "|".join((self.invariant, self.location, self.detail))
 
     @property
     def sig_id(self) -> str:
@@ -59,7 +70,8 @@ class Finding:
         """A few lines for a terminal."""
         lines = [f"[{self.invariant}] {self.message}",
                  f"  at step {self.step}, task {self.task} ({self.task_kind}) {self.op}",
-                 f"  where: {self.location}   vma: {self.vma_kind}   entry: {self.entry}   event: {self.kevent}"]
+                 f"  where: {self.location}" + (f" ({self.detail})" if self.detail != "-" else "")
+                 + f"   vma: {self.vma_kind}   entry: {self.entry}   event: {self.kevent}"]
         if self.addr is not None:
             lines.append(f"  address: {self.addr:#x}")
         if self.stack:
@@ -93,12 +105,35 @@ def is_model_frame(f: Any) -> bool:
     return _PKG in fn and _SIM not in fn
 
 
-def describe_frame(f: Any, lineno: int | None = None) -> str:
-    fn = f.f_code.co_filename.replace("\\", "/")
+def module_name(filename: str) -> str:
+    """``mm.hmm.v5_2`` for ``.../hmmirror/mm/hmm/v5_2.py`` (a file outside the package: its dotted path from
+    the first directory that is a package root we know, else its base name)."""
+    fn = filename.replace("\\", "/")
     i = fn.rfind(_PKG)
     mod = fn[i + len(_PKG):] if i >= 0 else fn.rsplit("/", 1)[-1]
     mod = mod[:-3] if mod.endswith(".py") else mod
-    return f"{mod.replace('/', '.')}.{f.f_code.co_qualname}:{lineno if lineno is not None else f.f_lineno}"
+    return mod.replace("/", ".")
+
+
+def function_name(fn: Any) -> str:
+    """``module.qualname`` of a Python function or bound method, in the naming of :func:`describe_frame`."""
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(fn, "__code__", None)
+    mod = module_name(code.co_filename) if code is not None else str(getattr(fn, "__module__", "?"))
+    return f"{mod}.{getattr(fn, '__qualname__', getattr(fn, '__name__', '?'))}"
+
+
+def describe_frame(f: Any, lineno: int | None = None) -> str:
+    """``module.function:line`` of a frame; a decorator's wrapper (``f(...).<locals>.wrapper`` holding the
+    wrapped function as ``fn``) is described as the wrapped function, under its kernel name."""
+    code = f.f_code
+    name = code.co_qualname
+    mod = module_name(code.co_filename)
+    if "<locals>" in name:
+        inner = f.f_locals.get("fn") if "wrapper" in name.rsplit(".", 1)[-1] else None
+        if inner is not None and hasattr(inner, "__name__"):
+            name = inner.__name__             # functools.wraps: the kernel function's name
+    return f"{mod}.{name}:{lineno if lineno is not None else f.f_lineno}"
 
 
 def gen_stack(gen: Any) -> list[str]:
@@ -134,8 +169,23 @@ def frame_stack(frame: Any) -> list[str]:
     return out
 
 
+def is_kernel_name(name: str) -> bool:
+    """Is ``module.function`` a model function under a kernel name (not a scheduling primitive, a wrapper,
+    a generator expression or one of our private ``_helpers``; kernel ``__names`` count)?"""
+    if name.startswith("kernel.sched."):
+        return False
+    func = name.rsplit(".", 1)[-1]
+    if "<" in name:
+        return False
+    return not (func.startswith("_") and not func.startswith("__"))
+
+
 def location_of(stack: list[str]) -> str:
-    """The innermost function of ``stack`` outside kernel/sched.py (where the rule broke), without line."""
+    """The innermost function of ``stack`` under a kernel name (where the rule broke), without line."""
+    for s in reversed(stack):
+        name = s.rsplit(":", 1)[0]
+        if is_kernel_name(name):
+            return name
     for s in reversed(stack):
         name = s.rsplit(":", 1)[0]
         if not name.startswith("kernel.sched."):

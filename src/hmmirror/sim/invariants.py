@@ -33,7 +33,7 @@ from typing import Any
 from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import PAGE_SIZE, PMD_SIZE, PUD_SIZE
 from hmmirror.kernel.sched import Lock
-from hmmirror.sim.findings import frame_stack
+from hmmirror.sim.findings import frame_stack, function_name, gen_stack, is_kernel_name, location_of
 
 EAGAIN = 11
 _BRACKETS = re.compile(r"\[[^\]]*\]|\d+")
@@ -78,6 +78,7 @@ class Tracker:
         self.mm_name = ""
         self.engine: Any = None
         self.commit_hooks: list[Any] = []                   # fn(st, va, pfn, write) at every device map
+        self.last_call = {}
 
     def attach(self, eng: Any, run: Any) -> None:
         self.engine = eng
@@ -87,6 +88,11 @@ class Tracker:
         if pt is not None and hasattr(pt, "listener"):
             pt.listener = self._on_pt
         orig = run.driver.invalidate
+        # the subscriber's own callback (the adapters of the built-in drivers route the driver's callback
+        # through their ``invalidate``): the location of a coherence finding it is responsible for
+        cb = getattr(run.driver, "_orig_invalidate", None) or getattr(run.driver, "_orig_sync", None) or orig
+        self.callback = function_name(cb)
+        ents = getattr(pt, "entries", None)
 
         def invalidate(*args: Any, **kw: Any) -> Any:
             # the driver has been told once its callback returned (it may first wait for its own lock,
@@ -95,12 +101,30 @@ class Tracker:
             r = next((a for a in args if hasattr(a, "start") and hasattr(a, "end")), None)
             if r is not None and ret not in (False, -EAGAIN):
                 cur = eng.current.idx if eng.current is not None else -1
-                rec = [int(r.start), int(r.end), eng.step, None, cur]
+                start, end = int(r.start), int(r.end)
+                # the device entries of the range the callback returned with (model state of the device)
+                kept: Any = ()
+                if ents:
+                    if (end - start) // PAGE_SIZE < len(ents):
+                        kept = {v for v in range(start & ~(PAGE_SIZE - 1), min(end, 1 << 57), PAGE_SIZE)
+                                if v in ents}
+                    else:
+                        kept = {v for v in ents if start <= v < end}
+                rec = [start, end, eng.step, None, cur, kept]
                 if not self.inflight_overlap(self.mm_name, rec[0], rec[1]):
                     rec[3] = eng.step
                 self.delivered.append(rec)
             return ret
         run.driver.invalidate = invalidate
+
+    callback = "-"
+
+    def kept_by_callback(self, va: int) -> bool:
+        """Did a delivered callback return while the device still mapped ``va`` (inside its range)?"""
+        for d in reversed(self.delivered):
+            if d[0] <= va < d[1]:
+                return va in d[5]
+        return False
 
     def _on_pt(self, op: str, va: int, pfn: int, write: bool) -> None:
         st = self.engine.current
@@ -109,8 +133,18 @@ class Tracker:
             for fn in self.commit_hooks:
                 fn(st, va, pfn, write)
 
+    #: task idx -> the location (``module.function``) of the task's latest HMM call that returned
+    last_call: dict[int, str]
+
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]
+        if what in self.HMM_CALLS:
+            st = eng.current
+            if st is not None:
+                # the HMM call logs its own return: its frame (or its tracing wrapper's, described as the
+                # call) is the innermost kernel-named frame of the live stack
+                self.last_call[st.idx] = location_of(frame_stack(sys._getframe(1)))
+            return
         if what == "invalidate_range_start":
             mm = ev.get("mm", "")
             self.inflight.setdefault(mm, []).append([ev["start"], ev["end"], eng.step])
@@ -261,8 +295,12 @@ class PgmapRefs:
             return
         for p in self.pgmaps:
             if p.count != self.base[id(p)]:
+                # a reference a walk took and did not give back: reported at the HMM call that returned
+                # with it (not at the driver's next blocking point, where the task now stands)
+                call = self.t.last_call.get(st.idx)
                 eng.violate("pgmap_refcount", f"{p.name}: count {p.count} after the HMM calls of {st.name} "
-                            f"returned, baseline {self.base[id(p)]}", st=st,
+                            f"returned, baseline {self.base[id(p)]}", st=st, location=call,
+                            detail="kept" if p.count > self.base[id(p)] else "dropped",
                             state={"pgmap": p.name, "count": p.count, "baseline": self.base[id(p)],
                                    "stats": dict(p.ref.stats) if getattr(p, "ref", None) else {}})
                 return
@@ -298,6 +336,14 @@ class PageCounts:
         except ImportError:
             self.check_counts = None
 
+    pre_stack: list[str] = []
+
+    def before_step(self, eng: Any, st: Any) -> None:
+        if self.every == 1:
+            # where the task resumes: the code that runs in this step (a task that finishes in the step has
+            # no stack after it); only at every-step cadence, the replay that locates a finding
+            self.pre_stack = gen_stack(st.gen) if st.gen is not None else []
+
     def after_step(self, eng: Any, st: Any, point: Any) -> None:
         if eng.step < self.next:
             return
@@ -314,9 +360,21 @@ class PageCounts:
     def _check(self, eng: Any, st: Any, refs: bool) -> None:
         bad = self.mismatches(refs)
         if bad:
+            stack = None
+            if st is None:
+                stack = []
+            elif self.every == 1 and self.pre_stack:
+                stack = self.pre_stack
+            elif not st.done:
+                stack = gen_stack(st.gen)
+            # a step runs from the preemption point where the task resumed to its next one, through code of
+            # many functions: the counts broke inside the operation the task was doing -- its outermost
+            # kernel-named function (the same for one cause wherever the step began)
+            outer = next((x.rsplit(":", 1)[0] for x in (stack or []) if is_kernel_name(x.rsplit(":", 1)[0])),
+                         None)
             eng.violate("page_counts", f"{len(bad)} frame(s) disagree with the page tables: {bad[0]}",
-                        st=st, stack=[] if st is None else None, state={"mismatches": [str(b) for b in bad[:8]]},
-                        location="page_counts" if st is None else None)
+                        st=st, stack=stack, state={"mismatches": [str(b) for b in bad[:8]]},
+                        location="page_counts" if st is None else outer)
 
     def mismatches(self, refs: bool) -> list[Any]:
         if self.check_counts is None:
@@ -400,6 +458,7 @@ class Coherence:
         cpu = "nothing" if cpfn < 0 else f"pfn {cpfn:#x} {'rw' if cw else 'r'}"
         eng.violate("coherence", f"{why}: device maps {va:#x} -> pfn {pfn:#x} {'rw' if write else 'r'}, "
                     f"the CPU maps {cpu}", st=st, mm=self.mm, addr=va, stack=stack,
+                    location=self._location(va, why), detail="after_end" if why.startswith("after") else "commit",
                     state={"device": (hex(pfn), write), "cpu": (hex(cpfn), readable, cw)})
         return False
 
@@ -419,6 +478,13 @@ class Coherence:
                     pfn, write = ents[va]
                     if not self._check(eng, st, va, pfn, write, "after invalidate_range_end"):
                         return
+
+    def _location(self, va: int, why: str) -> str | None:
+        """After ``invalidate_range_end``: the subscriber whose callback returned while its device still
+        mapped ``va`` (None: the entry came back later; the stack of the step decides)."""
+        if why == "after invalidate_range_end" and self.t.kept_by_callback(va):
+            return self.t.callback
+        return None
 
 
 class CommitInvalid:
@@ -495,6 +561,7 @@ class ResultContract:
     def attach(self, eng: Any, run: Any) -> None:
         self.driver = run.driver
         self.mm = getattr(run.driver, "mm", None) or run.procs[run.scenario.mirror].mm
+        self.fault_location = driver_fault_location(run.driver)
 
     def fault_begin(self, eng: Any, st: Any, start: int, end: int, write: bool) -> None:
         mmn = self.mm.name
@@ -527,7 +594,7 @@ class ResultContract:
         self.calls[st.idx] = self.calls.get(st.idx, 0) + 1
         if self.calls[st.idx] > self.MAX_LOOP_CALLS:
             eng.violate("liveness", f"{st.name}'s driver loop called {what} {self.calls[st.idx]} times "
-                        f"with no invalidation of {self.mm.name} pending", st=st)
+                        f"with no invalidation of {self.mm.name} pending", st=st, detail="driver_loop")
             return
         ret = ev.get("ret")
         if ret is None or ret < 0 or not self._quiet_since(st.idx, ev.get("start", 0), ev.get("end", 0)):
@@ -611,8 +678,17 @@ class ResultContract:
                 eng.violate("result_contract", f"driver fault of {start:#x}-{end:#x} ({'write' if write else 'read'}) "
                             f"returned 0 but the device maps {va:#x} as {ent}, the CPU as "
                             f"{'nothing' if cpfn < 0 else hex(cpfn) + (' rw' if cw else ' r')}",
-                            st=st, mm=self.mm, addr=va, state={"device": ent, "cpu": (hex(cpfn), readable, cw)})
+                            st=st, mm=self.mm, addr=va, location=self.fault_location, detail="driver_fault",
+                            state={"device": ent, "cpu": (hex(cpfn), readable, cw)})
                 return
+
+
+def driver_fault_location(driver: Any) -> str:
+    """The driver's own fault routine (``module.Class.function``): the built-in drivers' ``populate`` behind
+    their adapters, else ``driver.fault``."""
+    inner = getattr(driver, "dm", None) or getattr(driver, "drv", None)
+    fn = getattr(inner, "populate", None) if inner is not None else None
+    return function_name(fn or driver.fault)
 
 
 class WarnEvents:

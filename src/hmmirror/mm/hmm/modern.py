@@ -584,6 +584,7 @@ def hmm_range_fault(range: HmmRange) -> Gen[int]:   # noqa: A002 - kernel name
     machine.counters["hmm_range_fault"] += 1
     hmm_vma_walk = HmmVmaWalk(range, range.start)
     stuck = 0                                   # model: restarts at the same `last` in a row
+    faults0 = hmm_vma_walk.faults
     while True:
         # If the range is no longer valid force a retry.
         if mmu_interval_check_retry(range.notifier, range.notifier_seq):
@@ -597,11 +598,15 @@ def hmm_range_fault(range: HmmRange) -> Gen[int]:   # noqa: A002 - kernel name
         # After -EBUSY the loop restarts at `last`: entries below it hold outputs, the rest their inputs.
         if ret != -EBUSY:
             break
-        stuck = stuck + 1 if hmm_vma_walk.last == last else 0
+        if hmm_vma_walk.last == last:
+            stuck += 1
+        else:
+            stuck, faults0 = 0, hmm_vma_walk.faults
         if stuck >= HMM_MODEL_MAX_RESTARTS:
             # The kernel would loop forever: a fault that leaves the entry as it was is a substrate bug.
             sched.report("livelock", f"hmm_range_fault restarted {stuck} times at {hmm_vma_walk.last:#x} "
-                                     "without progress")
+                                     "without progress", cause="refault" if hmm_vma_walk.faults > faults0
+                         else "no-fault")
             break
     if ret == -EBUSY:
         machine.counters["hmm_ebusy"] += 1

@@ -456,6 +456,12 @@ def _range_machine(range: HmmRange) -> "Machine | None":
     return range.machine
 
 
+def _livelock_cause(range: HmmRange, faults0: int) -> str:
+    """Ours: why the walk restarts without progress -- ``refault`` (every restart faulted the page again
+    and the fault left an entry that still needs one) or ``no-fault`` (a lookup failed: pgmap, migration)."""
+    return "refault" if range.stats["faults"] > faults0 else "no-fault"
+
+
 def _traced(fn: Callable[..., Gen[int]]) -> Callable[..., Gen[int]]:
     """Ours: log an API call on ``range`` (first argument) with its result and the per-call counters."""
     name = fn.__name__
@@ -1555,6 +1561,7 @@ def hmm_range_fault(range: HmmRange, block: bool) -> Gen[int]:
         mm_walk = _new_mm_walk(vma, hmm_vma_walk)
 
         stuck = 0
+        faults0 = range.stats["faults"]
         while True:
             _count(range, "walks")
             ret = yield from walk_page_range(start, end, mm_walk)
@@ -1568,10 +1575,13 @@ def hmm_range_fault(range: HmmRange, block: bool) -> Gen[int]:
             # Model: the kernel can be preempted here (CONFIG_PREEMPT); a restart that never advances `last`
             # (e.g. get_dev_pagemap failing on a dying pgmap while the range stays valid) spins forever in
             # 5.2: reported as a livelock finding, after which the model returns the -EBUSY.
-            stuck = 0 if progress else stuck + 1
+            if progress:
+                stuck, faults0 = 0, range.stats["faults"]
+            else:
+                stuck += 1
             if stuck >= LIVELOCK_RESTARTS:
                 sched.report("livelock", f"hmm_range_fault({range.name}): {stuck} walks restarted at "
-                                         f"{start:#x} without progress")
+                                         f"{start:#x} without progress", cause=_livelock_cause(range, faults0))
                 break
             yield from sched.preempt_point("hmm_range_fault")
 
