@@ -28,7 +28,8 @@ class KernelProfile:
     pte_markers: bool                   # guard / uffd-wp / poison markers exist [6.18]
     huge_zero_per_mm: bool              # huge zero folio referenced per mm [5.2]
     interval_notifiers: bool            # mmu_interval_notifier exists [5.5+]
-    pagemap_exclusive_per_folio: bool   # pagemap "exclusive" of a large folio: mapped by this mm only [6.18]
+    pagemap_exclusive_per_folio: bool   # pagemap "exclusive" of a large folio: !folio_maybe_mapped_shared [6.18 with
+                                        # CONFIG_NO_PAGE_MAPCOUNT]; False: the page's precise mapcount is 1
     file_large_folios: bool             # ext4/xfs page cache in large folios, fault-around maps whole folios [6.18]
     mprotect_pud_leaf: bool             # mprotect changes/splits PUD leaves [6.18]; [5.2] clears them as bad (rejected)
     madvise_advice: tuple[str, ...]     # advice names madvise_behavior_valid() accepts; others -EINVAL
@@ -39,6 +40,8 @@ class KernelProfile:
     wp_huge_split_on_fallback: bool     # file write fault on a huge PMD/PUD: huge_fault only for shared VMAs, split
                                         # on FALLBACK [5.8+]; [5.2] returns huge_fault's result (DAX splits itself)
     pgmap_owner_required: bool          # device-private dev_pagemaps must carry a non-NULL owner [5.7+]
+    pagemap_pmd_exclusive_head: bool    # pagemap of a PMD leaf: "exclusive" from the head page's mapcount for all 512
+                                        # entries [5.2, 6.18]; from each subpage's own mapcount [6.12]
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -71,6 +74,7 @@ V5_2 = KernelProfile(
     swapin_exclusive_writable=False,
     wp_huge_split_on_fallback=False,
     pgmap_owner_required=False,
+    pagemap_pmd_exclusive_head=True,
 )
 
 V6_18 = KernelProfile(
@@ -88,7 +92,7 @@ V6_18 = KernelProfile(
     huge_zero_per_mm=False,
     interval_notifiers=True,
     file_large_folios=True,
-    pagemap_exclusive_per_folio=True,
+    pagemap_exclusive_per_folio=False,      # the host (and Debian) kernels have CONFIG_PAGE_MAPCOUNT=y
     mprotect_pud_leaf=True,
     madvise_advice=_MADV_5_2 + ("COLD", "PAGEOUT", "POPULATE_READ", "POPULATE_WRITE", "COLLAPSE"),
     fork_copies_shared_hugetlb=False,
@@ -97,6 +101,7 @@ V6_18 = KernelProfile(
     swapin_exclusive_writable=True,
     wp_huge_split_on_fallback=True,
     pgmap_owner_required=True,
+    pagemap_pmd_exclusive_head=True,
 )
 
 PROFILES = {"5.2": V5_2, "6.18": V6_18}

@@ -53,6 +53,8 @@ def command(files: tuple[str, ...], nrandom: int | None, seed: int, save: str | 
         for scn in scenarios:
             crosscheck_scenario(scn, report, host_thp)
             progress.advance(task)
+    for name, reason in report.skipped:              # never silent, also with --json (on stderr)
+        console.print(f"[yellow]skipped[/] {name}: {reason}")
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
         return
@@ -68,7 +70,9 @@ def _print(report: "object", limit: int) -> None:
     assert isinstance(report, Report)
     con = Console()
     pct = 100.0 * report.agree / report.pages if report.pages else 100.0
-    con.print(f"{report.scenarios} scenarios, {report.pages} pages compared, "
+    skipped = f", [yellow]{len(report.skipped)} skipped[/] (see the end)" if report.skipped else ""
+    crashed = f", [red]{len(report.crashes)} model crashes[/]" if report.crashes else ""
+    con.print(f"{report.scenarios} scenarios compared{skipped}{crashed}; {report.pages} pages compared, "
               f"{report.agree} agree on every field ({pct:.2f}%)")
     t = Table("field", "agree", "compared", "agreement", title="agreement per field")
     for fld, ok, n, ratio in summary_rows(report):
@@ -88,3 +92,6 @@ def _print(report: "object", limit: int) -> None:
         con.print(f"[red]model crashed[/] {name}: {err}")
     for name, reason in report.skipped:
         con.print(f"[yellow]skipped[/] {name}: {reason}")
+    if report.skipped:
+        con.print(f"[yellow]{len(report.skipped)} of {report.scenarios + len(report.skipped) + len(report.crashes)} "
+                  "scenarios were skipped: their pages are not in the figures above[/]")

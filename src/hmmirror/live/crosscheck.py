@@ -63,6 +63,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {
             "scenarios": self.scenarios,
+            "scenarios_skipped": len(self.skipped),
             "pages": self.pages,
             "agree": self.agree,
             "by_field": {k: {"agree": v[0], "compared": v[1], "ratio": round(v[0] / v[1], 6) if v[1] else None}
@@ -74,17 +75,35 @@ class Report:
 
 
 class _PfnClasses:
-    """Rename pfns in order of first appearance (per side); the zero page is ``"Z"``."""
+    """Name each side's pfns by where they first appeared; the zero page is ``"Z"``.
+
+    A class is the position ``(op index, page index)`` of the page's first appearance, so a page one side
+    maps and the other does not shifts no other page's name.  A frame's identity lasts while it stays in
+    view: a pfn that no inspection of the previous round (the inspects after one state-changing operation)
+    showed has been freed, or at least let go, and its next appearance is a new page (a freed frame the
+    kernel reuses for something else must not look like the old page; the model reuses frames differently).
+    Both sides apply the same rule to the same positions, so a page cache page unmapped and mapped again
+    is a new class on both.
+    """
 
     def __init__(self) -> None:
-        self.ids: dict[int, int] = {}
+        self.ids: dict[int, tuple[int, int]] = {}
+        self.seen: set[int] = set()
+        self.where = (0, 0)
+
+    def begin_round(self) -> None:
+        """A state-changing operation happened: forget the frames the last round did not show."""
+        if self.seen:
+            self.ids = {p: c for p, c in self.ids.items() if p in self.seen}
+            self.seen = set()
 
     def __call__(self, s: PageState) -> Any:
         if not s.present or s.pfn is None:
             return None
         if s.zero and s.kind == "zero" and not s.huge:
             return "Z"
-        return self.ids.setdefault(s.pfn, len(self.ids))
+        self.seen.add(s.pfn)
+        return self.ids.setdefault(s.pfn, self.where)
 
 
 def _value(s: PageState, fld: str, classes: _PfnClasses) -> Any:
@@ -99,6 +118,7 @@ def compare_pages(name: str, op_index: int, model: list[PageState], real: list[P
     base = model[0].addr if model else 0
     for i, (ms, rs) in enumerate(zip(model, real)):
         page_agree = True
+        mcls.where = rcls.where = (op_index, i)
         for fld in FIELDS:
             mv, rv = _value(ms, fld, mcls), _value(rs, fld, rcls)
             if rv is None and fld not in ("pfn_class", "level"):
@@ -160,8 +180,9 @@ def _real_side(scn: Any) -> list[Any]:
         return executor.run_ops(scn.raw_ops(), scn.processes, scn.raw_files(), mounts, drop_caches=False)
 
 
-def crosscheck_scenario(scn: Any, report: Report, host_thp: dict[str, Any] | None = None) -> None:
-    """Run one parsed scenario on both sides and add the comparison to ``report``."""
+def run_both(scn: Any, report: Report, host_thp: dict[str, Any] | None = None) -> tuple[Any, list[Any]] | None:
+    """Run one parsed scenario on the real kernel, then on the model: ``(model result, real records)``, or
+    None when it was skipped (reason in ``report.skipped``) or the model crashed (``report.crashes``)."""
     from hmmirror.live import hostenv
 
     name = scn.file
@@ -169,16 +190,27 @@ def crosscheck_scenario(scn: Any, report: Report, host_thp: dict[str, Any] | Non
         real = _real_side(scn)
     except hostenv.Unavailable as exc:
         report.skipped.append((name, exc.reason))
-        return
+        return None
     unsupported = [r for r in real if r.unsupported]
     if unsupported:
         report.skipped.append((name, f"op #{unsupported[0].index} not runnable here: {unsupported[0].note}"))
-        return
+        return None
     try:
         model = _model_side(scn, host_thp if host_thp is not None else hostenv.thp_settings(), real)
     except Exception as exc:                      # a model crash is a finding, not the end of the run
         report.crashes.append((name, f"{type(exc).__name__}: {exc}"))
-        return
+        return None
+    return model, real
+
+
+def crosscheck_scenario(scn: Any, report: Report, host_thp: dict[str, Any] | None = None) -> tuple[Any, list[Any]] | None:
+    """Run one parsed scenario on both sides and add the comparison to ``report``; returns what
+    :func:`run_both` returns."""
+    both = run_both(scn, report, host_thp)
+    if both is None:
+        return None
+    model, real = both
+    name = scn.file
     report.scenarios += 1
     mcls, rcls = _PfnClasses(), _PfnClasses()
     last_change: str | None = None
@@ -192,6 +224,9 @@ def crosscheck_scenario(scn: Any, report: Report, host_thp: dict[str, Any] | Non
             compare_pages(name, mrec.index, mrec.pages, rrec.pages, report, mcls, rcls, last_change)
         elif mrec.op != "inspect":
             last_change = f"#{mrec.index} {mrec.op} {mrec.proc}"
+            mcls.begin_round()
+            rcls.begin_round()
+    return model, real
 
 
 def summary_rows(report: Report) -> list[tuple[str, int, int, float]]:

@@ -15,6 +15,15 @@ not an exception. Bad input (an unknown operation, a name never defined) raises
 :class:`~hmmirror.errors.InputError` before any process starts. Workers are always killed and reaped on exit,
 also on exceptions.
 
+Placement: the interpreter's own mappings (libraries, malloc and obmalloc arenas) have page tables, and a
+scenario mapping placed by the kernel next to them would share a PTE table with them, which the model has
+not (a present table changes fault-around).  So each worker reserves an *arena* of address space
+(``PROT_NONE``, ``MAP_NORESERVE``, never touched, so it has no page tables) and places every scenario
+``mmap`` without an address inside it, top down, with ``MAP_FIXED``.  The kernel still decides the
+alignment: the same ``mmap`` is first made without an address (and without ``MAP_POPULATE``), and the
+placement in the arena keeps that address's offset modulo 2 MiB (modulo the huge page size for larger
+hugetlb pages), which is what THP and huge-page alignment depend on.
+
 Safety: a worker is a copy of the caller's Python process. Operations may only change memory the scenario
 mapped (or unmapped address space): an ``munmap``/``mprotect``/``madvise``/``MAP_FIXED``/``touch`` that would hit
 the worker's own interpreter memory is refused (result ``ok=False``, ``note`` says why) instead of crashing it.
@@ -73,6 +82,10 @@ UNSUPPORTED_FILES = ("pfnmap",)
 #: Devices an ``mmap`` may name directly (nothing that maps host memory such as /dev/mem).
 ALLOWED_DEVICES = ("/dev/dax", "/dev/zero")
 _MAP_FAILED = (1 << 64) - 1
+MAP_POPULATE = MAP["populate"]
+#: Address space each worker reserves for the scenario's mappings (no memory, no page tables).
+ARENA_SIZE = 1 << 38
+_PMD = 1 << 21
 _MSG_MAX = 1 << 16
 _CHUNK = 1 << 16  # bytes compared/filled per step: keeps worker temporaries below malloc's mmap threshold
 _SIZE_RE = re.compile(r"^\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -259,6 +272,32 @@ class _Worker:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.owned: list[tuple[int, int]] = []  # ranges the scenario mapped (the rest is the interpreter's)
+        self.arena = _reserve_arena()            # [lo, hi) for scenario mappings, None if it could not be had
+
+    # -- placement ------------------------------------------------------------------------------
+
+    def place(self, eff: int, modulus: int, residue: int) -> int | None:
+        """Highest address ``a`` in the arena with ``a % modulus == residue`` whose ``[a, a+eff)`` overlaps
+        no scenario mapping (the arena's top 2 MiB-aligned block stays free: no PTE table is shared with
+        what lies above the arena)."""
+        if self.arena is None:
+            return None
+        lo, hi = self.arena
+        top = (hi & ~(_PMD - 1)) - _PMD
+
+        def below(limit: int) -> int:
+            a = limit - eff
+            return a - ((a - residue) % modulus)
+
+        a = below(top)
+        busy = sorted((r for r in self.owned if r[1] > lo and r[0] < hi), reverse=True)
+        moved = True
+        while moved and a >= lo:
+            moved = False
+            for b0, b1 in busy:
+                if b0 < a + eff and b1 > a:
+                    a, moved = below(b0), True
+        return a if a >= lo else None
 
     # -- ownership ------------------------------------------------------------------------------
 
@@ -280,10 +319,16 @@ class _Worker:
     def foreign(self, lo: int, hi: int, maps: list[_Map] | None = None) -> list[tuple[int, int]]:
         """Parts of ``[lo, hi)`` mapped by the interpreter, not by the scenario."""
         maps = _self_maps(lo, hi) if maps is None else maps
-        parts = [(max(m.start, lo), min(m.end, hi)) for m in maps if m.start < hi and m.end > lo]
+        parts = [(max(m.start, lo), min(m.end, hi)) for m in maps if m.start < hi and m.end > lo
+                 and not self._is_arena(m)]
         for a, b in self.owned:
             parts = [q for p in parts for q in _subtract(p, (a, b))]
         return parts
+
+    def _is_arena(self, m: _Map) -> bool:
+        """An unused part of the arena reservation (not the interpreter's memory)."""
+        return self.arena is not None and self.arena[0] <= m.start and m.end <= self.arena[1] \
+            and m.perms.startswith("---") and not m.path
 
     def _guard(self, lo: int, length: int, maps: list[_Map] | None = None) -> dict[str, Any] | None:
         """A refusal if ``[lo, lo+length)`` touches interpreter memory, else None."""
@@ -334,9 +379,12 @@ class _Worker:
 
     def _mmap(self, m: dict[str, Any], fd: int) -> dict[str, Any]:
         length, flags, align = m["length"], m["flags"], m.get("align") or 0
-        eff = _round_up(max(length, 1), _mapping_page_size(flags, fd))
+        psize = _mapping_page_size(flags, fd)
+        eff = _round_up(max(length, 1), psize)
         if align:
             return self._mmap_aligned(m, fd, eff)
+        if not m["addr"] and self.arena is not None:
+            return self._mmap_in_arena(m, fd, eff, max(_PMD, psize))
         if flags & MAP_FIXED and (ref := self._guard(m["addr"] or 0, eff)):
             return ref
         addr = _libc.mmap(m["addr"] or None, length, m["prot"], flags, fd, m.get("offset", 0))
@@ -345,9 +393,32 @@ class _Worker:
         self._own(addr, addr + eff)
         return _ok(addr, length=eff)
 
+    def _mmap_in_arena(self, m: dict[str, Any], fd: int, eff: int, modulus: int) -> dict[str, Any]:
+        """Let the kernel choose an address (then unmap it), map at the highest free arena address with the
+        same offset modulo ``modulus``."""
+        flags = m["flags"] & ~(MAP_POPULATE | MAP_FIXED_NOREPLACE)
+        probe = _libc.mmap(None, m["length"], m["prot"], flags, fd, m.get("offset", 0))
+        if probe in (None, _MAP_FAILED):
+            return _err()
+        _libc.munmap(probe, eff)
+        start = self.place(eff, modulus, probe % modulus)
+        if start is None:
+            return _err(_errno.ENOMEM)
+        addr = _libc.mmap(start, m["length"], m["prot"], (m["flags"] & ~MAP_FIXED_NOREPLACE) | MAP_FIXED, fd,
+                          m.get("offset", 0))
+        if addr in (None, _MAP_FAILED):
+            err = _err()
+            _libc.mmap(start, eff, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+            return err
+        self._own(start, start + eff)
+        return _ok(start, length=eff)
+
     def _mmap_aligned(self, m: dict[str, Any], fd: int, eff: int) -> dict[str, Any]:
-        """Reserve ``eff + align`` PROT_NONE, map at the aligned start with MAP_FIXED, trim the rest."""
+        """Reserve ``eff + align`` PROT_NONE, map at the aligned start with MAP_FIXED, trim the rest (in the
+        arena: the highest free aligned address)."""
         align = m["align"]
+        if self.arena is not None:
+            return self._mmap_in_arena_aligned(m, fd, eff, align)
         res = _libc.mmap(None, eff + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         if res in (None, _MAP_FAILED):
             return _err()
@@ -362,6 +433,19 @@ class _Worker:
             _libc.munmap(res, start - res)
         if res + eff + align > start + eff:
             _libc.munmap(start + eff, res + eff + align - (start + eff))
+        self._own(start, start + eff)
+        return _ok(start, length=eff)
+
+    def _mmap_in_arena_aligned(self, m: dict[str, Any], fd: int, eff: int, align: int) -> dict[str, Any]:
+        start = self.place(eff, align, 0)
+        if start is None:
+            return _err(_errno.ENOMEM)
+        flags = (m["flags"] & ~MAP_FIXED_NOREPLACE) | MAP_FIXED
+        addr = _libc.mmap(start, m["length"], m["prot"], flags, fd, m.get("offset", 0))
+        if addr in (None, _MAP_FAILED):
+            err = _err()
+            _libc.mmap(start, eff, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+            return err
         self._own(start, start + eff)
         return _ok(start, length=eff)
 
@@ -440,6 +524,14 @@ class _Worker:
         """Test hook: stay busy for ``seconds``."""
         time.sleep(float(m.get("seconds", 0)))
         return _ok()
+
+
+def _reserve_arena() -> tuple[int, int] | None:
+    """Reserve ``ARENA_SIZE`` bytes of address space (PROT_NONE, MAP_NORESERVE): ``(lo, hi)`` or None."""
+    a = _libc.mmap(None, ARENA_SIZE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    if a in (None, _MAP_FAILED):
+        return None
+    return a, a + ARENA_SIZE
 
 
 def _subtract(p: tuple[int, int], q: tuple[int, int]) -> list[tuple[int, int]]:

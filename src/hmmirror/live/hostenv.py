@@ -269,6 +269,8 @@ def _loop_device(image: str) -> Iterator[str]:
 
 
 _MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"]}
+#: Smallest image each mkfs accepts (mkfs.xfs refuses filesystems below 300 MB); the image is sparse.
+MIN_IMAGE = {"ext4": 64 << 20, "xfs": 320 << 20}
 
 
 def _parse_size(size: int | str) -> int:
@@ -282,7 +284,8 @@ def _parse_size(size: int | str) -> int:
 
 @contextlib.contextmanager
 def loop_fs(fstype: str = "ext4", size: int | str = "64M", options: str | None = None) -> Iterator[str]:
-    """A fresh ``ext4``/``xfs`` filesystem on a loop device over a temp image; yield its mount path.
+    """A fresh ``ext4``/``xfs`` filesystem on a loop device over a temp image; yield its mount path.  The
+    (sparse) image is at least :data:`MIN_IMAGE` bytes for its type (mkfs.xfs refuses less than 300 MB).
 
     Always unmounts, detaches the loop device and removes the image, also when the body raises.
     """
@@ -293,7 +296,7 @@ def loop_fs(fstype: str = "ext4", size: int | str = "64M", options: str | None =
         image, mnt = os.path.join(top, "image"), os.path.join(top, "mnt")
         os.mkdir(mnt)
         with open(image, "wb") as f:
-            f.truncate(_parse_size(size))
+            f.truncate(max(_parse_size(size), MIN_IMAGE[fstype]))
         _run(_MKFS[fstype] + [image])
         with _loop_device(image) as dev:
             argv = ["mount", "-t", fstype] + (["-o", options] if options else []) + [dev, mnt]

@@ -82,7 +82,12 @@ def model_page_state(mm: "MMStruct", addr: int, _memo: dict[int, bool] | None = 
     # pagemap: FILE for a struct page that is not anon (the huge zero folio included, the zero PTE not)
     page = has_meta and not special and not (fl & PG.device and not mm.machine.profile.dax_refcounted)
     file_bit = page and not fl & PG.anon
+    # PM_MMAP_EXCLUSIVE: the precise mapcount of the page is 1 (mapcount[] counts a PMD leaf in each of its
+    # frames, so it is page->_mapcount + 1 + the folio's entire mapcount); a PMD leaf may read its head's
     exclusive = page and not zero and int(mem.mapcount[pfn]) == 1
+    if page and not zero and level == "pmd" and mm.machine.profile.pagemap_pmd_exclusive_head \
+            and pfn < mem.nr_ram and not fl & PG.hugetlb:
+        exclusive = int(mem.mapcount[pfn - off]) == 1
     if page and not zero and mm.machine.profile.pagemap_exclusive_per_folio and pfn < mem.nr_ram:
         head = mem.compound_head(pfn)
         order = int(mem.order[head])

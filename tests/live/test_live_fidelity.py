@@ -1,0 +1,142 @@
+"""The host cross-check's known model and runner errors (issue 12), each reproduced on this kernel.
+
+Every test runs a scenario in real worker processes and in the model (``crosscheck_scenario``), asserts the
+real kernel's values first (the behaviour the fix follows, observed on 6.18.44 with CONFIG_PAGE_MAPCOUNT=y)
+and then that the model agrees page by page.  Resources (workers, loop mounts, hugetlb pools) are released
+by context managers, also when an assertion fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hmmirror.live import hostenv
+from hmmirror.live.crosscheck import Report, crosscheck_scenario
+from hmmirror.scenario import schema
+
+_REASON = hostenv.why_not_live()
+pytestmark = [pytest.mark.live, pytest.mark.xdist_group("host"),
+              pytest.mark.skipif(_REASON is not None, reason=f"live: {_REASON}")]
+
+
+def both(text: str, name: str = "scenario.toml") -> tuple[list, list, Report]:
+    """Run ``text`` on both sides: (model records, real records, report); never skipped silently."""
+    rep = Report()
+    res = crosscheck_scenario(schema.parse(text, name), rep)
+    assert rep.skipped == [] and rep.crashes == [], (rep.skipped, rep.crashes)
+    assert res is not None
+    model, real = res
+    return model.records, real, rep
+
+
+def disagreements(rep: Report) -> list[tuple]:
+    return [(d.op_index, d.page, d.field, d.model, d.real) for d in rep.disagreements]
+
+
+THP_FORK = """
+[machine]
+kernel = "6.18"
+[[op]]
+op = "mmap"
+as = "m"
+length = "2M"
+prot = "rw"
+flags = ["private", "anonymous"]
+align = "2M"
+[[op]]
+op = "madvise"
+addr = "m"
+length = "2M"
+advice = "hugepage"
+[[op]]
+op = "touch"
+addr = "m"
+length = "4K"
+access = "write"
+[[op]]
+op = "fork"
+child = "c"
+[[op]]
+op = "touch"
+proc = "c"
+addr = "m"
+length = "4K"
+access = "write"
+[[op]]
+op = "inspect"
+proc = "p"
+addr = "m"
+length = "2M"
+[[op]]
+op = "inspect"
+proc = "c"
+addr = "m"
+length = "2M"
+"""
+
+
+def test_pagemap_exclusive_of_pmd_thp_reads_the_head_page() -> None:
+    """Error 1: after fork and a COW of the child's first page, the parent's PMD still maps a folio the
+    child maps with 511 PTEs; 6.18 reads the head page's precise mapcount (1) for all 512 entries."""
+    model, real, rep = both(THP_FORK)
+    parent, child = real[5].pages, real[6].pages
+    assert all(p.level == "pmd" for p in parent)
+    assert all(p.exclusive for p in parent)                  # the kernel: exclusive, though shared
+    assert child[0].exclusive and not any(p.exclusive for p in child[1:])
+    assert disagreements(rep) == []
+
+
+FILE_FOLIO_FORK = """
+[machine]
+kernel = "6.18"
+[[machine.fs]]
+mount = "/mnt/e"
+type = "ext4"
+[[file]]
+path = "/mnt/e/f"
+size = "128K"
+[[op]]
+op = "mmap"
+as = "m"
+length = "128K"
+prot = "r"
+flags = ["shared"]
+file = "/mnt/e/f"
+align = "2M"
+[[op]]
+op = "touch"
+addr = "m"
+length = "4K"
+[[op]]
+op = "fork"
+child = "c"
+[[op]]
+op = "touch"
+proc = "c"
+addr = "m"
+length = "4K"
+[[op]]
+op = "madvise"
+proc = "c"
+addr = "m"
+length = "32K"
+advice = "dontneed"
+[[op]]
+op = "inspect"
+proc = "p"
+addr = "m"
+length = "128K"
+"""
+
+
+def test_pagemap_exclusive_of_pte_mapped_large_folio_is_per_page() -> None:
+    """Error 1 (PTE side): with CONFIG_PAGE_MAPCOUNT a PTE reads its own page's mapcount, not "is the folio
+    mapped by another mm": pages the child dropped are exclusive in the parent, the others are not (a
+    shared file mapping's PTEs are not copied by fork: the child's touch maps the folio anew).  Also
+    runner error 3: a fresh mapping in the arena has no PTE table, so finish_fault maps the whole 32-page
+    folio (it ends at EOF, so fault-around maps nothing)."""
+    model, real, rep = both(FILE_FOLIO_FORK)
+    pages = real[5].pages
+    assert all(p.present for p in pages)                     # the whole 32-page folio
+    assert [p.exclusive for p in pages] == [True] * 8 + [False] * 24
+    assert disagreements(rep) == []
