@@ -42,6 +42,19 @@ class KernelProfile:
     pgmap_owner_required: bool          # device-private dev_pagemaps must carry a non-NULL owner [5.7+]
     pagemap_pmd_exclusive_head: bool    # pagemap of a PMD leaf: "exclusive" from the head page's mapcount for all 512
                                         # entries [5.2, 6.18]; from each subpage's own mapcount [6.12]
+    # --- device memory (issue 11) ---------------------------------------------------------------------------
+    device_private_free_at_zero: bool   # device-private pages are free at refcount 0; zone_device_page_init() sets 1
+                                        # and takes a pgmap ref, the last put calls page_free [6.0+]; [5.2] idle at 1
+    do_swap_page_device_lock: bool      # do_swap_page() trylocks the device-private page before migrate_to_ram and
+                                        # migrate_vma_*() leave fault_page locked by the caller [6.15+]; [6.12] it only
+                                        # takes a reference and migrate_vma_collect_pmd() trylocks it like any page
+    make_device_exclusive_single: bool  # make_device_exclusive(mm, addr, owner, &folio): one page, locked folio, the
+                                        # exclusive entry keeps its rmap [6.15+]; [6.12] make_device_exclusive_range()
+                                        # over an rmap walk, the entry drops the rmap (mapcount) but keeps the reference
+    dmirror_release_evicts: bool        # lib/test_hmm.c dmirror_fops_release() migrates the device's pages back to RAM
+                                        # (6.12.y stable, 2026 tree); mainline 6.15-6.18 only removes the notifier
+    dmirror_flags_ioctl: bool           # lib/test_hmm.c has HMM_DMIRROR_FLAGS (HMM_DMIRROR_FLAG_FAIL_ALLOC) [6.19+,
+                                        # with device-private THP]; without it the ioctl is -EINVAL
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -75,6 +88,11 @@ V5_2 = KernelProfile(
     wp_huge_split_on_fallback=False,
     pgmap_owner_required=False,
     pagemap_pmd_exclusive_head=True,
+    device_private_free_at_zero=False,
+    do_swap_page_device_lock=False,
+    make_device_exclusive_single=False,
+    dmirror_release_evicts=False,
+    dmirror_flags_ioctl=False,
 )
 
 V6_18 = KernelProfile(
@@ -102,6 +120,11 @@ V6_18 = KernelProfile(
     wp_huge_split_on_fallback=True,
     pgmap_owner_required=True,
     pagemap_pmd_exclusive_head=True,
+    device_private_free_at_zero=True,
+    do_swap_page_device_lock=True,
+    make_device_exclusive_single=True,
+    dmirror_release_evicts=False,
+    dmirror_flags_ioctl=False,
 )
 
 PROFILES = {"5.2": V5_2, "6.18": V6_18}

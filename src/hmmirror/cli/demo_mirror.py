@@ -80,6 +80,9 @@ def mirror_story(run: Any, proc_name: str) -> dict[str, Any]:
     def refs() -> dict[str, int]:
         return {p.name: int(p.count) for p in machine.pgmaps}
 
+    if machine.profile.interval_notifiers:
+        from hmmirror.drivers.test_hmm import hmm_dmirror_init
+        hmm_dmirror_init(machine)              # load test_hmm first: its device-private chunks are pgmaps too
     before = refs()
     if machine.profile.interval_notifiers:
         api, mirror = "hmm_range_fault (6.x) + dmirror", _mirror_modern(run, proc)

@@ -35,11 +35,23 @@ Model choices (documented differences):
   it is sparse (zero pages cost nothing).
 * ``mmap`` of the file maps one zeroed page per address with ``vm_insert_page`` (normal PTEs in a
   ``VM_MIXEDMAP`` VMA), as the driver does.
-* Device-private migration, device-exclusive access and device-coherent memory (MIGRATE_TO_DEV/SYS,
-  EXCLUSIVE, CHECK_EXCLUSIVE, RELEASE, FLAGS) are not modelled yet: those commands return -EOPNOTSUPP
-  (the kernel module implements them).  The hooks they need are here: ``mdevice`` as pgmap owner, the
-  MIGRATE/owner check in the invalidate callback, the ATOMIC tag, the device-private branches of
-  :func:`dmirror_mkentry`, ``_backing_pfn`` (BACKING_PAGE).
+* **Device memory** (MIGRATE_TO_DEV / MIGRATE_TO_SYS / EXCLUSIVE / CHECK_EXCLUSIVE / RELEASE): each device
+  owns 256 MiB chunks of device-private pages (``dmirror_allocate_chunk``: one ``MEMORY_DEVICE_PRIVATE``
+  pgmap per chunk, ``owner`` = the device, the first chunk at module load); free pages are a LIFO stack of
+  pfns (the kernel's ``free_pages`` list threaded through ``zone_device_data``), a numpy array per device.
+  Every device page is backed by a system page holding its bytes (``BACKING_PAGE``): its pfn is the page's
+  ``zone_device_data`` (``pgmap.zone_device_data``), and the mirror that migrated it (``rpage->
+  zone_device_data``) is an index per device page (``DmirrorChunk.mirror_idx``).  Migration uses
+  :mod:`hmmirror.mm.migrate_device` in 64-page windows; ``migrate_to_ram`` is :meth:`Dmirror.dmirror_devmem_fault`.
+* Reading a device-private page through ``pt`` (an entry installed by a device fault on the device's own
+  page, which hmm_range_fault reports without faulting) reads its backing page: the kernel module would
+  ``kmap`` the device page itself, which has no CPU mapping.
+* HMM_DMIRROR_FLAGS (``HMM_DMIRROR_FLAG_FAIL_ALLOC``, the 2026 driver) exists where
+  ``profile.dmirror_flags_ioctl``; with 4 KiB pages only, a failed allocation leaves that page in system
+  memory (the 6.18 driver's ``if (!dpage) continue``).
+* Exclusive access follows the profile: ``make_device_exclusive`` one page at a time [6.15+] or
+  ``make_device_exclusive_range`` per 64 pages [6.12]; ``fops_release`` evicts the device's pages where
+  ``profile.dmirror_release_evicts``.
 """
 
 from __future__ import annotations
@@ -93,7 +105,9 @@ DMIRROR_NDEVICES = 2                      # device-private devices (2 and 3, dev
 DMIRROR_RANGE_FAULT_TIMEOUT = 1000        # ms (the driver's retry bound, HMM_RANGE_DEFAULT_TIMEOUT)
 DMIRROR_RANGE_FAULT_RETRIES = 1000        # model: passes of the retry loop before -EBUSY (>= 1 ms per pass)
 DMIRROR_CHUNK_PAGES = 64                  # unsigned long pfns[64] in dmirror_fault / dmirror_snapshot
-DEVMEM_CHUNK_SIZE = 256 << 20             # device-private memory is added in 256 MiB chunks (later)
+DEVMEM_CHUNK_SIZE = 256 << 20             # device-private memory is added in 256 MiB chunks
+DEVMEM_CHUNK_PAGES = DEVMEM_CHUNK_SIZE >> PAGE_SHIFT
+HMM_DMIRROR_FLAG_FAIL_ALLOC = 1 << 0
 
 DPT_XA_TAG_ATOMIC = 1
 DPT_XA_TAG_WRITE = 3
@@ -355,14 +369,179 @@ class DmirrorDevice:
         self.id = id
         self.path = f"/dev/hmm_dmirror{id}"
         self.zone_device_type = zone_device_type
-        self.devmem_chunks: list[Any] = []        # device-private chunks (migration, later)
+        self.devmem_chunks: list[DmirrorChunk] = []   # devmem_chunks[devmem_count]
+        self.devmem_lock = Lock(f"dmirror{id}.devmem_lock", "mutex")
         self.calloc = 0
         self.cfree = 0
+        self.free_pages = np.zeros(0, dtype=np.int64)  # the free list as a stack: free_pages[nfree - 1] is the head
+        self.nfree = 0
         self.lock = Lock(f"dmirror{id}.lock", "spin")
         self.open_files: list["DmirrorFile"] = []
+        self.mirrors: list["Dmirror"] = []            # index -> dmirror, for rpage->zone_device_data
 
     def __repr__(self) -> str:
         return f"DmirrorDevice({self.path})"
+
+    # -- device memory -----------------------------------------------------------------------------------------
+    def chunk_of(self, pfn: int) -> "DmirrorChunk | None":
+        """dmirror_page_to_chunk(): the chunk whose pgmap holds ``pfn``."""
+        for c in self.devmem_chunks:
+            if c.pgmap.covers(pfn):
+                return c
+        return None
+
+    def _push_free(self, pfns: np.ndarray) -> None:
+        need = self.nfree + len(pfns)
+        if need > len(self.free_pages):
+            grown = np.zeros(max(need, 2 * len(self.free_pages)), dtype=np.int64)
+            grown[:self.nfree] = self.free_pages[:self.nfree]
+            self.free_pages = grown
+        self.free_pages[self.nfree:need] = pfns
+        self.nfree = need
+
+    def _pop_free(self) -> int:
+        if not self.nfree:
+            return -1
+        self.nfree -= 1
+        return int(self.free_pages[self.nfree])
+
+    def dmirror_allocate_chunk(self, want_page: bool) -> int:
+        """dmirror_allocate_chunk(): a new 256 MiB chunk of device-private memory (``memremap_pages`` with
+        owner = this device); its pages go on the free list.  With ``want_page`` the first page is taken
+        (``*ppage``).  Returns the page (or 0 without ``want_page``), or -errno."""
+        from hmmirror.mm.memremap import (
+            MEMORY_DEVICE_PRIVATE,
+            PAGES_PER_SECTION,
+            devm_memremap_pages,
+            new_dev_pagemap,
+        )
+
+        machine = self.machine
+        n = len(self.devmem_chunks)
+        pgmap = new_dev_pagemap(f"hmm_dmirror{self.id}.{n}", MEMORY_DEVICE_PRIVATE, DEVMEM_CHUNK_PAGES,
+                                dev=self, ops=DmirrorDevmemOps(self), owner=self, align_pages=PAGES_PER_SECTION)
+        ret = devm_memremap_pages(machine, pgmap)                 # request_free_mem_region + memremap_pages
+        if ret:
+            return ret
+        chunk = DmirrorChunk(pgmap, self)
+        self.devmem_chunks.append(chunk)
+        assert pgmap.res is not None
+        first, last = pgmap.res.start, pgmap.res.end
+        # for each pfn: page->zone_device_data = free_pages; free_pages = page  (the last pfn ends on top)
+        self._push_free(np.arange(first, last, dtype=np.int64))
+        machine.log("dmirror_chunk", dev=self.id, chunk=n, start_pfn=first, end_pfn=last)
+        if want_page:
+            self.calloc += 1
+            return self._pop_free()
+        return 0
+
+    def dmirror_devmem_alloc_page(self, dmirror: "Dmirror") -> int:
+        """dmirror_devmem_alloc_page(): a system page to hold the data (BACKING_PAGE) and a free device page
+        (a new chunk when none is left), initialised with ``zone_device_page_init`` (refcount 1, locked).
+        Returns the device pfn, or -1."""
+        from hmmirror.mm.memremap import zone_device_page_init
+
+        machine = self.machine
+        mem = machine.mem
+        rpage = mem.alloc_page()                                  # alloc_page(GFP_HIGHUSER)
+        if rpage < 0:
+            return -1
+        dpage = self._pop_free()
+        if dpage >= 0:
+            self.calloc += 1
+        else:
+            dpage = self.dmirror_allocate_chunk(True)
+            if dpage <= 0:
+                mem.put_page(rpage)                               # __free_page(rpage)
+                return -1
+        zone_device_page_init(machine, dpage)
+        chunk = self.chunk_of(dpage)
+        assert chunk is not None
+        off = dpage - chunk.start
+        chunk.pgmap.zone_device_data[off] = rpage                 # dpage->zone_device_data = rpage
+        chunk.mirror_idx[off] = dmirror.index                     # rpage->zone_device_data = dmirror
+        return dpage
+
+    def backing_page(self, dpage: int) -> int:
+        """BACKING_PAGE(): the system page holding a device-private page's bytes."""
+        chunk = self.chunk_of(dpage)
+        return -1 if chunk is None else int(chunk.pgmap.zone_device_data[dpage - chunk.start])
+
+    def mirror_of(self, dpage: int) -> "Dmirror | None":
+        """``rpage->zone_device_data``: the mirror that migrated the page."""
+        chunk = self.chunk_of(dpage)
+        if chunk is None:
+            return None
+        idx = int(chunk.mirror_idx[dpage - chunk.start])
+        return self.mirrors[idx] if 0 <= idx < len(self.mirrors) else None
+
+    def dmirror_devmem_free(self, pgmap: Any, page: int) -> None:
+        """dmirror_devmem_free() (``page_free``): free the backing page; the device page goes back on the free
+        list unless its chunk is being removed."""
+        machine = self.machine
+        chunk = self.chunk_of(page)
+        assert chunk is not None
+        off = page - chunk.start
+        rpage = int(chunk.pgmap.zone_device_data[off])
+        if rpage >= 0:
+            machine.mem.put_page(rpage)                           # __free_page(rpage)
+        chunk.pgmap.zone_device_data[off] = -1
+        chunk.mirror_idx[off] = -1
+        if not chunk.remove:
+            self.cfree += 1
+            self._push_free(np.array([page], dtype=np.int64))
+
+    def dmirror_device_evict_chunk(self, chunk: "DmirrorChunk") -> Gen[None]:
+        """dmirror_device_evict_chunk(): migrate every allocated page of the chunk back to system memory
+        (``migrate_device_range``: the driver does not know where they are mapped)."""
+        from hmmirror.mm import migrate_device as md
+        from hmmirror.mm.folio import folio_lock
+
+        machine = self.machine
+        mem = machine.mem
+        start, npages = chunk.start, chunk.npages
+        src = np.zeros(npages, dtype=np.uint64)
+        dst = np.zeros(npages, dtype=np.uint64)
+        # only pages somebody references can be collected: skip the scan of free pages (refcount 0)
+        yield from md.migrate_device_range(machine, src, start, npages)
+        for i in np.flatnonzero(src & np.uint64(md.MIGRATE_PFN_MIGRATE)).tolist():
+            spage = md.migrate_pfn_to_page(int(src[i]))
+            if spage < 0:
+                continue
+            rpage = self.backing_page(spage)
+            dpage = mem.alloc_page()                              # GFP_HIGHUSER_MOVABLE | __GFP_NOFAIL
+            if dpage < 0:
+                sched.report("oom", "dmirror_device_evict_chunk: __GFP_NOFAIL allocation failed")
+                continue
+            yield from folio_lock(mem, dpage)
+            mem.copy(dpage, rpage)                                # copy_highpage(dpage, spage)
+            dst[i] = md.migrate_pfn(dpage) | (int(src[i]) & md.MIGRATE_PFN_WRITE)
+        yield from md.migrate_device_pages(machine, src, dst, npages)
+        yield from md.migrate_device_finalize(machine, src, dst, npages)
+        machine.log("dmirror_evict_chunk", dev=self.id, pgmap=chunk.pgmap.name,
+                    migrated=int(((dst & np.uint64(md.MIGRATE_PFN_VALID)) != 0).sum()))
+
+    def dmirror_device_remove_chunks(self) -> Gen[None]:
+        """dmirror_device_remove_chunks() (HMM_DMIRROR_RELEASE): for every chunk, take its free pages off the
+        free list, evict it, tear its pgmap down (``memunmap_pages`` waits for the last page reference)."""
+        from hmmirror.mm.memremap import memunmap_pages
+
+        yield from sched.mutex_lock(self.devmem_lock)
+        try:
+            for chunk in list(self.devmem_chunks):
+                yield from sched.spin_lock(self.lock)
+                chunk.remove = True
+                keep = self.free_pages[:self.nfree]
+                keep = keep[~((keep >= chunk.start) & (keep < chunk.start + chunk.npages))]
+                self.nfree = len(keep)
+                self.free_pages[:self.nfree] = keep
+                sched.spin_unlock(self.lock)
+                yield from self.dmirror_device_evict_chunk(chunk)
+                yield from memunmap_pages(self.machine, chunk.pgmap)
+            self.devmem_chunks = []
+            self.nfree = 0
+        finally:
+            sched.mutex_unlock(self.devmem_lock)
 
     def open(self, map_flags: int = 0, writable: bool = True) -> Any:
         """``machine.open_file(path)``: not enough here — opening mirrors the *opener's* mm."""
@@ -370,15 +549,50 @@ class DmirrorDevice:
                          "(the device mirrors the mm of the process that opens it)")
 
 
+class DmirrorChunk:
+    """``struct dmirror_chunk``: a device-private pgmap of DEVMEM_CHUNK_SIZE, its device and ``remove``."""
+
+    def __init__(self, pgmap: Any, mdevice: DmirrorDevice) -> None:
+        self.pgmap = pgmap
+        self.mdevice = mdevice
+        self.remove = False
+        self.start = pgmap.res.start
+        self.npages = pgmap.res.npages
+        self.mirror_idx = np.full(self.npages, -1, dtype=np.int32)
+
+    def __repr__(self) -> str:
+        return f"DmirrorChunk({self.pgmap.name} {self.pgmap.res}{' remove' if self.remove else ''})"
+
+
+class DmirrorDevmemOps:
+    """``dmirror_devmem_ops``: ``page_free`` = dmirror_devmem_free, ``migrate_to_ram`` = dmirror_devmem_fault."""
+
+    def __init__(self, mdevice: DmirrorDevice) -> None:
+        self.mdevice = mdevice
+
+    def page_free(self, pgmap: Any, page: int) -> None:
+        self.mdevice.dmirror_devmem_free(pgmap, page)
+
+    def migrate_to_ram(self, vmf: Any) -> Gen[int]:
+        dmirror = self.mdevice.mirror_of(vmf.page)
+        if dmirror is None:
+            sched.report("BUG_ON", f"migrate_to_ram: device page {vmf.page:#x} has no mirror")
+            from hmmirror.include.mm_types import VM_FAULT
+            return int(VM_FAULT.SIGBUS)
+        return (yield from dmirror.dmirror_devmem_fault(vmf))
+
+
 def hmm_dmirror_init(machine: "Machine") -> list[DmirrorDevice]:
     """hmm_dmirror_init(): load the module — devices 0 and 1 (device-private), registered under
-    ``machine.devices["/dev/hmm_dmirrorN"]``.  Idempotent.  Returns the devices."""
+    ``machine.devices["/dev/hmm_dmirrorN"]``; ``dmirror_device_init`` gives each its first chunk of
+    device-private memory.  Idempotent.  Returns the devices."""
     devs = []
     for i in range(DMIRROR_NDEVICES):
         path = f"/dev/hmm_dmirror{i}"
         dev = machine.devices.get(path)
         if dev is None:
             dev = machine.devices[path] = DmirrorDevice(machine, i, HMM_DMIRROR_MEMORY_DEVICE_PRIVATE)
+            dev.dmirror_allocate_chunk(False)                     # "Build a list of free ZONE_DEVICE pages"
         devs.append(dev)
     return devs
 
@@ -393,6 +607,9 @@ class Dmirror(MirrorDriver):
         super().__init__(mm, f"dmirror{mdevice.id}[{mm.name}].mutex")
         self.mdevice = mdevice
         self.pt = DevicePageTable()
+        self.index = len(mdevice.mirrors)
+        mdevice.mirrors.append(self)
+        self.flags = 0                                  # dmirror->flags (2026 driver, HMM_DMIRROR_FLAGS)
 
     # -- invalidate (the notifier callback) ---------------------------------------------------------------
     def invalidate(self, sub: MmuIntervalNotifier, r: MmuNotifierRange, cur_seq: int) -> Gen[bool]:
@@ -403,6 +620,8 @@ class Dmirror(MirrorDriver):
         """
         # Device-private pages of this device: the migration handles its own invalidation.
         if r.event == MMU_NOTIFY.MIGRATE and r.owner is self.mdevice:
+            self.machine.log("dmirror_invalidate", dev=self.mdevice.id, mm=self.mm.name, start=r.start, end=r.end,
+                             event=r.event.name, owner=self.mdevice.path, skipped=True, ret=True)
             return True
         if mmu_notifier_range_blockable(r):
             yield from sched.mutex_lock(self.mutex)
@@ -474,7 +693,16 @@ class Dmirror(MirrorDriver):
 
     # -- data movement ----------------------------------------------------------------------------------
     def _backing_pfn(self, pfn: int) -> int:
-        """BACKING_PAGE(): device-private pages are backed by a system page (later); others are themselves."""
+        """BACKING_PAGE(): a device-private page of a dmirror device is backed by a system page; every other
+        page is itself."""
+        mem = self.machine.mem
+        if pfn < mem.nr_ram:
+            return pfn
+        for dev in self.machine.devices.values():
+            if isinstance(dev, DmirrorDevice):
+                b = dev.backing_page(pfn)
+                if b >= 0:
+                    return b
         return pfn
 
     def dmirror_do_read(self, start: int, end: int, bounce: "Bounce") -> int:
@@ -674,6 +902,298 @@ class Dmirror(MirrorDriver):
         return ret
 
 
+    # -- migration (device-private memory) --------------------------------------------------------------------
+    def _vma_windows(self, start: int, end: int) -> Iterator[tuple[Any, int, int]]:
+        """The 64-page windows of dmirror_migrate_to_*(): each inside one VMA (``next = min(end, addr + 64
+        pages, vma->vm_end)``); a window without a readable VMA yields ``(None, addr, addr)``."""
+        mm = self.mm
+        addr = start
+        while addr < end:
+            vma = mm.vma_lookup(addr)
+            if vma is None or not vma.vm_flags & 0x1:          # VM_READ
+                yield None, addr, addr
+                return
+            nxt = min(end, addr + (DMIRROR_CHUNK_PAGES << PAGE_SHIFT), vma.vm_end)
+            yield vma, addr, nxt
+            addr = nxt
+
+    def dmirror_migrate_alloc_and_copy(self, args: Any) -> None:
+        """dmirror_migrate_alloc_and_copy(): a device page for every page to migrate (device pages already
+        are skipped, with a WARN), the data copied into its backing page (or cleared for an empty page); the
+        destination is writable if the source was, or, for an empty page, if the VMA is."""
+        from hmmirror.mm import migrate_device as md
+
+        mdevice = self.mdevice
+        mem = self.machine.mem
+        for i in range((args.end - args.start) >> PAGE_SHIFT):
+            s = int(args.src[i])
+            if not s & md.MIGRATE_PFN_MIGRATE:
+                continue
+            spage = md.migrate_pfn_to_page(s)
+            if spage >= 0 and md.folio_is_zone_device(mem, spage):
+                self.machine.log("WARN_ON", what_failed=f"page already in device spage pfn: {spage:#x}")
+                continue
+            if self.flags & HMM_DMIRROR_FLAG_FAIL_ALLOC:
+                self.flags &= ~HMM_DMIRROR_FLAG_FAIL_ALLOC      # the 2026 driver: one allocation fails
+                dpage = -1
+            else:
+                dpage = mdevice.dmirror_devmem_alloc_page(self)
+            if dpage < 0:
+                continue
+            rpage = mdevice.backing_page(dpage)
+            if spage >= 0:
+                mem.copy(rpage, spage)                              # copy_highpage(rpage, spage)
+            else:
+                mem.clear(rpage)                                    # clear_highpage(rpage)
+            d = md.migrate_pfn(dpage)
+            if s & md.MIGRATE_PFN_WRITE or (spage < 0 and args.vma.vm_flags & 0x2):   # VM_WRITE
+                d |= md.MIGRATE_PFN_WRITE
+            args.dst[i] = d
+
+    def dmirror_migrate_finalize_and_map(self, args: Any) -> Gen[int]:
+        """dmirror_migrate_finalize_and_map(): map every migrated page into the device page table (its
+        backing page, tagged WRITE when the destination is writable), under the mirror's mutex."""
+        from hmmirror.mm import migrate_device as md
+
+        yield from sched.mutex_lock(self.mutex)
+        first = args.start >> PAGE_SHIFT
+        for i in range((args.end - args.start) >> PAGE_SHIFT):
+            if not int(args.src[i]) & md.MIGRATE_PFN_MIGRATE:
+                continue
+            dpage = md.migrate_pfn_to_page(int(args.dst[i]))
+            if dpage < 0:
+                continue
+            tag = DPT_XA_TAG_WRITE if int(args.dst[i]) & md.MIGRATE_PFN_WRITE else 0
+            self.pt.store(first + i, self.mdevice.backing_page(dpage), tag)
+        sched.mutex_unlock(self.mutex)
+        return 0
+
+    def dmirror_migrate_to_device(self, cmd: HmmDmirrorCmd, caller: "MMStruct") -> Gen[int]:
+        """dmirror_migrate_to_device() (HMM_DMIRROR_MIGRATE_TO_DEV): migrate the range in 64-page windows with
+        MIGRATE_VMA_SELECT_SYSTEM, map the device pages, then read the range back through the device page
+        table: ``cpages`` = pages read, -ENOENT at the first page not on the device.  -EINVAL where a window
+        has no readable VMA."""
+        from hmmirror.mm import migrate_device as md
+
+        mm = self.mm
+        size = (cmd.npages << PAGE_SHIFT) & U64
+        start = cmd.addr
+        end = start + size
+        if end > U64:
+            return -EINVAL
+        if not mmget_not_zero(mm):
+            return -EINVAL
+        src = np.zeros(DMIRROR_CHUNK_PAGES, dtype=np.uint64)
+        dst = np.zeros(DMIRROR_CHUNK_PAGES, dtype=np.uint64)
+        yield from sched.down_read(mm.mmap_sem)
+        ret = 0
+        try:
+            for vma, addr, nxt in self._vma_windows(start, end):
+                if vma is None:
+                    ret = -EINVAL
+                    break
+                dst[:] = 0
+                args = md.MigrateVma(vma, addr, nxt, src, dst, pgmap_owner=self.mdevice,
+                                     flags=md.MIGRATE_VMA_SELECT_SYSTEM)
+                ret = yield from md.migrate_vma_setup(args)
+                if ret:
+                    break
+                self.dmirror_migrate_alloc_and_copy(args)
+                yield from md.migrate_vma_pages(args)
+                yield from self.dmirror_migrate_finalize_and_map(args)
+                yield from md.migrate_vma_finalize(args)
+        finally:
+            sched.up_read(mm.mmap_sem)
+            yield from mmput(mm)
+        if ret:
+            return ret
+        # Return the migrated data for verification (only for pages in device memory).
+        bounce = bounce_init(self.machine, start, size)
+        if bounce is None:
+            return -ENOMEM
+        yield from sched.mutex_lock(self.mutex)
+        ret = self.dmirror_do_read(start, end, bounce)
+        sched.mutex_unlock(self.mutex)
+        if ret == 0 and (yield from copy_to_user(caller, cmd.ptr, bounce.iter_bytes())):
+            ret = -EFAULT
+        cmd.cpages = bounce.cpages
+        return ret
+
+    def dmirror_devmem_fault_alloc_and_copy(self, args: Any) -> int:
+        """dmirror_devmem_fault_alloc_and_copy(): a system page for every device page to bring back; the device
+        page table entry goes (``xa_erase``, without the mutex, as in the driver) and the backing page's bytes
+        are copied.  Returns 0 (a failed allocation leaves the page on the device)."""
+        from hmmirror.mm import migrate_device as md
+        from hmmirror.mm.folio import folio_trylock
+
+        mem = self.machine.mem
+        for i in range((args.end - args.start) >> PAGE_SHIFT):
+            s = int(args.src[i])
+            spage = md.migrate_pfn_to_page(s)
+            if spage < 0 or not s & md.MIGRATE_PFN_MIGRATE:
+                continue
+            if not md.is_device_private_page(self.machine, spage):
+                self.machine.log("WARN_ON", what_failed=f"dmirror fault: {spage:#x} is not a device page")
+                continue
+            rpage = self.mdevice.backing_page(spage)
+            dpage = mem.alloc_page()                                # alloc_page_vma(GFP_HIGHUSER_MOVABLE)
+            if dpage < 0:
+                continue
+            folio_trylock(mem, dpage)                               # lock_page() of a page nobody else has
+            addr = args.start + i * PAGE_SIZE
+            self.pt.erase_range(addr >> PAGE_SHIFT, addr >> PAGE_SHIFT)
+            mem.copy(dpage, rpage)                                  # copy_highpage(dpage, BACKING_PAGE(spage))
+            args.dst[i] = md.migrate_pfn(dpage) | (s & md.MIGRATE_PFN_WRITE)
+        return 0
+
+    def dmirror_devmem_fault(self, vmf: Any) -> Gen[int]:
+        """dmirror_devmem_fault() (``migrate_to_ram``): migrate the faulting page (``args.fault_page =
+        vmf->page``) back to system memory; VM_FAULT_SIGBUS if migrate_vma_setup refuses."""
+        from hmmirror.include.mm_types import VM_FAULT
+        from hmmirror.mm import migrate_device as md
+
+        self.machine.counters["dmirror_devmem_fault"] += 1
+        args = md.MigrateVma(vmf.vma, vmf.address, vmf.address + PAGE_SIZE,
+                             np.zeros(1, dtype=np.uint64), np.zeros(1, dtype=np.uint64),
+                             pgmap_owner=self.mdevice, flags=md.MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+                             fault_page=vmf.page)
+        if (yield from md.migrate_vma_setup(args)):
+            return int(VM_FAULT.SIGBUS)
+        ret = self.dmirror_devmem_fault_alloc_and_copy(args)
+        if ret:
+            return ret
+        yield from md.migrate_vma_pages(args)
+        # No device finalize step: dmirror_devmem_fault_alloc_and_copy() already cleared the device entry.
+        yield from md.migrate_vma_finalize(args)
+        return 0
+
+    def dmirror_migrate_to_system(self, cmd: HmmDmirrorCmd, caller: "MMStruct") -> Gen[int]:
+        """dmirror_migrate_to_system() (HMM_DMIRROR_MIGRATE_TO_SYS): migrate this device's pages of the range
+        back, in 64-page windows; ``cpages`` = pages migrated.  -EINVAL where a window has no readable VMA."""
+        from hmmirror.mm import migrate_device as md
+
+        mm = self.mm
+        size = (cmd.npages << PAGE_SHIFT) & U64
+        start = cmd.addr
+        end = start + size
+        if end > U64:
+            return -EINVAL
+        if not mmget_not_zero(mm):
+            return -EINVAL
+        cmd.cpages = 0
+        src = np.zeros(DMIRROR_CHUNK_PAGES, dtype=np.uint64)
+        dst = np.zeros(DMIRROR_CHUNK_PAGES, dtype=np.uint64)
+        yield from sched.down_read(mm.mmap_sem)
+        ret = 0
+        try:
+            for vma, addr, nxt in self._vma_windows(start, end):
+                if vma is None:
+                    ret = -EINVAL
+                    break
+                dst[:] = 0
+                args = md.MigrateVma(vma, addr, nxt, src, dst, pgmap_owner=self.mdevice,
+                                     flags=md.MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+                ret = yield from md.migrate_vma_setup(args)
+                if ret:
+                    break
+                self.dmirror_devmem_fault_alloc_and_copy(args)
+                yield from md.migrate_vma_pages(args)
+                n = args.npages
+                ok = (args.src[:n] & np.uint64(md.MIGRATE_PFN_VALID | md.MIGRATE_PFN_MIGRATE)) ==                     np.uint64(md.MIGRATE_PFN_VALID | md.MIGRATE_PFN_MIGRATE)
+                cmd.cpages += int(ok.sum())                         # dmirror_successful_migrated_pages()
+                yield from md.migrate_vma_finalize(args)
+        finally:
+            sched.up_read(mm.mmap_sem)
+            yield from mmput(mm)
+        return ret
+
+    # -- device-exclusive access ------------------------------------------------------------------------------
+    def dmirror_check_atomic(self, start: int, end: int) -> int:
+        """dmirror_check_atomic() (HMM_DMIRROR_CHECK_EXCLUSIVE): -EPERM if the device still holds an ATOMIC
+        (exclusive) entry in ``[start, end)``."""
+        ents = self.pt.load_range(start >> PAGE_SHIFT, (end >> PAGE_SHIFT) - (start >> PAGE_SHIFT))
+        atomic = (ents != 0) & ((ents & np.uint64(3)) == np.uint64(DPT_XA_TAG_ATOMIC))
+        return -EPERM if atomic.any() else 0
+
+    def dmirror_atomic_map(self, addr: int, page: int) -> Gen[int]:
+        """dmirror_atomic_map() [6.15+]: store one page tagged ATOMIC, under the mutex.  Returns 0."""
+        yield from sched.mutex_lock(self.mutex)
+        self.pt.store(addr >> PAGE_SHIFT, page, DPT_XA_TAG_ATOMIC)
+        sched.mutex_unlock(self.mutex)
+        return 0
+
+    def dmirror_exclusive(self, cmd: HmmDmirrorCmd, caller: "MMStruct") -> Gen[int]:
+        """dmirror_exclusive() (HMM_DMIRROR_EXCLUSIVE): take every page of the range exclusive for the device
+        and map it ATOMIC; then read the range back through the device page table (``cpages``).
+
+        [6.15+] one ``make_device_exclusive(mm, addr, NULL, &folio)`` per page, stopping at the first error
+        (returned); [6.12] ``make_device_exclusive_range`` per 64 pages, -EBUSY unless every page was marked.
+        """
+        from hmmirror.mm.folio import folio_unlock
+        from hmmirror.mm.rmap import make_device_exclusive, make_device_exclusive_range
+
+        mm = self.mm
+        mem = self.machine.mem
+        size = (cmd.npages << PAGE_SHIFT) & U64
+        start = cmd.addr
+        end = start + size
+        if end > U64:
+            return -EINVAL
+        if not mmget_not_zero(mm):
+            return -EINVAL
+        yield from sched.down_read(mm.mmap_sem)
+        ret = 0
+        try:
+            if self.machine.profile.make_device_exclusive_single:
+                addr = start
+                while not ret and addr < end:
+                    page, folio = yield from make_device_exclusive(mm, addr, None)
+                    if page < 0:
+                        ret = page
+                        break
+                    ret = yield from self.dmirror_atomic_map(addr, page)
+                    folio_unlock(mem, folio)
+                    mem.put_page(folio)
+                    addr += PAGE_SIZE
+            else:
+                addr = start
+                while addr < end:
+                    nxt = min(end, addr + (DMIRROR_CHUNK_PAGES << PAGE_SHIFT))
+                    pages = yield from make_device_exclusive_range(mm, addr, nxt, None)
+                    mapped = 0
+                    if not isinstance(pages, int) and len(pages) == (nxt - addr) >> PAGE_SHIFT:
+                        yield from sched.mutex_lock(self.mutex)
+                        for i, pg in enumerate(pages):
+                            if pg >= 0:
+                                self.pt.store((addr >> PAGE_SHIFT) + i, pg, DPT_XA_TAG_ATOMIC)
+                                mapped += 1
+                        sched.mutex_unlock(self.mutex)
+                    if not isinstance(pages, int):
+                        for pg in pages:
+                            if pg >= 0:
+                                folio_unlock(mem, pg)
+                                mem.put_page(pg)
+                    if addr + (mapped << PAGE_SHIFT) < nxt:
+                        ret = -EBUSY
+                        break
+                    addr = nxt
+        finally:
+            sched.up_read(mm.mmap_sem)
+            yield from mmput(mm)
+        if ret:
+            return ret
+        bounce = bounce_init(self.machine, start, size)
+        if bounce is None:
+            return -ENOMEM
+        yield from sched.mutex_lock(self.mutex)
+        ret = self.dmirror_do_read(start, end, bounce)
+        sched.mutex_unlock(self.mutex)
+        if ret == 0 and (yield from copy_to_user(caller, cmd.ptr, bounce.iter_bytes())):
+            ret = -EFAULT
+        cmd.cpages = bounce.cpages
+        return ret
+
+
 class _SnapshotOps(MmuIntervalNotifierOps):
     """dmirror_mrn_ops: the temporary snapshot notifier only bumps the sequence (under the mutex)."""
 
@@ -869,8 +1389,20 @@ class DmirrorFile:
             ret = yield from dmirror.dmirror_write(cmd, caller)
         elif command == HMM_DMIRROR_SNAPSHOT:
             ret = yield from dmirror.dmirror_snapshot(cmd, caller)
-        elif name is not None:
-            ret = -EOPNOTSUPP                             # model: migration / exclusive not modelled yet
+        elif command == HMM_DMIRROR_MIGRATE_TO_DEV:
+            ret = yield from dmirror.dmirror_migrate_to_device(cmd, caller)
+        elif command == HMM_DMIRROR_MIGRATE_TO_SYS:
+            ret = yield from dmirror.dmirror_migrate_to_system(cmd, caller)
+        elif command == HMM_DMIRROR_EXCLUSIVE:
+            ret = yield from dmirror.dmirror_exclusive(cmd, caller)
+        elif command == HMM_DMIRROR_CHECK_EXCLUSIVE:
+            ret = dmirror.dmirror_check_atomic(cmd.addr, cmd.addr + (cmd.npages << PAGE_SHIFT))
+        elif command == HMM_DMIRROR_RELEASE:
+            yield from dmirror.mdevice.dmirror_device_remove_chunks()
+            ret = 0
+        elif command == HMM_DMIRROR_FLAGS and machine.profile.dmirror_flags_ioctl:
+            dmirror.flags = cmd.npages                           # dmirror->flags = cmd.npages
+            ret = 0
         else:
             return -EINVAL
         machine.counters[f"dmirror_{(name or 'unknown').lower()}"] += 1
@@ -908,6 +1440,10 @@ class DmirrorFile:
         if dmirror is None:
             return 0
         yield from mmu_interval_notifier_remove(dmirror.notifier)
+        if dmirror.machine.profile.dmirror_release_evicts:
+            mdevice = dmirror.mdevice
+            for chunk in list(mdevice.devmem_chunks):
+                yield from mdevice.dmirror_device_evict_chunk(chunk)
         dmirror.pt.destroy()
         self.private_data = None
         if self in self.device.open_files:

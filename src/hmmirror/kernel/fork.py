@@ -125,7 +125,7 @@ def copy_nonpresent_pte(dst_vma: VMA, src_vma: VMA, src_tid: int, idx: int, e: i
     if x86.is_device_private_entry(s):
         mem.get_page(s.offset)                         # the device page is mapped once more
         rmap.page_add_rmap(mem, s.offset)
-        mem.flags[s.offset] &= ~PG.anon_exclusive
+        mem.flags[s.offset] &= PG.mask(PG.anon_exclusive)
         if x86.is_writable_device_private_entry(s) and cow:
             e = swp_entry_to_pte(SwpEntry(int(SwpType.SWP_DEVICE_PRIVATE_READ), s.offset))
             pool.tables[src_tid, idx] = e
@@ -135,6 +135,8 @@ def copy_nonpresent_pte(dst_vma: VMA, src_vma: VMA, src_tid: int, idx: int, e: i
         pte = x86.pfn_pte(s.offset, src_vma.vm_page_prot) & ~_PAGE_ACCESSED
         if src_vma.vm_flags & VM.WRITE and mem.flags[s.offset] & PG.anon_exclusive:
             pte = x86.pte_mkwrite(x86.pte_mkdirty(pte))
+        if not machine.profile.make_device_exclusive_single:
+            rmap.page_add_rmap(mem, s.offset)           # [6.12] the exclusive entry had dropped the rmap
         pool.tables[src_tid, idx] = pte
         return -1
     if x86.is_pte_marker(s):

@@ -12,6 +12,10 @@ Counting convention checked by :func:`check_counts` (docs/design.md "Data layout
 * ``refcount[head]`` of a RAM folio equals one per leaf entry mapping any of its frames (plus ``extra_refs``),
   exactly for anonymous folios and as a lower bound for the others (page-cache, hugetlbfs and driver
   references are not visible to a page-table walk); tail frames hold 0; free frames are not mapped.
+* device-private pages counted from zero ([6.0+]): ``refcount`` equals the device-private and
+  device-exclusive entries naming the page (plus ``extra_refs``) exactly -- a page the driver holds without a
+  mapping must be declared in ``extra_refs`` --, and a free page (refcount 0) is not locked.  [6.12] a
+  device-exclusive entry holds a reference but no mapcount.
 * every non-none leaf entry lies inside a VMA of its mm.
 
 The checks hold at quiescent points (no fault, migration or device operation half done).
@@ -150,6 +154,7 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
     most ``limit`` of each kind."""
     mem = machine.mem
     dax_rc = machine.profile.dax_refcounted
+    excl_rmap = machine.profile.make_device_exclusive_single
     n = mem.nr_pfns
     walked_map = np.zeros(n, dtype=np.int64)
     walked_ref = np.zeros(n, dtype=np.int64)
@@ -188,7 +193,9 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
             if s.offset >= n:
                 continue
             if x86.is_device_private_entry(s) or x86.is_device_exclusive_entry(s):
-                walked_map[s.offset] += 1
+                # [6.12] a device-exclusive entry holds the page's reference but not its rmap
+                if x86.is_device_private_entry(s) or excl_rmap:
+                    walked_map[s.offset] += 1
                 walked_ref[mem.compound_head(s.offset)] += 1
             elif x86.is_migration_entry(s):
                 in_flight[mem.compound_head(s.offset)] = True
@@ -227,6 +234,25 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
         out.append(f"pfn {pfn:#x}: anon folio refcount {int(rc[pfn])}, but {int(want[pfn])} leaf entries map it")
     for pfn in np.nonzero(low)[0][:limit].tolist():
         out.append(f"pfn {pfn:#x}: refcount {int(rc[pfn])} below its {int(want[pfn])} mappings")
+    # device-private pages counted from zero [6.0+]: refcount = mappings (+ extra_refs) exactly; a free
+    # page (refcount 0) is neither mapped nor locked
+    for pgmap in machine.pgmaps:
+        if not getattr(pgmap, "free_at_zero", False) or pgmap.res is None:
+            continue
+        lo, hi = pgmap.res.start, pgmap.res.end
+        drc = mem.refcount[lo:hi].astype(np.int64)
+        dwant = walked_ref[lo:hi].copy()
+        if extra_refs:
+            for h, k in extra_refs.items():
+                if lo <= h < hi:
+                    dwant[h - lo] += k
+        bad = np.nonzero((drc != dwant) & ~in_flight[lo:hi])[0]
+        for off in bad[:limit].tolist():
+            out.append(f"device pfn {lo + off:#x} ({pgmap.name}): refcount {int(drc[off])}, but "
+                       f"{int(dwant[off])} entries map it")
+        locked_free = np.nonzero((drc == 0) & ((mem.flags[lo:hi] & PG.locked) != 0))[0]
+        for off in locked_free[:limit].tolist():
+            out.append(f"device pfn {lo + off:#x} ({pgmap.name}): free but locked")
     return out
 
 

@@ -10,6 +10,7 @@ from hmmirror.include.mm_types import FAULT_FLAG, VM, VM_FAULT
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
 from hmmirror.mm.memory import VM_FAULT_ERROR_BITS, handle_mm_fault
+from hmmirror.mm.page_alloc import PG
 
 if TYPE_CHECKING:
     from hmmirror.mm.mm_struct import VMA, MMStruct
@@ -68,3 +69,99 @@ def mm_populate(mm: "MMStruct", start: int, length: int) -> Gen[int]:
             continue
         yield from populate_vma_page_range(vma, max(start, vma.vm_start), min(end, vma.vm_end))
     return 0
+
+
+# --- get_user_pages (mm/gup.c) -------------------------------------------------------------------------------
+# gup_flags (include/linux/mm_types.h enum FOLL_* [6.x]; FOLL_PIN is mm/internal.h's)
+FOLL_WRITE = 1 << 0
+FOLL_GET = 1 << 1
+FOLL_FORCE = 1 << 3
+FOLL_LONGTERM = 1 << 8
+FOLL_SPLIT_PMD = 1 << 9
+FOLL_PIN = 1 << 17
+EFAULT, ENOMEM, EBUSY = 14, 12, 16
+
+
+def follow_page_pte(mm: "MMStruct", vma: "VMA", addr: int, gup_flags: int) -> Gen[int]:
+    """follow_page_mask() / follow_page_pte(): the frame mapped at ``addr`` if the entry allows the access,
+    else -1 (the caller faults).  A THP PMD is split first with FOLL_SPLIT_PMD.  Non-present entries
+    (swap, migration, device-private, device-exclusive) are not followed: the caller faults them in."""
+    from hmmirror.mm.huge_memory import split_huge_pmd_address
+
+    level, p, e = mm.pt.lookup(addr)
+    if level == "pmd" and p is not None and x86.pmd_leaf(e) and gup_flags & FOLL_SPLIT_PMD:
+        yield from split_huge_pmd_address(vma, addr)
+        level, p, e = mm.pt.lookup(addr)
+    if not leaf_allows(mm, addr, bool(gup_flags & FOLL_WRITE)):
+        return -1
+    from hmmirror.arch.x86.fault import leaf_pfn
+    return leaf_pfn(mm, addr)
+
+
+def __get_user_pages(mm: "MMStruct", start: int, nr_pages: int, gup_flags: int) -> Gen[list[int] | int]:
+    """__get_user_pages() (mm/gup.c): fault in and take a reference (FOLL_GET) or a pin (FOLL_PIN:
+    +GUP_PIN_COUNTING_BIAS) on ``nr_pages`` pages from ``start``.  Returns the pfns, or -EFAULT / -ENOMEM
+    for the first page that cannot be had (no VMA, VM_IO/VM_PFNMAP, a write to a VMA without VM_WRITE, a fault
+    error).  Caller holds the mmap lock for read.  FOLL_LONGTERM has nothing to migrate here (no movable zone
+    and no device-coherent memory in the model; device-private pages were faulted back by the fault path)."""
+    from hmmirror.mm.folio import GUP_PIN_COUNTING_BIAS
+
+    machine = mm.machine
+    mem = machine.mem
+    write = bool(gup_flags & FOLL_WRITE)
+    out: list[int] = []
+    for i in range(nr_pages):
+        addr = start + i * PAGE_SIZE
+        vma = mm.vma_lookup(addr)
+        if vma is None or vma.vm_flags & (VM.IO | VM.PFNMAP):
+            return -EFAULT if not out else out
+        if write and not vma.vm_flags & VM.WRITE and not gup_flags & FOLL_FORCE:
+            return -EFAULT if not out else out
+        for _ in range(MAX_FAULT_TRIES):
+            pfn = yield from follow_page_pte(mm, vma, addr, gup_flags)
+            if pfn >= 0:
+                break
+            ret = yield from handle_mm_fault(vma, addr, FAULT_FLAG.REMOTE | (FAULT_FLAG.WRITE if write else 0))
+            if ret & VM_FAULT.OOM:
+                return -ENOMEM if not out else out
+            if ret & VM_FAULT_ERROR_BITS:
+                return -EFAULT if not out else out
+        else:
+            sched.report("livelock", f"__get_user_pages({addr:#x}) made no progress in {MAX_FAULT_TRIES} faults")
+            return -EFAULT
+        if not mem.flags[pfn] & PG.zero:                   # the zero pages are not refcounted
+            head = mem.compound_head(pfn)
+            mem.refcount[head] += GUP_PIN_COUNTING_BIAS if gup_flags & FOLL_PIN else 1
+        out.append(pfn)
+    machine.counters["gup_pages"] += len(out)
+    return out
+
+
+def unpin_user_page(mm: "MMStruct", pfn: int) -> None:
+    """unpin_user_page(): drop a FOLL_PIN pin."""
+    from hmmirror.mm.folio import GUP_PIN_COUNTING_BIAS
+
+    mem = mm.machine.mem
+    if mem.flags[pfn] & PG.zero:
+        return
+    head = mem.compound_head(pfn)
+    mem.refcount[head] -= GUP_PIN_COUNTING_BIAS - 1
+    mem.put_page(head)
+
+
+def put_user_page(mm: "MMStruct", pfn: int) -> None:
+    """put_page() of a FOLL_GET reference."""
+    mem = mm.machine.mem
+    if mem.flags[pfn] & PG.zero:
+        return
+    mem.put_page(pfn)
+
+
+def get_user_page_vma_remote(mm: "MMStruct", addr: int, gup_flags: int) -> Gen[tuple[int, "VMA | None"]]:
+    """get_user_page_vma_remote(): one page with a reference (FOLL_GET) and its VMA; (-errno, None) on error."""
+    got = yield from __get_user_pages(mm, addr, 1, gup_flags | FOLL_GET)
+    if isinstance(got, int):
+        return got, None
+    if not got:
+        return -EFAULT, None
+    return got[0], mm.vma_lookup(addr)

@@ -7,7 +7,7 @@ Covers anonymous THP faults (huge zero page on read, a 2 MiB folio on write), wr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import (
@@ -435,3 +435,55 @@ def set_huge_zero_pmd(vmf: VmFault) -> Gen[int]:
 
 
 _ = (VM, PG)
+
+
+# --- folio split (mm/huge_memory.c split_huge_page_to_list_to_order) --------------------------------------------
+def split_folio(machine: "Any", folio: int, caller_refs: int = 1) -> Gen[int]:
+    """split_folio() (mm/huge_memory.c): split an anonymous THP into 512 order-0 pages.
+
+    Refused with -EAGAIN when the folio has references beyond its mappings and the caller's
+    (``can_split_folio()``: it is pinned), with -EBUSY for a non-anonymous or non-THP folio.  PMD mappings
+    of the folio in every mm are split first (``unmap_folio`` + remap as PTEs; model: ``__split_huge_pmd``),
+    then every subpage becomes its own folio: its references are its mappings (the head keeps the caller's).
+    The caller holds the folio lock.
+    """
+    import numpy as np
+
+    from hmmirror.mm.debug import LEVEL_PMD, leaf_entries
+
+    mem = machine.mem
+    if folio >= mem.nr_ram or not mem.flags[folio] & PG.thp or not mem.flags[folio] & PG.head:
+        return -16
+    if not mem.flags[folio] & PG.anon:
+        return -16
+    n = 1 << int(mem.order[folio])
+    # can_split_folio(): references = one per leaf entry + the caller's
+    pmd_maps = []
+    for mm in list(machine.mms.values()):
+        if mm.exited:
+            continue
+        addrs, vals, lvls = leaf_entries(mm)
+        big = (lvls == LEVEL_PMD) & ((vals & np.uint64(x86._PAGE_PSE)) != 0)
+        for a, v in zip(addrs[big].tolist(), vals[big].tolist()):
+            if mem.compound_head(pte_pfn(int(v))) == folio:
+                pmd_maps.append((mm, int(a)))
+    ptes = int(mem.mapcount[folio: folio + n].sum()) - len(pmd_maps) * n
+    if int(mem.refcount[folio]) != ptes + len(pmd_maps) + caller_refs:
+        return -11
+    for mm, a in pmd_maps:
+        vma = mm.vma_lookup(a)
+        if vma is None:
+            continue
+        level, p, _ = mm.pt.lookup(a)
+        if level == "pmd" and p is not None:
+            yield from __split_huge_pmd(vma, p, a)
+    # every mapping is a PTE now; give each subpage its own references
+    fl = mem.flags[folio]
+    keep = fl & (PG.anon | PG.dirty | PG.uptodate | PG.locked | PG.swapbacked)
+    mem.flags[folio: folio + n] = (mem.flags[folio: folio + n] & PG.anon_exclusive) | (keep & ~PG.locked)
+    mem.flags[folio] |= keep & PG.locked
+    mem.order[folio: folio + n] = 0
+    mem.refcount[folio: folio + n] = mem.mapcount[folio: folio + n]
+    mem.refcount[folio] += caller_refs
+    machine.counters["thp_split_page"] += 1
+    return 0

@@ -738,11 +738,11 @@ def do_swap_page(vmf: VmFault) -> Gen[int]:
             assert vmf.pmdp is not None
             yield from migration_entry_wait(mm, vmf.pmdp, vmf.address)
             return 0
+        if x86.is_device_exclusive_entry(e):
+            vmf.page = e.offset
+            return (yield from remove_device_exclusive_entry(vmf))
         if is_device_private_entry(e):
-            pgmap = mm.machine.pgmap_of(e.offset)
-            if pgmap is None or pgmap.ops is None:
-                return int(VM_FAULT.SIGBUS)
-            return (yield from pgmap.ops.migrate_to_ram(vmf))
+            return (yield from do_swap_page_device_private(vmf, e))
         if is_hwpoison_entry(e):
             return int(VM_FAULT.HWPOISON)
         if is_pte_marker(e):
@@ -754,6 +754,97 @@ def do_swap_page(vmf: VmFault) -> Gen[int]:
             return (yield from do_anonymous_page(vmf)) if vma_is_anonymous(vmf.vma) else (yield from do_fault(vmf))
         return int(VM_FAULT.SIGBUS)
     return (yield from mm.machine.swap.swapin(vmf, e))
+
+
+def do_swap_page_device_private(vmf: VmFault, e: x86.SwpEntry) -> Gen[int]:
+    """do_swap_page() (mm/memory.c), the device-private branch: the CPU touched a page that lives in device
+    memory; its pgmap's ``migrate_to_ram(vmf)`` brings it back with ``vmf.page`` = the device page.
+
+    Under the PTE lock the entry is re-checked (``pte_same``); a reference is taken while the page cannot be
+    freed.  [6.15+, ``profile.do_swap_page_device_lock``] the page is trylocked first and stays locked across
+    ``migrate_to_ram`` (``migrate_vma_setup`` requires the fault page locked); if somebody else holds the lock
+    (a migration of that page), the fault waits for the unlock and returns 0 (the access retries).  [6.12] only
+    the reference is taken.
+    """
+    from hmmirror.mm.folio import folio_trylock, folio_unlock, folio_wait_locked
+
+    mm = vmf.mm
+    machine, pool, mem = mm.machine, mm.machine.pool, mm.machine.mem
+    pgmap = machine.pgmap_of(e.offset)
+    if pgmap is None or pgmap.ops is None or pgmap.ops.migrate_to_ram is None:
+        return int(VM_FAULT.SIGBUS)
+    page = e.offset
+    vmf.page = page
+    assert vmf.pmdp is not None and vmf.ptep is not None
+    ptl = pte_lockptr(mm, vmf.pmdp)
+    yield from sched.spin_lock(ptl)
+    if pool.get(vmf.ptep) != vmf.orig_pte:
+        sched.spin_unlock(ptl)
+        return 0
+    machine.counters["do_swap_page_device_private"] += 1
+    if machine.profile.do_swap_page_device_lock:
+        if not folio_trylock(mem, page):
+            sched.spin_unlock(ptl)
+            machine.counters["do_swap_page_device_locked"] += 1
+            yield from folio_wait_locked(mem, page, "migration_entry_wait_on_locked")
+            return 0
+        mem.get_page(page)
+        sched.spin_unlock(ptl)
+        ret = yield from pgmap.ops.migrate_to_ram(vmf)
+        folio_unlock(mem, page)
+        mem.put_page(page)
+        return ret
+    mem.get_page(page)
+    sched.spin_unlock(ptl)
+    ret = yield from pgmap.ops.migrate_to_ram(vmf)
+    mem.put_page(page)
+    return ret
+
+
+def remove_device_exclusive_entry(vmf: VmFault) -> Gen[int]:
+    """remove_device_exclusive_entry() (mm/memory.c): a CPU access to a device-exclusive entry restores the
+    original PTE under the folio lock, after an ``MMU_NOTIFY_EXCLUSIVE`` invalidation (owner NULL) that tells
+    the device it lost exclusive access.  Returns 0 (the access retries)."""
+    from hmmirror.mm.folio import folio_lock, folio_try_get, folio_unlock
+
+    vma, mm = vmf.vma, vmf.mm
+    machine, pool, mem = mm.machine, mm.machine.pool, mm.machine.mem
+    page = vmf.page
+    folio = mem.compound_head(page)
+    # A reference is needed to lock the folio: without the PTE lock a racing thread may unmap it.
+    if not folio_try_get(mem, folio):
+        return 0
+    yield from folio_lock(mem, folio, "remove_device_exclusive_entry")
+    addr = vmf.address & ~(PAGE_SIZE - 1)
+    r = mmu_notifier_range_init(MMU_NOTIFY.EXCLUSIVE, vma, mm, addr, addr + PAGE_SIZE, None)
+    yield from mmu_notifier_invalidate_range_start(r)
+    assert vmf.pmdp is not None and vmf.ptep is not None
+    ptl = pte_lockptr(mm, vmf.pmdp)
+    yield from sched.spin_lock(ptl)
+    if pool.get(vmf.ptep) == vmf.orig_pte:
+        restore_exclusive_pte(vma, page, vmf.ptep)
+        machine.counters["device_exclusive_restored"] += 1
+    sched.spin_unlock(ptl)
+    folio_unlock(mem, folio)
+    mem.put_page(folio)
+    yield from mmu_notifier_invalidate_range_end(r)
+    return 0
+
+
+def restore_exclusive_pte(vma: VMA, page: int, ptep: Ptr) -> None:
+    """restore_exclusive_pte() (mm/memory.c): the page is mapped again, old; writable (and dirty if the folio
+    is) when the VMA allows writing and the anonymous page is exclusive (``can_change_pte_writable``).  [6.12,
+    not ``make_device_exclusive_single``] the entry had dropped the rmap, which is added back here."""
+    mm = vma.vm_mm
+    machine, mem = mm.machine, mm.machine.mem
+    pte = x86.pfn_pte(page, vma.vm_page_prot) & ~x86._PAGE_ACCESSED
+    if vma.vm_flags & VM.WRITE and mem.flags[page] & PG.anon_exclusive:
+        if mem.flags[mem.compound_head(page)] & PG.dirty:
+            pte = x86.pte_mkdirty(pte)
+        pte = x86.pte_mkwrite(pte)
+    if not machine.profile.make_device_exclusive_single:
+        rmap.page_add_rmap(mem, page)                # folio_add_anon_rmap_pte(RMAP_NONE)
+    machine.pool.set(ptep, pte)
 
 
 def migration_entry_wait(mm: "MMStruct", pmdp: Ptr, address: int, huge: bool = False) -> Gen[None]:
@@ -825,8 +916,18 @@ def release_entries(machine: Any, ents: Any, pte_level: bool) -> None:
                 mem.free_folio(h)
     swap = ~present & ((ents & ~np.uint64(x86._PAGE_ACCESSED | x86._PAGE_DIRTY)) != 0)
     if swap.any():
+        keeps_rmap = machine.profile.make_device_exclusive_single
         for e in ents[swap].tolist():
-            machine.swap.release_entry(pte_to_swp_entry(int(e)))
+            s = pte_to_swp_entry(int(e))
+            if is_device_private_entry(s) or x86.is_device_exclusive_entry(s):
+                # zap_nonpresent_ptes(): the entry's rmap and reference go ([6.12] an exclusive entry
+                # had no rmap, only the reference)
+                if s.offset < mem.nr_pfns:
+                    if is_device_private_entry(s) or keeps_rmap:
+                        rmap.page_remove_rmap(mem, s.offset)
+                    mem.put_page(s.offset)
+                continue
+            machine.swap.release_entry(s)
 
 
 def zap_pmd_range(vma: VMA, pudp: Ptr, addr: int, end: int) -> Gen[None]:

@@ -32,6 +32,13 @@ Model choices:
 * ``page_free`` (``pgmap->ops->page_free`` [6.x], ``pgmap->page_free`` [5.2]) runs when a page of a
   device-private / fsdax pgmap becomes idle again (refcount back to 1, ``__put_devmap_managed_page``);
   ``migrate_to_ram`` is the device-private CPU fault hook (``do_swap_page`` calls ``pgmap.ops.migrate_to_ram``).
+* Device-private pages under ``profile.device_private_free_at_zero`` [6.0+] follow the kernel's zero-based
+  convention instead: a free page has refcount 0 and holds no pgmap reference (``memremap_pages`` takes none
+  for them); the driver's allocator calls :func:`zone_device_page_init` (refcount 1, folio locked, one
+  ``pgmap.ref`` reference); the put that reaches 0 runs ``free_zone_device_folio``: the page forgets its
+  anon mapping, ``page_free`` hands it back to the driver and the pgmap reference is put.  Teardown kills the
+  ref and waits until every allocated page was freed.  ``pgmap.zone_device_data`` (int64, one slot per page,
+  -1 = NULL) is ``page->zone_device_data``: a driver stores a pfn or an index there, never an object.
 """
 
 from __future__ import annotations
@@ -237,6 +244,8 @@ class DevPagemap:
     align_pages: int = HPAGE_PUD_NR          # alignment of the physical range (pmem: 1 GiB)
     dev: Any = None                          # the hosting device (pmem, dev_dax, ...)
     data: Any = None
+    zone_device_data: Any = None             # np.int64[npages]: page->zone_device_data (device-private), -1 = NULL
+    free_at_zero: bool = False               # device-private pages free at refcount 0 (set at registration)
     machine: Any = None                      # set at registration
     state: str = "new"
     waiting_for: int = 0
@@ -355,10 +364,12 @@ def devm_memremap_pages(machine: "Machine", pgmap: DevPagemap) -> int:
     if pgmap.type == MEMORY_DEVICE_PRIVATE and pgmap.owner is None and machine.profile.pgmap_owner_required:
         return -EINVAL                                      # [6.x] device-private pgmaps need an owner
     mem = machine.mem
+    free_at_zero = pgmap.type == MEMORY_DEVICE_PRIVATE and machine.profile.device_private_free_at_zero
     if pgmap.res is None:
         if pgmap.nr_pages <= 0:
             return -EINVAL
-        start = mem.add_device_range(pgmap.nr_pages, pgmap.align_pages, owner=pgmap)
+        start = mem.add_device_range(pgmap.nr_pages, pgmap.align_pages, owner=pgmap,
+                                     idle_refcount=0 if free_at_zero else 1)
         pgmap.res = PfnRange(start, start + pgmap.nr_pages)
     else:
         r = pgmap.res
@@ -379,10 +390,15 @@ def devm_memremap_pages(machine: "Machine", pgmap: DevPagemap) -> int:
         mem.device_ranges[slot] = (s, e, pgmap)
     r = pgmap.res
     mem.flags[r.start: r.end] = PG.device                  # init every device page (page->pgmap = pgmap)
-    mem.refcount[r.start: r.end] = 1
+    mem.refcount[r.start: r.end] = 0 if free_at_zero else 1
     mem.mapcount[r.start: r.end] = 0
     mem.order[r.start: r.end] = 0
-    percpu_ref_get_many(pgmap.ref, r.npages)
+    pgmap.free_at_zero = free_at_zero
+    if pgmap.type == MEMORY_DEVICE_PRIVATE:
+        import numpy as np
+        pgmap.zone_device_data = np.full(r.npages, -1, dtype=np.int64)
+    if not free_at_zero:                                   # [6.x] no per-page reference for private pages
+        percpu_ref_get_many(pgmap.ref, r.npages)
     machine.pgmaps.append(pgmap)                           # pgmap_array[res] = pgmap
     pgmap.machine = machine
     pgmap.state = "live"
@@ -434,6 +450,53 @@ def is_zone_device_page(machine: "Machine", pfn: int) -> bool:
     return 0 <= pfn < machine.mem.nr_pfns and bool(machine.mem.flags[pfn] & PG.device)
 
 
+# --- device-private pages: allocation and freeing [6.0+] ---------------------------------------------------
+def page_pgmap(machine: "Machine", pfn: int) -> DevPagemap | None:
+    """page_pgmap() [6.15] / page->pgmap: the pgmap of a ZONE_DEVICE page (None for other pfns)."""
+    return machine.pgmap_of(pfn) if pfn >= machine.mem.nr_ram else None
+
+
+def zone_device_page_init(machine: "Machine", pfn: int) -> None:
+    """zone_device_page_init() (mm/memremap.c, 6.x): hand a free device-private page to its driver.
+
+    ``WARN_ON_ONCE(!percpu_ref_tryget_live(&pgmap->ref))``, ``set_page_count(page, 1)``, ``lock_page(page)``.
+    The page must be free (refcount 0): initialising a page somebody still references is reported
+    (``zone_device_page_init_busy``), as it corrupts that user's reference (invariant I6).
+    """
+    mem = machine.mem
+    pgmap = page_pgmap(machine, pfn)
+    if pgmap is None or pgmap.type != MEMORY_DEVICE_PRIVATE:
+        sched.report("BUG_ON", f"zone_device_page_init({pfn:#x}): not a device-private page")
+        return
+    if int(mem.refcount[pfn]) != 0:
+        sched.report("zone_device_page_init_busy",
+                     f"zone_device_page_init({pfn:#x}) of {pgmap.name}: refcount {int(mem.refcount[pfn])}, not 0")
+    assert pgmap.ref is not None
+    if not percpu_ref_tryget_live(pgmap.ref):
+        sched.report("WARN_ON", f"zone_device_page_init({pfn:#x}): pgmap {pgmap.name} is dying")
+    mem.refcount[pfn] = 1
+    if mem.flags[pfn] & PG.locked:
+        sched.report("BUG_ON", f"zone_device_page_init({pfn:#x}): page already locked")
+    mem.flags[pfn] = PG.device | PG.locked
+    machine.counters["zone_device_page_init"] += 1
+
+
+def free_zone_device_folio(machine: "Machine", pgmap: DevPagemap, pfn: int) -> None:
+    """free_zone_device_folio() (mm/memremap.c, 6.x) for a device-private page whose refcount reached 0:
+    ``folio->mapping = NULL``, ``pgmap->ops->page_free(page)``, ``put_dev_pagemap(pgmap)``."""
+    mem = machine.mem
+    if mem.mapcount[pfn] != 0:
+        sched.report("BUG_ON", f"device page {pfn:#x} freed while mapped {int(mem.mapcount[pfn])} times")
+    if mem.flags[pfn] & PG.locked:
+        sched.report("BUG_ON", f"device page {pfn:#x} freed while locked")
+    mem.flags[pfn] = PG.device
+    mem.contents.pop(pfn, None)
+    machine.counters["free_zone_device_folio"] += 1
+    if pgmap.ops is not None and pgmap.ops.page_free is not None:
+        pgmap.ops.page_free(pgmap, pfn)
+    put_dev_pagemap(pgmap)
+
+
 # --- page references of device pages --------------------------------------------------------------------
 def put_device_page(machine: "Machine", pgmap: DevPagemap, pfn: int, new_count: int) -> None:
     """The ZONE_DEVICE part of put_page(), after the page's refcount became ``new_count``.
@@ -441,8 +504,15 @@ def put_device_page(machine: "Machine", pgmap: DevPagemap, pfn: int, new_count: 
     [5.2] ``put_devmap_managed_page`` -> ``__put_devmap_managed_page``: for managed types (device-private,
     fsdax) a count of 1 means the page is idle again and ``page_free`` runs; a count of 0 is the final put
     of a page (teardown, or a pinned page released after it) and drops the page's pgmap reference
-    (``__put_page`` -> ``put_dev_pagemap``).
+    (``__put_page`` -> ``put_dev_pagemap``).  [6.0+] device-private pages: 0 is free
+    (:func:`free_zone_device_folio`).
     """
+    if pgmap.free_at_zero:
+        if new_count == 0:
+            free_zone_device_folio(machine, pgmap, pfn)
+        elif new_count < 0:
+            sched.report("page_ref_underflow", f"device page {pfn:#x} of {pgmap.name}: refcount {new_count}")
+        return
     if new_count == 1 and pgmap.type in (MEMORY_DEVICE_PRIVATE, MEMORY_DEVICE_FS_DAX):
         if pgmap.ops is not None and pgmap.ops.page_free is not None:
             pgmap.ops.page_free(pgmap, pfn)
@@ -471,15 +541,20 @@ def devm_memremap_pages_release(machine: "Machine", pgmap: DevPagemap) -> Gen[in
     machine.log("pgmap_kill", pgmap=pgmap.name, count=pgmap.ref.count)
     r = pgmap.res
     mem = machine.mem
-    # for_each_device_pfn: put_page(pfn_to_page(pfn)) -- vectorised: every page loses one reference;
-    # those reaching zero drop one pgmap reference each (idle pages); others (pinned) keep theirs.
-    mem.refcount[r.start: r.end] -= 1
-    rc = mem.refcount[r.start: r.end]
-    if (rc < 0).any():
-        sched.report("page_ref_underflow", f"{pgmap.name}: device page refcount below zero at teardown")
-    idle = int((rc == 0).sum())
-    percpu_ref_put_many(pgmap.ref, idle)
-    pgmap.history.append(f"put_pages:{idle}")
+    if pgmap.free_at_zero:
+        # [6.x] memunmap_pages(): no per-page reference to drop for device-private pages; every page the
+        # driver still holds keeps its pgmap reference until its last put.
+        pgmap.history.append(f"in_use:{int((mem.refcount[r.start: r.end] > 0).sum())}")
+    else:
+        # for_each_device_pfn: put_page(pfn_to_page(pfn)) -- vectorised: every page loses one reference;
+        # those reaching zero drop one pgmap reference each (idle pages); others (pinned) keep theirs.
+        mem.refcount[r.start: r.end] -= 1
+        rc = mem.refcount[r.start: r.end]
+        if (rc < 0).any():
+            sched.report("page_ref_underflow", f"{pgmap.name}: device page refcount below zero at teardown")
+        idle = int((rc == 0).sum())
+        percpu_ref_put_many(pgmap.ref, idle)
+        pgmap.history.append(f"put_pages:{idle}")
     yield from sched.preempt_point("devm_memremap_pages_release")
     yield from pgmap.cleanup(pgmap.ref)
     # pages are dead and unused: undo the mapping, pgmap_array[range] = NULL

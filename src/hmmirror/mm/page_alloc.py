@@ -44,6 +44,11 @@ class PG:
     anon_exclusive = 1 << 14  # PG_anon_exclusive [6.x]
     thp = 1 << 15            # part of a transparent huge folio
 
+    @staticmethod
+    def mask(bits: int) -> np.uint32:
+        """``~bits`` as a uint32, to clear flags in place: ``mem.flags[pfn] &= PG.mask(PG.locked)``."""
+        return np.uint32(0xFFFFFFFF ^ bits)
+
 
 class PhysMem:
     """RAM and device frames with their metadata arrays."""
@@ -94,8 +99,12 @@ class PhysMem:
         self._free4k = np.zeros(2 * HPAGE_PMD_NR, dtype=np.int64)   # grows as 4 KiB pages are freed
         self._n4k = 0
 
-    def add_device_range(self, npages: int, align_pages: int = HPAGE_PUD_NR, owner: object = None) -> int:
-        """Append a ZONE_DEVICE pfn range above everything so far; returns its first pfn."""
+    def add_device_range(self, npages: int, align_pages: int = HPAGE_PUD_NR, owner: object = None,
+                         idle_refcount: int = 1) -> int:
+        """Append a ZONE_DEVICE pfn range above everything so far; returns its first pfn.
+
+        ``idle_refcount``: the count of a page nobody uses -- 1 for pmem (and every device page [5.2]),
+        0 for device-private pages where the profile frees them at zero [6.0+]."""
         cur = self.refcount.shape[0]
         start = -(-cur // align_pages) * align_pages
         new = start + npages
@@ -105,7 +114,7 @@ class PhysMem:
             grown[:cur] = arr
             setattr(self, name, grown)
         self.flags[start:new] = PG.device
-        self.refcount[start:new] = 1               # idle device pages hold one reference (memremap_pages)
+        self.refcount[start:new] = idle_refcount   # idle device pages (memremap_pages)
         self.device_ranges.append((start, new, owner))
         return start
 

@@ -9,9 +9,16 @@ by :func:`counted`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from hmmirror.mm.page_alloc import PG, PhysMem
+
+if TYPE_CHECKING:
+    from hmmirror.kernel.sched import Gen
+    from hmmirror.machine import Machine
+    from hmmirror.mm.mm_struct import MMStruct
 
 
 def counted(mem: PhysMem, pfn: int, dax_refcounted: bool) -> bool:
@@ -52,3 +59,261 @@ def page_add_rmap(mem: PhysMem, pfn: int, nr: int = 1) -> None:
 def page_remove_rmap(mem: PhysMem, pfn: int, nr: int = 1) -> None:
     """page_remove_rmap(): one mapping of ``nr`` frames less."""
     mem.mapcount[pfn: pfn + nr] -= 1
+
+
+# --- reverse-map walks (ours: a batched scan of the page tables stands for the anon_vma / i_mmap walk) ------------
+def rmap_find(machine: "Machine", pfns: np.ndarray, kinds: tuple[str, ...] = ("present", "device", "migration")
+              ) -> list[tuple["MMStruct", int, int]]:
+    """Ours (what rmap_walk() visits): every PTE-level entry of a live mm that names one of ``pfns``, as
+    ``(mm, address, entry)``.  ``kinds``: ``"present"`` (present, non-special PTEs mapping the frame),
+    ``"device"`` (device-private and device-exclusive entries), ``"migration"`` (migration entries).
+    The kernel walks the folio's anon_vma or mapping; the model scans the page tables of every mm once
+    (vectorised), which finds the same entries wherever they moved."""
+    from hmmirror.arch.x86 import pgtable as x86
+    from hmmirror.mm.debug import LEVEL_PTE, leaf_entries
+
+    out: list[tuple["MMStruct", int, int]] = []
+    if not len(pfns):
+        return out
+    want = np.unique(np.asarray(pfns, dtype=np.int64))
+    u = np.uint64
+    types: list[int] = []
+    if "device" in kinds:
+        types += [int(x86.SwpType.SWP_DEVICE_PRIVATE_READ), int(x86.SwpType.SWP_DEVICE_PRIVATE_WRITE),
+                  int(x86.SwpType.SWP_DEVICE_EXCLUSIVE)]
+    if "migration" in kinds:
+        types += [int(x86.SwpType.SWP_MIGRATION_READ), int(x86.SwpType.SWP_MIGRATION_WRITE),
+                  int(x86.SwpType.SWP_MIGRATION_READ_EXCLUSIVE)]
+    for mm in list(machine.mms.values()):
+        if mm.exited:
+            continue
+        addrs, vals, lvls = leaf_entries(mm)
+        if not addrs.size:
+            continue
+        pte = lvls == LEVEL_PTE
+        present = (vals & u(x86._PAGE_PRESENT | x86._PAGE_PROTNONE)) != 0
+        hit = np.zeros(addrs.shape, dtype=bool)
+        if "present" in kinds:
+            normal = pte & present & ((vals & u(x86._PAGE_SPECIAL)) == 0)
+            pf = ((vals & u(x86.PTE_PFN_MASK)) >> u(12)).astype(np.int64)
+            hit |= normal & np.isin(pf, want)
+        if types:
+            swp = pte & ~present
+            typ = (vals >> u(x86.SWP_TYPE_SHIFT)).astype(np.int64)
+            off = ((~(vals >> u(x86.SWP_OFFSET_SHIFT))) & u(x86.SWP_OFFSET_MASK)).astype(np.int64)
+            hit |= swp & np.isin(typ, types) & np.isin(off, want)
+        for a, v in zip(addrs[hit].tolist(), vals[hit].tolist()):
+            out.append((mm, int(a), int(v)))
+    return out
+
+
+def try_to_migrate(machine: "Machine", folio: int) -> "Gen[None]":
+    """try_to_migrate() / try_to_migrate_one() (mm/rmap.c): replace every remaining mapping of ``folio`` (a
+    present PTE, or a device-private entry) by a migration entry -- writable if the mapping was, readable-
+    exclusive for an exclusive anonymous page, else readable -- under an MMU_NOTIFY_CLEAR invalidation of the
+    page, dropping the mapping's rmap and reference.  Mappings of a pinned exclusive page are left alone
+    (folio_try_share_anon_rmap_pte() fails), so the caller sees the folio still mapped."""
+    from hmmirror.arch.x86 import pgtable as x86
+    from hmmirror.include.mm_types import MMU_NOTIFY
+    from hmmirror.kernel import sched
+    from hmmirror.mm.folio import folio_maybe_dma_pinned
+    from hmmirror.mm.memory import pte_lockptr
+    from hmmirror.mm.mmu_notifier import (
+        mmu_notifier_invalidate_range_end,
+        mmu_notifier_invalidate_range_start,
+        mmu_notifier_range_init,
+    )
+
+    mem = machine.mem
+    n = 1 << int(mem.order[folio]) if folio < mem.nr_ram else 1
+    pfns = np.arange(folio, folio + n, dtype=np.int64)
+    for mm, addr, _ in rmap_find(machine, pfns, kinds=("present", "device")):
+        vma = mm.vma_lookup(addr)
+        if vma is None:
+            continue
+        r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + x86.PAGE_SIZE)
+        yield from mmu_notifier_invalidate_range_start(r)
+        level, ptep, _ = mm.pt.lookup(addr)
+        if level == "pte" and ptep is not None:
+            pudp = mm.pt.walk_to_pud(addr)
+            assert pudp is not None
+            ptl = pte_lockptr(mm, mm.pt.pmd_offset(pudp, addr))
+            yield from sched.spin_lock(ptl)
+            pte = machine.pool.get(ptep)
+            _try_to_migrate_pte(machine, ptep, pte, pfns, folio_maybe_dma_pinned(mem, folio))
+            sched.spin_unlock(ptl)
+        yield from mmu_notifier_invalidate_range_end(r)
+
+
+def _try_to_migrate_pte(machine: "Machine", ptep: "Any", pte: int, pfns: np.ndarray, pinned: bool) -> None:
+    from hmmirror.arch.x86 import pgtable as x86
+
+    mem = machine.mem
+    if x86.pte_none(pte):
+        return
+    if x86.pte_present(pte):
+        if x86.pte_special(pte):
+            return
+        page = x86.pte_pfn(pte)
+        writable = x86.pte_write(pte)
+    else:
+        e = x86.pte_to_swp_entry(pte)
+        if not x86.is_device_private_entry(e):
+            return
+        page = e.offset
+        writable = x86.is_writable_device_private_entry(e)
+    if page < int(pfns[0]) or page > int(pfns[-1]):
+        return
+    anon_exclusive = bool(mem.flags[page] & PG.anon) and bool(mem.flags[page] & PG.anon_exclusive)
+    if anon_exclusive:
+        if x86.pte_present(pte) and pinned:
+            return                                            # folio_try_share_anon_rmap_pte() failed
+        mem.flags[page] &= PG.mask(PG.anon_exclusive)
+    if writable:
+        t = x86.SwpType.SWP_MIGRATION_WRITE
+    elif anon_exclusive:
+        t = x86.SwpType.SWP_MIGRATION_READ_EXCLUSIVE
+    else:
+        t = x86.SwpType.SWP_MIGRATION_READ
+    if x86.pte_present(pte) and pte & x86._PAGE_DIRTY:
+        mem.flags[mem.compound_head(page)] |= PG.dirty
+    machine.pool.set(ptep, x86.swp_entry_to_pte(x86.SwpEntry(int(t), page)))
+    page_remove_rmap(mem, page)
+    mem.put_page(page)
+
+
+# --- device-exclusive access (mm/rmap.c) ------------------------------------------------------------------
+MAKE_DEVICE_EXCLUSIVE_RETRIES = 16
+
+
+def make_device_exclusive(mm: "MMStruct", addr: int, owner: Any) -> "Gen[tuple[int, int]]":
+    """make_device_exclusive(mm, addr, owner, &folio) (mm/rmap.c, 6.15+): mark one page for exclusive use by a
+    device.  Returns ``(page, folio)`` -- the folio locked and referenced -- or ``(-errno, -1)``.
+
+    The page is faulted in writable (GUP with FOLL_WRITE | FOLL_SPLIT_PMD; an existing device-exclusive entry
+    of another device is converted back by that fault first); only anonymous non-hugetlb folios are
+    supported (-EOPNOTSUPP).  Under an ``MMU_NOTIFY_EXCLUSIVE`` invalidation carrying ``owner`` (the caller
+    must filter its own event), the PTE is re-checked to still map the page writable (else the whole thing
+    is retried) and is replaced by a device-exclusive entry; the entry keeps the page's rmap and the PTE's
+    reference.  A CPU access restores the PTE (remove_device_exclusive_entry()).  Caller holds mmap_lock.
+    """
+    from hmmirror.arch.x86 import pgtable as x86
+    from hmmirror.include.mm_types import MMU_NOTIFY, VM
+    from hmmirror.kernel import sched
+    from hmmirror.mm.folio import folio_lock, folio_unlock
+    from hmmirror.mm.gup import FOLL_GET, FOLL_SPLIT_PMD, FOLL_WRITE, get_user_page_vma_remote
+    from hmmirror.mm.memory import pte_lockptr
+    from hmmirror.mm.mmu_notifier import (
+        mmu_notifier_invalidate_range_end,
+        mmu_notifier_invalidate_range_start,
+        mmu_notifier_range_init,
+    )
+
+    machine = mm.machine
+    mem = machine.mem
+    if not mm.mmap_sem.held_by(sched.current()):
+        sched.report("lockdep", f"make_device_exclusive on {mm.name} without mmap_lock")
+    addr &= ~(x86.PAGE_SIZE - 1)
+    for _ in range(MAKE_DEVICE_EXCLUSIVE_RETRIES):
+        page, vma = yield from get_user_page_vma_remote(mm, addr, FOLL_GET | FOLL_WRITE | FOLL_SPLIT_PMD)
+        if page < 0 or vma is None:
+            return (page if page < 0 else -14), -1
+        folio = mem.compound_head(page)
+        if not mem.flags[folio] & PG.anon or mem.flags[folio] & PG.hugetlb or vma.vm_flags & VM.HUGETLB:
+            mem.put_page(folio)
+            return -95, -1                                      # -EOPNOTSUPP
+        yield from folio_lock(mem, folio, "make_device_exclusive")
+        r = mmu_notifier_range_init(MMU_NOTIFY.EXCLUSIVE, vma, mm, addr, addr + x86.PAGE_SIZE, owner)
+        yield from mmu_notifier_invalidate_range_start(r)
+        level, ptep, _ = mm.pt.lookup(addr)
+        ok = level == "pte" and ptep is not None
+        if ok:
+            assert ptep is not None
+            pudp = mm.pt.walk_to_pud(addr)
+            assert pudp is not None
+            ptl = pte_lockptr(mm, mm.pt.pmd_offset(pudp, addr))
+            yield from sched.spin_lock(ptl)
+            pte = machine.pool.get(ptep)
+            # folio_walk_start(): still the same page, mapped by a writable PTE?
+            ok = bool(pte & x86._PAGE_PRESENT) and not x86.pte_special(pte) and x86.pte_pfn(pte) == page \
+                and x86.pte_write(pte)
+            if ok:
+                if pte & x86._PAGE_DIRTY:
+                    mem.flags[folio] |= PG.dirty                # folio_mark_dirty()
+                machine.pool.set(ptep, x86.swp_entry_to_pte(x86.SwpEntry(int(x86.SwpType.SWP_DEVICE_EXCLUSIVE),
+                                                                          page)))
+            sched.spin_unlock(ptl)
+        yield from mmu_notifier_invalidate_range_end(r)
+        if ok:
+            machine.counters["make_device_exclusive"] += 1
+            return page, folio
+        folio_unlock(mem, folio)
+        mem.put_page(folio)
+    sched.report("livelock", f"make_device_exclusive({addr:#x}) retried {MAKE_DEVICE_EXCLUSIVE_RETRIES} times")
+    return -16, -1
+
+
+def make_device_exclusive_range(mm: "MMStruct", start: int, end: int, owner: Any) -> "Gen[list[int] | int]":
+    """make_device_exclusive_range(mm, start, end, pages, owner) (mm/rmap.c, 5.14 - 6.14): fault the range in
+    writable with GUP, then for each page trylock it and convert its mappings with an rmap walk
+    (folio_make_device_exclusive(): ``MMU_NOTIFY_EXCLUSIVE`` with ``owner``, the PTE becomes a device-exclusive
+    entry that drops the rmap but keeps the reference).  Returns the pages (pfn, or -1 where the page could
+    not be locked or made exclusive; those hold no reference), or -errno from GUP.  Marked pages are returned
+    locked and referenced."""
+    from hmmirror.arch.x86 import pgtable as x86
+    from hmmirror.include.mm_types import MMU_NOTIFY
+    from hmmirror.kernel import sched
+    from hmmirror.mm.folio import folio_trylock, folio_unlock
+    from hmmirror.mm.gup import FOLL_GET, FOLL_SPLIT_PMD, FOLL_WRITE, __get_user_pages
+    from hmmirror.mm.memory import pte_lockptr
+    from hmmirror.mm.mmu_notifier import (
+        mmu_notifier_invalidate_range_end,
+        mmu_notifier_invalidate_range_start,
+        mmu_notifier_range_init,
+    )
+
+    machine = mm.machine
+    mem = machine.mem
+    npages = (end - start) >> x86.PAGE_SHIFT
+    got = yield from __get_user_pages(mm, start, npages, FOLL_GET | FOLL_WRITE | FOLL_SPLIT_PMD)
+    if isinstance(got, int):
+        return got
+    pages: list[int] = list(got)
+    for i, page in enumerate(pages):
+        addr = start + i * x86.PAGE_SIZE
+        folio = mem.compound_head(page)
+        if folio != page or not folio_trylock(mem, folio):          # PageTail() or locked
+            mem.put_page(folio)
+            pages[i] = -1
+            continue
+        valid = False
+        if mem.flags[folio] & PG.anon and not mem.flags[folio] & PG.hugetlb:
+            for om, oaddr, _ in rmap_find(machine, np.array([page]), kinds=("present",)):
+                vma = om.vma_lookup(oaddr)
+                if vma is None:
+                    continue
+                r = mmu_notifier_range_init(MMU_NOTIFY.EXCLUSIVE, vma, om, oaddr, oaddr + x86.PAGE_SIZE, owner)
+                yield from mmu_notifier_invalidate_range_start(r)
+                level, ptep, _ = om.pt.lookup(oaddr)
+                if level == "pte" and ptep is not None:
+                    pudp = om.pt.walk_to_pud(oaddr)
+                    assert pudp is not None
+                    ptl = pte_lockptr(om, om.pt.pmd_offset(pudp, oaddr))
+                    yield from sched.spin_lock(ptl)
+                    pte = machine.pool.get(ptep)
+                    if pte & x86._PAGE_PRESENT and x86.pte_pfn(pte) == page:
+                        if om is mm and oaddr == addr and x86.pte_write(pte):
+                            valid = True
+                        if pte & x86._PAGE_DIRTY:
+                            mem.flags[folio] |= PG.dirty
+                        machine.pool.set(ptep, x86.swp_entry_to_pte(
+                            x86.SwpEntry(int(x86.SwpType.SWP_DEVICE_EXCLUSIVE), page)))
+                        page_remove_rmap(mem, page)                   # [6.12] the entry has no rmap
+                    sched.spin_unlock(ptl)
+                yield from mmu_notifier_invalidate_range_end(r)
+        if not (valid and mem.mapcount[page] == 0):
+            folio_unlock(mem, folio)
+            mem.put_page(folio)
+            pages[i] = -1
+    machine.counters["make_device_exclusive"] += sum(1 for p in pages if p >= 0)
+    return pages
