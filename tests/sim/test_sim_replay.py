@@ -67,9 +67,10 @@ def test_cli_fuzz_json_and_replay_png(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--kernel", "6.18", "--seconds", "2",
                         "--jobs", "1", "--json", "--findings", str(fd), "--driver", "sim_toy_drivers:ShortMirror"],
                        env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 1, r.stderr[-2000:]          # exit code 1: the campaign found something
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out) == {"findings", "runs", "steps"} and out["runs"] > 0
+    assert set(out) == {"findings", "runs", "generated", "steps", "interrupted"} and out["runs"] > 0
+    assert out["interrupted"] is False
     assert out["findings"], r.stderr[-2000:]
     f = out["findings"][0]
     assert set(f) == {"invariant", "location", "reproducer", "seed"}

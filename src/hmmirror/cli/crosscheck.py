@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from hmmirror.cli.common import EXIT_FOUND, EXIT_INTERRUPTED, EXIT_OK, prepare_output_dir, seed_option
 from hmmirror.errors import InputError
 
 
@@ -14,15 +15,18 @@ from hmmirror.errors import InputError
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--random", "nrandom", type=click.IntRange(min=1), default=None,
               help="Generate N random scenarios instead of reading files.")
-@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the random scenarios.")
+@seed_option("--seed", default=1, show_default=True, help="Seed of the random scenarios.")
 @click.option("--save", type=click.Path(file_okay=False), default=None,
               help="Write the generated scenarios (TOML) into this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--max-disagreements", type=int, default=20, show_default=True,
+@click.option("--max-disagreements", type=click.IntRange(0, 1 << 20), default=20, show_default=True,
               help="How many disagreements the table lists.")
 def command(files: tuple[str, ...], nrandom: int | None, seed: int, save: str | None, as_json: bool,
-            max_disagreements: int) -> None:
-    """Run scenarios in real child processes and in the model; report per-field agreement."""
+            max_disagreements: int) -> int:
+    """Run scenarios in real child processes and in the model; report per-field agreement.
+
+    Exit code 1 when the model and the kernel disagree (or the model crashed on a scenario).
+    """
     from rich.console import Console
     from rich.progress import Progress
 
@@ -36,10 +40,11 @@ def command(files: tuple[str, ...], nrandom: int | None, seed: int, save: str | 
     reason = hostenv.why_not_live()
     if reason:
         raise InputError(f"crosscheck needs the live kernel: {reason}", "EPERM")
+    if save:
+        prepare_output_dir(save, "--save")
     if nrandom:
         texts = [(f"random-{seed}-{i}.toml", random_scenario(seed, i)) for i in range(nrandom)]
         if save:
-            Path(save).mkdir(parents=True, exist_ok=True)
             for name, text in texts:
                 (Path(save) / name).write_text(text)
         scenarios = [schema.parse(text, file=name) for name, text in texts]
@@ -48,17 +53,28 @@ def command(files: tuple[str, ...], nrandom: int | None, seed: int, save: str | 
     report = Report()
     host_thp = hostenv.thp_settings()
     console = Console(stderr=True)
+    interrupted = False
     with Progress(console=console, transient=True, disable=as_json and not console.is_terminal) as progress:
         task = progress.add_task("crosscheck", total=len(scenarios))
-        for scn in scenarios:
-            crosscheck_scenario(scn, report, host_thp)
-            progress.advance(task)
+        try:
+            for scn in scenarios:
+                crosscheck_scenario(scn, report, host_thp)
+                progress.advance(task)
+        except KeyboardInterrupt:          # the summary so far, then exit code 130
+            interrupted = True
     for name, reason in report.skipped:              # never silent, also with --json (on stderr)
         console.print(f"[yellow]skipped[/] {name}: {reason}")
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=1))
-        return
-    _print(report, max_disagreements)
+        doc = report.to_json()
+        if interrupted:
+            doc["interrupted"] = True
+        click.echo(json.dumps(doc, indent=1))
+    else:
+        _print(report, max_disagreements)
+    if interrupted:
+        click.echo("hmmirror: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    return EXIT_FOUND if (report.disagreements or report.crashes) else EXIT_OK
 
 
 def _print(report: "object", limit: int) -> None:

@@ -35,6 +35,9 @@ def demo_text() -> str:
 @click.option("--png", "png", metavar="OUT", type=click.Path(dir_okay=False), help="draw the page tables into OUT")
 def command(as_json: bool, kernel: str, png: str | None) -> int:
     """Map pmem through fsdax (PTE and PMD) and device-dax (PUD) and show the resulting page tables."""
+    from hmmirror.cli.common import check_output_file
+
+    check_output_file(png, "--png")
     scn = parse(demo_text(), DEMO)
     try:
         r = run(scn, get_profile(kernel).name)

@@ -7,32 +7,39 @@ import sys
 
 import click
 
+from hmmirror.cli.common import EXIT_FOUND, EXIT_OK, check_output_file, resolve_driver, seed_option
 from hmmirror.errors import InputError
 
 
 @click.command()
 @click.argument("file", required=False)
-@click.option("--seed", type=int, default=None, help="replay the seeded run SEED instead of a file")
+@seed_option("--seed", default=None, help="replay the seeded run SEED instead of a file")
 @click.option("--kernel", default="6.18", show_default=True, help="kernel profile of a --seed run")
 @click.option("--driver", default="builtin", show_default=True, help="driver of a --seed run")
-@click.option("--png", "png", default=None, help="draw the interleaving as swim lanes into this PNG")
-@click.option("--log", "log", default=None, help="write the event log and trace to this file")
+@click.option("--png", "png", metavar="OUT", default=None, help="draw the interleaving as swim lanes into this PNG")
+@click.option("--log", "log", metavar="OUT", default=None, help="write the event log and trace to this file")
 @click.option("--every-step", is_flag=True, help="run the page-count walk at every step")
 @click.option("--json", "as_json", is_flag=True, help="print the outcome as JSON")
 def command(file: str | None, seed: int | None, kernel: str, driver: str, png: str | None, log: str | None,
-            every_step: bool, as_json: bool) -> None:
-    """Replay FILE (a reproducer written by ``hmmirror fuzz``) and check that its finding happens again."""
+            every_step: bool, as_json: bool) -> int:
+    """Replay FILE (a reproducer written by ``hmmirror fuzz``) and check that its finding happens again.
+
+    Exit code 1 when the saved finding did not happen again (or the schedule diverged).
+    """
     from hmmirror.sim.replay import replay_file, seeded_run
 
     if (file is None) == (seed is None):
-        raise InputError("give a reproducer FILE or --seed N")
+        raise click.UsageError("give a reproducer FILE or --seed N (not both)")
+    check_output_file(log, "--log")
+    check_output_file(png, "--png")
     expected = None
     if file is not None:
         rep = replay_file(file, every_step)
         res, expected, ok = rep.result, rep.expected, rep.reproduced
     else:
         from hmmirror.profiles import get_profile
-        get_profile(kernel)
+        kernel = get_profile(kernel).name
+        resolve_driver(driver, kernel)
         res = seeded_run(kernel, int(seed), driver, every_step)      # type: ignore[arg-type]
         ok = True
     if log:
@@ -50,5 +57,4 @@ def command(file: str | None, seed: int | None, kernel: str, driver: str, png: s
         click.echo(f.describe() if f else "no finding")
         if expected is not None:
             click.echo(("reproduced: " if ok else "NOT reproduced, expected: ") + str(expected.get("signature")))
-    if not ok:
-        sys.exit(1)
+    return EXIT_OK if ok else EXIT_FOUND

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
+from hmmirror.cli.common import EXIT_FOUND, EXIT_INTERRUPTED, EXIT_OK
 from hmmirror.scenario import load, run
 from hmmirror.scenario.report import dumps, print_run, runs_json
 
@@ -23,11 +24,26 @@ def command(files: tuple[str, ...], as_json: bool, kernel: str | None, no_pages:
     Every file is validated before anything runs.  Exit code 1 if an expectation failed.
     """
     scenarios = [load(f) for f in files]
-    runs = [run(s, kernel) for s in scenarios]
+    if kernel is not None:
+        from hmmirror.profiles import get_profile
+        get_profile(kernel)
+    runs = []
+    interrupted = False
+    try:
+        for s in scenarios:
+            runs.append(run(s, kernel))
+    except KeyboardInterrupt:              # report the scenarios that ran, then exit code 130
+        interrupted = True
     if as_json:
-        click.echo(dumps(runs_json(runs)))
+        doc = runs_json(runs)
+        if interrupted and isinstance(doc, dict):
+            doc["interrupted"] = True
+        click.echo(dumps(doc))
     else:
         console = Console()
         for r in runs:
             print_run(r, console, pages=not no_pages)
-    return 0 if all(r.ok for r in runs) else 1
+    if interrupted:
+        click.echo(f"hmmirror: interrupted after {len(runs)} of {len(scenarios)} scenarios", err=True)
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(r.ok for r in runs) else EXIT_FOUND

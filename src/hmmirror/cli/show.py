@@ -54,6 +54,9 @@ def parse_range(text: str, r: Run) -> tuple[int, int]:
 def command(file: str, proc: str | None, range_: str | None, png: str | None, as_json: bool,
             kernel: str | None) -> None:
     """Run scenario FILE and show the page tables of a range of one process."""
+    from hmmirror.cli.common import check_output_file
+
+    check_output_file(png, "--png")
     scn = load(file)
     proc = proc or scn.processes[0]
     r = run(scn, kernel)

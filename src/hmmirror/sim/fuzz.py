@@ -51,6 +51,9 @@ class Config:
     stop_after: int = 0                         # end the campaign after this many new findings (0: never)
     kinds: tuple[str, ...] | None = None        # VMA kinds to generate (None: every available kind)
     events: tuple[str, ...] | None = None       # background events (None: every available event)
+    runs: int = 0                               # stop after this many runs (0: at the deadline only)
+    epoch: int = 8                              # units per round (signatures found are shared between rounds)
+    fresh: bool = False                         # ignore the saved state: start the seed sequence again
 
 
 @dataclass
@@ -113,11 +116,18 @@ def reproducer_text(res: SimResult, seed: int, cfg: Config, path: str) -> str:
     return text + "\n" + dumps({"finding": fin})
 
 
+def _umask() -> int:
+    m = os.umask(0o22)
+    os.umask(m)
+    return m
+
+
 def write_atomic(path: str, text: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".toml", dir=d)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())        # a readable file (mkstemp makes it 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -181,43 +191,7 @@ class Recorder:
         return new
 
 
-# --- one worker ------------------------------------------------------------------------------------------
-def campaign(cfg: Config, deadline: float, worker: int = 0, report: Callable[[str, Any], None] | None = None) -> Stats:
-    """Run sessions until ``deadline`` (time.monotonic()); returns this worker's statistics."""
-    stats = Stats()
-    rec = Recorder(cfg, stats, (lambda s: report("finding", s)) if report else None)
-    session = 0
-    last = [time.monotonic(), 0, 0]
-    total = [0, 0]
-
-    def tick(force: bool = False) -> None:
-        if report and (force or time.monotonic() - last[0] > 0.5):
-            report("stats", (stats.runs - last[1], stats.steps - last[2]))
-            last[:] = [time.monotonic(), stats.runs, stats.steps]
-
-    while time.monotonic() < deadline:
-        seed = cfg.seed * 1_000_003 + worker * 10_007 + session
-        session += 1
-        if cfg.scheduler == "switch" or (cfg.scheduler == "mixed" and session % 2 == 1):
-            _hypothesis_session(cfg, seed, deadline, stats, rec, tick)
-        elif cfg.scheduler == "mixed":
-            # a batch of seeded runs, per-step random and PCT schedules alternating
-            for k in range(cfg.examples // 2):
-                if time.monotonic() > deadline:
-                    break
-                _seeded_run(cfg, seed * 1000 + k, deadline, stats, rec, "random" if k % 2 == 0 else "pct")
-                tick()
-        else:
-            _seeded_run(cfg, seed, deadline, stats, rec)
-        tick()
-        if cfg.stop_after and len(stats.findings) >= cfg.stop_after:
-            break
-    tick(True)
-    if report:
-        for e in stats.errors[:5]:
-            report("error", e)
-    _ = total
-    return stats
+# --- one unit of work: the outer loop is in "the campaign" below -------------------------------------
 
 
 def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder,
@@ -250,7 +224,7 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
     # Hypothesis gives shrinking up to five minutes; bound it by the campaign deadline (and one minute per
     # finding) so a campaign ends on time and keeps hunting
     from hypothesis.internal.conjecture import engine as _hyp_engine
-    _hyp_engine.MAX_SHRINKING_SECONDS = max(1, min(60, int(deadline - time.monotonic())))  # type: ignore[misc]
+    _hyp_engine.MAX_SHRINKING_SECONDS = max(1, int(min(60.0, deadline - time.monotonic())))  # type: ignore[misc]
     test = given(st.data())(body)
     test = settings(max_examples=cfg.examples, database=None, deadline=None, derandomize=False,
                     suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
@@ -407,76 +381,447 @@ def _scenario_cuts(sc: SimScenario) -> list[SimScenario]:
     return out
 
 
-# --- the campaign over several processes -----------------------------------------------------------------
-def _worker_main(cfg: Config, deadline_wall: float, worker: int, q: Any) -> None:
-    deadline = time.monotonic() + max(0.0, deadline_wall - time.time())
+# --- the campaign: units of work, rounds, workers, signals, resume (the outer loop) ----------------------
+#
+# A campaign is a sequence of *units*: unit ``u`` is one Hypothesis session or one batch of seeded runs, its
+# seed is ``unit_seed(cfg, u)`` and its budget ``cfg.examples`` generated runs (a seeded batch: half of it).
+# A unit is a pure function of the configuration, its index, its budget and the signatures known when it
+# starts, so units can run anywhere -- a worker process here, a Dask worker on another machine -- in any
+# order.  Units are dispatched in *rounds* of ``cfg.epoch`` units (``_rounds``): every unit of a round knows
+# the signatures known when the campaign started plus those found by the earlier rounds, and with ``--runs``
+# the budgets of a round come from what earlier rounds left.  The same seed therefore gives the same set of
+# runs whatever the number of workers and wherever they run.  Workers write reproducers into a private spool
+# directory and send the text to the coordinator (:class:`Collector`), which keeps the smallest reproducer per
+# signature in the findings directory.  The done units are recorded there (``STATE_FILE``), so a later
+# campaign with the same configuration continues the seed sequence.
 
-    def report(kind: str, payload: Any) -> None:
-        if kind == "error":
-            q.put(("error", worker, payload))
+STATE_FILE = ".campaign-state.json"
+
+
+def unit_seed(cfg: Config, unit: int) -> int:
+    """The seed of unit ``unit`` of the campaign ``cfg.seed`` (the seed sequence resume continues)."""
+    return cfg.seed * 1_000_003 + unit
+
+
+def unit_kind(cfg: Config, unit: int) -> str:
+    """``"hypothesis"`` or ``"seeded"``: what unit ``unit`` runs (``mixed`` alternates, starting with Hypothesis)."""
+    if cfg.scheduler == "switch" or (cfg.scheduler == "mixed" and unit % 2 == 0):
+        return "hypothesis"
+    return "seeded"
+
+
+def unit_budget(cfg: Config, unit: int) -> int:
+    """Runs of a full unit."""
+    return max(1, cfg.examples if unit_kind(cfg, unit) == "hypothesis" else cfg.examples // 2)
+
+
+def _rounds(cfg: Config, start: int, skip: frozenset[int], deadline_wall: float,
+            run_round: Callable[[list[tuple[int, int]], frozenset[str]], list["UnitResult"] | None],
+            known: set[str]) -> None:
+    """Dispatch the campaign's units in rounds of ``cfg.epoch``: ``run_round(units, known)`` runs a list of
+    ``(unit, budget)`` with the signatures known before the round and returns their results (None: stop).
+
+    With ``cfg.runs`` the budgets of a round add up to what is left of it; a unit that ends early (a
+    Hypothesis session stops at a new finding) leaves its remaining budget to later rounds, so the campaign
+    makes exactly ``cfg.runs`` generated runs.  Everything depends only on earlier rounds' results.
+    """
+    left = cfg.runs or None
+    u = start
+    while time.time() < deadline_wall and (left is None or left > 0):
+        units: list[tuple[int, int]] = []
+        planned = 0
+        while len(units) < max(1, cfg.epoch):
+            if u in skip:
+                u += 1
+                continue
+            b = unit_budget(cfg, u)
+            if left is not None:
+                b = min(b, left - planned)
+                if b <= 0:
+                    break
+            units.append((u, b))
+            planned += b
+            u += 1
+        if not units:
             return
-        if kind == "finding":
-            s: Saved = payload
-            q.put(("finding", worker, {"invariant": s.finding.invariant, "location": s.finding.location,
-                                       "signature": s.finding.signature, "reproducer": s.path,
-                                       "seed": s.seed, "message": s.finding.message, "size": list(s.size)}))
+        results = run_round(units, frozenset(known))
+        if results is None:
+            return
+        for r in results:
+            known |= set(r.findings)
+        if left is not None:
+            made = sum(r.generated for r in results)
+            if made == 0:
+                return
+            left -= made
+        if len(results) < len(units):
+            return
+
+
+@dataclass
+class UnitResult:
+    """What one unit did; ``findings`` maps a signature to its reproducer (``text``, ``name``, ``size``...)."""
+
+    unit: int
+    budget: int
+    runs: int = 0
+    steps: int = 0
+    generated: int = 0              # runs drawn by the generator (not shrinking re-runs): what --runs counts
+    complete: bool = False
+    findings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def _saved_payload(s: Saved) -> dict[str, Any]:
+    try:
+        with open(s.path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError:
+        text = ""
+    f = s.finding
+    return {"invariant": f.invariant, "location": f.location, "signature": f.signature, "seed": s.seed,
+            "message": f.message, "size": list(s.size), "name": os.path.basename(s.path), "text": text,
+            "spool": os.path.dirname(os.path.abspath(s.path))}
+
+
+def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[str], deadline_wall: float,
+             spool: str | None = None, report: Callable[[str, Any], None] | None = None,
+             stats: Stats | None = None) -> UnitResult:
+    """Run unit ``unit`` with ``budget`` runs; reproducers are written into ``spool`` (a private temporary
+    directory when None) and returned as text.  ``deadline_wall`` is a ``time.time()`` (inf: none)."""
+    import dataclasses
+    import shutil
+
+    own = spool is None
+    spool = spool or tempfile.mkdtemp(prefix="hmmirror-spool-")
+    left = deadline_wall - time.time()
+    deadline = time.monotonic() + left if left < 1e12 else float("inf")
+    ucfg = dataclasses.replace(cfg, findings_dir=spool, examples=budget)
+    stats = stats if stats is not None else Stats()
+    r0, s0 = stats.runs, stats.steps
+    out = UnitResult(unit, budget)
+
+    def notify(s: Saved) -> None:
+        p = _saved_payload(s)
+        out.findings[p["signature"]] = p
+        if report is not None:
+            report("finding", p)
+
+    rec = Recorder(ucfg, stats, notify)
+    rec.preexisting = set(known)
+    first_offer: list[int] = []
+    offer = rec.offer
+
+    def counting_offer(*a: Any, **kw: Any) -> Any:
+        if not first_offer:
+            first_offer.append(stats.runs)       # a Hypothesis session shrinks after its first new finding
+        return offer(*a, **kw)
+
+    rec.offer = counting_offer                  # type: ignore[method-assign]
+    last = [time.monotonic(), stats.runs, stats.steps]
+
+    def tick() -> None:
+        if report is not None and time.monotonic() - last[0] > 0.5:
+            report("stats", (stats.runs - last[1], stats.steps - last[2]))
+            last[:] = [time.monotonic(), stats.runs, stats.steps]
+
+    seed = unit_seed(cfg, unit)
+    try:
+        if unit_kind(cfg, unit) == "hypothesis":
+            _hypothesis_session(ucfg, seed, deadline, stats, rec, tick)
         else:
-            q.put(("stats", worker, payload))
+            for k in range(budget):
+                if time.monotonic() > deadline:
+                    break
+                kind = cfg.scheduler if cfg.scheduler in ("random", "pct") else ("random" if k % 2 == 0 else "pct")
+                _seeded_run(ucfg, seed * 1000 + k, deadline, stats, rec, kind)
+                tick()
+        out.complete = time.monotonic() <= deadline
+    finally:
+        out.runs, out.steps = stats.runs - r0, stats.steps - s0
+        if unit_kind(cfg, unit) == "hypothesis" and first_offer:
+            out.generated = first_offer[0] - r0
+        else:
+            out.generated = out.runs
+        if report is not None:
+            report("stats", (stats.runs - last[1], stats.steps - last[2]))
+        out.errors = list(stats.errors)
+        if own:
+            shutil.rmtree(spool, ignore_errors=True)
+    return out
+
+
+class Collector:
+    """The coordinator's side: keeps the smallest reproducer per signature in ``cfg.findings_dir``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.best = known_signatures(cfg.findings_dir)
+        self.start_known = frozenset(self.best)
+        self.found: dict[str, dict[str, Any]] = {}     # this campaign's findings by signature
+        self.runs = 0
+        self.steps = 0
+        self.generated = 0
+        self.errors: list[str] = []
+        self.started = time.time()
+        self.interrupted = False
+
+    def finding(self, p: dict[str, Any]) -> None:
+        sig = p["signature"]
+        size = tuple(p["size"])
+        path = os.path.join(self.cfg.findings_dir, p["name"])
+        old = self.best.get(sig)
+        if p.get("text") and (old is None or size < tuple(old)):
+            text = p["text"].replace(p["spool"] + os.sep, self.cfg.findings_dir.rstrip(os.sep) + os.sep)
+            write_atomic(path, text)
+            self.best[sig] = size          # type: ignore[assignment]
+        prev = self.found.get(sig)
+        if prev is None or size < tuple(prev["size"]):
+            q = {k: v for k, v in p.items() if k not in ("text", "spool")}
+            q["reproducer"] = path
+            self.found[sig] = q
+
+    def unit(self, r: UnitResult) -> None:
+        self.generated += r.generated
+        for p in r.findings.values():
+            self.finding(p)
+        self.errors += [f"unit {r.unit}: {e}" for e in r.errors[:5]]
+
+    def state(self) -> dict[str, Any]:
+        return {"runs": self.runs, "steps": self.steps, "findings": self.found, "errors": self.errors,
+                "started": self.started}
+
+    def result(self) -> dict[str, Any]:
+        findings = sorted(self.found.values(), key=lambda d: (d["invariant"], d["location"], d["signature"]))
+        return {"findings": [{"invariant": d["invariant"], "location": d["location"], "reproducer": d["reproducer"],
+                              "seed": d["seed"], "signature": d["signature"], "message": d["message"]}
+                             for d in findings],
+                "runs": self.runs, "generated": self.generated, "steps": self.steps, "errors": self.errors,
+                "seconds": round(time.time() - self.started, 1), "interrupted": self.interrupted}
+
+
+# -- resume state -------------------------------------------------------------------------------------------
+def campaign_key(cfg: Config) -> str:
+    """What identifies a campaign's seed sequence (a resumed campaign must match it)."""
+    return json.dumps([cfg.kernel, cfg.driver, cfg.scheduler, cfg.seed, cfg.examples, cfg.epoch, cfg.every_step,
+                       list(cfg.kinds) if cfg.kinds is not None else None,
+                       list(cfg.events) if cfg.events is not None else None])
+
+
+def load_state(cfg: Config) -> tuple[int, frozenset[int]]:
+    """``(first unit not known done, done units above it)`` of this campaign in the findings directory."""
+    try:
+        with open(os.path.join(cfg.findings_dir, STATE_FILE), encoding="utf-8") as fh:
+            doc = json.load(fh)
+        st = doc["campaigns"][campaign_key(cfg)]
+        return int(st["next"]), frozenset(int(u) for u in st.get("done", []))
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, frozenset()
+
+
+def save_state(cfg: Config, done: set[int]) -> None:
+    """Record the done units (compacted: everything below ``next`` is done)."""
+    path = os.path.join(cfg.findings_dir, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+        if not isinstance(doc.get("campaigns"), dict):
+            raise ValueError
+    except (OSError, ValueError, AttributeError):
+        doc = {"campaigns": {}}
+    nxt = 0
+    while nxt in done:
+        nxt += 1
+    doc["campaigns"][campaign_key(cfg)] = {"next": nxt, "done": sorted(u for u in done if u > nxt),
+                                           "seed": cfg.seed, "kernel": cfg.kernel}
+    write_atomic(path, json.dumps(doc, indent=1) + "\n")
+
+
+# -- in this process ---------------------------------------------------------------------------------------
+def campaign(cfg: Config, deadline: float, worker: int = 0, report: Callable[[str, Any], None] | None = None) -> Stats:
+    """The campaign in this process, unit after unit, until ``deadline`` (``time.monotonic()``), ``cfg.runs``
+    runs or ``cfg.stop_after`` findings; reproducers go straight into ``cfg.findings_dir``."""
+    _ = worker
+    os.makedirs(cfg.findings_dir, exist_ok=True)
+    stats = Stats()
+    deadline_wall = time.time() + (deadline - time.monotonic())
+
+    def run_round(units: list[tuple[int, int]], known: frozenset[str]) -> list[UnitResult] | None:
+        out = []
+        for u, b in units:
+            if time.time() >= deadline_wall:
+                return None
+            out.append(run_unit(cfg, u, b, known, deadline_wall, cfg.findings_dir, report, stats))
+            if cfg.stop_after and len(stats.findings) >= cfg.stop_after:
+                return None
+        return out
+
+    _rounds(cfg, 0, frozenset(), deadline_wall, run_round, set(known_signatures(cfg.findings_dir)))
+    return stats
+
+
+# -- worker processes ---------------------------------------------------------------------------------------
+def _die_with_parent(parent: int) -> None:
+    """PR_SET_PDEATHSIG(SIGKILL): the kernel kills this worker when its parent dies, whatever killed it."""
+    import signal
 
     try:
-        campaign(cfg, deadline, worker, report)
-    except Exception as exc:            # noqa: BLE001 - report and end this worker
-        q.put(("error", worker, f"{type(exc).__name__}: {exc}"))
-    q.put(("done", worker, None))
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)        # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:                             # the parent died before prctl
+        os._exit(1)
 
 
-def run_campaign(cfg: Config, on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """The whole campaign (``cfg.jobs`` processes); returns ``{"findings": [...], "runs": N, "steps": N}``."""
-    import multiprocessing as mp
+def _worker_main(cfg: Config, parent: int, worker: int, tasks: Any, q: Any) -> None:
+    import signal
 
-    os.makedirs(cfg.findings_dir, exist_ok=True)
-    deadline_wall = time.time() + cfg.seconds
-    state: dict[str, Any] = {"runs": 0, "steps": 0, "findings": {}, "errors": [], "started": time.time()}
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(cfg, deadline_wall, w, q), daemon=True)
-             for w in range(max(cfg.jobs, 1))]
-    for p in procs:
-        p.start()
-    done = 0
-    import queue as _queue
-    while done < len(procs):
-        try:
-            kind, w, payload = q.get(timeout=0.25)
-        except _queue.Empty:
-            if on_update:
-                on_update(state)
-            if time.time() > deadline_wall + 120 or not any(p.is_alive() for p in procs):
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the coordinator's: it stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    spool = tempfile.mkdtemp(prefix=f"hmmirror-spool-{worker}-")
+
+    def report(kind: str, payload: Any) -> None:
+        q.put((kind, worker, payload))
+
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
                 break
-            continue
-        if kind == "stats":
-            state["runs"] += payload[0]
-            state["steps"] += payload[1]
-        elif kind == "finding":
-            old = state["findings"].get(payload["signature"])
-            if old is None or tuple(payload["size"]) <= tuple(old["size"]):
-                state["findings"][payload["signature"]] = payload
-        elif kind == "error":
-            state["errors"].append(f"worker {w}: {payload}")
-        elif kind == "done":
-            done += 1
-        if on_update:
-            on_update(state)
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.terminate()
-    findings = sorted(state["findings"].values(), key=lambda d: (d["invariant"], d["location"]))
-    return {"findings": [{"invariant": d["invariant"], "location": d["location"], "reproducer": d["reproducer"],
-                          "seed": d["seed"], "signature": d["signature"], "message": d["message"]}
-                         for d in findings],
-            "runs": state["runs"], "steps": state["steps"], "errors": state["errors"],
-            "seconds": round(time.time() - state["started"], 1)}
+            u, b, known, deadline_wall = task
+            try:
+                r = run_unit(cfg, u, b, known, deadline_wall, spool, report)
+            except Exception as exc:            # noqa: BLE001 - report it, the coordinator goes on
+                r = UnitResult(u, b, errors=[f"{type(exc).__name__}: {exc}"])
+            r.findings = {k: {kk: vv for kk, vv in v.items() if kk != "text"} for k, v in r.findings.items()}
+            q.put(("unit", worker, r))
+    finally:
+        import shutil
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+class _Local:
+    """Worker processes of this machine (fork), fed units through a queue."""
+
+    def __init__(self, cfg: Config, col: Collector, on_update: Callable[[dict[str, Any]], None] | None) -> None:
+        import multiprocessing as mp
+
+        self.cfg, self.col, self.on_update = cfg, col, on_update
+        ctx = mp.get_context("fork")
+        self.tasks = ctx.Queue()
+        self.q = ctx.Queue()
+        me = os.getpid()
+        self.procs = [ctx.Process(target=_worker_main, args=(cfg, me, w, self.tasks, self.q), daemon=True)
+                      for w in range(max(cfg.jobs, 1))]
+        for p in self.procs:
+            p.start()
+
+    def run_epoch(self, units: list[tuple[int, int]], known: frozenset[str], deadline_wall: float) -> list[UnitResult]:
+        import queue as _queue
+
+        for u, b in units:
+            self.tasks.put((u, b, known, deadline_wall))
+        out: list[UnitResult] = []
+        while len(out) < len(units):
+            try:
+                kind, w, payload = self.q.get(timeout=0.25)
+            except _queue.Empty:
+                if self.on_update:
+                    self.on_update(self.col.state())
+                if not any(p.is_alive() for p in self.procs):
+                    self.col.errors.append("every worker process died")
+                    break
+                if time.time() > deadline_wall + 300:
+                    self.col.errors.append("workers did not stop within 5 minutes of the deadline")
+                    break
+                continue
+            if kind == "stats":
+                self.col.runs += payload[0]
+                self.col.steps += payload[1]
+            elif kind == "finding":
+                self.col.finding(payload)
+            elif kind == "unit":
+                out.append(payload)
+                self.col.unit(payload)
+            if self.on_update:
+                self.on_update(self.col.state())
+        return out
+
+    def close(self) -> None:
+        for _ in self.procs:
+            try:
+                self.tasks.put_nowait(None)
+            except Exception:          # noqa: BLE001
+                pass
+        end = time.monotonic() + 2
+        for p in self.procs:
+            p.join(timeout=max(0.0, end - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2)
+        self.q.cancel_join_thread()
+        self.tasks.cancel_join_thread()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(timeout=2)
+        self.q.cancel_join_thread()
+        self.tasks.cancel_join_thread()
+
+
+def run_campaign(cfg: Config, on_update: Callable[[dict[str, Any]], None] | None = None,
+                 executor: Any = None) -> dict[str, Any]:
+    """The whole campaign; returns ``{"findings": [...], "runs", "steps", "errors", "seconds", "interrupted"}``.
+
+    Workers are ``cfg.jobs`` processes of this machine unless ``executor`` is given (``executor(cfg, col,
+    on_update)`` returns an object with ``run_epoch`` and ``close``, see :mod:`hmmirror.sim.dask`).  A
+    KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI) stops the workers and returns what was
+    found so far with ``"interrupted": True``.  The campaign continues the seed sequence of an earlier one
+    with the same configuration and findings directory (unless ``cfg.fresh``).
+    """
+    os.makedirs(cfg.findings_dir, exist_ok=True)
+    col = Collector(cfg)
+    start, skip = (0, frozenset()) if cfg.fresh else load_state(cfg)
+    done = set(range(start)) | set(skip)
+    deadline_wall = time.time() + cfg.seconds if cfg.seconds and cfg.seconds > 0 else float("inf")
+    pool: Any = None
+    try:
+        pool = (executor or _Local)(cfg, col, on_update)
+        def run_round(units: list[tuple[int, int]], known: frozenset[str]) -> list[UnitResult] | None:
+            results = pool.run_epoch(units, known, deadline_wall)
+            for r in results:
+                if r.complete and (r.budget == unit_budget(cfg, r.unit) or r.generated < r.budget):
+                    done.add(r.unit)
+            save_state(cfg, done)
+            if cfg.stop_after and len(col.found) >= cfg.stop_after:
+                return None
+            return results
+
+        _rounds(cfg, start, skip, deadline_wall, run_round, set(col.start_known))
+        pool.close()
+        pool = None
+    except KeyboardInterrupt:
+        col.interrupted = True
+        if pool is not None:
+            pool.kill()
+            pool = None
+        try:
+            save_state(cfg, done)
+        except OSError:
+            pass
+    finally:
+        if pool is not None:
+            pool.kill()
+    if on_update:
+        on_update(col.state())
+    return col.result()
 
 
 _ = (json, scheduler_for)
