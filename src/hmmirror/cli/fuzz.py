@@ -30,6 +30,9 @@ MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
 @click.option("--runs", default=None, type=click.IntRange(1, 1 << 40),
               help="stop after N runs (exactly reproducible: the same seed gives the same runs)")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, MAX_JOBS), help="worker processes")
+@click.option("--dask", "dask", metavar="ADDRESS|local:N", default=None,
+              help="run on a Dask distributed cluster (a scheduler address, or local:N for N local workers) "
+                   "instead of --jobs; needs the dask extra")
 @click.option("--driver", default="builtin", show_default=True,
               help="the mirroring driver: builtin or package.module:ClassName")
 @click.option("--findings", "findings_dir", default="findings", show_default=True, help="reproducer directory")
@@ -44,7 +47,8 @@ MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
               help="start the seed sequence again (default: continue where a campaign with the same options "
                    "and --findings stopped)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON on stdout")
-def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, driver: str, findings_dir: str,
+def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, dask: str | None, driver: str,
+            findings_dir: str,
             scheduler: str, seed: int, every_step: bool, kinds: str | None, events: str | None, fresh: bool,
             as_json: bool) -> int:
     """Fuzz the model and a mirroring driver under random interleavings; save shrunk reproducers.
@@ -69,6 +73,10 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, dri
     if kinds is not None and not kind_t:
         raise InputError("--kinds: give at least one VMA kind")
     resolve_driver(driver, kernel)
+    executor = None
+    if dask is not None:
+        from hmmirror.sim.dask import DaskExecutor, check_address
+        executor = DaskExecutor.factory(check_address(dask, MAX_JOBS))
     prepare_output_dir(findings_dir, "--findings")
 
     from hmmirror.sim.fuzz import Config
@@ -76,7 +84,7 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, dri
                  scheduler=scheduler, seed=seed, every_step=every_step, kinds=kind_t, events=ev_t, fresh=fresh)
     if runs is not None:
         cfg.runs = runs
-    result = _run_with_progress(cfg, kernel, seconds, as_json)
+    result = _run_with_progress(cfg, kernel, seconds, as_json, executor)
     _summary(result, kernel)
     if as_json:
         out = {"findings": [{k: f[k] for k in ("invariant", "location", "reproducer", "seed")}
@@ -90,7 +98,7 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, dri
     return EXIT_FOUND if result["findings"] else EXIT_OK
 
 
-def _run_with_progress(cfg: object, kernel: str, seconds: float | None, as_json: bool) -> dict:
+def _run_with_progress(cfg: object, kernel: str, seconds: float | None, as_json: bool, executor: object) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -108,7 +116,7 @@ def _run_with_progress(cfg: object, kernel: str, seconds: float | None, as_json:
             progress.update(task, completed=done, info=f"{state['runs']} runs  {state['steps']} steps  "
                                                       f"{len(state['findings'])} findings")
 
-        result = run_campaign(cfg, update)          # type: ignore[arg-type]
+        result = run_campaign(cfg, update, executor)          # type: ignore[arg-type]
         if not result.get("interrupted"):
             progress.update(task, completed=total)
     return result
