@@ -478,10 +478,10 @@ def split_folio(machine: "Any", folio: int, caller_refs: int = 1) -> Gen[int]:
         if level == "pmd" and p is not None:
             yield from __split_huge_pmd(vma, p, a)
     # every mapping is a PTE now; give each subpage its own references
-    fl = mem.flags[folio]
-    keep = fl & (PG.anon | PG.dirty | PG.uptodate | PG.locked | PG.swapbacked)
-    mem.flags[folio: folio + n] = (mem.flags[folio: folio + n] & PG.anon_exclusive) | (keep & ~PG.locked)
-    mem.flags[folio] |= keep & PG.locked
+    fl = int(mem.flags[folio])
+    keep = fl & (PG.anon | PG.dirty | PG.uptodate | PG.swapbacked)
+    mem.flags[folio: folio + n] = (mem.flags[folio: folio + n] & PG.anon_exclusive) | keep
+    mem.flags[folio] |= fl & PG.locked
     mem.order[folio: folio + n] = 0
     mem.refcount[folio: folio + n] = mem.mapcount[folio: folio + n]
     mem.refcount[folio] += caller_refs

@@ -416,9 +416,12 @@ def migrate_vma_check_page(machine: "Machine", page: int, fault_page: int) -> bo
     return int(mem.refcount[folio]) - extra <= int(mem.mapcount[folio])
 
 
-def migrate_device_unmap(machine: "Machine", src_pfns: np.ndarray, npages: int, fault_page: int) -> Gen[int]:
+def migrate_device_unmap(machine: "Machine", src_pfns: np.ndarray, npages: int, fault_page: int,
+                         elsewhere: set[int] | None = None) -> Gen[int]:
     """migrate_device_unmap(): isolate system pages, unmap what is still mapped elsewhere (try_to_migrate),
-    and restore every page that is still mapped or pinned.  Returns the number of pages left to migrate."""
+    and restore every page that is still mapped or pinned.  Returns the number of pages left to migrate.
+    ``elsewhere`` (ours) collects the folios try_to_migrate() unmapped: their migration entries are not all in
+    the collected range."""
     mem = machine.mem
     fault_folio = mem.compound_head(fault_page) if fault_page >= 0 else -1
     locks_fault = _locks_fault_page(machine)
@@ -437,6 +440,8 @@ def migrate_device_unmap(machine: "Machine", src_pfns: np.ndarray, npages: int, 
             folio_get(mem, folio)
             folio_put(mem, folio)
         if mem.mapcount[folio] > 0:
+            if elsewhere is not None:
+                elsewhere.add(folio)
             yield from rmap.try_to_migrate(machine, folio)
         if mem.mapcount[folio] > 0 or not migrate_vma_check_page(machine, page, fault_page):
             src_pfns[i] = s & ~MIGRATE_PFN_MIGRATE
@@ -449,7 +454,7 @@ def migrate_device_unmap(machine: "Machine", src_pfns: np.ndarray, npages: int, 
         page = migrate_pfn_to_page(s)
         if page >= 0 and not s & MIGRATE_PFN_MIGRATE:
             folio = mem.compound_head(page)
-            yield from remove_migration_ptes(machine, [(folio, folio)])
+            yield from remove_migration_ptes(machine, [(folio, folio)])   # not a hot path: full rmap walk
             src_pfns[i] = 0
             if not (locks_fault and folio == fault_folio):
                 folio_unlock(mem, folio)
@@ -492,7 +497,8 @@ def migrate_vma_setup(args: MigrateVma) -> Gen[int]:
     args.npages = 0
     yield from migrate_vma_collect(args)
     if args.cpages:
-        args.cpages = yield from migrate_device_unmap(machine, args.src, args.npages, args.fault_page)
+        args.cpages = yield from migrate_device_unmap(machine, args.src, args.npages, args.fault_page,
+                                                      args.extra.setdefault("elsewhere", set()))
     machine.counters["migrate_vma_setup"] += 1
     machine.log("migrate_vma_setup", mm=vma.vm_mm.name, start=args.start, end=args.end, npages=args.npages,
                 cpages=args.cpages, flags=args.flags, owner=_owner_name(args.pgmap_owner),
@@ -639,7 +645,7 @@ def migrate_device_pages(machine: "Machine", src_pfns: np.ndarray, dst_pfns: np.
 
 
 def __migrate_device_finalize(machine: "Machine", src_pfns: np.ndarray, dst_pfns: np.ndarray, npages: int,
-                              fault_page: int) -> Gen[None]:
+                              fault_page: int, migrate: MigrateVma | None = None) -> Gen[None]:
     """__migrate_device_finalize(): every migration entry names the destination (or the source again when
     it did not move); the pages are unlocked and the collection / allocation references dropped."""
     mem = machine.mem
@@ -647,6 +653,7 @@ def __migrate_device_finalize(machine: "Machine", src_pfns: np.ndarray, dst_pfns
     locks_fault = _locks_fault_page(machine)
     pairs: list[tuple[int, int]] = []
     plan: list[tuple[int, int]] = []
+    hints: list[tuple[Any, int]] = []
     for i in range(npages):
         newpage = migrate_pfn_to_page(int(dst_pfns[i]))
         page = migrate_pfn_to_page(int(src_pfns[i]))
@@ -666,7 +673,12 @@ def __migrate_device_finalize(machine: "Machine", src_pfns: np.ndarray, dst_pfns
             dst = src
         pairs.append((src, dst))
         plan.append((src, dst))
-    yield from remove_migration_ptes(machine, pairs)
+        if migrate is not None and migrate.vma is not None:
+            hints.append((migrate.vma.vm_mm, migrate.start + i * PAGE_SIZE))
+    if migrate is not None:
+        yield from remove_migration_ptes(machine, pairs, hints, migrate.extra.get("elsewhere", set()))
+    else:
+        yield from remove_migration_ptes(machine, pairs)
     for src, dst in plan:
         if not (locks_fault and src == fault_folio):
             folio_unlock(mem, src)
@@ -682,7 +694,8 @@ def migrate_vma_finalize(migrate: MigrateVma) -> Gen[None]:
     """migrate_vma_finalize() (6.18): restore the CPU page table to the new pages (or the old ones)."""
     assert migrate.vma is not None
     machine = _machine(migrate.vma)
-    yield from __migrate_device_finalize(machine, migrate.src, migrate.dst, migrate.npages, migrate.fault_page)
+    yield from __migrate_device_finalize(machine, migrate.src, migrate.dst, migrate.npages, migrate.fault_page,
+                                         migrate)
     moved = sum(1 for i in range(migrate.npages)
                 if int(migrate.src[i]) & MIGRATE_PFN_MIGRATE and int(migrate.dst[i]) & MIGRATE_PFN_VALID)
     machine.log("migrate_vma_finalize", mm=migrate.vma.vm_mm.name, start=migrate.start, end=migrate.end,
@@ -728,37 +741,57 @@ def migrate_device_pfns(machine: "Machine", src_pfns: np.ndarray, npages: int) -
 
 
 # --- remove_migration_ptes (mm/migrate.c) -------------------------------------------------------------------------
-def remove_migration_ptes(machine: "Machine", pairs: list[tuple[int, int]]) -> Gen[None]:
+def remove_migration_ptes(machine: "Machine", pairs: list[tuple[int, int]],
+                          hints: list[tuple[Any, int]] | None = None, elsewhere: set[int] | None = None) -> Gen[None]:
     """remove_migration_ptes(src, dst, 0) (mm/migrate.c) for several folios at once: every migration entry
     naming ``src`` becomes a mapping of ``dst`` -- a device-private entry for a device-private ``dst`` (writable
     if the migration entry was), else a present PTE (writable and dirty if the entry was writable) -- with a
-    reference and an rmap (exclusive for writable and readable-exclusive entries)."""
-    from hmmirror.mm.memory import pte_lockptr
+    reference and an rmap (exclusive for writable and readable-exclusive entries).
 
+    Ours: ``hints`` (``(mm, address)`` per pair: where migrate_vma_collect put the entry) are looked at first;
+    the rmap is scanned for the folios in ``elsewhere``, whose hint was wrong, or without hints at all."""
     if not pairs:
         return
-    mem = machine.mem
     dst_of = {s: d for s, d in pairs}
-    found = rmap.rmap_find(machine, np.fromiter(dst_of.keys(), dtype=np.int64, count=len(dst_of)),
-                           kinds=("migration",))
+    scan: set[int] = set(dst_of) if hints is None else set(elsewhere or ())
+    if hints is not None:
+        for (src, _), (mm, addr) in zip(pairs, hints):
+            if not (yield from _remove_migration_pte(machine, mm, addr, dst_of, src)):
+                scan.add(src)
+    if not scan:
+        return
+    found = rmap.rmap_find(machine, np.fromiter(scan, dtype=np.int64, count=len(scan)), kinds=("migration",))
     for mm, addr, _ in found:
+        yield from _remove_migration_pte(machine, mm, addr, dst_of, None)
+
+
+def _remove_migration_pte(machine: "Machine", mm: "MMStruct", addr: int, dst_of: dict[int, int],
+                          want: int | None) -> Gen[bool]:
+    """remove_migration_pte() for the entry at ``addr`` (if it is a migration entry of a folio in ``dst_of``,
+    and of ``want`` when given).  Returns whether it replaced one."""
+    from hmmirror.mm.memory import pte_lockptr
+
+    mem = machine.mem
+    if True:
         vma = mm.vma_lookup(addr)
         level, ptep, pte = mm.pt.lookup(addr)
-        if vma is None or level != "pte" or ptep is None:
-            continue
+        if vma is None or level != "pte" or ptep is None or mm.exited:
+            return False
+        if pte_none(pte) or pte_present(pte) or not is_migration_entry(pte_to_swp_entry(pte)):
+            return False                                           # (checked again under the lock)
         pmdp = _pmdp_of(mm, addr)
         ptl = pte_lockptr(mm, pmdp)
         yield from sched.spin_lock(ptl)
         pte = machine.pool.get(ptep)
         if pte_none(pte) or pte_present(pte) or not is_migration_entry(pte_to_swp_entry(pte)):
             sched.spin_unlock(ptl)
-            continue
+            return False
         e = pte_to_swp_entry(pte)
         src = mem.compound_head(e.offset)
         dst = dst_of.get(src)
-        if dst is None:
+        if dst is None or (want is not None and src != want):
             sched.spin_unlock(ptl)
-            continue
+            return False
         new = dst + (e.offset - src)
         writable = is_writable_migration_entry(e)
         exclusive = writable or e.type == SwpType.SWP_MIGRATION_READ_EXCLUSIVE
@@ -777,6 +810,7 @@ def remove_migration_ptes(machine: "Machine", pairs: list[tuple[int, int]]) -> G
             rmap.page_add_rmap(mem, new)                          # folio_add_file_rmap_pte()
         machine.pool.set(ptep, val)
         sched.spin_unlock(ptl)
+        return True
 
 
 def _pmdp_of(mm: "MMStruct", addr: int) -> Ptr:
