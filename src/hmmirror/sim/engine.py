@@ -7,10 +7,14 @@ advance its generator to the next Point, record ``(step, task, point kind, what)
 instruments.  Nothing else decides anything: the scheduler draws from the one stream of choices
 (:mod:`hmmirror.sim.choices`).
 
-Findings.  Every broken rule becomes a :class:`~hmmirror.sim.findings.Finding` and ends the run after the
-current step: a ``sched.report`` (installed as the report handler while the engine runs), a Python exception
-escaping model code, all remaining tasks blocked (deadlock / a wait without a waker), and every violation an
-instrument (invariant) reports through :meth:`Engine.violate`.
+Findings.  Every broken rule becomes a :class:`~hmmirror.sim.findings.Finding`: a ``sched.report``
+(installed as the report handler while the engine runs), a Python exception escaping model code, all
+remaining tasks blocked (deadlock / a wait without a waker), and every violation an instrument (invariant)
+reports through :meth:`Engine.violate`.  A finding that leaves the model usable -- a report after which the
+model code goes on, an invariant of the page tables, the device or the locks -- is recorded and the run
+continues (``continue_after``), so one violation cannot hide another; the first finding of each invariant
+is kept (``findings``; ``finding`` is the first of all).  An exception, a deadlock, a wait without a waker,
+a teardown that cannot end and the step bound end the run after their step (:data:`STOPPING`).
 
 Instruments (trio style) plug in without touching the core: any object with some of the methods
 ``task_spawned(engine, st)``, ``before_step(engine, st)``, ``after_step(engine, st, point)``,
@@ -45,6 +49,10 @@ REPORT_INVARIANT = {
 
 #: steps within which a background event counts as involved in a violation (signature)
 KEVENT_WINDOW = 64
+
+#: invariants after which the model is not usable: the run ends after the step that broke them
+#: (``liveness``: the looping task would spin to the step bound; the rest of the run tells nothing new)
+STOPPING = frozenset({"exception", "deadlock", "no_waker", "device_teardown", "locks_balanced", "liveness"})
 
 
 class StopRun(BaseException):
@@ -93,7 +101,10 @@ class Engine:
         self.trace: list[tuple[int, int, str, str]] = []      # (step, task idx, point kind, what)
         self.picks: list[int] = []
         self.finding: Finding | None = None
-        self.extra_findings = 0
+        self.findings: list[Finding] = []       # the first finding of each invariant, in order
+        self.extra_findings = 0                 # further violations of an invariant already recorded
+        self.continue_after = True              # go on after a finding that leaves the model usable
+        self.stopped = False
         self.current: SimTask | None = None
         self.last_kevent: tuple[int, str] = (-1, "")
         self.instruments: list[Any] = []
@@ -131,13 +142,14 @@ class Engine:
                 addr: int | None = None, state: dict[str, Any] | None = None, location: str | None = None,
                 stack: list[str] | None = None, entry: str | None = None, vma_kind: str | None = None,
                 detail: str | None = None) -> None:
-        """Record a broken invariant (the first one of a run is kept; the run stops after this step).
+        """Record a broken invariant: the first violation of each invariant is kept; the run stops after this
+        step for a :data:`STOPPING` invariant (or any, without ``continue_after``).
 
         The signature comes from what the invariant passes and from the model's state: ``location`` (else
         the innermost kernel-named function of ``stack``, else of the task's own stack), ``detail``.  The
         VMA kind and entry are described at ``mm``/``addr`` when the invariant passes them (report only).
         """
-        if self.finding is not None:
+        if self.stopped or any(f.invariant == invariant for f in self.findings):
             self.extra_findings += 1
             return
         st = st or self.current
@@ -161,12 +173,17 @@ class Engine:
                     kevent = k_label
         if detail is None:
             detail = "-"
-        self.finding = Finding(
+        f = Finding(
             invariant=invariant, message=message, step=self.step, task=st.name if st else "-",
             task_kind=st.kind if st else "-", op=st.op if st else "", stack=stack,
             location=location or location_of(stack), vma_kind=vma_kind or "-", entry=entry or "-",
             kevent=kevent, detail=detail, addr=addr, state=state or {},
         )
+        self.findings.append(f)
+        if self.finding is None:
+            self.finding = f
+        if invariant in STOPPING or not self.continue_after:
+            self.stopped = True
 
     def _on_report(self, kind: str, message: str) -> None:
         stack = frame_stack(sys._getframe(1))
@@ -198,10 +215,10 @@ class Engine:
             machine.log = self._on_log(orig_log)
         try:
             self._loop()
-            if self.finding is None:
+            if not self.stopped:
                 for fn in self._hooks["run_finished"]:
                     fn(self)
-                    if self.finding is not None:
+                    if self.stopped:
                         break
         finally:
             self._abandon()
@@ -223,7 +240,7 @@ class Engine:
         trace = self.trace
         picks = self.picks
         record = self.record_trace
-        while self.finding is None:
+        while not self.stopped:
             runnable = [t for t in tasks if not t.done and (t.ready is None or t.ready())]
             if not runnable:
                 if any(not t.done for t in tasks):

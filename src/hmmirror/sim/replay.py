@@ -26,7 +26,7 @@ class Replay:
             return False
         if self.expected is None:
             return f is None
-        return f is not None and f.signature == self.expected.get("signature")
+        return any(x.signature == self.expected.get("signature") for x in self.result.findings)
 
 
 def replay_file(path: str, every_step: bool = False) -> Replay:

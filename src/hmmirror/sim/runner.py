@@ -38,6 +38,20 @@ class SimResult:
     tasks: list[tuple[str, str]] = field(default_factory=list)      # (name, kind) by task index
     events: list[dict[str, Any]] = field(default_factory=list)
     diverged: str | None = None
+    findings: list[Finding] = field(default_factory=list)     # every finding of the run (``finding``: the first)
+    extra_findings: int = 0                                    # later violations of an invariant already found
+    coverage: Any = None                                       # the run's RunCoverage, when collected
+
+    def __post_init__(self) -> None:
+        if self.finding is not None and not self.findings:
+            self.findings = [self.finding]
+
+    def for_finding(self, f: Finding) -> "SimResult":
+        """The same run seen as the run of ``f`` (what a reproducer of ``f`` records)."""
+        import copy as _copy
+        r = _copy.copy(self)
+        r.finding = f
+        return r
 
     def log_bytes(self) -> bytes:
         """The event log and the trace as bytes (what the determinism test compares)."""
@@ -291,8 +305,11 @@ def make_driver(run: SimRun) -> Any:
 
 
 def run_scenario(sc: SimScenario, scheduler: Any, invariants: Any = None, driver: Any = None,
-                 every_step: bool = False, record_trace: bool = True) -> SimResult:
-    """Run ``sc`` under ``scheduler`` with the invariants installed; never raises for model faults."""
+                 every_step: bool = False, record_trace: bool = True, coverage: Any = None) -> SimResult:
+    """Run ``sc`` under ``scheduler`` with the invariants installed; never raises for model faults.
+
+    ``coverage``: a :class:`~hmmirror.sim.coverage.RunCoverage` collecting the run's cells (``result.coverage``).
+    """
     from hmmirror.sim.invariants import default_invariants
 
     t0 = time.perf_counter()
@@ -331,10 +348,20 @@ def run_scenario(sc: SimScenario, scheduler: Any, invariants: Any = None, driver
                          events=list(run.machine.events) if run.machine else [])
     sched.set_report_handler(prev_handler)
     invs = default_invariants(every_step=every_step) if invariants is None else invariants
-    eng = Engine(run.machine, scheduler, list(invs), max_steps=sc.max_steps)
+    eng = Engine(run.machine, scheduler, list(invs) + ([coverage] if coverage is not None else []),
+                 max_steps=sc.max_steps)
     eng.record_trace = record_trace
     eng.sim = run                                       # type: ignore[attr-defined]
     run.engine = eng
+    try:
+        return _run_engine(sc, scheduler, invariants, driver, every_step, record_trace, coverage, run, eng, t0)
+    finally:
+        if coverage is not None:
+            coverage.uninstall()
+
+
+def _run_engine(sc: SimScenario, scheduler: Any, invariants: Any, driver: Any, every_step: bool,
+                record_trace: bool, coverage: Any, run: SimRun, eng: Engine, t0: float) -> SimResult:
     for inst in eng.instruments:
         if hasattr(inst, "attach"):
             inst.attach(eng, run)
@@ -359,15 +386,20 @@ def run_scenario(sc: SimScenario, scheduler: Any, invariants: Any = None, driver
         finding = eng.finding
     from hmmirror.sim.schedulers import ReplayScheduler, encode_schedule
     schedule = encode_schedule(eng)
-    if finding is not None and finding.invariant == "page_counts" and not every_step and invariants is None \
+    if any(f.invariant == "page_counts" for f in eng.findings) and not every_step and invariants is None \
             and diverged is None:
         # the periodic walk saw it late: the exact replay with the walk at every step finds the step
+        if coverage is not None:
+            coverage.uninstall()
         again = run_scenario(sc, ReplayScheduler(schedule), None, driver, every_step=True, record_trace=record_trace)
-        if again.finding is not None and again.finding.invariant == "page_counts":
+        if any(f.invariant == "page_counts" for f in again.findings):
+            again.coverage = coverage
             return again
-    return SimResult(sc, finding, eng.step, time.perf_counter() - t0, schedule, eng.trace,
-                     [(t.name, t.kind if t.kind != "kevent" else f"kevent:{t.label}") for t in eng.tasks],
-                     list(run.machine.events), diverged)
+    res = SimResult(sc, finding, eng.step, time.perf_counter() - t0, schedule, eng.trace,
+                    [(t.name, t.kind if t.kind != "kevent" else f"kevent:{t.label}") for t in eng.tasks],
+                    list(run.machine.events), diverged, list(eng.findings), eng.extra_findings)
+    res.coverage = coverage
+    return res
 
 
 def _exc_stack(exc: BaseException) -> list[str]:

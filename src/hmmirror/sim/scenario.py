@@ -744,6 +744,11 @@ for _e in (Entry("reclaim", 3, _ev_at("reclaim")), Entry("thp_split", 3, _ev_at(
 
 
 # --- generation ------------------------------------------------------------------------------------------
+#: step bound of generated runs: a run of a few operations takes a few thousand steps; a run still going after
+#: this many is stuck in a loop (reported as liveness) and costs the campaign seconds per extra 10 000 steps
+GENERATED_MAX_STEPS = 12_000
+
+
 def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str, ...] | None = None,
              events: tuple[str, ...] | None = None, weights: dict[str, float] | None = None,
              inject: bool = False, features: list[str] | None = None) -> SimScenario:
@@ -757,6 +762,7 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
     kinds = kinds or available_kinds(kernel)
     sc = SimScenario(machine={"kernel": kernel, "ram": "64M",
                               "thp": {"enabled": c.pick(("madvise", "always", "never"))}}, driver=driver)
+    sc.max_steps = GENERATED_MAX_STEPS
     g = GenCtx(c, kernel, sc, weights, inject)
     for _ in range(1 + c.below(3)):
         e = g.choose("mapping", g.usable("mapping", kinds))

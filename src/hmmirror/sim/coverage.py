@@ -1,0 +1,479 @@
+"""Coverage of a campaign: which cells of the mirror's state space the HMM walks met.
+
+A *walk cell* is ``(VMA kind, walk function, entry kind, return path)``: the handler of the profile's HMM
+walk that ran (``pte`` = ``hmm_vma_handle_pte``, ``pmd`` = ``hmm_vma_walk_pmd``, ``pud`` =
+``hmm_vma_walk_pud``, ``hugetlb`` = ``hmm_vma_walk_hugetlb_entry``, ``hole`` = ``hmm_vma_walk_hole``,
+``test`` = [6.x] ``hmm_vma_walk_test``, ``api`` = the top-level ``hmm_range_fault``/``hmm_range_snapshot``),
+the kind of the entry it was called for (read when the handler starts: ``none``, ``present``, ``devmap``,
+``special``, ``zero``, ``huge_zero``, ``swap``, ``migration``, ``hwpoison``, ``protnone``, ``device_private``,
+``marker``, ``table``, ``bad``), and how it returned (``0``, ``-EBUSY``, ``-EFAULT``, ...; ``1`` = skip the VMA).
+Two more axes are crossed with the return path of the walk functions: the HMM API mode of the device job
+(``mode x return``) and the background event that was running when the handler returned (``event x
+function``).  The profile is the campaign's.
+
+Reachable cells are derived from the specs (:func:`reachable`): which entries a VMA kind can hold in the model
+(mm-substrate.md §5), which handler meets which entry (hmm-5.2.md §6-§7, hmm-modern.md §4.5) and which
+returns each path has (hmm-5.2.md §13, hmm-modern.md §4.6); every other cell of the axis product is listed with
+the reason it cannot be reached.
+
+Collection is cheap: while a run with coverage is active the handler functions of the profile's HMM module
+are wrapped (module globals swapped, restored when the run ends; the wrappers live in ``sim/`` so finding
+stacks never show them); a wrapper reads one entry, and adds one small tuple to a set when the handler
+returns.  Nothing is kept per page.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any, Callable, Iterator
+
+from hmmirror.arch.x86 import pgtable as x86
+
+ERRNO = {1: "-EPERM", 2: "-ENOENT", 11: "-EAGAIN", 12: "-ENOMEM", 14: "-EFAULT", 16: "-EBUSY", 22: "-EINVAL"}
+
+VMA_KINDS = ("anon", "shmem", "file", "fsdax", "devdax", "hugetlb", "pfnmap", "mixedmap", "novma")
+FUNCS = ("api", "test", "hole", "pud", "pmd", "pte", "hugetlb")
+ENTRIES = ("none", "table", "present", "devmap", "special", "zero", "huge_zero", "swap", "migration", "hwpoison",
+           "protnone", "device_private", "marker", "bad", "-")
+RETS = ("0", "1", "-EBUSY", "-EFAULT", "-EAGAIN", "-EINVAL", "-EPERM", "-ENOENT")
+
+# the handlers wrapped per HMM module: (module attribute, function label, how to read its entry)
+_V52 = "hmmirror.mm.hmm.v5_2"
+_MODERN = "hmmirror.mm.hmm.modern"
+
+
+def ret_name(r: Any, positive: str = "0") -> str:
+    """``0`` for success (a page count too), ``-EBUSY`` etc. for errors; ``positive`` names r > 0."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        return "0"
+    if r >= 0:
+        return positive if r > 0 else "0"
+    return ERRNO.get(-r, str(r))
+
+
+# --- entry classification ---------------------------------------------------------------------------------
+def classify_pte(e: int, mem: Any) -> str:
+    """The kind of a PTE (or a hugetlb entry)."""
+    if x86.pte_none(e):
+        return "none"
+    if not x86.pte_present(e):
+        s = x86.pte_to_swp_entry(e)
+        if x86.is_migration_entry(s):
+            return "migration"
+        if x86.is_hwpoison_entry(s):
+            return "hwpoison"
+        if x86.is_device_private_entry(s) or x86.is_device_exclusive_entry(s):
+            return "device_private"
+        if x86.is_pte_marker(s):
+            return "marker"
+        return "swap"
+    if x86.pte_protnone(e):
+        return "protnone"
+    if x86.pte_devmap(e):
+        return "devmap"
+    if x86.pte_special(e):
+        pfn = x86.pte_pfn(e)
+        return "zero" if pfn == mem.zero_pfn else "special"
+    pfn = x86.pte_pfn(e)
+    if pfn == mem.zero_pfn:
+        return "zero"
+    return "present"
+
+
+def classify_huge(e: int, mem: Any) -> str:
+    """The kind of a PMD or PUD entry."""
+    if x86.pte_none(e):
+        return "none"
+    if not x86.pmd_present(e):
+        s = x86.pte_to_swp_entry(e)
+        return "migration" if x86.is_migration_entry(s) else "bad"
+    if not x86.pmd_leaf(e):
+        return "table"
+    if x86.pte_protnone(e):
+        return "protnone"
+    if x86.pte_devmap(e):
+        return "devmap"
+    pfn = x86.pte_pfn(e)
+    if mem.is_huge_zero_pfn(pfn):
+        return "huge_zero"
+    return "present"
+
+
+# --- what the campaign saw ---------------------------------------------------------------------------------
+class Coverage:
+    """The cells one campaign (worker) covered; ``add_run`` merges a run's cells, True if any was new."""
+
+    def __init__(self, kernel: str) -> None:
+        from hmmirror.profiles import get_profile
+        self.kernel = get_profile(kernel).name
+        self.walk: set[tuple[str, str, str, str]] = set()
+        self.mode_ret: set[tuple[str, str]] = set()
+        self.event_fn: set[tuple[str, str]] = set()
+
+    def run_collector(self) -> "RunCoverage":
+        return RunCoverage(self.kernel)
+
+    def add_run(self, res: Any) -> bool:
+        rc = getattr(res, "coverage", None)
+        if rc is None:
+            return False
+        n = len(self.walk) + len(self.mode_ret) + len(self.event_fn)
+        self.walk |= rc.walk
+        self.mode_ret |= rc.mode_ret
+        self.event_fn |= rc.event_fn
+        return len(self.walk) + len(self.mode_ret) + len(self.event_fn) > n
+
+    def merge(self, snap: dict[str, Any]) -> None:
+        self.walk |= {tuple(x) for x in snap.get("walk", ())}          # type: ignore[misc]
+        self.mode_ret |= {tuple(x) for x in snap.get("mode_ret", ())}  # type: ignore[misc]
+        self.event_fn |= {tuple(x) for x in snap.get("event_fn", ())}  # type: ignore[misc]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"walk": sorted(self.walk), "mode_ret": sorted(self.mode_ret), "event_fn": sorted(self.event_fn)}
+
+    # -- reports ---------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """covered/total per axis and per grid (reachable cells only), and the unreachable cells' reasons."""
+        reach = reachable(self.kernel)
+        out: dict[str, Any] = {"profile": self.kernel, "axes": {}, "grids": {}}
+        walk_r = set(reach["walk"])
+        cov_w = self.walk & walk_r
+        for i, axis in enumerate(("vma", "function", "entry", "return")):
+            tot = sorted({c[i] for c in walk_r})
+            got = sorted({c[i] for c in cov_w})
+            out["axes"][axis] = {"covered": len(got), "total": len(tot), "missing": [x for x in tot if x not in got]}
+        for name, got_set in (("walk", self.walk), ("mode_ret", self.mode_ret), ("event_fn", self.event_fn)):
+            r = set(reach[name])
+            out["grids"][name] = {"covered": len(got_set & r), "total": len(r),
+                                  "missing": sorted("|".join(c) for c in r - got_set),
+                                  "outside": sorted("|".join(c) for c in got_set - r)}
+        for i, axis in enumerate(("mode", "mode_return")):
+            r = {c[i] for c in reach["mode_ret"]}
+            got = {c[i] for c in self.mode_ret} & r
+            out["axes"]["api_mode" if i == 0 else "api_return"] = {"covered": len(got), "total": len(r),
+                                                                  "missing": sorted(r - got)}
+        r = {c[0] for c in reach["event_fn"]}
+        got = {c[0] for c in self.event_fn} & r
+        out["axes"]["event"] = {"covered": len(got), "total": len(r), "missing": sorted(r - got)}
+        tot = sum(g["total"] for g in out["grids"].values())
+        cov = sum(g["covered"] for g in out["grids"].values())
+        out["covered"], out["total"] = cov, tot
+        out["percent"] = round(100.0 * cov / tot, 1) if tot else 100.0
+        out["unreachable"] = unreachable_reasons(self.kernel)
+        return out
+
+
+class RunCoverage:
+    """The cells of one run, collected by wrapping the HMM handlers while the run is active (an instrument)."""
+
+    WINDOW = 64
+
+    def __init__(self, kernel: str) -> None:
+        self.kernel = kernel
+        self.walk: set[tuple[str, str, str, str]] = set()
+        self.mode_ret: set[tuple[str, str]] = set()
+        self.event_fn: set[tuple[str, str]] = set()
+        self.engine: Any = None
+        self.recent: dict[str, int] = {}            # event kind -> last step one of its tasks ran
+        self._saved: list[tuple[Any, str, Any]] = []
+        self.mm: Any = None
+
+    # -- instrument hooks -----------------------------------------------------------------------------------
+    def attach(self, eng: Any, run: Any) -> None:
+        self.engine = eng
+        self.mm = run.procs[run.scenario.mirror].mm if run.scenario.mirror in run.procs else None
+        self.install(run.machine.profile.hmm_module)
+
+    def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
+        """The API calls (``hmm_range_fault`` / ``hmm_range_snapshot`` log their result when they return)."""
+        what = ev["what"]
+        if what != "hmm_range_fault" and what != "hmm_range_snapshot":
+            return
+        mm, start = self.mm, ev.get("start")
+        vk = "-"
+        if mm is not None and isinstance(start, int):
+            v = mm.find_vma(start)
+            vk = "novma" if v is None or v.vm_start > start else v.kind
+        rn = ret_name(ev.get("ret"))
+        self.walk.add((vk, "api", "-", rn))
+        self.mode_ret.add((self._mode(), rn))
+        for ev_ in self._events():
+            self.event_fn.add((ev_, "api"))
+
+    def after_step(self, eng: Any, st: Any, point: Any) -> None:
+        if st.kind == "kevent" and st.op:
+            self.recent[st.label] = eng.step
+
+    def run_finished(self, eng: Any) -> None:
+        self.uninstall()
+
+    # -- wrapping -------------------------------------------------------------------------------------------
+    def install(self, module: str) -> None:
+        mod = importlib.import_module(module)
+        specs = _SPECS[module]
+        wrapped = {}
+        for attr, label, reader, is_gen in specs:
+            fn = getattr(mod, attr, None)
+            if fn is None:
+                continue
+            self._saved.append((mod, attr, fn))
+            wrapped[fn] = self._wrap(fn, label, reader, is_gen)
+            setattr(mod, attr, wrapped[fn])
+        ops = getattr(mod, "hmm_walk_ops", None)       # [6.x] the callbacks live in a frozen ops table
+        if ops is not None:
+            import dataclasses
+            self._saved.append((mod, "hmm_walk_ops", ops))
+            repl = {f.name: wrapped[getattr(ops, f.name)] for f in dataclasses.fields(ops)
+                    if getattr(ops, f.name) in wrapped}
+            setattr(mod, "hmm_walk_ops", dataclasses.replace(ops, **repl))
+
+    def uninstall(self) -> None:
+        for mod, attr, fn in reversed(self._saved):
+            setattr(mod, attr, fn)
+        self._saved.clear()
+
+    def _events(self) -> list[str]:
+        """The background events that ran within the last WINDOW steps (as the signatures' ``kevent``)."""
+        now = self.engine.step if self.engine is not None else 0
+        evs = [lab for lab, st in self.recent.items() if now - st <= self.WINDOW]
+        return evs or ["-"]
+
+    def _mode(self) -> str:
+        eng = self.engine
+        st = eng.current if eng is not None else None
+        if st is None:
+            return "-"
+        return getattr(eng, "fault_modes", {}).get(st.idx, "fault") if st.kind == "device" else st.kind
+
+    def _wrap(self, fn: Callable[..., Any], label: str, reader: Callable[..., tuple[str, str]], is_gen: bool
+              ) -> Callable[..., Any]:
+        walk, event_fn = self.walk, self.event_fn
+        me = self
+
+        def record(vk: str, entry: str, r: Any) -> None:
+            walk.add((vk, label, entry, ret_name(r, "1" if label == "test" else "0")))
+            for ev_ in me._events():
+                event_fn.add((ev_, label))
+
+        if is_gen:
+            @functools.wraps(fn)
+            def gen_wrapper(*args: Any) -> Iterator[Any]:
+                try:
+                    vk, entry = reader(*args)
+                except Exception:                     # noqa: BLE001 - classification never fails a run
+                    vk, entry = "-", "-"
+                r = yield from fn(*args)
+                record(vk, entry, r)
+                return r
+            return gen_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any) -> Any:
+            try:
+                vk, entry = reader(*args)
+            except Exception:                         # noqa: BLE001
+                vk, entry = "-", "-"
+            r = fn(*args)
+            record(vk, entry, r)
+            return r
+        return wrapper
+
+
+# --- readers: (VMA kind, entry kind) from a handler's arguments -------------------------------------------
+def _vk(walk: Any) -> str:
+    v = getattr(walk, "vma", None)
+    return "novma" if v is None else v.kind
+
+
+def _mem(walk: Any) -> Any:
+    return walk.mm.machine.mem
+
+
+def _pool(walk: Any) -> Any:
+    return walk.mm.machine.pool
+
+
+def _r_hole(addr: int, end: int, *rest: Any) -> tuple[str, str]:
+    return _vk(rest[-1]), "none"
+
+
+def _r_level(p: Any, start: int, end: int, walk: Any) -> tuple[str, str]:
+    return _vk(walk), classify_huge(_pool(walk).get(p), _mem(walk))
+
+
+def _r_pte(walk: Any, addr: int, end: int, pmdp: Any, ptep: Any, *rest: Any) -> tuple[str, str]:
+    return _vk(walk), classify_pte(_pool(walk).get(ptep), _mem(walk))
+
+
+def _r_hugetlb(p: Any, hmask: int, start: int, end: int, walk: Any) -> tuple[str, str]:
+    return _vk(walk), classify_pte(_pool(walk).get(p), _mem(walk))
+
+
+def _r_test(start: int, end: int, walk: Any) -> tuple[str, str]:
+    return _vk(walk), "-"
+
+
+_SPECS: dict[str, list[tuple[str, str, Callable[..., tuple[str, str]], bool]]] = {
+    _V52: [("hmm_vma_walk_hole", "hole", _r_hole, True), ("hmm_vma_walk_pud", "pud", _r_level, True),
+           ("hmm_vma_walk_pmd", "pmd", _r_level, True), ("hmm_vma_handle_pte", "pte", _r_pte, True),
+           ("hmm_vma_walk_hugetlb_entry", "hugetlb", _r_hugetlb, True)],
+    _MODERN: [("hmm_vma_walk_test", "test", _r_test, False),
+              ("hmm_vma_walk_hole", "hole", _r_hole, True), ("hmm_vma_walk_pud", "pud", _r_level, True),
+              ("hmm_vma_walk_pmd", "pmd", _r_level, True), ("hmm_vma_handle_pte", "pte", _r_pte, True),
+              ("hmm_vma_walk_hugetlb_entry", "hugetlb", _r_hugetlb, True)],
+}
+
+
+# --- reachability (from the specs) -------------------------------------------------------------------------
+def _entries(kernel: str) -> dict[str, dict[str, set[str]]]:
+    """Entry kinds each VMA kind can present to each handler in the model.  ``pmd`` handlers never see a
+    none PMD (the walker reports it as a hole, hmm-5.2.md §6, hmm-modern.md §4.2)."""
+    five = kernel == "5.2"
+    dax = "devmap" if five else "present"
+    return {
+        "anon": {"pte": {"none", "present", "zero", "swap", "migration", "hwpoison", "protnone"},
+                 "pmd": {"table", "present", "huge_zero", "protnone", "migration"}, "hole": {"none"}},
+        "shmem": {"pte": {"none", "present"}, "pmd": {"table"}, "hole": {"none"}},
+        "file": {"pte": {"none", "present", "hwpoison", "migration"},
+                 "pmd": {"table"} | (set() if five else {"present"}), "hole": {"none"}},
+        "fsdax": {"pte": {"none", dax, "zero", "present", "hwpoison"}, "pmd": {"table", dax, "huge_zero"},
+                  "hole": {"none"}},
+        "devdax": {"pte": {dax}, "pmd": {"table", dax}, "pud": {dax}, "hole": {"none"}},
+        "hugetlb": {"hugetlb": {"none", "present"}, "hole": {"none"}},
+        "pfnmap": {} if five else {"test": {"-"}},
+        "mixedmap": {} if five else {"test": {"-"}},
+        "novma": {"hole": {"none"}},
+    }
+
+
+def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
+    """Return paths of a handler for an entry (hmm-5.2.md §13 / hmm-modern.md §4.6), fault and snapshot modes:
+    ``0`` reported, ``-EBUSY`` faulted (or waited) and the walk restarts, ``-EFAULT`` an error entry or a
+    fault error, ``-EAGAIN`` the fault path dropped mmap_sem (VM_FAULT_RETRY: cold page cache)."""
+    five = kernel == "5.2"
+    if fn == "test":
+        return {"1", "-EFAULT"}
+    if fn == "hole":
+        if vk == "novma":
+            return {"0", "-EFAULT"}                   # fault in a gap: [5.2] handle_mm_fault(NULL), [6.x] -EFAULT
+        return {"0", "-EBUSY"} | ({"-EAGAIN"} if vk == "file" else set())
+    if fn == "hugetlb":
+        return {"0", "-EBUSY"} | ({"-EINVAL"} if five else set())
+    if fn == "pud":
+        return {"0", "-EBUSY"}
+    r = {"0", "-EBUSY"}
+    if entry == "hwpoison":
+        return {"-EFAULT"}
+    if fn == "pte" and entry == "zero" and five:
+        return {"-EFAULT", "-EBUSY"}                  # [5.2] the zero page is special: SPECIAL, -EFAULT
+    if fn == "pte" and entry == "none" and vk == "file":
+        r.add("-EAGAIN")
+    if fn == "pmd" and entry == "table":
+        if vk == "file":
+            r.add("-EAGAIN")
+        if vk in ("anon", "file", "fsdax") or (vk == "fsdax" and five):
+            r.add("-EFAULT")                          # a hwpoison (or [5.2] zero-page) PTE in the table
+    return r
+
+
+_API_RETS = {"5.2": {"0", "-EFAULT", "-EAGAIN", "-EBUSY", "-EPERM"},
+             "6.18": {"0", "-EFAULT", "-EBUSY", "-EPERM"}}
+
+
+def reachable(kernel: str) -> dict[str, list[tuple[str, ...]]]:
+    """The reachable cells of each grid for a profile (a deterministic, sorted list)."""
+    from hmmirror.profiles import get_profile
+    from hmmirror.sim.scenario import DEVICE_MODES, EVENTS
+    kernel = get_profile(kernel).name
+    five = kernel == "5.2"
+    walk: set[tuple[str, ...]] = set()
+    for vk, fns in _entries(kernel).items():
+        for fn, ents in fns.items():
+            for e in ents:
+                for r in _rets(kernel, fn, vk, e):
+                    walk.add((vk, fn, e, r))
+        rets = set(_API_RETS[kernel])
+        if vk in ("pfnmap", "mixedmap"):
+            rets = {"-EFAULT"} if five else {"0", "-EFAULT", "-EBUSY"}
+        if vk == "hugetlb" and five:
+            rets.add("-EINVAL")
+        for r in rets:
+            walk.add((vk, "api", "-", r))
+    modes = [e.name for e in DEVICE_MODES if e.profiles is None or kernel in e.profiles]
+    mode_ret = set()
+    for m in modes:
+        for r in _API_RETS[kernel]:
+            if five and m.startswith("snapshot") and r == "-EBUSY":
+                continue                              # [5.2] snapshot ignores walk results (§9.1)
+            mode_ret.add((m, r))
+        if five and m.endswith("_huge"):
+            mode_ret.add((m, "-EINVAL"))
+    events = ["-"] + sorted({e.kind or e.name for e in EVENTS if not e.opt_in and
+                             (e.profiles is None or kernel in e.profiles)})
+    fns = sorted({c[1] for c in walk})
+    event_fn = {(ev, fn) for ev in events for fn in fns}
+    return {"walk": sorted(walk), "mode_ret": sorted(mode_ret), "event_fn": sorted(event_fn)}  # type: ignore[arg-type]
+
+
+def unreachable_reasons(kernel: str) -> list[dict[str, str]]:
+    """Groups of cells of the axis product that the model can never reach, with the reason."""
+    five = kernel == "5.2"
+    out = [
+        {"cells": "pfnmap|mixedmap x every walk function" if five else "pfnmap|mixedmap x pte/pmd/pud/hole",
+         "reason": "[5.2] per_vma_checks returns -EFAULT for VM_PFNMAP/VM_MIXEDMAP before any walk (hmm-5.2.md §9.1)"
+         if five else "[6.x] hmm_vma_walk_test skips or fails VM_PFNMAP/VM_MIXEDMAP VMAs (hmm-modern.md §4.2)"},
+        {"cells": "anon|shmem|file|fsdax|hugetlb x pud",
+         "reason": "on x86-64 the only PUD leaves outside hugetlb are device-dax 1 GiB leaves (hmm-5.2.md §7.1); "
+                   "hugetlb VMAs are walked through hugetlb_entry"},
+        {"cells": "fsdax x pud", "reason": "fsdax never maps PUDs (mm-substrate.md §5.7)"},
+        {"cells": "devdax x swap|migration|hwpoison|zero|huge_zero",
+         "reason": "device-dax memory is never swapped, migrated or zero-page mapped; memory_failure of ZONE_DEVICE "
+                   "pages is not modelled"},
+        {"cells": "shmem|file x swap", "reason": "the model's reclaim swaps anonymous pages only (mm/swap.py)"},
+        {"cells": "* x device_private|marker",
+         "reason": "device-private entries need device-memory migration (issue 11); PTE markers are 6.x uffd/guard "
+                   "state no generated operation creates" if not five else
+                   "5.2 device-private migration (hmm_devmem) is out of scope (hmm-5.2.md §14.7); no markers in 5.2"},
+        {"cells": "hugetlb x swap|migration|hwpoison",
+         "reason": "the model's migration and memory_failure handle non-hugetlb pages only"},
+        {"cells": "* x pmd x bad", "reason": "no syscall leaves a non-present non-migration PMD on x86-64 "
+                                            "(reachable only with the opt-in inject event)"},
+        {"cells": "pud x table|none (handler)",
+         "reason": "the walker calls pud_entry only for trans-huge/devmap PUDs (hmm-5.2.md §6; modern walks tables)"},
+    ]
+    if five:
+        out.append({"cells": "file x pmd x present", "reason": "[5.2] ext4/xfs page cache is never PMD-mapped"})
+    return out
+
+
+def coverage_png(summary_cells: dict[str, Any], kernel: str, path: str) -> None:
+    """A heat map of the walk grid: rows VMA kind x function, columns entry kind x return; 2 = covered,
+    1 = reachable not covered, 0 = unreachable."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    reach = set(map(tuple, reachable(kernel)["walk"]))
+    got = {tuple(c) for c in summary_cells.get("walk", ())}
+    rows = sorted({(c[0], c[1]) for c in reach | got})
+    cols = sorted({(c[2], c[3]) for c in reach | got}, key=lambda x: (ENTRIES.index(x[0]) if x[0] in ENTRIES else 99,
+                                                                      RETS.index(x[1]) if x[1] in RETS else 99))
+    a = np.zeros((len(rows), len(cols)))
+    for i, (vk, fn) in enumerate(rows):
+        for j, (en, r) in enumerate(cols):
+            c = (vk, fn, en, r)
+            a[i, j] = 2 if c in got else (1 if c in reach else 0)
+    fig, ax = plt.subplots(figsize=(max(8, len(cols) * 0.28), max(4, len(rows) * 0.28)))
+    from matplotlib.colors import ListedColormap
+    ax.imshow(a, cmap=ListedColormap(["#eeeeee", "#e8a33d", "#2f8f46"]), vmin=0, vmax=2, aspect="auto")
+    ax.set_yticks(range(len(rows)), [f"{v} {f}" for v, f in rows], fontsize=6)
+    ax.set_xticks(range(len(cols)), [f"{e} {r}" for e, r in cols], rotation=90, fontsize=6)
+    cov = int((a == 2).sum())
+    tot = int((a >= 1).sum())
+    ax.set_title(f"hmmirror fuzz --kernel {kernel}: walk cells covered {cov}/{tot} "
+                 f"(green covered, orange reachable, grey unreachable)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

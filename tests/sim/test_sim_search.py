@@ -1,0 +1,112 @@
+"""Multi-finding runs, known-signature steering and coverage cells (hmmirror issue 10, parts 2-3)."""
+
+from __future__ import annotations
+
+from hmmirror.sim.coverage import Coverage, classify_pte, reachable
+from hmmirror.sim.fuzz import Steering, load_known_file
+from hmmirror.sim.runner import run_scenario, scheduler_for
+from hmmirror.sim.scenario import SimScenario
+
+
+def _scenario(kernel: str, setup: list, jobs: list, events: list | None = None, machine: dict | None = None,
+              files: list | None = None) -> SimScenario:
+    sc = SimScenario(machine={"kernel": kernel, "ram": "64M", **(machine or {})}, files=files or [])
+    sc.setup = setup
+    sc.devices = [{"name": "dev0", "jobs": jobs}]
+    sc.events = events or []
+    return sc
+
+
+def _two_violations() -> SimScenario:
+    # [5.2] a device fault starting in the gap below a VMA (handle_mm_fault with a NULL vma, hmm-5.2.md §13)
+    # and the OOM reaper's non-blockable range ending in hmm_invalidate_range_end (mutex, §3.4)
+    return _scenario("5.2", [{"op": "mmap", "as": "m0", "length": "32K", "prot": "rw",
+                              "flags": ["private", "anonymous"]},
+                             {"op": "touch", "addr": "m0", "length": "32K", "access": "write"}],
+                     [{"addr": "m0-8K", "length": "16K", "write": False}],
+                     [{"name": "ev0", "kind": "oom_reap", "proc": "p", "delay": 0}])
+
+
+def test_a_run_goes_on_after_a_finding_and_reports_every_one():
+    res = run_scenario(_two_violations(), scheduler_for(_two_violations()))
+    invs = [f.invariant for f in res.findings]
+    assert "report:null_deref" in invs and "sleep_in_atomic" in invs, invs
+    assert res.finding is res.findings[0]
+
+
+def test_without_continuation_the_first_finding_ends_the_run():
+    from hmmirror.sim import engine as eng_mod
+    orig = eng_mod.Engine.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        self.continue_after = False
+    eng_mod.Engine.__init__ = init
+    try:
+        res = run_scenario(_two_violations(), scheduler_for(_two_violations()))
+    finally:
+        eng_mod.Engine.__init__ = orig
+    assert len(res.findings) == 1
+
+
+def test_steering_lowers_features_that_lead_to_known_signatures():
+    st = Steering()
+    for i in range(40):
+        bad = i % 2 == 0
+        feats = ["mode:fault", "cpu:touch"] + (["event:oom_reap"] if bad else ["event:migrate"])
+        st.feed(feats, known_only=bad, new_cells=False)
+    assert st.weights["event:oom_reap"] < 0.5 < st.weights["event:migrate"]
+    assert 0.5 < st.weights["mode:fault"] < 2            # in every run: neutral
+
+
+def test_steering_raises_features_that_reach_new_cells():
+    st = Steering()
+    for i in range(40):
+        feats = ["mode:snapshot"] if i % 4 == 0 else ["mode:fault"]
+        st.feed(feats, known_only=False, new_cells=i % 4 == 0)
+    assert st.weights["mode:snapshot"] > st.weights["mode:fault"]
+
+
+def test_known_file(tmp_path):
+    p = tmp_path / "known.txt"
+    p.write_text("# a comment\nliveness|mm.hmm.v5_2.hmm_range_fault|refault\n"
+                 'signature = "coherence|drivers.x.commit|-"\nnot a signature\n')
+    assert load_known_file(str(p)) == {"liveness|mm.hmm.v5_2.hmm_range_fault|refault", "coherence|drivers.x.commit|-"}
+
+
+def _cells(sc: SimScenario) -> set:
+    cov = Coverage(sc.kernel)
+    res = run_scenario(sc, scheduler_for(sc), coverage=cov.run_collector())
+    assert not res.findings, [f.signature for f in res.findings]
+    cov.add_run(res)
+    return cov.walk
+
+
+def test_cells_of_a_populated_anonymous_range():
+    """hmm-5.2.md §6-§7.3: a PTE table under the PMD -> hmm_vma_walk_pmd walks it, each present PTE -> 0."""
+    sc = _scenario("5.2", [{"op": "mmap", "as": "m0", "length": "16K", "prot": "rw", "flags": ["private", "anonymous"]},
+                           {"op": "touch", "addr": "m0", "length": "16K", "access": "write"}],
+                   [{"addr": "m0", "length": "16K", "write": False}])
+    assert _cells(sc) == {("anon", "pmd", "table", "0"), ("anon", "pte", "present", "0"), ("anon", "api", "-", "0")}
+
+
+def test_cells_of_an_fsdax_pmd_fault():
+    """[5.2] an untouched 2 MiB-congruent fsdax mapping: the walk meets no table (hole, faulted: -EBUSY, the walk
+    restarts), then a devmap PMD leaf (hmm_vma_walk_pmd -> hmm_vma_handle_pmd: 0)."""
+    sc = _scenario("5.2", [{"op": "mmap", "as": "m0", "length": "2M", "prot": "rw", "flags": ["shared"],
+                            "file": "/mnt/dax/f", "align": "2M"}],
+                   [{"addr": "m0", "length": "64K", "write": False}],
+                   machine={"pmem": [{"name": "pmem0", "size": "16M", "mode": "fsdax"}],
+                            "fs": [{"mount": "/mnt/dax", "type": "ext4", "dax": "pmem0"}]},
+                   files=[{"path": "/mnt/dax/f", "size": "2M", "content": "data"}])
+    assert _cells(sc) == {("fsdax", "hole", "none", "-EBUSY"), ("fsdax", "pmd", "devmap", "0"),
+                          ("fsdax", "api", "-", "0")}
+
+
+def test_cells_are_reachable_and_classification_is_the_spec_s():
+    for k in ("5.2", "6.18"):
+        r = reachable(k)
+        assert r["walk"] and r["mode_ret"] and r["event_fn"]
+    from hmmirror import Machine
+    m = Machine("5.2", ram=16 << 20)
+    assert classify_pte(0, m.mem) == "none"
