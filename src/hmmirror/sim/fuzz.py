@@ -54,6 +54,9 @@ class Config:
     runs: int = 0                               # stop after this many runs (0: at the deadline only)
     epoch: int = 8                              # units per round (signatures found are shared between rounds)
     fresh: bool = False                         # ignore the saved state: start the seed sequence again
+    known_file: str | None = None               # --known: more signatures to treat as known (one a line)
+    steer: bool = True                          # move effort away from what produces known signatures
+    inject: bool = False                        # draw the opt-in events that write states no syscall makes
 
 
 @dataclass
@@ -72,6 +75,91 @@ class Stats:
     steps: int = 0
     findings: dict[str, Saved] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    known_runs: int = 0                         # runs whose findings were all known already
+    known_hits: dict[str, int] = field(default_factory=dict)   # known signature -> runs that hit it
+    multi_runs: int = 0                         # runs with more than one finding
+
+
+def load_known_file(path: str) -> set[str]:
+    """Signatures listed in a ``--known`` file: one per line (``#`` comments; a reproducer's ``signature =
+    "..."`` line works too)."""
+    out: set[str] = set()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        from hmmirror.errors import InputError
+        raise InputError(f"--known {path}: {exc.strerror}") from None
+    for line in lines:
+        line = line.strip()
+        if line.startswith("signature"):
+            line = line.split("=", 1)[1].strip().strip('"')
+        if line and not line.startswith("#") and line.count("|") >= 2:
+            out.add(line)
+    return out
+
+
+class Steering:
+    """Feature feedback (ours): which drawn features lead to known signatures, which to new coverage.
+
+    Every run reports the features its scenario drew (``table:name`` entries, range shapes) and whether it
+    hit only known signatures and whether it reached new coverage cells.  A feature's weight factor is the
+    rate at which runs with it stay off known signatures, relative to all runs, times a bonus for new cells
+    (clamped to [0.05, 3]); it applies from the next scenario on (and is frozen during a Hypothesis session,
+    whose choice sequences must keep drawing the same scenarios).  Nothing names a finding: the generator
+    only sees weights per feature.
+    """
+
+    MIN_RUNS = 4
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+        self.k: dict[str, int] = {}
+        self.c: dict[str, int] = {}
+        self.runs = 0
+        self.known = 0
+        self.cells = 0
+        self.weights: dict[str, float] = {}
+
+    def feed(self, features: list[str], known_only: bool, new_cells: bool) -> None:
+        """One run: its features, whether it hit known signatures only, whether it reached new cells."""
+        self.runs += 1
+        self.known += known_only
+        self.cells += new_cells
+        for f in set(features):
+            if f.startswith("variant:"):
+                continue
+            self.n[f] = self.n.get(f, 0) + 1
+            self.k[f] = self.k.get(f, 0) + known_only
+            self.c[f] = self.c.get(f, 0) + new_cells
+        self._recompute()
+
+    def counts(self) -> dict[str, Any]:
+        return {"runs": self.runs, "known": self.known, "cells": self.cells,
+                "f": {f: [n, self.k[f], self.c[f]] for f, n in self.n.items()}}
+
+    def merge(self, d: dict[str, Any]) -> None:
+        """Add the counts of another Steering (a unit's) and recompute the weights."""
+        self.runs += int(d.get("runs", 0))
+        self.known += int(d.get("known", 0))
+        self.cells += int(d.get("cells", 0))
+        for f, (n, k, c) in d.get("f", {}).items():
+            self.n[f] = self.n.get(f, 0) + n
+            self.k[f] = self.k.get(f, 0) + k
+            self.c[f] = self.c.get(f, 0) + c
+        self._recompute()
+
+    def _recompute(self) -> None:
+        base_off = (self.runs - self.known + 1) / (self.runs + 2)
+        base_new = (self.cells + 1) / (self.runs + 2)
+        w = {}
+        for f, n in self.n.items():
+            if n < self.MIN_RUNS:
+                continue
+            off = (n - self.k[f] + 1) / (n + 2) / base_off
+            new = (self.c[f] + 1) / (n + 2) / base_new
+            w[f] = min(3.0, max(0.05, off * off * (0.5 + 0.5 * new)))
+        self.weights = w
 
 
 class _OutOfTime(BaseException):
@@ -194,32 +282,88 @@ class Recorder:
 # --- one unit of work: the outer loop is in "the campaign" below -------------------------------------
 
 
+def _coverage_for(cfg: Config) -> Any:
+    try:
+        from hmmirror.sim.coverage import Coverage
+    except ImportError:
+        return None
+    return Coverage(cfg.kernel)
+
+
+class UnitSearch:
+    """The search state of one unit: the steering weights and the cells covered before its round (from the
+    coordinator, fixed for the unit so that a unit stays a function of its inputs), and what it gives back --
+    per-feature feedback, the cells it covered, runs on known signatures, multi-finding runs."""
+
+    def __init__(self, cfg: Config, guide: dict[str, Any] | None = None) -> None:
+        guide = guide or {}
+        self.weights: dict[str, float] = dict(guide.get("weights") or {})
+        self.cov = _coverage_for(cfg)
+        if self.cov is not None and guide.get("cells"):
+            self.cov.merge(guide["cells"])
+        self.steer = Steering()
+        self.known_runs = 0
+        self.multi_runs = 0
+        self.known_hits: dict[str, int] = {}
+
+    def collector(self) -> Any:
+        return self.cov.run_collector() if self.cov is not None else None
+
+    def result(self) -> dict[str, Any]:
+        return {"feedback": self.steer.counts(), "known_runs": self.known_runs, "multi_runs": self.multi_runs,
+                "known_hits": dict(self.known_hits), "cells": self.cov.snapshot() if self.cov is not None else None}
+
+
+def _account(res: SimResult, seed: int, stats: Stats, rec: Recorder, guide: "UnitSearch | None",
+             features: list[str]) -> str | None:
+    """Book one run: known signatures are counted (not saved again), new ones saved (every finding of the
+    run, not only the first); the unit's steering feedback learns from the run's features.  Returns the first
+    new signature."""
+    new_cells = guide.cov.add_run(res) if guide is not None and guide.cov is not None else False
+    new = [f for f in res.findings if f.signature not in rec.preexisting]
+    known = [f.signature for f in res.findings if f.signature in rec.preexisting]
+    for sig in known:
+        stats.known_hits[sig] = stats.known_hits.get(sig, 0) + 1
+    known_only = bool(known) and not new
+    stats.known_runs += known_only
+    stats.multi_runs += len(res.findings) > 1
+    for f in new:
+        rec.offer(res.for_finding(f), seed)
+    if guide is not None:
+        for sig in known:
+            guide.known_hits[sig] = guide.known_hits.get(sig, 0) + 1
+        guide.known_runs += known_only
+        guide.multi_runs += len(res.findings) > 1
+        guide.steer.feed(features, known_only, bool(new_cells))
+    return new[0].signature if new else None
+
+
 def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder,
-                        tick: Callable[[], None] | None = None) -> None:
+                        tick: Callable[[], None] | None = None, guide: "UnitSearch | None" = None) -> None:
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as hseed
     from hypothesis import strategies as st
 
+    weights = guide.weights if guide is not None and cfg.steer else None   # fixed for the whole unit
+
     def body(data: Any) -> None:
         c = HypothesisChoices(data)
-        sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events)
+        feats: list[str] = []
+        sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events, weights=weights, inject=cfg.inject,
+                      features=feats)
         sw = SwitchListScheduler.draw(c, cfg.max_switches)
         if time.monotonic() > deadline:           # after the draws: the same choices draw the same way
             raise _OutOfTime()
         sc.scheduler = {"kind": "switch", "switches": [list(x) for x in sw.switches]}
-        res = run_scenario(sc, sw, every_step=cfg.every_step, record_trace=False)
+        res = run_scenario(sc, sw, every_step=cfg.every_step, record_trace=False,
+                           coverage=guide.collector() if guide is not None else None)
         stats.runs += 1
         stats.steps += res.steps
+        sig = _account(res, seed, stats, rec, guide, feats)
         if tick is not None:
             tick()
-        f = res.finding
-        if f is None:
-            return
-        sig = f.signature
-        if sig in rec.preexisting:
-            return
-        rec.offer(res, seed)
-        raise _found_type(sig)(sig)
+        if sig is not None:
+            raise _found_type(sig)(sig)
 
     # Hypothesis gives shrinking up to five minutes; bound it by the campaign deadline (and one minute per
     # finding) so a campaign ends on time and keeps hunting
@@ -243,26 +387,33 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
 
 
 def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder,
-                scheduler: str | None = None) -> None:
+                scheduler: str | None = None, guide: "UnitSearch | None" = None) -> None:
     c = SeededChoices(seed)
-    sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events)
+    feats: list[str] = []
+    sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events,
+                  weights=guide.weights if guide is not None and cfg.steer else None, inject=cfg.inject,
+                  features=feats)
     if (scheduler or cfg.scheduler) == "random":
         sc.scheduler = {"kind": "random", "seed": seed}
         sched = RandomScheduler(c)
     else:
         sc.scheduler = {"kind": "pct", "seed": seed, "depth": 3, "expected_steps": 2000}
         sched = PCTScheduler(c, 3, 2000)
-    res = run_scenario(sc, sched, every_step=cfg.every_step)
+    res = run_scenario(sc, sched, every_step=cfg.every_step,
+                       coverage=guide.collector() if guide is not None else None)
     stats.runs += 1
     stats.steps += res.steps
-    f = res.finding
-    if f is None or f.signature in rec.preexisting:
+    new = [f.signature for f in res.findings if f.signature not in rec.preexisting]
+    if _account(res, seed, stats, rec, guide, feats) is None:
         return
-    rec.offer(res, seed)
-    small = shrink_greedy(res, deadline=min(deadline, time.monotonic() + 30), every_step=cfg.every_step)
-    if small is not None:
-        rec.offer(small, seed)
-    rec.preexisting.add(f.signature)
+    for s in new:                                 # shrink each new one (time-boxed), then it is known
+        if time.monotonic() > deadline:
+            break
+        small = shrink_greedy(res, deadline=min(deadline, time.monotonic() + 30 / len(new)),
+                              every_step=cfg.every_step, sig=s)
+        if small is not None:
+            rec.offer(small, seed)
+    rec.preexisting |= set(new)
 
 
 # --- our shrinker for seeded runs ------------------------------------------------------------------------
@@ -301,17 +452,20 @@ def _switches(res: SimResult) -> list[tuple[int, str]]:
     return out
 
 
-def shrink_greedy(res: SimResult, deadline: float, every_step: bool = False) -> SimResult | None:
-    """Greedy delta debugging of a seeded finding: scenario parts, then context switches."""
+def shrink_greedy(res: SimResult, deadline: float, every_step: bool = False, sig: str | None = None
+                  ) -> SimResult | None:
+    """Greedy delta debugging of a seeded finding (``sig``, default the first): scenario parts, then context
+    switches, keeping a run in which that signature is among the findings."""
     assert res.finding is not None
-    sig = res.finding.signature
+    sig = sig or res.finding.signature
     best_sc = res.scenario.copy()
     best_sw = _switches(res)
     best: SimResult | None = None
 
     def attempt(sc: SimScenario, sw: list[tuple[int, str]]) -> SimResult | None:
         r = run_scenario(sc, NamedSwitchScheduler(sw), every_step=every_step, record_trace=False)
-        return r if r.finding is not None and r.finding.signature == sig else None
+        hit = next((f for f in r.findings if f.signature == sig), None)
+        return r.for_finding(hit) if hit is not None else None
 
     first = attempt(best_sc, best_sw)
     if first is None:
@@ -470,6 +624,7 @@ class UnitResult:
     complete: bool = False
     findings: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    search: dict[str, Any] = field(default_factory=dict)    # UnitSearch.result(): feedback, cells, known runs
 
 
 def _saved_payload(s: Saved) -> dict[str, Any]:
@@ -486,9 +641,10 @@ def _saved_payload(s: Saved) -> dict[str, Any]:
 
 def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[str], deadline_wall: float,
              spool: str | None = None, report: Callable[[str, Any], None] | None = None,
-             stats: Stats | None = None) -> UnitResult:
+             stats: Stats | None = None, guide: dict[str, Any] | None = None) -> UnitResult:
     """Run unit ``unit`` with ``budget`` runs; reproducers are written into ``spool`` (a private temporary
-    directory when None) and returned as text.  ``deadline_wall`` is a ``time.time()`` (inf: none)."""
+    directory when None) and returned as text.  ``deadline_wall`` is a ``time.time()`` (inf: none).
+    ``guide``: the coordinator's steering weights and covered cells before this round (:class:`UnitSearch`)."""
     import dataclasses
     import shutil
 
@@ -526,15 +682,16 @@ def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[st
             last[:] = [time.monotonic(), stats.runs, stats.steps]
 
     seed = unit_seed(cfg, unit)
+    search = UnitSearch(cfg, guide)
     try:
         if unit_kind(cfg, unit) == "hypothesis":
-            _hypothesis_session(ucfg, seed, deadline, stats, rec, tick)
+            _hypothesis_session(ucfg, seed, deadline, stats, rec, tick, search)
         else:
             for k in range(budget):
                 if time.monotonic() > deadline:
                     break
                 kind = cfg.scheduler if cfg.scheduler in ("random", "pct") else ("random" if k % 2 == 0 else "pct")
-                _seeded_run(ucfg, seed * 1000 + k, deadline, stats, rec, kind)
+                _seeded_run(ucfg, seed * 1000 + k, deadline, stats, rec, kind, search)
                 tick()
         out.complete = time.monotonic() <= deadline
     finally:
@@ -546,6 +703,7 @@ def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[st
         if report is not None:
             report("stats", (stats.runs - last[1], stats.steps - last[2]))
         out.errors = list(stats.errors)
+        out.search = search.result()
         if own:
             shutil.rmtree(spool, ignore_errors=True)
     return out
@@ -557,7 +715,12 @@ class Collector:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.best = known_signatures(cfg.findings_dir)
-        self.start_known = frozenset(self.best)
+        self.start_known = frozenset(self.best) | (load_known_file(cfg.known_file) if cfg.known_file else set())
+        self.steer = Steering()
+        self.cov = _coverage_for(cfg)
+        self.known_runs = 0
+        self.multi_runs = 0
+        self.known_hits: dict[str, int] = {}
         self.found: dict[str, dict[str, Any]] = {}     # this campaign's findings by signature
         self.runs = 0
         self.steps = 0
@@ -586,10 +749,30 @@ class Collector:
         for p in r.findings.values():
             self.finding(p)
         self.errors += [f"unit {r.unit}: {e}" for e in r.errors[:5]]
+        sr = r.search or {}
+        if sr.get("feedback"):
+            self.steer.merge(sr["feedback"])
+        if self.cov is not None and sr.get("cells"):
+            self.cov.merge(sr["cells"])
+        self.known_runs += int(sr.get("known_runs", 0))
+        self.multi_runs += int(sr.get("multi_runs", 0))
+        for sig, n in sr.get("known_hits", {}).items():
+            self.known_hits[sig] = self.known_hits.get(sig, 0) + int(n)
+
+    def guide(self) -> dict[str, Any]:
+        """What the next round's units start from: steering weights and the cells covered so far."""
+        return {"weights": dict(self.steer.weights) if self.cfg.steer else {},
+                "cells": self.cov.snapshot() if self.cov is not None else None}
+
+    def coverage_counts(self) -> tuple[int, int]:
+        if self.cov is None:
+            return 0, 0
+        s = self.cov.summary()
+        return s["covered"], s["total"]
 
     def state(self) -> dict[str, Any]:
         return {"runs": self.runs, "steps": self.steps, "findings": self.found, "errors": self.errors,
-                "started": self.started}
+                "started": self.started, "known_runs": self.known_runs, "collector": self}
 
     def result(self) -> dict[str, Any]:
         findings = sorted(self.found.values(), key=lambda d: (d["invariant"], d["location"], d["signature"]))
@@ -597,7 +780,19 @@ class Collector:
                               "seed": d["seed"], "signature": d["signature"], "message": d["message"]}
                              for d in findings],
                 "runs": self.runs, "generated": self.generated, "steps": self.steps, "errors": self.errors,
-                "seconds": round(time.time() - self.started, 1), "interrupted": self.interrupted}
+                "seconds": round(time.time() - self.started, 1), "interrupted": self.interrupted,
+                **self.search_summary()}
+
+    def search_summary(self) -> dict[str, Any]:
+        """Runs on known signatures, multi-finding runs, the known signatures hit, how many signatures are new,
+        the coverage summary and cells (for the heat map)."""
+        runs = max(self.generated or self.runs, 1)
+        return {"known_runs": self.known_runs, "known_fraction": round(self.known_runs / runs, 3),
+                "multi_finding_runs": self.multi_runs,
+                "known_hits": dict(sorted(self.known_hits.items(), key=lambda kv: -kv[1])),
+                "new": len(self.found), "known_at_start": len(self.start_known),
+                "coverage": self.cov.summary() if self.cov is not None else None,
+                "coverage_cells": self.cov.snapshot() if self.cov is not None else None}
 
 
 # -- resume state -------------------------------------------------------------------------------------------
@@ -651,12 +846,14 @@ def campaign(cfg: Config, deadline: float, worker: int = 0, report: Callable[[st
         for u, b in units:
             if time.time() >= deadline_wall:
                 return None
-            out.append(run_unit(cfg, u, b, known, deadline_wall, cfg.findings_dir, report, stats))
+            out.append(run_unit(cfg, u, b, known, deadline_wall, cfg.findings_dir, report, stats, col.guide()))
+            col.unit(out[-1])
             if cfg.stop_after and len(stats.findings) >= cfg.stop_after:
                 return None
         return out
 
-    _rounds(cfg, 0, frozenset(), deadline_wall, run_round, set(known_signatures(cfg.findings_dir)))
+    col = Collector(cfg)
+    _rounds(cfg, 0, frozenset(), deadline_wall, run_round, set(col.start_known))
     return stats
 
 
@@ -691,9 +888,10 @@ def _worker_main(cfg: Config, parent: int, worker: int, tasks: Any, q: Any) -> N
             task = tasks.get()
             if task is None:
                 break
-            u, b, known, deadline_wall = task
+            u, b, known, deadline_wall = task[:4]
+            guide = task[4] if len(task) > 4 else None
             try:
-                r = run_unit(cfg, u, b, known, deadline_wall, spool, report)
+                r = run_unit(cfg, u, b, known, deadline_wall, spool, report, None, guide)
             except Exception as exc:            # noqa: BLE001 - report it, the coordinator goes on
                 r = UnitResult(u, b, errors=[f"{type(exc).__name__}: {exc}"])
             r.findings = {k: {kk: vv for kk, vv in v.items() if kk != "text"} for k, v in r.findings.items()}
@@ -722,8 +920,9 @@ class _Local:
     def run_epoch(self, units: list[tuple[int, int]], known: frozenset[str], deadline_wall: float) -> list[UnitResult]:
         import queue as _queue
 
+        guide = self.col.guide()                # steering and coverage of the rounds before this one
         for u, b in units:
-            self.tasks.put((u, b, known, deadline_wall))
+            self.tasks.put((u, b, known, deadline_wall, guide))
         out: list[UnitResult] = []
         while len(out) < len(units):
             try:
