@@ -69,11 +69,15 @@ def test_cli_fuzz_json_and_replay_png(tmp_path):
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]          # exit code 1: the campaign found something
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out) == {"findings", "runs", "generated", "steps", "interrupted"} and out["runs"] > 0
-    assert out["interrupted"] is False
+    assert {"findings", "runs", "generated", "steps", "interrupted", "new", "known_runs", "coverage"} <= set(out)
+    assert out["runs"] > 0 and out["interrupted"] is False
     assert out["findings"], r.stderr[-2000:]
     f = out["findings"][0]
-    assert set(f) == {"invariant", "location", "reproducer", "seed"}
+    assert set(f) == {"invariant", "location", "reproducer", "seed", "signature"}
+    cov = out["coverage"]
+    assert {"vma", "entry", "function", "return", "api_mode", "event"} <= set(cov["axes"])
+    assert all(0 <= a["covered"] <= a["total"] for a in cov["axes"].values())
+    assert cov["unreachable"] and all(u["reason"] for u in cov["unreachable"])
     png = tmp_path / "lanes.png"
     r2 = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "replay", f["reproducer"], "--png", str(png)],
                         env=ENV, capture_output=True, text=True, timeout=60)

@@ -46,11 +46,17 @@ MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
 @click.option("--fresh", is_flag=True,
               help="start the seed sequence again (default: continue where a campaign with the same options "
                    "and --findings stopped)")
+@click.option("--known", "known_file", default=None,
+              help="file of signatures to treat as known (one a line), besides the findings directory's")
+@click.option("--no-steer", is_flag=True, help="do not move effort away from features that produce known findings")
+@click.option("--inject", is_flag=True,
+              help="also draw the opt-in event that writes page-table states no syscall makes (findings marked)")
+@click.option("--coverage-png", default=None, help="draw the coverage heat map to this PNG file")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON on stdout")
 def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, dask: str | None, driver: str,
             findings_dir: str,
             scheduler: str, seed: int, every_step: bool, kinds: str | None, events: str | None, fresh: bool,
-            as_json: bool) -> int:
+            known_file: str | None, no_steer: bool, inject: bool, coverage_png: str | None, as_json: bool) -> int:
     """Fuzz the model and a mirroring driver under random interleavings; save shrunk reproducers.
 
     Exit code 1 when the campaign found something (a reproducer per cause in --findings).
@@ -78,19 +84,36 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, das
         from hmmirror.sim.dask import DaskExecutor, check_address
         executor = DaskExecutor.factory(check_address(dask, MAX_JOBS))
     prepare_output_dir(findings_dir, "--findings")
+    if known_file:
+        from hmmirror.sim.fuzz import load_known_file
+        load_known_file(known_file)                   # a bad path is bad input (exit 2), before any work
+    if coverage_png:
+        _check_png_path(coverage_png)
 
     from hmmirror.sim.fuzz import Config
     cfg = Config(kernel=kernel, driver=driver, seconds=seconds or 0.0, jobs=jobs, findings_dir=findings_dir,
-                 scheduler=scheduler, seed=seed, every_step=every_step, kinds=kind_t, events=ev_t, fresh=fresh)
+                 scheduler=scheduler, seed=seed, every_step=every_step, kinds=kind_t, events=ev_t, fresh=fresh,
+                 known_file=known_file, steer=not no_steer, inject=inject)
     if runs is not None:
         cfg.runs = runs
     result = _run_with_progress(cfg, kernel, seconds, as_json, executor)
     _summary(result, kernel)
+    _search_summary(result, kernel, coverage_png)
     if as_json:
-        out = {"findings": [{k: f[k] for k in ("invariant", "location", "reproducer", "seed")}
+        out = {"findings": [{k: f[k] for k in ("invariant", "location", "reproducer", "seed", "signature")}
                             for f in result["findings"]],
                "runs": result["runs"], "generated": result["generated"], "steps": result["steps"],
-               "interrupted": bool(result.get("interrupted"))}
+               "interrupted": bool(result.get("interrupted")), "new": result.get("new", 0),
+               "known_runs": result.get("known_runs", 0), "known_fraction": result.get("known_fraction", 0.0),
+               "multi_finding_runs": result.get("multi_finding_runs", 0), "known_hits": result.get("known_hits", {})}
+        cov = result.get("coverage")
+        if cov:
+            out["coverage"] = {"percent": cov["percent"], "covered": cov["covered"], "total": cov["total"],
+                               "axes": {k: {"covered": v["covered"], "total": v["total"]}
+                                        for k, v in cov["axes"].items()},
+                               "grids": {k: {"covered": v["covered"], "total": v["total"]}
+                                         for k, v in cov["grids"].items()},
+                               "unreachable": cov["unreachable"]}
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()
     if result.get("interrupted"):
@@ -111,10 +134,20 @@ def _run_with_progress(cfg: object, kernel: str, seconds: float | None, as_json:
                   TimeRemainingColumn(), console=err, transient=False) as progress:
         task = progress.add_task("fuzz", total=total, kernel=kernel, info="")
 
+        last = [0.0, 0, 0]                           # time, covered, total of the last coverage refresh
+
         def update(state: dict) -> None:
-            done = min(time.time() - t0, total) if seconds else min(state["runs"], total)
-            progress.update(task, completed=done, info=f"{state['runs']} runs  {state['steps']} steps  "
-                                                      f"{len(state['findings'])} findings")
+            now = time.time()
+            done = min(now - t0, total) if seconds else min(state["runs"], total)
+            col = state.get("collector")
+            if col is not None and now - last[0] >= 1.0:
+                last[1], last[2] = col.coverage_counts()
+                last[0] = now
+            rate = state["steps"] / max(now - t0, 1e-6)
+            progress.update(task, completed=done, info=f"{state['runs']} runs  {rate:,.0f} steps/s  "
+                                                      f"cells {last[1]}/{last[2]}  "
+                                                      f"{len(state['findings'])} new findings  "
+                                                      f"{state.get('known_runs', 0)} known-only runs")
 
         result = run_campaign(cfg, update, executor)          # type: ignore[arg-type]
         if not result.get("interrupted"):
@@ -137,3 +170,50 @@ def _summary(result: dict, kernel: str) -> None:
     err.print(table)
     for e in result["errors"]:
         err.print(f"[red]{e}")
+
+
+def _check_png_path(path: str) -> None:
+    import os
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise InputError(f"--coverage-png {path}: directory {d} is not writable")
+
+
+def _search_summary(result: dict, kernel: str, coverage_png: str | None) -> None:
+    """Known signatures hit, whether anything is new, the coverage table (and heat map)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    err = Console(stderr=True)
+    if result.get("known_hits"):
+        kt = Table(title=f"known signatures hit (counted, not saved again): {result['known_runs']} of "
+                         f"{result['generated'] or result['runs']} runs ({100 * result['known_fraction']:.0f} %) "
+                         f"found only known ones")
+        kt.add_column("signature")
+        kt.add_column("runs", justify="right")
+        for sig, n in list(result["known_hits"].items())[:20]:
+            kt.add_row(sig, str(n))
+        err.print(kt)
+    if result["findings"]:
+        err.print(f"[bold red]new: {len(result['findings'])} signature(s) not known before this campaign")
+    elif result.get("known_hits"):
+        err.print("[bold green]nothing new: every finding of this campaign was already known")
+    else:
+        err.print("[bold green]nothing found")
+    cov = result.get("coverage")
+    if not cov:
+        return
+    ct = Table(title=f"coverage ({cov['profile']}): {cov['covered']}/{cov['total']} reachable cells "
+                     f"({cov['percent']} %)")
+    for col in ("axis / grid", "covered", "total", "missing (first)"):
+        ct.add_column(col)
+    for name, a in cov["axes"].items():
+        ct.add_row(name, str(a["covered"]), str(a["total"]), ", ".join(map(str, a["missing"][:6])))
+    for name, gr in cov["grids"].items():
+        ct.add_row(f"grid {name}", str(gr["covered"]), str(gr["total"]), ", ".join(gr["missing"][:4]))
+    err.print(ct)
+    err.print("unreachable cells: " + "; ".join(f"{u['cells']} ({u['reason']})" for u in cov["unreachable"]))
+    if coverage_png:
+        from hmmirror.sim.coverage import coverage_png as draw
+        draw(result.get("coverage_cells") or {}, kernel, coverage_png)
+        err.print(f"coverage heat map: {coverage_png}")

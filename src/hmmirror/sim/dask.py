@@ -72,7 +72,8 @@ class DaskExecutor:
 
         from hmmirror.sim.fuzz import run_unit
 
-        futs = [self.client.submit(run_unit, self.cfg, u, b, known, deadline_wall, None, None, None,
+        guide = self.col.guide()
+        futs = [self.client.submit(run_unit, self.cfg, u, b, known, deadline_wall, None, None, None, guide,
                                    key=f"hmmirror-unit-{self.tag}-{self.cfg.seed}-{u}", pure=False)
                 for u, b in units]
         out = []
