@@ -79,10 +79,13 @@ class GoodMirror(DriverBase):
 
 
 class NoUnmapMirror(GoodMirror):
-    """coherence: the callback forgets to drop the device entries."""
+    """coherence: the callback forgets to drop the device entries (and does everything else right)."""
 
     def invalidate(self, inv: Invalidation) -> Gen[bool]:
-        yield from sched.mutex_lock(self.lock)
+        if inv.blockable:
+            yield from sched.mutex_lock(self.lock)
+        elif not sched.mutex_trylock(self.lock):
+            return False
         mmu_interval_set_seq(inv.sub, inv.seq)
         sched.mutex_unlock(self.lock)
         return True

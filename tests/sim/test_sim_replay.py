@@ -64,7 +64,7 @@ def test_fuzz_finds_shrinks_saves_and_replays(tmp_path):
 
 def test_cli_fuzz_json_and_replay_png(tmp_path):
     fd = tmp_path / "f"
-    r = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--kernel", "6.18", "--seconds", "2",
+    r = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--kernel", "6.18", "--seconds", "5",
                         "--jobs", "1", "--json", "--findings", str(fd), "--driver", "sim_toy_drivers:ShortMirror"],
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]          # exit code 1: the campaign found something
@@ -73,7 +73,9 @@ def test_cli_fuzz_json_and_replay_png(tmp_path):
     assert out["runs"] > 0 and out["interrupted"] is False
     assert out["findings"], r.stderr[-2000:]
     f = out["findings"][0]
-    assert set(f) == {"invariant", "location", "reproducer", "seed", "signature"}
+    assert {"invariant", "location", "signature", "hits", "reproducer", "seed"} <= set(f) and f["hits"] >= 1
+    assert {"unconfirmed", "runs_per_s_per_worker", "steps_per_s_per_worker", "workers"} <= set(out)
+    assert out["steps_per_s_per_worker"] > 0 and out["workers"][0]["runs"] == out["runs"]
     cov = out["coverage"]
     assert {"vma", "entry", "function", "return", "api_mode", "event"} <= set(cov["axes"])
     assert all(0 <= a["covered"] <= a["total"] for a in cov["axes"].values())

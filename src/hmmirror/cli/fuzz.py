@@ -100,12 +100,16 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, das
     _summary(result, kernel)
     _search_summary(result, kernel, coverage_png)
     if as_json:
-        out = {"findings": [{k: f[k] for k in ("invariant", "location", "reproducer", "seed", "signature")}
+        out = {"findings": [{k: f[k] for k in ("invariant", "location", "signature", "hits", "reproducer", "seed")}
                             for f in result["findings"]],
+               "unconfirmed": result.get("unconfirmed", []),
                "runs": result["runs"], "generated": result["generated"], "steps": result["steps"],
                "interrupted": bool(result.get("interrupted")), "new": result.get("new", 0),
                "known_runs": result.get("known_runs", 0), "known_fraction": result.get("known_fraction", 0.0),
-               "multi_finding_runs": result.get("multi_finding_runs", 0), "known_hits": result.get("known_hits", {})}
+               "multi_finding_runs": result.get("multi_finding_runs", 0), "known_hits": result.get("known_hits", {}),
+               "runs_per_s_per_worker": result.get("runs_per_s_per_worker"),
+               "steps_per_s_per_worker": result.get("steps_per_s_per_worker"),
+               "workers": result.get("workers", [])}
         cov = result.get("coverage")
         if cov:
             out["coverage"] = {"percent": cov["percent"], "covered": cov["covered"], "total": cov["total"],
@@ -163,11 +167,15 @@ def _summary(result: dict, kernel: str) -> None:
     head = "interrupted: " if result.get("interrupted") else ""
     table = Table(title=f"{head}hmmirror fuzz --kernel {kernel}: {result['runs']} runs, {result['steps']} steps, "
                         f"{len(result['findings'])} findings")
-    for col in ("invariant", "location", "reproducer", "seed"):
+    for col in ("invariant", "location", "hits", "reproducer", "seed"):
         table.add_column(col)
     for f in result["findings"]:
-        table.add_row(f["invariant"], f["location"], f["reproducer"], str(f["seed"]))
+        table.add_row(f["invariant"], f["location"], str(f.get("hits", "")), f["reproducer"], str(f["seed"]))
     err.print(table)
+    for u in result.get("unconfirmed", []):
+        err.print(f"[yellow]no reproducer for {u['signature']} ({u['hits']} runs): {u['why']}")
+    err.print(f"{result.get('runs_per_s_per_worker', 0)} runs/s, {result.get('steps_per_s_per_worker', 0)} "
+              f"steps/s per worker")
     for e in result["errors"]:
         err.print(f"[red]{e}")
 

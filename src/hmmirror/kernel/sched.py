@@ -54,6 +54,7 @@ class Task:
         self.held: list[Lock] = []
         self.atomic = 0                 # >0 inside a non-blockable notifier callback or an RCU section
         self.stack: list[str] = []      # model functions currently running (for reports)
+        self.pte_maps: list[str] = []   # pte_offset_map()s not yet pte_unmap()ped, by site (kmap_local-style)
         Task._next_id += 1
         self.id = Task._next_id
 
@@ -118,6 +119,23 @@ def set_report_handler(handler: Callable[[str, str], None] | None) -> Callable[[
     prev = _report_handler
     _report_handler = handler or _raise
     return prev
+
+
+# --- temporary mappings of page-table pages (pte_offset_map / pte_unmap) ----------------------------------
+def pte_map_get(site: str) -> None:
+    """Ours: the running task mapped a PTE table (``pte_offset_map()``; a ``kmap_local``/``kmap_atomic`` of
+    the table with HIGHPTE, an RCU read section in 6.5+) at ``site`` (``module.function``).  The kernel pairs
+    it with ``pte_unmap()`` on every path; the simulator checks the balance (``pte_map_balance``)."""
+    _current.pte_maps.append(site)
+
+
+def pte_map_put(site: str) -> None:
+    """Ours: ``pte_unmap()`` by the running task at ``site`` (LIFO, as ``kunmap_local``)."""
+    maps = _current.pte_maps
+    if not maps:
+        report("pte_map_balance", f"{site}: pte_unmap() with no PTE table mapped", cause="unmap_unmapped")
+        return
+    maps.pop()
 
 
 # --- locks -----------------------------------------------------------------------------------------------

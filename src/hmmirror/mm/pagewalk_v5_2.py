@@ -202,6 +202,7 @@ def walk_pte_range(pmdp: Ptr, addr: int, end: int, walk: MmWalk) -> Gen[int]:
     err = 0
     ptep = pt.pte_offset_map(pmdp, addr)
     walk.mm.machine.log("pte_offset_map", mm=walk.mm.name, addr=addr, caller="walk_pte_range")
+    sched.pte_map_get("mm.pagewalk_v5_2.walk_pte_range")
     while True:
         err = yield from walk.pte_entry(ptep, addr, addr + PAGE_SIZE, walk)
         if err:
@@ -211,6 +212,7 @@ def walk_pte_range(pmdp: Ptr, addr: int, end: int, walk: MmWalk) -> Gen[int]:
             break
         ptep = (ptep[0], ptep[1] + 1)
     walk.mm.machine.log("pte_unmap", mm=walk.mm.name, addr=addr, caller="walk_pte_range")
+    sched.pte_map_put("mm.pagewalk_v5_2.walk_pte_range")
     return err
 
 

@@ -44,6 +44,7 @@ REPORT_INVARIANT = {
     "recursive_lock": "recursive_lock",
     "livelock": "liveness",
     "deadlock": "deadlock",
+    "pte_map_balance": "pte_map_balance",
 }
 
 

@@ -78,6 +78,8 @@ class Stats:
     known_runs: int = 0                         # runs whose findings were all known already
     known_hits: dict[str, int] = field(default_factory=dict)   # known signature -> runs that hit it
     multi_runs: int = 0                         # runs with more than one finding
+    hits: dict[str, int] = field(default_factory=dict)          # new signature -> runs that found it first
+    unconfirmed: dict[str, str] = field(default_factory=dict)   # signature -> why no reproducer was kept
 
 
 def load_known_file(path: str) -> set[str]:
@@ -250,33 +252,107 @@ def known_signatures(directory: str) -> dict[str, tuple[int, int]]:
 
 
 class Recorder:
-    """Keeps the smallest reproducer per signature on disk."""
+    """Keeps the smallest reproducer per signature on disk -- only reproducers that replay.
 
-    def __init__(self, cfg: Config, stats: Stats, notify: Callable[[Saved], None] | None = None) -> None:
+    ``offer`` keeps the best run per signature in memory; ``flush`` writes it: the reproducer text goes to a
+    temporary file in the findings directory, is replayed in a fresh process
+    (:func:`~hmmirror.sim.verify.replays_in_fresh_process`), and replaces the saved file only if the replay
+    reports the same signature.  A run that does not replay is not saved (``stats.unconfirmed`` says why;
+    the text is kept under ``unconfirmed/`` for whoever wants to look).  The first run of a new signature is
+    flushed at once (a killed campaign keeps it); smaller ones found while shrinking at :meth:`flush_all`
+    (after each session).  ``hit`` counts every run that reached a signature (the campaign summary).
+    """
+
+    #: fresh-process verifications per signature before giving up on it for this campaign
+    MAX_TRIES = 3
+
+    def __init__(self, cfg: Config, stats: Stats, notify: Callable[[Saved], None] | None = None,
+                 verify: bool = True) -> None:
         self.cfg = cfg
         self.stats = stats
         self.known = known_signatures(cfg.findings_dir)
         self.preexisting = set(self.known)
         self.notify = notify
+        self.verify = verify
+        self.pending: dict[str, tuple[SimResult, int, tuple[int, int]]] = {}
+        self.tries: dict[str, int] = {}
+
+    def hit(self, sig: str) -> None:
+        """A run reached ``sig`` (counted whether or not it is saved)."""
+        self.stats.hits[sig] = self.stats.hits.get(sig, 0) + 1
 
     def offer(self, res: SimResult, seed: int) -> bool:
-        """Save ``res`` if its signature is new or it is smaller than the saved one; True if new."""
+        """Keep ``res`` if its signature is new or it is smaller than the best so far; a new signature is
+        written (after its fresh replay) at once.  True if the signature is new to this campaign."""
         f = res.finding
         assert f is not None
         sig = f.signature
         size = (res.scenario.size(), res.steps)
         old = self.known.get(sig)
-        if old is not None and old <= size:
+        pend = self.pending.get(sig)
+        if (old is not None and old <= size) or (pend is not None and pend[2] <= size):
             return False
+        if self.tries.get(sig, 0) >= self.MAX_TRIES and sig not in self.stats.findings:
+            return False
+        self.pending[sig] = (res, seed, size)
+        new = sig not in self.stats.findings and sig not in self.preexisting
+        if old is None:
+            self.flush(sig)
+        return new
+
+    def flush_all(self) -> None:
+        for sig in list(self.pending):
+            self.flush(sig)
+
+    def flush(self, sig: str) -> bool:
+        """Verify and write the pending run of ``sig``; True if a reproducer was written."""
+        item = self.pending.pop(sig, None)
+        if item is None:
+            return False
+        res, seed, size = item
+        f = res.finding
+        assert f is not None
         path = os.path.join(self.cfg.findings_dir, f"{f.sig_id}.toml")
-        write_atomic(path, reproducer_text(res, seed, self.cfg, path))
+        text = reproducer_text(res, seed, self.cfg, path)
+        if self.verify:
+            from hmmirror.sim.verify import replays_in_fresh_process
+
+            self.tries[sig] = self.tries.get(sig, 0) + 1
+            tmp = _write_temp(self.cfg.findings_dir, text)
+            try:
+                verdict = replays_in_fresh_process(tmp, sig)
+                if not verdict.ok:
+                    if sig not in self.stats.findings:
+                        self.stats.unconfirmed[sig] = verdict.why
+                        bad = os.path.join(self.cfg.findings_dir, "unconfirmed", f"{f.sig_id}.toml")
+                        write_atomic(bad, f"# NOT A REPRODUCER: {verdict.why}\n" + text)
+                    return False
+                os.replace(tmp, path)
+                tmp = ""
+            finally:
+                if tmp:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+        else:
+            write_atomic(path, text)
+        self.stats.unconfirmed.pop(sig, None)
         self.known[sig] = size
         saved = Saved(f, path, seed, size)
-        new = sig not in self.stats.findings and sig not in self.preexisting
         self.stats.findings[sig] = saved
         if self.notify is not None:
             self.notify(saved)
-        return new
+        return True
+
+
+def _write_temp(directory: str, text: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".toml", dir=directory)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)
+    return tmp
 
 
 # --- one unit of work: the outer loop is in "the campaign" below -------------------------------------
@@ -328,6 +404,8 @@ def _account(res: SimResult, seed: int, stats: Stats, rec: Recorder, guide: "Uni
     stats.known_runs += known_only
     stats.multi_runs += len(res.findings) > 1
     for f in new:
+        if f.signature not in rec.tries and f.signature not in stats.findings:
+            rec.hit(f.signature)                  # the run that found it (later runs: known hits)
         rec.offer(res.for_finding(f), seed)
     if guide is not None:
         for sig in known:
@@ -382,8 +460,10 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
         pass
     except Exception as exc:              # noqa: BLE001 - Hypothesis health/flaky errors end the session only
         stats.errors.append(f"session {seed}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    # a found signature is now known: later sessions look for others
-    rec.preexisting |= set(stats.findings)
+    # write the smallest runs found while shrinking (each after its fresh replay); a found signature is now
+    # known: later sessions look for others
+    rec.flush_all()
+    rec.preexisting |= set(stats.findings) | {s for s, n in rec.tries.items() if n >= rec.MAX_TRIES}
 
 
 def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder,
@@ -413,6 +493,7 @@ def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Reco
                               every_step=cfg.every_step, sig=s)
         if small is not None:
             rec.offer(small, seed)
+    rec.flush_all()                               # the smallest, after its fresh replay
     rec.preexisting |= set(new)
 
 
@@ -625,6 +706,8 @@ class UnitResult:
     findings: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     search: dict[str, Any] = field(default_factory=dict)    # UnitSearch.result(): feedback, cells, known runs
+    hits: dict[str, int] = field(default_factory=dict)          # runs of this unit that reached a signature
+    unconfirmed: dict[str, str] = field(default_factory=dict)   # signatures whose runs did not replay
 
 
 def _saved_payload(s: Saved) -> dict[str, Any]:
@@ -655,6 +738,7 @@ def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[st
     ucfg = dataclasses.replace(cfg, findings_dir=spool, examples=budget)
     stats = stats if stats is not None else Stats()
     r0, s0 = stats.runs, stats.steps
+    hits0 = dict(stats.hits)
     out = UnitResult(unit, budget)
 
     def notify(s: Saved) -> None:
@@ -704,6 +788,8 @@ def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[st
             report("stats", (stats.runs - last[1], stats.steps - last[2]))
         out.errors = list(stats.errors)
         out.search = search.result()
+        out.hits = {k: n - hits0.get(k, 0) for k, n in stats.hits.items() if n > hits0.get(k, 0)}
+        out.unconfirmed = {k: v for k, v in stats.unconfirmed.items() if k not in stats.findings}
         if own:
             shutil.rmtree(spool, ignore_errors=True)
     return out
@@ -728,6 +814,16 @@ class Collector:
         self.errors: list[str] = []
         self.started = time.time()
         self.interrupted = False
+        self.hits: dict[str, int] = {}
+        self.unconfirmed: dict[str, str] = {}
+        self.workers: dict[Any, list[int]] = {}       # worker -> [runs, steps] (throughput)
+
+    def worker_stats(self, w: Any, runs: int, steps: int) -> None:
+        self.runs += runs
+        self.steps += steps
+        ws = self.workers.setdefault(w, [0, 0])
+        ws[0] += runs
+        ws[1] += steps
 
     def finding(self, p: dict[str, Any]) -> None:
         sig = p["signature"]
@@ -748,6 +844,9 @@ class Collector:
         self.generated += r.generated
         for p in r.findings.values():
             self.finding(p)
+        for sig, n in getattr(r, "hits", {}).items():
+            self.hits[sig] = self.hits.get(sig, 0) + n
+        self.unconfirmed.update(getattr(r, "unconfirmed", {}))
         self.errors += [f"unit {r.unit}: {e}" for e in r.errors[:5]]
         sr = r.search or {}
         if sr.get("feedback"):
@@ -776,11 +875,18 @@ class Collector:
 
     def result(self) -> dict[str, Any]:
         findings = sorted(self.found.values(), key=lambda d: (d["invariant"], d["location"], d["signature"]))
+        elapsed = time.time() - self.started
         return {"findings": [{"invariant": d["invariant"], "location": d["location"], "reproducer": d["reproducer"],
-                              "seed": d["seed"], "signature": d["signature"], "message": d["message"]}
+                              "seed": d["seed"], "signature": d["signature"], "message": d["message"],
+                              "hits": self.hits.get(d["signature"], 0) + self.known_hits.get(d["signature"], 0)}
                              for d in findings],
+                # signatures reached whose runs did not replay to them in a fresh process: no reproducer
+                "unconfirmed": [{"signature": sig, "why": why,
+                                 "hits": self.hits.get(sig, 0) + self.known_hits.get(sig, 0)}
+                                for sig, why in sorted(self.unconfirmed.items()) if sig not in self.found],
                 "runs": self.runs, "generated": self.generated, "steps": self.steps, "errors": self.errors,
-                "seconds": round(time.time() - self.started, 1), "interrupted": self.interrupted,
+                "seconds": round(elapsed, 1), "interrupted": self.interrupted,
+                **throughput(self.workers, elapsed, max(self.cfg.jobs, 1), self.runs, self.steps),
                 **self.search_summary()}
 
     def search_summary(self) -> dict[str, Any]:
@@ -938,8 +1044,7 @@ class _Local:
                     break
                 continue
             if kind == "stats":
-                self.col.runs += payload[0]
-                self.col.steps += payload[1]
+                self.col.worker_stats(w, payload[0], payload[1])
             elif kind == "finding":
                 self.col.finding(payload)
             elif kind == "unit":
@@ -1021,6 +1126,20 @@ def run_campaign(cfg: Config, on_update: Callable[[dict[str, Any]], None] | None
     if on_update:
         on_update(col.state())
     return col.result()
+
+
+def throughput(workers: dict[Any, list[int]], elapsed: float, jobs: int, runs: int = 0,
+               steps: int = 0) -> dict[str, Any]:
+    """Runs/s and steps/s per worker (each worker's counts over the campaign's wall time) and their mean
+    over ``jobs`` workers (from the totals when the workers did not report separately)."""
+    el = max(elapsed, 1e-9)
+    per = [{"worker": w, "runs": r, "steps": st, "runs_per_s": round(r / el, 2), "steps_per_s": round(st / el, 1)}
+           for w, (r, st) in sorted(workers.items(), key=lambda kv: str(kv[0]))]
+    tr = sum(r for r, _ in workers.values()) if workers else runs
+    ts = sum(st for _, st in workers.values()) if workers else steps
+    n = max(jobs, 1)
+    return {"workers": per, "runs_per_s_per_worker": round(tr / el / n, 2),
+            "steps_per_s_per_worker": round(ts / el / n, 1)}
 
 
 _ = (json, scheduler_for)

@@ -6,6 +6,7 @@
 | ``locks_balanced`` | a task ends every operation, device fault and its life holding no lock |
 | ``double_unlock`` / ``recursive_lock`` | no lock is released by a task that does not hold it, or taken twice (``sched``) |
 | ``lock_order`` | no two tasks take two lock classes in opposite orders (lockdep's AB-BA) |
+| ``pte_map_balance`` | every ``pte_offset_map`` of a walk is paired with ``pte_unmap`` before the task ends an operation, a device fault or its life |
 | ``pgmap_refcount`` | every ``dev_pagemap`` count returns to its baseline when no HMM call is in progress |
 | ``page_counts`` | page mapcount (and refcount at quiescent points) agree with a walk of all page tables |
 | ``coherence`` | after ``invalidate_range_end`` returns, and at every device commit outside an invalidation, no device entry maps a pfn the CPU no longer maps there with at least that permission |
@@ -241,6 +242,34 @@ class LockDiscipline:
         if st.task.held:
             eng.violate("locks_balanced", f"{st.name} {when} holding {', '.join(l.name for l in st.task.held)}",
                         st=st, state={"held": [l.name for l in st.task.held]})
+
+    def task_exited(self, eng: Any, st: Any) -> None:
+        if st.error is None:
+            self._balanced(eng, st, "finished")
+
+    def op_end(self, eng: Any, st: Any) -> None:
+        self._balanced(eng, st, f"ended {st.op}")
+
+    def fault_end(self, eng: Any, st: Any, start: int, end: int, write: bool, ret: int) -> None:
+        self._balanced(eng, st, f"returned from the driver fault ({ret})")
+
+
+class PteMapBalance:
+    """``pte_map_balance``: every ``pte_offset_map()`` a walk takes is given back with ``pte_unmap()`` by the
+    same task before it ends an operation, a device fault or its life (``sched.pte_map_get``/``_put``: a
+    ``kmap_local`` of the table with HIGHPTE, an RCU read section in 6.5+, whose imbalance lockdep and the
+    kmap debug checks report at the return to user space).  An unmap with nothing mapped is reported by
+    ``sched`` itself.  The location is the function that took the mapping it was left with."""
+
+    name = "pte_map_balance"
+
+    def _balanced(self, eng: Any, st: Any, when: str) -> None:
+        maps = st.task.pte_maps
+        if maps:
+            eng.violate("pte_map_balance", f"{st.name} {when} with {len(maps)} PTE table(s) still mapped "
+                        f"(pte_offset_map in {', '.join(maps)})", st=st, location=maps[-1],
+                        state={"mapped": list(maps)})
+            maps.clear()                    # reported once
 
     def task_exited(self, eng: Any, st: Any) -> None:
         if st.error is None:
@@ -705,10 +734,10 @@ class WarnEvents:
 def default_invariants(every_step: bool = False, count_every: int = 256) -> list[Any]:
     """Every invariant, sharing one tracker."""
     t = Tracker()
-    return [t, LockDiscipline(), PgmapRefs(t), PageCounts(count_every, every_step), Coherence(t),
+    return [t, LockDiscipline(), PteMapBalance(), PgmapRefs(t), PageCounts(count_every, every_step), Coherence(t),
             CommitInvalid(t), ResultContract(t), WarnEvents()]
 
 
-INVARIANTS = ("sleep_in_atomic", "locks_balanced", "double_unlock", "recursive_lock", "lock_order",
+INVARIANTS = ("sleep_in_atomic", "locks_balanced", "double_unlock", "recursive_lock", "lock_order", "pte_map_balance",
               "pgmap_refcount", "page_counts", "coherence", "commit_invalid", "result_contract", "liveness",
               "deadlock", "no_waker", "device_teardown", "exception")

@@ -329,6 +329,7 @@ def hmm_vma_handle_pte(walk: MmWalk, addr: int, end: int, pmdp: Ptr, ptep: Ptr, 
     if pte_none(pte) or (not pte_present(pte) and is_pte_marker(pte_to_swp_entry(pte))):   # pte_none_mostly
         required_fault = hmm_pte_need_fault(hmm_vma_walk, pfn_req_flags, 0)
         if required_fault:
+            sched.pte_map_put("mm.hmm.modern.hmm_vma_handle_pte")   # fault: pte_unmap
             return (yield from hmm_vma_fault(addr, end, required_fault, walk))
     elif not pte_present(pte):
         entry = pte_to_swp_entry(pte)
@@ -341,22 +342,27 @@ def hmm_vma_handle_pte(walk: MmWalk, addr: int, end: int, pmdp: Ptr, ptep: Ptr, 
             required_fault = hmm_pte_need_fault(hmm_vma_walk, pfn_req_flags, 0)
             if required_fault:
                 if not non_swap_entry(entry) or is_device_private_entry(entry) or is_device_exclusive_entry(entry):
+                    sched.pte_map_put("mm.hmm.modern.hmm_vma_handle_pte")   # fault: pte_unmap
                     return (yield from hmm_vma_fault(addr, end, required_fault, walk))
                 if is_migration_entry(entry):
+                    sched.pte_map_put("mm.hmm.modern.hmm_vma_handle_pte")
                     hmm_vma_walk.last = addr
                     yield from migration_entry_wait(walk.mm, pmdp, addr)
                     return -EBUSY
+                sched.pte_map_put("mm.hmm.modern.hmm_vma_handle_pte")
                 return -EFAULT                     # hwpoison and everything else
     else:
         cpu_flags = pte_to_hmm_pfn_flags(range, pte)
         required_fault = hmm_pte_need_fault(hmm_vma_walk, pfn_req_flags, cpu_flags)
         if required_fault:
+            sched.pte_map_put("mm.hmm.modern.hmm_vma_handle_pte")   # fault: pte_unmap
             return (yield from hmm_vma_fault(addr, end, required_fault, walk))
         # Each architecture has a struct page for the zero page: treat it as a normal page.
         if vm_normal_page(walk.vma, addr, pte) < 0 \
                 and not (machine.profile.devmap_bits and x86.pte_devmap(pte)) \
                 and not machine.mem.is_zero_pfn(pte_pfn(pte)):
             if hmm_pte_need_fault(hmm_vma_walk, pfn_req_flags, 0):
+                sched.pte_map_put("mm.hmm.modern.hmm_vma_handle_pte")
                 return -EFAULT
             new_pfn_flags = HMM_PFN_ERROR
         else:
@@ -438,6 +444,7 @@ def hmm_vma_walk_pmd(pmdp: Ptr, start: int, end: int, walk: MmWalk) -> Gen[int]:
         tid = table_id_of(pmd)
         idx = PTE_LEVEL.index(addr)
         machine.counters["hmm_pte_tables"] += 1
+        sched.pte_map_get("mm.hmm.modern.hmm_vma_walk_pmd")   # pte_offset_map()
         while addr < end:
             r = yield from hmm_vma_handle_pte(walk, addr, end, pmdp, (tid, idx), i)
             if r:
@@ -445,6 +452,7 @@ def hmm_vma_walk_pmd(pmdp: Ptr, start: int, end: int, walk: MmWalk) -> Gen[int]:
             addr += PAGE_SIZE
             idx += 1
             i += 1
+        sched.pte_map_put("mm.hmm.modern.hmm_vma_walk_pmd")   # pte_unmap(ptep - 1)
         return 0
 
 

@@ -1066,7 +1066,7 @@ def hmm_vma_handle_pte(walk: MmWalk, addr: int, end: int, pmdp: Ptr, ptep: Ptr, 
                 return 0
         elif is_migration_entry(entry):
             if fault or write_fault:
-                _pte_unmap(machine, addr, "hmm_vma_handle_pte")
+                _ref_pte_unmap(machine, addr, "hmm_vma_handle_pte")
                 hmm_vma_walk.last = addr
                 assert vma is not None
                 _may_sleep(machine, "migration_entry_wait", addr=addr)
@@ -1098,13 +1098,14 @@ def hmm_vma_handle_pte(walk: MmWalk, addr: int, end: int, pmdp: Ptr, ptep: Ptr, 
     if hmm_vma_walk.pgmap is not None:
         put_dev_pagemap(hmm_vma_walk.pgmap)
         hmm_vma_walk.pgmap = None
-    _pte_unmap(machine, addr, "hmm_vma_handle_pte")
+    _ref_pte_unmap(machine, addr, "hmm_vma_handle_pte")
     # Fault any virtual address we were asked to fault
     return (yield from hmm_vma_walk_hole_(addr, end, fault, write_fault, walk))
 
 
 def _pte_offset_map(machine: "Machine", mm: "MMStruct", pmdp: Ptr, addr: int, caller: str) -> Ptr:
-    """pte_offset_map(): no memory effect on x86-64 without HIGHPTE; recorded as an event (hmm-5.2.md §0)."""
+    """pte_offset_map(): no memory effect on x86-64 without HIGHPTE; recorded as an event (hmm-5.2.md §0).
+    The reference walk also marks the mapping on the running task (``sched.pte_map_get``)."""
     _log(machine, "pte_offset_map", mm=mm.name, addr=addr, caller=caller)
     return mm.pt.pte_offset_map(pmdp, addr)
 
@@ -1112,6 +1113,13 @@ def _pte_offset_map(machine: "Machine", mm: "MMStruct", pmdp: Ptr, addr: int, ca
 def _pte_unmap(machine: "Machine", addr: int, caller: str) -> None:
     """pte_unmap(): no memory effect; recorded as an event so the map/unmap balance can be checked."""
     _log(machine, "pte_unmap", addr=addr, caller=caller)
+
+
+def _ref_pte_unmap(machine: "Machine", addr: int, caller: str) -> None:
+    """pte_unmap() of the reference walk: the event and the task's mapping (the fast walk logs the events
+    of whole tables itself)."""
+    _pte_unmap(machine, addr, caller)
+    sched.pte_map_put(f"mm.hmm.v5_2.{caller}")
 
 
 def hmm_vma_walk_pmd(pmdp: Ptr, start: int, end: int, walk: MmWalk) -> Gen[int]:
@@ -1171,6 +1179,7 @@ def hmm_vma_walk_pmd(pmdp: Ptr, start: int, end: int, walk: MmWalk) -> Gen[int]:
         return hmm_pfns_bad(start, end, walk)
 
     ptep = _pte_offset_map(machine, walk.mm, pmdp, addr, "hmm_vma_walk_pmd")
+    sched.pte_map_get("mm.hmm.v5_2.hmm_vma_walk_pmd")
     i = (addr - range.start) >> PAGE_SHIFT
     while addr < end:
         r = yield from hmm_vma_handle_pte(walk, addr, end, pmdp, ptep, pfns[i:])
@@ -1186,7 +1195,7 @@ def hmm_vma_walk_pmd(pmdp: Ptr, start: int, end: int, walk: MmWalk) -> Gen[int]:
         # get_dev_pagemap() optimization which will not re-take a reference on a pgmap if we already have one.
         put_dev_pagemap(hmm_vma_walk.pgmap)
         hmm_vma_walk.pgmap = None
-    _pte_unmap(machine, addr - PAGE_SIZE, "hmm_vma_walk_pmd")           # pte_unmap(ptep - 1)
+    _ref_pte_unmap(machine, addr - PAGE_SIZE, "hmm_vma_walk_pmd")       # pte_unmap(ptep - 1)
 
     hmm_vma_walk.last = addr
     return 0

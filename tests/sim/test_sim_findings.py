@@ -1,0 +1,243 @@
+"""Findings point at the right place and reproducers never lie (issues 10.4 and 13.4).
+
+Expectations come from the kernel sources as the specs print them: hmm-5.2.md §7.3 (``hmm_vma_handle_pte``
+returns -EFAULT for a non-swap, non-migration entry without ``pte_unmap``; ``hmm_vma_walk_pmd`` returns it
+directly, "hmm_vma_handle_pte() did unmap pte directory"), §8 (the cached pgmap reference is not put on that
+path), hmm-modern.md §4.5 (the 6.18 ``hmm_vma_handle_pte`` unmaps on every early return),
+mm-substrate.md §8 (``pte_offset_map`` balanced by ``pte_unmap``), hmm-modern.md §5 (an interval
+notifier's callback must stop the device using the range before it returns).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "hmm"))
+import sim_toy_drivers as toy  # noqa: E402
+
+from hmmirror import Machine  # noqa: E402
+from hmmirror.arch.x86.pgtable import make_hwpoison_entry  # noqa: E402
+from hmmirror.kernel import sched  # noqa: E402
+from hmmirror.mm.mmap import vm_munmap  # noqa: E402
+from hmmirror.sim.adapters import Hmm52Adapter  # noqa: E402
+from hmmirror.sim.fuzz import Config, Recorder, Stats, campaign  # noqa: E402
+from hmmirror.sim.invariants import PgmapRefs, PteMapBalance, Tracker, default_invariants  # noqa: E402
+from hmmirror.sim.runner import device_fault, run_tasks  # noqa: E402
+from hmmirror.sim.schedulers import SwitchListScheduler  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(HERE))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "src"), HERE])}
+K = 4096
+
+
+def fault_task(start: int, end: int, write: bool = False):
+    def factory(run):
+        return device_fault(run, start, end, write)
+    return factory
+
+
+def machine52_with(entries):
+    """A 5.2 machine, process ``p`` with one 8-page anonymous VMA at BASE whose PTEs are ``entries``."""
+    from hmm52_helpers import BASE, add_vma, set_pte
+
+    m = Machine("5.2", ram=256 << 20)
+    p = m.spawn("p")
+    add_vma(m, p.mm, BASE, 8 * K)
+    for k, e in enumerate(entries):
+        set_pte(m, p.mm, BASE + k * K, e(m) if callable(e) else e)
+    return m, p, BASE
+
+
+# --- the map/unmap balance ---------------------------------------------------------------------------------
+def test_pte_map_balance_5_2_error_path_keeps_the_table_mapped():
+    """hmm-5.2.md §7.3: a hwpoison entry ends the walk with -EFAULT and nobody calls pte_unmap."""
+    from hmm52_helpers import normal_pte
+
+    m, p, a = machine52_with([lambda m: normal_pte(m.mem.alloc_page()), make_hwpoison_entry(0x99)])
+    f, eng = run_tasks(m, Hmm52Adapter(), p.mm, [("dev0", "device", fault_task(a, a + 8 * K))],
+                       SwitchListScheduler([]), [Tracker(), PteMapBalance()])
+    assert f is not None and f.invariant == "pte_map_balance", f and f.describe()
+    assert f.location == "mm.hmm.v5_2.hmm_vma_walk_pmd"
+    assert f.signature == "pte_map_balance|mm.hmm.v5_2.hmm_vma_walk_pmd|-"
+
+
+def test_pte_map_balance_5_2_success_and_fault_paths_are_balanced():
+    """§7.2/§7.3: the table is unmapped after the loop and before every fault (fault_lbl)."""
+    from hmm52_helpers import normal_pte
+
+    m, p, a = machine52_with([lambda m: normal_pte(m.mem.alloc_page())])   # then 7 holes: faulted
+    f, eng = run_tasks(m, Hmm52Adapter(), p.mm, [("dev0", "device", fault_task(a, a + 8 * K, True))],
+                       SwitchListScheduler([]), [Tracker(), PteMapBalance()])
+    assert f is None, f.describe()
+    assert all(not t.task.pte_maps for t in eng.tasks)
+
+
+def test_pte_map_balance_6_18_walks_unmap_on_every_return():
+    """hmm-modern.md §4.5: success, fault and hwpoison (-EFAULT) paths all unmap the PTE table."""
+    from hmmirror.sim.adapters import DmirrorAdapter
+
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    a = p.mmap(16 * K)
+    p.touch(a, 4 * K, write=True)
+    from hmmirror.mm.pgtable import Ptr  # noqa: F401 - the table layout is the model's
+    level, ptep, _e = p.mm.pt.lookup(a + 8 * K - K)      # a PTE of the same table as the pages above
+    assert level == "pte"
+    m.pool.set((ptep[0], ptep[1] + 1), make_hwpoison_entry(0x99))   # page 8
+    f, eng = run_tasks(m, DmirrorAdapter(), p.mm, [("dev0", "device", fault_task(a, a + 4 * K)),
+                                                   ("dev1", "device", fault_task(a + 4 * K, a + 8 * K, True)),
+                                                   ("dev2", "device", fault_task(a + 8 * K, a + 12 * K))],
+                       SwitchListScheduler([]), [Tracker(), PteMapBalance()])
+    assert f is None, f.describe()
+    assert m.counters["hmm_range_fault"] >= 3
+
+
+def test_pte_map_balance_reports_a_walk_that_forgets_to_unmap():
+    def leaky_walk(run):
+        def body():
+            sched.pte_map_get("mm.toy.leaky_walk_pmd")
+            yield from sched.preempt_point("walk")
+            return 0
+        return body()
+
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    f, _ = run_tasks(m, toy.GoodMirror(), p.mm, [("cpu0", "cpu", leaky_walk)], SwitchListScheduler([]))
+    assert f is not None and f.invariant == "pte_map_balance" and f.location == "mm.toy.leaky_walk_pmd"
+
+
+def test_pte_unmap_without_a_mapping_is_reported():
+    def bad(run):
+        def body():
+            yield from sched.preempt_point("x")
+            sched.pte_map_put("mm.toy.bad_unmap")
+            return 0
+        return body()
+
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    f, _ = run_tasks(m, toy.GoodMirror(), p.mm, [("cpu0", "cpu", bad)], SwitchListScheduler([]))
+    assert f is not None and f.invariant == "pte_map_balance" and f.detail == "unmap_unmapped"
+
+
+# --- locations ---------------------------------------------------------------------------------------------
+def test_pgmap_leak_is_located_at_the_hmm_call_that_returned_with_it():
+    """§8: devmap PTE (reference cached) then hwpoison (-EFAULT, no put): the reference outlives the call."""
+    from hmm52_helpers import devmap_pte, pgmap
+
+    m, p, a = machine52_with([])
+    pg = pgmap(m)
+    from hmm52_helpers import set_pte
+    set_pte(m, p.mm, a, devmap_pte(pg.res.start))
+    set_pte(m, p.mm, a + K, make_hwpoison_entry(0x99))
+    t = Tracker()
+    f, _ = run_tasks(m, Hmm52Adapter(), p.mm, [("dev0", "device", fault_task(a, a + 8 * K))],
+                     SwitchListScheduler([]), [t, PgmapRefs(t)])
+    assert f is not None and f.invariant == "pgmap_refcount", f and f.describe()
+    assert f.location == "mm.hmm.v5_2.hmm_range_fault"          # not the driver's next blocking point
+
+
+def test_finding_from_an_hmm_call_log_names_the_call_not_its_tracing_wrapper():
+    class OnCall:
+        def on_log(self, eng, ev):
+            if ev["what"] == "hmm_range_fault":
+                eng.violate("probe", "seen")
+
+    from hmm52_helpers import normal_pte
+    m, p, a = machine52_with([lambda m: normal_pte(m.mem.alloc_page())])
+    f, _ = run_tasks(m, Hmm52Adapter(), p.mm, [("dev0", "device", fault_task(a, a + K))],
+                     SwitchListScheduler([]), [Tracker(), OnCall()])
+    assert f is not None and f.location == "mm.hmm.v5_2.hmm_range_fault", f and f.describe()
+    assert not any("_traced" in s for s in f.stack)
+
+
+def test_stale_device_entry_is_located_at_the_subscriber_that_kept_it():
+    """hmm-modern.md §5: once the callback returned the device must not use the range; NoUnmapMirror's
+    callback returns with the entries still there -- it is named, not the function that ended the range."""
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    a = p.mmap(8 * K)
+    p.touch(a, 8 * K, write=True)
+
+    def munmap(run):
+        return vm_munmap(p.mm, a, 4 * K)
+
+    f, _ = run_tasks(m, toy.NoUnmapMirror(), p.mm, [("dev0", "device", fault_task(a, a + 8 * K)),
+                                                    ("cpu0", "cpu", munmap)], SwitchListScheduler([]))
+    assert f is not None and f.invariant == "coherence", f and f.describe()
+    assert f.location == "tests.sim.sim_toy_drivers.NoUnmapMirror.invalidate" or \
+        f.location.endswith("sim_toy_drivers.NoUnmapMirror.invalidate"), f.location
+    assert f.signature.split("|")[2] == "after_end"
+
+
+def test_signature_does_not_read_the_callers_locals():
+    """The old engine looked for ``start``/``addr``/``mm`` in the callers' frames: a local here changed the
+    signature of the same run.  The signature is the same whatever the caller has in scope."""
+    from hmmirror.sim.replay import replay_file
+
+    path = os.path.join(ROOT, "docs", "sim-reproducers", "report-null-deref-hmm-vma-do-fault-76ed78b4.toml")
+    plain = replay_file(path).result.finding
+
+    def with_locals():
+        start = addr = 0x7F0000001000          # noqa: F841 - the point of the test
+        mm = Machine("6.18", ram=64 << 20).spawn("x").mm   # noqa: F841
+        return replay_file(path).result.finding
+
+    other = with_locals()
+    assert plain is not None and other is not None and plain.signature == other.signature
+
+
+# --- reproducers -------------------------------------------------------------------------------------------
+def test_a_run_that_does_not_replay_is_not_written(tmp_path):
+    """A result whose saved signature the fresh replay does not give (here: a tampered location) is not
+    written as a reproducer; the campaign says why."""
+    from hmmirror.sim.replay import replay_file
+
+    res = replay_file(os.path.join(ROOT, "docs", "sim-reproducers",
+                                   "report-null-deref-hmm-vma-do-fault-76ed78b4.toml")).result
+    assert res.finding is not None
+    res.finding.location = "mm.nowhere.made_up"
+    stats = Stats()
+    rec = Recorder(Config(kernel="5.2", findings_dir=str(tmp_path)), stats)
+    rec.offer(res, 1)
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".toml")] == []
+    assert res.finding.signature in stats.unconfirmed and not stats.findings
+    assert "fresh replay gave report:null_deref|mm.hmm.v5_2.hmm_vma_do_fault|-" in \
+        stats.unconfirmed[res.finding.signature]
+
+
+def test_seeded_driver_bug_gives_one_reproducer_that_replays_in_a_fresh_process(tmp_path):
+    """One driver mistake (the callback keeps the device entries), reached on every mapping kind and after
+    every background event the generator draws, is one signature, one file; later hits are counted."""
+    cfg = Config(kernel="6.18", driver="sim_toy_drivers:NoUnmapMirror", seconds=6, findings_dir=str(tmp_path),
+                 scheduler="random", examples=40)
+    stats = campaign(cfg, time.monotonic() + cfg.seconds)
+    files = sorted(n for n in os.listdir(tmp_path) if n.endswith(".toml"))
+    assert len(files) == 1, (files, {s: n for s, n in stats.hits.items()})
+    (sig, saved), = stats.findings.items()
+    assert sig.startswith("coherence|") and sig.endswith("NoUnmapMirror.invalidate|after_end"), sig
+    assert stats.hits[sig] >= 1 and not stats.unconfirmed
+    r = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "replay", saved.path], env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "reproduced" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("kernel", ["5.2"])
+def test_every_reproducer_of_a_seeded_campaign_replays_in_a_fresh_process(tmp_path, kernel):
+    cfg = Config(kernel=kernel, seconds=5, findings_dir=str(tmp_path), scheduler="random", seed=11,
+                 stop_after=2)
+    stats = campaign(cfg, time.monotonic() + cfg.seconds)
+    files = sorted(n for n in os.listdir(tmp_path) if n.endswith(".toml"))
+    assert files and len(files) == len(stats.findings), (files, stats.unconfirmed)
+    for name in files:
+        r = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "replay", str(tmp_path / name)], env=ENV,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "reproduced" in r.stdout, name + r.stdout + r.stderr
+    _ = default_invariants
