@@ -55,6 +55,14 @@ class KernelProfile:
                                         # (6.12.y stable, 2026 tree); mainline 6.15-6.18 only removes the notifier
     dmirror_flags_ioctl: bool           # lib/test_hmm.c has HMM_DMIRROR_FLAGS (HMM_DMIRROR_FLAG_FAIL_ALLOC) [6.19+,
                                         # with device-private THP]; without it the ioctl is -EINVAL
+    large_folio_fs: tuple[str, ...]     # disk filesystems whose buffered writes create large page-cache folios
+                                        # (ext4 since 6.16, xfs since 5.18)
+    faultaround_maps_folio: bool        # filemap_map_folio_range maps a whole large folio (inside VMA and PTE table)
+                                        # [6.18, 357b92761d94]; else only the fault-around window
+    finish_fault_folio: str             # whose faults finish_fault maps a whole large folio for (all its PTEs none):
+                                        # "none" [5.2], "anon_shmem" [6.12], "all" [6.18, 19773df031bc]
+    map_large_below_eof: bool           # no PMD / whole-folio mapping of a folio reaching EOF on a non-shmem file
+                                        # (74207de2ba10, "do not populate page table entries beyond i_size")
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -93,6 +101,10 @@ V5_2 = KernelProfile(
     make_device_exclusive_single=False,
     dmirror_release_evicts=False,
     dmirror_flags_ioctl=False,
+    large_folio_fs=(),
+    faultaround_maps_folio=False,
+    finish_fault_folio="none",
+    map_large_below_eof=False,
 )
 
 V6_18 = KernelProfile(
@@ -125,6 +137,10 @@ V6_18 = KernelProfile(
     make_device_exclusive_single=True,
     dmirror_release_evicts=False,
     dmirror_flags_ioctl=False,
+    large_folio_fs=("ext4", "xfs"),
+    faultaround_maps_folio=True,
+    finish_fault_folio="all",
+    map_large_below_eof=True,
 )
 
 PROFILES = {"5.2": V5_2, "6.18": V6_18}

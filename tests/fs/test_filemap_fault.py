@@ -22,11 +22,17 @@ BASE = 0x7F00_0000_0000            # 2 MiB aligned
 BASE13 = BASE + 13 * P
 
 
-def setup(kernel: str, fstype: str, content: str = "data", npages: int = 256, ram: int = 256 << 20):
+def setup(kernel: str, fstype: str, content: str = "data", npages: int = 256, ram: int = 256 << 20,
+          cached: bool = True):
     m = Machine(kernel, ram=ram)
     m.mount("/mnt", fstype)
-    m.create_file("/mnt/f", npages * P, content)
+    m.create_file("/mnt/f", npages * P, content, cached=cached)
     return m, m.spawn("p")
+
+
+# The §5.5 window rule holds for a page cache of small folios (a cold file read by faults in the model).
+# A file written with one pwrite sits in large folios [6.18]: test_host_fidelity.py covers those.
+COLD = {"cached": False}
 
 
 def present(p, addr: int, npages: int) -> list[int]:
@@ -45,7 +51,7 @@ def invalidations(m: Machine) -> list[tuple[int, int, str]]:
 @pytest.mark.parametrize("fstype", ["ext4", "xfs", "tmpfs"])
 def test_fault_around_window_follows_the_va(kernel: str, fstype: str) -> None:
     # obs C1/D1/X1: read one byte of p20 -> 16 PTEs, window aligned on the VA (p19-p34 for that base)
-    m, p = setup(kernel, fstype)
+    m, p = setup(kernel, fstype, **COLD)
     a = p.mmap(64 * P, "rw", ["shared"], file="/mnt/f", addr=BASE13)
     assert a == BASE13
     p.touch(a + 20 * P)
@@ -55,7 +61,7 @@ def test_fault_around_window_follows_the_va(kernel: str, fstype: str) -> None:
 @pytest.mark.parametrize("fstype", ["ext4", "tmpfs"])
 def test_fault_around_window_clipped_to_the_vma(fstype: str) -> None:
     # §5.5: S = max(align_down(addr, 64K), vm_start), [S, S+16 pages) clipped to the VMA end
-    m, p = setup("6.18", fstype)
+    m, p = setup("6.18", fstype, **COLD)
     a = p.mmap(64 * P, "r", ["shared"], file="/mnt/f", addr=BASE13)
     p.touch(a + 1 * P)                      # align_down falls below vm_start: S = vm_start
     assert present(p, a, 64) == list(range(0, 16))
@@ -66,7 +72,7 @@ def test_fault_around_window_clipped_to_the_vma(fstype: str) -> None:
 
 def test_fault_around_window_clipped_to_the_pte_table() -> None:
     # §5.5: the window ends at the end of the 2 MiB PTE table of the faulting address
-    m, p = setup("6.18", "ext4")
+    m, p = setup("6.18", "ext4", **COLD)
     start = BASE + (1 << 21) - 4 * P        # 4 pages below a 2 MiB boundary
     a = p.mmap(64 * P, "r", ["shared"], file="/mnt/f", addr=start)
     p.touch(a + 1 * P)
@@ -279,7 +285,7 @@ def test_read_after_fadvise_dontneed_is_one_major_fault_with_16_ptes(kernel: str
 
 def test_invalidate_mapping_pages_keeps_mapped_and_dirty_pages() -> None:
     # mm/truncate.c invalidate_mapping_pages: only clean, unmapped, unlocked pages are dropped
-    m, p = setup("6.18", "ext4")
+    m, p = setup("6.18", "ext4", **COLD)
     inode = m.files["/mnt/f"]
     a = p.mmap(16 * P, "rw", ["shared"], file="/mnt/f", addr=BASE)
     p.touch(a)                                             # maps pages 0..15
@@ -325,7 +331,8 @@ def test_file_fault_over_a_uffd_wp_marker_replaces_it() -> None:
 
     m, p = setup("6.18", "ext4")
     a = p.mmap(16 * P, "r", ["shared"], file="/mnt/f", addr=BASE)
-    p.touch(a + 8 * P)                                     # fault-around maps pages 0..15
+    p.touch(a + 8 * P)            # 6.18: the file is one 256-page folio ending at EOF: page 8 alone
+    p.touch(a)                    # with the PTE table present, fault-around maps the window 0..15
     vma = p.mm.vma_lookup(a)
     _, ptep, entry = p.mm.pt.lookup(a + 3 * P)
     assert entry                                           # mapped by the fault-around above

@@ -140,3 +140,104 @@ def test_pagemap_exclusive_of_pte_mapped_large_folio_is_per_page() -> None:
     assert all(p.present for p in pages)                     # the whole 32-page folio
     assert [p.exclusive for p in pages] == [True] * 8 + [False] * 24
     assert disagreements(rep) == []
+
+
+def _file_faults(fstype: str, npages: int, touches: list[int], map_pages: int | None = None) -> str:
+    """A file of ``npages`` written with one pwrite, a 2 MiB-aligned shared read mapping of ``map_pages``,
+    read touches of the given pages, one inspect."""
+    map_pages = map_pages or npages
+    ops = "".join(f'[[op]]\nop = "touch"\naddr = "m+{t * 4}K"\nlength = "4K"\n' for t in touches)
+    return f"""
+[machine]
+kernel = "6.18"
+[[machine.fs]]
+mount = "/mnt/e"
+type = "{fstype}"
+[[file]]
+path = "/mnt/e/f"
+size = "{npages * 4}K"
+[[op]]
+op = "mmap"
+as = "m"
+length = "{map_pages * 4}K"
+prot = "r"
+flags = ["shared"]
+file = "/mnt/e/f"
+align = "2M"
+{ops}[[op]]
+op = "inspect"
+addr = "m"
+length = "{map_pages * 4}K"
+"""
+
+
+# (pages in the file, pages touched, pages mapped, first and last mapped page, PMD), seen on 6.18.44.  The
+# written file's folios: 32 -> [32]; 48 -> [32, 16]; 42 -> [32, 8, 2]; 256 -> [256]; 1024 -> [512, 512].
+FILE_CASES = [
+    (32, [0], None, (0, 31), False),        # folio ends at EOF: fault-around maps nothing, finish_fault all
+    (48, [0], None, (0, 31), False),        # folio [0,32) ends before EOF: fault-around maps it whole
+    (48, [40], None, (32, 47), False),      # folio [32,48) ends at EOF: finish_fault maps it whole
+    (42, [41], None, (32, 41), False),      # [32,40) below EOF: mapped large (table installed), [40,42) too
+    (256, [8], 16, (8, 8), False),          # 256-page folio at EOF, 16-page VMA: only the faulting page
+    (256, [8, 3], 16, (0, 15), False),      # now the PTE table exists: fault-around maps the window
+    (1024, [0], None, (0, 511), True),      # error 3: a cached PMD-order folio is PMD-mapped, no HUGEPAGE
+    (1024, [600], None, (512, 1023), True),  # at EOF: finish_fault still maps the PMD (i_size covers it)
+]
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+@pytest.mark.parametrize("case", FILE_CASES, ids=lambda c: f"{c[0]}p-touch{'-'.join(map(str, c[1]))}")
+def test_file_faults_on_large_folios(fstype: str, case: tuple) -> None:
+    """Errors 2 and 3: fault-around and finish_fault on the large folios of a freshly written file."""
+    npages, touches, map_pages, (lo, hi), pmd = case
+    model, real, rep = both(_file_faults(fstype, npages, touches, map_pages), f"{fstype}-{npages}.toml")
+    pages = real[-1].pages
+    mapped = [i for i, p in enumerate(pages) if p.present]
+    assert mapped == list(range(lo, hi + 1))
+    assert all((p.level == "pmd") == pmd for p in pages if p.present)
+    assert disagreements(rep) == []
+
+
+PARTLY_MAPPED = """
+[machine]
+kernel = "6.18"
+[[machine.fs]]
+mount = "/mnt/e"
+type = "ext4"
+[[file]]
+path = "/mnt/e/f"
+size = "128K"
+[[op]]
+op = "mmap"
+as = "m"
+length = "128K"
+prot = "rw"
+flags = ["shared"]
+file = "/mnt/e/f"
+align = "2M"
+[[op]]
+op = "touch"
+addr = "m"
+length = "4K"
+[[op]]
+op = "madvise"
+addr = "m"
+length = "16K"
+advice = "dontneed"
+[[op]]
+op = "touch"
+addr = "m+4K"
+length = "4K"
+access = "write"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "128K"
+"""
+
+
+def test_finish_fault_maps_one_page_of_a_partly_mapped_folio() -> None:
+    """Error 2: a shared write fault (no fault-around) in a folio whose other PTEs are mapped maps one page."""
+    model, real, rep = both(PARTLY_MAPPED)
+    assert [i for i, p in enumerate(real[-1].pages) if p.present] == [1] + list(range(4, 32))
+    assert disagreements(rep) == []

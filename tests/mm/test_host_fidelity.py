@@ -6,6 +6,8 @@ tests/live/test_live_fidelity.py, which run the same scenarios on the real kerne
 
 from __future__ import annotations
 
+import pytest
+
 from hmmirror import Machine
 from hmmirror.arch.x86.pgtable import PMD_SIZE
 
@@ -46,3 +48,51 @@ def test_pte_exclusive_of_large_file_folio_is_per_page() -> None:
     st = p.inspect(a, 32 * PAGE)
     assert all(s.present for s in st)
     assert [s.exclusive for s in st] == [True] * 8 + [False] * 24
+
+
+# (pages in the file, pages touched, pages mapped, first and last mapped page, PMD): errors 2 and 3, seen on
+# 6.18.44 for a file written with one pwrite (its folios: 32 -> [32]; 48 -> [32, 16]; 42 -> [32, 8, 2];
+# 256 -> [256]; 1024 -> [512, 512]) mapped 2 MiB-aligned, shared, read-only.
+FILE_CASES = [
+    (32, [0], None, (0, 31), False),
+    (48, [0], None, (0, 31), False),
+    (48, [40], None, (32, 47), False),
+    (42, [41], None, (32, 41), False),
+    (256, [8], 16, (8, 8), False),
+    (256, [8, 3], 16, (0, 15), False),
+    (1024, [0], None, (0, 511), True),
+    (1024, [600], None, (512, 1023), True),
+]
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+@pytest.mark.parametrize("case", FILE_CASES, ids=lambda c: f"{c[0]}p-touch{'-'.join(map(str, c[1]))}")
+def test_file_faults_on_large_folios(fstype: str, case: tuple) -> None:
+    npages, touches, map_pages, (lo, hi), pmd = case
+    m = Machine("6.18", ram=256 << 20)
+    m.mount("/mnt/e", fstype)
+    m.create_file("/mnt/e/f", npages * PAGE)
+    p = m.spawn()
+    n = map_pages or npages
+    a = p.mmap(n * PAGE, "r", ["shared"], file="/mnt/e/f", align=PMD_SIZE)
+    for t in touches:
+        p.touch(a + t * PAGE)
+    st = p.inspect(a, n * PAGE)
+    assert [i for i, s in enumerate(st) if s.present] == list(range(lo, hi + 1))
+    assert all((s.level == "pmd") == pmd for s in st if s.present)
+
+
+def test_finish_fault_maps_one_page_of_a_partly_mapped_folio() -> None:
+    # error 2: finish_fault maps the whole folio only if all its PTEs are none (pte_range_none), else one
+    # page.  A shared write fault skips fault-around: after DONTNEED of pages 0-3 of a 32-page folio whose
+    # other pages stay mapped, a write to page 1 maps page 1 alone.
+    m = Machine("6.18", ram=256 << 20)
+    m.mount("/mnt/e", "ext4")
+    m.create_file("/mnt/e/f", 32 * PAGE)
+    p = m.spawn()
+    a = p.mmap(32 * PAGE, "rw", ["shared"], file="/mnt/e/f", align=PMD_SIZE)
+    p.touch(a)
+    assert all(s.present for s in p.inspect(a, 32 * PAGE))
+    p.madvise(a, 4 * PAGE, "dontneed")
+    p.touch(a + PAGE, write=True)
+    assert [i for i, s in enumerate(p.inspect(a, 4 * PAGE)) if s.present] == [1]

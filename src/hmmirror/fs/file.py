@@ -128,6 +128,8 @@ class AddressSpace:
         self._ensure(index + nr)
         self.pages[index: index + nr] = np.arange(pfn, pfn + nr, dtype=np.int64)
         self.nrpages += nr
+        if self.folio_order is not None:                 # a new folio: its extent is its compound order
+            self.folio_order[index: index + nr] = 0
 
     def add_huge(self, index: int, head: int) -> None:
         """hugetlb_add_to_page_cache(): one slot (a huge-page index) holds the head pfn."""
@@ -148,6 +150,8 @@ class AddressSpace:
         present = sl[sl >= 0].copy()
         if not present.size:
             return 0
+        if self.folio_order is not None:                 # the slots' folios are gone with them
+            self.folio_order[start:hi][sl >= 0] = 0
         sl[sl >= 0] = -1
         self.nrpages -= int(present.size)
         if per_slot_heads:

@@ -36,6 +36,7 @@ from hmmirror.mm.memory import (
     VmFault,
     do_set_pmd,
     fault_around_window,
+    folio_extent,
     pte_lockptr,
     set_pte_range_from_cache,
 )
@@ -65,6 +66,8 @@ def add_new_cache_pages(mem: "PhysMem", inode: Inode, indices: np.ndarray, kind:
     idx = indices[:got]
     mapping._ensure(int(idx.max()) + 1)
     mapping.pages[idx] = pfns
+    if mapping.folio_order is not None:                  # each a single-page folio
+        mapping.folio_order[idx] = 0
     mapping.nrpages += got
     mem.flags[pfns] = np.uint32(kind | PG.uptodate)
     return got
@@ -86,19 +89,51 @@ def write_folio_orders(start: int, nr: int, max_order: int = 9) -> list[int]:
     return out
 
 
+def filemap_can_map_large(vmf: VmFault, inode: Inode, folio_end: int) -> bool:
+    """filemap_map_pages() [74207de2ba10 + "Fix logic around SIGBUS"]: a folio may be mapped by a PMD or
+    whole only if it is shmem or ends before the file's last page (``file_end >= folio_next_index`` with
+    ``file_end`` the index of the last page: a folio ending exactly at EOF does not qualify)."""
+    if not vmf.mm.machine.profile.map_large_below_eof or vmf.vma.vm_ops.is_shmem:
+        return True
+    return inode.nr_pages - 1 >= folio_end
+
+
+def cache_written_folios(machine: "Machine", inode: Inode, start: int, orders: list[int]) -> None:
+    """The page cache after a buffered write [6.x large folios]: folios of the given orders from slot
+    ``start`` on; a PMD-order folio is a real compound folio (it can be PMD-mapped, do_set_pmd), smaller
+    ones are 4 KiB frames whose folio extent is recorded in the mapping."""
+    mem, mapping = machine.mem, inode.i_mapping
+    idx = start
+    for o in orders:
+        nr = 1 << o
+        head = mem.alloc_folio(9) if o == 9 else -1
+        if head >= 0:
+            mapping.add_to_page_cache(idx, head, nr)
+            mem.flags[head: head + nr] |= np.uint32(PG.file | PG.uptodate)
+        else:
+            add_new_cache_pages(mem, inode, np.arange(idx, idx + nr, dtype=np.int64), PG.file)
+        idx += nr
+    mapping.set_folio_orders(start, orders)
+
+
 def folio_extended_window(vmf: VmFault, inode: Inode, start: int, end: int) -> tuple[int, int]:
-    """filemap_map_pages() [6.18, "map entire large folio"]: the first and last folio touching the
-    fault-around window are mapped whole when the folio lies inside the VMA and inside one page table."""
-    mapping = inode.i_mapping
-    if mapping.folio_order is None:
-        return start, end
+    """filemap_map_folio_range() [6.18, "map entire large folio faultaround"]: the first and last folio
+    touching the fault-around window are mapped whole when the folio may be mapped large (below EOF), lies
+    inside the VMA and inside the page table of the fault."""
     vma = vmf.vma
+    if not vma.vm_mm.machine.profile.faultaround_maps_folio:
+        return start, end
+    mapping, mem = inode.i_mapping, vmf.mm.machine.mem
 
     def va(index: int) -> int:
         return vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
 
     for edge in (vma.linear_page_index(start), vma.linear_page_index(end - PAGE_SIZE)):
-        first, last = mapping.folio_span(edge)
+        if mapping.find_page(edge) < 0:
+            continue
+        first, last = folio_extent(mem, mapping, edge)
+        if last - first < 2 or not filemap_can_map_large(vmf, inode, last):
+            continue
         a, b = va(first), va(last)
         if a >= vma.vm_start and b <= vma.vm_end and (a & ~(PMD_SIZE - 1)) == ((b - 1) & ~(PMD_SIZE - 1)) \
                 and (a & ~(PMD_SIZE - 1)) == (vmf.address & ~(PMD_SIZE - 1)):
@@ -219,6 +254,9 @@ def filemap_map_pages(vmf: VmFault, start: int, end: int) -> Gen[int]:
     pool, mem = mm.machine.pool, mm.machine.mem
     assert vmf.pmdp is not None
     inode: Inode = vma.vm_file.inode
+    end = min(end, vma.vm_start + ((inode.nr_pages - vma.vm_pgoff) << PAGE_SHIFT))   # end_pgoff <= file_end
+    if end <= start:
+        return 0
     start, end = folio_extended_window(vmf, inode, start, end)
     first = vma.linear_page_index(start)
     n = (end - start) >> 12
@@ -238,10 +276,14 @@ def filemap_map_pages(vmf: VmFault, start: int, end: int) -> Gen[int]:
     if pmd_leaf(pmd):
         return 0
     if pte_none(pmd):
-        # filemap_map_pmd(): a PMD-mappable folio at the start of the window is mapped by a PMD.
+        # filemap_map_pmd() runs only for a first folio that may be mapped large; it maps a PMD-mappable
+        # folio by a PMD, else installs the preallocated PTE table.  Without it there is no PTE table and
+        # fault-around maps nothing (finish_fault then maps the faulting page or its folio).
         k = int(np.flatnonzero(ok)[0])
         pfn0 = int(slots[k])
         head = mem.compound_head(pfn0)
+        if not filemap_can_map_large(vmf, inode, folio_extent(mem, inode.i_mapping, first + k)[1]):
+            return 0
         if int(mem.order[head]) == 9 and not mem.flags[head] & PG.hugetlb:
             at = pfn0 + ((vmf.address - (start + k * PAGE_SIZE)) >> 12)
             if head <= at < head + HPAGE_PMD_NR:
@@ -307,9 +349,10 @@ class PageCacheFs(FileSystemType):
             mem = self.machine.mem
             n = pages_of(size)
             if 0 < n <= mem.nr_free_pages() // 2:
-                add_new_cache_pages(mem, inode, np.arange(n, dtype=np.int64), PG.file)
-                if self.machine.profile.file_large_folios:
-                    inode.i_mapping.set_folio_orders(0, write_folio_orders(0, n))
+                if sb.fstype in self.machine.profile.large_folio_fs:
+                    cache_written_folios(self.machine, inode, 0, write_folio_orders(0, n))
+                else:
+                    add_new_cache_pages(mem, inode, np.arange(n, dtype=np.int64), PG.file)
         return inode
 
     def mmap(self, file: File, vma: VMA) -> int:

@@ -614,18 +614,55 @@ def do_set_pmd(vmf: VmFault, page: int) -> Gen[int]:
     return 0
 
 
+def folio_extent(mem: Any, mapping: Any, index: int) -> tuple[int, int]:
+    """Our helper: the page-cache slots ``[first, end)`` of the folio holding ``index``: a compound frame's
+    order (a PMD-sized folio), else the mapping's recorded large-folio orders [6.x], else the page alone."""
+    pfn = mapping.find_page(index)
+    if 0 <= pfn < mem.nr_ram and not mem.flags[pfn] & PG.hugetlb:
+        head = mem.compound_head(pfn)
+        order = int(mem.order[head])
+        if order:
+            first = index - (pfn - head)
+            return first, first + (1 << order)
+    if getattr(mapping, "folio_order", None) is not None:
+        return mapping.folio_span(index)
+    return index, index + 1
+
+
+def vma_is_anon_shmem(vma: VMA) -> bool:
+    """vma_is_anon_shmem(): a shared anonymous mapping (its shmem file exists only for the VMA)."""
+    return vma.vm_ops is not None and vma.vm_ops.is_shmem and vma.vm_file is not None \
+        and vma.vm_file.inode.release_on_last_unmap
+
+
+def finish_fault_needs_fallback(vmf: VmFault, folio_end: int) -> bool:
+    """finish_fault() [74207de2ba10, 6.18 and 6.12.y]: a folio reaching past EOF (``DIV_ROUND_UP(i_size) <
+    folio_next_index``) of a non-shmem file is mapped by one PTE only, never by a PMD or whole."""
+    vma = vmf.vma
+    if not vma.vm_mm.machine.profile.map_large_below_eof or vma.vm_file is None or vma.vm_ops is None \
+            or vma.vm_ops.is_shmem:
+        return False
+    return vma.vm_file.inode.nr_pages < folio_end
+
+
 def finish_fault(vmf: VmFault) -> Gen[int]:
     """finish_fault() / alloc_set_pte() (mm/memory.c): install ``vmf.cow_page`` (private write) or
     ``vmf.page`` at the faulting address.  A page of a PMD-sized folio goes through do_set_pmd() first when
-    the PMD is none.  The reference taken by ``->fault`` (or the cow page's allocation) becomes the mapping's;
-    it is dropped when the entry turned out to be populated meanwhile."""
+    the PMD is none (not for a folio reaching past EOF [6.x]).  [6.12 anon shmem, 6.18 every file] a page of
+    a large folio maps the whole folio when it lies inside the VMA and this PTE table and all its PTEs are
+    none; otherwise one page.  The reference taken by ``->fault`` (or the cow page's allocation) becomes the
+    mapping's; it is dropped when the entry turned out to be populated meanwhile."""
     vma, mm = vmf.vma, vmf.mm
     pool, mem = mm.machine.pool, mm.machine.mem
     assert vmf.pmdp is not None
     cow = vmf.write and not vma.vm_flags & VM.SHARED
     pfn = vmf.cow_page if cow else vmf.page
     counted = rmap.counted(mem, pfn, mm.machine.profile.dax_refcounted)
-    if not cow and pte_none(pool.get(vmf.pmdp)) and 0 <= pfn < mem.nr_ram \
+    mapping = None if cow or vma.vm_file is None else vma.vm_file.inode.i_mapping
+    extent = folio_extent(mem, mapping, vmf.pgoff) if mapping is not None and 0 <= pfn < mem.nr_ram \
+        else (vmf.pgoff, vmf.pgoff + 1)
+    needs_fallback = mapping is not None and finish_fault_needs_fallback(vmf, extent[1])
+    if not cow and not needs_fallback and pte_none(pool.get(vmf.pmdp)) and 0 <= pfn < mem.nr_ram \
             and int(mem.order[mem.compound_head(pfn)]) == 9 and not mem.flags[pfn] & PG.hugetlb:
         ret = yield from do_set_pmd(vmf, pfn)
         if ret != VM_FAULT.FALLBACK:
@@ -640,8 +677,21 @@ def finish_fault(vmf: VmFault) -> Gen[int]:
         return int(VM_FAULT.NOPAGE)
     mm.pt.pte_alloc(vmf.pmdp)
     vmf.ptep = mm.pt.pte_offset_map(vmf.pmdp, vmf.address)
+    whole = None if cow or needs_fallback else _whole_folio_range(vmf, extent)
     ptl = pte_lockptr(mm, vmf.pmdp)
     yield from sched.spin_lock(ptl)
+    if whole is not None:
+        addr0, slots = whole
+        tid = table_id_of(pool.get(vmf.pmdp))
+        i0 = (addr0 >> 12) & (PTRS_PER_TABLE - 1)
+        cur = pool.tables[tid, i0: i0 + slots.shape[0]] & ~np.uint64(x86._PAGE_ACCESSED | x86._PAGE_DIRTY)
+        if not cur.any():                                                  # pte_range_none()
+            set_pte_range_from_cache(vmf, addr0, slots, write=vmf.write)
+            sched.spin_unlock(ptl)
+            if counted:
+                mem.put_page(pfn)                      # set_pte_range took the mapping's references
+            vmf.page = -1
+            return 0
     if vmf_pte_changed(vmf, pool.get(vmf.ptep)):
         sched.spin_unlock(ptl)
         if counted:
@@ -657,8 +707,6 @@ def finish_fault(vmf: VmFault) -> Gen[int]:
     elif counted:
         rmap.page_add_rmap(mem, pfn)
     pool.set(vmf.ptep, x86.pte_mkyoung(entry))
-    if not cow:
-        _map_rest_of_folio(vmf)
     sched.spin_unlock(ptl)
     if cow:
         vmf.cow_page = -1
@@ -667,26 +715,28 @@ def finish_fault(vmf: VmFault) -> Gen[int]:
     return 0
 
 
-def _map_rest_of_folio(vmf: VmFault) -> int:
-    """finish_fault() [6.18]: the other pages of a large page-cache folio are mapped with the faulting page
-    (same permission) when the folio lies inside the VMA and inside this page table; else only the page."""
+def _whole_folio_range(vmf: VmFault, extent: tuple[int, int]) -> tuple[int, Any] | None:
+    """finish_fault(): ``(start address, page-cache slots)`` of the whole large folio holding the faulting
+    page when the profile maps whole folios for this VMA and the folio lies inside the VMA and this PTE
+    table (``vma_off >= idx``, ``pte_off >= idx`` and the rest fits); else None (one page)."""
     vma = vmf.vma
-    mapping = getattr(getattr(getattr(vma, "vm_file", None), "inode", None), "i_mapping", None)
-    if not vma.vm_mm.machine.profile.file_large_folios or getattr(mapping, "folio_order", None) is None:
-        return 0
-    first, end = mapping.folio_span(vmf.pgoff)
-    if end - first < 2:
-        return 0
+    rule = vma.vm_mm.machine.profile.finish_fault_folio
+    if rule == "none" or (rule == "anon_shmem" and not vma_is_anon_shmem(vma)):
+        return None
+    first, end = extent
+    nr = end - first
+    if nr < 2:
+        return None
+    idx = vmf.pgoff - first
     vma_off = vmf.pgoff - vma.vm_pgoff
     pte_off = (vmf.address >> 12) & (PTRS_PER_TABLE - 1)
-    idx = vmf.pgoff - first
-    nr = end - first
     pages = (vma.vm_end - vma.vm_start) >> 12
     if vma_off < idx or vma_off + (nr - idx) > pages or pte_off < idx or pte_off + (nr - idx) > PTRS_PER_TABLE:
-        return 0
-    slots = mapping.lookup_range(first, end)
-    slots[idx] = -1                                   # the faulting page is mapped already
-    return set_pte_range_from_cache(vmf, vmf.address - idx * PAGE_SIZE, slots, write=vmf.write)
+        return None
+    slots = vma.vm_file.inode.i_mapping.lookup_range(first, end)
+    if (slots < 0).any():
+        return None
+    return vmf.address - idx * PAGE_SIZE, slots
 
 
 def set_pte_range_from_cache(vmf: VmFault, start: int, pfns: Any, write: bool = False) -> int:
