@@ -64,7 +64,7 @@ def test_fuzz_finds_shrinks_saves_and_replays(tmp_path):
 
 def test_cli_fuzz_json_and_replay_png(tmp_path):
     fd = tmp_path / "f"
-    r = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--kernel", "6.18", "--seconds", "5",
+    r = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--kernel", "6.18", "--runs", "60",
                         "--jobs", "1", "--json", "--findings", str(fd), "--driver", "sim_toy_drivers:ShortMirror"],
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]          # exit code 1: the campaign found something
