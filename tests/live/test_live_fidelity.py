@@ -241,3 +241,79 @@ def test_finish_fault_maps_one_page_of_a_partly_mapped_folio() -> None:
     model, real, rep = both(PARTLY_MAPPED)
     assert [i for i, p in enumerate(real[-1].pages) if p.present] == [1] + list(range(4, 32))
     assert disagreements(rep) == []
+
+
+PAGEOUT = """
+[machine]
+kernel = "6.18"
+[[machine.fs]]
+mount = "/mnt/e"
+type = "{fs}"
+[[file]]
+path = "/mnt/e/f"
+size = "64K"
+[[op]]
+op = "mmap"
+as = "m"
+length = "64K"
+prot = "rw"
+flags = ["{share}"]
+file = "/mnt/e/f"
+[[op]]
+op = "touch"
+addr = "m"
+length = "4K"
+[[op]]
+op = "touch"
+addr = "m+12K"
+length = "4K"
+access = "write"
+[[op]]
+op = "mmap"
+as = "a"
+length = "16K"
+prot = "rw"
+flags = ["private", "anonymous"]
+[[op]]
+op = "touch"
+addr = "a"
+length = "16K"
+access = "write"
+[[op]]
+op = "madvise"
+addr = "m"
+length = "64K"
+advice = "pageout"
+[[op]]
+op = "madvise"
+addr = "a"
+length = "16K"
+advice = "pageout"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "64K"
+[[op]]
+op = "inspect"
+addr = "a"
+length = "16K"
+[[op]]
+op = "touch"
+addr = "m+20K"
+length = "4K"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "64K"
+"""
+
+
+@pytest.mark.parametrize("fs", ["ext4", "xfs", "tmpfs"])
+@pytest.mark.parametrize("share", ["shared", "private"])
+def test_madv_pageout_unmaps_file_pages(fs: str, share: str) -> None:
+    """Error 5: MADV_PAGEOUT unmaps the range's file pages (this machine has no swap: anonymous memory and
+    private COW copies stay)."""
+    model, real, rep = both(PAGEOUT.format(fs=fs, share=share), f"pageout-{fs}-{share}.toml")
+    assert [i for i, p in enumerate(real[7].pages) if p.present] == ([3] if share == "private" else [])
+    assert all(p.present for p in real[8].pages)
+    assert disagreements(rep) == []

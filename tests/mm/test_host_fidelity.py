@@ -96,3 +96,41 @@ def test_finish_fault_maps_one_page_of_a_partly_mapped_folio() -> None:
     p.madvise(a, 4 * PAGE, "dontneed")
     p.touch(a + PAGE, write=True)
     assert [i for i, s in enumerate(p.inspect(a, 4 * PAGE)) if s.present] == [1]
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "tmpfs"])
+@pytest.mark.parametrize("share", ["shared", "private"])
+def test_madv_pageout_unmaps_file_pages(fstype: str, share: str) -> None:
+    # error 5 (6.18.44, no swap): MADV_PAGEOUT unmaps the file pages of the range (clean, dirty, shmem);
+    # a private COW copy and anonymous memory stay; clean disk-file pages leave the page cache
+    m = Machine("6.18", ram=256 << 20)
+    m.mount("/mnt/e", fstype)
+    m.create_file("/mnt/e/f", 16 * PAGE)
+    p = m.spawn()
+    a = p.mmap(16 * PAGE, "rw", [share], file="/mnt/e/f")
+    p.touch(a)
+    p.touch(a + 3 * PAGE, write=True)
+    b = p.mmap(4 * PAGE)
+    p.touch(b, 4 * PAGE, write=True)
+    assert all(s.present for s in p.inspect(a, 16 * PAGE))
+    assert p.madvise(a, 16 * PAGE, "pageout") == 0 and p.madvise(b, 4 * PAGE, "pageout") == 0
+    st = p.inspect(a, 16 * PAGE)
+    assert [i for i, s in enumerate(st) if s.present] == ([3] if share == "private" else [])
+    assert all(s.present for s in p.inspect(b, 4 * PAGE))
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs", "tmpfs"])
+@pytest.mark.parametrize("dirty", [False, True])
+def test_madv_pageout_reclaims_clean_file_folios(fstype: str, dirty: bool) -> None:
+    # error 5 (6.18.44, mincore after MADV_PAGEOUT): a clean disk-file folio is dropped from the page cache;
+    # a dirty one (the 16-page file is one folio) and shmem stay cached
+    m = Machine("6.18", ram=256 << 20)
+    m.mount("/mnt/e", fstype)
+    m.create_file("/mnt/e/f", 16 * PAGE)
+    p = m.spawn()
+    a = p.mmap(16 * PAGE, "rw", ["shared"], file="/mnt/e/f")
+    p.touch(a, PAGE, write=dirty)
+    assert p.madvise(a, 16 * PAGE, "pageout") == 0
+    assert not any(s.present for s in p.inspect(a, 16 * PAGE))
+    cached = m.files["/mnt/e/f"].i_mapping.cached_indices().tolist()
+    assert cached == ([] if fstype != "tmpfs" and not dirty else list(range(16)))

@@ -823,9 +823,10 @@ class LiveExecutor:
         self._created.append(path)
         try:
             _fill_file(fd, size, content)
+            with contextlib.suppress(OSError):
+                os.fsync(fd)        # written back: clean page cache, as the model's files start
             if self.drop_caches or spec.get("cached") is False:
                 with contextlib.suppress(OSError):
-                    os.fsync(fd)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             raise InputError(f"cannot create {spec['path']!r} ({path}): {exc.strerror}",

@@ -38,6 +38,7 @@ from hmmirror.arch.x86.pgtable import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     HPAGE_PMD_NR,
+    PAGE_SHIFT,
     PAGE_SIZE,
     PMD_SIZE,
     PTRS_PER_TABLE,
@@ -307,13 +308,69 @@ def madvise_vma(mm: "MMStruct", vma: VMA, start: int, end: int, behavior: int) -
         return (yield from madvise_remove(mm, vma, start, end))
     if behavior == M["WILLNEED"]:
         return 0                                             # readahead / swapin: nothing to model
-    if behavior in (M["COLD"], M["PAGEOUT"]):
-        return 0 if can_madv_lru_vma(vma) else -EINVAL       # no LRU, no swap: no effect (obs A14)
+    if behavior == M["PAGEOUT"]:
+        return (yield from madvise_pageout(vma, start, end))
+    if behavior == M["COLD"]:
+        return 0 if can_madv_lru_vma(vma) else -EINVAL       # no LRU: no effect (obs A14)
     if behavior in (M["DONTNEED"], M["FREE"]):
         return (yield from madvise_dontneed_free(vma, start, end, behavior))
     if behavior == M["COLLAPSE"]:
         return (yield from madvise_collapse(vma, start, end))
     return (yield from madvise_behavior(vma, start, end, behavior))
+
+
+def madvise_pageout(vma: VMA, start: int, end: int) -> Gen[int]:
+    """madvise_pageout() -> madvise_cold_or_pageout_pte_range() + reclaim_pages() [6.18], for a machine
+    without swap (the host): anonymous memory stays; every page-cache folio this VMA maps in the range that
+    no other mm maps is unmapped (try_to_unmap) -- a large folio only partly in the range is split first,
+    and splitting a file folio unmaps all of it; a clean disk-file folio wholly in the range is then
+    dropped from the page cache, dirty and shmem folios stay cached (no writeback from direct reclaim, no
+    swap).  Private COW copies (anonymous) stay.  -EINVAL on VM_LOCKED/PFNMAP/HUGETLB VMAs."""
+    from hmmirror.mm.memory import folio_extent
+    from hmmirror.mm.truncate import zap_page_range_single
+
+    if not can_madv_lru_vma(vma):
+        return -EINVAL
+    if vma_is_anonymous(vma) or vma.vm_file is None or vma.vm_ops is None:
+        return 0                                             # no swap: anonymous folios are kept
+    mm = vma.vm_mm
+    mem = mm.machine.mem
+    inode = vma.vm_file.inode
+    mapping = inode.i_mapping
+    folios: dict[tuple[int, int], bool] = {}                # (first, end) slot range -> wholly in range
+    for addr in range(start, end, PAGE_SIZE):
+        level, p, e = mm.pt.lookup(addr)
+        if p is None or pte_none(e) or not x86.pte_present(e) and not (level != "pte" and e & x86._PAGE_PSE):
+            continue
+        off = (addr & (PMD_SIZE - 1)) >> 12 if level == "pmd" else 0
+        pfn = x86.pte_pfn(e) + off
+        index = vma.linear_page_index(addr)
+        if pfn >= mem.nr_ram or mem.flags[pfn] & PG.anon or mapping.find_page(index) != pfn:
+            continue                                         # a COW copy, the zero page, not this file's
+        first, last = folio_extent(mem, mapping, index)
+        if (first, last) in folios:
+            continue
+        slots = mapping.lookup_range(first, last)
+        frames = slots[slots >= 0]
+        if (mem.mapcount[frames] > 1).any():
+            continue                                         # folio_maybe_mapped_shared(): leave it alone
+        a0 = vma.vm_start + ((first - vma.vm_pgoff) << PAGE_SHIFT)
+        folios[(first, last)] = a0 >= start and a0 + ((last - first) << PAGE_SHIFT) <= end
+    for (first, last), whole in folios.items():
+        a0 = max(vma.vm_start + ((first - vma.vm_pgoff) << PAGE_SHIFT), vma.vm_start)
+        a1 = min(vma.vm_start + ((last - vma.vm_pgoff) << PAGE_SHIFT), vma.vm_end)
+        yield from zap_page_range_single(vma, a0, a1 - a0, even_cows=False)     # try_to_unmap()
+        if not whole:
+            if mapping.folio_order is not None:              # split_folio(): small folios, still cached
+                mapping.folio_order[first:last] = 0
+            continue
+        slots = mapping.lookup_range(first, last)
+        frames = slots[slots >= 0]
+        if vma.vm_ops.is_shmem or (mem.flags[frames] & PG.dirty).any() or (mem.mapcount[frames] > 0).any():
+            continue                                         # kept: no swap / no writeback here / still mapped
+        mapping.delete_range(mem, first, last)               # __remove_mapping(): reclaimed
+        mm.machine.counters["pgsteal_file"] += int(frames.size)
+    return 0
 
 
 # --- whole-range advice -----------------------------------------------------------------------------------
