@@ -33,8 +33,9 @@ COMMON = ["mapping:anon", "mapping:anon_thp", "mapping:file", "mapping:shmem", "
           "cpu:mprotect", "cpu:madvise", "cpu:mmap", "cpu:fork", "mode:fault", "mode:snapshot",
           "mode:fault_perpage", "mode:fault_reuse", "event:reclaim", "event:thp_split", "event:khugepaged",
           "event:migrate", "event:numa", "event:memory_failure", "event:pmem_unbind", "event:oom_reap",
-          "event:notifier_churn", "event:exit"]
-ONLY = {"5.2": ["mode:fault_nonblock", "mode:fault_huge", "mode:snapshot_huge"], "6.18": ["mode:fault_noowner"]}
+          "event:notifier_churn", "event:exit", "event:mirror_unbind"]
+ONLY = {"5.2": ["mode:fault_nonblock", "mode:fault_huge", "mode:snapshot_huge", "event:pmem_remove",
+                "event:range_churn"], "6.18": ["mode:fault_noowner"]}
 
 
 @pytest.mark.parametrize("kernel", ["5.2", "6.18"])
@@ -77,3 +78,10 @@ def test_tables_are_the_extension_point():
         assert off == 0
     finally:
         EVENTS.remove(e)
+
+
+def test_inject_is_opt_in():
+    plain = [generate(SeededChoices(s), "5.2") for s in range(150)]
+    assert not any(ev["kind"] == "inject" for sc in plain for ev in sc.events)
+    opted = [generate(SeededChoices(s), "5.2", inject=True) for s in range(150)]
+    assert any(ev["kind"] == "inject" for sc in opted for ev in sc.events)

@@ -110,3 +110,35 @@ def test_cells_are_reachable_and_classification_is_the_spec_s():
     from hmmirror import Machine
     m = Machine("5.2", ram=16 << 20)
     assert classify_pte(0, m.mem) == "none"
+
+
+def _fsdax(events: list, jobs: list) -> SimScenario:
+    sc = _scenario("5.2", [{"op": "mmap", "as": "m0", "length": "64K", "prot": "rw", "flags": ["shared"],
+                            "file": "/mnt/dax/f"},
+                           {"op": "touch", "addr": "m0", "length": "64K", "access": "read"}], jobs, events,
+                   machine={"pmem": [{"name": "pmem0", "size": "16M", "mode": "fsdax"}],
+                            "fs": [{"mount": "/mnt/dax", "type": "ext4", "dax": "pmem0"}]},
+                   files=[{"path": "/mnt/dax/f", "size": "64K", "content": "data"}])
+    sc.scheduler = {"kind": "switch", "switches": [[0, 1]]}      # the event first, then the device
+    return sc
+
+
+def test_fsdax_namespace_removal_leaves_mapped_pfns_without_a_pgmap():
+    """[5.2] nd_pmem_remove with a mounted, mapped DAX filesystem: the teardown completes (mappings hold no
+    pgmap references), the PTEs still map the pfns, get_dev_pagemap fails on them and hmm_range_fault restarts
+    the walk forever while the range stays valid (hmm-5.2.md §7.3, §9.1): the model's livelock guard."""
+    sc = _fsdax([{"name": "ev0", "kind": "pmem_remove", "device": "pmem0", "delay": 0}],
+                [{"addr": "m0", "length": "16K", "write": False}])
+    res = run_scenario(sc, scheduler_for(sc))
+    assert [f.invariant for f in res.findings] == ["liveness"]
+    assert res.findings[0].location == "mm.hmm.v5_2.hmm_range_fault"
+    assert any(e["what"] == "pgmap_removed" for e in res.events)
+
+
+def test_mirror_unbind_waits_for_faults_and_later_faults_fail():
+    sc = _fsdax([{"name": "ev0", "kind": "mirror_unbind", "delay": 2}],
+                [{"addr": "m0", "length": "16K", "write": False}] * 3)
+    res = run_scenario(sc, scheduler_for(sc))
+    assert not res.findings
+    rets = [e["ret"] for e in res.events if e["what"] == "sim_fault"]
+    assert -19 in rets and rets[-1] == -19

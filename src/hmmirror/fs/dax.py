@@ -298,6 +298,8 @@ def dax_iomap_pte_fault(fs: "DaxFs", vmf: VmFault) -> Gen[int]:
     iomap = ext4_iomap_begin(fs, inode, index, 1, write)
     if isinstance(iomap, int):
         return int(VM_FAULT.SIGBUS)                    # dax_fault_return(-ENOSPC / -EIO)
+    if iomap.type == IOMAP_MAPPED and not dax_alive(fs.pmem):
+        return int(VM_FAULT.SIGBUS)                    # dax_direct_access() on a killed dax_device: -ENXIO
     if cow:
         if iomap.type == IOMAP_MAPPED:
             machine.mem.copy(vmf.cow_page, fs.pmem.start_pfn + iomap.addr)     # copy_user_dax()
@@ -315,6 +317,11 @@ def dax_iomap_pte_fault(fs: "DaxFs", vmf: VmFault) -> Gen[int]:
         return (yield from vmf_insert_mixed(vma, vmf.address, machine.mem.zero_pfn))
     sched.report("WARN_ON", f"dax_iomap_pte_fault: write over an unallocated extent of {inode.path}")
     return int(VM_FAULT.SIGBUS)
+
+
+def dax_alive(pmem: Any) -> bool:
+    """dax_alive() (drivers/dax/super.c): false once ``kill_dax`` ran on the namespace's dax_device."""
+    return not getattr(pmem, "dax_dead", False)
 
 
 def split_huge_pmd(vma: VMA, pmdp: Any, address: int) -> Gen[None]:
@@ -356,6 +363,8 @@ def dax_iomap_pmd_fault(fs: "DaxFs", vmf: VmFault) -> Gen[int]:
         if isinstance(iomap, int) or iomap.length < HPAGE_PMD_NR:
             break
         if iomap.type == IOMAP_MAPPED:
+            if not dax_alive(fs.pmem):
+                break                                  # dax_iomap_pfn(): -ENXIO (killed dax_device): fallback
             if iomap.addr & PG_PMD_COLOUR or (fs.pmem.start_pfn + iomap.addr) & PG_PMD_COLOUR:
                 break                                  # dax_iomap_pfn(): -EINVAL, not 2 MiB aligned
             pfn = fs.pmem.start_pfn + iomap.addr

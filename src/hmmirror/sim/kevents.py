@@ -65,8 +65,15 @@ def _has(mod: str, attr: str | None = None) -> bool:
         return False
 
 
+#: more event kinds: ``kind -> (fn(run, ev, mm, addr) -> Gen[int], pin)``; ``pin``: run it holding an
+#: ``mm_users`` reference (a kernel thread working on the mm).  Other modules register here (sim/kevents_more.py).
+HANDLERS: dict[str, tuple[Any, bool]] = {}
+
+
 def supported(kind: str) -> bool:
     """Does the model have what the event ``kind`` needs?"""
+    if kind in HANDLERS:
+        return True
     if kind == "reclaim":
         return _has("hmmirror.mm.swap", "model_swap_out")
     if kind == "pmem_unbind":
@@ -88,6 +95,8 @@ def run_event(run: Any, ev: dict[str, Any]) -> Gen[int]:
         return -ENOENT
     if mm is None or (mm.exited and kind not in ("pmem_unbind", "gc")):
         return -ENOENT
+    if kind in HANDLERS and not HANDLERS[kind][1]:
+        return (yield from HANDLERS[kind][0](run, ev, mm, addr))
     if kind in ("pmem_unbind", "gc", "exit"):
         return (yield from _run_event(run, ev, kind, mm, addr))
     # the kernel thread holds a user reference on the mm while it works on it (mmget_not_zero / mmput)
@@ -109,6 +118,8 @@ def _mmput(mm: Any) -> Gen[None]:
 
 
 def _run_event(run: Any, ev: dict[str, Any], kind: str, mm: Any, addr: Any) -> Gen[int]:
+    if kind in HANDLERS:
+        return (yield from HANDLERS[kind][0](run, ev, mm, addr))
     if kind == "reclaim":
         from hmmirror.mm.swap import model_swap_out
         return (yield from model_swap_out(mm, addr))

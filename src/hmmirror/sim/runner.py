@@ -255,21 +255,28 @@ def device_fault(run: SimRun, start: int, end: int, write: bool, mode: str = "fa
     result-contract and commit invariants need them).  Use it in hand-written device tasks.
 
     ``mode`` is the HMM API mode of the job (scenario.DEVICE_MODES); a driver with ``fault_mode(start, end,
-    write, mode, job)`` runs it, any other driver gets a plain ``fault`` (mode recorded as ``driver``).
+    write, mode, job)`` runs it, any other driver gets a plain ``fault`` (mode recorded as ``fault``).
     ``engine.fault_modes[task index]`` holds the mode of the fault in progress."""
     eng = run.engine
     assert eng is not None and eng.current is not None
     st = eng.current
     fm = getattr(run.driver, "fault_mode", None)
     if fm is None:
-        mode = "fault" if mode == "fault" else "driver"
+        mode = "fault"                              # a driver with one fault routine: every job is a whole fault
     modes = eng.__dict__.setdefault("fault_modes", {})
     modes[st.idx] = mode
+    if getattr(run, "unbound", False):              # the mirror was unregistered (mirror_unbind event)
+        run.machine.log("sim_fault", task=st.name, start=start, end=end, write=write, ret=-19, mode=mode)
+        return -19
+    run.inflight = getattr(run, "inflight", 0) + 1
     eng.emit("fault_begin", st, start, end, write)
-    if mode in ("fault", "driver"):
-        ret = yield from run.driver.fault(start, end, write)
-    else:
-        ret = yield from fm(start, end, write, mode, job or {})
+    try:
+        if mode == "fault":
+            ret = yield from run.driver.fault(start, end, write)
+        else:
+            ret = yield from fm(start, end, write, mode, job or {})
+    finally:
+        run.inflight -= 1
     eng.emit("fault_end", st, start, end, write, ret)
     run.machine.log("sim_fault", task=st.name, start=start, end=end, write=write, ret=ret, mode=mode)
     return ret
@@ -395,6 +402,11 @@ def _run_engine(sc: SimScenario, scheduler: Any, invariants: Any, driver: Any, e
         if any(f.invariant == "page_counts" for f in again.findings):
             again.coverage = coverage
             return again
+    if getattr(run, "injected", False):             # opt-in injected page-table state: mark every finding
+        for f in eng.findings:
+            f.message = "[injected state] " + f.message
+            f.detail = "injected" if f.detail in ("", "-") else f"injected:{f.detail}"
+            f.state["injected"] = True
     res = SimResult(sc, finding, eng.step, time.perf_counter() - t0, schedule, eng.trace,
                     [(t.name, t.kind if t.kind != "kevent" else f"kevent:{t.label}") for t in eng.tasks],
                     list(run.machine.events), diverged, list(eng.findings), eng.extra_findings)

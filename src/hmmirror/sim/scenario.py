@@ -29,7 +29,7 @@ _ADDR = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(?:([+-])\s*(.+))?$")
 
 VMA_KINDS = ("anon", "file", "shmem", "fsdax", "devdax", "hugetlb", "pfnmap")
 EVENT_KINDS = ("reclaim", "thp_split", "khugepaged", "migrate", "numa", "memory_failure", "pmem_unbind",
-               "oom_reap", "notifier_churn", "exit", "gc")
+               "oom_reap", "notifier_churn", "exit", "gc", "pmem_remove", "mirror_unbind", "range_churn", "inject")
 
 
 def parse_size(v: Any) -> int:
@@ -805,3 +805,7 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
     if features is not None:
         features.extend(g.features)
     return sc
+
+
+# the events of sim/kevents_more.py register themselves (imported last: it uses the names above)
+from hmmirror.sim import kevents_more  # noqa: E402,F401

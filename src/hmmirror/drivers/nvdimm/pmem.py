@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from hmmirror.arch.x86.pgtable import HPAGE_PUD_NR, PAGE_SIZE, PMD_SIZE, PUD_SIZE
 from hmmirror.errors import InputError
+from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
 from hmmirror.mm.memremap import (
     MEMORY_DEVICE_FS_DAX,
@@ -102,6 +103,31 @@ class PmemDevice:
             ret = run_memunmap_pages(self.machine, self.pgmap, pmem_release(self), task)
         self.removed = True
         return int(ret)
+
+
+def pmem_release_disk(pmem: PmemDevice) -> Gen[None]:
+    """pmem_release_disk() (drivers/nvdimm/pmem.c [5.2]): ``kill_dax`` (dax_alive() false: DAX faults that need
+    ``dax_direct_access`` now fail) and ``del_gendisk``.  Nothing tells a mounted DAX filesystem or unmaps its
+    mappings: in 5.2 they keep mapping the namespace's pfns."""
+    yield from sched.might_sleep("kill_dax")            # synchronize_srcu(&dax_srcu)
+    pmem.dax_dead = True                                 # type: ignore[attr-defined]
+    pmem.machine.log("kill_dax", name=pmem.name)
+
+
+def nd_pmem_remove(pmem: PmemDevice) -> Gen[int]:
+    """Removal of an fsdax namespace with a mounted, mapped DAX filesystem, as 5.2 does it: the devm release
+    actions of pmem_attach_disk() in reverse order -- :func:`pmem_release_disk`, then the pgmap teardown
+    (``devm_memremap_pages_release``: kill, put the pages, ``blk_cleanup_queue`` waits for the references
+    held by walks in flight, remove).  5.2 DAX mappings hold no page or pgmap references (mm-substrate.md §3),
+    so the teardown completes while user page tables still map the pfns; ``get_dev_pagemap`` finds no pgmap
+    for them from then on.  0, or -ENODEV when already removed."""
+    if pmem.removed or pmem.pgmap is None or pmem.dev_dax is not None:
+        return -19
+    pmem.removed = True
+    yield from pmem_release_disk(pmem)
+    ret = yield from pmem_release(pmem)
+    pmem.machine.log("nd_pmem_remove", name=pmem.name, ret=ret)
+    return ret
 
 
 def blk_freeze_queue_start(ref: PercpuRef) -> None:
