@@ -29,8 +29,9 @@ from hmmirror.profiles import get_profile
 
 U64 = 1 << 64
 _SIZE_RE = re.compile(r"^(0x[0-9a-f_]+|[0-9][0-9_]*)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
-_NAME_RE = re.compile(r"^[A-Za-z_][\w.\-]*$")
-_EXPR_RE = re.compile(r"^([A-Za-z_][\w.\-]*)\s*(?:([+-])\s*(.+))?$")
+# a name may hold '-' but not before a digit: "buf-4K" is buf minus 4K, not a name
+_NAME_RE = re.compile(r"^[A-Za-z_](?:[\w.]|-(?![0-9]))*$")
+_EXPR_RE = re.compile(r"^([A-Za-z_](?:[\w.]|-(?![0-9]))*)\s*(?:([+-])\s*(.+))?$")
 _MULT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 Path_ = tuple[str | int, ...]   # a key path: ("op", 3, "expect", "pages", 0, "kind")
@@ -131,9 +132,13 @@ def _name(value: Any, what: str) -> str:
     return s
 
 
+#: Device files a mapping may name without a path: ``pfnmap`` (VM_PFNMAP), ``mixedmap`` (VM_MIXEDMAP, simulator).
+SPECIAL_FILES = ("pfnmap", "mixedmap")
+
+
 def _path(value: Any, what: str) -> str:
     s = _str(value, what)
-    if not s.startswith("/") and s != "pfnmap":
+    if not s.startswith("/") and s not in SPECIAL_FILES:
         raise InputError(f"{what} {s!r} must be an absolute path (or \"pfnmap\")")
     return s
 
@@ -218,7 +223,7 @@ class Locator:
         self._aot: dict[Path_, int] = {}
         try:
             self._scan()
-        except (IndexError, ValueError):   # best effort: positions are a convenience
+        except (IndexError, ValueError, RecursionError):   # best effort: positions are a convenience
             pass
 
     def find(self, path: Sequence[str | int]) -> int | None:
@@ -570,7 +575,7 @@ class Scenario:
 
 # ----------------------------------------------------------------------------------------- validation
 
-TOP_KEYS = ("title", "description", "machine", "file", "process", "op")
+TOP_KEYS = ("title", "description", "machine", "file", "process", "op", "limits")
 MACHINE_KEYS = ("kernel", "ram", "paging", "hugepages_2m", "hugepages_1g", "thp", "pmem", "fs")
 THP_KEYS = {"enabled": ("always", "madvise", "never"), "defrag": ("always", "defer", "defer+madvise", "madvise",
                                                                   "never"),
@@ -584,13 +589,31 @@ ROW_SPECIAL = ("range", "pfn_same_as", "pfn_differs_from", "contiguous")
 ROW_BOOL_FIELDS = ("present", "write", "zero", "huge", "file", "exclusive", "swapped", "protnone")
 
 
+#: The model's limits (bad input beyond them): RAM, one ext4/xfs file (the page cache index is an array).
+MAX_RAM = 64 << 30
+MAX_FILE = 64 << 30
+#: Pages a scenario may make the model work through one by one (touch, inspect, HMM and dmirror ranges,
+#: populate), about 30 us each: the default bounds a scenario to well under a minute; ``[limits] pages``
+#: raises it up to the maximum.
+DEFAULT_PAGE_BUDGET = 1 << 19
+MAX_PAGE_BUDGET = 1 << 24
+#: Range ops whose cost does not grow with the pages of the range (per VMA, per present entry).
+CHEAP_RANGE_OPS = ("munmap", "mprotect", "madvise", "mremap")
+PER_PAGE_ADVICE = ("willneed", "populate_read", "populate_write")
+
+
 class _Validator:
     """Walks the parsed TOML dict and builds the :class:`Scenario`; every error names FILE:LINE."""
 
-    def __init__(self, file: str, text: str) -> None:
+    def __init__(self, file: str, text: str, allowed_ops: Sequence[str] | None = None) -> None:
         self.file = file
         self.text = text
         self.loc = Locator(text)
+        self.allowed_ops = tuple(allowed_ops) if allowed_ops is not None else None
+        self.fs_used: dict[str, int] = {}
+        self.special_files: tuple[str, ...] = ("pfnmap",)
+        self.fork_unique = True         # a second fork to the same name is bad input (the simulator: EEXIST)
+        self.page_budget = DEFAULT_PAGE_BUDGET
 
     def fail(self, path: Sequence[str | int], msg: str) -> InputError:
         line = self.loc.find(path)
@@ -621,6 +644,9 @@ class _Validator:
             return conv(value, what or path_str(path))
         except InputError as exc:
             raise self.fail(path, f"{prefix}: {exc}" if prefix else str(exc)) from None
+        except RecursionError:
+            raise self.fail(path, f"{prefix + ': ' if prefix else ''}{what or path_str(path)}: "
+                                  f"value nested too deeply") from None
 
     # -- sections --
     def scenario(self, data: dict[str, Any]) -> Scenario:
@@ -639,11 +665,59 @@ class _Validator:
                 raise self.fail(("process", i, "name"), f"process {name!r} is declared twice")
             procs.append(name)
         procs = procs or ["p"]
+        self.page_budget = self.limits(data.get("limits", {}))
         self.devices = {f"/dev/dax{m.name[4:] if m.name.startswith('pmem') else m.name}.0"
                         for m in machine.pmem if m.mode == "devdax"}
         self.file_paths = {f.path for f in files}
         ops = self.ops(self.array_of_tables(data.get("op", []), ("op",)), procs, machine)
+        self.check_budget(files, ops)
         return Scenario(self.file, self.text, data, machine, files, procs, ops, title, desc, self.loc)
+
+    def limits(self, value: Any) -> int:
+        """``[limits] pages = N``: the page budget (default :data:`DEFAULT_PAGE_BUDGET`)."""
+        lim = self.table(value, ("limits",), ("pages",), "[limits]")
+        if "pages" not in lim:
+            return DEFAULT_PAGE_BUDGET
+        n = self.conv(_count, lim["pages"], ("limits", "pages"), "limits.pages")
+        if not 1 <= n <= MAX_PAGE_BUDGET:
+            raise self.fail(("limits", "pages"), f"limits.pages must be between 1 and {MAX_PAGE_BUDGET}, not {n}")
+        return n
+
+    def check_budget(self, files: list[FileSpec], ops: list[Op]) -> None:
+        """Pages the scenario makes the model work through one by one, against the page budget: the ops that
+        walk, fault or copy their range page by page, ``populate`` mmaps, and files created uncached."""
+        lengths: dict[str, int] = {}
+        used = 0
+        for f in files:
+            if not f.cached:
+                used += -(-f.size // PAGE_SIZE)
+        for op in ops:
+            n = 0
+            length = op.args.get("length")
+            if op.name == "mmap":
+                if isinstance(length, int) and length >= self.geo.task_size:
+                    raise self.fail(op.path + ("length",), f"op {op.index} (mmap): length {length:#x} is larger "
+                                                           f"than the user address space ({self.geo.task_size:#x})")
+                if op.as_ and isinstance(length, int):
+                    lengths[op.as_] = length
+                if "populate" in (op.args.get("flags") or ()) and isinstance(length, int):
+                    n = length
+            elif OPS[op.name].range_op and op.name not in CHEAP_RANGE_OPS and not (
+                    op.name == "madvise" and op.args.get("advice") not in PER_PAGE_ADVICE):
+                if not isinstance(length, int):
+                    addr = op.args.get("addr")
+                    length = lengths.get(addr.name, 0) if isinstance(addr, Addr) and addr.name else 0
+                n = length
+            if op.name == "fork":
+                n = 0
+            used += -(-int(n) // PAGE_SIZE)
+            if used > self.page_budget:
+                raise self.fail(op.path, f"op {op.index} ({op.name}): the scenario works through {used} pages "
+                                         f"one by one by here, over its page budget of {self.page_budget} "
+                                         f"(raise it with [limits] pages = N, at most {MAX_PAGE_BUDGET})")
+        if used > self.page_budget:
+            raise self.fail(("file",), f"the uncached files hold {used} pages, over the page budget of "
+                                       f"{self.page_budget} (raise it with [limits] pages = N)")
 
     def machine(self, m: Any) -> MachineSpec:
         path: Path_ = ("machine",)
@@ -658,6 +732,9 @@ class _Validator:
             spec.ram = self.conv(parse_size, m["ram"], path + ("ram",), "machine.ram")
             if spec.ram == 0 or spec.ram % (2 << 20):
                 raise self.fail(path + ("ram",), f"machine.ram {m['ram']!r} must be a positive multiple of 2M")
+            if spec.ram > MAX_RAM:
+                raise self.fail(path + ("ram",), f"machine.ram {m['ram']!r} is more than the model supports "
+                                                 f"({MAX_RAM >> 30}G)")
         if "paging" in m:
             spec.paging = self.conv(_int, m["paging"], path + ("paging",), "machine.paging")
             if spec.paging not in (4, 5):
@@ -665,6 +742,10 @@ class _Validator:
         for k in ("hugepages_2m", "hugepages_1g"):
             if k in m:
                 setattr(spec, k, self.conv(_count, m[k], path + (k,), f"machine.{k}"))
+        if spec.hugepages_2m * (2 << 20) + spec.hugepages_1g * (1 << 30) > spec.ram:
+            raise self.fail(path + ("hugepages_2m" if "hugepages_2m" in m else "hugepages_1g",),
+                            f"the hugetlb pool ({spec.hugepages_2m} x 2M + {spec.hugepages_1g} x 1G) is larger "
+                            f"than machine.ram ({spec.ram >> 20}M)")
         if "thp" in m:
             thp = self.table(m["thp"], path + ("thp",), tuple(THP_KEYS), "machine.thp")
             spec.thp = {k: self.conv(_converter(THP_KEYS[k]), v, path + ("thp", k), f"machine.thp.{k}")
@@ -721,24 +802,47 @@ class _Validator:
             known = ", ".join(fs.mount for fs in machine.fs) or "none"
             raise self.fail(path + ("path",), f"file {p!r} is under no [[machine.fs]] mount (mounts: {known})")
         size = self.conv(parse_size, f.get("size", 0), path + ("size",), "file size")
+        fs = max((x for x in machine.fs if p.startswith(x.mount.rstrip("/") + "/")), key=lambda x: len(x.mount))
+        if fs.dax is not None:
+            cap, what = next(d.size for d in machine.pmem if d.name == fs.dax), f"the pmem device {fs.dax}"
+        elif fs.type in ("tmpfs", "hugetlbfs"):
+            cap, what = machine.ram, "machine.ram"
+        else:
+            cap, what = MAX_FILE, "the model's largest file"
+        used = self.fs_used.get(fs.mount, 0)
+        if used + size > cap:
+            raise self.fail(path + ("size",), f"file {p!r}: {size >> 20}M (with the other files of {fs.mount}: "
+                                              f"{(used + size) >> 20}M) does not fit {what} ({cap >> 20}M)")
+        self.fs_used[fs.mount] = used + size
         content = self.conv(_enum("data", "sparse", "zero"), f.get("content", "data"), path + ("content",),
                             "file content")
         cached = self.conv(_bool, f.get("cached", True), path + ("cached",), "file cached")
         return FileSpec(p, size, content, self.loc.find(path), cached)
 
-    def ops(self, ops: list[dict[str, Any]], procs: list[str], machine: MachineSpec) -> list[Op]:
+    def ops(self, ops: list[dict[str, Any]], procs: list[str], machine: MachineSpec, base: Path_ = ("op",),
+            names: dict[str, str] | None = None) -> list[Op]:
         from hmmirror.scenario.runner import load_extensions   # the built-in ops register themselves there
 
         load_extensions()
         live = list(procs)                 # processes that exist at this point of the list
-        names: dict[str, str] = {}         # `as` name -> as_kind of its op
+        names = {} if names is None else names      # `as` name -> as_kind of its op
+        self.names = names
         out = []
         for i, raw in enumerate(ops):
-            path: Path_ = ("op", i)
+            path: Path_ = base + (i,)
+            if not isinstance(raw, dict):
+                raise self.fail(path, f"op {i} must be a table like {{ op = \"touch\", addr = \"m0\" }}, "
+                                      f"not {type(raw).__name__}")
             kind = raw.get("op")
             if kind is None:
                 raise self.fail(path, f"op {i} has no 'op' key (one of {', '.join(sorted(OPS))})")
-            if kind not in OPS:
+            if not isinstance(kind, str):
+                raise self.fail(path + ("op",), f"op {i}: 'op' must be the name of an operation (a string), "
+                                                f"not {type(kind).__name__}")
+            if kind not in OPS or (self.allowed_ops is not None and kind not in self.allowed_ops):
+                if self.allowed_ops is not None and kind in OPS:
+                    raise self.fail(path + ("op",), f"op {i}: {kind!r} is not a set-up op of a simulator "
+                                                    f"scenario (one of {', '.join(self.allowed_ops)})")
                 raise self.fail(path + ("op",), f"op {i}: unknown op {kind!r} (one of {', '.join(sorted(OPS))})")
             d = OPS[kind]
             what = f"op {i} ({kind})"
@@ -762,7 +866,7 @@ class _Validator:
                 names[op.as_] = d.as_kind
             if kind == "fork":
                 child = args["child"]
-                if child in live:
+                if child in live and self.fork_unique:
                     raise self.fail(path + ("child",), f"{what}: a process named {child!r} already exists")
                 live.append(child)
             out.append(op)
@@ -798,7 +902,9 @@ class _Validator:
                 raise self.fail(p + ("addr",), f"{what}: range {addr.offset:#x}+{(length or 0):#x} is outside the "
                                                f"user address space [0, {top:#x}) of {machine.paging}-level paging")
         f = op.args.get("file")
-        if isinstance(f, str) and f != "pfnmap" and not f.startswith("/dev/") and f not in self.file_paths:
+        if f == "mixedmap" and "mixedmap" not in self.special_files:
+            raise self.fail(p + ("file",), f"{what}: \"mixedmap\" is a device of simulator scenarios only")
+        if isinstance(f, str) and f not in SPECIAL_FILES and not f.startswith("/dev/") and f not in self.file_paths:
             known = ", ".join(sorted(self.file_paths)) or "none"
             raise self.fail(p + ("file",), f"{what}: file {f!r} is not a [[file]] of the scenario (files: {known})")
         if isinstance(f, str) and f.startswith("/dev/dax") and f not in self.devices:
@@ -903,25 +1009,278 @@ def _toml_error(file: str, exc: tomllib.TOMLDecodeError) -> InputError:
     return InputError(f"malformed TOML: {msg}", where=file)
 
 
-def parse(text: str, file: str = "<scenario>") -> Scenario:
-    """Parse and validate scenario ``text`` (``file`` names it in error messages)."""
+#: Largest input file read (scenarios and reproducers are a few KiB; this stops ``/dev/zero`` and the like).
+MAX_INPUT_BYTES = 16 << 20
+
+
+def _deepest_line(text: str) -> int:
+    """Line of the deepest ``[``/``{`` nesting (roughly: strings are not skipped)."""
+    depth = best = 0
+    line = best_line = 1
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > best:
+                best, best_line = depth, line
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "\n":
+            line += 1
+    return best_line
+
+
+def loads_toml(text: str, file: str) -> dict[str, Any]:
+    """``tomllib.loads`` whose every failure is an :class:`InputError` naming FILE:LINE (malformed TOML,
+    nesting deeper than the parser's recursion, integers longer than Python converts)."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _toml_error(file, exc) from None
-    return _Validator(file, text).scenario(data)
+    except RecursionError:
+        raise InputError("malformed TOML: arrays or tables nested too deeply",
+                         where=f"{file}:{_deepest_line(text)}") from None
+    except ValueError as exc:          # int('9' * 5000): Python's integer string conversion limit
+        m = re.search(r"[0-9_]{4000,}", text)
+        line = text.count("\n", 0, m.start()) + 1 if m else None
+        raise InputError(f"malformed TOML: {str(exc).split(';')[0]}",
+                         where=f"{file}:{line}" if line else file) from None
+
+
+def read_input(path: str | Path) -> str:
+    """The UTF-8 text of an input file (at most :data:`MAX_INPUT_BYTES`); InputError naming it otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", where=str(path)) from None
+    if len(raw) > MAX_INPUT_BYTES:
+        raise InputError(f"larger than {MAX_INPUT_BYTES >> 20} MiB: not a scenario file", where=str(path))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise InputError("malformed TOML: not UTF-8 text", where=f"{path}:{line}") from None
+
+
+def parse(text: str, file: str = "<scenario>") -> Scenario:
+    """Parse and validate scenario ``text`` (``file`` names it in error messages)."""
+    data = loads_toml(text, file)
+    try:
+        return _Validator(file, text).scenario(data)
+    except RecursionError:
+        raise InputError("a value is nested too deeply", where=file) from None
 
 
 def load(path: str | Path) -> Scenario:
     """Read and validate the scenario file ``path`` (InputError with FILE:LINE on any problem)."""
-    p = Path(path)
+    return parse(read_input(path), str(path))
+
+
+# ----------------------------------------------------------------------------------------- simulator scenarios
+
+#: What a simulator scenario (and so a reproducer) may hold besides a scenario file's sections.
+SIM_TOP_KEYS = TOP_KEYS + ("sim", "finding")
+SIM_KEYS = ("driver", "mirror", "max_steps", "thread", "device", "event", "scheduler", "schedule")
+#: Set-up ops the simulator runs before the interleaving (sim/runner.py ``_setup_op``) and CPU thread ops.
+SIM_SETUP_OPS = ("mmap", "touch", "munmap", "mprotect", "madvise")
+SIM_THREAD_OPS = ("touch", "munmap", "mmap", "mprotect", "madvise", "fork")
+JOB_KEYS = {"addr": "addr", "length": "size", "write": "bool", "mode": "str", "pattern": "count"}
+EVENT_KEYS = {"name": "name", "kind": "str", "delay": "count", "addr": "addr", "length": "size", "hold": "count",
+              "device": "path", "proc": "name"}
+#: Keys of ``[finding]`` (the saved finding of a reproducer) and their kinds.
+FINDING_KEYS: dict[str, str] = {"invariant": "str", "location": "str", "signature": "str", "step": "count",
+                                "task": "str", "message": "anystr", "seed": "count", "detail": "anystr",
+                                "hits": "count"}
+MAX_SIM_STEPS = 10_000_000
+MAX_SIM_PARTS = 10_000          # threads, ops of a thread, devices, jobs, events, switches
+
+
+def _anystr(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be a string, not {value!r}")
+    return value
+
+
+def _sim_names(table: str, fallback: tuple[str, ...]) -> tuple[str, ...]:
+    """Entry names of a generator drawing table (sim/scenario.py), or ``fallback``."""
     try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", where=str(path)) from None
+        from hmmirror.sim import scenario as simsc
+        names = tuple(e.name for e in getattr(simsc, "TABLES", {}).get(table, ()))
+    except ImportError:
+        names = ()
+    return tuple(dict.fromkeys(names + fallback))
+
+
+class _SimValidator(_Validator):
+    """A scenario file plus ``[sim]`` (and ``[finding]`` in a reproducer)."""
+
+    def __init__(self, file: str, text: str) -> None:
+        super().__init__(file, text, allowed_ops=SIM_SETUP_OPS)
+        self.special_files = SPECIAL_FILES
+        self.fork_unique = False
+
+    def sim_doc(self, data: dict[str, Any]) -> dict[str, Any]:
+        self.table(data, (), SIM_TOP_KEYS, "the top level")
+        if "sim" not in data:
+            raise self.fail((), "not a simulator scenario: no [sim] table")
+        base = {k: v for k, v in data.items() if k in TOP_KEYS}
+        scn = self.scenario(base)
+        setup_names = dict(self.names) if hasattr(self, "names") else {}
+        self.sim(data["sim"], scn, setup_names)
+        if "finding" in data:
+            self.finding(data["finding"])
+        return data
+
+    def parts(self, value: Any, path: Path_, what: str) -> list[Any]:
+        if isinstance(value, dict):
+            raise self.fail(path, f"{what} must be an array of tables: write [[{path_str(path)}]]")
+        if not isinstance(value, list):
+            raise self.fail(path, f"{what} must be an array, not {type(value).__name__}")
+        if len(value) > MAX_SIM_PARTS:
+            raise self.fail(path, f"{what} has {len(value)} entries (at most {MAX_SIM_PARTS})")
+        return value
+
+    def keyed(self, value: Any, path: Path_, kinds: Mapping[str, str], what: str,
+              required: Sequence[str] = ()) -> dict[str, Any]:
+        self.table(value, path, tuple(kinds), what)
+        for k in required:
+            if k not in value:
+                raise self.fail(path, f"{what} needs a {k!r}")
+        conv = dict(KINDS_OF_VALUE, anystr=_anystr)
+        for k, v in value.items():
+            self.conv(conv[kinds[k]], v, path + (k,), f"{what}.{k}")
+        return value
+
+    def sim(self, sim: Any, scn: Scenario, setup_names: dict[str, str]) -> None:
+        path: Path_ = ("sim",)
+        self.table(sim, path, SIM_KEYS, "[sim]")
+        if "driver" in sim:
+            self.conv(_str, sim["driver"], path + ("driver",), "sim.driver")
+        procs = list(scn.processes)
+        if "mirror" in sim:
+            m = self.conv(_name, sim["mirror"], path + ("mirror",), "sim.mirror")
+            if m not in procs:
+                raise self.fail(path + ("mirror",), f"sim.mirror {m!r} is no [[process]] (known: {', '.join(procs)})")
+        if "max_steps" in sim:
+            n = self.conv(_count, sim["max_steps"], path + ("max_steps",), "sim.max_steps")
+            if not 1 <= n <= MAX_SIM_STEPS:
+                raise self.fail(path + ("max_steps",), f"sim.max_steps must be between 1 and {MAX_SIM_STEPS}")
+        # every `as` name of the threads is usable everywhere (threads interleave): collect them first
+        names = dict(setup_names)
+        threads = self.parts(sim.get("thread", []), path + ("thread",), "sim.thread")
+        children: list[str] = []
+        for i, t in enumerate(threads):
+            self.table(t, path + ("thread", i), ("name", "proc", "ops"), f"sim.thread[{i}]")
+            for j, op in enumerate(self.parts(t.get("ops", []), path + ("thread", i, "ops"), f"sim.thread[{i}].ops")):
+                if isinstance(op, dict):
+                    if isinstance(op.get("as"), str):
+                        names[op["as"]] = "mapping"
+                    if op.get("op") == "fork" and isinstance(op.get("child"), str):
+                        children.append(op["child"])
+        seen: set[str] = set()
+        for i, t in enumerate(threads):
+            tp = path + ("thread", i)
+            if "name" in t:
+                nm = self.conv(_name, t["name"], tp + ("name",), "thread name")
+                if nm in seen:
+                    raise self.fail(tp + ("name",), f"task name {nm!r} is used twice")
+                seen.add(nm)
+            proc = self.conv(_name, t.get("proc", procs[0]), tp + ("proc",), "thread proc")
+            if proc not in procs + children:
+                raise self.fail(tp + ("proc",), f"sim.thread[{i}]: unknown process {proc!r}")
+            self.allowed_ops = SIM_THREAD_OPS
+            try:
+                self.ops(t.get("ops", []), procs + children, scn.machine, tp + ("ops",), dict(names))
+            finally:
+                self.allowed_ops = SIM_SETUP_OPS
+        modes = _sim_names("mode", ("fault",))
+        for i, d in enumerate(self.parts(sim.get("device", []), path + ("device",), "sim.device")):
+            dp = path + ("device", i)
+            self.table(d, dp, ("name", "jobs"), f"sim.device[{i}]")
+            if "name" in d:
+                nm = self.conv(_name, d["name"], dp + ("name",), "device name")
+                if nm in seen:
+                    raise self.fail(dp + ("name",), f"task name {nm!r} is used twice")
+                seen.add(nm)
+            for j, job in enumerate(self.parts(d.get("jobs", []), dp + ("jobs",), f"sim.device[{i}].jobs")):
+                jp = dp + ("jobs", j)
+                self.keyed(job, jp, JOB_KEYS, f"sim.device[{i}].jobs[{j}]", ("addr",))
+                self.sim_addr(job["addr"], jp + ("addr",), names)
+                if "mode" in job and job["mode"] not in modes:
+                    raise self.fail(jp + ("mode",), f"unknown device job mode {job['mode']!r} "
+                                                    f"(one of {', '.join(modes)})")
+                if "pattern" in job and job["pattern"] > 0xFFFF:
+                    raise self.fail(jp + ("pattern",), "pattern must be below 65536")
+        from hmmirror.sim.scenario import EVENT_KINDS
+        kinds = _sim_names("event", tuple(EVENT_KINDS))
+        for i, e in enumerate(self.parts(sim.get("event", []), path + ("event",), "sim.event")):
+            ep = path + ("event", i)
+            self.keyed(e, ep, EVENT_KEYS, f"sim.event[{i}]", ("kind",))
+            if e["kind"] not in kinds:
+                raise self.fail(ep + ("kind",), f"unknown event kind {e['kind']!r} (one of {', '.join(kinds)})")
+            if "addr" in e:
+                self.sim_addr(e["addr"], ep + ("addr",), names)
+            if "proc" in e and e["proc"] not in procs + children:
+                raise self.fail(ep + ("proc",), f"sim.event[{i}]: unknown process {e['proc']!r}")
+            if "name" in e:
+                if e["name"] in seen:
+                    raise self.fail(ep + ("name",), f"task name {e['name']!r} is used twice")
+                seen.add(e["name"])
+        if "scheduler" in sim:
+            self.scheduler(sim["scheduler"], path + ("scheduler",))
+        if "schedule" in sim:
+            sp = path + ("schedule",)
+            self.table(sim["schedule"], sp, ("runs",), "sim.schedule")
+            runs = sim["schedule"].get("runs", [])
+            if not isinstance(runs, list):
+                raise self.fail(sp + ("runs",), "sim.schedule.runs must be an array of [task, steps] pairs")
+            for k, r in enumerate(runs):
+                if not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
+                        and isinstance(r[1], int) and not isinstance(r[1], bool) and 0 < r[1] <= MAX_SIM_STEPS):
+                    raise self.fail(sp + ("runs", k), f"sim.schedule.runs[{k}] must be [\"task\", steps], "
+                                                      f"not {r!r:.80}")
+
+    def sim_addr(self, value: Any, path: Path_, names: dict[str, str]) -> None:
+        a = self.conv(parse_addr, value, path, path_str(path))
+        if a.name is not None and a.name not in names:
+            raise self.fail(path, f"{path_str(path)}: address {a.text!r} names no mapping (`as = ...`)")
+
+    def scheduler(self, s: Any, path: Path_) -> None:
+        self.table(s, path, ("kind", "switches", "seed", "depth", "expected_steps"), "sim.scheduler")
+        kind = s.get("kind", "switch")
+        if kind not in ("switch", "random", "pct"):
+            raise self.fail(path + ("kind",), f"sim.scheduler.kind must be one of 'switch', 'random', 'pct', "
+                                              f"not {kind!r:.80}")
+        for k in ("seed", "depth", "expected_steps"):
+            if k in s:
+                v = self.conv(_count, s[k], path + (k,), f"sim.scheduler.{k}")
+                if v >= 1 << 64 or (k != "seed" and v > MAX_SIM_STEPS):
+                    raise self.fail(path + (k,), f"sim.scheduler.{k} {v} is out of range")
+        sw = s.get("switches", [])
+        if not isinstance(sw, list) or len(sw) > MAX_SIM_PARTS:
+            raise self.fail(path + ("switches",), f"sim.scheduler.switches must be an array of at most "
+                                                  f"{MAX_SIM_PARTS} [step, task] pairs")
+        for k, x in enumerate(sw):
+            if not (isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                and 0 <= v <= MAX_SIM_STEPS for v in x)):
+                raise self.fail(path + ("switches", k), f"sim.scheduler.switches[{k}] must be [step, task], "
+                                                        f"two small non-negative integers, not {x!r:.80}")
+
+    def finding(self, f: Any) -> None:
+        self.keyed(f, ("finding",), FINDING_KEYS, "finding", ("signature",))
+
+
+def parse_sim(text: str, file: str = "<simulator scenario>") -> dict[str, Any]:
+    """Validate a simulator scenario or reproducer (a scenario file plus ``[sim]`` and ``[finding]``);
+    returns the TOML document (for :meth:`hmmirror.sim.scenario.SimScenario.from_doc`).  Every refusal is an
+    :class:`InputError` naming FILE:LINE."""
+    data = loads_toml(text, file)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise InputError("malformed TOML: not UTF-8 text", where=f"{path}:{line}") from None
-    return parse(text, str(path))
+        return _SimValidator(file, text).sim_doc(data)
+    except RecursionError:
+        raise InputError("a value is nested too deeply", where=file) from None
+
+
+def load_sim(path: str | Path) -> dict[str, Any]:
+    """Read and validate a simulator scenario or reproducer file (see :func:`parse_sim`)."""
+    return parse_sim(read_input(path), str(path))

@@ -31,13 +31,9 @@ class Replay:
 
 def replay_file(path: str, every_step: bool = False) -> Replay:
     """Run a scenario file under its recorded ``[sim.schedule]`` (or its ``[sim.scheduler]``)."""
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: not valid TOML: {exc}") from None
+    from hmmirror.scenario.schema import load_sim
+
+    doc = load_sim(path)              # one schema: the scenario sections, [sim] and [finding] (FILE:LINE)
     sc = SimScenario.from_doc(doc)
     res = run_scenario(sc, scheduler_for(sc), every_step=every_step)
     exp = doc.get("finding")

@@ -141,11 +141,9 @@ class SimScenario:
 
     @classmethod
     def from_toml(cls, text: str, where: str = "scenario") -> "SimScenario":
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise InputError(f"{where}: not valid TOML: {exc}") from None
-        return cls.from_doc(doc)
+        from hmmirror.scenario.schema import parse_sim
+
+        return cls.from_doc(parse_sim(text, where))       # validated: FILE:LINE on any problem
 
     @classmethod
     def load(cls, path: str) -> "SimScenario":
