@@ -63,6 +63,10 @@ class KernelProfile:
                                         # "none" [5.2], "anon_shmem" [6.12], "all" [6.18, 19773df031bc]
     map_large_below_eof: bool           # no PMD / whole-folio mapping of a folio reaching EOF on a non-shmem file
                                         # (74207de2ba10, "do not populate page table entries beyond i_size")
+    truncate_partial_folio: str         # a large folio the new EOF cuts: "keep" [5.2: zeroed, stays whole and
+                                        # mapped]; "split" [6.12: split_folio() to order 0]; "split_nonuniform"
+                                        # [6.18: try_folio_split_to_order() at the EOF page]; splitting a file folio
+                                        # unmaps all of it (unmap_folio, remap_page skips file folios)
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -105,6 +109,7 @@ V5_2 = KernelProfile(
     faultaround_maps_folio=False,
     finish_fault_folio="none",
     map_large_below_eof=False,
+    truncate_partial_folio="keep",
 )
 
 V6_18 = KernelProfile(
@@ -141,6 +146,7 @@ V6_18 = KernelProfile(
     faultaround_maps_folio=True,
     finish_fault_folio="all",
     map_large_below_eof=True,
+    truncate_partial_folio="split_nonuniform",
 )
 
 PROFILES = {"5.2": V5_2, "6.18": V6_18}

@@ -317,3 +317,69 @@ def test_madv_pageout_unmaps_file_pages(fs: str, share: str) -> None:
     assert [i for i, p in enumerate(real[7].pages) if p.present] == ([3] if share == "private" else [])
     assert all(p.present for p in real[8].pages)
     assert disagreements(rep) == []
+
+
+TRUNCATE = """
+[machine]
+kernel = "6.18"
+[[machine.fs]]
+mount = "/mnt/e"
+type = "{fs}"
+[[file]]
+path = "/mnt/e/f"
+size = "{size}K"
+[[op]]
+op = "mmap"
+as = "m"
+length = "{size}K"
+prot = "r"
+flags = ["shared"]
+file = "/mnt/e/f"
+align = "2M"
+[[op]]
+op = "touch"
+addr = "m"
+length = "{size}K"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "{size}K"
+[[op]]
+op = "truncate"
+file = "/mnt/e/f"
+size = "{new}"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "{size}K"
+[[op]]
+op = "touch"
+addr = "m+{touch}K"
+length = "4K"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "{size}K"
+"""
+
+# (fs, file KiB, new size in bytes, page touched after, pages mapped right after the truncate)
+TRUNCATE_CASES = [
+    ("ext4", 192, 40 * 4096, 33, list(range(32))),          # 48 pages: folios [0,32) [32,48); cut at 40
+    ("ext4", 192, 42 * 4096 + 100, 41, list(range(32))),    # cut inside page 42
+    ("xfs", 192, 36 * 4096, 32, list(range(32))),
+    ("ext4", 4096, 600 * 4096, 520, []),                    # 1024 pages: two PMD folios; the second cut
+]
+
+
+@pytest.mark.parametrize("case", TRUNCATE_CASES, ids=lambda c: f"{c[0]}-{c[1]}K-to-{c[2]}")
+def test_truncate_through_a_large_folio_unmaps_it(case: tuple) -> None:
+    """Error 6: truncate splits the folio the new EOF cuts, and splitting a file folio unmaps all of it,
+    its pages below the new EOF included."""
+    fs, size, new, touch, mapped = case
+    model, real, rep = both(TRUNCATE.format(fs=fs, size=size, new=new, touch=touch * 4), f"trunc-{fs}.toml")
+    after = [i for i, p in enumerate(real[4].pages) if p.present]
+    if size == 4096:
+        assert after == list(range(512))                     # the first PMD folio lies wholly below
+    else:
+        assert after == mapped
+    assert disagreements(rep) == []

@@ -134,3 +134,22 @@ def test_madv_pageout_reclaims_clean_file_folios(fstype: str, dirty: bool) -> No
     assert not any(s.present for s in p.inspect(a, 16 * PAGE))
     cached = m.files["/mnt/e/f"].i_mapping.cached_indices().tolist()
     assert cached == ([] if fstype != "tmpfs" and not dirty else list(range(16)))
+
+
+@pytest.mark.parametrize("new", [40 * PAGE, 42 * PAGE + 100])
+def test_truncate_through_a_large_folio_unmaps_it(new: int) -> None:
+    # error 6 (6.18.44): a 48-page file is folios [0,32) [32,48); truncating inside the second splits it,
+    # which unmaps all its pages, those below the new EOF too; [0,32) stays mapped
+    m = Machine("6.18", ram=256 << 20)
+    m.mount("/mnt/e", "ext4")
+    m.create_file("/mnt/e/f", 48 * PAGE)
+    p = m.spawn()
+    a = p.mmap(48 * PAGE, "r", ["shared"], file="/mnt/e/f", align=PMD_SIZE)
+    p.touch(a, 48 * PAGE)
+    assert all(s.present for s in p.inspect(a, 48 * PAGE))
+    m.truncate("/mnt/e/f", new)
+    assert [i for i, s in enumerate(p.inspect(a, 48 * PAGE)) if s.present] == list(range(32))
+    # 6.18 splits at the EOF page: the part below stays cached as folios of the largest aligned orders
+    mapping = m.files["/mnt/e/f"].i_mapping
+    assert mapping.folio_span(33) == (32, 40)
+    assert mapping.find_page(39) >= 0 and mapping.find_page(43) < 0

@@ -192,6 +192,8 @@ def truncate_inode_pages_range(mapping: "AddressSpace", lstart: int, lend: int) 
     yield from sched.might_sleep("truncate_inode_pages_range")
     start = (lstart + PAGE_SIZE - 1) >> PAGE_SHIFT
     end = mapping.pages.shape[0] if lend < 0 else (lend + 1) >> PAGE_SHIFT
+    if lend < 0:
+        yield from truncate_inode_partial_folio(mapping, lstart)
     if lstart & (PAGE_SIZE - 1):
         pfn = mapping.find_page(lstart >> PAGE_SHIFT)
         if pfn >= 0 and pfn in mem.contents:
@@ -199,6 +201,40 @@ def truncate_inode_pages_range(mapping: "AddressSpace", lstart: int, lend: int) 
             stop = PAGE_SIZE if lend < 0 or (lend >> PAGE_SHIFT) > (lstart >> PAGE_SHIFT) else (lend & (PAGE_SIZE - 1)) + 1
             mem.contents[pfn][off:stop] = bytes(stop - off)
     return mapping.delete_range(mem, start, end)
+
+
+def truncate_inode_partial_folio(mapping: "AddressSpace", lstart: int) -> Gen[None]:
+    """truncate_inode_partial_folio() (mm/truncate.c) for the large folio holding byte ``lstart`` when it
+    begins below it: [6.12] split_folio() to order 0, [6.18] try_folio_split_to_order() at the page of
+    ``lstart`` (the part below becomes folios of the largest aligned orders, that page one of order 0).
+    Splitting a file folio unmaps all of it from every mapping (unmap_folio(); remap_page() skips file
+    folios), the pages below the new EOF included; private COW copies stay.  [5.2] the folio stays whole."""
+    from hmmirror.fs.filemap import write_folio_orders
+    from hmmirror.mm.memory import folio_extent
+
+    machine = mapping.host.machine
+    rule = machine.profile.truncate_partial_folio
+    index = lstart >> PAGE_SHIFT
+    if rule == "keep" or mapping.find_page(index) < 0:
+        return
+    mem = machine.mem
+    first, last = folio_extent(mem, mapping, index)
+    if last - first < 2 or first >= index and not lstart & (PAGE_SIZE - 1):
+        return                                            # a small folio, or one wholly truncated
+    yield from unmap_mapping_pages(mapping, first, last - first, False)
+    head = mem.compound_head(int(mapping.find_page(first)))
+    n = 1 << int(mem.order[head])
+    if n > 1:                                             # a compound folio becomes order-0 pages, each
+        keep = np.uint32(PG.file | PG.uptodate | PG.dirty | PG.swapbacked)   # holding one cache reference
+        mem.flags[head: head + n] &= keep
+        mem.order[head: head + n] = 0
+        mem.refcount[head: head + n] = 1
+    if mapping.folio_order is not None or rule == "split_nonuniform":
+        orders = [0] * (last - first)
+        if rule == "split_nonuniform":
+            orders = write_folio_orders(first, index - first) + [0] * (last - index)
+        mapping.set_folio_orders(first, orders)
+    machine.counters["truncate_folio_split"] += 1
 
 
 def truncate_pagecache(inode: "Inode", newsize: int) -> Gen[None]:
