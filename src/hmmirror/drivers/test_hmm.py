@@ -373,8 +373,13 @@ class DmirrorDevice:
         self.devmem_lock = Lock(f"dmirror{id}.devmem_lock", "mutex")
         self.calloc = 0
         self.cfree = 0
-        self.free_pages = np.zeros(0, dtype=np.int64)  # the free list as a stack: free_pages[nfree - 1] is the head
+        # The free list (``free_pages``, threaded through zone_device_data): freed pages on a numpy stack
+        # (``free_pages[nfree - 1]`` is the head) above the untouched part of the newest chunks, kept as
+        # ``[lo, hi)`` ranges handed out from ``hi - 1`` down -- the kernel's order (a chunk is only added when
+        # the list is empty, its last pfn on top), without a Python object or array slot per page.
+        self.free_pages = np.zeros(64, dtype=np.int64)
         self.nfree = 0
+        self.free_ranges: list[list[int]] = []
         self.lock = Lock(f"dmirror{id}.lock", "spin")
         self.open_files: list["DmirrorFile"] = []
         self.mirrors: list["Dmirror"] = []            # index -> dmirror, for rpage->zone_device_data
@@ -400,10 +405,37 @@ class DmirrorDevice:
         self.nfree = need
 
     def _pop_free(self) -> int:
-        if not self.nfree:
-            return -1
-        self.nfree -= 1
-        return int(self.free_pages[self.nfree])
+        if self.nfree:
+            self.nfree -= 1
+            return int(self.free_pages[self.nfree])
+        while self.free_ranges:
+            r = self.free_ranges[-1]
+            if r[1] > r[0]:
+                r[1] -= 1
+                return r[1]
+            self.free_ranges.pop()
+        return -1
+
+    def free_count(self) -> int:
+        """Pages on the free list."""
+        return self.nfree + sum(hi - lo for lo, hi in self.free_ranges)
+
+    def _remove_free_pages(self, lo: int, hi: int) -> None:
+        """dmirror_remove_free_pages(): drop the free pages of ``[lo, hi)`` from the list."""
+        keep = self.free_pages[:self.nfree]
+        keep = keep[~((keep >= lo) & (keep < hi))]
+        self.nfree = len(keep)
+        self.free_pages[:self.nfree] = keep
+        out = []
+        for r in self.free_ranges:
+            if r[1] <= lo or r[0] >= hi:
+                out.append(r)
+            else:
+                if r[0] < lo:
+                    out.append([r[0], lo])
+                if r[1] > hi:
+                    out.append([hi, r[1]])
+        self.free_ranges = out
 
     def dmirror_allocate_chunk(self, want_page: bool) -> int:
         """dmirror_allocate_chunk(): a new 256 MiB chunk of device-private memory (``memremap_pages`` with
@@ -428,7 +460,7 @@ class DmirrorDevice:
         assert pgmap.res is not None
         first, last = pgmap.res.start, pgmap.res.end
         # for each pfn: page->zone_device_data = free_pages; free_pages = page  (the last pfn ends on top)
-        self._push_free(np.arange(first, last, dtype=np.int64))
+        self.free_ranges.append([first, last])
         machine.log("dmirror_chunk", dev=self.id, chunk=n, start_pfn=first, end_pfn=last)
         if want_page:
             self.calloc += 1
@@ -531,15 +563,13 @@ class DmirrorDevice:
             for chunk in list(self.devmem_chunks):
                 yield from sched.spin_lock(self.lock)
                 chunk.remove = True
-                keep = self.free_pages[:self.nfree]
-                keep = keep[~((keep >= chunk.start) & (keep < chunk.start + chunk.npages))]
-                self.nfree = len(keep)
-                self.free_pages[:self.nfree] = keep
+                self._remove_free_pages(chunk.start, chunk.start + chunk.npages)
                 sched.spin_unlock(self.lock)
                 yield from self.dmirror_device_evict_chunk(chunk)
                 yield from memunmap_pages(self.machine, chunk.pgmap)
             self.devmem_chunks = []
             self.nfree = 0
+            self.free_ranges = []
         finally:
             sched.mutex_unlock(self.devmem_lock)
 

@@ -110,8 +110,9 @@ class PhysMem:
         new = start + npages
         for name in ("refcount", "mapcount", "flags", "order"):
             arr = getattr(self, name)
-            grown = np.zeros(new, dtype=arr.dtype)
+            grown = np.empty(new, dtype=arr.dtype)
             grown[:cur] = arr
+            grown[cur:] = 0
             setattr(self, name, grown)
         self.flags[start:new] = PG.device
         self.refcount[start:new] = idle_refcount   # idle device pages (memremap_pages)
