@@ -383,3 +383,51 @@ def test_truncate_through_a_large_folio_unmaps_it(case: tuple) -> None:
     else:
         assert after == mapped
     assert disagreements(rep) == []
+
+
+COLLAPSE = """
+[machine]
+kernel = "6.18"
+{fs}
+[[op]]
+op = "mmap"
+as = "m"
+length = "2M"
+prot = "rw"
+flags = {flags}
+{file}align = "2M"
+[[op]]
+op = "touch"
+addr = "m"
+length = "4K"
+[[op]]
+op = "touch"
+addr = "m+20K"
+length = "4K"
+access = "write"
+[[op]]
+op = "madvise"
+addr = "m"
+length = "2M"
+advice = "collapse"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "2M"
+"""
+TMPFS = '[[machine.fs]]\nmount = "/mnt/t"\ntype = "tmpfs"\n[[file]]\npath = "/mnt/t/f"\nsize = "2M"\ncontent = "{c}"'
+
+
+@pytest.mark.parametrize("kind", ["tmpfs-data", "tmpfs-sparse", "shared-anon"])
+def test_madv_collapse_of_shmem_with_shmem_enabled_never(kind: str) -> None:
+    """Error 4: MADV_COLLAPSE of shmem succeeds whatever shmem_enabled / huge= say, and PMD-maps it."""
+    if kind == "shared-anon":
+        text = COLLAPSE.format(fs="", flags='["shared", "anonymous"]', file="")
+    else:
+        text = COLLAPSE.format(fs=TMPFS.format(c="data" if kind == "tmpfs-data" else "sparse"),
+                               flags='["shared"]', file='file = "/mnt/t/f"\n')
+    with hostenv.thp_config(shmem_enabled="never"):         # restored on exit, also on failure
+        model, real, rep = both(text, f"collapse-{kind}.toml")
+    assert real[3].ok
+    assert all(p.present and p.level == "pmd" for p in real[4].pages)
+    assert disagreements(rep) == []

@@ -153,3 +153,25 @@ def test_truncate_through_a_large_folio_unmaps_it(new: int) -> None:
     mapping = m.files["/mnt/e/f"].i_mapping
     assert mapping.folio_span(33) == (32, 40)
     assert mapping.find_page(39) >= 0 and mapping.find_page(43) < 0
+
+
+@pytest.mark.parametrize("kind", ["tmpfs-data", "tmpfs-sparse", "shared-anon"])
+def test_madv_collapse_of_shmem_ignores_shmem_enabled_never(kind: str) -> None:
+    # error 4 (6.18.44, shmem_enabled=never, tmpfs huge=never): MADV_COLLAPSE succeeds and PMD-maps the
+    # block (512 present pages, one folio), holes filled
+    m = Machine("6.18", ram=256 << 20)
+    m.thp.shmem_enabled = "never"
+    p = m.spawn()
+    if kind == "shared-anon":
+        a = p.mmap(PMD_SIZE, "rw", ["shared", "anonymous"], align=PMD_SIZE)
+    else:
+        m.mount("/mnt/t", "tmpfs", huge="never")
+        m.create_file("/mnt/t/f", PMD_SIZE, "data" if kind == "tmpfs-data" else "sparse")
+        a = p.mmap(PMD_SIZE, "rw", ["shared"], file="/mnt/t/f", align=PMD_SIZE)
+    p.touch(a)
+    p.touch(a + 5 * PAGE)
+    assert not any(s.level == "pmd" for s in p.inspect(a, PMD_SIZE))
+    assert p.madvise(a, PMD_SIZE, "collapse") == 0
+    st = p.inspect(a, PMD_SIZE)
+    assert all(s.present and s.level == "pmd" and s.kind == "shmem" for s in st)
+    assert [s.pfn for s in st] == list(range(st[0].pfn, st[0].pfn + 512))

@@ -516,6 +516,8 @@ def madvise_collapse(vma: VMA, start: int, end: int) -> Gen[int]:
     0 when every block ends up PMD-mapped; else the errno of the last failure.  Anonymous VMAs only.
     """
     mm = vma.vm_mm
+    if vma.vm_ops is not None and vma.vm_ops.is_shmem and vma.vm_file is not None:
+        return (yield from madvise_collapse_shmem(vma, start, end))
     if not collapse_allowed(vma):
         return -EINVAL
     hstart = (start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
@@ -535,6 +537,107 @@ def madvise_collapse(vma: VMA, start: int, end: int) -> Gen[int]:
             last_fail = result
             if result not in _SCAN_CONTINUE:
                 break
+    return 0 if thps == (hend - hstart) // PMD_SIZE else madvise_collapse_errno(last_fail)
+
+
+def shmem_collapse_allowed(vma: VMA, addr: int) -> bool:
+    """thp_vma_allowable_order(TVA_FORCED_COLLAPSE) for shmem: the huge= policy and shmem_enabled are
+    ignored for MADV_COLLAPSE (6.18.44: a tmpfs mounted huge=never collapses); VM_NOHUGEPAGE refuses; the
+    block must lie in the VMA with VA and file offset congruent modulo 2 MiB."""
+    from hmmirror.mm.memory import transhuge_vma_suitable
+
+    return not vma.vm_flags & (VM.NOHUGEPAGE | VM_SPECIAL) and transhuge_vma_suitable(vma, addr)
+
+
+def collapse_file_shmem(vma: VMA, addr: int) -> Gen[int]:
+    """collapse_file() + collapse_pte_mapped_thp(install_pmd) (mm/khugepaged.c) for the shmem block at
+    ``addr``: a new 2 MiB folio replaces the block's small pages in the page cache (their data copied, holes
+    zero-filled), every mapping of the old pages is removed, the emptied PTE tables are retracted and the
+    caller's block is mapped by one PMD.  A block already cached as one folio is only mapped."""
+    from hmmirror.mm import rmap
+    from hmmirror.arch.x86.pgtable import pfn_pte
+    from hmmirror.mm.memory import pmd_lockptr
+    from hmmirror.mm.truncate import unmap_mapping_pages
+
+    mm = vma.vm_mm
+    machine = mm.machine
+    mem, pool = machine.mem, machine.pool
+    inode = vma.vm_file.inode
+    mapping = inode.i_mapping
+    hindex = vma.linear_page_index(addr)
+    if hindex + HPAGE_PMD_NR > inode.nr_pages:
+        return SCAN_VMA_CHECK                                 # the block reaches past EOF
+    cur = mapping.find_page(hindex)
+    if not (cur >= 0 and int(mem.order[mem.compound_head(cur)]) == 9 and mem.compound_head(cur) == cur):
+        yield from sched.might_sleep("alloc_charge_folio")
+        new = mem.alloc_folio(9)
+        if new < 0:
+            return SCAN_ALLOC_HUGE_PAGE_FAIL
+        yield from unmap_mapping_pages(mapping, hindex, HPAGE_PMD_NR, False)
+        old = mapping.lookup_range(hindex, hindex + HPAGE_PMD_NR)
+        if (old >= 0).any() and (mem.mapcount[old[old >= 0]] > 0).any():
+            mem.put_page(new)
+            return SCAN_PAGE_COUNT                            # still mapped (e.g. pinned): try again later
+        for i in np.flatnonzero(old >= 0).tolist():
+            mem.copy(new + i, int(old[i]))
+        mapping.delete_range(mem, hindex, hindex + HPAGE_PMD_NR)
+        mapping.add_to_page_cache(hindex, new, HPAGE_PMD_NR)
+        mem.flags[new: new + HPAGE_PMD_NR] |= np.uint32(PG.swapbacked | PG.uptodate | PG.dirty)
+        machine.counters["thp_collapse_alloc"] += 1
+        cur = new
+    # retract_page_tables(): every VMA mapping the block whole keeps no empty PTE table there
+    for v in list(inode.i_mmap):
+        a = v.vm_start + ((hindex - v.vm_pgoff) << PAGE_SHIFT)
+        if a < v.vm_start or a + PMD_SIZE > v.vm_end or a & (PMD_SIZE - 1):
+            continue
+        pudp = v.vm_mm.pt.walk_to_pud(a)
+        if pudp is None:
+            continue
+        pmdp = v.vm_mm.pt.pmd_offset(pudp, a)
+        pmd = pool.get(pmdp)
+        if pte_none(pmd) or pmd_leaf(pmd):
+            continue
+        tid = table_id_of(pmd)
+        if not (pool.tables[tid] & ~np.uint64(x86._PAGE_ACCESSED | x86._PAGE_DIRTY)).any():
+            pool.set(pmdp, 0)
+            pool.free(tid)
+    # collapse_pte_mapped_thp(install_pmd=true) in the caller
+    pudp = mm.pt.walk_to_pud(addr, alloc=True)
+    assert pudp is not None
+    pmdp = mm.pt.pmd_alloc(pudp, addr)
+    ptl = pmd_lockptr(mm, pmdp)
+    yield from sched.spin_lock(ptl)
+    if pte_none(pool.get(pmdp)):
+        mem.get_page(cur)
+        rmap.page_add_rmap(mem, cur, HPAGE_PMD_NR)
+        pool.set(pmdp, x86.pte_mkyoung(pfn_pte(cur, vma.vm_page_prot) | x86._PAGE_PSE))
+    sched.spin_unlock(ptl)
+    return SCAN_SUCCEED
+
+
+def madvise_collapse_shmem(vma: VMA, start: int, end: int) -> Gen[int]:
+    """madvise_collapse() for a shmem VMA [6.18]: every 2 MiB block of the range becomes one PMD-mapped
+    shmem THP (hpage_collapse_scan_file + collapse_file), whatever shmem_enabled or huge= say."""
+    mm = vma.vm_mm
+    hstart = (start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+    hend = end & ~(PMD_SIZE - 1)
+    if hstart >= hend or not shmem_collapse_allowed(vma, hstart):
+        return -EINVAL
+    thps, last_fail = 0, SCAN_SUCCEED
+    for addr in range(hstart, hend, PMD_SIZE):
+        cur = mm.vma_lookup(addr)
+        if cur is None or not shmem_collapse_allowed(cur, addr) or cur.vm_file is not vma.vm_file:
+            last_fail = SCAN_VMA_CHECK
+            break
+        level, p, e = mm.pt.lookup(addr)
+        if level == "pmd" and p is not None and pmd_leaf(e):
+            thps += 1
+            continue
+        result = yield from collapse_file_shmem(cur, addr)
+        if result == SCAN_SUCCEED:
+            thps += 1
+        else:
+            last_fail = result
     return 0 if thps == (hend - hstart) // PMD_SIZE else madvise_collapse_errno(last_fail)
 
 
