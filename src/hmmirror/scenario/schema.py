@@ -612,6 +612,7 @@ class _Validator:
         self.allowed_ops = tuple(allowed_ops) if allowed_ops is not None else None
         self.fs_used: dict[str, int] = {}
         self.special_files: tuple[str, ...] = ("pfnmap",)
+        self.ops_where = "here"
         self.fork_unique = True         # a second fork to the same name is bad input (the simulator: EEXIST)
         self.page_budget = DEFAULT_PAGE_BUDGET
 
@@ -841,8 +842,8 @@ class _Validator:
                                                 f"not {type(kind).__name__}")
             if kind not in OPS or (self.allowed_ops is not None and kind not in self.allowed_ops):
                 if self.allowed_ops is not None and kind in OPS:
-                    raise self.fail(path + ("op",), f"op {i}: {kind!r} is not a set-up op of a simulator "
-                                                    f"scenario (one of {', '.join(self.allowed_ops)})")
+                    raise self.fail(path + ("op",), f"op {i}: {kind!r} cannot run {self.ops_where} "
+                                                    f"(one of {', '.join(self.allowed_ops)})")
                 raise self.fail(path + ("op",), f"op {i}: unknown op {kind!r} (one of {', '.join(sorted(OPS))})")
             d = OPS[kind]
             what = f"op {i} ({kind})"
@@ -1116,6 +1117,7 @@ class _SimValidator(_Validator):
 
     def __init__(self, file: str, text: str) -> None:
         super().__init__(file, text, allowed_ops=SIM_SETUP_OPS)
+        self.ops_where = "in the set-up of a simulator scenario"
         self.special_files = SPECIAL_FILES
         self.fork_unique = False
 
@@ -1188,11 +1190,11 @@ class _SimValidator(_Validator):
             proc = self.conv(_name, t.get("proc", procs[0]), tp + ("proc",), "thread proc")
             if proc not in procs + children:
                 raise self.fail(tp + ("proc",), f"sim.thread[{i}]: unknown process {proc!r}")
-            self.allowed_ops = SIM_THREAD_OPS
+            self.allowed_ops, self.ops_where = SIM_THREAD_OPS, "in a simulator thread"
             try:
                 self.ops(t.get("ops", []), procs + children, scn.machine, tp + ("ops",), dict(names))
             finally:
-                self.allowed_ops = SIM_SETUP_OPS
+                self.allowed_ops, self.ops_where = SIM_SETUP_OPS, "in the set-up of a simulator scenario"
         modes = _sim_names("mode", ("fault",))
         for i, d in enumerate(self.parts(sim.get("device", []), path + ("device",), "sim.device")):
             dp = path + ("device", i)
