@@ -54,10 +54,16 @@ def alive(pid: int) -> bool:
     return ps is not None and ps[1] not in ("Z", "X")
 
 
+def _foreground_signals() -> None:
+    """The child's SIGINT as a terminal's foreground job has it: a suite run from a background shell
+    inherits SIGINT ignored (bash ignores it for `&` jobs), and the program rightly keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], set[int]]:
     p = subprocess.Popen([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--seconds", "120", "--jobs", "2",
                           "--json", "--findings", str(tmp_path / "f"), *extra], env=ENV, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_foreground_signals)
     end = time.monotonic() + 60
     kids: set[int] = set()
     while time.monotonic() < end and len(kids) < 2:
