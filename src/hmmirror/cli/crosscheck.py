@@ -21,8 +21,11 @@ from hmmirror.errors import InputError
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--max-disagreements", type=click.IntRange(0, 1 << 20), default=20, show_default=True,
               help="How many disagreements the table lists.")
+@click.option("--guest", is_flag=True,
+              help="Run the real side in the test guest (Linux 6.12 with test_hmm and emulated pmem; see "
+                   "`hmmirror guest`) instead of this machine; dmirror results are compared too.")
 def command(files: tuple[str, ...], nrandom: int | None, seed: int, save: str | None, as_json: bool,
-            max_disagreements: int) -> int:
+            max_disagreements: int, guest: bool) -> int:
     """Run scenarios in real child processes and in the model; report per-field agreement.
 
     Exit code 1 when the model and the kernel disagree (or the model crashed on a scenario).
@@ -37,6 +40,10 @@ def command(files: tuple[str, ...], nrandom: int | None, seed: int, save: str | 
 
     if bool(files) == bool(nrandom):
         raise click.UsageError("give scenario FILES or --random N (not both)")
+    if guest:
+        from hmmirror.cli.guest_crosscheck import run_guest_crosscheck
+
+        return run_guest_crosscheck(files, nrandom, seed, save, as_json, max_disagreements, _print)
     reason = hostenv.why_not_live()
     if reason:
         raise InputError(f"crosscheck needs the live kernel: {reason}", "EPERM")

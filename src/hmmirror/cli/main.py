@@ -28,7 +28,7 @@ from hmmirror.cli.common import (EXIT_CODES_HELP, EXIT_INTERNAL, EXIT_INTERRUPTE
 from hmmirror.errors import InputError, KernelError
 
 #: Subcommand modules under ``hmmirror.cli``; a missing module is skipped (the command is not built yet).
-SUBCOMMANDS = ("demo", "run", "show", "live", "crosscheck", "bench", "fuzz", "replay")
+SUBCOMMANDS = ("demo", "run", "show", "live", "crosscheck", "bench", "fuzz", "replay", "guest")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},

@@ -135,7 +135,7 @@ def compare_pages(name: str, op_index: int, model: list[PageState], real: list[P
         report.agree += page_agree
 
 
-def _model_side(scn: Any, host_thp: dict[str, Any], real: list[Any] | None = None) -> Any:
+def _model_side(scn: Any, host_thp: dict[str, Any], real: list[Any] | None = None, kernel: str = "6.18") -> Any:
     """Run the scenario on the model configured like this machine.
 
     Each ``mmap`` gets the address the real kernel chose as its hint, so both address spaces have the same
@@ -156,9 +156,9 @@ def _model_side(scn: Any, host_thp: dict[str, Any], real: list[Any] | None = Non
     if isinstance(host_thp.get("use_zero_page"), bool):
         thp["use_zero_page"] = host_thp["use_zero_page"]
     scn.machine.thp = thp
-    scn.machine.kernel = "6.18"
+    scn.machine.kernel = kernel
     scn.machine.ram = max(scn.machine.ram, 1 << 30)
-    return runner.run(scn, kernel="6.18")
+    return runner.run(scn, kernel=kernel)
 
 
 def _real_side(scn: Any) -> list[Any]:
@@ -210,23 +210,34 @@ def crosscheck_scenario(scn: Any, report: Report, host_thp: dict[str, Any] | Non
     if both is None:
         return None
     model, real = both
-    name = scn.file
+    compare_runs(scn.file, model.records, real, report)
+    return model, real
+
+
+#: Operations that only observe (they change no page table): they do not start a new round of pfn classes.
+OBSERVING_OPS = ("inspect", "dmirror_snapshot")
+
+
+def compare_runs(name: str, model_records: list[Any], real_records: list[Any], report: Report) -> None:
+    """Compare one scenario's records op by op into ``report``: errno, the pages of every ``inspect``, and
+    what device operations returned (:func:`compare_extras`).  Used by the host and the guest runner."""
     report.scenarios += 1
     mcls, rcls = _PfnClasses(), _PfnClasses()
     last_change: str | None = None
-    for mrec, rrec in zip(model.records, real):
+    for mrec, rrec in zip(model_records, real_records):
         same = (mrec.errno or None) == (rrec.errno or None)
         report.count("errno", same)
         if not same:
             report.disagreements.append(Disagreement(name, mrec.index, "errno", mrec.errno, rrec.errno,
                                                      produced_by=f"#{mrec.index} {mrec.op} {mrec.proc}"))
+        elif not mrec.errno:
+            compare_extras(name, mrec.index, mrec, rrec, report)
         if mrec.op == "inspect" and mrec.pages is not None and rrec.pages is not None:
             compare_pages(name, mrec.index, mrec.pages, rrec.pages, report, mcls, rcls, last_change)
-        elif mrec.op != "inspect":
+        elif mrec.op not in OBSERVING_OPS:
             last_change = f"#{mrec.index} {mrec.op} {mrec.proc}"
             mcls.begin_round()
             rcls.begin_round()
-    return model, real
 
 
 def summary_rows(report: Report) -> list[tuple[str, int, int, float]]:
@@ -239,3 +250,34 @@ def top_disagreements(report: Report, n: int = 10) -> list[tuple[tuple[str, str,
     """The most frequent (field, model value, real value) disagreement kinds."""
     c = Counter((d.field, repr(d.model), repr(d.real)) for d in report.disagreements)
     return c.most_common(n)
+
+
+#: Scalar dmirror results compared per operation (field ``dmirror``); ``snapshot`` bytes are compared one by
+#: one (field ``snapshot``, ``page`` = the byte's page index).
+DMIRROR_RESULTS = ("cpages", "faults", "bad_pages")
+
+
+def compare_extras(name: str, op_index: int, mrec: Any, rrec: Any, report: Report) -> None:
+    """Compare what a device operation returned besides its errno: snapshot bytes and dmirror counts.
+
+    Only keys both sides report are compared (the host runner reports none; a failed ioctl reports none).
+    """
+    mx, rx = getattr(mrec, "extra", None) or {}, getattr(rrec, "extra", None) or {}
+    where = f"#{op_index} {getattr(mrec, 'op', '')} {getattr(mrec, 'proc', '')}"
+    ms, rs = mx.get("snapshot"), rx.get("snapshot")
+    if ms is not None and rs is not None:
+        for i in range(max(len(ms), len(rs))):
+            mv = ms[i] if i < len(ms) else None
+            rv = rs[i] if i < len(rs) else None
+            report.count("snapshot", mv == rv)
+            if mv != rv:
+                report.disagreements.append(Disagreement(name, op_index, "snapshot",
+                                                         None if mv is None else f"{mv:#04x}",
+                                                         None if rv is None else f"{rv:#04x}", i, None, where))
+    for key in DMIRROR_RESULTS:
+        if key in mx and key in rx:
+            same = mx[key] == rx[key]
+            report.count("dmirror", same)
+            if not same:
+                report.disagreements.append(Disagreement(name, op_index, f"dmirror.{key}", mx[key], rx[key],
+                                                         produced_by=where))

@@ -6,6 +6,12 @@ the same file, byte for byte.  The mix covers anonymous private and shared memor
 (shared and private), THP through MADV_HUGEPAGE, hugetlbfs 2 MiB pages, mprotect, munmap, madvise
 (DONTNEED, POPULATE_READ/WRITE, HUGEPAGE) and fork, with an ``inspect`` of every live mapping after each
 operation.
+
+``guest=True`` draws for the test guest (:mod:`hmmirror.live.guest`) from a stream of its own: the same mix
+plus fsdax files (ext4 ``-o dax`` on pmem, PTE- and PMD-sized), device-dax mappings (2 MiB alignment), and
+device operations through ``/dev/hmm_dmirror0`` (READ, WRITE, and the device-memory commands the model
+knows); after every operation the guest scenarios take a dmirror SNAPSHOT of every live mapping besides
+the inspect.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class _Gen:
     maps: list[_Mapping] = field(default_factory=list)
     procs: list[str] = field(default_factory=lambda: ["p"])
     uses: set[str] = field(default_factory=set)
+    guest: bool = False
+    dmirror: set[str] = field(default_factory=set)      # processes with /dev/hmm_dmirror0 open
 
     def pick(self, seq: list[str] | tuple[str, ...]) -> str:
         return seq[int(self.rng.integers(len(seq)))]
@@ -49,9 +57,19 @@ class _Gen:
 MAP_KINDS = ("anon", "anon", "anon_thp", "shared_anon", "tmpfs", "ext4", "ext4_private", "hugetlb")
 
 
+#: Guest-only mapping kinds (drawn besides MAP_KINDS when ``guest``).
+GUEST_MAP_KINDS = MAP_KINDS + ("fsdax", "fsdax", "fsdax_pmd", "devdax")
+#: Device commands the guest generator draws when the model registers them (new ports join by name).
+GUEST_DEVICE_OPS = ("dmirror_read", "dmirror_write", "dmirror_migrate_to_dev", "dmirror_migrate_to_sys",
+                    "dmirror_exclusive")
+
+
 def _mmap(g: _Gen, i: int) -> None:
-    kind = g.pick(MAP_KINDS)
+    kind = g.pick(GUEST_MAP_KINDS if g.guest else MAP_KINDS)
     name = f"m{i}"
+    if kind in ("fsdax", "fsdax_pmd", "devdax"):
+        _mmap_dax(g, name, kind, i)
+        return
     if kind == "anon_thp":
         length = 4 * MIB
         g.op(f'op = "mmap"\nas = "{name}"\nlength = "4M"\nprot = "rw"\nflags = ["private", "anonymous"]\n'
@@ -82,6 +100,50 @@ def _mmap(g: _Gen, i: int) -> None:
     g.maps.append(_Mapping(name, length, prot, kind, "p"))
 
 
+def _mmap_dax(g: _Gen, name: str, kind: str, i: int) -> None:
+    """fsdax: a file on ext4 -o dax, small (PTE faults) or 4 MiB 2 MiB-aligned (PMD faults); devdax: 2-4 MiB
+    of /dev/dax1.0 (2 MiB alignment)."""
+    if kind == "devdax":
+        g.uses.add("devdax")
+        length = int(g.rng.integers(1, 3)) * 2 * MIB
+        g.op(f'op = "mmap"\nas = "{name}"\nlength = {length}\nprot = "rw"\nflags = ["shared"]\n'
+             f'file = "/dev/dax1.0"')
+        g.maps.append(_Mapping(name, length, "rw", kind, "p"))
+        return
+    g.uses.add("fsdax")
+    share = g.pick(("shared", "shared", "private"))
+    if kind == "fsdax_pmd":
+        length = 4 * MIB
+        g.op(f'op = "mmap"\nas = "{name}"\nlength = "4M"\nprot = "rw"\nflags = ["{share}"]\n'
+             f'file = "/mnt/d/f{i}"\nalign = "2M"')
+    else:
+        length = int(g.rng.integers(8, 48)) * 4 * KIB
+        g.op(f'op = "mmap"\nas = "{name}"\nlength = {length}\nprot = "rw"\nflags = ["{share}"]\n'
+             f'file = "/mnt/d/f{i}"')
+    g.uses.add(f"file:/mnt/d/f{i}:{length}")
+    g.maps.append(_Mapping(name, length, "rw", kind, "p"))
+
+
+def _device_op(g: _Gen, m: _Mapping, proc: str, where: str) -> None:
+    """One dmirror command on a range of ``m`` (opening the device in ``proc`` first when needed)."""
+    from hmmirror.scenario.schema import OPS
+    from hmmirror.scenario.runner import load_extensions
+
+    load_extensions()
+    known = [op for op in GUEST_DEVICE_OPS if op in OPS]
+    op = g.pick(tuple(known))
+    if proc not in g.dmirror:
+        g.op(f'op = "dmirror_open"\nproc = "{proc}"')
+        g.dmirror.add(proc)
+    g.op(f'op = "{op}"\n{where}')
+
+
+def _snapshot_all(g: _Gen) -> None:
+    for m in g.maps:
+        if m.alive and m.proc in g.dmirror:
+            g.op(f'op = "dmirror_snapshot"\nproc = "{m.proc}"\naddr = "{m.name}"\nlength = {m.length}')
+
+
 def _range(g: _Gen, m: _Mapping) -> tuple[int, int]:
     pages = m.length // (4 * KIB)
     start = int(g.rng.integers(pages))
@@ -105,8 +167,11 @@ def _one_op(g: _Gen) -> None:
     proc = g.pick(tuple(g.procs))
     start, n = _range(g, m)
     where = f'proc = "{proc}"\naddr = "{m.name}+{start * 4}K"\nlength = "{n * 4}K"'
-    kind = g.pick(("touch_r", "touch_w", "touch_w", "dontneed", "populate", "mprotect", "munmap", "fork"))
-    if kind == "touch_r":
+    kinds = ("touch_r", "touch_w", "touch_w", "dontneed", "populate", "mprotect", "munmap", "fork")
+    kind = g.pick(kinds + ("device", "device", "device") if g.guest else kinds)
+    if kind == "device":
+        _device_op(g, m, proc, where)
+    elif kind == "touch_r":
         g.op(f'op = "touch"\n{where}\naccess = "read"')
     elif kind == "touch_w":
         g.op(f'op = "touch"\n{where}\naccess = "write"')
@@ -130,22 +195,35 @@ def _one_op(g: _Gen) -> None:
         g.op(f'op = "touch"\n{where}\naccess = "read"')
 
 
-def random_scenario(seed: int, index: int, max_ops: int = 8) -> str:
-    """The TOML text of random scenario ``index`` of stream ``seed``."""
-    g = _Gen(np.random.default_rng([seed, index]))
+#: Stream tag of the guest generator (its scenarios never coincide with the host's for one seed).
+GUEST_STREAM = 0x6E57
+
+
+def random_scenario(seed: int, index: int, max_ops: int = 8, guest: bool = False) -> str:
+    """The TOML text of random scenario ``index`` of stream ``seed`` (``guest``: the guest's mix)."""
+    key = [seed, index] if not guest else [seed, index, GUEST_STREAM]
+    g = _Gen(np.random.default_rng(key), guest=guest)
     for i in range(1 + int(g.rng.integers(2))):
         _mmap(g, i)
     for _ in range(2 + int(g.rng.integers(max_ops - 1))):
         _one_op(g)
         _inspect_all(g)
-    head = [f'title = "random scenario {index} of seed {seed}"', "", "[machine]", 'kernel = "6.18"',
-            'ram = "1G"']
+        if guest:
+            _snapshot_all(g)
+    head = [f'title = "random {"guest " if guest else ""}scenario {index} of seed {seed}"', "", "[machine]",
+            'kernel = "6.18"', 'ram = "1G"']
     if "hugetlb" in g.uses:
         head.append("hugepages_2m = 2")
     body = []
+    if "fsdax" in g.uses:
+        body += ["", "[[machine.pmem]]", 'name = "pmem0"', 'size = "64M"', 'mode = "fsdax"']
+    if "devdax" in g.uses:
+        body += ["", "[[machine.pmem]]", 'name = "pmem1"', 'size = "64M"', 'mode = "devdax"', 'align = "2M"']
     for fs, typ in (("/mnt/t", "tmpfs"), ("/mnt/e", "ext4")):
         if typ in g.uses:
             body += ["", "[[machine.fs]]", f'mount = "{fs}"', f'type = "{typ}"']
+    if "fsdax" in g.uses:
+        body += ["", "[[machine.fs]]", 'mount = "/mnt/d"', 'type = "ext4"', 'dax = "pmem0"']
     for u in sorted(g.uses):
         if u.startswith("file:"):
             _, path, length = u.split(":")
