@@ -320,7 +320,15 @@ def ensure_built(progress: Progress = _quiet, install: bool = True, log: Callabl
             _build_kernel(art, progress)
         if force or not (art.helpers_dir / "manifest.json").exists():
             _build_helpers(art, progress)
+        _prune(art)
         return art
+
+
+def _prune(art: Artifacts) -> None:
+    """Remove kernels and helpers of other fragments or sources (the build tree stays for incremental builds)."""
+    for d in cache_dir().iterdir():
+        if d.is_dir() and d.name.startswith(("kernel-", "helpers-")) and d not in (art.kernel_dir, art.helpers_dir):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------- steps
