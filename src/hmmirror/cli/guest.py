@@ -20,7 +20,7 @@ from hmmirror.errors import InputError
 
 
 def _fail(code: int, message: str) -> None:
-    click.echo(f"hmmirror: error: {message}", err=True)
+    click.echo("hmmirror: error: " + " | ".join(message.splitlines()), err=True)
     sys.exit(code)
 
 

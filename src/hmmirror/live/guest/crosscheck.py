@@ -22,12 +22,18 @@ from hmmirror.live.guest.jobs import run_scenarios
 BATCH = 25
 
 
+def new_info() -> dict[str, Any]:
+    """Facts about a guest cross-check: model profile, boots, seconds in the guest, acceleration, device-dax."""
+    return {"profile": model_profile(), "boots": 0, "guest_seconds": 0.0, "accel": None, "devdax": None}
+
+
 def crosscheck_guest(art: Artifacts, scenarios: Sequence[Any], report: Report,
-                     advance: Callable[[str], None] | None = None, batch: int = BATCH) -> dict[str, Any]:
-    """Cross-check parsed scenarios against the guest; returns facts about the runs (boots, seconds,
-    acceleration, the model profile)."""
-    profile = model_profile()
-    info: dict[str, Any] = {"profile": profile, "boots": 0, "guest_seconds": 0.0, "accel": None, "devdax": None}
+                     advance: Callable[[str], None] | None = None, batch: int = BATCH,
+                     info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Cross-check parsed scenarios against the guest into ``report``; returns ``info`` (:func:`new_info`),
+    updated after every batch (so an interrupted run still has it)."""
+    info = new_info() if info is None else info
+    profile = info["profile"]
     for lo in range(0, len(scenarios), batch):
         chunk = list(scenarios[lo:lo + batch])
         named = [(f"c{lo + i}", scn) for i, scn in enumerate(chunk)]
