@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hmmirror.live.guest import build, jobs, vm
+from hmmirror.live.guest import GUEST_PROFILE, build, jobs, vm
 from hmmirror.scenario import parse
 
 pytestmark = [pytest.mark.live, pytest.mark.xdist_group("guest")]
@@ -241,9 +241,14 @@ def test_crosscheck_against_the_guest(guest: build.Artifacts) -> None:
     report = Report()
     info = crosscheck_guest(guest, [parse(KERNEL_FACTS, "facts.toml")], report)
     assert info["boots"] == 1 and report.scenarios == 1, report.skipped
-    assert report.by_field["snapshot"][1] == 12 and report.by_field["dmirror"][1] >= 3
-    assert report.pages == 16 and not report.crashes
-    assert report.disagreements == []
+    assert report.by_field["snapshot"] == [8, 8] and report.by_field["dmirror"][1] >= 7
+    assert report.pages == 4 and not report.crashes
+    found = [(d.op_index, d.page, d.field, d.model, d.real) for d in report.disagreements]
+    if info["profile"] != GUEST_PROFILE:
+        # fs-DAX pagemap bits differ between 6.18 (the fallback) and the guest's 6.12 (docs/fidelity.md)
+        assert {f for _o, _p, f, _m, _r in found} <= {"exclusive", "file"}
+        pytest.xfail(f"the model has no {GUEST_PROFILE} profile yet; compared with {info['profile']}: {found}")
+    assert found == []
 
 
 # --- clean-up -------------------------------------------------------------------------------------------------

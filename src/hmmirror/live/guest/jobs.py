@@ -137,6 +137,8 @@ def parse_tap(text: str) -> list[SelftestResult]:
 def run_selftest(art: Artifacts, timeout: float = 900.0,
                  on_line: Callable[[str], None] | None = None) -> tuple[list[SelftestResult], vm.JobResult]:
     """Boot once and run the kernel's own hmm-tests (built from the same source tree as the kernel)."""
-    run_sh = "#!/bin/sh\ncd /tmp\n/bin/hmm-tests 2>&1 | tee /tmp/results\necho \"HMMG: hmm-tests rc=$?\"\n"
+    # anon_write_hugetlbfs needs free default-size (2 MiB) huge pages
+    run_sh = ("#!/bin/sh\ncd /tmp\necho 16 > /proc/sys/vm/nr_hugepages\n"
+              "/bin/hmm-tests 2>&1 | tee /tmp/results\necho \"HMMG: hmm-tests rc=$?\"\n")
     job = vm.run_job(art, {"/job/run.sh": run_sh}, timeout, on_line)
     return parse_tap(job.results), job
