@@ -83,12 +83,12 @@ size = "64K"
 cached = false
 [[op]]
 op = "mmap"
-as = "buf-1"
+as = "buf-a.1"
 length = "4M"
 align = "2M"
 [[op]]
 op = "touch"
-addr = "buf-1+8K"
+addr = "buf-a.1+8K"
 length = "8K"
 access = "write"
 fill = "index32"
@@ -102,10 +102,10 @@ flags = ["shared"]
 op = "dmirror_open"
 [[op]]
 op = "dmirror_snapshot"
-addr = "buf-1"
+addr = "buf-a.1"
 [[op]]
 op = "madvise"
-addr = "buf-1"
+addr = "buf-a.1"
 length = "2M"
 advice = "dontneed"
 [[op]]
@@ -114,7 +114,7 @@ child = "c"
 [[op]]
 op = "inspect"
 proc = "c"
-addr = "buf-1"
+addr = "buf-a.1"
 """
 
 
