@@ -98,6 +98,9 @@ class Machine:
         self.files: dict[str, Any] = {}        # path -> inode
         self.pgmaps: list[Any] = []            # dev_pagemap objects (memremap.py)
         self.fault_hooks: list[Callable[[Any, int, FAULT_FLAG], None]] = []
+        self.jiffies = 0                       # virtual time (kernel/time.py): one tick per simulator step
+        self.workqueues: list[Any] = []        # kernel/workqueue.py: every workqueue allocated on the machine
+        self.wq_hooks: list[Callable[[Any], None]] = []   # called with a workqueue when work is queued on it
 
     # -- processes -----------------------------------------------------------------------------------------
     def new_mm(self, name: str) -> MMStruct:

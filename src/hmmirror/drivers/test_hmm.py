@@ -19,10 +19,10 @@ The simulator drives these; a user plugs a driver of their own by subclassing :c
 
 Model choices (documented differences):
 
-* **The 1000 ms retry bound** (``HMM_RANGE_DEFAULT_TIMEOUT``) becomes a bound on the number of retries:
-  every pass of the retry loop is taken to cost at least 1 ms, so after :data:`DMIRROR_RANGE_FAULT_RETRIES`
-  (1000) unsuccessful passes the loop returns -EBUSY, as the kernel's ``time_after(jiffies, timeout)`` does.
-  It can only trigger under sustained invalidation (simulator).
+* **The 1000 ms retry bound** (``HMM_RANGE_DEFAULT_TIMEOUT``) is ``time_after(jiffies, timeout)`` on the
+  machine's virtual clock (:mod:`hmmirror.kernel.time`: one jiffy per simulator step), as in the kernel; run
+  sequentially the clock stands still, so :data:`DMIRROR_RANGE_FAULT_RETRIES` (1000) passes bound the loop
+  there.  Either can only trigger under sustained invalidation (simulator).
 * **The device page table** is an xarray of tagged page pointers in the kernel; here it is
   :class:`DevicePageTable`: sparse numpy chunks of 512 ``uint64`` entries ``pfn << 2 | tag`` (0 = empty), no
   Python object per page.  Tags: 0 read-only, ``DPT_XA_TAG_WRITE`` (3) writable, ``DPT_XA_TAG_ATOMIC`` (1)
@@ -331,10 +331,13 @@ class MirrorDriver:
         """dmirror_range_fault() / hmm.rst ``driver_populate_range``: read_begin, hmm_range_fault under the
         mmap read lock, then ``read_retry`` under the driver lock; program the device only when no
         invalidation intervened.  -EBUSY after :attr:`max_retries` passes (the 1000 ms timeout)."""
+        from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
+
         mm = self.mm
         passes = 0
+        timeout = jiffies(self.machine) + msecs_to_jiffies(DMIRROR_RANGE_FAULT_TIMEOUT)
         while True:
-            if passes > self.max_retries:                 # time_after(jiffies, timeout)
+            if time_after(jiffies(self.machine), timeout) or passes > self.max_retries:
                 self.machine.counters["dmirror_timeouts"] += 1
                 return -EBUSY
             passes += 1

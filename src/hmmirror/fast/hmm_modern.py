@@ -668,6 +668,7 @@ def hmm_range_fault(range: ref.HmmRange, *, reference: bool = False) -> Gen[int]
     machine = mm.machine
     ref.mmap_assert_locked(mm)
     machine.counters["hmm_range_fault"] += 1
+    machine.log("hmm_range_fault_begin", mm=mm.name, start=range.start, end=range.end)
     hmm_vma_walk = ref.HmmVmaWalk(range, range.start)
     while True:
         if mmu_interval_check_retry(range.notifier, range.notifier_seq):

@@ -38,6 +38,7 @@ class DmirrorAdapter:
 
     def __init__(self, unit: int = 0) -> None:
         self.unit = unit
+        self.closed = False
         self.pt = DevicePageTable()
         self.mm: Any = None
         self.file: Any = None
@@ -96,8 +97,9 @@ class DmirrorAdapter:
           entries are programmed (a driver prefetching what the CPU has);
         * ``fault_perpage``: ``pfn_flags_mask = REQ_FAULT|REQ_WRITE``, per-page requests (some pages read,
           some write, some nothing: :func:`request_pattern`); valid entries are programmed;
-        * ``fault_reuse``: the same, the ``hmm_pfns`` array of the previous call on that range reused as it
-          is (its output entries read as the new requests, as a driver keeping its array does);
+        * ``fault_reuse``: the same, the ``hmm_pfns`` array of the previous call on that range reused (a
+          driver keeping its array), its requests written again before every pass -- an entry left as the
+          previous call's output would be read as a request (``hmm_range_input``, I4: a stale pfn array);
         * ``fault_noowner``: dmirror's whole-range fault with ``dev_private_owner = NULL``.
         """
         from hmmirror.drivers import test_hmm as th
@@ -110,6 +112,7 @@ class DmirrorAdapter:
         try:
             npages = (end - start) >> PAGE_SHIFT
             owner: Any = dm.mdevice
+            req = None
             if mode == "snapshot":
                 pfns, dflt, mask = np.zeros(npages, dtype=np.uint64), 0, 0
             elif mode == "fault_noowner":
@@ -118,20 +121,23 @@ class DmirrorAdapter:
             else:
                 key = (start, end)
                 old = self._arrays.get(key) if mode == "fault_reuse" else None
-                pfns = old if old is not None else request_pattern(npages, write, int(job.get("pattern", 0)),
-                                                                   hmm.HMM_PFN_REQ_FAULT, hmm.HMM_PFN_REQ_WRITE)
+                req = request_pattern(npages, write, int(job.get("pattern", 0)), hmm.HMM_PFN_REQ_FAULT,
+                                      hmm.HMM_PFN_REQ_WRITE)
+                pfns = old if old is not None and len(old) == npages else req.copy()
                 dflt, mask = 0, hmm.HMM_PFN_REQ_FAULT | hmm.HMM_PFN_REQ_WRITE
                 self._arrays[key] = pfns
             rng = hmm.HmmRange(dm.notifier, start, end, pfns, pfn_flags_mask=mask, default_flags=dflt,
                                dev_private_owner=owner)
             if mode == "fault_noowner":
                 return (yield from dm.range_fault(rng))
-            return (yield from self._loop(rng))
+            return (yield from self._loop(rng, req))
         finally:
             yield from th.mmput(mm)
 
-    def _loop(self, rng: Any) -> Gen[int]:
-        """MirrorDriver.range_fault with a commit of the valid entries only (requests may leave pages out)."""
+    def _loop(self, rng: Any, req: Any = None) -> Gen[int]:
+        """MirrorDriver.range_fault with a commit of the valid entries only (requests may leave pages out);
+        the per-page requests ``req`` are written into the array before every pass (after a failed pass the
+        array holds outputs, which must not be read as requests)."""
         from hmmirror.drivers.test_hmm import DPT_XA_TAG_WRITE
         from hmmirror.mm.hmm import modern as hmm
         from hmmirror.mm.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry
@@ -139,6 +145,8 @@ class DmirrorAdapter:
         dm = self.dm
         mm = dm.mm
         for _ in range(dm.max_retries + 1):
+            if req is not None:
+                rng.hmm_pfns[:len(req)] = req
             rng.notifier_seq = yield from mmu_interval_read_begin(rng.notifier)
             yield from sched.down_read(mm.mmap_sem)
             ret = yield from hmm.hmm_range_fault(rng)
@@ -163,7 +171,13 @@ class DmirrorAdapter:
     def gc(self) -> Gen[Any]:
         return (yield from self.dm.gc())
 
+    @property
+    def owner(self) -> Any:
+        """dmirror's ``pgmap->owner`` / ``dev_private_owner``: its device."""
+        return self.dm.mdevice if self.dm is not None else None
+
     def unbind(self) -> Gen[None]:
+        self.closed = True
         if self.file is not None:
             yield from self.file.fops_release()
             self.file = None
@@ -176,6 +190,7 @@ class Hmm52Adapter:
 
     def __init__(self, literal: bool = False) -> None:
         self.literal = literal
+        self.closed = False
         self.pt = DevicePageTable()
         self._ranges: dict[tuple[int, int], Any] = {}
         self.mm: Any = None
@@ -267,6 +282,7 @@ class Hmm52Adapter:
         return (yield from self.drv.gc())
 
     def unbind(self) -> Gen[None]:
+        self.closed = True
         yield from self.drv.unregister()
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from hmmirror.arch.x86.pgtable import PAGE_SIZE
+from hmmirror.drivers.device_mmu import DevicePageTable
 from hmmirror.errors import InputError
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen, Lock
@@ -32,57 +33,6 @@ from hmmirror.kernel.sched import Gen, Lock
 ULONG_MAX = (1 << 64) - 1
 PAGE_MASK = ULONG_MAX & ~(PAGE_SIZE - 1)
 EAGAIN = 11
-
-
-class DevicePageTable:
-    """The device's page table: virtual page -> ``(pfn, writable)``.
-
-    Every change goes through :meth:`map` / :meth:`unmap` / :meth:`clear`, which tell the simulator's
-    listener (coherence and commit invariants look only at entries touched since the last step).
-    """
-
-    __slots__ = ("entries", "listener")
-
-    def __init__(self) -> None:
-        self.entries: dict[int, tuple[int, bool]] = {}
-        self.listener: Callable[[str, int, int, bool], None] | None = None
-
-    def map(self, va: int, pfn: int, write: bool) -> None:
-        """Install (commit) a device entry for the page at ``va``."""
-        va &= ~(PAGE_SIZE - 1)
-        self.entries[va] = (int(pfn), bool(write))
-        if self.listener is not None:
-            self.listener("map", va, int(pfn), bool(write))
-
-    def unmap(self, start: int, end: int) -> int:
-        """Drop the device entries of ``[start, end)``; returns how many were dropped."""
-        ents = self.entries
-        if not ents:
-            return 0
-        if (end - start) // PAGE_SIZE < len(ents):
-            gone = [va for va in range(start & ~(PAGE_SIZE - 1), end, PAGE_SIZE) if va in ents]
-        else:
-            gone = [va for va in ents if start <= va < end]
-        for va in gone:
-            del ents[va]
-            if self.listener is not None:
-                self.listener("unmap", va, 0, False)
-        return len(gone)
-
-    def wrprotect(self, start: int, end: int) -> None:
-        """Make the device entries of ``[start, end)`` read-only."""
-        for va, (pfn, w) in list(self.entries.items()):
-            if start <= va < end and w:
-                self.entries[va] = (pfn, False)
-
-    def clear(self) -> None:
-        self.unmap(0, ULONG_MAX)
-
-    def get(self, va: int) -> tuple[int, bool] | None:
-        return self.entries.get(va & ~(PAGE_SIZE - 1))
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
 
 @dataclass
@@ -120,21 +70,44 @@ class MirrorDriver(Protocol):
 
 
 class DriverBase:
-    """Registration for both profiles; subclasses write ``fault``, ``invalidate`` and optionally ``gc``.
+    """Registration for both profiles, and what real drivers have besides; subclasses write ``fault``,
+    ``invalidate`` and optionally ``gc``.
 
     Attributes a subclass uses: ``self.mm`` (the mirrored mm), ``self.machine``, ``self.profile``,
-    ``self.lock`` (the driver's ``update`` lock: a mutex, as in hmm.rst), ``self.pt`` (device page table),
-    ``self.sub`` ([6.x] the ``mmu_interval_notifier``) or ``self.mirror`` ([5.2] the ``hmm_mirror``).
+    ``self.lock`` (the driver's ``update`` lock: a mutex, as in hmm.rst), ``self.pt`` (the device: page table,
+    TLB, DMA mappings), ``self.sub`` ([6.x] the whole-address-space ``mmu_interval_notifier``) or
+    ``self.mirror`` ([5.2] the ``hmm_mirror``).
+
+    What a real driver has and a subclass may use ([6.x]):
+
+    * several interval notifiers (``notifier_size`` set: none is inserted at bind; the driver inserts one per
+      range or chunk with :meth:`notifier_insert` and removes it with :meth:`notifier_remove`; the callback's
+      ``inv.sub`` says which one fired);
+    * a workqueue for driver work items (:meth:`alloc_workqueue`, :meth:`init_work`; ``queue_work`` /
+      ``flush_work`` / ``disable_work_sync`` of :mod:`hmmirror.kernel.workqueue`), run by a worker task of its
+      own in the simulator;
+    * a device TLB (``device_tlb = True``: a zapped entry stays reachable until ``self.pt.tlb_flush()``) and
+      DMA mappings (``self.pt.dma_map_page`` / ``dma_unmap_page``), both visible to the checks;
+    * close during a run (the ``close`` event calls :meth:`unbind`; with ``unbind_races_faults`` it does not
+      wait for device faults in flight, as a GPU VM closed under its page-fault worker);
+    * :meth:`mmget_not_zero` / :meth:`mmput` for the references a fault path holds on the mm.
     """
 
     name = "driver"
     #: profile names this driver supports (None: all)
     profiles: tuple[str, ...] | None = None
+    #: [6.x] None: one interval notifier over the whole address space, inserted by bind() (hmm.rst); a size:
+    #: the driver inserts its own notifiers (e.g. one per chunk of this size)
+    notifier_size: int | None = None
+    #: the device caches translations: unmapped entries stay usable until pt.tlb_flush()
+    device_tlb = False
+    #: the close event may call unbind() while device faults are still running
+    unbind_races_faults = False
 
     def __init__(self, name: str | None = None) -> None:
         if name:
             self.name = name
-        self.pt = DevicePageTable()
+        self.pt = DevicePageTable(tlb=self.device_tlb)
         self.lock = Lock(f"{self.name}.update", "mutex")
         self.mm: Any = None
         self.machine: Any = None
@@ -142,7 +115,17 @@ class DriverBase:
         self.sub: Any = None
         self.mirror: Any = None
         self._classic: Any = None
+        self._ops: Any = None
         self.bound = False
+        self.closed = False                     # unbind() has begun
+        self.notifiers: list[Any] = []          # [6.x] every interval notifier inserted and not removed
+        self.workqueues: list[Any] = []
+        self.works: list[Any] = []
+
+    @property
+    def owner(self) -> Any:
+        """The ``dev_private_owner`` / ``pgmap->owner`` cookie of this device (the driver object itself)."""
+        return self
 
     # -- the three routines ------------------------------------------------------------------------------
     def fault(self, start: int, end: int, write: bool) -> Gen[int]:
@@ -155,28 +138,85 @@ class DriverBase:
 
     gc: Any = None
 
-    # -- registration ------------------------------------------------------------------------------------
-    def bind(self, mm: Any) -> Gen[int]:
-        """Register with ``mm``: an interval notifier [6.x], an hmm mirror [5.2] (a classic notifier when the
-        5.2 HMM module is not available)."""
-        self.mm, self.machine, self.profile = mm, mm.machine, mm.machine.profile
-        if self.profile.interval_notifiers:
-            from hmmirror.mm.mmu_notifier import (
-                MmuIntervalNotifier,
-                MmuIntervalNotifierOps,
-                mmu_interval_notifier_insert,
-            )
+    # -- what real drivers have besides ---------------------------------------------------------------------
+    def notifier_insert(self, start: int, length: int) -> Gen[tuple[int, Any]]:
+        """[6.x] mmu_interval_notifier_insert() of ``[start, start + length)`` whose callback is
+        :meth:`invalidate`; returns ``(0, notifier)`` or ``(-errno, None)``.  Must not hold the mmap lock."""
+        from hmmirror.mm.mmu_notifier import MmuIntervalNotifier, mmu_interval_notifier_insert
+
+        sub = MmuIntervalNotifier()
+        ret = yield from mmu_interval_notifier_insert(sub, self.mm, start, length, self._notifier_ops())
+        if ret:
+            return ret, None
+        self.notifiers.append(sub)
+        return 0, sub
+
+    def notifier_remove(self, sub: Any) -> Gen[None]:
+        """[6.x] mmu_interval_notifier_remove(): returns once no callback for ``sub`` can run any more."""
+        from hmmirror.mm.mmu_notifier import mmu_interval_notifier_remove
+
+        if sub in self.notifiers:
+            self.notifiers.remove(sub)
+        yield from mmu_interval_notifier_remove(sub)
+
+    def _notifier_ops(self) -> Any:
+        if self._ops is None:
+            from hmmirror.mm.mmu_notifier import MmuIntervalNotifierOps, mmu_notifier_range_blockable
 
             drv = self
 
             class _Ops(MmuIntervalNotifierOps):
                 def invalidate(self, sub: Any, r: Any, cur_seq: int) -> Gen[bool]:
-                    from hmmirror.mm.mmu_notifier import mmu_notifier_range_blockable
                     inv = Invalidation(r.start, r.end, r.event, mmu_notifier_range_blockable(r), cur_seq, sub, r)
                     return (yield from drv.invalidate(inv))
 
-            self.sub = MmuIntervalNotifier()
-            ret = yield from mmu_interval_notifier_insert(self.sub, mm, 0, PAGE_MASK, _Ops())
+            self._ops = _Ops()
+        return self._ops
+
+    def alloc_workqueue(self, name: str) -> Any:
+        """alloc_ordered_workqueue() owned by this driver (the simulator runs it on a worker task)."""
+        from hmmirror.kernel.workqueue import alloc_workqueue
+
+        wq = alloc_workqueue(self.machine, f"{self.name}.{name}", owner=self)
+        self.workqueues.append(wq)
+        return wq
+
+    def init_work(self, func: Callable[[Any], Gen[Any]], name: str) -> Any:
+        """INIT_WORK(): a work item of this driver running ``func(work)`` (a generator function)."""
+        from hmmirror.kernel.workqueue import INIT_WORK
+
+        w = INIT_WORK(func, f"{self.name}.{name}", owner=self)
+        self.works.append(w)
+        return w
+
+    def mmget_not_zero(self) -> bool:
+        """mmget_not_zero(self.mm): a user reference unless the address space is being torn down."""
+        mm = self.mm
+        if mm is None or mm.mm_users <= 0 or mm.exited:
+            return False
+        mm.mm_users += 1
+        return True
+
+    def mmput(self) -> Gen[None]:
+        """mmput(self.mm): drop the reference; the last one tears the address space down (may sleep)."""
+        try:
+            from hmmirror.kernel.fork import mmput
+        except ImportError:
+            self.mm.mm_users -= 1
+            return
+        yield from mmput(self.mm)
+
+    # -- registration ------------------------------------------------------------------------------------
+    def bind(self, mm: Any) -> Gen[int]:
+        """Register with ``mm``: [6.x] an interval notifier over the whole address space (unless the driver
+        inserts its own, ``notifier_size``); [5.2] an hmm mirror (a classic notifier when the 5.2 HMM module
+        is not available)."""
+        self.mm, self.machine, self.profile = mm, mm.machine, mm.machine.profile
+        if self.profile.interval_notifiers:
+            if self.notifier_size is not None:
+                ret = 0
+            else:
+                ret, self.sub = yield from self.notifier_insert(0, PAGE_MASK)
         else:
             ret = yield from self._bind_v5_2(mm)
         self.bound = ret == 0
@@ -229,14 +269,26 @@ class DriverBase:
         return
         yield
 
+    def teardown(self) -> Gen[None]:
+        """What the driver frees at unbind after its notifiers are gone and its work is disabled (override:
+        e.g. DMA-unmap what is still mapped).  Default: nothing."""
+        return
+        yield
+
     def unbind(self) -> Gen[None]:
-        """Unregister (interval notifier remove / hmm_mirror_unregister / mmu_notifier_unregister)."""
+        """Unregister and tear down, in the order that is safe against everything still running: remove
+        every interval notifier (no callback runs afterwards), disable every work item and destroy the
+        workqueues (nothing queued can run afterwards), :meth:`teardown`, then zap the device page table and
+        flush its TLB.  [5.2] hmm_mirror_unregister / mmu_notifier_unregister instead of the notifiers."""
+        from hmmirror.kernel.workqueue import destroy_workqueue, disable_work_sync
+
         if not self.bound:
             return
         self.bound = False
-        if self.sub is not None:
-            from hmmirror.mm.mmu_notifier import mmu_interval_notifier_remove
-            yield from mmu_interval_notifier_remove(self.sub)
+        self.closed = True
+        if self.profile is not None and self.profile.interval_notifiers:
+            for sub in list(self.notifiers):
+                yield from self.notifier_remove(sub)
         elif self.mirror is not None:
             v52 = importlib.import_module("hmmirror.mm.hmm.v5_2")
             ret = v52.hmm_mirror_unregister(self.mirror)
@@ -245,7 +297,15 @@ class DriverBase:
         elif self._classic is not None:
             from hmmirror.mm.mmu_notifier import mmu_notifier_unregister
             yield from mmu_notifier_unregister(self._classic, self.mm)
+        for w in self.works:
+            yield from disable_work_sync(w)
+        for wq in self.workqueues:
+            yield from destroy_workqueue(wq)
+        yield from self.teardown()
+        yield from sched.mutex_lock(self.lock)
         self.pt.clear()
+        self.pt.tlb_flush()
+        sched.mutex_unlock(self.lock)
 
 
 # --- loading drivers -------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class SimTask:
     """One interleaved thread: a CPU thread (``cpu``), a device job (``device``) or a kernel event (``kevent``)."""
 
     __slots__ = ("idx", "name", "kind", "task", "gen", "point", "ready", "done", "result", "op", "op_start",
-                 "label", "steps", "error")
+                 "label", "steps", "error", "daemon")
 
     def __init__(self, idx: int, name: str, kind: str, gen: Generator[Point, None, Any], label: str = "") -> None:
         self.idx = idx
@@ -81,6 +81,7 @@ class SimTask:
         self.label = label or kind  # kevent: the event kind (reclaim, thp_split, ...)
         self.steps = 0
         self.error: BaseException | None = None
+        self.daemon = False       # a worker (kworker): runs while it has work, never keeps the run alive
 
     def runnable(self) -> bool:
         return not self.done and (self.ready is None or self.ready())
@@ -244,7 +245,7 @@ class Engine:
         while not self.stopped:
             runnable = [t for t in tasks if not t.done and (t.ready is None or t.ready())]
             if not runnable:
-                if any(not t.done for t in tasks):
+                if any(not t.done and not t.daemon for t in tasks):
                     self._all_blocked()
                 return
             if self.step >= self.max_steps:
@@ -291,10 +292,13 @@ class Engine:
                 for fn in exited:
                     fn(self, st)
             self.step += 1
+            self.machine.jiffies += 1                     # one tick of virtual time per step (kernel/time.py)
 
     def _all_blocked(self) -> None:
         """No task can run but some are not finished: a deadlock or a wait nobody will end."""
-        blocked = [t for t in self.tasks if not t.done]
+        # an idle worker waiting for work is not blocked (it holds nothing and nobody waits for it)
+        blocked = [t for t in self.tasks if not t.done and not (t.daemon and not (
+            t.point is not None and isinstance(t.point.obj, Lock)))]
         waits_lock = []
         for t in blocked:
             obj = t.point.obj if t.point is not None else None

@@ -20,6 +20,19 @@ kernel's order of steps (locks, notifier range, entry changes) and named after t
 * ``notifier_churn``: a second mirror (and a plain notifier) registered and unregistered concurrently.
 * ``exit``: the process exits when its last thread does -- the event waits until the scenario's CPU threads of
   that process finished, then drops the process's ``mm_users`` reference (``mmput``; ``exit_mmap`` at zero).
+* ``compact``: kcompactd migrating the anonymous page at an address (``migrate`` above), reached through the
+  page's rmap as compaction does: it holds **no** ``mm_users`` reference, so the process may exit meanwhile
+  and a notifier callback may see the last reference go.
+* ``clear_refs``: ``clear_refs_write(CLEAR_REFS_SOFT_DIRTY)`` repeated ``rounds`` times -- a dirty-page tracker
+  polling ``/proc/PID/clear_refs`` keeps the whole address space busy with ``MMU_NOTIFY_SOFT_DIRTY``
+  invalidations (sustained invalidation: a driver's retry loop must give up, not spin).
+* ``close``: the driver's last reference goes away (``release`` of its file, ``drm_gpusvm_fini`` of a GPU VM):
+  ``unbind()`` runs -- after the device jobs ended, or while they run when the driver says a close races its
+  faults (``unbind_races_faults``).
+
+Events hold an ``mm_users`` reference while they work, as kernel threads that start from an mm do
+(``mmget_not_zero``); ``compact`` (rmap-based, as kcompactd and kswapd are), ``exit``, ``gc``, ``close`` and
+``pmem_unbind`` do not.
 
 An event that finds nothing suitable at its address does nothing (returns a negative errno, as the kernel's
 helpers skip such pages); that is not a finding.
@@ -82,7 +95,12 @@ def supported(kind: str) -> bool:
         return _has("hmmirror.mm.oom_kill", "__oom_reap_task_mm")
     if kind == "exit":
         return _has("hmmirror.kernel.fork", "mmput")
-    return kind in ("thp_split", "khugepaged", "migrate", "numa", "memory_failure", "notifier_churn", "gc")
+    return kind in ("thp_split", "khugepaged", "migrate", "numa", "memory_failure", "notifier_churn", "gc",
+                    "compact", "clear_refs", "close")
+
+
+#: events that run without taking an mm_users reference of their own
+NO_MM_REF = ("pmem_unbind", "gc", "exit", "close", "compact")
 
 
 def run_event(run: Any, ev: dict[str, Any]) -> Gen[int]:
@@ -93,11 +111,11 @@ def run_event(run: Any, ev: dict[str, Any]) -> Gen[int]:
     addr = resolve_addr(ev["addr"], run.names) if "addr" in ev else None
     if "addr" in ev and addr is None:
         return -ENOENT
-    if mm is None or (mm.exited and kind not in ("pmem_unbind", "gc")):
+    if mm is None or (mm.exited and kind not in ("pmem_unbind", "gc", "close")):
         return -ENOENT
     if kind in HANDLERS and not HANDLERS[kind][1]:
         return (yield from HANDLERS[kind][0](run, ev, mm, addr))
-    if kind in ("pmem_unbind", "gc", "exit"):
+    if kind in NO_MM_REF:
         return (yield from _run_event(run, ev, kind, mm, addr))
     # the kernel thread holds a user reference on the mm while it works on it (mmget_not_zero / mmput)
     if mm.mm_users <= 0:
@@ -156,7 +174,18 @@ def _run_event(run: Any, ev: dict[str, Any], kind: str, mm: Any, addr: Any) -> G
         return 0
     if kind == "notifier_churn":
         return (yield from notifier_churn(run, mm))
+    if kind == "compact":
+        # kcompactd finds the page through its rmap: no reference on the mm (only one it had when it began)
+        if mm.mm_users <= 0:
+            return -ENOENT
+        return (yield from migrate_page(mm, addr, int(ev.get("hold", 4))))
+    if kind == "clear_refs":
+        return (yield from clear_refs_write(mm, int(ev.get("rounds", 8))))
+    if kind == "close":
+        return (yield from driver_close(run))
     if kind == "gc":
+        if getattr(run.driver, "closed", False):
+            return -ENOENT                               # a closed driver runs no background work
         gc = getattr(run.driver, "gc", None)
         if gc is None:
             return 0
@@ -471,3 +500,105 @@ def notifier_churn(run: Any, mm: Any) -> Gen[int]:
         yield from other.unbind()
     yield from mmu_notifier_unregister(mn, mm)
     return 0
+
+
+def driver_close(run: Any) -> Gen[int]:
+    """The driver's last reference is dropped: ``unbind()`` (file ``release`` / ``drm_gpusvm_fini``).
+
+    A file's ``release`` runs only when no ioctl holds the file any more, so by default the close waits
+    for the device jobs; a driver whose close races its fault handling (``unbind_races_faults``, e.g. a GPU
+    VM closed while its page-fault worker runs) is unbound at once.
+    """
+    drv = run.driver
+    if getattr(drv, "closed", False):
+        return -ENOENT
+    if not getattr(drv, "unbind_races_faults", False):
+        devs = [t for t in run.engine.tasks if t.kind == "device"]
+        yield from sched.wait_event(lambda: all(t.done for t in devs), "close: the device jobs hold the file")
+    yield from drv.unbind()
+    run.machine.log("sim_driver_closed", driver=getattr(drv, "name", "?"))
+    return 0
+
+
+def clear_refs_write(mm: Any, rounds: int) -> Gen[int]:
+    """clear_refs_write(CLEAR_REFS_SOFT_DIRTY) (fs/proc/task_mmu.c), ``rounds`` times in a row.
+
+    Each round: mmap lock for read, one ``MMU_NOTIFY_SOFT_DIRTY`` invalidation of ``[0, ULONG_MAX)``, and
+    ``clear_soft_dirty()`` of every present entry, which write-protects it.  The model has no soft-dirty bit:
+    a writable entry of an anonymous VMA counts as dirtied since the last round (a write after the previous
+    round faulted it writable again) and is write-protected; other entries are left alone (file and DAX
+    entries keep their permission -- a simplification).  Returns the number of entries write-protected.
+    """
+    from hmmirror.mm.mmu_notifier import ULONG_MAX
+
+    total = 0
+    for k in range(max(rounds, 1)):
+        if mm.exited or mm.mm_users <= 0:
+            break
+        yield from sched.down_read(mm.mmap_sem)
+        try:
+            vma0 = mm.vmas[0] if mm.vmas else None
+            r = mmu_notifier_range_init(MMU_NOTIFY.SOFT_DIRTY, vma0, mm, 0, ULONG_MAX)
+            yield from mmu_notifier_invalidate_range_start(r)
+            n = 0
+            for vma in list(mm.vmas):
+                if vma_is_anonymous(vma) and not vma.vm_flags & (VM.HUGETLB | VM.PFNMAP):
+                    n += yield from _clear_soft_dirty_vma(mm, vma)
+            yield from mmu_notifier_invalidate_range_end(r)
+            total += n
+        finally:
+            sched.up_read(mm.mmap_sem)
+        mm.machine.log("clear_refs", mm=mm.name, round=k, wrprotected=n)
+        yield from sched.preempt_point("clear_refs")
+    return total
+
+
+def _clear_soft_dirty_vma(mm: Any, vma: Any) -> Gen[int]:
+    """clear_refs_pte_range() of one anonymous VMA: write-protect its writable PTEs and THP PMDs."""
+    import numpy as np
+
+    pool = mm.machine.pool
+    n = 0
+    addr = vma.vm_start
+    rw = np.uint64(x86._PAGE_RW)
+    pres = np.uint64(x86._PAGE_PRESENT)
+    while addr < vma.vm_end:
+        nxt = min((addr & ~(PMD_SIZE - 1)) + PMD_SIZE, vma.vm_end)
+        pudp = mm.pt.walk_to_pud(addr)
+        if pudp is None:
+            addr = nxt
+            continue
+        pmdp = mm.pt.pmd_offset(pudp, addr)
+        pmd = pool.get(pmdp)
+        if x86.pte_none(pmd):
+            addr = nxt
+            continue
+        if x86.pmd_leaf(pmd):
+            if pmd & x86._PAGE_PRESENT and pmd & x86._PAGE_RW:
+                ptl = pmd_lockptr(mm, pmdp)
+                yield from sched.spin_lock(ptl)
+                cur = pool.get(pmdp)
+                if cur == pmd:
+                    pool.set(pmdp, cur & ~x86._PAGE_RW)
+                    n += 1
+                sched.spin_unlock(ptl)
+            addr = nxt
+            continue
+        tid = x86.table_id_of(pmd)
+        i0 = (addr >> 12) & 511
+        i1 = i0 + ((nxt - addr) >> 12)
+        ents = pool.tables[tid][i0:i1]
+        hit = np.flatnonzero(((ents & pres) != 0) & ((ents & rw) != 0))
+        if hit.size:
+            ptl = pte_lockptr(mm, pmdp)
+            yield from sched.spin_lock(ptl)
+            if pool.get(pmdp) == pmd:                    # the table is still there
+                tab = pool.tables[tid]
+                for k in hit.tolist():
+                    e = int(tab[i0 + k])
+                    if e & x86._PAGE_PRESENT and e & x86._PAGE_RW and not x86.pte_special(e):
+                        tab[i0 + k] = np.uint64(e & ~x86._PAGE_RW)
+                        n += 1
+            sched.spin_unlock(ptl)
+        addr = nxt
+    return n

@@ -36,9 +36,17 @@ class IntervalMirror(DriverBase):
         from hmmirror.mm.hmm import modern as hmm
         from hmmirror.mm.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry
 
-        mm = self.mm
-        if mm.mm_users <= 0:                     # mmget_not_zero() failed
+        if not self.mmget_not_zero():            # the address space is being torn down
             return -EFAULT
+        ret = yield from self._populate(start, end, write)
+        yield from self.mmput()                  # on the normal path: no yield inside a finally block
+        return ret
+
+    def _populate(self, start: int, end: int, write: bool) -> Gen[int]:
+        from hmmirror.mm.hmm import modern as hmm
+        from hmmirror.mm.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry
+
+        mm = self.mm
         npages = (end - start) >> PAGE_SHIFT
         flags = hmm.HMM_PFN_REQ_FAULT | (hmm.HMM_PFN_REQ_WRITE if write else 0)
         for _ in range(self.max_tries):

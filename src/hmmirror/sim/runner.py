@@ -383,6 +383,7 @@ def _run_engine(sc: SimScenario, scheduler: Any, invariants: Any, driver: Any, e
         st = eng.spawn(ev.get("name", ev["kind"]), "kevent", None, label=ev["kind"])  # type: ignore[arg-type]
         st.gen = kevent_task(run, st, ev)
     diverged = None
+    spawn = attach_workers(run, eng)
     try:
         finding = eng.run()
     except Exception as exc:                            # noqa: BLE001 - schedule divergence on replay
@@ -391,6 +392,8 @@ def _run_engine(sc: SimScenario, scheduler: Any, invariants: Any, driver: Any, e
             raise
         diverged = str(exc)
         finding = eng.finding
+    finally:
+        detach_workers(run, spawn)
     from hmmirror.sim.schedulers import ReplayScheduler, encode_schedule
     schedule = encode_schedule(eng)
     if any(f.invariant == "page_counts" for f in eng.findings) and not every_step and invariants is None \
@@ -475,4 +478,39 @@ def run_tasks(machine: Any, driver: Any, mm: Any, tasks: list[tuple[str, str, An
         st = eng.spawn(name, kind, None, label=label)   # type: ignore[arg-type]
         st.op = name                                    # one operation for the task's whole life
         st.gen = factory(run)
-    return eng.run(), eng
+    spawn = attach_workers(run, eng)
+    try:
+        return eng.run(), eng
+    finally:
+        detach_workers(run, spawn)
+
+
+def attach_workers(run: SimRun, eng: Engine) -> Any:
+    """Give every workqueue of the machine a worker task (``kworker/NAME``, a daemon: it runs while work is
+    queued and does not keep the run alive) as soon as work is queued on it."""
+    from hmmirror.kernel.workqueue import worker_thread
+
+    machine = run.machine
+
+    def spawn(wq: Any) -> None:
+        if wq.worker is not None or wq.destroyed:
+            return
+        st = eng.spawn(f"kworker/{wq.name}", "kworker", None, label="kworker")   # type: ignore[arg-type]
+        st.daemon = True
+        st.gen = worker_thread(wq)
+        wq.worker = st
+
+    machine.wq_hooks.append(spawn)
+    for wq in machine.workqueues:
+        if wq.worklist:
+            spawn(wq)
+    return spawn
+
+
+def detach_workers(run: SimRun, spawn: Any) -> None:
+    """After the run: the workers are gone (a later flush runs the items itself)."""
+    machine = run.machine
+    if spawn in machine.wq_hooks:
+        machine.wq_hooks.remove(spawn)
+    for wq in machine.workqueues:
+        wq.worker = None

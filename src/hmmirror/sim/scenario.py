@@ -29,7 +29,8 @@ _ADDR = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(?:([+-])\s*(.+))?$")
 
 VMA_KINDS = ("anon", "file", "shmem", "fsdax", "devdax", "hugetlb", "pfnmap")
 EVENT_KINDS = ("reclaim", "thp_split", "khugepaged", "migrate", "numa", "memory_failure", "pmem_unbind",
-               "oom_reap", "notifier_churn", "exit", "gc", "pmem_remove", "mirror_unbind", "range_churn", "inject")
+               "oom_reap", "notifier_churn", "exit", "gc", "pmem_remove", "mirror_unbind", "range_churn", "inject",
+               "compact", "clear_refs", "close")
 
 
 def parse_size(v: Any) -> int:
@@ -738,6 +739,24 @@ for _e in (Entry("reclaim", 3, _ev_at("reclaim")), Entry("thp_split", 3, _ev_at(
            Entry("pmem_unbind", 3, _ev_pmem_unbind, needs=_has_devdax), Entry("oom_reap", 2, _ev_proc("oom_reap")),
            Entry("notifier_churn", 2, _ev_proc("notifier_churn")), Entry("exit", 2, _ev_proc("exit")),
            Entry("gc", 1, _ev_plain("gc"))):
+    register("event", _e)
+
+
+# devsim: the device-side events (sim/kevents.py): compaction without an mm reference, sustained
+# invalidation (clear_refs storms that outlast any driver timeout), the driver closed during a run
+def _ev_clear_refs(g: GenCtx, name: str) -> dict[str, Any]:
+    rounds = 1 + g.c.below(8) if g.c.flip(7, 8) else 300 + g.c.below(300)
+    return {"name": name, "kind": "clear_refs", "rounds": rounds}
+
+
+def _ev_close(g: GenCtx, name: str) -> dict[str, Any] | None:
+    if any(x["kind"] == "close" for x in g.sc.events):
+        return None
+    return {"name": name, "kind": "close"}
+
+
+for _e in (Entry("compact", 2, _ev_at("compact", hold=True)), Entry("clear_refs", 1, _ev_clear_refs),
+           Entry("close", 1, _ev_close)):
     register("event", _e)
 
 

@@ -590,6 +590,8 @@ def hmm_range_fault(range: HmmRange) -> Gen[int]:   # noqa: A002 - kernel name
     machine = mm.machine
     mmap_assert_locked(mm)
     machine.counters["hmm_range_fault"] += 1
+    # the inputs as the walk will read them (checks of the request: every input bit defined)
+    machine.log("hmm_range_fault_begin", mm=mm.name, start=range.start, end=range.end)
     hmm_vma_walk = HmmVmaWalk(range, range.start)
     stuck = 0                                   # model: restarts at the same `last` in a row
     faults0 = hmm_vma_walk.faults

@@ -1,0 +1,150 @@
+"""Driver variants with one deliberate mistake each (issue 11, "Done when"), for seeded campaigns.
+
+Each is the correct toy driver (``sim_toy_drivers.GoodMirror``, the worked example of docs/simulator.md)
+with one thing changed, the way a real driver gets it wrong.  ``tests/sim/test_device_buggy.py`` runs a short
+seeded campaign with each and asserts the invariant and the location that catch it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sim_toy_drivers import EBUSY, GoodMirror
+
+from hmmirror.arch.x86.pgtable import PAGE_SHIFT
+from hmmirror.kernel import sched
+from hmmirror.kernel.sched import Gen
+from hmmirror.kernel.workqueue import flush_work, queue_work, schedule_work
+from hmmirror.mm import slab
+from hmmirror.mm.hmm import modern as hmm
+from hmmirror.mm.mmu_notifier import mmu_interval_read_begin, mmu_interval_set_seq
+from hmmirror.sim.driver import Invalidation
+
+
+class NoReadRetryMirror(GoodMirror):
+    """commit without mmu_interval_read_retry: the snapshot is committed under the lock, unchecked."""
+
+    def fault_loop(self, start: int, end: int, write: bool) -> Gen[int]:
+        for _ in range(self.max_tries):
+            ret, rng = yield from self.snapshot(start, end, write)
+            if ret == -EBUSY:
+                continue
+            if ret:
+                return ret
+            yield from sched.mutex_lock(self.lock)
+            self.commit(rng)                       # BUG: no mmu_interval_read_retry(self.sub, seq) first
+            sched.mutex_unlock(self.lock)
+            return 0
+        return -EBUSY
+
+
+class DeferredZapMirror(GoodMirror):
+    """an invalidate that returns before zapping: it hands the zap to a work item and returns true."""
+
+    def bind(self, mm: Any) -> Gen[int]:
+        ret = yield from super().bind(mm)
+        self.wq = self.alloc_workqueue("zap")
+        self.zap_work = self.init_work(self._zap, "zap")
+        self.todo: list[tuple[int, int]] = []
+        return ret
+
+    def _zap(self, work: Any) -> Gen[None]:
+        yield from sched.mutex_lock(self.lock)
+        while self.todo:
+            s, e = self.todo.pop()
+            self.pt.unmap(s, e)
+        sched.mutex_unlock(self.lock)
+
+    def invalidate(self, inv: Invalidation) -> Gen[bool]:
+        if inv.blockable:
+            yield from sched.mutex_lock(self.lock)
+        elif not sched.mutex_trylock(self.lock):
+            return False
+        mmu_interval_set_seq(inv.sub, inv.seq)
+        self.todo.append((inv.start, inv.end))    # BUG: the device keeps the pages until the work runs
+        queue_work(self.wq, self.zap_work)
+        sched.mutex_unlock(self.lock)
+        return True
+
+
+class UnboundedRetryMirror(GoodMirror):
+    """a retry loop with no bound: retries for as long as the range is being invalidated."""
+
+    def fault_loop(self, start: int, end: int, write: bool) -> Gen[int]:
+        while True:                                # BUG: no HMM_RANGE_DEFAULT_TIMEOUT
+            ret = yield from GoodMirror.fault_loop(self, start, end, write)
+            if ret != -EBUSY:
+                return ret
+
+    max_tries = 1
+
+
+class PoisonRequestMirror(GoodMirror):
+    """an hmm_range built from a kvmalloc'ed pfn array with a per-page request mask, the requests never
+    written (drm_gpusvm kvmallocs its array, but asks with default_flags and mask 0)."""
+
+    def snapshot(self, start: int, end: int, write: bool) -> Gen[tuple[int, Any]]:
+        npages = (end - start) >> PAGE_SHIFT
+        flags = hmm.HMM_PFN_REQ_FAULT | (hmm.HMM_PFN_REQ_WRITE if write else 0)
+        rng = hmm.HmmRange(self.sub, start, end, slab.kvmalloc_array(npages), default_flags=flags,
+                           pfn_flags_mask=hmm.HMM_PFN_REQ_FAULT | hmm.HMM_PFN_REQ_WRITE)   # BUG
+        rng.notifier_seq = yield from mmu_interval_read_begin(self.sub)
+        yield from sched.down_read(self.mm.mmap_sem)
+        ret = yield from hmm.hmm_range_fault(rng)
+        sched.up_read(self.mm.mmap_sem)
+        return ret, rng
+
+
+class WriteRequestMirror(GoodMirror):
+    """asks for write access on every fault, also read faults (a device read of a read-only mapping fails)."""
+
+    def snapshot(self, start: int, end: int, write: bool) -> Gen[tuple[int, Any]]:
+        return (yield from GoodMirror.snapshot(self, start, end, True))      # BUG: write=True always
+
+
+class MmputInCallbackMirror(GoodMirror):
+    """an invalidate callback that takes and drops an mm reference itself."""
+
+    def invalidate(self, inv: Invalidation) -> Gen[bool]:
+        if not inv.blockable:
+            return (yield from GoodMirror.invalidate(self, inv))
+        if not self.mmget_not_zero():              # e.g. to look at the VMAs of the range
+            return (yield from GoodMirror.invalidate(self, inv))
+        ret = yield from GoodMirror.invalidate(self, inv)
+        yield from self.mmput()                    # BUG: may be the last reference (compaction holds none)
+        return ret
+
+
+class FlushNotDisableMirror(GoodMirror):
+    """garbage collection on the system workqueue, queued by UNMAP invalidations; unbind flushes it before
+    removing the notifier instead of disabling it, so an invalidation in between queues it again."""
+
+    unbind_races_faults = False
+
+    def bind(self, mm: Any) -> Gen[int]:
+        ret = yield from super().bind(mm)
+        self.gc_work = self.init_work(self._gc, "gc")
+        return ret
+
+    def _gc(self, work: Any) -> Gen[None]:
+        yield from sched.mutex_lock(self.lock)
+        sched.mutex_unlock(self.lock)
+
+    def invalidate(self, inv: Invalidation) -> Gen[bool]:
+        ok = yield from GoodMirror.invalidate(self, inv)
+        if ok and inv.blockable:
+            schedule_work(self.machine, self.gc_work)
+        return ok
+
+    def unbind(self) -> Gen[None]:
+        if not self.bound:
+            return
+        self.bound = False
+        self.closed = True
+        yield from flush_work(self.gc_work)        # BUG: flush, not disable_work_sync, before the remove
+        yield from sched.preempt_point("unbind")
+        for sub in list(self.notifiers):
+            yield from self.notifier_remove(sub)
+        yield from sched.mutex_lock(self.lock)
+        self.pt.clear()
+        sched.mutex_unlock(self.lock)

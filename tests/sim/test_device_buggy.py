@@ -1,0 +1,56 @@
+"""Each driver variant with one deliberate mistake (tests/sim/device_buggy_drivers.py) is caught by a short
+seeded campaign: the invariant and the location are the ones the mistake breaks.
+
+The expectations come from the kernel's rules (device-memory.md "Invariants a driver must keep"): I1 a
+snapshot is used only after ``mmu_interval_read_retry()`` said false (``commit_invalid``); I2 the device cannot
+reach the pages when the callback returns (``device_reach``); I4 the request is defined and a fault fails only
+where the CPU mapping does (``hmm_range_input``); I5 retry loops are bounded (``retry_bound``); I10 teardown
+disables work instead of flushing it (``teardown``).  The campaign is the fuzzer's: scenarios from
+``generate`` with seeds 0, 1, 2, ... under the per-step random scheduler, restricted to the background
+events that can expose the mistake (the full campaign draws them all, see benchmarks/ for the 60 s runs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import device_buggy_drivers as bad  # noqa: E402
+
+from hmmirror.sim.choices import SeededChoices
+from hmmirror.sim.runner import run_scenario
+from hmmirror.sim.scenario import generate
+from hmmirror.sim.schedulers import RandomScheduler
+
+
+def campaign(cls: type, events: tuple[str, ...], runs: int, kinds: tuple[str, ...] = ("anon",)):
+    """Seeded runs until the first finding (or ``runs`` runs); returns (finding, seed)."""
+    for seed in range(runs):
+        c = SeededChoices(seed)
+        sc = generate(c, "6.18", f"device_buggy_drivers:{cls.__name__}", kinds, events)
+        res = run_scenario(sc, RandomScheduler(c), driver=cls())
+        if res.finding is not None:
+            return res.finding, seed
+    return None, None
+
+
+CASES = [
+    # (driver, events drawn, runs at most, invariant, location)
+    (bad.NoReadRetryMirror, (), 60, "commit_invalid", "sim_toy_drivers.GoodMirror.commit"),
+    (bad.DeferredZapMirror, (), 40, "device_reach", "device_buggy_drivers.DeferredZapMirror.invalidate"),
+    (bad.UnboundedRetryMirror, ("clear_refs",), 80, "retry_bound",
+     "device_buggy_drivers.UnboundedRetryMirror.fault_loop"),
+    (bad.PoisonRequestMirror, (), 5, "hmm_range_input", "device_buggy_drivers.PoisonRequestMirror.snapshot"),
+    (bad.WriteRequestMirror, (), 20, "hmm_range_input", "sim_toy_drivers.GoodMirror.fault"),
+    (bad.FlushNotDisableMirror, ("close",), 60, "teardown", "device_buggy_drivers.FlushNotDisableMirror.unbind"),
+]
+
+
+@pytest.mark.parametrize("cls,events,runs,invariant,location", CASES, ids=[c[0].__name__ for c in CASES])
+def test_mistake_is_caught(cls, events, runs, invariant, location):
+    f, seed = campaign(cls, events, runs)
+    assert f is not None, f"{cls.__name__}: no finding in {runs} runs"
+    assert f.invariant == invariant and f.location == location, (seed, f.describe())
