@@ -169,8 +169,11 @@ def test_stale_device_entry_is_located_at_the_subscriber_that_kept_it():
     def munmap(run):
         return vm_munmap(p.mm, a, 4 * K)
 
+    # (device_reach, I2, sees the same mistake at the callback's return; without it coherence must)
+    from hmmirror.sim.invariants import default_invariants
+    invs = [i for i in default_invariants(every_step=True) if i.name != "device_reach"]
     f, _ = run_tasks(m, toy.NoUnmapMirror(), p.mm, [("dev0", "device", fault_task(a, a + 8 * K)),
-                                                    ("cpu0", "cpu", munmap)], SwitchListScheduler([]))
+                                                    ("cpu0", "cpu", munmap)], SwitchListScheduler([]), invs)
     assert f is not None and f.invariant == "coherence", f and f.describe()
     assert f.location == "tests.sim.sim_toy_drivers.NoUnmapMirror.invalidate" or \
         f.location.endswith("sim_toy_drivers.NoUnmapMirror.invalidate"), f.location
@@ -222,7 +225,8 @@ def test_seeded_driver_bug_gives_one_reproducer_that_replays_in_a_fresh_process(
     files = sorted(n for n in os.listdir(tmp_path) if n.endswith(".toml"))
     assert len(files) == 1, (files, {s: n for s, n in stats.hits.items()})
     (sig, saved), = stats.findings.items()
-    assert sig.startswith("coherence|") and sig.endswith("NoUnmapMirror.invalidate|after_end"), sig
+    # device_reach (I2) sees the callback return with the entries still there, before coherence can
+    assert sig.startswith("device_reach|") and "NoUnmapMirror.invalidate|" in sig, sig
     assert stats.hits[sig] >= 1 and not stats.unconfirmed
     r = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "replay", saved.path], env=ENV,
                        capture_output=True, text=True, timeout=120)
