@@ -177,10 +177,14 @@ class DmirrorAdapter:
         return self.dm.mdevice if self.dm is not None else None
 
     def unbind(self) -> Gen[None]:
+        if self.closed:                      # released once (a close and an unbind event may both come)
+            return
         self.closed = True
         if self.file is not None:
             yield from self.file.fops_release()
             self.file = None
+        self.closed_logged = True
+        self.mm.machine.log("sim_driver_closed", driver=self.name)
 
 
 class Hmm52Adapter:
@@ -282,8 +286,12 @@ class Hmm52Adapter:
         return (yield from self.drv.gc())
 
     def unbind(self) -> Gen[None]:
+        if self.closed:
+            return
         self.closed = True
         yield from self.drv.unregister()
+        self.closed_logged = True
+        self.mm.machine.log("sim_driver_closed", driver=self.name)
 
 
 class Hmm52LiteralAdapter(Hmm52Adapter):

@@ -306,6 +306,8 @@ class DriverBase:
         self.pt.clear()
         self.pt.tlb_flush()
         sched.mutex_unlock(self.lock)
+        self.closed_logged = True
+        self.machine.log("sim_driver_closed", driver=self.name)
 
 
 # --- loading drivers -------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import PAGE_SIZE
 from hmmirror.include.mm_types import MMU_NOTIFY, VM
 from hmmirror.sim.findings import frame_stack
-from hmmirror.sim.invariants import Tracker
+from hmmirror.sim.invariants import Tracker, committer_frame
 
 HMM_RANGE_DEFAULT_TIMEOUT = 1000          # ms (include/linux/hmm.h)
 
@@ -371,7 +371,9 @@ class Teardown:
 
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]
-        if what in ("sim_driver_closed", "mirror_unbind"):          # the close event; search's unbind event
+        if what == "sim_driver_closed":            # a driver's unbind() completed (whichever event ran it)
+            if not getattr(self.driver, "closed", False) or self.closed_at is not None:
+                return                             # another driver (notifier_churn's second mirror)
             self.closed_at = eng.step
             pt = getattr(self.driver, "pt", None)
             if pt is not None and hasattr(pt, "reaches"):
@@ -403,7 +405,7 @@ class Teardown:
         if self.closed_at is not None:
             self.engine.violate(self.name, f"device entry {va:#x} -> pfn {pfn:#x} committed after the driver "
                                 f"was closed (step {self.closed_at})", st=st, mm=self.mm, addr=va,
-                                stack=frame_stack(sys._getframe(2)))
+                                stack=frame_stack(committer_frame(sys._getframe(2))))
 
     def on_callback(self, st: Any, args: tuple[Any, ...]) -> None:
         if self.closed_at is not None and self.engine.finding is None:

@@ -510,13 +510,15 @@ def driver_close(run: Any) -> Gen[int]:
     VM closed while its page-fault worker runs) is unbound at once.
     """
     drv = run.driver
-    if getattr(drv, "closed", False):
+    if getattr(drv, "closed", False) or getattr(run, "unbound", False):
         return -ENOENT
     if not getattr(drv, "unbind_races_faults", False):
         devs = [t for t in run.engine.tasks if t.kind == "device"]
         yield from sched.wait_event(lambda: all(t.done for t in devs), "close: the device jobs hold the file")
+    run.unbound = True                                   # the harness starts no new device fault
     yield from drv.unbind()
-    run.machine.log("sim_driver_closed", driver=getattr(drv, "name", "?"))
+    if not getattr(drv, "closed_logged", False):         # a driver with an unbind of its own
+        run.machine.log("sim_driver_closed", driver=getattr(drv, "name", "?"))
     return 0
 
 
