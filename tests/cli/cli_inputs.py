@@ -265,6 +265,8 @@ def run_case(case: Case, tmp: Path) -> Outcome:
         argv = list(case.argv)
     out, err = io.StringIO(), io.StringIO()
     code = None
+    cwd = os.getcwd()
+    os.chdir(tmp)                              # relative output paths of random command lines land here
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main(argv)
@@ -272,6 +274,8 @@ def run_case(case: Case, tmp: Path) -> Outcome:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
         except BaseException as exc:           # noqa: BLE001 - anything escaping main is a contract breach
             return Outcome(-1, out.getvalue(), err.getvalue(), f"escaped main: {type(exc).__name__}: {exc}")
+        finally:
+            os.chdir(cwd)
     o, e = out.getvalue(), err.getvalue()
     after = set(os.listdir(crash_dir)) if crash_dir.exists() else set()
     problem = None

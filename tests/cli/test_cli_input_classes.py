@@ -196,3 +196,34 @@ def test_crosscheck_disagreement_exits_1(monkeypatch: pytest.MonkeyPatch, capsys
     code, out, err = cli(["crosscheck", str(ROOT / "examples" / "thp.toml"), "--json"], capsys)
     assert code == 1, err
     assert json.loads(out)["disagreements"]
+
+
+# ---------------------------------------------------------------------------------------------- docs
+
+def test_every_registered_op_is_documented_in_scenarios_md() -> None:
+    from hmmirror.scenario.runner import load_extensions
+    from hmmirror.scenario.schema import OPS
+
+    load_extensions()
+    doc = (ROOT / "docs" / "scenarios.md").read_text()
+    missing = [name for name in sorted(OPS) if f"| `{name}` |" not in doc]
+    assert not missing, f"docs/scenarios.md lists no row for: {', '.join(missing)}"
+
+
+def test_readme_lists_every_command() -> None:
+    from hmmirror.cli.main import cli as group
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in sorted(group.commands) if f"| `hmmirror {name}" not in readme]
+    assert not missing, f"the README's command table has no row for: {', '.join(missing)}"
+
+
+def test_readme_row_of_each_command_names_all_its_options() -> None:
+    from hmmirror.cli.main import cli as group
+
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `hmmirror ")]
+    for name, cmd in sorted(group.commands.items()):
+        row = next(r for r in rows if r.startswith(f"| `hmmirror {name}"))
+        opts = [o for p in cmd.params for o in p.opts if o.startswith("--") and o != "--help"]
+        missing = [o for o in opts if f"`{o}" not in row]
+        assert not missing, f"README row of {name} lacks {missing}"
