@@ -67,6 +67,8 @@ class KernelProfile:
                                         # mapped]; "split" [6.12: split_folio() to order 0]; "split_nonuniform"
                                         # [6.18: try_folio_split_to_order() at the EOF page]; splitting a file folio
                                         # unmaps all of it (unmap_folio, remap_page skips file folios)
+    thp_split_zero_subpages: bool       # splitting an anonymous THP maps its zero-filled subpages to the shared zero
+                                        # page (remap_page(RMP_USE_SHARED_ZEROPAGE), 6.12+); model: in MADV_PAGEOUT
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -110,6 +112,7 @@ V5_2 = KernelProfile(
     finish_fault_folio="none",
     map_large_below_eof=False,
     truncate_partial_folio="keep",
+    thp_split_zero_subpages=False,
 )
 
 V6_18 = KernelProfile(
@@ -147,6 +150,7 @@ V6_18 = KernelProfile(
     finish_fault_folio="all",
     map_large_below_eof=True,
     truncate_partial_folio="split_nonuniform",
+    thp_split_zero_subpages=True,
 )
 
 PROFILES = {"5.2": V5_2, "6.18": V6_18}

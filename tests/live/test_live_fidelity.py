@@ -431,3 +431,81 @@ def test_madv_collapse_of_shmem_with_shmem_enabled_never(kind: str) -> None:
     assert real[3].ok
     assert all(p.present and p.level == "pmd" for p in real[4].pages)
     assert disagreements(rep) == []
+
+
+PAGEOUT_PARTIAL = """
+[machine]
+kernel = "6.18"
+[[machine.fs]]
+mount = "/mnt/e"
+type = "ext4"
+[[file]]
+path = "/mnt/e/f"
+size = "64K"
+[[op]]
+op = "mmap"
+as = "m"
+length = "64K"
+prot = "rw"
+flags = ["shared"]
+file = "/mnt/e/f"
+[[op]]
+op = "touch"
+addr = "m"
+length = "4K"
+access = "{access}"
+[[op]]
+op = "mmap"
+as = "t"
+length = "4M"
+prot = "rw"
+flags = ["private", "anonymous"]
+align = "2M"
+[[op]]
+op = "madvise"
+addr = "t"
+length = "4M"
+advice = "hugepage"
+[[op]]
+op = "touch"
+addr = "t+2M"
+length = "8K"
+access = "write"
+fill = 7
+[[op]]
+op = "touch"
+addr = "t+3M"
+length = "4K"
+access = "write"
+[[op]]
+op = "madvise"
+addr = "m"
+length = "32K"
+advice = "pageout"
+[[op]]
+op = "madvise"
+addr = "t+1M"
+length = "1536K"
+advice = "pageout"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "64K"
+[[op]]
+op = "inspect"
+addr = "t+2M"
+length = "2M"
+"""
+
+
+@pytest.mark.parametrize("access", ["read", "write"])
+def test_madv_pageout_of_part_of_a_large_folio(access: str) -> None:
+    """Error 5, partial folios: a clean file folio partly in the range is split, which unmaps all of it; a
+    dirty one cannot be split and stays mapped.  An anonymous THP partly in the range is split and its
+    zero-filled subpages become the shared zero page (no swap here: nothing else is reclaimed)."""
+    model, real, rep = both(PAGEOUT_PARTIAL.format(access=access), f"pageout-partial-{access}.toml")
+    filep, thp = real[8].pages, real[9].pages
+    assert [p.present for p in filep] == [access == "write"] * 16
+    assert [p.kind for p in thp[:2]] == ["anon", "anon"] and all(p.level == "pte" for p in thp)
+    assert all(p.kind == "zero" for p in thp[2:])
+    assert disagreements(rep) == []

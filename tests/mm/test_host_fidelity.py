@@ -175,3 +175,25 @@ def test_madv_collapse_of_shmem_ignores_shmem_enabled_never(kind: str) -> None:
     st = p.inspect(a, PMD_SIZE)
     assert all(s.present and s.level == "pmd" and s.kind == "shmem" for s in st)
     assert [s.pfn for s in st] == list(range(st[0].pfn, st[0].pfn + 512))
+
+
+@pytest.mark.parametrize("dirty", [False, True])
+def test_madv_pageout_of_part_of_a_large_folio(dirty: bool) -> None:
+    # error 5, partial folios (6.18.44): a clean 16-page file folio half in the range is split and so
+    # unmapped whole, a dirty one stays; an anonymous THP half in the range is split and its zero-filled
+    # subpages become the zero page
+    m = Machine("6.18", ram=256 << 20)
+    m.mount("/mnt/e", "ext4")
+    m.create_file("/mnt/e/f", 16 * PAGE)
+    p = m.spawn()
+    a = p.mmap(16 * PAGE, "rw", ["shared"], file="/mnt/e/f")
+    p.touch(a, PAGE, write=dirty)
+    t = p.mmap(2 * PMD_SIZE, align=PMD_SIZE)
+    p.madvise(t, 2 * PMD_SIZE, "hugepage")
+    p.touch(t + PMD_SIZE, 2 * PAGE, write=True, fill=7)
+    assert p.madvise(a, 8 * PAGE, "pageout") == 0
+    assert p.madvise(t + PMD_SIZE // 2, PMD_SIZE * 3 // 4, "pageout") == 0
+    assert [s.present for s in p.inspect(a, 16 * PAGE)] == [dirty] * 16
+    thp = p.inspect(t + PMD_SIZE, PMD_SIZE)
+    assert [s.kind for s in thp[:2]] == ["anon", "anon"] and all(s.level == "pte" for s in thp)
+    assert all(s.kind == "zero" for s in thp[2:])

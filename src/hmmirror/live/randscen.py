@@ -2,9 +2,10 @@
 
 Each scenario is generated as TOML text (so it can be saved, read, and re-run with ``hmmirror run`` or
 ``hmmirror crosscheck``) from one seeded stream (numpy's PCG64): the same ``(seed, index)`` always gives
-the same file, byte for byte.  The mix covers anonymous private and shared memory, tmpfs and ext4 files
-(shared and private), THP through MADV_HUGEPAGE, hugetlbfs 2 MiB pages, mprotect, munmap, madvise
-(DONTNEED, POPULATE_READ/WRITE, HUGEPAGE) and fork, with an ``inspect`` of every live mapping after each
+the same file, byte for byte.  The mix covers anonymous private and shared memory, tmpfs, ext4 and xfs
+files (shared and private; small ones, and 4 MiB ones whose page cache holds PMD-sized folios), THP through
+MADV_HUGEPAGE, hugetlbfs 2 MiB pages, mprotect, munmap, madvise (DONTNEED, POPULATE_READ/WRITE, PAGEOUT,
+COLLAPSE), truncate of a mapped file, and fork, with an ``inspect`` of every live mapping after each
 operation.
 
 ``guest=True`` draws for the test guest (:mod:`hmmirror.live.guest`) from a stream of its own: the same mix
@@ -32,6 +33,7 @@ class _Mapping:
     kind: str
     proc: str
     alive: bool = True
+    path: str | None = None
 
 
 @dataclass
@@ -54,11 +56,15 @@ class _Gen:
         self.ops.append(text)
 
 
-MAP_KINDS = ("anon", "anon", "anon_thp", "shared_anon", "tmpfs", "ext4", "ext4_private", "hugetlb")
+BASE_MAP_KINDS = ("anon", "anon", "anon_thp", "shared_anon", "tmpfs", "ext4", "ext4_private", "hugetlb")
+#: The host stream also draws xfs, 4 MiB files of PMD-sized folios and 2 MiB shmem blocks.
+MAP_KINDS = BASE_MAP_KINDS + ("xfs", "xfs_private", "big_file", "shmem_thp")
+HOST_OP_KINDS = ("pageout", "collapse", "truncate")
+FS_OF = {"tmpfs": "/mnt/t", "ext4": "/mnt/e", "xfs": "/mnt/x"}
 
 
 #: Guest-only mapping kinds (drawn besides MAP_KINDS when ``guest``).
-GUEST_MAP_KINDS = MAP_KINDS + ("fsdax", "fsdax", "fsdax_pmd", "devdax")
+GUEST_MAP_KINDS = BASE_MAP_KINDS + ("fsdax", "fsdax", "fsdax_pmd", "devdax")
 #: Device commands the guest generator draws when the model registers them (new ports join by name).
 GUEST_DEVICE_OPS = ("dmirror_read", "dmirror_write", "dmirror_migrate_to_dev", "dmirror_migrate_to_sys",
                     "dmirror_exclusive")
@@ -82,6 +88,31 @@ def _mmap(g: _Gen, i: int) -> None:
         g.op(f'op = "mmap"\nas = "{name}"\nlength = "2M"\nprot = "rw"\n'
              f'flags = ["private", "anonymous", "hugetlb"]')
         prot = "rw"
+    elif kind == "big_file":                        # two PMD-sized page-cache folios (ext4 or xfs)
+        fs = FS_OF[g.pick(("ext4", "xfs"))]
+        g.uses.add("ext4" if fs == "/mnt/e" else "xfs")
+        length, prot = 4 * MIB, g.pick(("r", "rw"))
+        share = g.pick(("shared", "private"))
+        path = f"{fs}/f{i}"
+        g.op(f'op = "mmap"\nas = "{name}"\nlength = "4M"\nprot = "{prot}"\nflags = ["{share}"]\n'
+             f'file = "{path}"\nalign = "2M"')
+        g.uses.add(f"file:{path}:{length}")
+        g.maps.append(_Mapping(name, length, prot, kind, "p", path=path))
+        return
+    elif kind == "shmem_thp":                       # a 2 MiB shmem block (MADV_COLLAPSE makes it a THP)
+        length, prot = 2 * MIB, "rw"
+        if g.chance(0.5):
+            g.op(f'op = "mmap"\nas = "{name}"\nlength = "2M"\nprot = "rw"\nflags = ["shared", "anonymous"]\n'
+                 f'align = "2M"')
+            path = None
+        else:
+            g.uses.add("tmpfs")
+            path = f"/mnt/t/f{i}"
+            g.op(f'op = "mmap"\nas = "{name}"\nlength = "2M"\nprot = "rw"\nflags = ["shared"]\n'
+                 f'file = "{path}"\nalign = "2M"')
+            g.uses.add(f"file:{path}:{length}")
+        g.maps.append(_Mapping(name, length, prot, kind, "p", path=path))
+        return
     else:
         pages = int(g.rng.integers(8, 48))
         length = pages * 4 * KIB
@@ -91,12 +122,15 @@ def _mmap(g: _Gen, i: int) -> None:
             g.op(f'op = "mmap"\nas = "{name}"\nlength = {length}\nprot = "{prot}"\n'
                  f'flags = ["{share}", "anonymous"]')
         else:
-            fs = "/mnt/t" if kind == "tmpfs" else "/mnt/e"
-            g.uses.add("tmpfs" if kind == "tmpfs" else "ext4")
-            share = "private" if kind == "ext4_private" else "shared"
+            fstype = kind.split("_")[0]
+            fs = FS_OF[fstype]
+            g.uses.add(fstype)
+            share = "private" if kind.endswith("_private") else "shared"
             g.op(f'op = "mmap"\nas = "{name}"\nlength = {length}\nprot = "{prot}"\nflags = ["{share}"]\n'
                  f'file = "{fs}/f{i}"')
             g.uses.add(f"file:{fs}/f{i}:{length}")
+            g.maps.append(_Mapping(name, length, prot, kind, "p", path=f"{fs}/f{i}"))
+            return
     g.maps.append(_Mapping(name, length, prot, kind, "p"))
 
 
@@ -168,7 +202,8 @@ def _one_op(g: _Gen) -> None:
     start, n = _range(g, m)
     where = f'proc = "{proc}"\naddr = "{m.name}+{start * 4}K"\nlength = "{n * 4}K"'
     kinds = ("touch_r", "touch_w", "touch_w", "dontneed", "populate", "mprotect", "munmap", "fork")
-    kind = g.pick(kinds + ("device", "device", "device") if g.guest else kinds)
+    # the guest stream keeps its own mix; the host stream adds pageout, collapse and truncate
+    kind = g.pick(kinds + ("device", "device", "device") if g.guest else kinds + HOST_OP_KINDS)
     if kind == "device":
         _device_op(g, m, proc, where)
     elif kind == "touch_r":
@@ -190,7 +225,16 @@ def _one_op(g: _Gen) -> None:
         g.procs.append("c")
         for mm in list(g.maps):
             if mm.alive and mm.proc == "p":
-                g.maps.append(_Mapping(mm.name, mm.length, mm.prot, mm.kind, "c"))
+                g.maps.append(_Mapping(mm.name, mm.length, mm.prot, mm.kind, "c", path=mm.path))
+    elif kind == "pageout" and m.kind != "hugetlb":
+        g.op(f'op = "madvise"\n{where}\nadvice = "pageout"')
+    elif kind == "collapse" and m.kind in ("anon_thp", "shmem_thp", "big_file"):
+        g.op(f'op = "madvise"\nproc = "{proc}"\naddr = "{m.name}"\nlength = {m.length}\nadvice = "collapse"')
+    elif kind == "truncate" and m.path is not None and g.chance(0.5):
+        size = int(g.rng.integers(1, m.length // (4 * KIB))) * 4 * KIB
+        if g.chance(0.3):
+            size += int(g.rng.integers(1, 4 * KIB))
+        g.op(f'op = "truncate"\nproc = "{proc}"\nfile = "{m.path}"\nsize = {size}')
     else:
         g.op(f'op = "touch"\n{where}\naccess = "read"')
 
@@ -219,7 +263,7 @@ def random_scenario(seed: int, index: int, max_ops: int = 8, guest: bool = False
         body += ["", "[[machine.pmem]]", 'name = "pmem0"', 'size = "64M"', 'mode = "fsdax"']
     if "devdax" in g.uses:
         body += ["", "[[machine.pmem]]", 'name = "pmem1"', 'size = "64M"', 'mode = "devdax"', 'align = "2M"']
-    for fs, typ in (("/mnt/t", "tmpfs"), ("/mnt/e", "ext4")):
+    for fs, typ in (("/mnt/t", "tmpfs"), ("/mnt/e", "ext4"), ("/mnt/x", "xfs")):
         if typ in g.uses:
             body += ["", "[[machine.fs]]", f'mount = "{fs}"', f'type = "{typ}"']
     if "fsdax" in g.uses:

@@ -332,7 +332,7 @@ def madvise_pageout(vma: VMA, start: int, end: int) -> Gen[int]:
     if not can_madv_lru_vma(vma):
         return -EINVAL
     if vma_is_anonymous(vma) or vma.vm_file is None or vma.vm_ops is None:
-        return 0                                             # no swap: anonymous folios are kept
+        return (yield from _pageout_anon(vma, start, end))  # no swap: anonymous folios are kept
     mm = vma.vm_mm
     mem = mm.machine.mem
     inode = vma.vm_file.inode
@@ -359,6 +359,10 @@ def madvise_pageout(vma: VMA, start: int, end: int) -> Gen[int]:
     for (first, last), whole in folios.items():
         a0 = max(vma.vm_start + ((first - vma.vm_pgoff) << PAGE_SHIFT), vma.vm_start)
         a1 = min(vma.vm_start + ((last - vma.vm_pgoff) << PAGE_SHIFT), vma.vm_end)
+        if not whole and not vma.vm_ops.is_shmem:
+            slots = mapping.lookup_range(first, last)
+            if (mem.flags[slots[slots >= 0]] & PG.dirty).any():
+                continue                                     # split_folio() fails on a dirty file folio
         yield from zap_page_range_single(vma, a0, a1 - a0, even_cows=False)     # try_to_unmap()
         if not whole:
             if mapping.folio_order is not None:              # split_folio(): small folios, still cached
@@ -371,6 +375,65 @@ def madvise_pageout(vma: VMA, start: int, end: int) -> Gen[int]:
         mapping.delete_range(mem, first, last)               # __remove_mapping(): reclaimed
         mm.machine.counters["pgsteal_file"] += int(frames.size)
     return 0
+
+
+def _pageout_anon(vma: VMA, start: int, end: int) -> Gen[int]:
+    """madvise_cold_or_pageout_pte_range() on anonymous memory without swap: nothing is reclaimed, but a THP
+    only partly inside the range is split first (split_folio(); 6.12.118/6.18.44: remap_page() with
+    RMP_USE_SHARED_ZEROPAGE maps every zero-filled subpage to the shared zero page and frees it)."""
+    from hmmirror.mm.huge_memory import split_folio
+
+    mm = vma.vm_mm
+    machine = mm.machine
+    mem, pool = machine.mem, machine.pool
+    a = start & ~(PMD_SIZE - 1)
+    while a < end:
+        level, p, e = mm.pt.lookup(a)
+        blk = (a, a + PMD_SIZE)
+        a += PMD_SIZE
+        if level != "pmd" or p is None or not pmd_leaf(e) or not x86.pmd_present(e):
+            continue
+        if blk[0] >= start and blk[1] <= end:
+            continue                                         # wholly inside: kept whole (no swap)
+        head = x86.pte_pfn(e)
+        if head >= mem.nr_ram or not mem.flags[head] & PG.anon or mem.is_huge_zero_pfn(head):
+            continue
+        if (mem.mapcount[head: head + HPAGE_PMD_NR] > 1).any():
+            continue                                         # folio_maybe_mapped_shared()
+        if (yield from split_folio(machine, head, caller_refs=0)) != 0:
+            continue
+        if machine.profile.thp_split_zero_subpages and not vma.vm_flags & VM.LOCKED:
+            _remap_zero_subpages(vma, blk[0], head)
+    return 0
+
+
+def _remap_zero_subpages(vma: VMA, haddr: int, head: int) -> None:
+    """try_to_map_unused_to_zeropage() for each subpage of a just split anonymous THP mapped at ``haddr``:
+    a zero-filled subpage is replaced by the shared zero page (special, read-only PTE) and freed."""
+    mm = vma.vm_mm
+    mem, pool = mm.machine.mem, mm.machine.pool
+    pudp = mm.pt.walk_to_pud(haddr)
+    if pudp is None:
+        return
+    pmd = pool.get(mm.pt.pmd_offset(pudp, haddr))
+    if pte_none(pmd) or pmd_leaf(pmd):
+        return
+    tid = table_id_of(pmd)
+    zero = x86.pfn_pte(mem.zero_pfn, vma.vm_page_prot & ~x86._PAGE_RW) | x86._PAGE_SPECIAL
+    for i in range(HPAGE_PMD_NR):
+        pte = int(pool.tables[tid, i])
+        pfn = head + i
+        if pte_none(pte) or not x86.pte_present(pte) or x86.pte_pfn(pte) != pfn:
+            continue
+        data = mem.contents.get(pfn)
+        if data is not None and any(data):
+            continue
+        if int(mem.refcount[pfn]) != 1 or int(mem.mapcount[pfn]) != 1:
+            continue
+        pool.tables[tid, i] = np.uint64(x86.pte_mkyoung(zero))
+        mem.mapcount[pfn] = 0
+        mem.put_page(pfn)
+        mm.machine.counters["thp_split_zero_remapped"] += 1
 
 
 # --- whole-range advice -----------------------------------------------------------------------------------
