@@ -61,6 +61,8 @@ def main() -> int:
             problems.append({"problem": o.problem, "how": case.how, "argv": case.argv,
                              "err": o.err[-400:],
                              "input": case.data[:2000].decode("utf-8", "replace") if case.data else None})
+            if len(problems) <= args.show:
+                print(json.dumps(problems[-1], indent=1), file=sys.stderr, flush=True)
         if n[0] % 500 == 0:
             print(f"  {n[0]} inputs, {len(problems)} violations, {time.time() - t0:.0f} s", file=sys.stderr)
 
@@ -69,8 +71,6 @@ def main() -> int:
                "exit_codes": dict(sorted(codes.items())), "mutations": dict(sorted(kinds.items())),
                "violation_kinds": dict(collections.Counter(p["problem"].split(":")[0] for p in problems))}  # type: ignore[union-attr]
     print(json.dumps(summary, indent=1))
-    for p in problems[:args.show]:
-        print(json.dumps(p, indent=1), file=sys.stderr)
     os.system(f"rm -rf '{tmp_root}'")
     return 1 if problems else 0
 

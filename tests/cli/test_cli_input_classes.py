@@ -157,6 +157,9 @@ def repro_text() -> str:
     (lambda t: t.replace('mirror = "p"', 'mirror = "q"'), 'mirror = "q"', "sim.mirror"),
     (lambda t: t.replace("[sim]\n", "[simulator]\n").replace("[[sim.", "[[simulator."), "[simulator]",
      "unknown key 'simulator'"),
+    (lambda t: t.replace('[[sim.device]]\nname = "dev0"\n', '[[sim.device]]\n'), "[[sim.device]]",
+     "needs a 'name'"),
+    (lambda t: "process = []\n" + t.replace('[[process]]\nname = "p"\n', ''), "process = []", "empty array"),
 ])
 def test_reproducer_schema(edit, line_of: str, words: str, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:

@@ -665,6 +665,9 @@ class _Validator:
             if name in procs:
                 raise self.fail(("process", i, "name"), f"process {name!r} is declared twice")
             procs.append(name)
+        if "process" in data and not procs:
+            raise self.fail(("process",), "process is an empty array: declare at least one [[process]] "
+                                          "(or leave it out for one process \"p\")")
         procs = procs or ["p"]
         self.page_budget = self.limits(data.get("limits", {}))
         self.devices = {f"/dev/dax{m.name[4:] if m.name.startswith('pmem') else m.name}.0"
@@ -1173,6 +1176,8 @@ class _SimValidator(_Validator):
         children: list[str] = []
         for i, t in enumerate(threads):
             self.table(t, path + ("thread", i), ("name", "proc", "ops"), f"sim.thread[{i}]")
+            if "name" not in t:
+                raise self.fail(path + ("thread", i), f"sim.thread[{i}] needs a 'name' (its task name)")
             for j, op in enumerate(self.parts(t.get("ops", []), path + ("thread", i, "ops"), f"sim.thread[{i}].ops")):
                 if isinstance(op, dict):
                     if isinstance(op.get("as"), str):
@@ -1199,6 +1204,8 @@ class _SimValidator(_Validator):
         for i, d in enumerate(self.parts(sim.get("device", []), path + ("device",), "sim.device")):
             dp = path + ("device", i)
             self.table(d, dp, ("name", "jobs"), f"sim.device[{i}]")
+            if "name" not in d:
+                raise self.fail(dp, f"sim.device[{i}] needs a 'name' (its task name)")
             if "name" in d:
                 nm = self.conv(_name, d["name"], dp + ("name",), "device name")
                 if nm in seen:
@@ -1217,7 +1224,7 @@ class _SimValidator(_Validator):
         kinds = _sim_names("event", tuple(EVENT_KINDS))
         for i, e in enumerate(self.parts(sim.get("event", []), path + ("event",), "sim.event")):
             ep = path + ("event", i)
-            self.keyed(e, ep, EVENT_KEYS, f"sim.event[{i}]", ("kind",))
+            self.keyed(e, ep, EVENT_KEYS, f"sim.event[{i}]", ("name", "kind"))
             if e["kind"] not in kinds:
                 raise self.fail(ep + ("kind",), f"unknown event kind {e['kind']!r} (one of {', '.join(kinds)})")
             if "addr" in e:
