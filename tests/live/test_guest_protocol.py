@@ -359,3 +359,40 @@ op = "dmirror_open"
     assert check.ok and check.ret == 0                       # the file holds the index pattern
     assert (beyond.errno, beyond.signal) == ("EFAULT", "SIGBUS")   # beyond EOF of the 16K file
     assert (dmo.ok, dmo.errno) == (False, "ENOENT")
+
+
+def test_missing_packages_are_named_with_the_command_that_installs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "BUILD_CHECKS", [("flex", lambda: False, "flex"), ("gcc", lambda: True, "gcc")])
+    monkeypatch.setattr(build, "RUN_CHECKS", [("qemu-system-x86_64", lambda: False, "qemu-system-x86")])
+    monkeypatch.setattr(build.os, "geteuid", lambda: 1000)
+    with pytest.raises(build.Missing) as exc:
+        build.check_prerequisites(install=True)
+    (msg,) = exc.value.items
+    assert "missing flex, qemu-system-x86_64" in msg
+    assert "as root: apt-get install flex qemu-system-x86" in msg
+    with pytest.raises(build.Missing) as exc2:
+        build.check_prerequisites(install=True, need_build=False)
+    assert "flex" not in exc2.value.items[0]
+
+
+def test_guest_build_without_prerequisites_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from hmmirror.cli.main import main
+
+    monkeypatch.setattr(build, "cached", lambda: None)
+
+    def missing(**_kw: object) -> None:
+        raise build.Missing(["missing flex; install as root: apt-get install flex"])
+
+    monkeypatch.setattr(build, "check_prerequisites", missing)
+    with pytest.raises(SystemExit) as exc:
+        main(["guest", "build", "--json"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "apt-get install flex" in err[0]
+
+
+def test_not_enough_disk_is_a_missing_prerequisite(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10 << 30, 9 << 30, 1 << 30))
+    with pytest.raises(build.Missing, match="not enough disk space"):
+        build._check_disk(tmp_path, build.DISK_FIRST)
