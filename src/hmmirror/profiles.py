@@ -69,6 +69,11 @@ class KernelProfile:
                                         # unmaps all of it (unmap_folio, remap_page skips file folios)
     thp_split_zero_subpages: bool       # splitting an anonymous THP maps its zero-filled subpages to the shared zero
                                         # page (remap_page(RMP_USE_SHARED_ZEROPAGE), 6.12+); model: in MADV_PAGEOUT
+    dmirror_tail_pgmap_aliases_head: bool = False   # lib/test_hmm.c dmirror_mkentry() on a tail page of a compound
+                                        # device-dax folio reads page->pgmap, which shares its word with
+                                        # compound_head: pgmap = head + 1, pgmap->type = _folio_nr_pages >> 8
+                                        # (2 = DEVICE_COHERENT for 2 MiB folios) -> DEV_COHERENT_REMOTE [6.12];
+                                        # fixed by page_pgmap() (folio->pgmap) [6.15+]
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -113,6 +118,7 @@ V5_2 = KernelProfile(
     map_large_below_eof=False,
     truncate_partial_folio="keep",
     thp_split_zero_subpages=False,
+    dmirror_tail_pgmap_aliases_head=False,
 )
 
 V6_18 = KernelProfile(
@@ -151,6 +157,7 @@ V6_18 = KernelProfile(
     map_large_below_eof=True,
     truncate_partial_folio="split_nonuniform",
     thp_split_zero_subpages=True,
+    dmirror_tail_pgmap_aliases_head=False,
 )
 
 PROFILES = {"5.2": V5_2, "6.18": V6_18}

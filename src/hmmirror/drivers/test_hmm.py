@@ -844,7 +844,13 @@ class Dmirror(MirrorDriver):
         machine = self.machine
         pgmap = machine.pgmap_of(pfn) if pfn >= machine.mem.nr_ram else None
         ptype = getattr(getattr(pgmap, "type", None), "name", "")
-        if ptype == "MEMORY_DEVICE_PRIVATE":
+        aliased = machine.profile.dmirror_tail_pgmap_aliases_head and ptype == "MEMORY_DEVICE_GENERIC" \
+            and tail_pgmap_type(pgmap, pfn)
+        if aliased:
+            # the type read through the aliased pgmap; dmirror_page_to_device() of it is not this device
+            perm = HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE if aliased == "MEMORY_DEVICE_PRIVATE" else \
+                HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE if aliased == "MEMORY_DEVICE_COHERENT" else HMM_DMIRROR_PROT_NONE
+        elif ptype == "MEMORY_DEVICE_PRIVATE":
             local = getattr(pgmap, "owner", None) is self.mdevice
             perm = HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL if local else HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE
         elif ptype == "MEMORY_DEVICE_COHERENT":
@@ -1225,6 +1231,24 @@ class Dmirror(MirrorDriver):
             ret = -EFAULT
         cmd.cpages = bounce.cpages
         return ret
+
+
+def tail_pgmap_type(pgmap: Any, pfn: int) -> str | None:
+    """The memory type a 6.12 ``is_device_*_page()`` reads for a tail page of a compound device-dax folio (ours).
+
+    ``page->pgmap`` shares its word with ``compound_head`` (head | 1), so ``pgmap->type`` (byte 96 of
+    ``struct dev_pagemap``) is read at byte 97 of the head page, i.e. bytes 33..36 of the first tail page:
+    ``_folio_nr_pages >> 8`` (device-dax folios have ``vmemmap_shift = order_base_2(align >> PAGE_SHIFT)``,
+    drivers/dax/device.c).  None for a head page or a device without compound folios; the name of the
+    ``enum memory_type`` value otherwise ("" when it names no device type dmirror tests for).
+    """
+    align = getattr(getattr(pgmap, "dev", None), "align", PAGE_SIZE)
+    shift = (align >> PAGE_SHIFT).bit_length() - 1 if align > PAGE_SIZE else 0
+    res = getattr(pgmap, "res", None)
+    if not shift or res is None or (pfn - res.start) % (1 << shift) == 0:
+        return None
+    value = (1 << shift) >> 8
+    return {1: "MEMORY_DEVICE_PRIVATE", 2: "MEMORY_DEVICE_COHERENT"}.get(value, "")
 
 
 class _SnapshotOps(MmuIntervalNotifierOps):
