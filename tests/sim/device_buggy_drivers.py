@@ -148,3 +148,59 @@ class FlushNotDisableMirror(GoodMirror):
         yield from sched.mutex_lock(self.lock)
         self.pt.clear()
         sched.mutex_unlock(self.lock)
+
+
+# --- device memory (dmirror, lib/test_hmm.c, with one mistake) ------------------------------------------------
+from hmmirror.sim.adapters import DmirrorAdapter  # noqa: E402
+
+
+class NoFaultPageDmirror(DmirrorAdapter):
+    """migrate_to_ram without fault_page: dmirror_devmem_fault() starts its migration with ``fault_page`` left
+    unset (the pre-6.1 shape), so the page do_swap_page locked cannot be collected."""
+
+    def bind(self, mm: Any) -> Gen[int]:
+        ret = yield from super().bind(mm)
+        if ret == 0:
+            self.dm.dmirror_devmem_fault = self._devmem_fault
+        return ret
+
+    def _devmem_fault(self, vmf: Any) -> Gen[int]:
+        import numpy as np
+
+        from hmmirror.include.mm_types import VM_FAULT
+        from hmmirror.mm import migrate_device as md
+
+        dm = self.dm
+        args = md.MigrateVma(vmf.vma, vmf.address, vmf.address + 4096, np.zeros(1, dtype=np.uint64),
+                             np.zeros(1, dtype=np.uint64), pgmap_owner=dm.mdevice,
+                             flags=md.MIGRATE_VMA_SELECT_DEVICE_PRIVATE)          # BUG: no fault_page=vmf.page
+        if (yield from md.migrate_vma_setup(args)):
+            return int(VM_FAULT.SIGBUS)
+        dm.dmirror_devmem_fault_alloc_and_copy(args)
+        yield from md.migrate_vma_pages(args)
+        yield from md.migrate_vma_finalize(args)
+        return 0
+
+
+class EagerFreeDmirror(DmirrorAdapter):
+    """reuse of a device page with a reference still held: migrating a page back puts the device page on the
+    free list right after the copy, before its last reference is dropped (page_free would have done it)."""
+
+    def bind(self, mm: Any) -> Gen[int]:
+        ret = yield from super().bind(mm)
+        if ret == 0:
+            dm = self.dm
+            orig = dm.dmirror_devmem_fault_alloc_and_copy
+
+            def alloc_and_copy(args: Any) -> int:
+                import numpy as np
+
+                from hmmirror.mm import migrate_device as md
+                r = orig(args)
+                for i in range((args.end - args.start) >> 12):
+                    spage = md.migrate_pfn_to_page(int(args.src[i]))
+                    if spage >= 0 and int(args.dst[i]) & md.MIGRATE_PFN_VALID:
+                        dm.mdevice._push_free(np.array([spage], dtype=np.int64))   # BUG: still referenced
+                return r
+            dm.dmirror_devmem_fault_alloc_and_copy = alloc_and_copy
+        return ret

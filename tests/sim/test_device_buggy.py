@@ -26,11 +26,13 @@ from hmmirror.sim.scenario import generate
 from hmmirror.sim.schedulers import RandomScheduler
 
 
-def campaign(cls: type, events: tuple[str, ...], runs: int, kinds: tuple[str, ...] = ("anon",)):
-    """Seeded runs until the first finding (or ``runs`` runs); returns (finding, seed)."""
+def campaign(cls: type, events: tuple[str, ...], runs: int, kinds: tuple[str, ...] = ("anon",),
+             inject: bool = False):
+    """Seeded runs until the first finding (or ``runs`` runs); returns (finding, seed).  ``inject``: the
+    opt-in entries too (device-memory jobs: migrate to device and back, exclusive; eviction)."""
     for seed in range(runs):
         c = SeededChoices(seed)
-        sc = generate(c, "6.18", f"device_buggy_drivers:{cls.__name__}", kinds, events)
+        sc = generate(c, "6.18", f"device_buggy_drivers:{cls.__name__}", kinds, events, inject=inject)
         res = run_scenario(sc, RandomScheduler(c), driver=cls())
         if res.finding is not None:
             return res.finding, seed
@@ -52,5 +54,19 @@ CASES = [
 @pytest.mark.parametrize("cls,events,runs,invariant,location", CASES, ids=[c[0].__name__ for c in CASES])
 def test_mistake_is_caught(cls, events, runs, invariant, location):
     f, seed = campaign(cls, events, runs)
+    assert f is not None, f"{cls.__name__}: no finding in {runs} runs"
+    assert f.invariant == invariant and f.location == location, (seed, f.describe())
+
+
+DEVICE_CASES = [
+    # migrate_to_ram without fault_page (I7); a device page reused with a reference held (I6)
+    (bad.NoFaultPageDmirror, 40, "migrate_to_ram", "device_buggy_drivers.NoFaultPageDmirror._devmem_fault"),
+    (bad.EagerFreeDmirror, 80, "device_page_reuse", "mm.memremap.zone_device_page_init"),
+]
+
+
+@pytest.mark.parametrize("cls,runs,invariant,location", DEVICE_CASES, ids=[c[0].__name__ for c in DEVICE_CASES])
+def test_device_memory_mistake_is_caught(cls, runs, invariant, location):
+    f, seed = campaign(cls, (), runs, inject=True)
     assert f is not None, f"{cls.__name__}: no finding in {runs} runs"
     assert f.invariant == invariant and f.location == location, (seed, f.describe())

@@ -117,7 +117,9 @@ def __get_user_pages(mm: "MMStruct", start: int, nr_pages: int, gup_flags: int) 
             return -EFAULT if not out else out
         if write and not vma.vm_flags & VM.WRITE and not gup_flags & FOLL_FORCE:
             return -EFAULT if not out else out
-        for _ in range(MAX_FAULT_TRIES):
+        tries = 0
+        seen = machine.counters["mmu_notifier_invalidations"]
+        while True:
             pfn = yield from follow_page_pte(mm, vma, addr, gup_flags)
             if pfn >= 0:
                 break
@@ -126,9 +128,14 @@ def __get_user_pages(mm: "MMStruct", start: int, nr_pages: int, gup_flags: int) 
                 return -ENOMEM if not out else out
             if ret & VM_FAULT_ERROR_BITS:
                 return -EFAULT if not out else out
-        else:
-            sched.report("livelock", f"__get_user_pages({addr:#x}) made no progress in {MAX_FAULT_TRIES} faults")
-            return -EFAULT
+            # the kernel retries for as long as it takes; the model's guard counts only retries with no
+            # invalidation in between (one that undid the fault -- sustained invalidation -- is progress)
+            now = machine.counters["mmu_notifier_invalidations"]
+            tries = 0 if now != seen else tries + 1
+            seen = now
+            if tries >= MAX_FAULT_TRIES:
+                sched.report("livelock", f"__get_user_pages({addr:#x}) made no progress in {MAX_FAULT_TRIES} faults")
+                return -EFAULT
         if not mem.flags[pfn] & PG.zero:                   # the zero pages are not refcounted
             head = mem.compound_head(pfn)
             mem.refcount[head] += GUP_PIN_COUNTING_BIAS if gup_flags & FOLL_PIN else 1

@@ -196,6 +196,8 @@ def _subs(mm: "MMStruct") -> NotifierSubscriptions:
 
 
 def _log(mm: "MMStruct", what: str, r: MmuNotifierRange, **extra: Any) -> None:
+    if what == "invalidate_range_start":
+        mm.machine.counters["mmu_notifier_invalidations"] += 1
     if r.owner is not None:                 # MIGRATE / EXCLUSIVE ranges name the device that caused them
         extra.setdefault("owner", getattr(r.owner, "path", None) or getattr(r.owner, "name", None) or repr(r.owner))
     mm.machine.log(what, mm=mm.name, start=r.start, end=r.end, event=r.event.name,

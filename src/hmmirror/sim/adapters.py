@@ -107,6 +107,8 @@ class DmirrorAdapter:
 
         dm = self.dm
         mm = dm.mm
+        if mode in ("migrate_dev", "migrate_sys", "exclusive"):
+            return (yield from self._device_memory(start, end, mode))
         if not th.mmget_not_zero(mm):
             return 0
         try:
@@ -133,6 +135,31 @@ class DmirrorAdapter:
             return (yield from self._loop(rng, req))
         finally:
             yield from th.mmput(mm)
+
+    def _device_memory(self, start: int, end: int, mode: str) -> Gen[int]:
+        """The device-memory jobs, as hmm-tests.c issues them: HMM_DMIRROR_MIGRATE_TO_DEV (``migrate_dev``),
+        HMM_DMIRROR_MIGRATE_TO_SYS (``migrate_sys``), HMM_DMIRROR_EXCLUSIVE (``exclusive``) of ``[start, end)``;
+        the read-back goes to a buffer of the job's own."""
+        from hmmirror.drivers import test_hmm as th
+
+        dm = self.dm
+        n = (end - start) >> PAGE_SHIFT
+        cmd = th.HmmDmirrorCmd(addr=start, ptr=bytearray(n << PAGE_SHIFT), npages=n)
+        if mode == "migrate_dev":
+            return (yield from dm.dmirror_migrate_to_device(cmd, dm.mm))
+        if mode == "migrate_sys":
+            return (yield from dm.dmirror_migrate_to_system(cmd, dm.mm))
+        return (yield from dm.dmirror_exclusive(cmd, dm.mm))
+
+    def evict(self) -> Gen[int]:
+        """Device memory pressure: every chunk of the device evicted to system memory
+        (dmirror_device_evict_chunk: migrate_device_range, the driver not knowing where pages are mapped)."""
+        dev = self.dm.mdevice if self.dm is not None else None
+        if dev is None:
+            return -2
+        for chunk in list(dev.devmem_chunks):
+            yield from dev.dmirror_device_evict_chunk(chunk)
+        return 0
 
     def _loop(self, rng: Any, req: Any = None) -> Gen[int]:
         """MirrorDriver.range_fault with a commit of the valid entries only (requests may leave pages out);
@@ -175,6 +202,14 @@ class DmirrorAdapter:
     def owner(self) -> Any:
         """dmirror's ``pgmap->owner`` / ``dev_private_owner``: its device."""
         return self.dm.mdevice if self.dm is not None else None
+
+    def device_alias(self, pfn: int) -> int:
+        """What dmirror's page table holds for one of its device-private pages: the backing system page
+        (BACKING_PAGE); -1 for any other pfn."""
+        dev = self.dm.mdevice if self.dm is not None else None
+        if dev is None or dev.chunk_of(pfn) is None:
+            return -1
+        return int(dev.backing_page(pfn))
 
     def unbind(self) -> Gen[None]:
         if self.closed:                      # released once (a close and an unbind event may both come)

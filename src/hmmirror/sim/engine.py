@@ -45,6 +45,7 @@ REPORT_INVARIANT = {
     "livelock": "liveness",
     "deadlock": "deadlock",
     "pte_map_balance": "pte_map_balance",
+    "zone_device_page_init_busy": "device_page_reuse",     # I6: a device page reused with a reference held
 }
 
 

@@ -42,9 +42,22 @@ _BRACKETS = re.compile(r"\[[^\]]*\]|\d+")
 
 # --- helpers ---------------------------------------------------------------------------------------------
 def cpu_leaf(mm: Any, va: int) -> tuple[int, bool, bool]:
-    """(pfn, readable, writable) of the CPU translation of ``va`` (pfn -1 when nothing present maps it)."""
+    """(pfn, readable, writable) of the CPU translation of ``va`` (pfn -1 when nothing present maps it).
+
+    A device-private entry translates to its device page (the owner's device may map it: hmm_range_fault
+    reports it), writable if the entry is; a device-exclusive entry to its page, read-only (the device that
+    holds it exclusive maps it for atomics)."""
     level, p, e = mm.pt.lookup(va)
-    if p is None or x86.pte_none(e) or not e & x86._PAGE_PRESENT:
+    if p is None or x86.pte_none(e):
+        return -1, False, False
+    if not e & x86._PAGE_PRESENT:
+        if level != "pte" or e & x86._PAGE_PROTNONE:
+            return -1, False, False
+        se = x86.pte_to_swp_entry(e)
+        if x86.is_device_private_entry(se):
+            return se.offset, True, x86.is_writable_device_private_entry(se)
+        if x86.is_device_exclusive_entry(se):
+            return se.offset, True, False
         return -1, False, False
     if level == "pmd":
         if not x86.pmd_leaf(e):
@@ -57,6 +70,13 @@ def cpu_leaf(mm: Any, va: int) -> tuple[int, bool, bool]:
     else:
         pfn = x86.pte_pfn(e)
     return pfn, True, bool(e & x86._PAGE_RW)
+
+
+def _is_migration_pte(mm: Any, va: int) -> bool:
+    level, p, e = mm.pt.lookup(va)
+    if p is None or level != "pte" or x86.pte_none(e) or e & x86._PAGE_PRESENT:
+        return False
+    return x86.is_migration_entry(x86.pte_to_swp_entry(e))
 
 
 def committer_frame(frame: Any) -> Any:
@@ -92,6 +112,7 @@ class Tracker:
         self.engine: Any = None
         self.commit_hooks: list[Any] = []                   # fn(st, va, pfn, write) at every device map
         self.last_call = {}
+        self.migrating = {}                                  # id(args) -> range of the driver's own migration
         self.callback_begin: list[Any] = []                 # fn(st, args) when a driver callback starts
         self.callback_end: list[Any] = []                   # fn(st, args, ret) when it returned
         self.last_commit: dict[int, tuple[int, int]] = {}  # va -> (task idx, step) of its latest device map
@@ -99,6 +120,7 @@ class Tracker:
     def attach(self, eng: Any, run: Any) -> None:
         self.engine = eng
         self.driver = run.driver
+        self.alias = getattr(run.driver, "device_alias", None)
         self.mm_name = run.driver.mm.name if getattr(run.driver, "mm", None) is not None else run.scenario.mirror
         pt = getattr(run.driver, "pt", None)
         if pt is not None and hasattr(pt, "listener"):
@@ -120,6 +142,8 @@ class Tracker:
             for fn in self.callback_end:
                 fn(eng.current, args, ret)
             r = next((a for a in args if hasattr(a, "start") and hasattr(a, "end")), None)
+            if r is not None and self.own_event(r):
+                r = None          # the driver's own migration / exclusive access: it commits that migration's result
             if r is not None and ret not in (False, -EAGAIN):
                 cur = eng.current.idx if eng.current is not None else -1
                 start, end = int(r.start), int(r.end)
@@ -147,6 +171,37 @@ class Tracker:
                 return va in d[5]
         return False
 
+    migrating: dict[int, tuple[int, int, int]]
+
+    def in_own_migration(self, va: int, task: int | None = None) -> bool:
+        """Is ``va`` in a range the driver is migrating itself (between its migrate_vma_setup and
+        migrate_vma_finalize: the CPU holds migration entries, the device may map the destination), by
+        ``task`` if given?"""
+        return any(s <= va < e and (task is None or t == task) for s, e, t in self.migrating.values())
+
+    def own_event(self, r: Any) -> bool:
+        """Is the invalidation ``r`` (a range or an Invalidation) the driver's own MIGRATE / EXCLUSIVE event
+        (``owner`` = the driver's ``pgmap->owner``)?"""
+        from hmmirror.include.mm_types import MMU_NOTIFY
+
+        if getattr(r, "event", None) not in (MMU_NOTIFY.MIGRATE, MMU_NOTIFY.EXCLUSIVE):
+            return False
+        raw = getattr(r, "raw", None)
+        owner = getattr(raw if raw is not None else r, "owner", None)
+        return owner is not None and owner is getattr(self.driver, "owner", None)
+
+    def same_page(self, devpfn: int, cpfn: int) -> bool:
+        """Does a device entry naming ``devpfn`` map the CPU's page ``cpfn``?  Equal pfns, or the driver's own
+        representation of one of its device-private pages (``driver.device_alias(pfn)``: dmirror maps the
+        system page backing a device page, BACKING_PAGE())."""
+        if devpfn == cpfn:
+            return True
+        if cpfn < 0 or self.alias is None:
+            return False
+        return bool(self.alias(cpfn) == devpfn)
+
+    alias: Any = None
+
     def _on_pt(self, op: str, va: int, pfn: int, write: bool) -> None:
         st = self.engine.current
         self.touched.append((op, va, pfn, write, st.idx if st is not None else -1))
@@ -168,6 +223,16 @@ class Tracker:
                 # call) is the innermost kernel-named frame of the live stack
                 self.last_call[st.idx] = location_of(frame_stack(sys._getframe(1)))
             return
+        if what == "migrate_vma_setup" or what == "migrate_vma_finalize":
+            args = sys._getframe(2).f_locals.get("args" if what == "migrate_vma_setup" else "migrate")
+            if args is not None and args.pgmap_owner is not None and \
+                    args.pgmap_owner is getattr(self.driver, "owner", None):
+                if what == "migrate_vma_setup":
+                    cur = eng.current.idx if eng.current is not None else -1
+                    self.migrating[id(args)] = (int(args.start), int(args.end), cur)
+                else:
+                    self.migrating.pop(id(args), None)
+            return
         if what == "invalidate_range_start":
             mm = ev.get("mm", "")
             self.inflight.setdefault(mm, []).append([ev["start"], ev["end"], eng.step])
@@ -179,7 +244,8 @@ class Tracker:
                 if r[0] == ev["start"] and r[1] == ev["end"]:
                     del lst[i]
                     break
-            if what == "invalidate_range_end":
+            if what == "invalidate_range_end" and not self.own_event(sys._getframe(2).f_locals.get("r")):
+                # (the driver's own migration / exclusive event: it may keep mapping what it migrates)
                 self.ended.append((mm, ev["start"], ev["end"]))
             if mm == self.mm_name:
                 for d in self.delivered:
@@ -322,7 +388,11 @@ class PgmapRefs:
         self.pgmaps: list[Any] = []
 
     def attach(self, eng: Any, run: Any) -> None:
-        self.pgmaps = list(run.machine.pgmaps)
+        from hmmirror.mm.memremap import MEMORY_DEVICE_PRIVATE
+
+        # device-private pages hold a pgmap reference for as long as they are allocated (zone_device_page_init
+        # .. free_zone_device_folio): their counts follow migrations, not HMM calls (page_counts checks them)
+        self.pgmaps = [p for p in run.machine.pgmaps if p.type != MEMORY_DEVICE_PRIVATE]
         self.base = {id(p): p.count for p in self.pgmaps}
 
     def before_step(self, eng: Any, st: Any) -> None:
@@ -503,8 +573,10 @@ class Coherence:
 
     def _check(self, eng: Any, st: Any, va: int, pfn: int, write: bool, why: str, frame: Any = None) -> bool:
         cpfn, readable, cw = cpu_leaf(self.mm, va)
-        if cpfn == pfn and readable and (cw or not write):
+        if readable and (cw or not write) and self.t.same_page(pfn, cpfn):
             return True
+        if cpfn < 0 and self.t.migrating and self.t.in_own_migration(va) and _is_migration_pte(self.mm, va):
+            return True           # a migration entry of the driver's own migration: it maps the destination
         stack = frame_stack(frame) if frame is not None else None
         cpu = "nothing" if cpfn < 0 else f"pfn {cpfn:#x} {'rw' if cw else 'r'}"
         eng.violate("coherence", f"{why}: device maps {va:#x} -> pfn {pfn:#x} {'rw' if write else 'r'}, "
@@ -573,6 +645,12 @@ class CommitInvalid:
             st = eng.current
             if st is not None and st.kind == "device" and not self.in_call.get(st.idx):
                 self.snap[st.idx] = eng.step          # the whole call ran inside this step
+        elif ev["what"] == "invalidate_range_end" and ev.get("event") in ("MIGRATE", "EXCLUSIVE"):
+            # a device job that migrated pages or took them exclusive itself holds them now (migration
+            # entries, the locked folio): what it commits next comes from that, after its own invalidation
+            st = eng.current
+            if st is not None and st.kind == "device":
+                self.snap[st.idx] = eng.step + 1
 
     def after_step(self, eng: Any, st: Any, point: Any) -> None:
         if st.kind == "device" and not st.done:
@@ -586,6 +664,8 @@ class CommitInvalid:
     def on_commit(self, st: Any, va: int, pfn: int, write: bool) -> None:
         if st is None:
             return
+        if self.t.migrating and self.t.in_own_migration(va, st.idx):
+            return     # the result of the task's own migration, not an hmm_range_fault snapshot (coherence judges)
         eng = self.engine
         snap = self.snap.get(st.idx, 0)
         for d in self.t.delivered:
@@ -731,7 +811,7 @@ class ResultContract:
         for va in range(start, end, PAGE_SIZE):
             ent = pt.get(va)
             cpfn, readable, cw = cpu_leaf(self.mm, va)
-            if write and ent is not None and not ent[1] and ent[0] == cpfn and readable:
+            if write and ent is not None and not ent[1] and self.t.same_page(ent[0], cpfn) and readable:
                 # A benign downgrade, not a broken contract: another fault of this device committed the
                 # page after this one began, from a read snapshot that no invalidation made stale (a CPU
                 # permission upgrade does not invalidate).  The device entry is coherent; the device's next
@@ -739,7 +819,7 @@ class ResultContract:
                 who, when = self.t.last_commit.get(va, (-1, -1))
                 if who != st.idx and when >= began:
                     continue
-            if ent is None or (write and not ent[1]) or ent[0] != cpfn or not readable:
+            if ent is None or (write and not ent[1]) or not self.t.same_page(ent[0], cpfn) or not readable:
                 eng.violate("result_contract", f"driver fault of {start:#x}-{end:#x} ({'write' if write else 'read'}) "
                             f"returned 0 but the device maps {va:#x} as {ent}, the CPU as "
                             f"{'nothing' if cpfn < 0 else hex(cpfn) + (' rw' if cw else ' r')}",

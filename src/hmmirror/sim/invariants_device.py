@@ -6,6 +6,8 @@ cover, each a small instrument (installed by ``default_invariants``).
 | ``device_reach`` | I2 | when an invalidate callback returns true, the device can no longer reach any page of the range it covers: no device PTE, no TLB entry, no DMA mapping (a driver may leave its own migration / exclusive events alone) |
 | ``notifier_mmput`` | I3 | no notifier callback drops the last reference of an mm (its teardown would run inside the invalidation) |
 | ``hmm_range_input`` | I4 | every input bit ``hmm_range_fault`` reads is defined: ``default_flags`` and ``pfn_flags_mask`` were set, and with a mask every entry was written as a request since the array was allocated or last returned; and a device fault does not fail where the CPU mapping allows the access |
+| ``migrate_to_ram`` | I7 | a device-private page's ``migrate_to_ram(vmf)`` names the faulting page (``fault_page = vmf->page``) in the migration it starts |
+| ``device_page_reuse`` | I6 | ``zone_device_page_init`` only on a free device page (refcount 0): the model's report, named here |
 | ``retry_bound`` | I5 | a driver fault stops calling ``hmm_range_fault`` once it has retried for ``3 * HMM_RANGE_DEFAULT_TIMEOUT`` of virtual time, whatever keeps the range busy |
 | ``teardown`` | I10 | once the driver was closed: it reaches nothing, no work item of it is pending, and afterwards no callback, work item or device commit of it runs; at the end of a run every mm reference it took was dropped |
 
@@ -260,6 +262,8 @@ class HmmRangeInput:
     def fault_end(self, eng: Any, st: Any, start: int, end: int, write: bool, ret: int) -> None:
         if not isinstance(ret, int) or ret not in self.CPU_REFUSALS:
             return
+        if not str(getattr(eng, "fault_modes", {}).get(st.idx, "fault")).startswith(("fault", "driver")):
+            return                     # device-memory jobs (migrate, exclusive) may fail for device reasons
         b = self.begin.get(st.idx)
         mm, drv = self.mm, self.driver
         if b is None or mm.exited or mm.mm_users <= 0 or getattr(drv, "closed", False):
@@ -346,6 +350,43 @@ def _model_frames(frame: Any) -> list[Any]:
     return out
 
 
+# --- I7 ----------------------------------------------------------------------------------------------------
+class MigrateToRam:
+    """``migrate_to_ram`` (I7): a device-private page's ``migrate_to_ram(vmf)`` migrates the faulting page:
+    every ``migrate_vma_setup`` it makes over the faulting address names ``vmf->page`` as ``fault_page``."""
+
+    name = "migrate_to_ram"
+    FAULT_FRAME = "do_swap_page_device_private"   # mm/memory.py: do_swap_page's device-private branch
+
+    def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
+        if ev["what"] != "migrate_vma_setup":
+            return
+        f = sys._getframe(1)
+        vmf = None
+        while f is not None:
+            if f.f_code.co_name == self.FAULT_FRAME:
+                vmf = f.f_locals.get("vmf")
+                break
+            f = f.f_back
+        if vmf is None or not (ev.get("start", 0) <= vmf.address < ev.get("end", 0)):
+            return
+        page = int(getattr(vmf, "page", -1))
+        if int(ev.get("fault_page", -1)) == page:
+            return
+        stack = frame_stack(sys._getframe(1))
+        loc = None
+        for i, s_ in enumerate(stack):
+            if f".{self.FAULT_FRAME}:" in s_:
+                # the driver routine that started the migration: its innermost frame below the fault
+                drv = [x.rsplit(":", 1)[0] for x in stack[i + 1:] if not x.startswith(("mm.", "kernel."))]
+                loc = drv[-1] if drv else None
+                break
+        eng.violate(self.name, f"migrate_to_ram of device page {page:#x} (CPU fault at {vmf.address:#x}) called "
+                    f"migrate_vma_setup with fault_page {int(ev.get('fault_page', -1)):#x}: the page do_swap_page "
+                    "locked is not collected, the fault cannot make progress", stack=stack, location=loc,
+                    addr=vmf.address, state={"fault_page": ev.get("fault_page"), "vmf_page": page})
+
+
 # --- I10 ---------------------------------------------------------------------------------------------------
 class Teardown:
     """``teardown`` (I10): a closed driver reaches nothing, has no work pending, and nothing of it runs later."""
@@ -372,8 +413,8 @@ class Teardown:
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]
         if what == "sim_driver_closed":            # a driver's unbind() completed (whichever event ran it)
-            if not getattr(self.driver, "closed", False) or self.closed_at is not None:
-                return                             # another driver (notifier_churn's second mirror)
+            if not getattr(self.driver, "closed_logged", False) or self.closed_at is not None:
+                return                             # another driver's (notifier_churn's second mirror)
             self.closed_at = eng.step
             pt = getattr(self.driver, "pt", None)
             if pt is not None and hasattr(pt, "reaches"):
@@ -426,7 +467,8 @@ class Teardown:
 
 def device_invariants(t: Tracker) -> list[Any]:
     """The instruments of this module, sharing the mirror checks' tracker."""
-    return [DeviceReach(t), NotifierMmput(), HmmRangeInput(t), RetryBound(), Teardown(t)]
+    return [DeviceReach(t), NotifierMmput(), HmmRangeInput(t), RetryBound(), MigrateToRam(), Teardown(t)]
 
 
-INVARIANTS = ("device_reach", "notifier_mmput", "hmm_range_input", "retry_bound", "teardown")
+INVARIANTS = ("device_reach", "notifier_mmput", "hmm_range_input", "retry_bound", "migrate_to_ram", "teardown",
+              "device_page_reuse")

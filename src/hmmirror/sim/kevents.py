@@ -26,6 +26,8 @@ kernel's order of steps (locks, notifier range, entry changes) and named after t
 * ``clear_refs``: ``clear_refs_write(CLEAR_REFS_SOFT_DIRTY)`` repeated ``rounds`` times -- a dirty-page tracker
   polling ``/proc/PID/clear_refs`` keeps the whole address space busy with ``MMU_NOTIFY_SOFT_DIRTY``
   invalidations (sustained invalidation: a driver's retry loop must give up, not spin).
+* ``evict``: device memory pressure -- the driver evicts its device-private pages to system memory
+  (``migrate_device_range`` / ``migrate_device_pfns``), racing CPU faults on those pages and device jobs.
 * ``close``: the driver's last reference goes away (``release`` of its file, ``drm_gpusvm_fini`` of a GPU VM):
   ``unbind()`` runs -- after the device jobs ended, or while they run when the driver says a close races its
   faults (``unbind_races_faults``).
@@ -96,11 +98,11 @@ def supported(kind: str) -> bool:
     if kind == "exit":
         return _has("hmmirror.kernel.fork", "mmput")
     return kind in ("thp_split", "khugepaged", "migrate", "numa", "memory_failure", "notifier_churn", "gc",
-                    "compact", "clear_refs", "close")
+                    "compact", "clear_refs", "close", "evict")
 
 
 #: events that run without taking an mm_users reference of their own
-NO_MM_REF = ("pmem_unbind", "gc", "exit", "close", "compact")
+NO_MM_REF = ("pmem_unbind", "gc", "exit", "close", "compact", "evict")
 
 
 def run_event(run: Any, ev: dict[str, Any]) -> Gen[int]:
@@ -183,6 +185,14 @@ def _run_event(run: Any, ev: dict[str, Any], kind: str, mm: Any, addr: Any) -> G
         return (yield from clear_refs_write(mm, int(ev.get("rounds", 8))))
     if kind == "close":
         return (yield from driver_close(run))
+    if kind == "evict":
+        # device memory pressure: the driver moves its device-private pages back (migrate_device_range /
+        # _pfns: it does not know where they are mapped, so it takes no mm reference)
+        ev_fn = getattr(run.driver, "evict", None)
+        if ev_fn is None or getattr(run.driver, "closed", False):
+            return -ENOENT
+        ret = yield from ev_fn()
+        return ret if isinstance(ret, int) else 0
     if kind == "gc":
         if getattr(run.driver, "closed", False):
             return -ENOENT                               # a closed driver runs no background work
@@ -515,9 +525,12 @@ def driver_close(run: Any) -> Gen[int]:
     if not getattr(drv, "unbind_races_faults", False):
         devs = [t for t in run.engine.tasks if t.kind == "device"]
         yield from sched.wait_event(lambda: all(t.done for t in devs), "close: the device jobs hold the file")
+    if getattr(drv, "closed", False) or getattr(run, "unbound", False):
+        return -ENOENT                                   # somebody else is unbinding it meanwhile
     run.unbound = True                                   # the harness starts no new device fault
     yield from drv.unbind()
     if not getattr(drv, "closed_logged", False):         # a driver with an unbind of its own
+        drv.closed_logged = True
         run.machine.log("sim_driver_closed", driver=getattr(drv, "name", "?"))
     return 0
 

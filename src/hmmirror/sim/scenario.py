@@ -30,7 +30,7 @@ _ADDR = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(?:([+-])\s*(.+))?$")
 VMA_KINDS = ("anon", "file", "shmem", "fsdax", "devdax", "hugetlb", "pfnmap")
 EVENT_KINDS = ("reclaim", "thp_split", "khugepaged", "migrate", "numa", "memory_failure", "pmem_unbind",
                "oom_reap", "notifier_churn", "exit", "gc", "pmem_remove", "mirror_unbind", "range_churn", "inject",
-               "compact", "clear_refs", "close")
+               "compact", "clear_refs", "close", "evict")
 
 
 def parse_size(v: Any) -> int:
@@ -745,7 +745,7 @@ for _e in (Entry("reclaim", 3, _ev_at("reclaim")), Entry("thp_split", 3, _ev_at(
 # devsim: the device-side events (sim/kevents.py): compaction without an mm reference, sustained
 # invalidation (clear_refs storms that outlast any driver timeout), the driver closed during a run
 def _ev_clear_refs(g: GenCtx, name: str) -> dict[str, Any]:
-    rounds = 1 + g.c.below(8) if g.c.flip(7, 8) else 300 + g.c.below(300)
+    rounds = 1 + g.c.below(8) if g.c.flip(7, 8) else 200 + g.c.below(150)
     return {"name": name, "kind": "clear_refs", "rounds": rounds}
 
 
@@ -756,8 +756,17 @@ def _ev_close(g: GenCtx, name: str) -> dict[str, Any] | None:
 
 
 for _e in (Entry("compact", 2, _ev_at("compact", hold=True)), Entry("clear_refs", 1, _ev_clear_refs),
-           Entry("close", 1, _ev_close)):
+           Entry("close", 1, _ev_close), Entry("evict", 2, _ev_plain("evict"), profiles=("6.18",), opt_in=True)):
     register("event", _e)
+
+# devsim: device-memory jobs (6.x): migrate a range to device memory and back, take it exclusive (the CPU
+# faults that bring the pages back come from the CPU threads' touches); drivers without ``fault_mode`` run
+# them as plain faults.  Opt-in (``--inject``) until the findings they give on dmirror are judged
+# (docs/simulator.md "Device memory in campaigns").
+for _e in (Entry("migrate_dev", 4, _mode("migrate_dev"), profiles=("6.18",), opt_in=True),
+           Entry("migrate_sys", 2, _mode("migrate_sys"), profiles=("6.18",), opt_in=True),
+           Entry("exclusive", 2, _mode("exclusive"), profiles=("6.18",), opt_in=True)):
+    register("mode", _e)
 
 
 # --- generation ------------------------------------------------------------------------------------------
