@@ -156,8 +156,9 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
     dax_rc = machine.profile.dax_refcounted
     excl_rmap = machine.profile.make_device_exclusive_single
     n = mem.nr_pfns
-    walked_map = np.zeros(n, dtype=np.int64)
-    walked_ref = np.zeros(n, dtype=np.int64)
+    # int32 like the counts themselves: no widened copies of the whole pfn space
+    walked_map = np.zeros(n, dtype=np.int32)
+    walked_ref = np.zeros(n, dtype=np.int32)
     in_flight = np.zeros(n, dtype=bool)
     out: list[str] = []
     for mm in machine.mms.values():
@@ -203,7 +204,7 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
     if in_flight.any():
         for h in np.nonzero(in_flight)[0].tolist():
             in_flight[h: h + (1 << int(mem.order[h]))] = True
-    bad_map = np.nonzero((mem.mapcount.astype(np.int64) != walked_map) & ~in_flight)[0]
+    bad_map = np.nonzero((mem.mapcount != walked_map) & ~in_flight)[0]
     for pfn in bad_map[:limit].tolist():
         out.append(f"pfn {pfn:#x}: mapcount {int(mem.mapcount[pfn])}, but {int(walked_map[pfn])} leaf entries map it")
     if bad_map.size > limit:
@@ -211,7 +212,7 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
     # refcounts of RAM frames
     nr = mem.nr_ram
     fl = mem.flags[:nr]
-    rc = mem.refcount[:nr].astype(np.int64)
+    rc = mem.refcount[:nr]
     want = walked_ref[:nr].copy()
     if extra_refs:
         for h, k in extra_refs.items():
@@ -240,7 +241,7 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
         if not getattr(pgmap, "free_at_zero", False) or pgmap.res is None:
             continue
         lo, hi = pgmap.res.start, pgmap.res.end
-        drc = mem.refcount[lo:hi].astype(np.int64)
+        drc = mem.refcount[lo:hi]
         dwant = walked_ref[lo:hi].copy()
         if extra_refs:
             for h, k in extra_refs.items():

@@ -107,6 +107,7 @@ class Engine:
         self.findings: list[Finding] = []       # the first finding of each invariant, in order
         self.extra_findings = 0                 # further violations of an invariant already recorded
         self.continue_after = True              # go on after a finding that leaves the model usable
+        self.stop_when: Callable[[Finding], bool] | None = None   # end the run at a finding it accepts
         self.stopped = False
         self.current: SimTask | None = None
         self.last_kevent: tuple[int, str] = (-1, "")
@@ -185,7 +186,7 @@ class Engine:
         self.findings.append(f)
         if self.finding is None:
             self.finding = f
-        if invariant in STOPPING or not self.continue_after:
+        if invariant in STOPPING or not self.continue_after or (self.stop_when is not None and self.stop_when(f)):
             self.stopped = True
 
     def _on_report(self, kind: str, message: str) -> None:

@@ -542,9 +542,13 @@ def shrink_greedy(res: SimResult, deadline: float, every_step: bool = False, sig
     best_sc = res.scenario.copy()
     best_sw = _switches(res)
     best: SimResult | None = None
+    inv = sig.split("|", 1)[0]
 
     def attempt(sc: SimScenario, sw: list[tuple[int, str]]) -> SimResult | None:
-        r = run_scenario(sc, NamedSwitchScheduler(sw), every_step=every_step, record_trace=False)
+        # the attempt ends at the finding it is looking for (a page-count finding's signature is known only
+        # after the replay that locates it: that one ends at the first page-count finding)
+        r = run_scenario(sc, NamedSwitchScheduler(sw), every_step=every_step, record_trace=False,
+                         stop_when=lambda f: f.signature == sig or (f.invariant == "page_counts" == inv))
         hit = next((f for f in r.findings if f.signature == sig), None)
         return r.for_finding(hit) if hit is not None else None
 

@@ -443,11 +443,15 @@ class PageCounts:
 
     name = "page_counts"
 
-    def __init__(self, every: int = 256, every_step: bool = False) -> None:
+    def __init__(self, every: int = 256, every_step: bool = False, from_step: int = 0) -> None:
         self.every = 1 if every_step else every
-        self.next = 0
-        self.machine: Any = None
+        self.next = from_step            # no check before ``from_step`` (a replay that locates a finding:
+        self.machine: Any = None         # the first run's checks up to there were clean)
         self.check_counts: Any = None
+        self.found = False               # reported: later checks cannot add a finding (first per invariant)
+        self.last_clean = 0              # step of the last check that passed (mapcounts)
+        self.last_clean_refs = 0         # ... with the refcounts (quiescent points)
+        self.needs_refs = False          # the finding was a refcount disagreement (seen only when quiescent)
 
     def attach(self, eng: Any, run: Any) -> None:
         self.machine = run.machine
@@ -460,13 +464,13 @@ class PageCounts:
     pre_stack: list[str] = []
 
     def before_step(self, eng: Any, st: Any) -> None:
-        if self.every == 1:
+        if self.every == 1 and eng.step >= self.next and not self.found:
             # where the task resumes: the code that runs in this step (a task that finishes in the step has
             # no stack after it); only at every-step cadence, the replay that locates a finding
             self.pre_stack = gen_stack(st.gen) if st.gen is not None else []
 
     def after_step(self, eng: Any, st: Any, point: Any) -> None:
-        if eng.step < self.next:
+        if eng.step < self.next or self.found:
             return
         for t in eng.tasks:
             if not t.done and t.task.holds_spinlock() is not None:
@@ -476,11 +480,23 @@ class PageCounts:
         self._check(eng, st, refs=quiescent)
 
     def run_finished(self, eng: Any) -> None:
-        self._check(eng, None, refs=True)
+        if not self.found:
+            self._check(eng, None, refs=True)
+
+    def locate_from(self) -> int:
+        """Where a replay with the walk at every step must start checking to find the first bad step: after
+        the last clean check that would have seen the disagreement."""
+        return self.last_clean_refs if self.needs_refs else self.last_clean
 
     def _check(self, eng: Any, st: Any, refs: bool) -> None:
         bad = self.mismatches(refs)
-        if bad:
+        if not bad:
+            self.last_clean = eng.step
+            if refs:
+                self.last_clean_refs = eng.step
+        else:
+            self.found = True
+            self.needs_refs = not any(_WITHOUT_REFS(m) for m in bad)
             stack = None
             if st is None:
                 stack = []
@@ -510,8 +526,13 @@ class PageCounts:
         out = list(self.check_counts(self.machine, extra_refs=extra or None))
         if not refs:
             # inside operations only the counts that change atomically with the entries are meaningful
-            out = [m for m in out if "mapcount" in m or "free, but" in m or "tail frame" in m]
+            out = [m for m in out if _WITHOUT_REFS(m)]
         return out
+
+
+def _WITHOUT_REFS(m: str) -> bool:
+    """A disagreement that is meaningful inside an operation too (mapcounts change with the entries)."""
+    return "mapcount" in m or "free, but" in m or "tail frame" in m
 
 
 def mapcount_mismatches(machine: Any) -> list[str]:
@@ -847,13 +868,13 @@ class WarnEvents:
             eng.violate(f"report:{ev['what']}", str(ev.get("what_failed", ev)))
 
 
-def default_invariants(every_step: bool = False, count_every: int = 256) -> list[Any]:
-    """Every invariant, sharing one tracker."""
+def default_invariants(every_step: bool = False, count_every: int = 256, counts_from: int = 0) -> list[Any]:
+    """Every invariant, sharing one tracker (``counts_from``: the page-count walk starts at that step)."""
     from hmmirror.sim.invariants_device import device_invariants
 
     t = Tracker()
-    return [t, LockDiscipline(), PteMapBalance(), PgmapRefs(t), PageCounts(count_every, every_step), Coherence(t),
-            CommitInvalid(t), ResultContract(t), WarnEvents()] + device_invariants(t)
+    return [t, LockDiscipline(), PteMapBalance(), PgmapRefs(t), PageCounts(count_every, every_step, counts_from),
+            Coherence(t), CommitInvalid(t), ResultContract(t), WarnEvents()] + device_invariants(t)
 
 
 INVARIANTS = ("sleep_in_atomic", "locks_balanced", "double_unlock", "recursive_lock", "lock_order", "pte_map_balance",

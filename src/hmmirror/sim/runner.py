@@ -312,7 +312,8 @@ def make_driver(run: SimRun) -> Any:
 
 
 def run_scenario(sc: SimScenario, scheduler: Any, invariants: Any = None, driver: Any = None,
-                 every_step: bool = False, record_trace: bool = True, coverage: Any = None) -> SimResult:
+                 every_step: bool = False, record_trace: bool = True, coverage: Any = None,
+                 counts_from: int = 0, stop_when: Any = None) -> SimResult:
     """Run ``sc`` under ``scheduler`` with the invariants installed; never raises for model faults.
 
     ``coverage``: a :class:`~hmmirror.sim.coverage.RunCoverage` collecting the run's cells (``result.coverage``).
@@ -354,9 +355,10 @@ def run_scenario(sc: SimScenario, scheduler: Any, invariants: Any = None, driver
         return SimResult(sc, finding, 0, time.perf_counter() - t0, [],
                          events=list(run.machine.events) if run.machine else [])
     sched.set_report_handler(prev_handler)
-    invs = default_invariants(every_step=every_step) if invariants is None else invariants
+    invs = default_invariants(every_step=every_step, counts_from=counts_from) if invariants is None else invariants
     eng = Engine(run.machine, scheduler, list(invs) + ([coverage] if coverage is not None else []),
                  max_steps=sc.max_steps)
+    eng.stop_when = stop_when
     eng.record_trace = record_trace
     eng.sim = run                                       # type: ignore[attr-defined]
     run.engine = eng
@@ -401,7 +403,10 @@ def _run_engine(sc: SimScenario, scheduler: Any, invariants: Any, driver: Any, e
         # the periodic walk saw it late: the exact replay with the walk at every step finds the step
         if coverage is not None:
             coverage.uninstall()
-        again = run_scenario(sc, ReplayScheduler(schedule), None, driver, every_step=True, record_trace=record_trace)
+        # (from the last clean periodic check on: the steps before it were seen clean)
+        pc = next((i for i in eng.instruments if getattr(i, "name", "") == "page_counts"), None)
+        again = run_scenario(sc, ReplayScheduler(schedule), None, driver, every_step=True, record_trace=record_trace,
+                             counts_from=pc.locate_from() if pc is not None else 0, stop_when=eng.stop_when)
         if any(f.invariant == "page_counts" for f in again.findings):
             again.coverage = coverage
             return again
