@@ -245,3 +245,27 @@ def test_every_reproducer_of_a_seeded_campaign_replays_in_a_fresh_process(tmp_pa
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "reproduced" in r.stdout, name + r.stdout + r.stderr
     _ = default_invariants
+
+
+# --- the fast paths of the checks agree with the reference lookups ----------------------------------------
+@pytest.mark.parametrize("kernel", ["5.2", "6.18"])
+def test_cpu_leaf_equals_the_lookup_walk(kernel):
+    """The coherence/contract checks read translations straight from the table rows; they must agree with
+    ``PageTables.lookup`` on every page of every mapping the generator draws (PTE, THP and DAX PMD/PUD
+    leaves, swap, migration and hwpoison entries, holes), before and after the runs."""
+    from hmmirror.sim.choices import SeededChoices
+    from hmmirror.sim.invariants import cpu_leaf, cpu_leaf_lookup
+    from hmmirror.sim.runner import SimRun, build_machine
+    from hmmirror.sim.scenario import generate
+
+    checked = 0
+    for seed in range(12):
+        sc = generate(SeededChoices(seed), kernel, "builtin")
+        run = build_machine(sc, run=SimRun(sc))
+        for mm in run.machine.mms.values():
+            for vma in list(mm.vmas):
+                step = max(4096, (vma.vm_end - vma.vm_start) // 64) & ~4095
+                for va in list(range(vma.vm_start, vma.vm_end, step)) + [vma.vm_end - 4096, vma.vm_end]:
+                    assert cpu_leaf(mm, va) == cpu_leaf_lookup(mm, va), (seed, hex(va))
+                    checked += 1
+    assert checked > 500

@@ -41,12 +41,57 @@ _BRACKETS = re.compile(r"\[[^\]]*\]|\d+")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+_PFN = x86.PTE_PFN_MASK
+_PRESENT, _PSE, _RW = x86._PAGE_PRESENT, x86._PAGE_PSE, x86._PAGE_RW
+_NOT_AD = ~(x86._PAGE_ACCESSED | x86._PAGE_DIRTY)
+
+
 def cpu_leaf(mm: Any, va: int) -> tuple[int, bool, bool]:
     """(pfn, readable, writable) of the CPU translation of ``va`` (pfn -1 when nothing present maps it).
 
     A device-private entry translates to its device page (the owner's device may map it: hmm_range_fault
     reports it), writable if the entry is; a device-exclusive entry to its page, read-only (the device that
-    holds it exclusive maps it for atomics)."""
+    holds it exclusive maps it for atomics).
+
+    The walk of ``PageTables.lookup`` (same stops: a none or leaf PUD, a none, leaf or non-present PMD, the
+    PTE), read straight from the table rows: the coherence and contract checks call it per device page."""
+    pt = mm.pt
+    item = pt.pool.tables.item
+    geo = pt.geo
+    e = item(pt.pgd, (va >> geo.pgdir_shift) & 511)
+    if not geo.p4d_folded:
+        if not e & _NOT_AD:                      # pgd_none
+            return -1, False, False
+        e = item((e & _PFN) >> 12, (va >> 39) & 511)
+    if not e & _NOT_AD:                          # p4d_none
+        return -1, False, False
+    e = item((e & _PFN) >> 12, (va >> 30) & 511)     # the PUD entry
+    if not e & _NOT_AD or e & _PSE:
+        if not e & _NOT_AD or not e & _PRESENT:
+            return -1, False, False
+        return ((e & _PFN) >> 12) + ((va & (PUD_SIZE - 1)) >> 12), True, bool(e & _RW)
+    e = item((e & _PFN) >> 12, (va >> 21) & 511)     # the PMD entry
+    if not e & _NOT_AD or e & _PSE or not e & 1:
+        if not e & _NOT_AD or not e & _PRESENT or not e & _PSE:
+            return -1, False, False
+        return ((e & _PFN) >> 12) + ((va & (PMD_SIZE - 1)) >> 12), True, bool(e & _RW)
+    e = item((e & _PFN) >> 12, (va >> 12) & 511)     # the PTE
+    if not e & _NOT_AD:
+        return -1, False, False
+    if not e & _PRESENT:
+        if e & x86._PAGE_PROTNONE:
+            return -1, False, False
+        se = x86.pte_to_swp_entry(e)
+        if x86.is_device_private_entry(se):
+            return se.offset, True, x86.is_writable_device_private_entry(se)
+        if x86.is_device_exclusive_entry(se):
+            return se.offset, True, False
+        return -1, False, False
+    return (e & _PFN) >> 12, True, bool(e & _RW)
+
+
+def cpu_leaf_lookup(mm: Any, va: int) -> tuple[int, bool, bool]:
+    """:func:`cpu_leaf` through ``PageTables.lookup`` (the reference the fast one is tested against)."""
     level, p, e = mm.pt.lookup(va)
     if p is None or x86.pte_none(e):
         return -1, False, False

@@ -11,6 +11,7 @@ pages are not taken from the model's RAM).  Everything that reads the pfn of a *
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from enum import IntEnum
 
 # --- entry bits (pgtable_types.h) -------------------------------------------------------------------
@@ -351,33 +352,36 @@ class Geometry:
 
     levels: int
 
-    @property
+    # the properties are computed once per geometry (cached_property writes the instance __dict__, which a
+    # frozen dataclass allows): page-table walks read them at every level
+
+    @cached_property
     def pgdir_shift(self) -> int:
         return 48 if self.levels == 5 else 39
 
-    @property
+    @cached_property
     def va_bits(self) -> int:
         return 57 if self.levels == 5 else 48
 
-    @property
+    @cached_property
     def task_size(self) -> int:
         """TASK_SIZE_MAX: user space is ``[0, 2^(va_bits-1) - 4096)``."""
         return (1 << (self.va_bits - 1)) - PAGE_SIZE
 
-    @property
+    @cached_property
     def default_mmap_top(self) -> int:
         """Top of the default mmap area: 47-bit user space unless a hint above it is given."""
         return (1 << 47) - PAGE_SIZE
 
-    @property
+    @cached_property
     def pgd(self) -> Level:
         return Level("pgd", self.pgdir_shift, False)
 
-    @property
+    @cached_property
     def p4d(self) -> Level:
         return Level("p4d", 39, False)
 
-    @property
+    @cached_property
     def p4d_folded(self) -> bool:
         return self.levels == 4
 
