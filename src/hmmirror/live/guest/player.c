@@ -1233,16 +1233,25 @@ static void end_scenario(const char *name)
 {
 	pid_t pid;
 
+	int pending = 1;
+
 	for (int i = 0; i < nprocs; i++)
 		kill_proc(&procs[i]);
 	for (int i = 0; i < nprocs; i++)
 		kill(procs[i].pid, SIGKILL);
-	/* we are the subreaper: every worker, forked or not, ends up our child */
-	for (int tries = 0; tries < 2000; tries++) {
-		pid = waitpid(-1, NULL, WNOHANG);
-		if (pid < 0 && errno == ECHILD)
-			break;
-		if (pid <= 0)
+	/* we are the subreaper: a forked worker whose parent died becomes our child; wait until every worker
+	 * is reaped or gone (not for the khugepaged anchor, which stays) */
+	for (int tries = 0; tries < 5000 && pending; tries++) {
+		pending = 0;
+		while ((pid = waitpid(-1, NULL, WNOHANG)) > 0)
+			;
+		for (int i = 0; i < nprocs; i++) {
+			if (procs[i].pid > 0 && waitpid(procs[i].pid, NULL, WNOHANG) == 0)
+				pending = 1;
+			else if (procs[i].pid > 0 && !is_gone_or_zombie(procs[i].pid))
+				pending = 1;
+		}
+		if (pending)
 			usleep(1000);
 	}
 	nprocs = 0;
@@ -1257,6 +1266,12 @@ static void end_scenario(const char *name)
 	write_file("/proc/sys/vm/compact_memory", "1");
 	emit("E %s\n", name);
 	fflush(out);
+	{
+		struct timespec ts;
+
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		fprintf(stderr, "HMMG: end %s t=%ld.%03ld\n", name, (long)ts.tv_sec, ts.tv_nsec / 1000000);
+	}
 }
 
 /* A process that stays for the whole run with a MADV_HUGEPAGE area, so khugepaged always has an mm to
@@ -1330,7 +1345,10 @@ int main(int argc, char **argv)
 		if (!strcmp(line, "SCN")) {
 			snprintf(scn, sizeof(scn), "%s", rest);
 			emit("S %s\n", scn);
-			fprintf(stderr, "HMMG: scenario %s\n", scn);
+			struct timespec ts;
+
+			clock_gettime(CLOCK_MONOTONIC, &ts);
+			fprintf(stderr, "HMMG: scenario %s t=%ld.%03ld\n", scn, (long)ts.tv_sec, ts.tv_nsec / 1000000);
 		} else if (!strcmp(line, "SYS")) {
 			char path[256], value[128];
 
