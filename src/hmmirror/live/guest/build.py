@@ -285,7 +285,10 @@ def cached() -> Artifacts | None:
         art = artifacts_for(source_version())
     except OSError:
         return None
-    return art if art.complete() else None
+    if not art.complete():
+        return None
+    _touch(art)
+    return art
 
 
 @contextlib.contextmanager
@@ -320,14 +323,35 @@ def ensure_built(progress: Progress = _quiet, install: bool = True, log: Callabl
             _build_kernel(art, progress)
         if force or not (art.helpers_dir / "manifest.json").exists():
             _build_helpers(art, progress)
+        _touch(art)
         _prune(art)
         return art
 
 
+#: Kernels and helpers of other fragments or sources unused this long are removed (other checkouts of
+#: hmmirror on the same machine share the cache and may still use theirs).
+PRUNE_AFTER = 14 * 86400
+
+
+def _touch(art: Artifacts) -> None:
+    """Record that ``art`` is in use (its directories' ``last-used`` stamps)."""
+    for d in (art.kernel_dir, art.helpers_dir):
+        with contextlib.suppress(OSError):
+            (d / "last-used").touch()
+
+
 def _prune(art: Artifacts) -> None:
-    """Remove kernels and helpers of other fragments or sources (the build tree stays for incremental builds)."""
+    """Remove kernels and helpers nobody used for :data:`PRUNE_AFTER` (the build tree stays)."""
+    now = time.time()
     for d in cache_dir().iterdir():
-        if d.is_dir() and d.name.startswith(("kernel-", "helpers-")) and d not in (art.kernel_dir, art.helpers_dir):
+        if not (d.is_dir() and d.name.startswith(("kernel-", "helpers-"))) or d in (art.kernel_dir, art.helpers_dir):
+            continue
+        stamp = d / "last-used"
+        try:
+            used = stamp.stat().st_mtime if stamp.exists() else d.stat().st_mtime
+        except OSError:
+            continue
+        if now - used > PRUNE_AFTER:
             shutil.rmtree(d, ignore_errors=True)
 
 
