@@ -155,8 +155,9 @@ class DriverBase:
         """[6.x] mmu_interval_notifier_remove(): returns once no callback for ``sub`` can run any more."""
         from hmmirror.mm.mmu_notifier import mmu_interval_notifier_remove
 
-        if sub in self.notifiers:
-            self.notifiers.remove(sub)
+        if sub not in self.notifiers:
+            return                               # removed already (e.g. by the garbage collector)
+        self.notifiers.remove(sub)
         yield from mmu_interval_notifier_remove(sub)
 
     def _notifier_ops(self) -> Any:
@@ -276,16 +277,18 @@ class DriverBase:
         yield
 
     def unbind(self) -> Gen[None]:
-        """Unregister and tear down, in the order that is safe against everything still running: remove
-        every interval notifier (no callback runs afterwards), disable every work item and destroy the
-        workqueues (nothing queued can run afterwards), :meth:`teardown`, then zap the device page table and
-        flush its TLB.  [5.2] hmm_mirror_unregister / mmu_notifier_unregister instead of the notifiers."""
+        """Unregister and tear down, in the order that is safe against everything still running: disable
+        every work item (a running one is waited for; a callback can no longer queue one), remove every
+        interval notifier (no callback runs afterwards), destroy the workqueues, :meth:`teardown`, then zap
+        the device page table and flush its TLB.  [5.2] hmm_mirror_unregister / mmu_notifier_unregister instead of the notifiers."""
         from hmmirror.kernel.workqueue import destroy_workqueue, disable_work_sync
 
         if not self.bound:
             return
         self.bound = False
         self.closed = True
+        for w in self.works:                     # first: nothing queued later can run, nothing runs now
+            yield from disable_work_sync(w)
         if self.profile is not None and self.profile.interval_notifiers:
             for sub in list(self.notifiers):
                 yield from self.notifier_remove(sub)
@@ -297,8 +300,6 @@ class DriverBase:
         elif self._classic is not None:
             from hmmirror.mm.mmu_notifier import mmu_notifier_unregister
             yield from mmu_notifier_unregister(self._classic, self.mm)
-        for w in self.works:
-            yield from disable_work_sync(w)
         for wq in self.workqueues:
             yield from destroy_workqueue(wq)
         yield from self.teardown()

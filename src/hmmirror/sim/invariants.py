@@ -191,7 +191,12 @@ class Tracker:
                 r = None          # the driver's own migration / exclusive access: it commits that migration's result
             if r is not None and ret not in (False, -EAGAIN):
                 cur = eng.current.idx if eng.current is not None else -1
-                start, end = int(r.start), int(r.end)
+                start, end = r0, r1 = int(r.start), int(r.end)
+                # told for the notifier's own interval only (a driver with a notifier per chunk)
+                sub = getattr(r, "sub", None) if not hasattr(r, "last") else None
+                sub = sub or next((a for a in args if hasattr(a, "last") and hasattr(a, "start")), None)
+                if sub is not None and hasattr(sub, "last"):
+                    start, end = max(start, int(sub.start)), min(end, int(sub.last) + 1)
                 # the device entries of the range the callback returned with (model state of the device)
                 kept: Any = ()
                 if ents:
@@ -200,8 +205,8 @@ class Tracker:
                                 if v in ents}
                     else:
                         kept = {v for v in ents if start <= v < end}
-                rec = [start, end, eng.step, None, cur, kept]
-                if not self.inflight_overlap(self.mm_name, rec[0], rec[1]):
+                rec = [start, end, eng.step, None, cur, kept, r0, r1]
+                if not self.inflight_overlap(self.mm_name, r0, r1):
                     rec[3] = eng.step
                 self.delivered.append(rec)
             return ret
@@ -294,7 +299,7 @@ class Tracker:
                 self.ended.append((mm, ev["start"], ev["end"]))
             if mm == self.mm_name:
                 for d in self.delivered:
-                    if d[3] is None and d[0] == ev["start"] and d[1] == ev["end"]:
+                    if d[3] is None and d[-2] == ev["start"] and d[-1] == ev["end"]:
                         d[3] = eng.step
                         break
 
