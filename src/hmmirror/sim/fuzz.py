@@ -358,6 +358,14 @@ def _write_temp(directory: str, text: str) -> str:
 # --- one unit of work: the outer loop is in "the campaign" below -------------------------------------
 
 
+def shrink_budget(cfg: Config) -> float:
+    """Seconds of shrinking per new finding: a tenth of a timed campaign (at least 3, at most 60; 60 without a
+    time limit), so that a short campaign keeps searching instead of polishing its first reproducer."""
+    if not cfg.seconds or cfg.seconds <= 0:
+        return 60.0
+    return max(3.0, min(60.0, cfg.seconds / 10))
+
+
 def _coverage_for(cfg: Config) -> Any:
     try:
         from hmmirror.sim.coverage import Coverage
@@ -446,7 +454,7 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
     # Hypothesis gives shrinking up to five minutes; bound it by the campaign deadline (and one minute per
     # finding) so a campaign ends on time and keeps hunting
     from hypothesis.internal.conjecture import engine as _hyp_engine
-    _hyp_engine.MAX_SHRINKING_SECONDS = max(1, int(min(60.0, deadline - time.monotonic())))  # type: ignore[misc]
+    _hyp_engine.MAX_SHRINKING_SECONDS = max(1, int(min(shrink_budget(cfg), deadline - time.monotonic())))  # type: ignore[misc]
     test = given(st.data())(body)
     test = settings(max_examples=cfg.examples, database=None, deadline=None, derandomize=False,
                     suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
@@ -489,7 +497,7 @@ def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Reco
     for s in new:                                 # shrink each new one (time-boxed), then it is known
         if time.monotonic() > deadline:
             break
-        small = shrink_greedy(res, deadline=min(deadline, time.monotonic() + 30 / len(new)),
+        small = shrink_greedy(res, deadline=min(deadline, time.monotonic() + shrink_budget(cfg) / len(new)),
                               every_step=cfg.every_step, sig=s)
         if small is not None:
             rec.offer(small, seed)

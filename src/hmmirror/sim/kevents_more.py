@@ -108,7 +108,7 @@ def _draw_inject(g: GenCtx, name: str) -> dict[str, Any]:
             "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name}
 
 
-for _e in (Entry("pmem_remove", 3, _draw_pmem_remove, profiles=("5.2",), needs=lambda g: g.has("fsdax")),
+for _e in (Entry("pmem_remove", 5, _draw_pmem_remove, profiles=("5.2",), needs=lambda g: g.has("fsdax")),
            Entry("mirror_unbind", 2, lambda g, name: {"name": name, "kind": "mirror_unbind"}),
            Entry("range_churn", 2, _draw_range_churn, profiles=("5.2",)),
            Entry("inject", 4, _draw_inject, opt_in=True)):

@@ -504,7 +504,7 @@ def _draw_fsdax(g: GenCtx, name: str) -> MapInfo:
     mount = g.dax_mount()
     small = c.flip(1, 3)
     pages = 1 + c.below(64) if small else 512 * (1 + c.below(2))
-    content = ("data", "data", "sparse", "zero")[c.below(4)]
+    content = ("data", "data", "sparse", "sparse", "zero")[c.below(5)]
     shared = c.flip(2, 3)
     congruent = small or c.flip(2, 3)
     path = f"{mount}/{name}"
@@ -516,7 +516,7 @@ def _draw_fsdax(g: GenCtx, name: str) -> MapInfo:
         ("" if content == "data" else "_" + content) + ("" if congruent else "_unaligned")
     g.sc.setup.append(_mmap_op(name, pages, prot, flags, file=path, align="2M",
                                offset=None if congruent else "4K"))
-    if content == "sparse" and c.flip():             # write part of a sparse file: data blocks between holes
+    if content == "sparse" and c.flip(3, 4):         # write part of a sparse file: data blocks between holes
         first = c.below(pages)
         n = 1 + c.below(max(1, min(pages - first, 16)))
         g.sc.setup.append({"op": "touch", "addr": f"{name}+{fmt_size(first * 4096)}" if first else name,
@@ -736,8 +736,8 @@ def _has_devdax(g: GenCtx) -> bool:
 for _e in (Entry("reclaim", 3, _ev_at("reclaim")), Entry("thp_split", 3, _ev_at("thp_split")),
            Entry("khugepaged", 2, _ev_at("khugepaged")), Entry("migrate", 3, _ev_at("migrate", hold=True)),
            Entry("numa", 2, _ev_at("numa", length=True)), Entry("memory_failure", 3, _ev_at("memory_failure")),
-           Entry("pmem_unbind", 3, _ev_pmem_unbind, needs=_has_devdax), Entry("oom_reap", 2, _ev_proc("oom_reap")),
-           Entry("notifier_churn", 2, _ev_proc("notifier_churn")), Entry("exit", 2, _ev_proc("exit")),
+           Entry("pmem_unbind", 3, _ev_pmem_unbind, needs=_has_devdax), Entry("oom_reap", 3, _ev_proc("oom_reap")),
+           Entry("notifier_churn", 2, _ev_proc("notifier_churn")), Entry("exit", 3, _ev_proc("exit")),
            Entry("gc", 1, _ev_plain("gc"))):
     register("event", _e)
 
