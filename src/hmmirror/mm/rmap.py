@@ -30,6 +30,8 @@ def counted(mem: PhysMem, pfn: int, dax_refcounted: bool) -> bool:
         return False
     if fl & PG.device:
         return dax_refcounted
+    if pfn >= mem.nr_ram and fl & PG.reserved:
+        return False            # a device range after memunmap_pages: no struct page any more
     return True
 
 
@@ -39,6 +41,7 @@ def counted_mask(mem: PhysMem, pfns: np.ndarray, dax_refcounted: bool) -> np.nda
     fl = np.zeros(pfns.shape, dtype=np.uint32)
     fl[inside] = mem.flags[pfns[inside]]
     ok = inside & ((fl & PG.zero) == 0)
+    ok &= ~((pfns >= mem.nr_ram) & ((fl & PG.reserved) != 0) & ((fl & PG.device) == 0))   # memunmap_pages done
     dev = (fl & PG.device) != 0
     if not dax_refcounted:
         ok &= ~dev
