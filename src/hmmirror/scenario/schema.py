@@ -1089,8 +1089,16 @@ SIM_KEYS = ("driver", "mirror", "max_steps", "thread", "device", "event", "sched
 SIM_SETUP_OPS = ("mmap", "touch", "munmap", "mprotect", "madvise")
 SIM_THREAD_OPS = ("touch", "munmap", "mmap", "mprotect", "madvise", "fork")
 JOB_KEYS = {"addr": "addr", "length": "size", "write": "bool", "mode": "str", "pattern": "count"}
+def _event_device(value: Any, what: str) -> str:
+    """A device of an event: a /dev path (pmem_unbind) or a pmem namespace name (pmem_remove)."""
+    s = _str(value, what)
+    if re.match(r"^pmem\d+$", s):
+        return s
+    return _path(s, what)
+
+
 EVENT_KEYS = {"name": "name", "kind": "str", "delay": "count", "addr": "addr", "length": "size", "hold": "count",
-              "device": "path", "proc": "name"}
+              "device": _event_device, "proc": "name", "pages": "count", "what": ("pmd_bad", "pud_huge")}
 #: Keys of ``[finding]`` (the saved finding of a reproducer) and their kinds.
 FINDING_KEYS: dict[str, str] = {"invariant": "str", "location": "str", "signature": "str", "step": "count",
                                 "task": "str", "message": "anystr", "seed": "count", "detail": "anystr",
@@ -1153,7 +1161,9 @@ class _SimValidator(_Validator):
                 raise self.fail(path, f"{what} needs a {k!r}")
         conv = dict(KINDS_OF_VALUE, anystr=_anystr)
         for k, v in value.items():
-            self.conv(conv[kinds[k]], v, path + (k,), f"{what}.{k}")
+            kind: Any = kinds[k]
+            self.conv(kind if callable(kind) else _enum(*kind) if isinstance(kind, tuple) else conv[kind], v,
+                      path + (k,), f"{what}.{k}")
         return value
 
     def sim(self, sim: Any, scn: Scenario, setup_names: dict[str, str]) -> None:
