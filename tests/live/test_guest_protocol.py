@@ -168,17 +168,19 @@ def test_parse_output_classifies_with_the_kernels_bit_meanings() -> None:
     shmem = PM_PRESENT | PM_FILE | (pfn + 600)
     kpf_shmem = 1 << KPF.KPF_SWAPBACKED
     devpriv = PM_SWAP | (27 | (0x777 << 5))                            # SWP_DEVICE_WRITE in the guest config
+    devexcl = PM_SWAP | (29 | (0x2f57 << 5))                           # SWP_DEVICE_EXCLUSIVE_WRITE
     out = "\n".join([
         "S s0",
         "MI 22 1 0:5 / / rw - rootfs rootfs rw",
         "R 0 1 140000000000 - - addr=0x7f5000000000",
-        "I 1 0x7f5000000000 5",
+        "I 1 0x7f5000000000 6",
         "V 7f5000000000-7f5000400000 rw-p 00000000 00:00 0 ",
         "VK 4  rd wr mr mw me ac hg ",
         f"P {thp:x} {kpf_thp:x} {cats:x}",
         f"P {shmem:x} {kpf_shmem:x} 0",
         "Z 2",
         f"P {devpriv:x} 0 {int(PageIs.PAGE_IS_SWAPPED):x}",
+        f"P {devexcl:x} 0 {int(PageIs.PAGE_IS_SWAPPED):x}",
         "R 1 1 0 - -",
         "R 2 0 3 EFAULT SIGSEGV",
         "R 3 1 0 - - cpages=3 faults=1 snapshot=0602ff00",
@@ -189,13 +191,14 @@ def test_parse_output_classifies_with_the_kernels_bit_meanings() -> None:
     r0, r1, r2, r3 = res.records
     assert r0.ok and r0.ret == 140000000000
     pages = r1.pages
-    assert pages is not None and len(pages) == 5
-    a, s, n1, n2, d = pages
+    assert pages is not None and len(pages) == 6
+    a, s, n1, n2, d, x = pages
     assert (a.present, a.kind, a.level, a.huge, a.exclusive, a.file, a.pfn) == (True, "anon", "pmd", True, True,
                                                                                   False, pfn)
     assert (s.kind, s.level, s.file, s.exclusive) == ("shmem", "pte", True, False)
     assert (n1.present, n1.kind, n2.kind) == (False, "none", "none")
     assert (d.present, d.swapped, d.kind) == (False, True, "device_private")
+    assert (x.present, x.swapped, x.kind) == (False, True, "device_exclusive")
     assert (r2.ok, r2.errno, r2.signal, r2.ret) == (False, "EFAULT", "SIGSEGV", 3)
     assert r3.extra == {"cpages": 3, "faults": 1, "snapshot": [0x06, 0x02, 0xFF, 0x00]}
 

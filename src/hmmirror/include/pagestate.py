@@ -28,6 +28,7 @@ KINDS = (
     "swap",        # swap entry
     "migration",   # migration entry
     "device_private",
+    "device_exclusive",  # make_device_exclusive() entry [6.x]
     "hwpoison",
     "marker",      # PTE marker (6.18: guard, uffd-wp, poison)
 )

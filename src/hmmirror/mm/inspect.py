@@ -20,6 +20,8 @@ def _swap_kind(e: int) -> str:
         return "migration"
     if x86.is_device_private_entry(s):
         return "device_private"
+    if x86.is_device_exclusive_entry(s):
+        return "device_exclusive"
     if x86.is_hwpoison_entry(s):
         return "hwpoison"
     if x86.is_pte_marker(s):

@@ -39,6 +39,7 @@ KIND_COLORS = {
     "swap": "#EE7733",
     "migration": "#EE7733",
     "device_private": "#882255",
+    "device_exclusive": "#882255",
     "hwpoison": "#000000",
     "marker": "#DDAA33",
 }

@@ -53,6 +53,13 @@
 #include <unistd.h>
 
 #include "lib/test_hmm_uapi.h"
+#include "mm/gup_test.h"
+
+#ifndef HMM_DMIRROR_FLAGS
+#define HMM_DMIRROR_FLAGS _IOWR('H', 0x08, struct hmm_dmirror_cmd)  /* 6.19+; EINVAL before */
+#endif
+#define FOLL_WRITE_ 0x01        /* as hmm-tests.c defines them for gup_test */
+#define FOLL_LONGTERM_ 0x100
 
 #define PAGE 4096UL
 #define MAXPROC 16
@@ -485,6 +492,8 @@ static void w_dmirror_cmd(const char *op, const struct args *a)
 		return;
 	}
 	npages = (len + PAGE - 1) / PAGE;
+	if (!strcmp(op, "dmirror_flags"))
+		npages = argu(a, "flags", 0);          /* the command's npages carries the flags */
 	if (!strcmp(op, "dmirror_read"))
 		req = HMM_DMIRROR_READ;
 	else if (!strcmp(op, "dmirror_write"))
@@ -501,11 +510,13 @@ static void w_dmirror_cmd(const char *op, const struct args *a)
 		req = HMM_DMIRROR_CHECK_EXCLUSIVE;
 	else if (!strcmp(op, "dmirror_release"))
 		req = HMM_DMIRROR_RELEASE;
+	else if (!strcmp(op, "dmirror_flags"))
+		req = HMM_DMIRROR_FLAGS;
 	else {
 		reply(0, 0, ENOSYS, NULL, "note=unknown_dmirror_op");
 		return;
 	}
-	bufsize = req == HMM_DMIRROR_SNAPSHOT ? npages : npages * PAGE;
+	bufsize = req == HMM_DMIRROR_SNAPSHOT ? npages : req == HMM_DMIRROR_FLAGS ? 0 : npages * PAGE;
 	buf = xmalloc(bufsize);
 	memset(buf, 0, bufsize);
 	if (req == HMM_DMIRROR_WRITE) {
@@ -530,7 +541,9 @@ static void w_dmirror_cmd(const char *op, const struct args *a)
 	extra = xmalloc(elen);
 	snprintf(extra, elen, "cpages=%llu faults=%llu", (unsigned long long)cmd.cpages,
 		 (unsigned long long)cmd.faults);
-	if (req == HMM_DMIRROR_READ && fill && strcmp(fill, "-")) {
+	/* READ, and the commands that read the migrated or exclusive pages back, checked against fill */
+	if ((req == HMM_DMIRROR_READ || req == HMM_DMIRROR_MIGRATE_TO_DEV || req == HMM_DMIRROR_EXCLUSIVE) &&
+	    fill && strcmp(fill, "-")) {
 		unsigned char *want = xmalloc(PAGE);
 		unsigned long bad = 0;
 
@@ -552,6 +565,49 @@ static void w_dmirror_cmd(const char *op, const struct args *a)
 	free(buf);
 	reply(1, 0, 0, NULL, extra);
 	free(extra);
+}
+
+/* The gup_test debugfs ioctl over the range, one page per call (as hmm-tests' gup_test_exec()). */
+static void w_gup_test(const struct args *a)
+{
+	unsigned long addr, len;
+	const char *cmd = arg(a, "cmd") ? arg(a, "cmd") : "GUP_BASIC_TEST";
+	unsigned long req;
+	struct gup_test gup;
+	int fd, r;
+
+	if (range_args(a, &addr, &len)) {
+		reply(0, 0, EINVAL, NULL, "note=unresolved_address");
+		return;
+	}
+	if (!strcmp(cmd, "GUP_BASIC_TEST"))
+		req = GUP_BASIC_TEST;
+	else if (!strcmp(cmd, "GUP_FAST_BENCHMARK"))
+		req = GUP_FAST_BENCHMARK;
+	else if (!strcmp(cmd, "PIN_FAST_BENCHMARK"))
+		req = PIN_FAST_BENCHMARK;
+	else if (!strcmp(cmd, "PIN_LONGTERM_BENCHMARK"))
+		req = PIN_LONGTERM_BENCHMARK;
+	else {
+		reply(0, 0, EINVAL, NULL, "note=unknown_gup_test_cmd");
+		return;
+	}
+	fd = open("/sys/kernel/debug/gup_test", O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		reply(0, 0, errno, NULL, "note=no_gup_test");
+		return;
+	}
+	memset(&gup, 0, sizeof(gup));
+	gup.addr = addr;
+	gup.size = (len + PAGE - 1) / PAGE * PAGE;
+	gup.nr_pages_per_call = 1;
+	gup.gup_flags = (argu(a, "write", 1) ? FOLL_WRITE_ : 0) | (argu(a, "longterm", 0) ? FOLL_LONGTERM_ : 0);
+	r = ioctl(fd, req, &gup);
+	if (r)
+		reply(0, 0, errno, NULL, NULL);
+	else
+		reply(1, 0, 0, NULL, NULL);
+	close(fd);
 }
 
 /* fork: the child opens the FIFOs cmd= and rep= the controller made for it (in this order). */
@@ -679,6 +735,8 @@ static int worker_main(int cmdfd, int repfd)
 			w_dmirror_open(&a);
 		else if (!strcmp(op, "dmirror_close"))
 			w_dmirror_close(&a);
+		else if (!strcmp(op, "gup_test"))
+			w_gup_test(&a);
 		else if (!strncmp(op, "dmirror_", 8))
 			w_dmirror_cmd(op, &a);
 		else

@@ -34,8 +34,11 @@ DAX_FS_MAX, DEVDAX_MAX = 512 << 20, 240 << 20
 #: Operations the player runs besides the built-in ones.
 DMIRROR_OPS = ("dmirror_open", "dmirror_close", "dmirror_read", "dmirror_write", "dmirror_snapshot",
                "dmirror_migrate_to_dev", "dmirror_migrate_to_sys", "dmirror_exclusive",
-               "dmirror_check_exclusive", "dmirror_release")
-PLAIN_OPS = ("mmap", "munmap", "mprotect", "madvise", "touch", "check", "fork", "exit", "truncate", "inspect")
+               "dmirror_check_exclusive", "dmirror_release", "dmirror_flags")
+#: Ops whose buffer holds the device's copy afterwards (``fill`` -> ``bad_pages``).
+READ_BACK_OPS = ("dmirror_read", "dmirror_migrate_to_dev", "dmirror_exclusive")
+PLAIN_OPS = ("mmap", "munmap", "mprotect", "madvise", "touch", "check", "fork", "exit", "truncate", "inspect",
+             "gup_test")
 #: Swap types of non-swap entries in the guest kernel (6.12, MIGRATION=y, DEVICE_PRIVATE=y, no
 #: MEMORY_FAILURE: include/linux/swap.h stacks them below the PTE marker type 31).
 GUEST_SWAP_KINDS = {24: "migration", 25: "migration", 26: "migration", 27: "device_private",
@@ -207,10 +210,19 @@ def _op_words(op: Any, names: dict[str, str], devices: dict[str, str], hugetlbfs
         if op.as_:
             w.append(f"as={_safe_name(names, op.as_)}")
         return w
+    if n == "dmirror_release" and "addr" not in a:
+        w.append("addr=0x1000")                       # the ioctl only checks the range (dmirror_ops.py)
+    if n == "dmirror_release" and "length" not in a:
+        w.append("len=4096")
     if "addr" in a:
         w.append(f"addr={_addr(a['addr'], names)}")
     if "length" in a:
         w.append(f"len={a['length']}")
+    if n == "dmirror_flags":
+        w.append(f"flags={a['flags']}")
+    elif n == "gup_test":
+        w += [f"cmd={a.get('cmd', 'GUP_BASIC_TEST')}", f"write={int(a.get('write', True))}",
+              f"longterm={int(bool(a.get('longterm')))}"]
     if n == "mprotect":
         w.append(f"prot={executor._prot(a['prot'])}")
     elif n == "madvise":
@@ -226,7 +238,7 @@ def _op_words(op: Any, names: dict[str, str], devices: dict[str, str], hugetlbfs
     if n in DMIRROR_OPS:
         default = f"dmirror{a.get('device', 0)}" if n == "dmirror_open" else "dmirror0"
         w.append(f"fd={a.get('fd', default)}")
-    if a.get("fill") is not None and n in ("touch", "check", "dmirror_read", "dmirror_write"):
+    if a.get("fill") is not None and n in ("touch", "check", "dmirror_write", *READ_BACK_OPS):
         w.append(f"fill={_fill(a['fill'])}")
     return w
 
@@ -296,14 +308,15 @@ def _backing(path: str, dev: tuple[int, int], flags: frozenset[str],
 
 
 def _guest_swap_kinds(pages: list[PageState], entries: np.ndarray) -> list[PageState]:
-    """Swap-format entries whose type is a migration/device entry of the guest kernel get that kind."""
+    """Swap-format entries get their kind from the guest kernel's swap types (the host classifier knows only
+    the host's configuration)."""
     from dataclasses import replace
 
     out = []
     for s, e in zip(pages, entries.tolist()):
-        if s.swapped and not s.present and s.kind in ("swap", "marker"):
-            kind = GUEST_SWAP_KINDS.get(int(e) & ((1 << pagemap.SWP_TYPE_BITS) - 1))
-            if kind and kind != s.kind:
+        if s.swapped and not s.present:
+            kind = GUEST_SWAP_KINDS.get(int(e) & ((1 << pagemap.SWP_TYPE_BITS) - 1), "swap")
+            if kind != s.kind:
                 s = replace(s, kind=kind)
         out.append(s)
     return out
