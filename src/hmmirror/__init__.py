@@ -5,6 +5,8 @@ Start with :class:`hmmirror.machine.Machine` and ``Machine.spawn()``; see README
 
 from hmmirror.errors import HmmirrorError, InputError, KernelError, ModelBug
 from hmmirror.machine import Machine
+from hmmirror.mirror import HmmRangeError, Mirror, MirrorResult
 
-__all__ = ["Machine", "HmmirrorError", "InputError", "KernelError", "ModelBug"]
+__all__ = ["Machine", "HmmirrorError", "HmmRangeError", "InputError", "KernelError", "Mirror", "MirrorResult",
+           "ModelBug"]
 __version__ = "0.1.0"

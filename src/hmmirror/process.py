@@ -214,6 +214,17 @@ class Process:
                 bad += 1
         return bad
 
+    # -- device mirrors ------------------------------------------------------------------------------------
+    def mirror(self, name: str = "mirror", **options: Any) -> Any:
+        """A :class:`~hmmirror.mirror.Mirror` of this process (HMM run to completion, both profiles)."""
+        from hmmirror.mirror import Mirror
+        return Mirror(self, name, **options)
+
+    def open_dmirror(self, unit: int = 0) -> Any:
+        """``open("/dev/hmm_dmirror<unit>")`` [6.x]: see :func:`hmmirror.mirror.open_dmirror`."""
+        from hmmirror.mirror import open_dmirror
+        return open_dmirror(self, unit)
+
     def inspect(self, addr: int, length: int) -> list[PageState]:
         """Per-page state of ``[addr, addr+length)`` as the model's page tables describe it."""
         self._check_range(addr, length, "inspect")

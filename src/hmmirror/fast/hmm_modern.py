@@ -663,8 +663,9 @@ def hmm_range_fault(range: ref.HmmRange, *, reference: bool = False) -> Gen[int]
     :func:`hmmirror.mm.hmm.modern.hmm_range_fault`; ``reference=True`` runs that function instead."""
     if reference:
         return (yield from ref.hmm_range_fault(range))
+    if range.notifier is None or range.notifier.mm is None:
+        return (yield from ref.hmm_range_fault(range))          # the reference reports the NULL dereference
     mm = range.notifier.mm
-    assert mm is not None
     machine = mm.machine
     ref.mmap_assert_locked(mm)
     machine.counters["hmm_range_fault"] += 1

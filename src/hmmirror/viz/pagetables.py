@@ -3,7 +3,8 @@
 :func:`collect` walks one mm's tables over ``[start, end)`` level by level (PGD, P4D with 5-level paging,
 PUD, PMD, PTE) and returns a :class:`TableView`: one :class:`Node` per upper-level entry, with consecutive
 leaves of the same kind, permission and pfn progression merged into runs (512 zero-page PTEs are one node).
-Leaf kinds are those of :func:`hmmirror.mm.inspect.model_page_state` (anon, zero, file, shmem, devmap,
+Leaf kinds are those of :func:`hmmirror.mm.inspect.model_page_state` (read for the whole range at once with
+the vectorised :func:`~hmmirror.mm.inspect.inspect_arrays`; anon, zero, file, shmem, devmap,
 hugetlb, special, swap, ...).  :func:`render_tree` turns a view into a ``rich`` tree, :func:`draw` into a PNG
 (matplotlib, Agg backend; imported only when drawing).
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PTRS_PER_TABLE
-from hmmirror.mm.inspect import model_page_state
+from hmmirror.mm.inspect import inspect_arrays
 
 if TYPE_CHECKING:
     from rich.tree import Tree
@@ -141,6 +142,8 @@ def collect(mm: MMStruct, start: int, end: int, label: str = "") -> TableView:
     geo = mm.machine.geo
     lv = levels_of(geo.levels)
     pool = mm.machine.pool
+    page0 = start & ~((1 << PAGE_SHIFT) - 1)
+    pages = inspect_arrays(mm, page0, end) if end > start else None
 
     def walk(tid: int, li: int, base: int, lo: int, hi: int) -> list[Node]:
         name, shift = lv[li]
@@ -169,9 +172,13 @@ def collect(mm: MMStruct, start: int, end: int, label: str = "") -> TableView:
             node = Node(name, i, 1, va, va + size, "table", "table", present=True)
             node.children = walk(x86.table_id_of(e), li + 1, va, max(lo, va), min(hi, va + size))
             return node
-        st = model_page_state(mm, max(lo, va))
-        pfn = x86.pte_pfn(e) if st.present else None
-        return Node(name, i, 1, va, va + size, "leaf", st.kind, st.present, st.write, bool(st.protnone), pfn, pfn)
+        assert pages is not None
+        k = (max(lo, va) - page0) >> PAGE_SHIFT                      # the state of the first page in range
+        present = bool(pages.present[k])
+        write = bool(pages.write[k]) if present else None
+        pfn = x86.pte_pfn(e) if present else None
+        return Node(name, i, 1, va, va + size, "leaf", pages.kind_name(k), present, write,
+                    bool(pages.protnone[k]), pfn, pfn)
 
     nodes = walk(mm.pt.pgd, 0, 0, start, end) if end > start else []
     vmas = [vma_json(v) for v in mm.vmas_in(start, end)]

@@ -584,9 +584,15 @@ def hmm_range_fault(range: HmmRange) -> Gen[int]:   # noqa: A002 - kernel name
     Locking: the caller holds the mmap lock of ``range.notifier.mm`` (read or write); it is never dropped.
     An invalidation during the walk is not reported here unless seen at a loop start; the driver detects
     it with ``mmu_interval_read_retry()`` under its own lock.
+
+    A range whose ``notifier`` is NULL or was never inserted (no ``mm``) is the kernel's NULL dereference of
+    ``range->notifier->mm``: reported as ``null_deref``; when a simulator records instead of raising, -EFAULT.
     """
+    if range.notifier is None or range.notifier.mm is None:
+        sched.report("null_deref", "hmm_range_fault: range->notifier"
+                     + (" is NULL" if range.notifier is None else "->mm is NULL (notifier never inserted)"))
+        return -EFAULT
     mm = range.notifier.mm
-    assert mm is not None
     machine = mm.machine
     mmap_assert_locked(mm)
     machine.counters["hmm_range_fault"] += 1
