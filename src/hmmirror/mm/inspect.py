@@ -364,6 +364,12 @@ def inspect_arrays(mm: "MMStruct", start: int, end: int) -> PageArrays:
         mc = np.zeros(idx.size, dtype=np.int32)
         mc[cand] = mem.mapcount[pf[cand]]
         excl = cand & (mc == 1)
+        if profile.pagemap_pmd_exclusive_head:
+            # a PMD leaf reads the mapcount of the frame its entry points to (pfn - off), for all its pages
+            head_rule = cand & (level[idx] == LVL_PMD) & (pf < mem.nr_ram) & ~hugetlb
+            if head_rule.any():
+                off = ((start >> PAGE_SHIFT) + idx[head_rule]) & (PTRS_PER_TABLE - 1)
+                excl[head_rule] = mem.mapcount[pf[head_rule] - off] == 1
         if profile.pagemap_exclusive_per_folio:
             _per_folio(mm, start, idx, pf, cand & (pf < mem.nr_ram) & ~hugetlb, excl)
         exclusive[idx] = excl
