@@ -160,6 +160,7 @@ def repro_text() -> str:
     (lambda t: t.replace('[[sim.device]]\nname = "dev0"\n', '[[sim.device]]\n'), "[[sim.device]]",
      "needs a 'name'"),
     (lambda t: "process = []\n" + t.replace('[[process]]\nname = "p"\n', ''), "process = []", "empty array"),
+    (lambda t: t.replace('driver = "builtin"', 'driver = "x"'), 'driver = "x"', "sim.driver 'x' must be"),
 ])
 def test_reproducer_schema(edit, line_of: str, words: str, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -230,3 +231,8 @@ def test_readme_row_of_each_command_names_all_its_options() -> None:
         opts = [o for p in cmd.params for o in p.opts if o.startswith("--") and o != "--help"]
         missing = [o for o in opts if f"`{o}" not in row]
         assert not missing, f"README row of {name} lacks {missing}"
+
+
+def test_reproducer_driver_that_cannot_be_imported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = write(tmp_path, repro_text().replace('driver = "builtin"', 'driver = "nosuchmodule_xyz:D"'))
+    bad(capsys, ["replay", f], f"{f}: sim.driver", "cannot import")

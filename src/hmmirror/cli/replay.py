@@ -34,6 +34,9 @@ def command(file: str | None, seed: int | None, kernel: str, driver: str, png: s
     check_output_file(png, "--png")
     expected = None
     if file is not None:
+        from hmmirror.scenario.schema import load_sim
+        doc = load_sim(file)                        # bad input: one line naming FILE:LINE
+        resolve_driver(str(doc["sim"].get("driver", "builtin")), None, f"{file}: sim.driver")
         rep = replay_file(file, every_step)
         res, expected, ok = rep.result, rep.expected, rep.reproduced
     else:

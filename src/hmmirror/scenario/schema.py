@@ -1170,7 +1170,10 @@ class _SimValidator(_Validator):
         path: Path_ = ("sim",)
         self.table(sim, path, SIM_KEYS, "[sim]")
         if "driver" in sim:
-            self.conv(_str, sim["driver"], path + ("driver",), "sim.driver")
+            drv = self.conv(_str, sim["driver"], path + ("driver",), "sim.driver")
+            if drv != "builtin" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", drv):
+                raise self.fail(path + ("driver",), f"sim.driver {drv!r:.80} must be \"builtin\" or "
+                                                    f"package.module:ClassName")
         procs = list(scn.processes)
         if "mirror" in sim:
             m = self.conv(_name, sim["mirror"], path + ("mirror",), "sim.mirror")
