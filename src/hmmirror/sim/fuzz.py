@@ -978,16 +978,8 @@ def campaign(cfg: Config, deadline: float, worker: int = 0, report: Callable[[st
 # -- worker processes ---------------------------------------------------------------------------------------
 def _die_with_parent(parent: int) -> None:
     """PR_SET_PDEATHSIG(SIGKILL): the kernel kills this worker when its parent dies, whatever killed it."""
-    import signal
-
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)        # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:                             # the parent died before prctl
-        os._exit(1)
+    from hmmirror.sim.lifecycle import die_with_parent
+    die_with_parent(parent)
 
 
 def _worker_main(cfg: Config, parent: int, worker: int, tasks: Any, q: Any) -> None:

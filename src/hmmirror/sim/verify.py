@@ -39,8 +39,10 @@ def replays_in_fresh_process(path: str, signature: str, timeout: float = VERIFY_
     env.pop("PYTHONHASHSEED", None)
     env.pop("PYTHONDONTWRITEBYTECODE", None)     # the next fresh replay starts from compiled modules
     try:
+        from hmmirror.sim.lifecycle import set_pdeathsig    # dies with the worker that started it
         proc = subprocess.run([sys.executable, "-m", "hmmirror.sim.verify", path], capture_output=True,
-                              text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+                              text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+                              preexec_fn=set_pdeathsig)
     except subprocess.TimeoutExpired:
         return Verdict(False, None, f"the fresh replay took more than {timeout:.0f} s")
     except OSError as exc:
