@@ -857,3 +857,85 @@ def test_hmm_cow_in_device(proc, fd):
     assert ret == 0
     assert snap.cpages == npages
     assert list(snap.mirror) == [HMM_DMIRROR_PROT_WRITE] * npages
+
+
+# --- 2026 additions whose expectations do not depend on device-private THP ----------------------------------------
+def _huge_buffer(proc, size: int, prot: str, advice: str | None):
+    """``mmap(2 * size)``, ``map = ALIGN(ptr, size)``, ``madvise(map, size, advice)``."""
+    old_ptr = proc.mmap(2 * size, prot, ["private", "anonymous"])
+    mapped = (old_ptr + size - 1) & ~(size - 1)
+    if advice:
+        assert proc.madvise(mapped, size, advice) == 0
+    return old_ptr, mapped
+
+
+def test_migrate_anon_huge_empty(proc, fd):
+    """Migrate a private anonymous huge empty (never touched, read-only) range."""
+    size = PMD_SIZE                                        # read_pmd_pagesize()
+    npages = size >> 12
+    buffer = HmmBuffer(2 * size, size)
+    buffer.mirror[:] = b"\xff" * size
+    old_ptr, buffer.ptr = _huge_buffer(proc, size, "r", "hugepage")
+    ret = hmm_migrate_sys_to_dev(fd, buffer, npages)
+    assert ret == 0
+    assert buffer.cpages == npages
+    assert bytes(buffer.mirror) == bytes(size)
+    proc.munmap(old_ptr, 2 * size)
+
+
+def test_migrate_anon_huge_zero(proc, fd):
+    """Migrate a private anonymous huge zero page, then fault it back."""
+    size = PMD_SIZE
+    npages = size >> 12
+    buffer = HmmBuffer(2 * size, size)
+    buffer.mirror[:] = b"\xff" * size
+    old_ptr, buffer.ptr = _huge_buffer(proc, size, "r", "hugepage")
+    assert as_ints(proc.read_bytes(buffer.ptr, 4))[0] == 0   # a read-only zero huge page
+    ret = hmm_migrate_sys_to_dev(fd, buffer, npages)
+    assert ret == 0
+    assert buffer.cpages == npages
+    assert bytes(buffer.mirror) == bytes(size)
+    assert proc.read_bytes(buffer.ptr, size) == bytes(size)
+    proc.munmap(old_ptr, 2 * size)
+
+
+def test_migrate_anon_huge_free(proc, fd):
+    """Migrate a private anonymous huge page, then MADV_FREE it."""
+    size = PMD_SIZE
+    npages = size >> 12
+    buffer = HmmBuffer(2 * size, size)
+    buffer.mirror[:] = b"\xff" * size
+    old_ptr, buffer.ptr = _huge_buffer(proc, size, "rw", "hugepage")
+    proc.write_bytes(buffer.ptr, pattern(size))
+    ret = hmm_migrate_sys_to_dev(fd, buffer, npages)
+    assert ret == 0
+    assert buffer.cpages == npages
+    assert bytes(buffer.mirror) == pattern(size)
+    assert proc.madvise(buffer.ptr, size, "free") == 0
+    proc.munmap(old_ptr, 2 * size)
+
+
+@pytest.mark.parametrize("use_thp", [0, 1], ids=["nohuge", "huge"])
+@pytest.mark.parametrize("j", [0, 1, 2], ids=["off0", "off1/4", "off1/2"])
+def test_migrate_partial_unmap_fault(proc, fd, use_thp, j):
+    """Migrate, munmap half of the range at an offset, fault the rest back (the C test loops over both)."""
+    size = PMD_SIZE
+    unmap_size = size // 2
+    offsets = [0, size // 4, size // 2]
+    npages = size >> 12
+    buffer = HmmBuffer(2 * size, size)
+    buffer.mirror[:] = b"\xff" * size
+    old_ptr, buffer.ptr = _huge_buffer(proc, size, "rw", "hugepage" if use_thp else "nohugepage")
+    proc.write_bytes(buffer.ptr, pattern(size))
+    ret = hmm_migrate_sys_to_dev(fd, buffer, npages)
+    assert ret == 0
+    assert buffer.cpages == npages
+    assert bytes(buffer.mirror) == pattern(size)
+    proc.munmap(buffer.ptr + offsets[j], unmap_size)
+    data = pattern(size)
+    if offsets[j] > 0:
+        assert proc.read_bytes(buffer.ptr, offsets[j]) == data[:offsets[j]]
+    tail = offsets[j] + unmap_size
+    if tail < size:
+        assert proc.read_bytes(buffer.ptr + tail, size - tail) == data[tail:]
+    proc.munmap(old_ptr, 2 * size)

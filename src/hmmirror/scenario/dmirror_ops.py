@@ -12,6 +12,21 @@ Registered with :func:`~hmmirror.scenario.schema.register_op` when the runner lo
   HMM_DMIRROR_PROT_* byte per page (a list of ints);
 * ``dmirror_pt`` (``addr``, ``length``, ``fd``): the device page table over the range; result: entries
   present; ``pt``: ``"-"``, ``"r"``, ``"w"``, ``"a"`` per page;
+* ``dmirror_migrate_to_dev`` (``addr``, ``length``, ``fd``, ``fill``): HMM_DMIRROR_MIGRATE_TO_DEV; ``cpages``
+  (pages read back from the device), with ``fill`` ``bad_pages``; -ENOENT when a page did not move;
+* ``dmirror_migrate_to_sys`` (``addr``, ``length``, ``fd``): HMM_DMIRROR_MIGRATE_TO_SYS; ``cpages`` (pages
+  migrated back);
+* ``dmirror_exclusive`` (``addr``, ``length``, ``fd``, ``fill``): HMM_DMIRROR_EXCLUSIVE; ``cpages``,
+  ``bad_pages`` with ``fill``;
+* ``dmirror_check_exclusive`` (``addr``, ``length``, ``fd``): HMM_DMIRROR_CHECK_EXCLUSIVE; result 0, or EPERM
+  while the device still holds an exclusive (atomic) entry;
+* ``dmirror_release`` (``fd``; ``addr``/``length`` optional, default one page at 0x1000 -- the ioctl only checks
+  them): HMM_DMIRROR_RELEASE, every chunk of the device's memory evicted and removed;
+* ``dmirror_flags`` (``flags``: an integer, 1 = HMM_DMIRROR_FLAG_FAIL_ALLOC, ``fd``): HMM_DMIRROR_FLAGS
+  (EINVAL on kernels whose test_hmm has no such ioctl: 6.12 and 6.18);
+* ``gup_test`` (``addr``, ``length``, ``cmd``: GUP_BASIC_TEST / GUP_FAST_BENCHMARK / PIN_FAST_BENCHMARK /
+  PIN_LONGTERM_BENCHMARK, ``longterm``: bool, ``write``: bool default true): the gup_test debugfs ioctl
+  (mm/gup_test.c) over the range, one page per call, as hmm-tests' hmm_gup_test uses it;
 * ``dmirror_close`` (``fd``): close(2);
 * ``mirror_range`` (``addr``, ``length``, ``access``: none/read/write): one snapshot or fault of the range
   through the HMM API of the running profile (6.x or 5.2); ``entries`` per page in one notation.
@@ -148,6 +163,78 @@ def _dmirror_close(ctx: RunContext, op: Op) -> int:
     return 0
 
 
+def _dmirror_migrate_to_dev(ctx: RunContext, op: Op) -> Outcome:
+    n = _npages(ctx)
+    buf = bytearray(n * PAGE_SIZE)
+    cmd = _cmd(ctx, op, "MIGRATE_TO_DEV", buf)
+    return Outcome(ret=0, extra=_read_back(ctx, cmd, buf, n))
+
+
+def _read_back(ctx: RunContext, cmd: Any, buf: bytearray, n: int) -> dict[str, Any]:
+    extra: dict[str, Any] = {"cpages": cmd.cpages}
+    fill = ctx.args.get("fill")
+    if fill is not None:
+        extra["bad_pages"] = sum(1 for i in range(n)
+                                 if buf[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] != (fill_bytes(fill, i) or bytes(PAGE_SIZE)))
+    return extra
+
+
+def _dmirror_migrate_to_sys(ctx: RunContext, op: Op) -> Outcome:
+    cmd = _cmd(ctx, op, "MIGRATE_TO_SYS", None)
+    return Outcome(ret=0, extra={"cpages": cmd.cpages})
+
+
+def _dmirror_exclusive(ctx: RunContext, op: Op) -> Outcome:
+    n = _npages(ctx)
+    buf = bytearray(n * PAGE_SIZE)
+    cmd = _cmd(ctx, op, "EXCLUSIVE", buf)
+    return Outcome(ret=0, extra=_read_back(ctx, cmd, buf, n))
+
+
+def _dmirror_check_exclusive(ctx: RunContext, op: Op) -> int:
+    _cmd(ctx, op, "CHECK_EXCLUSIVE", None)
+    return 0
+
+
+def _dmirror_release(ctx: RunContext, op: Op) -> int:
+    from hmmirror.drivers.test_hmm import HmmDmirrorCmd
+
+    f = _fd(ctx, op)
+    addr = ctx.args.get("addr", PAGE_SIZE)
+    npages = -(-ctx.args.get("length", PAGE_SIZE) // PAGE_SIZE)
+    ret = f.ioctl("RELEASE", HmmDmirrorCmd(addr, None, npages), ctx.process(op.proc).mm)
+    if ret:
+        raise KernelError(-ret, "dmirror RELEASE")
+    return 0
+
+
+def _dmirror_flags(ctx: RunContext, op: Op) -> int:
+    from hmmirror.drivers.test_hmm import HmmDmirrorCmd
+
+    f = _fd(ctx, op)
+    ret = f.ioctl("FLAGS", HmmDmirrorCmd(PAGE_SIZE, None, ctx.args["flags"]), ctx.process(op.proc).mm)
+    if ret:
+        raise KernelError(-ret, "dmirror FLAGS")
+    return 0
+
+
+def _gup_test(ctx: RunContext, op: Op) -> int:
+    from hmmirror.kernel import sched
+    from hmmirror.mm.gup import FOLL_LONGTERM, FOLL_WRITE
+    from hmmirror.mm.gup_test import COMMANDS, GupTest, gup_test_ioctl
+
+    cmd = ctx.args.get("cmd", "GUP_BASIC_TEST")
+    if cmd not in COMMANDS:
+        raise InputError(f"gup_test cmd {cmd!r}: use one of {', '.join(COMMANDS)}")
+    flags = (FOLL_WRITE if ctx.args.get("write", True) else 0) | (FOLL_LONGTERM if ctx.args.get("longterm") else 0)
+    mm = ctx.process(op.proc).mm
+    gup = GupTest(addr=ctx.args["addr"], size=_npages(ctx) * PAGE_SIZE, nr_pages_per_call=1, gup_flags=flags)
+    ret = sched.run(gup_test_ioctl(mm, cmd, gup), mm.task)
+    if ret:
+        raise KernelError(-ret, f"gup_test {cmd} at {gup.addr:#x}")
+    return 0
+
+
 _RANGE = {"addr": "addr", "length": "size", "fd": "name"}
 _COUNTS = {"cpages": "count", "faults": "count"}
 register_op("dmirror_open", _dmirror_open, {"device": _device, "fd": "name"}, (),
@@ -162,6 +249,23 @@ register_op("dmirror_snapshot", _dmirror_snapshot, _RANGE, ("addr",), range_op=T
             doc="HMM_DMIRROR_SNAPSHOT; snapshot: one HMM_DMIRROR_PROT_* byte per page")
 register_op("dmirror_pt", _dmirror_pt, _RANGE, ("addr",), range_op=True, expect_keys={"pt": _pt_string},
             doc="the device page table over the range; result: entries present")
+register_op("dmirror_migrate_to_dev", _dmirror_migrate_to_dev, {**_RANGE, "fill": "fill"}, ("addr",), range_op=True,
+            expect_keys={"cpages": "count", "bad_pages": "count"},
+            doc="HMM_DMIRROR_MIGRATE_TO_DEV; cpages read back from the device (bad_pages with fill)")
+register_op("dmirror_migrate_to_sys", _dmirror_migrate_to_sys, _RANGE, ("addr",), range_op=True,
+            expect_keys={"cpages": "count"}, doc="HMM_DMIRROR_MIGRATE_TO_SYS; cpages migrated back")
+register_op("dmirror_exclusive", _dmirror_exclusive, {**_RANGE, "fill": "fill"}, ("addr",), range_op=True,
+            expect_keys={"cpages": "count", "bad_pages": "count"},
+            doc="HMM_DMIRROR_EXCLUSIVE: device-exclusive access; cpages (bad_pages with fill)")
+register_op("dmirror_check_exclusive", _dmirror_check_exclusive, _RANGE, ("addr",), range_op=True,
+            doc="HMM_DMIRROR_CHECK_EXCLUSIVE: 0, or EPERM while an exclusive entry is held")
+register_op("dmirror_release", _dmirror_release, _RANGE, (),
+            doc="HMM_DMIRROR_RELEASE: evict and remove every chunk of the device's memory")
+register_op("dmirror_flags", _dmirror_flags, {"flags": "count", "fd": "name"}, ("flags",),
+            doc="HMM_DMIRROR_FLAGS (1 = FAIL_ALLOC); EINVAL where test_hmm has no such ioctl")
+register_op("gup_test", _gup_test, {"addr": "addr", "length": "size", "cmd": "str", "longterm": "bool",
+                                    "write": "bool"}, ("addr",), range_op=True,
+            doc="the gup_test debugfs ioctl over the range (get/pin and release every page)")
 register_op("dmirror_close", _dmirror_close, {"fd": "name"}, (), doc="close the dmirror file")
 
 
