@@ -71,8 +71,23 @@ def start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], set[int]]
         kids = descendants(p.pid)
         assert p.poll() is None, p.communicate()
     assert len(kids) >= 2, "the workers did not start"
-    time.sleep(3.0)                       # let them run a little
+    # let them work a little: CPU seconds, not wall seconds, so a loaded machine gives the same work
+    end = time.monotonic() + 120
+    while time.monotonic() < end and sum(cpu_seconds(k) for k in kids) < 4.0:
+        time.sleep(0.2)
+        assert p.poll() is None, p.communicate()
     return p, kids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            text = fh.read()
+    except OSError:
+        return 0.0
+    rest = text[text.rindex(")") + 2:].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_gone(pids: set[int], seconds: float = 10) -> set[int]:
