@@ -27,7 +27,8 @@ The walk is the fast vectorised one unless ``reference=True`` (or :func:`hmmirro
 on the machine); both give identical results (tests/equivalence).
 
 The dmirror device of lib/test_hmm.c ([6.x] only) is opened with :func:`open_dmirror` (or
-``Process.open_dmirror``); its ``read``/``write``/``snapshot`` ioctls also run to completion and raise
+``Process.open_dmirror``): a :class:`DmirrorHandle` whose ioctls (read, write, snapshot, migrate_to_dev,
+migrate_to_sys, exclusive, check_exclusive, release) also run to completion and raise
 :class:`~hmmirror.errors.KernelError`.
 """
 
@@ -479,13 +480,103 @@ def _release_since(task: sched.Task, before: list[Lock]) -> None:
         sched.set_current(prev)
 
 
-def open_dmirror(process: "Process", unit: int = 0) -> "DmirrorFile":
+class DmirrorHandle:
+    """``/dev/hmm_dmirror<unit>`` opened by a process [6.x]: every ioctl of lib/test_hmm.c, run to completion.
+
+    Each method builds the ``struct hmm_dmirror_cmd`` (with a caller buffer where the command copies data
+    out), runs ``dmirror_fops_unlocked_ioctl`` in the opener's task and raises
+    :class:`~hmmirror.errors.KernelError` with the errno name when it returns one.  ``file`` is the
+    underlying :class:`~hmmirror.drivers.test_hmm.DmirrorFile` (raw ``ioctl(command, arg)``, ``dmirror``).
+    """
+
+    def __init__(self, file: "DmirrorFile") -> None:
+        self.file = file
+
+    @property
+    def closed(self) -> bool:
+        return self.file.private_data is None
+
+    def _cmd(self, command: str, addr: int, npages: int, ptr: Any = None) -> Any:
+        from hmmirror.drivers.test_hmm import HmmDmirrorCmd
+
+        if not isinstance(addr, int) or not isinstance(npages, int) or npages < 0:
+            raise InputError(f"dmirror {command}: addr and npages must be integers (npages >= 0)")
+        cmd = HmmDmirrorCmd(addr, ptr, npages)
+        ret = self.file.ioctl(command, cmd)
+        if ret:
+            raise KernelError(-ret, f"dmirror {command} at {addr:#x} ({npages} pages)")
+        return cmd
+
+    def read(self, addr: int, npages: int) -> tuple[Any, bytes]:
+        """HMM_DMIRROR_READ: read through the device mirror (faulting what is missing): (cmd, bytes)."""
+        buf = bytearray(npages * PAGE_SIZE)
+        return self._cmd("READ", addr, npages, buf), bytes(buf)
+
+    def write(self, addr: int, data: bytes) -> Any:
+        """HMM_DMIRROR_WRITE of ``data`` (whole pages) through the device mirror (faulting writable)."""
+        if len(data) % PAGE_SIZE:
+            raise InputError("dmirror WRITE: data must be a whole number of pages")
+        return self._cmd("WRITE", addr, len(data) // PAGE_SIZE, bytearray(data))
+
+    def snapshot(self, addr: int, npages: int) -> bytes:
+        """HMM_DMIRROR_SNAPSHOT: one ``HMM_DMIRROR_PROT_*`` byte per page, nothing faulted."""
+        buf = bytearray(npages)
+        self._cmd("SNAPSHOT", addr, npages, buf)
+        return bytes(buf)
+
+    def migrate_to_dev(self, addr: int, npages: int) -> tuple[Any, bytes]:
+        """HMM_DMIRROR_MIGRATE_TO_DEV: migrate the range to device-private memory, then read it back through
+        the device page table: (cmd with ``cpages``, the bytes)."""
+        buf = bytearray(npages * PAGE_SIZE)
+        return self._cmd("MIGRATE_TO_DEV", addr, npages, buf), bytes(buf)
+
+    def migrate_to_sys(self, addr: int, npages: int) -> Any:
+        """HMM_DMIRROR_MIGRATE_TO_SYS: migrate this device's pages of the range back to system memory
+        (``cpages``: pages migrated)."""
+        return self._cmd("MIGRATE_TO_SYS", addr, npages)
+
+    def exclusive(self, addr: int, npages: int) -> tuple[Any, bytes]:
+        """HMM_DMIRROR_EXCLUSIVE: make every page device-exclusive and map it ATOMIC, then read the range
+        back: (cmd, bytes)."""
+        buf = bytearray(npages * PAGE_SIZE)
+        return self._cmd("EXCLUSIVE", addr, npages, buf), bytes(buf)
+
+    def check_exclusive(self, addr: int, npages: int) -> None:
+        """HMM_DMIRROR_CHECK_EXCLUSIVE: raises ``KernelError`` EPERM while the device still holds an
+        exclusive (ATOMIC) entry in the range."""
+        self._cmd("CHECK_EXCLUSIVE", addr, npages)
+
+    def release(self, addr: int, npages: int) -> None:
+        """HMM_DMIRROR_RELEASE: evict every device-private page of the device back to system memory.  The
+        range only passes the ioctl's entry checks (page aligned, non-empty), as in hmm-tests."""
+        self._cmd("RELEASE", addr, npages)
+
+    def pt_entries(self) -> list[tuple[int, int, str]]:
+        """The device page table as ``(address, pfn, "r" | "w" | "atomic")``."""
+        return self.file.pt_entries()
+
+    def close(self) -> None:
+        """close(2) (``dmirror_fops_release``).  Idempotent."""
+        if not self.closed:
+            self.file.close()
+
+    def __enter__(self) -> "DmirrorHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DmirrorHandle({self.file.device.path}, mm={self.file.opener.name})"
+
+
+def open_dmirror(process: "Process", unit: int = 0) -> DmirrorHandle:
     """``open("/dev/hmm_dmirror<unit>")`` by ``process`` [6.x]: the lib/test_hmm.c device mirroring the
-    process; ``read(addr, npages)``, ``write(addr, data)``, ``snapshot(addr, npages)`` run the ioctls to
-    completion and raise :class:`~hmmirror.errors.KernelError`; ``close()`` releases it.  On a profile without
-    interval notifiers (5.2) it raises ``KernelError`` ENOENT, as there is no such module."""
+    process (:class:`DmirrorHandle`).  On a profile without interval notifiers (5.2) it raises
+    ``KernelError`` ENOENT, as there is no such module."""
     from hmmirror.drivers.test_hmm import hmm_open
-    return hmm_open(process, unit)
+    return DmirrorHandle(hmm_open(process, unit))
 
 
-__all__ = ["HmmRangeError", "MAX_PASSES", "Mirror", "MirrorInvalidation", "MirrorResult", "open_dmirror"]
+__all__ = ["DmirrorHandle", "HmmRangeError", "MAX_PASSES", "Mirror", "MirrorInvalidation", "MirrorResult",
+           "open_dmirror"]

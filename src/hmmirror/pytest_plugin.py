@@ -93,12 +93,12 @@ def hmmirror_mirror(hmmirror_process: Any) -> Iterator[Any]:
 
 @pytest.fixture
 def hmmirror_dmirror(hmmirror_process: Any) -> Iterator[Any]:
-    """``/dev/hmm_dmirror0`` opened by ``hmmirror_process`` (a :class:`~hmmirror.drivers.test_hmm.DmirrorFile`)."""
+    """``/dev/hmm_dmirror0`` opened by ``hmmirror_process`` (a :class:`~hmmirror.mirror.DmirrorHandle`)."""
     if not hmmirror_process.machine.profile.interval_notifiers:
         pytest.skip(f"kernel {hmmirror_process.machine.profile.name} has no test_hmm device "
                     "(mmu_interval_notifier appeared in 5.5)")
     from hmmirror.mirror import open_dmirror
     dev = open_dmirror(hmmirror_process)
     yield dev
-    if dev.private_data is not None and not hmmirror_process.mm.exited:
+    if not hmmirror_process.mm.exited:
         dev.close()

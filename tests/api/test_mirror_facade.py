@@ -228,3 +228,37 @@ def test_dmirror_device(proc) -> None:  # type: ignore[no-untyped-def]
     snap = dev.snapshot(a, 4)
     assert len(snap) == 4 and all(b & 0x02 for b in snap)  # HMM_DMIRROR_PROT_WRITE
     dev.close()
+
+
+def test_dmirror_migration_and_exclusive_access() -> None:
+    # hmm-tests.c "migrate" and "exclusive": cpages counts every page, the data reads back unchanged, the
+    # CPU's next access brings a page back (migrate_to_ram / restore of the exclusive entry)
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("app")
+    n = 8
+    a = p.mmap(n * P)
+    data = bytes(range(256)) * (n * P // 256)
+    p.write_bytes(a, data)
+    with p.open_dmirror() as dev:
+        cmd, back = dev.migrate_to_dev(a, n)
+        assert cmd.cpages == n and back == data
+        assert {s.kind for s in p.inspect(a, n * P)} == {"device_private"}
+        assert p.read_bytes(a, P) == data[:P]             # the CPU fault migrates page 0 back
+        assert [s.kind for s in p.inspect(a, 2 * P)] == ["anon", "device_private"]
+        assert dev.migrate_to_sys(a, n).cpages == n - 1
+        assert {s.kind for s in p.inspect(a, n * P)} == {"anon"}
+        cmd, back = dev.exclusive(a, n)
+        assert cmd.cpages == n and back == data
+        assert {s.kind for s in p.inspect(a, n * P)} == {"device_exclusive"}
+        with pytest.raises(KernelError) as ei:
+            dev.check_exclusive(a, n)
+        assert ei.value.errno_name == "EPERM"
+        p.touch(a, n * P, write=True)                     # the CPU takes the pages back
+        dev.check_exclusive(a, n)
+        assert p.read_bytes(a, n * P) == data
+        dev.migrate_to_dev(a, n)
+        dev.release(a, n)                                 # evicts the device's memory
+        assert {s.kind for s in p.inspect(a, n * P)} == {"anon"} and p.read_bytes(a, n * P) == data
+        with pytest.raises(InputError):
+            dev.write(a, b"x")
+    assert dev.closed
