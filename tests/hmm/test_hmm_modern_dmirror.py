@@ -1,6 +1,6 @@
 """The dmirror driver itself (hmm-modern.md §5-§6): ioctl entry checks and the errno of each failure, the
 command struct copied back only on success, the device page table and its invalidation, the bounded retry
-loop, user-memory arguments, and a user driver plugged in through :class:`MirrorDriver`.
+loop, user-memory arguments, and a user driver plugged in through :class:`IntervalNotifierDriver`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from hmmirror.drivers.test_hmm import (
     HMM_DMIRROR_READ,
     HMM_DMIRROR_SNAPSHOT,
     HMM_DMIRROR_WRITE,
-    DevicePageTable,
+    DmirrorPageTable,
     HmmDmirrorCmd,
-    MirrorDriver,
+    IntervalNotifierDriver,
     hmm_open,
 )
 from hmmirror.errors import KernelError
@@ -112,7 +112,7 @@ def test_user_memory_arguments(m, p, fd):
 
 # --- the device page table and invalidation ------------------------------------------------------------------
 def test_device_page_table():
-    pt = DevicePageTable()
+    pt = DmirrorPageTable()
     pt.store(5, 0x1234, DPT_XA_TAG_WRITE)
     pt.store_range(510, np.array([(7 << 2), (8 << 2) | 3, (9 << 2)], dtype=np.uint64))   # crosses a chunk
     assert pt.load(5) == (0x1234 << 2) | 3 and pt.load(6) == 0
@@ -187,7 +187,7 @@ def test_release_removes_the_notifier(m, p, fd):
 
 
 # --- a user's own driver ---------------------------------------------------------------------------------------
-class DictMirror(MirrorDriver):
+class DictMirror(IntervalNotifierDriver):
     """A minimal driver: its device page table is a dict va -> (pfn, writable)."""
 
     def __init__(self, mm):

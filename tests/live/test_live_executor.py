@@ -14,7 +14,7 @@ import pytest
 
 from hmmirror.errors import InputError
 from hmmirror.live import hostenv
-from hmmirror.live.executor import LiveExecutor, OpResult, run_ops
+from hmmirror.live.executor import LiveExecutor, LiveOpResult, run_ops
 
 _REASON = hostenv.why_not_live()
 pytestmark = [pytest.mark.live, pytest.mark.xdist_group("host"), pytest.mark.skipif(_REASON is not None, reason=f"live: {_REASON}")]
@@ -25,7 +25,7 @@ def mmap(name: str, length: str, **kw: object) -> dict:
     return {"op": "mmap", "length": length, "prot": "rw", "flags": ["private", "anonymous"], "as": name, **kw}
 
 
-def by_index(results: list[OpResult]) -> dict[int, OpResult]:
+def by_index(results: list[LiveOpResult]) -> dict[int, LiveOpResult]:
     """Results keyed by op index, asserting nothing was refused or unsupported."""
     assert not any(r.unsupported or (r.note or "").startswith("refused") for r in results), results
     return {r.index: r for r in results}

@@ -71,7 +71,7 @@ TIMEOUT_IN_MSEC = 1000
 MAX_POPULATE_RETRIES = 1000
 
 
-class DevicePageTable:
+class DevicePageTable52:
     """The device's page table: sparse numpy chunks of 512 ``uint64`` entries per 2 MiB of VA (ours).
 
     Entries are HMM device entries as produced by the walk (0 = no entry).
@@ -168,7 +168,7 @@ class HmmMirrorDriver52(HmmMirrorOps):
         self.values = tuple(values)
         self.pfn_shift = pfn_shift
         self.update = Lock(f"{name}.update", "mutex")
-        self.pt = DevicePageTable()
+        self.pt = DevicePageTable52()
         self.mirror = HmmMirror(self, name=name)
         self.mm: MMStruct | None = None
         self.released = False

@@ -9,13 +9,13 @@ of hmm-modern.md §5 under ``dmirror.mutex``), then copy page contents from / to
 table points to; SNAPSHOT reports the CPU mapping of every page as one ``HMM_DMIRROR_PROT_*`` byte without
 faulting.
 
-The driver is a class with the three routines a real mirroring driver has (:class:`MirrorDriver`):
+The driver is a class with the three routines a real mirroring driver has (:class:`IntervalNotifierDriver`):
 
 * ``populate(start, end, write)`` — fault the range in and program the device page table (``dmirror_fault``);
 * ``invalidate(sub, range, cur_seq)`` — the interval-notifier callback (``dmirror_interval_invalidate``);
 * ``gc()`` — optional background clean-up (nothing for dmirror).
 
-The simulator drives these; a user plugs a driver of their own by subclassing :class:`MirrorDriver`.
+The simulator drives these; a user plugs a driver of their own by subclassing :class:`IntervalNotifierDriver`.
 
 Model choices (documented differences):
 
@@ -24,7 +24,7 @@ Model choices (documented differences):
   sequentially the clock stands still, so :data:`DMIRROR_RANGE_FAULT_RETRIES` (1000) passes bound the loop
   there.  Either can only trigger under sustained invalidation (simulator).
 * **The device page table** is an xarray of tagged page pointers in the kernel; here it is
-  :class:`DevicePageTable`: sparse numpy chunks of 512 ``uint64`` entries ``pfn << 2 | tag`` (0 = empty), no
+  :class:`DmirrorPageTable`: sparse numpy chunks of 512 ``uint64`` entries ``pfn << 2 | tag`` (0 = empty), no
   Python object per page.  Tags: 0 read-only, ``DPT_XA_TAG_WRITE`` (3) writable, ``DPT_XA_TAG_ATOMIC`` (1)
   device-exclusive.
 * **Caller buffers** (``cmd.ptr`` and the ioctl argument) are either Python buffers (``bytearray``,
@@ -177,7 +177,7 @@ class HmmDmirrorCmd:
 
 
 # --- the device page table -------------------------------------------------------------------------------
-class DevicePageTable:
+class DmirrorPageTable:
     """The device page table (``dmirror->pt``, an xarray of tagged page pointers indexed by VA >> 12).
 
     Sparse: a dict of numpy chunks of 512 entries; an entry is ``pfn << 2 | tag`` (0: no entry).
@@ -275,14 +275,14 @@ def xa_pointer_tag(entry: int) -> int:
 class _DriverNotifierOps(MmuIntervalNotifierOps):
     """``struct mmu_interval_notifier_ops`` whose ``invalidate`` is the driver's routine."""
 
-    def __init__(self, driver: "MirrorDriver") -> None:
+    def __init__(self, driver: "IntervalNotifierDriver") -> None:
         self.driver = driver
 
     def invalidate(self, sub: MmuIntervalNotifier, r: MmuNotifierRange, cur_seq: int) -> Gen[bool]:
         return (yield from self.driver.invalidate(sub, r, cur_seq))
 
 
-class MirrorDriver:
+class IntervalNotifierDriver:
     """A device driver mirroring one mm (Documentation/mm/hmm.rst): ours, the shape every HMM driver has.
 
     Subclasses provide the three routines:
@@ -631,7 +631,7 @@ def hmm_dmirror_init(machine: "Machine") -> list[DmirrorDevice]:
 
 
 # --- the per-open mirror ---------------------------------------------------------------------------------
-class Dmirror(MirrorDriver):
+class Dmirror(IntervalNotifierDriver):
     """``struct dmirror``: the data attached to an open dmirror file (device, page table, notifier, mutex)."""
 
     name = "dmirror"
@@ -639,7 +639,7 @@ class Dmirror(MirrorDriver):
     def __init__(self, mdevice: DmirrorDevice, mm: "MMStruct") -> None:
         super().__init__(mm, f"dmirror{mdevice.id}[{mm.name}].mutex")
         self.mdevice = mdevice
-        self.pt = DevicePageTable()
+        self.pt = DmirrorPageTable()
         self.index = len(mdevice.mirrors)
         mdevice.mirrors.append(self)
         self.flags = 0                                  # dmirror->flags (2026 driver, HMM_DMIRROR_FLAGS)
@@ -1616,11 +1616,11 @@ def hmm_open(proc: Any, unit: int = 0) -> DmirrorFile:
 
 
 __all__ = [
-    "COMMANDS", "DMIRROR_RANGE_FAULT_RETRIES", "DPT_XA_TAG_ATOMIC", "DPT_XA_TAG_WRITE", "DevicePageTable",
+    "COMMANDS", "DMIRROR_RANGE_FAULT_RETRIES", "DPT_XA_TAG_ATOMIC", "DPT_XA_TAG_WRITE", "DmirrorPageTable",
     "Dmirror", "DmirrorDevice", "DmirrorFile", "HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL",
     "HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE", "HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL",
     "HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE", "HMM_DMIRROR_PROT_ERROR", "HMM_DMIRROR_PROT_NONE",
     "HMM_DMIRROR_PROT_PMD", "HMM_DMIRROR_PROT_PUD", "HMM_DMIRROR_PROT_READ", "HMM_DMIRROR_PROT_WRITE",
     "HMM_DMIRROR_PROT_ZERO", "HMM_DMIRROR_READ", "HMM_DMIRROR_SNAPSHOT", "HMM_DMIRROR_WRITE", "HmmDmirrorCmd",
-    "MirrorDriver", "dmirror_fops_open", "hmm_dmirror_init", "hmm_open",
+    "IntervalNotifierDriver", "dmirror_fops_open", "hmm_dmirror_init", "hmm_open",
 ]

@@ -109,7 +109,7 @@ _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 @dataclass
-class OpResult:
+class LiveOpResult:
     """Outcome of one operation.
 
     ``ret``: ``mmap`` the real start address, ``fork`` the child's PID, ``check`` the number of mismatching
@@ -836,7 +836,7 @@ class LiveExecutor:
 
     # -- running --------------------------------------------------------------------------------
 
-    def run(self, ops: Sequence[Mapping[str, Any]]) -> list[OpResult]:
+    def run(self, ops: Sequence[Mapping[str, Any]]) -> list[LiveOpResult]:
         """Validate all operations, then execute them in order."""
         validate_ops(ops, self.processes)
         self.check_paths(ops)
@@ -850,10 +850,10 @@ class LiveExecutor:
             if op.get("file") not in (None, *UNSUPPORTED_FILES):
                 self.resolve_path(str(op["file"]), device_ok=op.get("op") == "mmap")
 
-    def execute(self, index: int, op: Mapping[str, Any]) -> OpResult:
+    def execute(self, index: int, op: Mapping[str, Any]) -> LiveOpResult:
         """Execute one (validated) operation and return its result."""
         name, proc_name = op["op"], op.get("proc") or self.processes[0]
-        res = OpResult(index, name, proc_name, ok=False)
+        res = LiveOpResult(index, name, proc_name, ok=False)
         proc = self.procs.get(proc_name)
         if proc is None or proc.state != "alive":
             res.errno, res.note = "ESRCH", f"process {proc_name!r} is not running"
@@ -872,7 +872,7 @@ class LiveExecutor:
             return self._fork(res, proc, msg, op["child"])
         return self._call(res, proc, msg)
 
-    def _call(self, res: OpResult, proc: _Proc, msg: dict[str, Any], fds: Sequence[int] = ()) -> OpResult:
+    def _call(self, res: LiveOpResult, proc: _Proc, msg: dict[str, Any], fds: Sequence[int] = ()) -> LiveOpResult:
         """Send ``msg`` to the worker and fill ``res`` from its reply (timeout and death are results)."""
         reply = self._roundtrip(proc, msg, fds)
         if reply is None:
@@ -921,7 +921,7 @@ class LiveExecutor:
             _wait_zombie(proc.pid, self.timeout)
 
 
-    def _dead(self, res: OpResult, proc: _Proc) -> OpResult:
+    def _dead(self, res: LiveOpResult, proc: _Proc) -> LiveOpResult:
         """Fill ``res`` for a worker that died during the op (e.g. an unforeseen SIGBUS)."""
         sig = _death_signal(proc)
         proc.state = "dead"
@@ -930,7 +930,7 @@ class LiveExecutor:
         res.note = f"worker died ({sig or 'unknown cause'})"
         return res
 
-    def _fork(self, res: OpResult, proc: _Proc, msg: dict[str, Any], child: str) -> OpResult:
+    def _fork(self, res: LiveOpResult, proc: _Proc, msg: dict[str, Any], child: str) -> LiveOpResult:
         """Fork ``proc``; its child becomes the worker ``child`` on a socket made here."""
         ctrl, work = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -943,7 +943,7 @@ class LiveExecutor:
             ctrl.close()
         return res
 
-    def _inspect(self, res: OpResult, proc: _Proc, msg: dict[str, Any]) -> OpResult:
+    def _inspect(self, res: LiveOpResult, proc: _Proc, msg: dict[str, Any]) -> LiveOpResult:
         """Read the worker's pagemap from here (the worker only reports foreign mappings)."""
         lo = msg["addr"] // PAGE_SIZE * PAGE_SIZE
         hi = _round_up(msg["addr"] + msg["length"], PAGE_SIZE)
@@ -1193,8 +1193,8 @@ def _validate_one(op: Mapping[str, Any], procs: set[str], names: set[str], defau
 
 def run_ops(ops: Sequence[Mapping[str, Any]], processes: Sequence[str] = ("p",),
             files: Sequence[Mapping[str, Any]] = (), mounts: Mapping[str, str] | None = None,
-            timeout: float = 10.0, drop_caches: bool = True) -> list[OpResult]:
-    """Run ``ops`` in real worker processes and return one :class:`OpResult` per op.
+            timeout: float = 10.0, drop_caches: bool = True) -> list[LiveOpResult]:
+    """Run ``ops`` in real worker processes and return one :class:`LiveOpResult` per op.
 
     ``ops``: operation dicts as in docs/scenarios.md (sizes may be ints or size strings; addresses ints,
     hex strings or ``NAME[+OFF]`` expressions resolved here). Workers are killed and reaped before

@@ -162,7 +162,7 @@ class DmirrorAdapter:
         return 0
 
     def _loop(self, rng: Any, req: Any = None) -> Gen[int]:
-        """MirrorDriver.range_fault with a commit of the valid entries only (requests may leave pages out);
+        """IntervalNotifierDriver.range_fault with a commit of the valid entries only (requests may leave pages out);
         the per-page requests ``req`` are written into the array before every pass (after a failed pass the
         array holds outputs, which must not be read as requests)."""
         from hmmirror.drivers.test_hmm import DPT_XA_TAG_WRITE

@@ -4,7 +4,7 @@
 script (set-up, processes, operations; the format is described at the top of ``player.c``) or says why the
 guest cannot run it (:class:`Plan` ``.skip``).  :func:`parse_output` reads the player's output back into one
 :class:`GuestScenarioResult` per scenario: an :class:`GuestOpResult` per operation (the host runner's
-:class:`~hmmirror.live.executor.OpResult` plus ``extra``: dmirror ``cpages``, ``faults``, ``bad_pages``,
+:class:`~hmmirror.live.executor.LiveOpResult` plus ``extra``: dmirror ``cpages``, ``faults``, ``bad_pages``,
 ``snapshot``) with the pages of every ``inspect`` classified by :func:`hmmirror.live.pagemap.classify`, the
 same code that reads the host kernel.
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from hmmirror.include.pagestate import PageState
 from hmmirror.live import executor, pagemap
-from hmmirror.live.executor import OpResult
+from hmmirror.live.executor import LiveOpResult
 
 #: Guest devices (see :mod:`hmmirror.live.guest.vm`).
 DAX_FS_DEVICE, PLAIN_FS_DEVICE, DEVDAX_REGION = "/dev/pmem0", "/dev/pmem1", "region2"
@@ -46,7 +46,7 @@ GUEST_SWAP_KINDS = {24: "migration", 25: "migration", 26: "migration", 27: "devi
 
 
 @dataclass
-class GuestOpResult(OpResult):
+class GuestOpResult(LiveOpResult):
     """One operation's outcome in the guest; ``extra`` holds dmirror results (``cpages``, ``snapshot`` ...)."""
 
     extra: dict[str, Any] = field(default_factory=dict)
