@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -239,3 +238,21 @@ def test_bench_json_shape() -> None:
     assert case["kernel_pagemap_ns_per_page"] is None and any("kernel side skipped" in n for n in out["notes"])
     assert case["extra"]["equal_to_reference_on_small_range"] is True
     assert case["extra"]["levels"] == {"pud": PUD_SIZE // PAGE_SIZE}
+
+
+def test_fault_on_a_device_private_pmd_ends_alike():
+    """A device-private PMD entry cannot arise in 6.18 (device-private THP comes with 6.19), but
+    hmm_vma_handle_absent_pmd() faults one on request: __handle_mm_fault() meets a swap PMD that is not a
+    migration entry, VM_BUG_ON()s and returns 0 (the entry is never taken for a PTE table), and the walk
+    restarts at the same address forever.  Both walks end in the model's livelock report -- the fast walk
+    used to spin."""
+    plan = E.Plan(profile="6.18", paging=4, vmas=[(1, 7, "anon_rw")],
+                  chunks=[E.Chunk("huge_zero"), E.Chunk("pmd_devpriv")] + [E.Chunk("hole")] * 6, pud="none",
+                  start_page=992, end_page=4096, with_pud=True, default=1 << 63, mask=(1 << 64) - 1,
+                  requests=[1 << 60], owner="none", kill_pgmap=False, mode="fault", block=False, thp="madvise")
+    ref, fast = E.compare(plan)
+    assert ref[0][0] == "raise" and ref[0][1][0] == "ModelBug" and "livelock" in ref[0][1][1], ref[0]
+    assert ref[0] == fast[0]
+    for key in ref[1]:
+        assert ref[1][key] == fast[1][key], key
+    assert any(e.get("what") == "VM_BUG_ON" for e in ref[1]["events"])

@@ -32,7 +32,6 @@ import numpy as np
 from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import (
     PAGE_SHIFT,
-    PAGE_SIZE,
     PMD_SHIFT,
     PMD_SIZE,
     PTRS_PER_TABLE,
@@ -221,4 +220,3 @@ def _write_ptes(pool: object, tids: np.ndarray, first: int, cnt: int, entries: n
 
 
 __all__ = ["anon_fault_ok", "anon_fault_run", "first_populated"]
-_ = PAGE_SIZE

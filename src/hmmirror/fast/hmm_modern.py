@@ -671,6 +671,8 @@ def hmm_range_fault(range: ref.HmmRange, *, reference: bool = False) -> Gen[int]
     machine.counters["hmm_range_fault"] += 1
     machine.log("hmm_range_fault_begin", mm=mm.name, start=range.start, end=range.end)
     hmm_vma_walk = ref.HmmVmaWalk(range, range.start)
+    stuck = 0                                   # the reference's livelock guard, identically
+    faults0 = hmm_vma_walk.faults
     while True:
         if mmu_interval_check_retry(range.notifier, range.notifier_seq):
             ret = -EBUSY
@@ -678,8 +680,18 @@ def hmm_range_fault(range: ref.HmmRange, *, reference: bool = False) -> Gen[int]
         machine.counters["hmm_walks"] += 1
         machine.counters["hmm_pages_walked"] += (range.end - hmm_vma_walk.last) >> PAGE_SHIFT
         hmm_vma_walk.walks += 1
+        last = hmm_vma_walk.last
         ret = yield from walk_page_range(mm, hmm_vma_walk.last, range.end, hmm_vma_walk)
         if ret != -EBUSY:
+            break
+        if hmm_vma_walk.last == last:
+            stuck += 1
+        else:
+            stuck, faults0 = 0, hmm_vma_walk.faults
+        if stuck >= ref.HMM_MODEL_MAX_RESTARTS:
+            sched.report("livelock", f"hmm_range_fault restarted {stuck} times at {hmm_vma_walk.last:#x} "
+                                     "without progress", cause="refault" if hmm_vma_walk.faults > faults0
+                         else "no-fault")
             break
     if ret == -EBUSY:
         machine.counters["hmm_ebusy"] += 1

@@ -190,10 +190,16 @@ def __handle_mm_fault(vma: VMA, address: int, flags: int) -> Gen[int]:
         if not ret & VM_FAULT.FALLBACK:
             return ret
     elif not pte_none(pmd):
-        if not x86.pmd_present(pmd):               # PMD migration entry
+        if not x86.pmd_present(pmd):               # is_swap_pmd(): a PMD migration entry
             if is_migration_entry(pte_to_swp_entry(pmd)):
                 yield from migration_entry_wait(mm, vmf.pmdp, address, huge=True)
                 return 0
+            # VM_BUG_ON(thp_migration_supported() && !is_pmd_migration_entry(orig_pmd)); return 0: no other
+            # swap-format PMD exists (device-private PMDs come with device-private THP, 6.19); the entry is
+            # never taken for a PTE table
+            mm.machine.log("VM_BUG_ON", what_failed=f"__handle_mm_fault: swap PMD {pmd:#x} is not a migration "
+                                                    f"entry", addr=address)
+            return 0
         elif pmd_leaf(pmd):
             from hmmirror.mm import huge_memory
             if x86.pmd_protnone(pmd):
