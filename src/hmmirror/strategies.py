@@ -86,10 +86,12 @@ class _Draws:
 
 def draw_scenario(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str, ...] | None = None,
                   events: tuple[str, ...] | None = None, schedule: bool = True,
-                  max_switches: int = MAX_SWITCHES) -> SimScenario:
+                  max_switches: int = MAX_SWITCHES, inject: bool = False) -> SimScenario:
     """The draws of one campaign run, from any choice stream: :func:`~hmmirror.sim.scenario.generate`, then
-    (``schedule``) a switch list from the same stream, stored as the scenario's ``[sim.scheduler]``."""
-    sc = generate(c, kernel, driver, kinds, events)
+    (``schedule``) a switch list from the same stream, stored as the scenario's ``[sim.scheduler]``.
+    ``inject`` allows the generator's opt-in entries (``hmmirror fuzz --inject``: device-memory jobs and
+    events)."""
+    sc = generate(c, kernel, driver, kinds, events, inject=inject)
     if schedule:
         sw = SwitchListScheduler.draw(c, max_switches)
         sc.scheduler = {"kind": "switch", "switches": [list(x) for x in sw.switches]}
@@ -98,11 +100,12 @@ def draw_scenario(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple
 
 def scenarios(kernel: str = "6.18", *, driver: Any = "builtin", kinds: tuple[str, ...] | None = None,
               events: tuple[str, ...] | None = None, schedule: bool = True,
-              max_switches: int = MAX_SWITCHES) -> st.SearchStrategy[SimScenario]:
+              max_switches: int = MAX_SWITCHES, inject: bool = False) -> st.SearchStrategy[SimScenario]:
     """Simulator scenarios for ``kernel`` drawn by the campaigns' generator (see the module docstring).
 
     ``kinds`` restricts the VMA kinds (default: every kind the model supports), ``events`` the background
-    events (default: all; ``()`` for none); ``schedule=False`` leaves the scheduler to the caller.
+    events (default: all; ``()`` for none); ``schedule=False`` leaves the scheduler to the caller;
+    ``inject=True`` adds the opt-in device-memory jobs and events (as ``hmmirror fuzz --inject``).
     """
     spec = driver_spec(driver)
     kinds_t = tuple(kinds) if kinds is not None else None
@@ -111,7 +114,7 @@ def scenarios(kernel: str = "6.18", *, driver: Any = "builtin", kinds: tuple[str
     @st.composite
     def _scenario(draw: Callable[[Any], Any]) -> SimScenario:
         return draw_scenario(HypothesisChoices(_Draws(draw)), kernel, spec, kinds_t, events_t, schedule,
-                             max_switches)
+                             max_switches, inject)
 
     return _scenario()
 

@@ -27,7 +27,9 @@ class DriverFinding(AssertionError):
         self.finding = result.finding
         self.reproducer = reproducer
         assert self.finding is not None
-        super().__init__(f"{self.finding.describe()}\n\nreproducer (save as a .toml file, then "
+        others = [f for f in result.findings if f is not self.finding]
+        more = "".join(f"\n  also: [{f.invariant}] {f.message} (step {f.step}, {f.location})" for f in others)
+        super().__init__(f"{self.finding.describe()}{more}\n\nreproducer (save as a .toml file, then "
                          f"`hmmirror replay FILE`):\n{reproducer}")
 
 
