@@ -212,12 +212,17 @@ length = "4K"
 """
 
 
-def test_scenario_in_the_guest_shows_the_kernels_behaviour(guest: build.Artifacts) -> None:
+@pytest.fixture(scope="session")
+def facts(guest: build.Artifacts) -> jobs.ScenarioRun:
+    """KERNEL_FACTS played in the guest once (one boot for the tests below)."""
+    return jobs.run_scenarios(guest, [("facts", parse(KERNEL_FACTS, "facts.toml"))])
+
+
+def test_scenario_in_the_guest_shows_the_kernels_behaviour(facts: jobs.ScenarioRun) -> None:
     """Values from the kernel's documented behaviour (hmm-modern.md §7 snapshot bytes, pagemap.rst), not
     from the model: a THP write (PMD|WRITE 0x06), a zero-page read (ZERO|READ 0x11), an unpopulated page
     (NONE 0x00), a 2 MiB fs-DAX write fault (PMD|WRITE), dmirror WRITE then READ of the index pattern."""
-    run = jobs.run_scenarios(guest, [("facts", parse(KERNEL_FACTS, "facts.toml"))])
-    res = run.results["facts"]
+    res = facts.results["facts"]
     assert res.complete and not res.errors, res.errors
     rec = res.records
     assert [r.ok for r in rec[:14]] == [True] * 14, [(r.op, r.errno, r.note) for r in rec]
@@ -233,14 +238,17 @@ def test_scenario_in_the_guest_shows_the_kernels_behaviour(guest: build.Artifact
     assert (rec[15].ok, rec[15].errno, rec[15].signal) == (False, "EFAULT", "SIGSEGV")
 
 
-def test_crosscheck_against_the_guest(guest: build.Artifacts) -> None:
-    """The same scenarios in the guest and the model: pages and snapshot bytes are compared, and agree."""
+def test_crosscheck_against_the_guest(facts: jobs.ScenarioRun) -> None:
+    """The same scenario in the guest and the model: pages and snapshot bytes are compared, and agree."""
     from hmmirror.live.crosscheck import Report
-    from hmmirror.live.guest.crosscheck import crosscheck_guest
+    from hmmirror.live.guest import model_profile
+    from hmmirror.live.guest.crosscheck import compare_scenario
 
     report = Report()
-    info = crosscheck_guest(guest, [parse(KERNEL_FACTS, "facts.toml")], report)
-    assert info["boots"] == 1 and report.scenarios == 1, report.skipped
+    info = {"profile": model_profile()}
+    compare_scenario(parse(KERNEL_FACTS, "facts.toml"), facts.plans["facts"], facts.results["facts"], report,
+                     info["profile"])
+    assert report.scenarios == 1, report.skipped
     assert report.by_field["snapshot"] == [8, 8] and report.by_field["dmirror"][1] >= 7
     assert report.pages == 4 and not report.crashes
     found = [(d.op_index, d.page, d.field, d.model, d.real) for d in report.disagreements]

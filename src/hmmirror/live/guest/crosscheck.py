@@ -44,13 +44,15 @@ def crosscheck_guest(art: Artifacts, scenarios: Sequence[Any], report: Report,
         if run.devdax is not None:
             info["devdax"] = bool(info["devdax"] is not False and run.devdax)
         for name, scn in named:
-            _one(scn, run.plans[name], run.results.get(name), report, profile)
+            compare_scenario(scn, run.plans[name], run.results.get(name), report, profile)
             if advance:
                 advance(scn.file)
     return info
 
 
-def _one(scn: Any, plan: Any, res: Any, report: Report, profile: str) -> None:
+def compare_scenario(scn: Any, plan: Any, res: Any, report: Report, profile: str) -> None:
+    """Run one scenario the guest played on the model and add the comparison to ``report`` (or record why
+    it was skipped)."""
     label = scn.file
     if plan.skip:
         report.skipped.append((label, f"not runnable in the guest: {plan.skip}"))
