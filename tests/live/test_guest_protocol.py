@@ -126,7 +126,7 @@ def test_plan_translates_machine_files_and_ops() -> None:
     thp = "/sys/kernel/mm/transparent_hugepage"
     assert f"SYS {thp}/enabled always" in lines and f"SYS {thp}/shmem_enabled advise" in lines
     assert f"SYS {thp}/use_zero_page 1" in lines and f"SYS {thp}/defrag madvise" in lines
-    assert lines.index("MKFS /dev/pmem0") < lines.index("MOUNT ext4 /dev/pmem0 /mnt/d dax")
+    assert lines.index("MKFS ext4 /dev/pmem0") < lines.index("MOUNT ext4 /dev/pmem0 /mnt/d dax")
     assert "MOUNT tmpfs none /mnt/t huge=always" in lines and "HUGE 2048 2" in lines
     assert "FILE /mnt/d/f 8388608 sparse 1" in lines and "FILE /mnt/t/g 65536 data 0" in lines
     assert lines.index("MOUNTINFO") < lines.index("PROC p")
@@ -143,8 +143,15 @@ def test_plan_translates_machine_files_and_ops() -> None:
     assert ops[7] == "OP 7 c inspect addr=n0"
 
 
+def test_plan_makes_xfs_on_its_own_pmem() -> None:
+    p = plan(parse('[[machine.fs]]\nmount = "/mnt/x"\ntype = "xfs"\n[[op]]\nop = "mmap"\nlength = "4K"\n', "t.toml"))
+    assert p.skip is None
+    assert p.lines.index("MKFS xfs /dev/pmem3") < p.lines.index("MOUNT xfs /dev/pmem3 /mnt/x -")
+
+
 @pytest.mark.parametrize("extra, why", [
-    ('[[machine.fs]]\nmount = "/mnt/x"\ntype = "xfs"\n', "xfs"),
+    ('[[machine.fs]]\nmount = "/mnt/x"\ntype = "xfs"\n[[machine.fs]]\nmount = "/mnt/y"\ntype = "xfs"\n',
+     "one xfs"),
     ('[[machine.pmem]]\nname = "pmem0"\nsize = "64M"\nmode = "devdax"\nalign = "1G"\n', "2M alignment"),
 ])
 def test_plan_skips_what_the_guest_lacks(extra: str, why: str) -> None:

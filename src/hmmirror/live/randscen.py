@@ -64,7 +64,7 @@ FS_OF = {"tmpfs": "/mnt/t", "ext4": "/mnt/e", "xfs": "/mnt/x"}
 
 
 #: Guest-only mapping kinds (drawn besides MAP_KINDS when ``guest``).
-GUEST_MAP_KINDS = BASE_MAP_KINDS + ("fsdax", "fsdax", "fsdax_pmd", "devdax")
+GUEST_MAP_KINDS = MAP_KINDS + ("fsdax", "fsdax", "fsdax_pmd", "devdax")
 #: Device commands the guest generator draws when the model registers them (new ports join by name).
 GUEST_DEVICE_OPS = ("dmirror_read", "dmirror_write", "dmirror_migrate_to_dev", "dmirror_migrate_to_sys",
                     "dmirror_exclusive")
@@ -202,8 +202,8 @@ def _one_op(g: _Gen) -> None:
     start, n = _range(g, m)
     where = f'proc = "{proc}"\naddr = "{m.name}+{start * 4}K"\nlength = "{n * 4}K"'
     kinds = ("touch_r", "touch_w", "touch_w", "dontneed", "populate", "mprotect", "munmap", "fork")
-    # the guest stream keeps its own mix; the host stream adds pageout, collapse and truncate
-    kind = g.pick(kinds + ("device", "device", "device") if g.guest else kinds + HOST_OP_KINDS)
+    # both streams add pageout, collapse and truncate; the guest's adds device commands
+    kind = g.pick(kinds + HOST_OP_KINDS + ("device", "device", "device") if g.guest else kinds + HOST_OP_KINDS)
     if kind == "device":
         _device_op(g, m, proc, where)
     elif kind == "touch_r":

@@ -336,7 +336,9 @@ def madvise_pageout(vma: VMA, start: int, end: int) -> Gen[int]:
     mm = vma.vm_mm
     mem = mm.machine.mem
     inode = vma.vm_file.inode
-    mapping = inode.i_mapping
+    mapping = getattr(inode, "i_mapping", None)
+    if mapping is None:
+        return 0                                             # device-dax: no page cache, nothing to reclaim
     folios: dict[tuple[int, int], bool] = {}                # (first, end) slot range -> wholly in range
     for addr in range(start, end, PAGE_SIZE):
         level, p, e = mm.pt.lookup(addr)

@@ -158,6 +158,7 @@ BUILD_CHECKS: list[PackageCheck] = [
     ("static libc (libc.a)", _static_libc, "libc6-dev"),
     ("a static busybox", lambda: busybox_path() is not None, "busybox-static"),
     ("mkfs.ext4", lambda: shutil.which("mkfs.ext4") is not None or os.path.exists("/sbin/mkfs.ext4"), "e2fsprogs"),
+    ("mkfs.xfs", lambda: shutil.which("mkfs.xfs") is not None or os.path.exists("/sbin/mkfs.xfs"), "xfsprogs"),
 ]
 RUN_CHECKS: list[PackageCheck] = [
     ("qemu-system-x86_64", lambda: _which("qemu-system-x86_64"), "qemu-system-x86"),
@@ -364,12 +365,13 @@ def _run(cmd: list[str], logf: Path, cwd: Path | None = None, on_line: Callable[
     with open(logf, "a") as lf:
         lf.write("$ " + " ".join(cmd) + "\n")
         lf.flush()
-        proc = subprocess.Popen(["nice", "-n", "19", *cmd], cwd=cwd, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=cwd, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace")
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 lf.write(line)
+                lf.flush()
                 if on_line:
                     on_line(line)
             rc = proc.wait()

@@ -2,7 +2,8 @@
 
 Both are ``newc`` cpio archives written here (no ``cpio`` tool, no root needed for the device nodes),
 gzip-compressed; the kernel unpacks concatenated archives in order, so a boot's initrd is the base followed
-by the job.  The base holds a static busybox, ``mkfs.ext4`` with its shared libraries, ``/etc/mke2fs.conf``,
+by the job.  The base holds a static busybox, ``mkfs.ext4`` and ``mkfs.xfs`` with their shared libraries,
+``/etc/mke2fs.conf``,
 the static helpers and ``/init``, which mounts the pseudo filesystems, runs ``/job/run.sh``, copies
 ``/tmp/results`` to the raw results disk (``/dev/vda``) and reboots (QEMU runs with ``-no-reboot``, so
 that ends it).  Lines starting ``HMMG:`` on the console mark progress.
@@ -45,7 +46,7 @@ echo "HMMG: done"
 reboot -f
 """
 
-RECIPE_VERSION = "initramfs v1"
+RECIPE_VERSION = "initramfs v2 (mkfs.xfs)"
 
 
 def recipe_text() -> str:
@@ -60,6 +61,7 @@ class Cpio:
         self.buf = io.BytesIO()
         self.ino = 1
         self.dirs: set[str] = set()
+        self.files: set[str] = set()
 
     def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
         name = name.lstrip("/")
@@ -81,6 +83,7 @@ class Cpio:
 
     def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         self.mkdir(os.path.dirname(path))
+        self.files.add("/" + path.lstrip("/"))
         self._entry(path, 0o100000 | mode, data)
 
     def symlink(self, path: str, target: str) -> None:
@@ -122,10 +125,12 @@ def write_base(dest: Path, helpers: Mapping[str, Path]) -> None:
         raise FileNotFoundError("a static busybox")
     c.file("/bin/busybox", Path(bb).read_bytes(), 0o755)
     c.symlink("/bin/sh", "busybox")
-    mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
-    c.file("/sbin/mkfs.ext4", Path(os.path.realpath(mkfs)).read_bytes(), 0o755)
-    for lib in _shared_libs(mkfs):
-        c.file(lib, Path(os.path.realpath(lib)).read_bytes(), 0o755)
+    for tool in ("mkfs.ext4", "mkfs.xfs"):
+        path = shutil.which(tool) or f"/sbin/{tool}"
+        c.file(f"/sbin/{tool}", Path(os.path.realpath(path)).read_bytes(), 0o755)
+        for lib in _shared_libs(path):
+            if f"/{lib.lstrip('/')}" not in c.files:
+                c.file(lib, Path(os.path.realpath(lib)).read_bytes(), 0o755)
     if os.path.exists("/etc/mke2fs.conf"):
         c.file("/etc/mke2fs.conf", Path("/etc/mke2fs.conf").read_bytes())
     for gpath, host in helpers.items():

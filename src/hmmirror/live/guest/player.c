@@ -16,7 +16,7 @@
  * Script commands (one per line, tokens separated by spaces):
  *   SCN name                      begin a scenario
  *   SYS path value                write value into a /proc or /sys file (failure: ERR)
- *   MKFS dev                      mkfs.ext4 -q -F -b 4096 dev
+ *   MKFS type dev                 mkfs.ext4 -q -F -b 4096 dev, or mkfs.xfs -q -f dev
  *   MOUNT type src dir opts       mount(2) (opts "-" for none); dir is created
  *   HUGE kb n                     set the kb-sized hugetlb pool to n pages (fewer: ERR)
  *   FILE path size content cached content: data | sparse | zero
@@ -1417,11 +1417,12 @@ int main(int argc, char **argv)
 					emit("ERR write %s %s: %s\n", value, path, errname(-r));
 			}
 		} else if (!strcmp(line, "MKFS")) {
-			char dev[128];
-			char *av[] = { "mkfs.ext4", "-q", "-F", "-b", "4096", dev, NULL };
+			char type[16], dev[128];
+			char *ext4[] = { "mkfs.ext4", "-q", "-F", "-b", "4096", dev, NULL };
+			char *xfs[] = { "mkfs.xfs", "-q", "-f", dev, NULL };
 
-			if (sscanf(rest, "%127s", dev) == 1 && run_prog(av))
-				emit("ERR mkfs.ext4 %s failed\n", dev);
+			if (sscanf(rest, "%15s %127s", type, dev) == 2 && run_prog(strcmp(type, "xfs") ? ext4 : xfs))
+				emit("ERR mkfs.%s %s failed\n", type, dev);
 		} else if (!strcmp(line, "MOUNT")) {
 			char type[32], src[128], dir[200], opts[200];
 

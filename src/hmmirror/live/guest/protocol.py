@@ -10,10 +10,11 @@ same code that reads the host kernel.
 
 What the guest offers a scenario: tmpfs and hugetlbfs anywhere; ext4 with ``-o dax`` on ``/dev/pmem0``
 (one per scenario, pmem up to 512 MiB) and ext4 without DAX on ``/dev/pmem1`` (one); device-dax on
-``/dev/pmem2`` (2 MiB alignment, up to 256 MiB, made once per boot when a scenario asks); hugetlb pools; THP
-settings as the scenario's ``[machine.thp]`` (the model's defaults otherwise).  Not offered (the scenario is
-skipped with the reason): xfs, a second DAX or plain ext4 filesystem, ``pfnmap`` mappings, device-dax
-alignments other than 2 MiB, and operations that read model internals (``dmirror_pt``, ``mirror_range``).
+``/dev/pmem2`` (2 MiB alignment, up to 256 MiB, made once per boot when a scenario asks); xfs on
+``/dev/pmem3`` (one); hugetlb pools; THP settings as the scenario's ``[machine.thp]`` (the model's defaults
+otherwise).  Not offered (the scenario is skipped with the reason): a second DAX, plain ext4 or xfs
+filesystem, xfs with DAX, ``pfnmap`` mappings, device-dax alignments other than 2 MiB, and operations that
+read model internals (``dmirror_pt``, ``mirror_range``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from hmmirror.live import executor, pagemap
 from hmmirror.live.executor import LiveOpResult
 
 #: Guest devices (see :mod:`hmmirror.live.guest.vm`).
-DAX_FS_DEVICE, PLAIN_FS_DEVICE, DEVDAX_REGION = "/dev/pmem0", "/dev/pmem1", "region2"
+DAX_FS_DEVICE, PLAIN_FS_DEVICE, DEVDAX_REGION, XFS_DEVICE = "/dev/pmem0", "/dev/pmem1", "region2", "/dev/pmem3"
 DAX_FS_MAX, DEVDAX_MAX = 512 << 20, 240 << 20
 #: Operations the player runs besides the built-in ones.
 DMIRROR_OPS = ("dmirror_open", "dmirror_close", "dmirror_read", "dmirror_write", "dmirror_snapshot",
@@ -132,8 +133,13 @@ def plan(scn: Any, name: str | None = None) -> Plan:
             suffix = d.name[4:] if d.name.startswith("pmem") else d.name
             devices[f"/dev/dax{suffix}.0"] = "/dev/dax2.0"
     for fs in ms.fs:
-        if fs.type == "xfs":
-            p.skip = f"{fs.mount}: no xfs in the guest"
+        if fs.type == "xfs" and fs.dax is not None:
+            p.skip = f"{fs.mount}: xfs with DAX is not offered by the guest (ext4 is)"
+        elif fs.type == "xfs":
+            if XFS_DEVICE in used:
+                p.skip = f"{fs.mount}: the guest has one xfs filesystem"
+            used.add(XFS_DEVICE)
+            lines += [f"MKFS xfs {XFS_DEVICE}", f"MOUNT xfs {XFS_DEVICE} {fs.mount} -"]
         elif fs.type == "ext4":
             dax = fs.dax is not None
             dev = DAX_FS_DEVICE if dax else PLAIN_FS_DEVICE
@@ -142,7 +148,7 @@ def plan(scn: Any, name: str | None = None) -> Plan:
             if dax and fs.dax in pmem and pmem[fs.dax].size > DAX_FS_MAX:
                 p.skip = f"{fs.mount}: pmem {fs.dax} is larger than the guest's {DAX_FS_MAX >> 20} MiB"
             used.add(dev)
-            lines += [f"MKFS {dev}", f"MOUNT ext4 {dev} {fs.mount} {'dax' if dax else '-'}"]
+            lines += [f"MKFS ext4 {dev}", f"MOUNT ext4 {dev} {fs.mount} {'dax' if dax else '-'}"]
         elif fs.type == "tmpfs":
             lines.append(f"MOUNT tmpfs none {fs.mount} huge={fs.huge or 'never'}")
         elif fs.type == "hugetlbfs":

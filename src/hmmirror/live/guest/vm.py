@@ -7,7 +7,8 @@ on an exception and on KeyboardInterrupt; the temporary directory is always remo
 
 Guest memory map (``-m 3G``): three emulated pmem ranges (``memmap=SIZE!START``, kept apart so the e820
 table does not merge them): ``/dev/pmem0`` 512 MiB for ext4 with ``-o dax``, ``/dev/pmem1`` 256 MiB for
-ext4 without DAX (an ordinary page-cache filesystem), ``/dev/pmem2`` 256 MiB for device-dax.
+ext4 without DAX (an ordinary page-cache filesystem), ``/dev/pmem2`` 256 MiB for device-dax, ``/dev/pmem3``
+320 MiB for xfs (mkfs.xfs refuses less than 300 MB).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from hmmirror.live.guest import initramfs
 from hmmirror.live.guest.build import Artifacts
 
 #: ``(device, size, start)`` of the emulated pmem ranges, in the order the guest numbers them.
-PMEM = (("/dev/pmem0", "512M", "1G"), ("/dev/pmem1", "256M", "1600M"), ("/dev/pmem2", "256M", "1920M"))
+PMEM = (("/dev/pmem0", "512M", "1G"), ("/dev/pmem1", "256M", "1600M"), ("/dev/pmem2", "256M", "1920M"),
+        ("/dev/pmem3", "320M", "2240M"))
 MEMORY = "3G"
 RESULTS_DISK = 1 << 30          # sparse: only what the guest writes takes space
 BOOT_ARGS = ("console=ttyS0 loglevel=4 panic=-1 default_hugepagesz=2M hugepagesz=2M hugepagesz=1G "
