@@ -186,6 +186,7 @@ def run_cmd(files: tuple[str, ...], as_json: bool, no_pages: bool) -> None:
     _need_qemu()
     art = ensure_guest(quiet=as_json)
     run = _interruptible(lambda: jobs.run_scenarios(art, scenarios))
+    release = json.loads((art.kernel_dir / "manifest.json").read_text()).get("kernel_release", "?")
     ok = True
     docs = []
     console = Console()
@@ -196,7 +197,7 @@ def run_cmd(files: tuple[str, ...], as_json: bool, no_pages: bool) -> None:
             reason = "the guest did not run it"
         ok = ok and reason is None
         if as_json:
-            docs.append({"scenario": scn.file, "title": scn.title, "kernel": "guest", "skipped": reason,
+            docs.append({"scenario": scn.file, "title": scn.title, "kernel": f"guest {release}", "skipped": reason,
                          "records": [r.to_json() for r in res.records] if res and not p.skip else []})
         else:
             _print_guest_run(console, scn, res, reason, pages=not no_pages)
