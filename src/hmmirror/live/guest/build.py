@@ -464,6 +464,7 @@ def _build_kernel(art: Artifacts, progress: Progress) -> None:
         with contextlib.suppress(OSError):
             counts.write_text(json.dumps({"clean": max(steps, total)}))
     tmp = Path(tempfile.mkdtemp(prefix=".kernel-", dir=cache_dir()))
+    tmp.chmod(0o755)
     shutil.copy2(image, tmp / "bzImage")
     shutil.copy2(bdir / ".config", tmp / "config")
     (tmp / "fragment.config").write_text(frag)
@@ -489,6 +490,7 @@ def _build_helpers(art: Artifacts, progress: Progress) -> None:
     progress("building the static helpers", None, None)
     src = art.source_dir
     tmp = Path(tempfile.mkdtemp(prefix=".helpers-", dir=cache_dir()))
+    tmp.chmod(0o755)
     try:
         logf = tmp / "build.log"
         (tmp / "player.c").write_text(player_source())
