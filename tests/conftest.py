@@ -6,7 +6,7 @@ import pytest
 
 from hmmirror import Machine
 
-PROFILES = ("5.2", "6.18")
+PROFILES = ("5.2", "6.12", "6.18")
 
 
 @pytest.fixture(params=PROFILES)

@@ -160,12 +160,52 @@ V6_18 = KernelProfile(
     dmirror_tail_pgmap_aliases_head=False,
 )
 
-PROFILES = {"5.2": V5_2, "6.18": V6_18}
-ALIASES = {"6.x": "6.18", "modern": "6.18", "v5.2": "5.2", "v6.18": "6.18"}
+# Debian 13's LTS kernel (6.12.118 as Debian builds it, read from linux-source-6.12 and checked in the test_hmm
+# guest, live/guest/): what differs from 6.18.
+V6_12 = KernelProfile(
+    name="6.12",
+    hmm_module="hmmirror.mm.hmm.modern",
+    devmap_bits=True,                       # pte/pmd/pud_devmap until 6.16 (guest: fs-DAX PTE = SPECIAL)
+    dax_refcounted=False,                   # fs-DAX pages idle at refcount 1, mappings not counted (6.15+)
+    mprotect_keeps_exclusive_writable=True,
+    thp_cow_split=True,
+    file_pmd_mappings=True,
+    hugetlb_dontneed=True,
+    mprotect_chunk_shift=39,
+    notifier_events=8,
+    pte_markers=True,
+    huge_zero_per_mm=True,                  # MMF_HUGE_ZERO_PAGE: one huge zero reference per mm
+    interval_notifiers=True,
+    file_large_folios=True,
+    pagemap_exclusive_per_folio=False,      # the host (and Debian) kernels have CONFIG_PAGE_MAPCOUNT=y
+    mprotect_pud_leaf=True,
+    madvise_advice=_MADV_5_2 + ("COLD", "PAGEOUT", "POPULATE_READ", "POPULATE_WRITE", "COLLAPSE"),
+    fork_copies_shared_hugetlb=False,
+    exit_mmap_takes_mmap_lock=True,
+    oom_reap_skips_locked=False,
+    swapin_exclusive_writable=True,
+    wp_huge_split_on_fallback=True,
+    pgmap_owner_required=True,
+    pagemap_pmd_exclusive_head=False,       # pagemap_pmd_range: page + idx
+    device_private_free_at_zero=True,
+    do_swap_page_device_lock=False,
+    make_device_exclusive_single=False,
+    dmirror_release_evicts=True,
+    dmirror_flags_ioctl=False,
+    large_folio_fs=("xfs",),                # ext4 large folios came in 6.16
+    faultaround_maps_folio=False,           # 357b92761d94 is 6.18
+    finish_fault_folio="anon_shmem",
+    map_large_below_eof=True,               # 74207de2ba10 backported to 6.12.y (6.12.118 has it)
+    truncate_partial_folio="split",         # split_folio(): order 0
+    thp_split_zero_subpages=True,
+)
+
+PROFILES = {"5.2": V5_2, "6.12": V6_12, "6.18": V6_18}
+ALIASES = {"6.x": "6.18", "modern": "6.18", "v5.2": "5.2", "v6.12": "6.12", "v6.18": "6.18"}
 
 
 def get_profile(name: str) -> KernelProfile:
-    """The profile for ``name`` (``"5.2"``, ``"6.18"`` or the alias ``"6.x"``)."""
+    """The profile for ``name`` (``"5.2"``, ``"6.12"``, ``"6.18"`` or the alias ``"6.x"``)."""
     key = ALIASES.get(str(name), str(name))
     try:
         return PROFILES[key]

@@ -40,6 +40,13 @@ def test_random_states_modern(plan: E.Plan) -> None:
 
 
 @SETTINGS
+@given(E.plans("6.12"))
+def test_random_states_6_12(plan: E.Plan) -> None:
+    # 6.12: the modern walk with devmap bits and uncounted DAX frames (profile fields, same code)
+    _same(plan)
+
+
+@SETTINGS
 @given(E.plans("5.2"))
 def test_random_states_v5_2(plan: E.Plan) -> None:
     _same(plan)
@@ -75,7 +82,7 @@ def _machine_state(m: Machine) -> dict:  # type: ignore[type-arg]
             "events": list(m.events), "pgmaps": [(p.name, p.count, dict(p.ref.stats)) for p in m.pgmaps]}
 
 
-@pytest.mark.parametrize("profile", ["6.18", "5.2"])
+@pytest.mark.parametrize("profile", ["6.18", "6.12", "5.2"])
 def test_anon_fault_in_then_snapshot(profile: str) -> None:
     # hmm_range_fault populating anonymous memory (the vectorised fault-in) and the snapshot after it
     def build(prof: str):  # type: ignore[no-untyped-def]
@@ -91,7 +98,7 @@ def test_anon_fault_in_then_snapshot(profile: str) -> None:
     assert ref == fast
 
 
-@pytest.mark.parametrize("profile", ["6.18", "5.2"])
+@pytest.mark.parametrize("profile", ["6.18", "6.12", "5.2"])
 def test_anon_fault_in_runs_out_of_memory(profile: str) -> None:
     # more pages requested than RAM: the vectorised run stops where alloc_page would fail
     def build(prof: str):  # type: ignore[no-untyped-def]
@@ -102,7 +109,7 @@ def test_anon_fault_in_runs_out_of_memory(profile: str) -> None:
     assert ref == fast
 
 
-@pytest.mark.parametrize("profile", ["6.18", "5.2"])
+@pytest.mark.parametrize("profile", ["6.18", "6.12", "5.2"])
 def test_thp_and_huge_zero(profile: str) -> None:
     def build(prof: str):  # type: ignore[no-untyped-def]
         m = Machine(prof, ram=64 * MiB)
@@ -119,7 +126,7 @@ def test_thp_and_huge_zero(profile: str) -> None:
     assert ref == fast
 
 
-@pytest.mark.parametrize("profile", ["6.18", "5.2"])
+@pytest.mark.parametrize("profile", ["6.18", "6.12", "5.2"])
 def test_fsdax_pmd_and_pte(profile: str) -> None:
     def build(prof: str):  # type: ignore[no-untyped-def]
         m = Machine(prof, ram=64 * MiB)
@@ -135,7 +142,7 @@ def test_fsdax_pmd_and_pte(profile: str) -> None:
     assert ref == fast
 
 
-@pytest.mark.parametrize("profile", ["6.18", "5.2"])
+@pytest.mark.parametrize("profile", ["6.18", "6.12", "5.2"])
 def test_devdax_pud_part(profile: str) -> None:
     # a window inside a device-dax PUD leaf (5.2: get_dev_pagemap per pfn, emulated by runs)
     def build(prof: str):  # type: ignore[no-untyped-def]
@@ -149,7 +156,7 @@ def test_devdax_pud_part(profile: str) -> None:
     assert ref == fast
 
 
-@pytest.mark.parametrize("profile", ["6.18", "5.2"])
+@pytest.mark.parametrize("profile", ["6.18", "6.12", "5.2"])
 def test_five_level_paging_high_addresses(profile: str) -> None:
     def build(prof: str):  # type: ignore[no-untyped-def]
         m = Machine(prof, ram=32 * MiB, paging=5)
@@ -163,7 +170,7 @@ def test_five_level_paging_high_addresses(profile: str) -> None:
     assert ref == fast
 
 
-@pytest.mark.parametrize("profile", ["6.18", "5.2"])
+@pytest.mark.parametrize("profile", ["6.18", "6.12", "5.2"])
 def test_hugetlb_vma_is_handed_to_the_reference(profile: str) -> None:
     # not covered by the fast path (hugetlb VMAs): the reference runs, so the results are equal
     def build(prof: str):  # type: ignore[no-untyped-def]
@@ -176,7 +183,7 @@ def test_hugetlb_vma_is_handed_to_the_reference(profile: str) -> None:
     assert ref == fast
 
 
-@pytest.mark.parametrize("profile", ["6.18", "5.2"])
+@pytest.mark.parametrize("profile", ["6.18", "6.12", "5.2"])
 def test_reference_is_one_flag_away(profile: str) -> None:
     # reference=True, or set_reference_walk(machine), runs the reference function itself; the default is fast
     import hmmirror.fast as fast
@@ -187,14 +194,14 @@ def test_reference_is_one_flag_away(profile: str) -> None:
     p = m.spawn("p")
     a = p.mmap(2 * MiB)
     r = B.ModelRange(p, a, a + 2 * MiB)
-    mod = hmm_modern.ref if profile == "6.18" else hmm_v5_2.ref
-    name = "hmm_range_fault" if profile == "6.18" else "hmm_range_snapshot"
+    mod = hmm_modern.ref if profile != "5.2" else hmm_v5_2.ref
+    name = "hmm_range_fault" if profile != "5.2" else "hmm_range_snapshot"
     calls: list[object] = []
     orig = getattr(mod, name)
     setattr(mod, name, lambda rng, *x: calls.append(rng) or orig(rng, *x))
 
     def run(**kw: object) -> int:
-        call = fast.hmm_range_fault if profile == "6.18" else fast.hmm_range_snapshot
+        call = fast.hmm_range_fault if profile != "5.2" else fast.hmm_range_snapshot
 
         def go():  # type: ignore[no-untyped-def]
             yield from sched.down_read(p.mm.mmap_sem)

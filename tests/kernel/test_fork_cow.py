@@ -148,7 +148,7 @@ def test_f8_f9_thp_across_fork(machine: Machine) -> None:
     p.write_bytes(a + 5 * P, b"\x01")
     sp, sc = p.inspect(a, M2), c.inspect(a, M2)
     assert all(s.level == "pmd" and s.pfn == head + i for i, s in enumerate(sc))
-    if machine.profile.name == "6.18":
+    if machine.profile.thp_cow_split:
         assert invalidations(machine, ev) == [("p", a, a + M2, "CLEAR"), ("p", a + 5 * P, a + 6 * P, "CLEAR")]
         assert all(s.level == "pte" for s in sp)
         assert sp[5].pfn != head + 5 and sp[5].write

@@ -46,7 +46,7 @@ def test_a8_a10_same_pfns_through_r_none_rw(machine: Machine) -> None:
     assert [s.pfn for s in st] == pfns and not any(s.protnone for s in st)
     # zero-page entries stay read-only in both versions (not anon-exclusive pages)
     assert not st[4].write and not st[5].write
-    if machine.profile.name == "6.18":
+    if machine.profile.mprotect_keeps_exclusive_writable:
         # [6.18] exclusive anon entries are writable at once: writes need no fault
         assert all(s.write for s in st[:4])
         n = faults(machine)
@@ -163,7 +163,7 @@ def test_whole_thp_changed_in_place(machine: Machine) -> None:
     p.mprotect(a, M2, "rw")
     s = p.inspect(a, P)[0]
     assert s.level == "pmd" and not s.protnone and s.pfn == head
-    assert s.write is (machine.profile.name == "6.18")
+    assert s.write is machine.profile.mprotect_keeps_exclusive_writable
     p.touch(a + 3 * P, 1, write=True)
     s = p.inspect(a, P)[0]
     assert s.level == "pmd" and s.write and s.pfn == head

@@ -22,7 +22,7 @@ from hmmirror.fast.bench import SPECS, format_table, run_bench
 @click.option("--json", "as_json", is_flag=True, help='Print {"cases": [...], "notes": [...]} as JSON.')
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 50),
               help="Timed runs per measurement (the median is reported; one warm-up run is excluded).")
-@click.option("--profile", "profiles", multiple=True, type=click.Choice(["6.18", "5.2"]),
+@click.option("--profile", "profiles", multiple=True, type=click.Choice(["6.18", "6.12", "5.2"]),
               help="Kernel profile(s) to measure (default: both).")
 @click.option("--case", "cases", multiple=True, type=click.Choice([s.name for s in SPECS]),
               help="Only these cases (default: all).")

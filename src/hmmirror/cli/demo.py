@@ -30,7 +30,7 @@ def demo_text() -> str:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="print JSON with the keys kernel, vmas, page_tables, records")
-@click.option("--kernel", type=click.Choice(["5.2", "6.18", "6.x"]), default="6.18", show_default=True,
+@click.option("--kernel", type=click.Choice(["5.2", "6.12", "6.18", "6.x"]), default="6.18", show_default=True,
               help="kernel profile")
 @click.option("--png", "png", metavar="OUT", type=click.Path(dir_okay=False), help="draw the page tables into OUT")
 def command(as_json: bool, kernel: str, png: str | None) -> int:

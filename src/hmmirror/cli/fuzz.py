@@ -24,7 +24,7 @@ MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
 
 
 @click.command()
-@click.option("--kernel", default="6.18", show_default=True, help="kernel profile: 5.2 or 6.18")
+@click.option("--kernel", default="6.18", show_default=True, help="kernel profile: 5.2, 6.12 or 6.18")
 @click.option("--seconds", default=None, type=float,
               help="campaign length in seconds [default: 60, or unbounded with --runs]")
 @click.option("--runs", default=None, type=click.IntRange(1, 1 << 40),

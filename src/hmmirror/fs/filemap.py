@@ -145,9 +145,10 @@ def ra_pmd_index(vmf: VmFault, inode: Inode) -> int:
     """page_cache_ra_order(HPAGE_PMD_ORDER) decision [6.18, VM_HUGEPAGE]: the 2 MiB-aligned index whose block
     the readahead reads as one PMD-sized folio (it lies below EOF and none of it is cached), or -1."""
     vma = vmf.vma
-    if not vmf.mm.machine.profile.file_pmd_mappings or not vma.vm_flags & VM.HUGEPAGE \
-            or vma.vm_flags & VM.NOHUGEPAGE:
-        return -1
+    profile = vmf.mm.machine.profile
+    if not profile.file_pmd_mappings or not vma.vm_flags & VM.HUGEPAGE or vma.vm_flags & VM.NOHUGEPAGE \
+            or inode.sb.fstype not in profile.large_folio_fs:
+        return -1                                        # page_cache_ra_order(): order 0 without large folios
     hindex = vmf.pgoff & ~(HPAGE_PMD_NR - 1)
     if hindex + HPAGE_PMD_NR > inode.nr_pages or not inode.i_mapping.range_empty(hindex, hindex + HPAGE_PMD_NR):
         return -1

@@ -110,6 +110,8 @@ def model_page_state(mm: "MMStruct", addr: int, _memo: dict[int, bool] | None = 
         kind = "file"
     # pagemap: FILE for a struct page that is not anon (the huge zero folio included, the zero PTE not)
     page = has_meta and not special and not (fl & PG.device and not mm.machine.profile.dax_refcounted)
+    if level != "pte" and has_meta:
+        page = True                  # pagemap_pmd_range: pmd_page() of any present leaf, DAX included (6.12 guest)
     file_bit = page and not fl & PG.anon
     # PM_MMAP_EXCLUSIVE: the precise mapcount of the page is 1 (mapcount[] counts a PMD leaf in each of its
     # frames, so it is page->_mapcount + 1 + the folio's entire mapcount); a PMD leaf may read its head's

@@ -393,7 +393,7 @@ def reachable(kernel: str) -> dict[str, list[tuple[str, ...]]]:
             for e in ents:
                 for r in _rets(kernel, fn, vk, e):
                     walk.add((vk, fn, e, r))
-        rets = set(_API_RETS[kernel])
+        rets = set(_API_RETS["5.2" if five else "6.18"])   # 6.12 has the 6.18 API (hmm_range_fault)
         if vk in ("pfnmap", "mixedmap"):
             rets = {"-EFAULT"} if five else {"0", "-EFAULT", "-EBUSY"}
         if vk == "hugetlb" and five:
@@ -403,7 +403,7 @@ def reachable(kernel: str) -> dict[str, list[tuple[str, ...]]]:
     modes = [e.name for e in DEVICE_MODES if e.profiles is None or kernel in e.profiles]
     mode_ret = set()
     for m in modes:
-        for r in _API_RETS[kernel]:
+        for r in _API_RETS["5.2" if five else "6.18"]:
             if five and m.startswith("snapshot") and r == "-EBUSY":
                 continue                              # [5.2] snapshot ignores walk results (§9.1)
             mode_ret.add((m, r))
