@@ -198,6 +198,7 @@ V6_12 = KernelProfile(
     map_large_below_eof=True,               # 74207de2ba10 backported to 6.12.y (6.12.118 has it)
     truncate_partial_folio="split",         # split_folio(): order 0
     thp_split_zero_subpages=True,
+    dmirror_tail_pgmap_aliases_head=True,   # page->pgmap aliases compound_head (guest: 0x56 on tails)
 )
 
 PROFILES = {"5.2": V5_2, "6.12": V6_12, "6.18": V6_18}
