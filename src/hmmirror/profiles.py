@@ -69,6 +69,10 @@ class KernelProfile:
                                         # unmaps all of it (unmap_folio, remap_page skips file folios)
     thp_split_zero_subpages: bool       # splitting an anonymous THP maps its zero-filled subpages to the shared zero
                                         # page (remap_page(RMP_USE_SHARED_ZEROPAGE), 6.12+); model: in MADV_PAGEOUT
+    collapse_needs_writable: bool       # khugepaged/MADV_COLLAPSE refuse a block without a writable PTE (SCAN_PAGE_RO)
+                                        # [6.12]; the check is gone in 6.18 (a block of zero-page PTEs collapses)
+    collapse_pmd_null_continues: bool   # MADV_COLLAPSE goes on past a block without a page table (SCAN_PMD_NULL
+                                        # whitelisted) [6.12 source]; 6.18.44 stops there with -EINVAL (measured)
     dmirror_tail_pgmap_aliases_head: bool = False   # lib/test_hmm.c dmirror_mkentry() on a tail page of a compound
                                         # device-dax folio reads page->pgmap, which shares its word with
                                         # compound_head: pgmap = head + 1, pgmap->type = _folio_nr_pages >> 8
@@ -119,6 +123,8 @@ V5_2 = KernelProfile(
     truncate_partial_folio="keep",
     thp_split_zero_subpages=False,
     dmirror_tail_pgmap_aliases_head=False,
+    collapse_needs_writable=True,
+    collapse_pmd_null_continues=True,
 )
 
 V6_18 = KernelProfile(
@@ -158,6 +164,8 @@ V6_18 = KernelProfile(
     truncate_partial_folio="split_nonuniform",
     thp_split_zero_subpages=True,
     dmirror_tail_pgmap_aliases_head=False,
+    collapse_needs_writable=False,
+    collapse_pmd_null_continues=False,
 )
 
 # Debian 13's LTS kernel (6.12.118 as Debian builds it, read from linux-source-6.12 and checked in the test_hmm
@@ -199,6 +207,8 @@ V6_12 = KernelProfile(
     truncate_partial_folio="split",         # split_folio(): order 0
     thp_split_zero_subpages=True,
     dmirror_tail_pgmap_aliases_head=True,   # page->pgmap aliases compound_head (guest: 0x56 on tails)
+    collapse_needs_writable=True,
+    collapse_pmd_null_continues=True,
 )
 
 PROFILES = {"5.2": V5_2, "6.12": V6_12, "6.18": V6_18}

@@ -509,3 +509,79 @@ def test_madv_pageout_of_part_of_a_large_folio(access: str) -> None:
     assert [p.kind for p in thp[:2]] == ["anon", "anon"] and all(p.level == "pte" for p in thp)
     assert all(p.kind == "zero" for p in thp[2:])
     assert disagreements(rep) == []
+
+
+BEYOND_EOF = """
+[machine]
+kernel = "6.18"
+[[machine.fs]]
+mount = "/mnt/t"
+type = "tmpfs"
+[[file]]
+path = "/mnt/t/f"
+size = "44K"
+[[op]]
+op = "mmap"
+as = "m"
+length = "44K"
+prot = "r"
+flags = ["shared"]
+file = "/mnt/t/f"
+align = "2M"
+[[op]]
+op = "truncate"
+file = "/mnt/t/f"
+size = 21241
+[[op]]
+op = "touch"
+addr = "m+40K"
+length = "4K"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "44K"
+"""
+
+
+def test_a_read_beyond_eof_faults_around_before_its_sigbus() -> None:
+    """Runner error: the worker must not skip a load that will SIGBUS, the kernel faults (and maps the
+    pages around it below EOF) before it sends the signal; the worker takes that fault through
+    /proc/self/mem."""
+    model, real, rep = both(BEYOND_EOF, "beyond-eof.toml")
+    assert real[2].errno == "EFAULT" and real[2].signal == "SIGBUS"
+    assert [i for i, p in enumerate(real[3].pages) if p.present] == list(range(6))
+    assert disagreements(rep) == []
+
+
+def _collapse_ops(prep: str) -> str:
+    return ('[machine]\nkernel = "6.18"\n[[op]]\nop = "mmap"\nas = "m"\nlength = "4M"\nprot = "rw"\n'
+            'flags = ["private", "anonymous"]\nalign = "2M"\n[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\n'
+            'advice = "hugepage"\n' + prep +
+            '[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "collapse"\n'
+            '[[op]]\nop = "inspect"\naddr = "m"\nlength = "4M"\n')
+
+
+def test_madv_collapse_stops_at_a_block_without_page_table() -> None:
+    """6.18.44: MADV_COLLAPSE of [empty 2 MiB, PTE-mapped 2 MiB] returns EINVAL at the empty block and
+    leaves the second one PTE-mapped (the 6.12 source goes on past SCAN_PMD_NULL)."""
+    prep = ('[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "nohugepage"\n'
+            '[[op]]\nop = "touch"\naddr = "m+2M"\nlength = "64K"\naccess = "write"\n'
+            '[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "hugepage"\n')
+    model, real, rep = both(_collapse_ops(prep), "collapse-stop.toml")
+    assert real[-2].errno == "EINVAL"
+    assert all(p.level == "pte" for p in real[-1].pages if p.present) and real[-1].pages[512].present
+    assert disagreements(rep) == []
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_madv_collapse_of_zero_page_ptes(written: bool) -> None:
+    """6.18.44: a block of read-only zero-page PTEs collapses (no writable PTE is needed any more) once the
+    VMA has an anon_vma (one written page anywhere in it); with only zero pages it has none: EINVAL."""
+    prep = ('[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "nohugepage"\n'
+            '[[op]]\nop = "touch"\naddr = "m"\nlength = "4M"\n' +
+            ('[[op]]\nop = "touch"\naddr = "m+2M"\nlength = "4K"\naccess = "write"\n' if written else '') +
+            '[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "hugepage"\n')
+    model, real, rep = both(_collapse_ops(prep), "collapse-zero.toml")
+    assert real[-2].errno == (None if written else "EINVAL")
+    assert all((p.level == "pmd") == written for p in real[-1].pages)
+    assert disagreements(rep) == []

@@ -197,3 +197,48 @@ def test_madv_pageout_of_part_of_a_large_folio(dirty: bool) -> None:
     thp = p.inspect(t + PMD_SIZE, PMD_SIZE)
     assert [s.kind for s in thp[:2]] == ["anon", "anon"] and all(s.level == "pte" for s in thp)
     assert all(s.kind == "zero" for s in thp[2:])
+
+
+def _two_blocks(kernel: str, touch_second: bool, write_first: bool) -> tuple:
+    m = Machine(kernel, ram=256 << 20)
+    p = m.spawn()
+    a = p.mmap(2 * PMD_SIZE, align=PMD_SIZE)
+    p.madvise(a, 2 * PMD_SIZE, "nohugepage")
+    if write_first:
+        p.touch(a, PMD_SIZE)                                  # zero-page PTEs in block 0
+        p.touch(a, PAGE, write=True)                          # one anon page: the VMA gets an anon_vma
+    if touch_second:
+        p.touch(a + PMD_SIZE, 16 * PAGE, write=True)
+    p.madvise(a, 2 * PMD_SIZE, "hugepage")
+    return p, a
+
+
+@pytest.mark.parametrize("kernel,continues", [("6.18", False), ("6.12", True)])
+def test_madv_collapse_at_a_block_without_page_table(kernel: str, continues: bool) -> None:
+    # 6.18.44 (measured): SCAN_PMD_NULL ends the walk with EINVAL; 6.12 (source) goes on to the next block
+    p, a = _two_blocks(kernel, touch_second=True, write_first=False)
+    with pytest.raises(Exception) as ei:
+        p.madvise(a, 2 * PMD_SIZE, "collapse")
+    assert "EINVAL" in str(ei.value)
+    assert (p.inspect(a + PMD_SIZE, PAGE)[0].level == "pmd") is continues
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_madv_collapse_of_zero_pages_needs_an_anon_vma_not_a_writable_pte(written: bool) -> None:
+    # 6.18.44: block 0 of zero-page PTEs only collapses (no SCAN_PAGE_RO any more) when the VMA has an
+    # anon_vma (one page written in block 1); without one it is SCAN_PAGE_ANON: EINVAL, nothing collapsed
+    m = Machine("6.18", ram=256 << 20)
+    p = m.spawn()
+    a = p.mmap(2 * PMD_SIZE, align=PMD_SIZE)
+    p.madvise(a, 2 * PMD_SIZE, "nohugepage")
+    p.touch(a, 2 * PMD_SIZE)
+    if written:
+        p.touch(a + PMD_SIZE, PAGE, write=True)
+    p.madvise(a, 2 * PMD_SIZE, "hugepage")
+    if written:
+        assert p.madvise(a, 2 * PMD_SIZE, "collapse") == 0
+    else:
+        with pytest.raises(Exception) as ei:
+            p.madvise(a, 2 * PMD_SIZE, "collapse")
+        assert "EINVAL" in str(ei.value)
+    assert all((s.level == "pmd") == written for s in p.inspect(a, 2 * PMD_SIZE))

@@ -476,6 +476,8 @@ class _Worker:
         if ok_len:
             _touch(lo, ok_len, write, m.get("fill"))
         pages = _pages_in(lo, ok_len)
+        if sig == "SIGBUS" and not write:
+            _fault_beyond_eof(lo + ok_len)
         if sig:
             return {"ok": False, "ret": pages, "errno": "EFAULT", "signal": sig}
         return _ok(pages)
@@ -608,6 +610,20 @@ def _file_limit(m: _Map) -> int:
         return 1 << 64
     size = _round_up(st.st_size, PAGE_SIZE)
     return m.start + max(0, size - m.offset)
+
+
+def _fault_beyond_eof(addr: int) -> None:
+    """The read fault a load beyond EOF takes before its SIGBUS, without the signal: read the byte through
+    /proc/self/mem (GUP takes the same fault path, fault-around included, and returns an error instead of
+    the signal).  A touch the model makes faults there too."""
+    with contextlib.suppress(OSError):
+        fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.pread(fd, 1, addr)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _byte_view(lo: int, length: int) -> np.ndarray:

@@ -513,7 +513,9 @@ def _collapse_scan(vma: VMA, addr: int) -> int:
         if int(mem.refcount[head]) != int(mem.mapcount[head: head + n].sum()):
             return SCAN_PAGE_COUNT                            # is_refcount_suitable(): extra pins
         writable |= x86.pte_write(pte)
-    return SCAN_SUCCEED if writable else SCAN_PAGE_RO
+    if not writable and mm.machine.profile.collapse_needs_writable:
+        return SCAN_PAGE_RO                                   # [6.12]; dropped in 6.18 (Dev Jain, 2025)
+    return SCAN_SUCCEED
 
 
 def collapse_huge_page(mm: "MMStruct", addr: int) -> Gen[int]:
@@ -540,6 +542,9 @@ def collapse_huge_page(mm: "MMStruct", addr: int) -> Gen[int]:
         if vma is None or vma.vm_end < addr + PMD_SIZE or not collapse_allowed(vma):
             mem.put_page(new)
             return SCAN_VMA_CHECK
+        if not vma.anon_vma:                                  # expect_anon: no anon_vma yet (only zero pages)
+            mem.put_page(new)
+            return SCAN_PAGE_ANON
         result = _collapse_scan(vma, addr)
         if result != SCAN_SUCCEED:
             mem.put_page(new)
@@ -600,8 +605,9 @@ def madvise_collapse(vma: VMA, start: int, end: int) -> Gen[int]:
             thps += 1
         else:
             last_fail = result
-            if result not in _SCAN_CONTINUE:
-                break
+            if result not in _SCAN_CONTINUE or (result == SCAN_PMD_NULL
+                                                and not mm.machine.profile.collapse_pmd_null_continues):
+                break                                         # 6.18.44: an empty block ends the walk
     return 0 if thps == (hend - hstart) // PMD_SIZE else madvise_collapse_errno(last_fail)
 
 
@@ -633,6 +639,8 @@ def collapse_file_shmem(vma: VMA, addr: int) -> Gen[int]:
     if hindex + HPAGE_PMD_NR > inode.nr_pages:
         return SCAN_VMA_CHECK                                 # the block reaches past EOF
     cur = mapping.find_page(hindex)
+    if mapping.range_empty(hindex, hindex + HPAGE_PMD_NR):
+        return SCAN_SUCCEED                                   # 6.18.44: nothing cached, nothing collapsed
     if not (cur >= 0 and int(mem.order[mem.compound_head(cur)]) == 9 and mem.compound_head(cur) == cur):
         yield from sched.might_sleep("alloc_charge_folio")
         new = mem.alloc_folio(9)
@@ -650,6 +658,10 @@ def collapse_file_shmem(vma: VMA, addr: int) -> Gen[int]:
         mem.flags[new: new + HPAGE_PMD_NR] |= np.uint32(PG.swapbacked | PG.uptodate | PG.dirty)
         machine.counters["thp_collapse_alloc"] += 1
         cur = new
+    # collapse_pte_mapped_thp() installs the PMD only where the caller has a PTE table (6.18.44: a block
+    # never faulted stays unmapped; its next fault maps the new folio)
+    lvl, _p, e = mm.pt.lookup(addr)
+    had_table = lvl == "pte" or (lvl == "pmd" and not pte_none(e) and not pmd_leaf(e))
     # retract_page_tables(): every VMA mapping the block whole keeps no empty PTE table there
     for v in list(inode.i_mmap):
         a = v.vm_start + ((hindex - v.vm_pgoff) << PAGE_SHIFT)
@@ -667,6 +679,8 @@ def collapse_file_shmem(vma: VMA, addr: int) -> Gen[int]:
             pool.set(pmdp, 0)
             pool.free(tid)
     # collapse_pte_mapped_thp(install_pmd=true) in the caller
+    if not had_table:
+        return SCAN_SUCCEED
     pudp = mm.pt.walk_to_pud(addr, alloc=True)
     assert pudp is not None
     pmdp = mm.pt.pmd_alloc(pudp, addr)
