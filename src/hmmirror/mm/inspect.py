@@ -360,6 +360,7 @@ def inspect_arrays(mm: "MMStruct", start: int, end: int) -> PageArrays:
         page = has_meta & ~special
         if not profile.dax_refcounted:
             page &= ~dev
+        page |= has_meta & (lv[idx] != LVL_PTE)    # pagemap_pmd_range: pmd_page() of any leaf, DAX included
         zero[idx] = z
         file[idx] = page & ~anon
         cand = page & ~z
