@@ -79,7 +79,7 @@ FOLL_FORCE = 1 << 3
 FOLL_LONGTERM = 1 << 8
 FOLL_SPLIT_PMD = 1 << 9
 FOLL_PIN = 1 << 17
-EFAULT, ENOMEM, EBUSY = 14, 12, 16
+EFAULT, ENOMEM, EBUSY, EOPNOTSUPP = 14, 12, 16, 95
 
 
 def follow_page_pte(mm: "MMStruct", vma: "VMA", addr: int, gup_flags: int) -> Gen[int]:
@@ -89,9 +89,16 @@ def follow_page_pte(mm: "MMStruct", vma: "VMA", addr: int, gup_flags: int) -> Ge
     from hmmirror.mm.huge_memory import split_huge_pmd_address
 
     level, p, e = mm.pt.lookup(addr)
-    if level == "pmd" and p is not None and x86.pmd_leaf(e) and gup_flags & FOLL_SPLIT_PMD:
+    if level == "pmd" and p is not None and x86.pmd_leaf(e) and gup_flags & FOLL_SPLIT_PMD and \
+            not (mm.machine.profile.devmap_bits and x86.pte_devmap(e)):
+        # follow_pmd_mask(): a pmd_trans_huge() leaf is split ([<= 6.16] a devmap PMD is not trans-huge);
+        # "if pmd was left empty, stuff a page table in there quickly" -- a file/DAX PMD split is a zap, and
+        # without the table the refault would map the PMD again, forever
         yield from split_huge_pmd_address(vma, addr)
         level, p, e = mm.pt.lookup(addr)
+        if level == "pmd" and p is not None and pte_none(e):
+            mm.pt.pte_alloc(p)
+            level, p, e = mm.pt.lookup(addr)
     if not leaf_allows(mm, addr, bool(gup_flags & FOLL_WRITE)):
         return -1
     from hmmirror.arch.x86.fault import leaf_pfn
@@ -117,6 +124,8 @@ def __get_user_pages(mm: "MMStruct", start: int, nr_pages: int, gup_flags: int) 
             return -EFAULT if not out else out
         if write and not vma.vm_flags & VM.WRITE and not gup_flags & FOLL_FORCE:
             return -EFAULT if not out else out
+        if gup_flags & FOLL_SPLIT_PMD and vma.vm_flags & VM.HUGETLB:
+            return -EOPNOTSUPP if not out else out      # check_vma_flags(): hugetlb PMDs cannot be split
         tries = 0
         seen = machine.counters["mmu_notifier_invalidations"]
         while True:

@@ -1098,7 +1098,8 @@ def _event_device(value: Any, what: str) -> str:
 
 
 EVENT_KEYS = {"name": "name", "kind": "str", "delay": "count", "addr": "addr", "length": "size", "hold": "count",
-              "device": _event_device, "proc": "name", "pages": "count", "what": ("pmd_bad", "pud_huge")}
+              "device": _event_device, "proc": "name", "pages": "count", "what": ("pmd_bad", "pud_huge"),
+              "rounds": "count"}
 #: Keys of ``[finding]`` (the saved finding of a reproducer) and their kinds.
 FINDING_KEYS: dict[str, str] = {"invariant": "str", "location": "str", "signature": "str", "step": "count",
                                 "task": "str", "message": "anystr", "seed": "count", "detail": "anystr",

@@ -161,6 +161,7 @@ class Tracker:
         self.callback_begin: list[Any] = []                 # fn(st, args) when a driver callback starts
         self.callback_end: list[Any] = []                   # fn(st, args, ret) when it returned
         self.last_commit: dict[int, tuple[int, int]] = {}  # va -> (task idx, step) of its latest device map
+        self.commit_code: dict[int, Any] = {}              # va -> code object of the function that mapped it
 
     def attach(self, eng: Any, run: Any) -> None:
         self.engine = eng
@@ -257,6 +258,7 @@ class Tracker:
         self.touched.append((op, va, pfn, write, st.idx if st is not None else -1))
         if op == "map":
             self.last_commit[va] = (st.idx if st is not None else -1, self.engine.step)
+            self.commit_code[va] = committer_frame(sys._getframe(1)).f_code
         if op == "map" and self.engine.finding is None:
             for fn in self.commit_hooks:
                 fn(st, va, pfn, write)
@@ -683,6 +685,12 @@ class Coherence:
         mapped ``va`` (None: the entry came back later; the stack of the step decides)."""
         if why == "after invalidate_range_end" and self.t.kept_by_callback(va):
             return self.t.callback
+        if why == "after invalidate_range_end":
+            # the entry was mapped after the callback returned (inside the invalidation): where it was mapped
+            code = self.t.commit_code.get(va)
+            if code is not None:
+                from hmmirror.sim.findings import module_name
+                return f"{module_name(code.co_filename)}.{code.co_qualname}"
         return None
 
 

@@ -79,7 +79,7 @@ def inject(run: Any, ev: dict[str, Any], mm: Any, addr: Any) -> Gen[int]:
         if not x86.pte_none(pool.get(pmdp)):
             return -EINVAL
         pool.set(pmdp, x86.make_hwpoison_entry(1))
-    mm.machine.log("inject", what=ev.get("what", "pmd_bad"), addr=addr & ~(PMD_SIZE - 1))
+    mm.machine.log("inject", state=ev.get("what", "pmd_bad"), addr=addr & ~(PMD_SIZE - 1))
     yield from sched.preempt_point("inject")
     return 0
 

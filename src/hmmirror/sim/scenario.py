@@ -756,16 +756,16 @@ def _ev_close(g: GenCtx, name: str) -> dict[str, Any] | None:
 
 
 for _e in (Entry("compact", 2, _ev_at("compact", hold=True)), Entry("clear_refs", 1, _ev_clear_refs),
-           Entry("close", 1, _ev_close), Entry("evict", 2, _ev_plain("evict"), profiles=("6.18",), opt_in=True)):
+           Entry("close", 1, _ev_close), Entry("evict", 2, _ev_plain("evict"), profiles=("6.18",))):
     register("event", _e)
 
 # devsim: device-memory jobs (6.x): migrate a range to device memory and back, take it exclusive (the CPU
 # faults that bring the pages back come from the CPU threads' touches); drivers without ``fault_mode`` run
-# them as plain faults.  Opt-in (``--inject``) until the findings they give on dmirror are judged
-# (docs/simulator.md "Device memory in campaigns").
-for _e in (Entry("migrate_dev", 4, _mode("migrate_dev"), profiles=("6.18",), opt_in=True),
-           Entry("migrate_sys", 2, _mode("migrate_sys"), profiles=("6.18",), opt_in=True),
-           Entry("exclusive", 2, _mode("exclusive"), profiles=("6.18",), opt_in=True)):
+# them as plain faults.  On by default for 6.18 (what dmirror reports with them is judged in
+# docs/known-behaviours.md, M2-M3).
+for _e in (Entry("migrate_dev", 4, _mode("migrate_dev"), profiles=("6.18",)),
+           Entry("migrate_sys", 2, _mode("migrate_sys"), profiles=("6.18",)),
+           Entry("exclusive", 2, _mode("exclusive"), profiles=("6.18",))):
     register("mode", _e)
 
 
