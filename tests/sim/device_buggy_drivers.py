@@ -204,3 +204,58 @@ class EagerFreeDmirror(DmirrorAdapter):
                 return r
             dm.dmirror_devmem_fault_alloc_and_copy = alloc_and_copy
         return ret
+
+
+class NoCopyDmirror(DmirrorAdapter):
+    """a migration to device memory that skips the copy: dmirror_migrate_alloc_and_copy() clears the new
+    device page's backing page instead of copying the source page into it (D1: the data is lost)."""
+
+    def bind(self, mm: Any) -> Gen[int]:
+        ret = yield from super().bind(mm)
+        if ret == 0:
+            dm = self.dm
+            mem = dm.machine.mem
+            orig = dm.dmirror_migrate_alloc_and_copy
+
+            def alloc_and_copy(args: Any) -> None:
+                from hmmirror.mm import migrate_device as md
+                orig(args)
+                for i in range((args.end - args.start) >> 12):
+                    dpage = md.migrate_pfn_to_page(int(args.dst[i]))
+                    if dpage >= 0:
+                        mem.clear(dm.mdevice.backing_page(dpage))        # BUG: the copy is skipped
+            dm.dmirror_migrate_alloc_and_copy = alloc_and_copy
+        return ret
+
+
+class KeepBothDmirror(DmirrorAdapter):
+    """migrate_to_ram keeps the device copy: dmirror_devmem_fault() takes a reference on the device page it
+    migrates back (to keep the device's copy warm), after migrate_vma_pages() moved it, and never drops it (D2:
+    after the migration the page is in system memory and in device memory)."""
+
+    def bind(self, mm: Any) -> Gen[int]:
+        ret = yield from super().bind(mm)
+        if ret == 0:
+            self.dm.dmirror_devmem_fault = self._devmem_fault
+        return ret
+
+    def _devmem_fault(self, vmf: Any) -> Gen[int]:
+        import numpy as np
+
+        from hmmirror.include.mm_types import VM_FAULT
+        from hmmirror.mm import migrate_device as md
+
+        dm = self.dm
+        mem = dm.machine.mem
+        args = md.MigrateVma(vmf.vma, vmf.address, vmf.address + 4096, np.zeros(1, dtype=np.uint64),
+                             np.zeros(1, dtype=np.uint64), pgmap_owner=dm.mdevice,
+                             flags=md.MIGRATE_VMA_SELECT_DEVICE_PRIVATE, fault_page=vmf.page)
+        if (yield from md.migrate_vma_setup(args)):
+            return int(VM_FAULT.SIGBUS)
+        dm.dmirror_devmem_fault_alloc_and_copy(args)
+        yield from md.migrate_vma_pages(args)
+        s = int(args.src[0])
+        if s & md.MIGRATE_PFN_MIGRATE and md.migrate_pfn_to_page(s) >= 0:
+            mem.get_page(md.migrate_pfn_to_page(s))               # BUG: the device copy is kept, never put
+        yield from md.migrate_vma_finalize(args)
+        return 0

@@ -70,3 +70,24 @@ def test_device_memory_mistake_is_caught(cls, runs, invariant, location):
     f, seed = campaign(cls, (), runs, inject=True)
     assert f is not None, f"{cls.__name__}: no finding in {runs} runs"
     assert f.invariant == invariant and f.location == location, (seed, f.describe())
+
+
+DATA_CASES = [
+    # a migration that skips the copy (D1); migrate_to_ram keeping the device copy (D2).  Other findings of a
+    # run (dmirror's known M2, page counts after the extra reference) do not stop the search.
+    (bad.NoCopyDmirror, 150, "data_lost", "drivers.test_hmm.Dmirror.dmirror_migrate_to_device"),
+    (bad.KeepBothDmirror, 40, "page_place", "device_buggy_drivers.KeepBothDmirror._devmem_fault"),
+]
+
+
+@pytest.mark.parametrize("cls,runs,invariant,location", DATA_CASES, ids=[c[0].__name__ for c in DATA_CASES])
+def test_data_mistake_is_caught(cls, runs, invariant, location):
+    for seed in range(runs):
+        c = SeededChoices(seed)
+        sc = generate(c, "6.18", f"device_buggy_drivers:{cls.__name__}", ("anon",), ())
+        res = run_scenario(sc, RandomScheduler(c), driver=cls())
+        f = next((f for f in res.findings if f.invariant == invariant), None)
+        if f is not None:
+            assert f.location == location, (seed, f.describe())
+            return
+    raise AssertionError(f"{cls.__name__}: no {invariant} in {runs} runs")

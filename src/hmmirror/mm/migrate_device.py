@@ -705,6 +705,8 @@ def migrate_vma_finalize(migrate: MigrateVma) -> Gen[None]:
 def migrate_device_finalize(machine: "Machine", src_pfns: np.ndarray, dst_pfns: np.ndarray, npages: int) -> Gen[None]:
     """migrate_device_finalize(): migrate_vma_finalize() for pfns from migrate_device_range()/_pfns()."""
     yield from __migrate_device_finalize(machine, src_pfns, dst_pfns, npages, -1)
+    machine.log("migrate_device_finalize", npages=npages,
+                migrated=int(((src_pfns[:npages] & _U(MIGRATE_PFN_MIGRATE)) != 0).sum()))
 
 
 # --- eviction: starting from device pfns ---------------------------------------------------------------------

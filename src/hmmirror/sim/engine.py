@@ -35,7 +35,7 @@ from hmmirror.kernel.sched import Lock, Point, Task
 from hmmirror.sim.findings import Finding, frame_stack, gen_stack, location_of
 
 _HOOKS = ("task_spawned", "before_step", "after_step", "task_exited", "on_log", "run_finished", "fault_begin",
-          "fault_end", "op_end")
+          "fault_end", "op_begin", "op_end", "data_access")
 
 #: sched.report kinds -> invariant names
 REPORT_INVARIANT = {

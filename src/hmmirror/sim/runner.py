@@ -163,9 +163,10 @@ def _describe(op: dict[str, Any]) -> str:
 
 
 def cpu_thread(run: SimRun, st: SimTask, spec: dict[str, Any]) -> Any:
-    """A CPU thread: the operations of ``spec`` one after another (each may sleep, fault, take locks)."""
-    from hmmirror.arch.x86.fault import cpu_access
+    """A CPU thread: the operations of ``spec`` one after another (each may sleep, fault, take locks); a
+    ``touch`` stores a tag in (or loads) the first bytes of every page (:func:`invariants_data.sim_access`)."""
     from hmmirror.mm.mmap import vm_mmap, vm_munmap
+    from hmmirror.sim.invariants_data import DISCARD_ADVICE, sim_access
 
     eng = run.engine
     assert eng is not None
@@ -183,10 +184,12 @@ def cpu_thread(run: SimRun, st: SimTask, spec: dict[str, Any]) -> Any:
         length = parse_size(op.get("length", PAGE_SIZE))
         st.op, st.op_start = _describe(op), eng.step
         ret: Any = 0
+        if kind in ("munmap", "mmap") or kind == "madvise" and str(op.get("advice", "")).lower() in DISCARD_ADVICE:
+            eng.emit("op_begin", st, mm, addr, length)      # the range's data is meant to go (data_lost)
         if kind == "touch":
             write = op.get("access", "read") == "write"
             for a in range(addr & ~(PAGE_SIZE - 1), addr + length, PAGE_SIZE):
-                ret = yield from cpu_access(mm, a, write, None)
+                ret = yield from sim_access(run, st, mm, a, write, "cpu")
                 if ret:
                     break
         elif kind == "munmap":
@@ -277,6 +280,9 @@ def device_fault(run: SimRun, start: int, end: int, write: bool, mode: str = "fa
             ret = yield from fm(start, end, write, mode, job or {})
     finally:
         run.inflight -= 1
+    if ret == 0:
+        from hmmirror.sim.invariants_data import device_access
+        device_access(run, st, start, end, write)   # the device uses what it mapped (data_lost)
     eng.emit("fault_end", st, start, end, write, ret)
     run.machine.log("sim_fault", task=st.name, start=start, end=end, write=write, ret=ret, mode=mode)
     return ret
