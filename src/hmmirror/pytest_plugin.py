@@ -12,7 +12,8 @@ Installed with hmmirror, it gives every test suite these fixtures:
 
 Choose profiles with ``--hmmirror-kernel=6.18`` (repeatable), per test with
 ``@pytest.mark.hmmirror_kernel("6.18")``, or by parametrizing ``hmmirror_kernel`` yourself.  Strategies and
-the driver check are in :mod:`hmmirror.strategies` and :mod:`hmmirror.testing`.
+the driver check are in :mod:`hmmirror.strategies` and :mod:`hmmirror.testing`; the Hypothesis profile
+``hmmirror`` (``--hypothesis-profile=hmmirror``: no deadline, 50 examples) suits tests that run scenarios.
 """
 
 from __future__ import annotations
@@ -34,9 +35,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                                        + " and ".join(KERNELS) + ")")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hmmirror_kernel(*versions): run this test's hmmirror fixtures only "
                                        "on these kernel profiles")
+    _register_hypothesis_profile()
+
+
+#: Hypothesis settings for tests that run simulator scenarios (``--hypothesis-profile=hmmirror``): one run
+#: takes tens to hundreds of milliseconds, more than Hypothesis's default 200 ms deadline allows for.
+HYPOTHESIS_PROFILE = {"deadline": None, "max_examples": 50}
+
+
+def _register_hypothesis_profile() -> None:
+    """Register the ``hmmirror`` Hypothesis profile (before Hypothesis's own plugin loads a profile)."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:                                  # pragma: no cover - hypothesis is a dependency
+        return
+    settings.register_profile("hmmirror", suppress_health_check=[HealthCheck.too_slow], **HYPOTHESIS_PROFILE)
 
 
 def _kernels(metafunc: pytest.Metafunc) -> list[str]:

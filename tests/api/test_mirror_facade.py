@@ -262,3 +262,19 @@ def test_dmirror_migration_and_exclusive_access() -> None:
         with pytest.raises(InputError):
             dev.write(a, b"x")
     assert dev.closed
+
+
+def test_faults_run_under_the_mmap_lock_only(proc) -> None:  # type: ignore[no-untyped-def]
+    # the kernel's callers hold mmap_lock around hmm_range_fault and never their own driver lock (the
+    # invalidate callback takes it: holding it would deadlock against an invalidation)
+    m = proc.machine
+    a = proc.mmap(4 * P)
+    mirror = proc.mirror()
+    m.events.clear()
+    mirror.hmm_range_fault(a, length=4 * P, write=True)
+    if m.profile.interval_notifiers:
+        ctx = [e["locks"] for e in m.events if e.get("what") == "hmm_vma_fault"]
+    else:
+        ctx = [e["locks"] for e in m.events if e.get("what") == "may_sleep" and e.get("call") == "handle_mm_fault"]
+    assert ctx and all(c == [f"rwsem:{proc.mm.mmap_sem.name}"] for c in ctx)
+    assert not proc.mm.mmap_sem.is_locked() and not mirror.lock.is_locked()

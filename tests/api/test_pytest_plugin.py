@@ -105,3 +105,13 @@ def test_strategies_and_the_driver_check(pytester: pytest.Pytester) -> None:
     res.assert_outcomes(failed=1, passed=1)
     res.stdout.fnmatch_lines(["*test_overwritable*", "*DriverFinding*", "*[[]coherence[]]*",
                               "*where: test_drv.LyingTable.map*", "*hmmirror replay*"])
+
+
+def test_hypothesis_profile(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_prof="""
+        from hypothesis import settings
+
+        def test_profile():
+            assert settings.default.deadline is None and settings.default.max_examples == 50
+    """)
+    pytester.runpytest("-q", "-p", "no:randomly", "--hypothesis-profile=hmmirror").assert_outcomes(passed=1)
