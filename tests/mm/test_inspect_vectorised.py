@@ -123,3 +123,62 @@ def test_empty_range() -> None:
     p = m.spawn("p")
     assert inspect_range(p.mm, 0x10000, 0x10000) == [] == inspect_range_reference(p.mm, 0x10000, 0x10000)
     assert len(inspect_arrays(p.mm, 0x10000, 0x10000)) == 0
+
+
+# --- the page-table viewer (show) reads states through inspect_arrays -----------------------------------
+class _ReferenceArrays:
+    """What collect() reads of PageArrays, filled from the per-page reference."""
+
+    def __init__(self, mm, start: int, end: int) -> None:  # type: ignore[no-untyped-def]
+        import numpy as np
+
+        self.start = start
+        self.pages = inspect_range_reference(mm, start, end)
+        self.present = np.array([s.present for s in self.pages])
+        self.write = np.array([bool(s.write) for s in self.pages])
+        self.protnone = np.array([bool(s.protnone) for s in self.pages])
+
+    def kind_name(self, i: int) -> str:
+        return self.pages[i].kind
+
+
+@pytest.mark.parametrize("profile", ["6.18", "5.2"])
+def test_page_table_view_equals_the_reference(profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hmmirror.viz import pagetables as viz
+
+    @settings(max_examples=6, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(E.plans(profile))
+    def check(plan: E.Plan) -> None:
+        w = E.build(plan)
+        spans = [(w.base - M2, w.base + E.WINDOW + M2), (w.pud_base, w.pud_base + 2 * M2)]
+        fast = [viz.collect(w.mm, a, b).to_json() for a, b in spans]
+        with monkeypatch.context() as mp:
+            mp.setattr(viz, "inspect_arrays", _ReferenceArrays)
+            ref = [viz.collect(w.mm, a, b).to_json() for a, b in spans]
+        assert fast == ref
+
+    check()
+
+
+def test_page_table_view_of_a_sparse_terabyte(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a huge mapping with two pages touched: the viewer reads the chunks that map something, not 2^28 pages
+    from hmmirror.viz import pagetables as viz
+
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    a = p.mmap(1 << 40, align=1 << 30)
+    p.touch(a + (5 << 30), P, write=True)
+    p.touch(a + (700 << 30) + 3 * P, P)
+    sizes: list[int] = []
+    real = viz.inspect_arrays
+
+    def counting(mm, start: int, end: int):  # type: ignore[no-untyped-def]
+        arr = real(mm, start, end)
+        sizes.append(len(arr))
+        return arr
+
+    monkeypatch.setattr(viz, "inspect_arrays", counting)
+    view = viz.collect(p.mm, a, a + (1 << 40))
+    kinds = [n.kind for n in view.leaves() if n.entry == "leaf"]
+    assert kinds == ["anon", "zero"] and len(sizes) == 2 and max(sizes) <= 512

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hmmirror.arch.x86 import pgtable as x86
-from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PTRS_PER_TABLE
+from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PMD_SIZE, PTRS_PER_TABLE
 from hmmirror.mm.inspect import inspect_arrays
 
 if TYPE_CHECKING:
@@ -143,7 +143,16 @@ def collect(mm: MMStruct, start: int, end: int, label: str = "") -> TableView:
     lv = levels_of(geo.levels)
     pool = mm.machine.pool
     page0 = start & ~((1 << PAGE_SHIFT) - 1)
-    pages = inspect_arrays(mm, page0, end) if end > start else None
+    chunks: dict[int, Any] = {}
+
+    def state_at(va: int) -> tuple[Any, int]:
+        """Page states of the 2 MiB chunk holding ``va`` (vectorised, once per chunk a leaf is seen in: a
+        sparse range costs what it maps, not its size) and the index of ``va`` in them."""
+        base = va & ~(PMD_SIZE - 1)
+        arr = chunks.get(base)
+        if arr is None:
+            arr = chunks[base] = inspect_arrays(mm, max(base, page0), min(base + PMD_SIZE, end))
+        return arr, (va - arr.start) >> PAGE_SHIFT
 
     def walk(tid: int, li: int, base: int, lo: int, hi: int) -> list[Node]:
         name, shift = lv[li]
@@ -172,8 +181,7 @@ def collect(mm: MMStruct, start: int, end: int, label: str = "") -> TableView:
             node = Node(name, i, 1, va, va + size, "table", "table", present=True)
             node.children = walk(x86.table_id_of(e), li + 1, va, max(lo, va), min(hi, va + size))
             return node
-        assert pages is not None
-        k = (max(lo, va) - page0) >> PAGE_SHIFT                      # the state of the first page in range
+        pages, k = state_at(max(lo, va) & ~((1 << PAGE_SHIFT) - 1))  # the state of the first page in range
         present = bool(pages.present[k])
         write = bool(pages.write[k]) if present else None
         pfn = x86.pte_pfn(e) if present else None
