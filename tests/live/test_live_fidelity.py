@@ -585,3 +585,47 @@ def test_madv_collapse_of_zero_page_ptes(written: bool) -> None:
     assert real[-2].errno == (None if written else "EINVAL")
     assert all((p.level == "pmd") == written for p in real[-1].pages)
     assert disagreements(rep) == []
+
+
+EMPTY_SHMEM_COLLAPSE = """
+[machine]
+kernel = "6.18"
+[[op]]
+op = "mmap"
+as = "m"
+length = "2M"
+prot = "rw"
+flags = ["shared", "anonymous"]
+align = "2M"
+[[op]]
+op = "madvise"
+addr = "m"
+length = "2M"
+advice = "collapse"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "2M"
+[[op]]
+op = "touch"
+addr = "m+1M"
+length = "4K"
+[[op]]
+op = "madvise"
+addr = "m"
+length = "2M"
+advice = "collapse"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "2M"
+"""
+
+
+def test_madv_collapse_of_an_empty_shmem_block() -> None:
+    """6.18.44: a shmem block with nothing cached does not collapse (EINVAL); one cached page is enough."""
+    with hostenv.thp_config(shmem_enabled="never"):
+        model, real, rep = both(EMPTY_SHMEM_COLLAPSE, "collapse-empty-shmem.toml")
+    assert real[1].errno == "EINVAL" and not any(p.present for p in real[2].pages)
+    assert real[4].errno is None and all(p.level == "pmd" for p in real[5].pages)
+    assert disagreements(rep) == []

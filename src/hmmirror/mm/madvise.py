@@ -636,11 +636,9 @@ def collapse_file_shmem(vma: VMA, addr: int) -> Gen[int]:
     inode = vma.vm_file.inode
     mapping = inode.i_mapping
     hindex = vma.linear_page_index(addr)
-    if hindex + HPAGE_PMD_NR > inode.nr_pages:
-        return SCAN_VMA_CHECK                                 # the block reaches past EOF
     cur = mapping.find_page(hindex)
     if mapping.range_empty(hindex, hindex + HPAGE_PMD_NR):
-        return SCAN_SUCCEED                                   # 6.18.44: nothing cached, nothing collapsed
+        return SCAN_VMA_CHECK                                 # 6.18.44: nothing cached: -EINVAL, nothing done
     if not (cur >= 0 and int(mem.order[mem.compound_head(cur)]) == 9 and mem.compound_head(cur) == cur):
         yield from sched.might_sleep("alloc_charge_folio")
         new = mem.alloc_folio(9)
@@ -658,10 +656,6 @@ def collapse_file_shmem(vma: VMA, addr: int) -> Gen[int]:
         mem.flags[new: new + HPAGE_PMD_NR] |= np.uint32(PG.swapbacked | PG.uptodate | PG.dirty)
         machine.counters["thp_collapse_alloc"] += 1
         cur = new
-    # collapse_pte_mapped_thp() installs the PMD only where the caller has a PTE table (6.18.44: a block
-    # never faulted stays unmapped; its next fault maps the new folio)
-    lvl, _p, e = mm.pt.lookup(addr)
-    had_table = lvl == "pte" or (lvl == "pmd" and not pte_none(e) and not pmd_leaf(e))
     # retract_page_tables(): every VMA mapping the block whole keeps no empty PTE table there
     for v in list(inode.i_mmap):
         a = v.vm_start + ((hindex - v.vm_pgoff) << PAGE_SHIFT)
@@ -679,8 +673,6 @@ def collapse_file_shmem(vma: VMA, addr: int) -> Gen[int]:
             pool.set(pmdp, 0)
             pool.free(tid)
     # collapse_pte_mapped_thp(install_pmd=true) in the caller
-    if not had_table:
-        return SCAN_SUCCEED
     pudp = mm.pt.walk_to_pud(addr, alloc=True)
     assert pudp is not None
     pmdp = mm.pt.pmd_alloc(pudp, addr)
