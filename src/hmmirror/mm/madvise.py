@@ -327,7 +327,7 @@ def madvise_pageout(vma: VMA, start: int, end: int) -> Gen[int]:
     dropped from the page cache, dirty and shmem folios stay cached (no writeback from direct reclaim, no
     swap).  Private COW copies (anonymous) stay.  -EINVAL on VM_LOCKED/PFNMAP/HUGETLB VMAs."""
     from hmmirror.mm.memory import folio_extent
-    from hmmirror.mm.truncate import zap_page_range_single
+    from hmmirror.mm.truncate import split_cache_folio, zap_page_range_single
 
     if not can_madv_lru_vma(vma):
         return -EINVAL
@@ -367,8 +367,7 @@ def madvise_pageout(vma: VMA, start: int, end: int) -> Gen[int]:
                 continue                                     # split_folio() fails on a dirty file folio
         yield from zap_page_range_single(vma, a0, a1 - a0, even_cows=False)     # try_to_unmap()
         if not whole:
-            if mapping.folio_order is not None:              # split_folio(): small folios, still cached
-                mapping.folio_order[first:last] = 0
+            split_cache_folio(mapping, first, last, [0] * (last - first))   # split_folio(): order 0, cached
             continue
         slots = mapping.lookup_range(first, last)
         frames = slots[slots >= 0]
@@ -393,10 +392,29 @@ def _pageout_anon(vma: VMA, start: int, end: int) -> Gen[int]:
         level, p, e = mm.pt.lookup(a)
         blk = (a, a + PMD_SIZE)
         a += PMD_SIZE
-        if level != "pmd" or p is None or not pmd_leaf(e) or not x86.pmd_present(e):
-            continue
         if blk[0] >= start and blk[1] <= end:
             continue                                         # wholly inside: kept whole (no swap)
+        if level == "pte" and p is not None:
+            # a PTE-mapped THP (after a PMD split) partly inside the range: split_folio() too
+            lo, hi = max(blk[0], start, vma.vm_start), min(blk[1], end, vma.vm_end)
+            heads = set()
+            for va in range(lo, hi, PAGE_SIZE):
+                _l, _p, pte = mm.pt.lookup(va)
+                if _p is None or pte_none(pte) or not x86.pte_present(pte) or x86.pte_special(pte):
+                    continue
+                pfn = x86.pte_pfn(pte)
+                if pfn < mem.nr_ram and mem.flags[pfn] & PG.anon and int(mem.order[mem.compound_head(pfn)]) == 9:
+                    heads.add(mem.compound_head(pfn))
+            for head in sorted(heads):
+                if (mem.mapcount[head: head + HPAGE_PMD_NR] > 1).any():
+                    continue
+                if (yield from split_folio(machine, head, caller_refs=0)) != 0:
+                    continue
+                if machine.profile.thp_split_zero_subpages and not vma.vm_flags & VM.LOCKED:
+                    _remap_zero_subpages(vma, blk[0], head)
+            continue
+        if level != "pmd" or p is None or not pmd_leaf(e) or not x86.pmd_present(e):
+            continue
         head = x86.pte_pfn(e)
         if head >= mem.nr_ram or not mem.flags[head] & PG.anon or mem.is_huge_zero_pfn(head):
             continue

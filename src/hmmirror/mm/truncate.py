@@ -222,19 +222,29 @@ def truncate_inode_partial_folio(mapping: "AddressSpace", lstart: int) -> Gen[No
     if last - first < 2 or first >= index and not lstart & (PAGE_SIZE - 1):
         return                                            # a small folio, or one wholly truncated
     yield from unmap_mapping_pages(mapping, first, last - first, False)
-    head = mem.compound_head(int(mapping.find_page(first)))
-    n = 1 << int(mem.order[head])
-    if n > 1:                                             # a compound folio becomes order-0 pages, each
-        keep = np.uint32(PG.file | PG.uptodate | PG.dirty | PG.swapbacked)   # holding one cache reference
-        mem.flags[head: head + n] &= keep
-        mem.order[head: head + n] = 0
-        mem.refcount[head: head + n] = 1
-    if mapping.folio_order is not None or rule == "split_nonuniform":
-        orders = [0] * (last - first)
-        if rule == "split_nonuniform":
-            orders = write_folio_orders(first, index - first) + [0] * (last - index)
-        mapping.set_folio_orders(first, orders)
+    orders = [0] * (last - first)
+    if rule == "split_nonuniform":
+        orders = write_folio_orders(first, index - first) + [0] * (last - index)
+    split_cache_folio(mapping, first, last, orders)
     machine.counters["truncate_folio_split"] += 1
+
+
+def split_cache_folio(mapping: "AddressSpace", first: int, last: int, orders: list[int]) -> None:
+    """Our helper for the page-cache side of a split of the unmapped folio in slots ``[first, last)``: a
+    compound folio becomes order-0 frames each holding one cache reference, and the mapping records the
+    new folios' orders (small folios of 4 KiB frames keep only their recorded extent)."""
+    mem = mapping.host.machine.mem
+    pfn = int(mapping.find_page(first))
+    if pfn >= 0:
+        head = mem.compound_head(pfn)
+        n = 1 << int(mem.order[head])
+        if n > 1:
+            keep = np.uint32(PG.file | PG.uptodate | PG.dirty | PG.swapbacked)
+            mem.flags[head: head + n] &= keep
+            mem.order[head: head + n] = 0
+            mem.refcount[head: head + n] = 1
+    if mapping.folio_order is not None or any(orders):
+        mapping.set_folio_orders(first, orders)
 
 
 def truncate_pagecache(inode: "Inode", newsize: int) -> Gen[None]:
