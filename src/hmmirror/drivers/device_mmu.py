@@ -27,16 +27,18 @@ DMA_BASE = 0x8000_0000          # first I/O virtual address handed out by the mo
 class DevicePageTable:
     """The device's page table ``va -> (pfn, writable)``, its TLB and its DMA mappings.
 
-    Every change of the page table goes through :meth:`map` / :meth:`unmap` / :meth:`clear`, which tell
-    ``listener(op, va, pfn, write)`` (the simulator's checks look only at entries touched since the last step);
-    TLB flushes and DMA (un)mappings tell ``observer(op, fields)``.
+    Every change of the page table goes through :meth:`map` / :meth:`unmap` / :meth:`clear` /
+    :meth:`commit_range`, which tell ``listener(op, va, pfn, write)`` page by page (the simulator's checks look
+    only at entries touched since the last step), or ``range_listener(va, items)`` once for a whole
+    :meth:`commit_range` when it is set; TLB flushes and DMA (un)mappings tell ``observer(op, fields)``.
     """
 
-    __slots__ = ("entries", "listener", "observer", "tlb", "stale", "dma", "next_iova", "flushes")
+    __slots__ = ("entries", "listener", "range_listener", "observer", "tlb", "stale", "dma", "next_iova", "flushes")
 
     def __init__(self, tlb: bool = False) -> None:
         self.entries: dict[int, tuple[int, bool]] = {}
         self.listener: Callable[[str, int, int, bool], None] | None = None
+        self.range_listener: Callable[[int, list[tuple[int, bool] | None]], None] | None = None
         self.observer: Callable[[str, dict[str, Any]], None] | None = None
         self.tlb = tlb                                   # zapped entries stay cached until tlb_flush()
         self.stale: dict[int, tuple[int, bool]] = {}     # va -> entry still in the device TLB
@@ -51,6 +53,34 @@ class DevicePageTable:
         self.entries[va] = (int(pfn), bool(write))
         if self.listener is not None:
             self.listener("map", va, int(pfn), bool(write))
+
+    def commit_range(self, va: int, items: list[tuple[int, bool] | None]) -> None:
+        """Program the consecutive pages from ``va`` at once: page ``i`` gets the entry ``items[i]`` =
+        ``(pfn, write)`` (as :meth:`map`), or loses its entry when ``items[i]`` is None (as :meth:`unmap` of
+        that page).  The same table as page by page; ``range_listener`` hears the whole range in one call."""
+        va &= ~(PAGE_SIZE - 1)
+        if self.range_listener is None:
+            for i, it in enumerate(items):
+                v = va + i * PAGE_SIZE
+                if it is not None:
+                    self.map(v, it[0], it[1])
+                else:
+                    self.unmap(v, v + PAGE_SIZE)
+            return
+        ents = self.entries
+        if None not in items:
+            ents.update(zip(range(va, va + len(items) * PAGE_SIZE, PAGE_SIZE), items))
+        else:
+            tlb, stale = self.tlb, self.stale
+            for i, it in enumerate(items):
+                v = va + i * PAGE_SIZE
+                if it is not None:
+                    ents[v] = it
+                elif v in ents:
+                    old = ents.pop(v)
+                    if tlb:
+                        stale[v] = old
+        self.range_listener(va, items)
 
     def unmap(self, start: int, end: int) -> int:
         """Drop the device entries of ``[start, end)`` (still cached in the TLB when ``tlb``); returns how

@@ -64,12 +64,12 @@ class DmirrorAdapter:
 
         def _store_range(first: int, entries: np.ndarray) -> None:
             store_range(first, entries)
-            for i, e in enumerate(np.asarray(entries).tolist()):
-                va = (first + i) << PAGE_SHIFT
-                if e:
-                    mine.map(va, e >> 2, (e & 3) == th.DPT_XA_TAG_WRITE)
-                else:
-                    mine.unmap(va, va + PAGE_SIZE)
+            e = np.asarray(entries, dtype=np.uint64).reshape(-1)
+            pfns = (e >> np.uint64(2)).tolist()
+            writes = ((e & np.uint64(3)) == np.uint64(th.DPT_XA_TAG_WRITE)).tolist()
+            # one range for the device table (page by page: an entry per page, none for a zero)
+            mine.commit_range(first << PAGE_SHIFT, [(p, w) if x else None
+                                                   for p, w, x in zip(pfns, writes, e.tolist())])
 
         def _erase_range(first: int, last: int) -> int:
             n = erase_range(first, last)
@@ -249,12 +249,12 @@ class Hmm52Adapter:
 
         def _store(addr: int, entries: np.ndarray) -> None:
             store(addr, entries)
-            for i, e in enumerate(np.asarray(entries).tolist()):
-                va = addr + i * PAGE_SIZE
-                if e and e & fvalid:
-                    mine.map(va, e >> shift, bool(e & fwrite))
-                else:
-                    mine.unmap(va, va + PAGE_SIZE)
+            e = np.asarray(entries, dtype=np.uint64).reshape(-1)
+            pfns = (e >> np.uint64(shift)).tolist()
+            writes = ((e & np.uint64(fwrite)) != 0).tolist()
+            valid = ((e & np.uint64(fvalid)) != 0).tolist()
+            # one range for the device table (page by page: a valid entry is mapped, any other cleared)
+            mine.commit_range(addr, [(p, w) if v else None for p, w, v in zip(pfns, writes, valid)])
 
         def _clear(start: int, end: int) -> int:
             n = clear(start, end)

@@ -1009,6 +1009,8 @@ def _worker_main(cfg: Config, parent: int, worker: int, tasks: Any, q: Any) -> N
     finally:
         import shutil
         shutil.rmtree(spool, ignore_errors=True)
+        from hmmirror.sim.verify import shutdown_zygote
+        shutdown_zygote()                       # its replays count as this worker's CPU time
 
 
 class _Local:

@@ -31,12 +31,18 @@ import re
 import sys
 from typing import Any
 
+import numpy as np
+
 from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import PAGE_SIZE, PMD_SIZE, PUD_SIZE
 from hmmirror.kernel.sched import Lock
 from hmmirror.sim.findings import frame_stack, function_name, gen_stack, is_kernel_name, location_of
 
 EAGAIN = 11
+
+#: checks of many pages at once (range commits heard as one, vectorised pre-checks that pick the pages the
+#: per-page check must look at); False: page by page, the reference they are tested against
+VECTORISED = True
 _BRACKETS = re.compile(r"\[[^\]]*\]|\d+")
 
 
@@ -117,6 +123,83 @@ def cpu_leaf_lookup(mm: Any, va: int) -> tuple[int, bool, bool]:
     return pfn, True, bool(e & x86._PAGE_RW)
 
 
+_NOT_AD64 = np.uint64(_NOT_AD & ((1 << 64) - 1))
+_PFN64 = np.uint64(_PFN)
+
+
+def cpu_leaf_range(mm: Any, start: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`cpu_leaf` of the ``n`` pages from ``start``, as arrays ``(pfn, readable, writable)``: the upper
+    levels walked once per PMD (or PUD leaf), a PTE table's row read at once; an entry that is neither none
+    nor present (swap, migration, device-private/exclusive) through :func:`cpu_leaf` itself."""
+    pfn = np.full(n, -1, dtype=np.int64)
+    rd = np.zeros(n, dtype=bool)
+    wr = np.zeros(n, dtype=bool)
+    pt = mm.pt
+    tables = pt.pool.tables
+    item = tables.item
+    geo = pt.geo
+    start &= ~(PAGE_SIZE - 1)
+    end = start + n * PAGE_SIZE
+    i = 0
+    while i < n:
+        va = start + i * PAGE_SIZE
+        k = (min(((va >> 21) + 1) << 21, end) - va) >> 12       # pages to the next PMD boundary
+        e = item(pt.pgd, (va >> geo.pgdir_shift) & 511)
+        if not geo.p4d_folded:
+            if not e & _NOT_AD:
+                i += k
+                continue
+            e = item((e & _PFN) >> 12, (va >> 39) & 511)
+        if not e & _NOT_AD:
+            i += k
+            continue
+        e = item((e & _PFN) >> 12, (va >> 30) & 511)          # the PUD entry
+        if not e & _NOT_AD or e & _PSE:
+            k = (min(((va >> 30) + 1) << 30, end) - va) >> 12   # the whole PUD
+            if e & _NOT_AD and e & _PRESENT:
+                base = ((e & _PFN) >> 12) + ((va & (PUD_SIZE - 1)) >> 12)
+                pfn[i:i + k] = np.arange(base, base + k, dtype=np.int64)
+                rd[i:i + k] = True
+                wr[i:i + k] = bool(e & _RW)
+            i += k
+            continue
+        e = item((e & _PFN) >> 12, (va >> 21) & 511)          # the PMD entry
+        if not e & _NOT_AD or e & _PSE or not e & 1:
+            if e & _NOT_AD and e & _PRESENT and e & _PSE:
+                base = ((e & _PFN) >> 12) + ((va & (PMD_SIZE - 1)) >> 12)
+                pfn[i:i + k] = np.arange(base, base + k, dtype=np.int64)
+                rd[i:i + k] = True
+                wr[i:i + k] = bool(e & _RW)
+            i += k
+            continue
+        j = (va >> 12) & 511
+        row = tables[(e & _PFN) >> 12, j:j + k]
+        present = (row & np.uint64(_PRESENT)) != 0
+        pfn[i:i + k] = np.where(present, ((row & _PFN64) >> np.uint64(12)).astype(np.int64), -1)
+        rd[i:i + k] = present
+        wr[i:i + k] = present & ((row & np.uint64(_RW)) != 0)
+        for x in np.flatnonzero(~present & ((row & _NOT_AD64) != 0)).tolist():
+            pfn[i + x], rd[i + x], wr[i + x] = cpu_leaf(mm, va + x * PAGE_SIZE)
+        i += k
+    return pfn, rd, wr
+
+
+class CommitBatch:
+    """The pages of one ``DevicePageTable.commit_range`` for the commit hooks' pre-checks: ``va0``, ``items``
+    (``(pfn, write)`` or None per page) and, for the mapped pages, their indices ``idx``, ``pfn``, ``write``
+    and ``va`` as arrays."""
+
+    __slots__ = ("va0", "items", "idx", "pfn", "write", "va")
+
+    def __init__(self, va0: int, items: list[tuple[int, bool] | None], mapped: list[int]) -> None:
+        self.va0 = va0
+        self.items = items
+        self.idx = np.array(mapped, dtype=np.int64)
+        self.pfn = np.array([items[i][0] for i in mapped], dtype=np.int64)   # type: ignore[index]
+        self.write = np.array([items[i][1] for i in mapped], dtype=bool)     # type: ignore[index]
+        self.va = va0 + self.idx * PAGE_SIZE
+
+
 def _is_migration_pte(mm: Any, va: int) -> bool:
     level, p, e = mm.pt.lookup(va)
     if p is None or level != "pte" or x86.pte_none(e) or e & x86._PAGE_PRESENT:
@@ -150,7 +233,6 @@ class Tracker:
         self.inflight: dict[str, list[list[Any]]] = {}     # mm -> [[start, end, start_step]]
         self.epoch: dict[str, int] = {}                     # mm -> invalidations started so far
         self.ended: list[tuple[str, int, int]] = []         # (mm, start, end) ended in this step
-        self.touched: list[tuple[str, int, int, bool, int]] = []   # (op, va, pfn, write, task idx)
         self.delivered: list[list[Any]] = []                # [start, end, step, end_step|None, task idx]
         self.driver: Any = None
         self.mm_name = ""
@@ -171,6 +253,8 @@ class Tracker:
         pt = getattr(run.driver, "pt", None)
         if pt is not None and hasattr(pt, "listener"):
             pt.listener = self._on_pt
+            if VECTORISED and hasattr(pt, "range_listener"):
+                pt.range_listener = self._on_pt_range
         orig = run.driver.invalidate
         # the subscriber's own callback (the adapters of the built-in drivers route the driver's callback
         # through their ``invalidate``): the location of a coherence finding it is responsible for
@@ -254,14 +338,43 @@ class Tracker:
     alias: Any = None
 
     def _on_pt(self, op: str, va: int, pfn: int, write: bool) -> None:
+        if op != "map":
+            return
         st = self.engine.current
-        self.touched.append((op, va, pfn, write, st.idx if st is not None else -1))
-        if op == "map":
-            self.last_commit[va] = (st.idx if st is not None else -1, self.engine.step)
-            self.commit_code[va] = committer_frame(sys._getframe(1)).f_code
-        if op == "map" and self.engine.finding is None:
+        self.last_commit[va] = (st.idx if st is not None else -1, self.engine.step)
+        self.commit_code[va] = committer_frame(sys._getframe(1)).f_code
+        if self.engine.finding is None:
             for fn in self.commit_hooks:
                 fn(st, va, pfn, write)
+
+    def _on_pt_range(self, va0: int, items: list[tuple[int, bool] | None]) -> None:
+        """A whole range committed at once (``DevicePageTable.commit_range``): the same as :meth:`_on_pt` page
+        by page, in page order.  A hook whose instrument has ``commit_suspects(st, batch)`` is called only for
+        the pages it returns (a superset of the pages where it can report: a vectorised pre-check); a hook
+        without it, for every mapped page."""
+        st = self.engine.current
+        mapped = [i for i, it in enumerate(items) if it is not None]
+        if not mapped:
+            return
+        val = (st.idx if st is not None else -1, self.engine.step)
+        vas = [va0 + i * PAGE_SIZE for i in mapped]
+        self.last_commit.update(dict.fromkeys(vas, val))
+        self.commit_code.update(dict.fromkeys(vas, committer_frame(sys._getframe(1)).f_code))
+        if self.engine.finding is not None or not self.commit_hooks:
+            return
+        batch = CommitBatch(va0, items, mapped)
+        sus = []
+        for fn in self.commit_hooks:
+            pre = getattr(getattr(fn, "__self__", None), "commit_suspects", None)
+            sus.append(set(pre(st, batch)) if pre is not None else set(mapped))
+        for i in sorted(set().union(*sus)):
+            if self.engine.finding is not None:
+                break
+            pfn, write = items[i]  # type: ignore[misc]
+            va = va0 + i * PAGE_SIZE
+            for fn, s in zip(self.commit_hooks, sus):
+                if i in s:
+                    fn(st, va, pfn, write)
 
     #: task idx -> the location (``module.function``) of the task's latest HMM call that returned
     last_call: dict[int, str]
@@ -323,8 +436,6 @@ class Tracker:
     def before_step(self, eng: Any, st: Any) -> None:
         if self.ended:
             self.ended.clear()
-        if self.touched:
-            self.touched.clear()
 
     def prune(self, oldest: int) -> None:
         """Forget delivered invalidations that ended before ``oldest`` (no snapshot can still see them)."""
@@ -642,14 +753,29 @@ class Coherence:
 
     def on_commit(self, st: Any, va: int, pfn: int, write: bool) -> None:
         if not self.t.inflight_overlap(self.mm.name, va, va + PAGE_SIZE):
-            self._check(self.engine, st, va, pfn, write, "device commit", committer_frame(sys._getframe(1)))
+            self._check(self.engine, st, va, pfn, write, "device commit", sys._getframe(1), committer=True)
 
-    def _check(self, eng: Any, st: Any, va: int, pfn: int, write: bool, why: str, frame: Any = None) -> bool:
+    def commit_suspects(self, st: Any, b: CommitBatch) -> Any:
+        """The pages of a range commit :meth:`on_commit` can report: outside every invalidation in flight, and
+        not mapped by the CPU with that pfn and at least that permission."""
+        if not b.idx.size:
+            return ()
+        cpfn, readable, cw = cpu_leaf_range(self.mm, b.va0, int(b.idx[-1]) + 1)
+        cpfn, readable, cw = cpfn[b.idx], readable[b.idx], cw[b.idx]
+        bad = ~(readable & (cw | ~b.write) & (cpfn == b.pfn))
+        for r in self.t.inflight.get(self.mm.name, ()):
+            bad &= ~((b.va < r[1]) & (r[0] < b.va + PAGE_SIZE))
+        return b.idx[bad].tolist()
+
+    def _check(self, eng: Any, st: Any, va: int, pfn: int, write: bool, why: str, frame: Any = None,
+               committer: bool = False) -> bool:
         cpfn, readable, cw = cpu_leaf(self.mm, va)
         if readable and (cw or not write) and self.t.same_page(pfn, cpfn):
             return True
         if cpfn < 0 and self.t.migrating and self.t.in_own_migration(va) and _is_migration_pte(self.mm, va):
             return True           # a migration entry of the driver's own migration: it maps the destination
+        if frame is not None and committer:
+            frame = committer_frame(frame)
         stack = frame_stack(frame) if frame is not None else None
         cpu = "nothing" if cpfn < 0 else f"pfn {cpfn:#x} {'rw' if cw else 'r'}"
         eng.violate("coherence", f"{why}: device maps {va:#x} -> pfn {pfn:#x} {'rw' if write else 'r'}, "
@@ -739,6 +865,18 @@ class CommitInvalid:
             self.in_call[st.idx] = inside
         if len(self.t.delivered) > 64:
             self.t.prune(min(self.snap.values()) if self.snap else 0)
+
+    def commit_suspects(self, st: Any, b: CommitBatch) -> Any:
+        """The pages of a range commit :meth:`on_commit` can report: inside an invalidation that overlaps the
+        committing task's snapshot."""
+        if st is None:
+            return ()
+        step, snap = self.engine.step, self.snap.get(st.idx, 0)
+        bad = np.zeros(b.idx.size, dtype=bool)
+        for d in self.t.delivered:
+            if d[2] <= step and (d[3] is None or d[3] >= snap) and d[4] != -2:
+                bad |= (d[0] <= b.va) & (b.va < d[1])
+        return b.idx[bad].tolist()
 
     def on_commit(self, st: Any, va: int, pfn: int, write: bool) -> None:
         if st is None:
@@ -901,7 +1039,22 @@ class ResultContract:
             return
         pt = self.driver.pt
         began = self.begin[st.idx][0]
-        for va in range(start, end, PAGE_SIZE):
+        vas: Any = range(start, end, PAGE_SIZE)
+        n = len(vas)
+        ents = getattr(pt, "entries", None)
+        if VECTORISED and n > 8 and isinstance(ents, dict) and not start & (PAGE_SIZE - 1):
+            # a vectorised pre-check: the loop below only needs the pages that are not plainly mirrored
+            # (device entry present, writable if asked, the CPU's readable pfn)
+            got = [ents.get(va) for va in vas]
+            have = np.array([g is not None for g in got], dtype=bool)
+            dpfn = np.array([g[0] if g is not None else -2 for g in got], dtype=np.int64)
+            dw = np.array([g is not None and g[1] for g in got], dtype=bool)
+            cpfn, readable, _cw = cpu_leaf_range(self.mm, start, n)
+            ok = have & readable & (dpfn == cpfn)
+            if write:
+                ok &= dw
+            vas = [start + i * PAGE_SIZE for i in np.flatnonzero(~ok).tolist()]
+        for va in vas:
             ent = pt.get(va)
             cpfn, readable, cw = cpu_leaf(self.mm, va)
             if write and ent is not None and not ent[1] and self.t.same_page(ent[0], cpfn) and readable:

@@ -442,6 +442,10 @@ class Teardown:
                             f"(step {self.closed_at}): flushed instead of disabled?",
                             location=_fn_location(getattr(self.driver, "unbind")))
 
+    def commit_suspects(self, st: Any, b: Any) -> Any:
+        """The pages of a range commit :meth:`on_commit` reports: all once the driver is closed, else none."""
+        return b.idx.tolist() if self.closed_at is not None else ()
+
     def on_commit(self, st: Any, va: int, pfn: int, write: bool) -> None:
         if self.closed_at is not None:
             self.engine.violate(self.name, f"device entry {va:#x} -> pfn {pfn:#x} committed after the driver "

@@ -185,11 +185,13 @@ def _get_zygote() -> Zygote | None:
             z = _zygote = Zygote()
         except OSError:
             return None
+        import atexit
+        atexit.register(shutdown_zygote)
     return z
 
 
 def shutdown_zygote() -> None:
-    """End this process's zygote (if any)."""
+    """End this process's zygote (if any) and wait for it (its CPU time counts as this process's children's)."""
     global _zygote
     if _zygote is not None:
         _zygote.close()

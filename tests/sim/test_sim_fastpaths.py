@@ -1,0 +1,144 @@
+"""The throughput paths give exactly what the reference paths give (issue 10.5).
+
+* ``cpu_leaf_range`` (a range of CPU translations read from the table rows at once) equals ``cpu_leaf`` page
+  by page, on every mapping kind the generator draws, before and after runs;
+* a device table programmed a range at a time (``DevicePageTable.commit_range``, the checks' vectorised
+  pre-checks) gives the same runs -- findings, messages, locations, stacks, steps -- as the same table
+  programmed page by page;
+* a reproducer's fresh replay forked from the worker's zygote judges as a new interpreter does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from hmmirror.drivers.device_mmu import DevicePageTable
+from hmmirror.sim.choices import SeededChoices
+from hmmirror.sim.invariants import cpu_leaf, cpu_leaf_range, default_invariants
+from hmmirror.sim.runner import SimRun, build_machine, run_scenario
+from hmmirror.sim.scenario import generate
+from hmmirror.sim.schedulers import PCTScheduler, RandomScheduler
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+K = 4096
+
+
+def _ranges(mm):
+    """Page ranges over every VMA: its start, middle and end (up to 600 pages each) and the gap after it."""
+    for vma in list(mm.vmas):
+        n = (vma.vm_end - vma.vm_start) // K
+        for first in {0, max(0, n // 2 - 300), max(0, n - 600)}:
+            yield vma.vm_start + first * K, min(600, n - first) + 3     # 3 pages past: the next VMA or a hole
+
+
+def _check_machine(machine) -> int:
+    pages = 0
+    for mm in machine.mms.values():
+        if mm.exited:
+            continue
+        for start, n in _ranges(mm):
+            pfn, rd, wr = cpu_leaf_range(mm, start, n)
+            want = [cpu_leaf(mm, start + i * K) for i in range(n)]
+            assert [(int(p), bool(r), bool(w)) for p, r, w in zip(pfn, rd, wr)] == want, (mm.name, hex(start))
+            pages += n
+    return pages
+
+
+class _Keep:
+    """An instrument that keeps the run (its machine) for the test."""
+
+    def attach(self, eng, run):
+        self.run = run
+
+
+@pytest.mark.parametrize("kernel", ["5.2", "6.18"])
+def test_cpu_leaf_range_equals_cpu_leaf(kernel):
+    pages = 0
+    for seed in range(10):
+        sc = generate(SeededChoices(seed), kernel, "builtin", inject=True)
+        pages += _check_machine(build_machine(sc, run=SimRun(sc)).machine)
+        keep = _Keep()
+        run_scenario(sc, RandomScheduler(SeededChoices(seed)), invariants=default_invariants() + [keep])
+        pages += _check_machine(keep.run.machine)
+    assert pages > 10000
+
+
+def _outcome(res):
+    return (res.steps, res.extra_findings, [(f.signature, f.message, f.step, f.task, f.stack, f.addr)
+                                            for f in res.findings])
+
+
+def _page_by_page(monkeypatch):
+    """The checks page by page (the reference): no range listener, no vectorised pre-checks."""
+    from hmmirror.sim import invariants
+
+    monkeypatch.setattr(invariants, "VECTORISED", False)
+
+
+def _runs(cases):
+    return [_outcome(run_scenario(sc, RandomScheduler(SeededChoices(s)) if s % 2 else
+                                  PCTScheduler(SeededChoices(s), 3, 2000), driver=drv() if drv else None,
+                                  record_trace=False)) for sc, s, drv in cases]
+
+
+def test_range_commits_give_the_runs_of_page_by_page_commits(monkeypatch):
+    """Generated runs of both profiles (5.2 seeds 63, 102 and 166 commit from a stale snapshot: coherence
+    findings at the commit), and a driver whose faults leave pages unmirrored (result_contract at the fault's
+    end): the same outcome with the vectorised checks as page by page."""
+    sys.path.insert(0, HERE)
+    import sim_toy_drivers as toy
+
+    cases = [(generate(SeededChoices(s), "5.2", "builtin"), s, None) for s in (63, 102, 166, 1, 2, 3, 4, 5, 6)]
+    cases += [(generate(SeededChoices(s), "6.18", "builtin", inject=True), s, None) for s in range(8)]
+    cases += [(generate(SeededChoices(s), "6.18", "builtin"), s, toy.ShortMirror) for s in range(6)]
+    fast = _runs(cases)
+    _page_by_page(monkeypatch)
+    ref = _runs(cases)
+    assert fast == ref
+    invs = {f[0].split("|")[0] for o in ref for f in o[2]}
+    assert {"coherence", "result_contract"} <= invs, invs
+
+
+def test_range_commits_report_the_coherence_reproducer_as_page_by_page(monkeypatch):
+    """The saved coherence finding (a commit from a stale snapshot): same finding, same stack, either way."""
+    from hmmirror.sim.replay import replay_file
+
+    path = os.path.join(ROOT, "docs", "sim-reproducers", "coherence-commit-194d3eea.toml")
+    fast = replay_file(path)
+    assert fast.reproduced
+    _page_by_page(monkeypatch)
+    assert _outcome(replay_file(path).result) == _outcome(fast.result)
+
+
+def test_zygote_replay_judges_as_a_new_interpreter(tmp_path):
+    import tomllib
+
+    from hmmirror.sim import verify
+
+    path = os.path.join(ROOT, "docs", "sim-reproducers", "report-null-deref-hmm-vma-do-fault-76ed78b4.toml")
+    with open(path, "rb") as fh:
+        sig = tomllib.load(fh)["finding"]["signature"]
+    try:
+        good = verify.replays_in_fresh_process(path, sig)
+        z = verify._zygote
+        assert z is not None and z.usable() and z.proc.pid != os.getpid()
+        bad = verify.replays_in_fresh_process(path, "coherence|nowhere|-")
+        assert verify._zygote is z                      # one zygote serves every replay of this process
+        assert good == verify.replays_in_new_interpreter(path, sig) and good.ok
+        assert bad == verify.replays_in_new_interpreter(path, "coherence|nowhere|-") and not bad.ok
+        assert bad.why == f"the fresh replay gave {sig}"
+        broken = tmp_path / "broken.toml"
+        broken.write_text("[sim]\nnot toml = = =\n")
+        v = verify.replays_in_fresh_process(str(broken), sig)
+        assert not v.ok and v.why.startswith("the fresh replay failed (exit 1)"), v
+        z.proc.kill()                                   # a dead zygote: the next replay starts another
+        z.proc.wait()
+        assert verify.replays_in_fresh_process(path, sig).ok
+        assert verify._zygote is not z
+    finally:
+        verify.shutdown_zygote()
+    _ = sys
