@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from hmmirror.live.guest import build, initramfs
-from hmmirror.live.guest.jobs import parse_tap
+from hmmirror.live.guest import vm
+from hmmirror.live.guest.jobs import parse_tap, selftest_names
 from hmmirror.live.guest.protocol import parse_output, plan
 from hmmirror.live.pagemap import KPF, PM_FILE, PM_MMAP_EXCLUSIVE, PM_PRESENT, PM_SWAP, PageIs
 from hmmirror.scenario import parse
@@ -228,6 +229,36 @@ not ok 3 hmm2.hmm2_device_private.migrate_mixed
         (2, "hmm", "hmm_device_coherent", "open_close", "skip"),
         (3, "hmm2", "hmm2_device_private", "migrate_mixed", "fail")]
     assert res[1].reason == "DEVICE_COHERENT not available"
+
+
+def test_selftest_names_as_the_harness_prints_them() -> None:
+    """kselftest_harness.h names a variant's test ``fixture.variant.test`` (``__run_test``: "%s%s%s.%s")."""
+    src = """FIXTURE(hmm) { int fd; };
+FIXTURE_VARIANT(hmm) { int device_number; };
+FIXTURE_VARIANT_ADD(hmm, hmm_device_private) { .device_number = 0, };
+FIXTURE_VARIANT_ADD(hmm, hmm_device_coherent) { .device_number = 2, };
+FIXTURE(hmm2) { int fd0; };
+FIXTURE_VARIANT_ADD(hmm2, hmm2_device_private) { };
+TEST_F(hmm, open_close) { }
+TEST_F(hmm2, snapshot) { }
+TEST_F(hmm, anon_read) { }
+TEST(plain) { }
+"""
+    assert selftest_names(src) == [
+        "hmm.hmm_device_private.open_close", "hmm.hmm_device_private.anon_read",
+        "hmm.hmm_device_coherent.open_close", "hmm.hmm_device_coherent.anon_read",
+        "hmm2.hmm2_device_private.snapshot"]
+
+
+def test_qemu_command_gives_test_hmm_its_device_coherent_memory(tmp_path: Path) -> None:
+    """The SPM chunks are reserved (``$``), apart from the pmem ranges and RAM below 3 GiB, and at least
+    test_hmm's DEVMEM_CHUNK_SIZE (256 MiB) each."""
+    art = build.Artifacts(tmp_path, tmp_path, "x", tmp_path)
+    append = vm.qemu_command(art, tmp_path / "i", tmp_path / "d")[-1]
+    (a0, s0), (a1, s1) = vm.SPM
+    assert f"memmap={s0}${a0:#x}" in append and f"memmap={s1}${a1:#x}" in append
+    assert f"test_hmm.spm_addr_dev0={a0:#x}" in append and f"test_hmm.spm_addr_dev1={a1:#x}" in append
+    assert min(a0, a1) >= 4 << 30 and abs(a1 - a0) >= 256 << 20 and s0 == s1 == "256M"
 
 
 def test_config_check_names_options_the_kernel_did_not_take() -> None:

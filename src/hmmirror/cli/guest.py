@@ -130,7 +130,8 @@ def build_cmd(force: bool, no_install: bool, as_json: bool) -> None:
 def selftest_cmd(as_json: bool, timeout: float) -> None:
     """Boot the guest and run the kernel's own tools/testing/selftests/mm/hmm-tests.c.
 
-    Exit code 0 when no test failed, 1 when one did (or the guest did not finish).
+    Exit code 0 when no test failed, 1 when one did, when a test of the source was never reported, or when
+    the guest did not finish.
     """
     from rich.console import Console
 
@@ -146,6 +147,10 @@ def selftest_cmd(as_json: bool, timeout: float) -> None:
 
     results, job = _interruptible(lambda: jobs.run_selftest(art, timeout, on_line))
     totals = {s: sum(1 for r in results if r.status == s) for s in ("pass", "skip", "fail")}
+    # a test the source defines but the harness never reported (a crash mid-run) counts as failed
+    reported = {r.name for r in results}
+    missing = [n for n in jobs.expected_selftests(art) if n not in reported]
+    totals["missing"] = len(missing)
     if not results:
         _fail(1, "hmm-tests printed no results; last console lines:\n" +
               "\n".join(job.console.splitlines()[-15:]))
@@ -153,7 +158,7 @@ def selftest_cmd(as_json: bool, timeout: float) -> None:
     if as_json:
         click.echo(json.dumps({"kernel": manifest.get("kernel_release"), "accel": job.accel,
                                "seconds": round(job.seconds, 1), "totals": totals,
-                               "tests": [r.to_json() for r in results]}, indent=1))
+                               "tests": [r.to_json() for r in results], "missing": missing}, indent=1))
     else:
         from rich.table import Table
 
@@ -163,8 +168,9 @@ def selftest_cmd(as_json: bool, timeout: float) -> None:
         for r in results:
             t.add_row(str(r.number), r.test, r.variant, f"[{style[r.status]}]{r.status}[/]", r.reason)
         Console().print(t)
-        click.echo(f"{totals['pass']} pass, {totals['skip']} skip, {totals['fail']} fail")
-    sys.exit(1 if totals["fail"] else 0)
+        click.echo(f"{totals['pass']} pass, {totals['skip']} skip, {totals['fail']} fail"
+                   + (f", {len(missing)} never reported: {' '.join(missing)}" if missing else ""))
+    sys.exit(1 if totals["fail"] or missing else 0)
 
 
 @command.command("run")

@@ -142,3 +142,27 @@ def run_selftest(art: Artifacts, timeout: float = 900.0,
               "/bin/hmm-tests 2>&1 | tee /tmp/results\necho \"HMMG: hmm-tests rc=$?\"\n")
     job = vm.run_job(art, {"/job/run.sh": run_sh}, timeout, on_line)
     return parse_tap(job.results), job
+
+
+_VARIANT_RE = re.compile(r"^FIXTURE_VARIANT_ADD\(\s*(\w+)\s*,\s*(\w+)\s*\)", re.M)
+_TEST_F_RE = re.compile(r"^TEST_F(?:_TIMEOUT)?\(\s*(\w+)\s*,\s*(\w+)\s*[,)]", re.M)
+
+
+def selftest_names(source: str) -> list[str]:
+    """Every test name the kselftest harness prints for hmm-tests.c ``source``: ``fixture.variant.test`` for
+    each ``TEST_F`` of a fixture with variants (``fixture.test`` without), in the file's order per variant."""
+    variants: dict[str, list[str]] = {}
+    for fixture, variant in _VARIANT_RE.findall(source):
+        variants.setdefault(fixture, []).append(variant)
+    out = []
+    tests = _TEST_F_RE.findall(source)
+    for fixture in dict.fromkeys(f for f, _t in tests):
+        for variant in variants.get(fixture, [None]):
+            out += [f"{fixture}.{variant}.{t}" if variant else f"{fixture}.{t}" for f, t in tests if f == fixture]
+    return out
+
+
+def expected_selftests(art: Artifacts) -> list[str]:
+    """:func:`selftest_names` of the hmm-tests.c the guest's ``hmm-tests`` was built from."""
+    path = art.source_dir / "tools/testing/selftests/mm/hmm-tests.c"
+    return selftest_names(path.read_text(errors="replace"))

@@ -5,10 +5,16 @@ serial console (QEMU's stdout) carries the kernel log and ``HMMG:`` progress lin
 ``on_console`` as they arrive.  QEMU runs in its own process group and is killed (group-wide) on timeout,
 on an exception and on KeyboardInterrupt; the temporary directory is always removed.
 
-Guest memory map (``-m 3G``): three emulated pmem ranges (``memmap=SIZE!START``, kept apart so the e820
-table does not merge them): ``/dev/pmem0`` 512 MiB for ext4 with ``-o dax``, ``/dev/pmem1`` 256 MiB for
-ext4 without DAX (an ordinary page-cache filesystem), ``/dev/pmem2`` 256 MiB for device-dax, ``/dev/pmem3``
-320 MiB for xfs (mkfs.xfs refuses less than 300 MB).
+Guest memory map (``-m 3584M``: QEMU's pc machine puts 3 GiB below 4 GiB and 512 MiB at 4 GiB): four emulated
+pmem ranges (``memmap=SIZE!START``, kept apart so the e820 table does not merge them): ``/dev/pmem0`` 512 MiB
+for ext4 with ``-o dax``, ``/dev/pmem1`` 256 MiB for ext4 without DAX (an ordinary page-cache filesystem),
+``/dev/pmem2`` 256 MiB for device-dax, ``/dev/pmem3`` 320 MiB for xfs (mkfs.xfs refuses less than 300 MB).
+The 512 MiB above 4 GiB is reserved (``memmap=SIZE$START``) and handed to test_hmm as its two
+special-purpose-memory chunks (``test_hmm.spm_addr_dev0/1``, 256 MiB = ``DEVMEM_CHUNK_SIZE`` each): with
+them the module also creates the device-coherent ``/dev/hmm_dmirror2`` and ``3``, so hmm-tests' ``*_device_coherent``
+variants run instead of skipping.  test_hmm maps a chunk with ``memremap_pages(MEMORY_DEVICE_COHERENT)``,
+which only requires that the range is not System RAM; the reserved e820 range is real guest RAM that the
+kernel never uses.  (Should that module init fail, test_hmm creates no device at all.)
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from hmmirror.live.guest.build import Artifacts
 #: ``(device, size, start)`` of the emulated pmem ranges, in the order the guest numbers them.
 PMEM = (("/dev/pmem0", "512M", "1G"), ("/dev/pmem1", "256M", "1600M"), ("/dev/pmem2", "256M", "1920M"),
         ("/dev/pmem3", "320M", "2240M"))
-MEMORY = "3G"
+MEMORY = "3584M"
+#: ``(start, size)`` of test_hmm's two device-coherent chunks, reserved e820 RAM above 4 GiB.
+SPM = ((0x100000000, "256M"), (0x110000000, "256M"))
 RESULTS_DISK = 1 << 30          # sparse: only what the guest writes takes space
 BOOT_ARGS = ("console=ttyS0 loglevel=4 panic=-1 default_hugepagesz=2M hugepagesz=2M hugepagesz=1G "
              "transparent_hugepage=madvise")
@@ -83,6 +91,8 @@ def accel_args() -> list[str]:
 def qemu_command(art: Artifacts, initrd: Path, disk: Path, extra_args: str = "") -> list[str]:
     """The QEMU command line of one boot."""
     memmap = " ".join(f"memmap={size}!{start}" for _dev, size, start in PMEM)
+    memmap += "".join(f" memmap={size}${start:#x}" for start, size in SPM)
+    memmap += f" test_hmm.spm_addr_dev0={SPM[0][0]:#x} test_hmm.spm_addr_dev1={SPM[1][0]:#x}"
     append = f"{BOOT_ARGS} {memmap} {extra_args}".strip()
     return ["qemu-system-x86_64", *accel_args(), "-m", MEMORY, "-smp", "1", "-nodefaults",
             "-no-reboot", "-display", "none", "-serial", "stdio", "-kernel", str(art.bzimage), "-initrd",
