@@ -104,3 +104,12 @@ def test_flags_fail_alloc():
     assert pte_to_swp_entry(entry(p, a + PAGE_SIZE)).type == SwpType.SWP_DEVICE_PRIVATE_WRITE
     assert fd.dmirror.flags == 0                                 # one-shot
     assert check_counts(m) == []
+
+
+def test_the_6_12_profile_has_these_values():
+    """The 6.12 profile (the guest's kernel) carries the device fields the tests above switch on."""
+    from hmmirror.profiles import get_profile
+
+    p = get_profile("6.12")
+    assert (p.device_private_free_at_zero, p.do_swap_page_device_lock, p.make_device_exclusive_single,
+            p.dmirror_release_evicts, p.dmirror_flags_ioctl) == (True, False, False, True, False)
