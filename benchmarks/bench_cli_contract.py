@@ -15,6 +15,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +42,8 @@ def main() -> int:
     kinds: collections.Counter[str] = collections.Counter()
     problems: list[dict[str, object]] = []
     tmp_root = Path(tempfile.mkdtemp(prefix="hmmirror-contract-"))
+    os.chdir(tmp_root)              # every case also chdirs into its own directory (run_case): random output
+    #                                 paths never land where the script was started (a repository, say)
     n = [0]
     t0 = time.time()
 
@@ -71,7 +74,8 @@ def main() -> int:
                "exit_codes": dict(sorted(codes.items())), "mutations": dict(sorted(kinds.items())),
                "violation_kinds": dict(collections.Counter(p["problem"].split(":")[0] for p in problems))}  # type: ignore[union-attr]
     print(json.dumps(summary, indent=1))
-    os.system(f"rm -rf '{tmp_root}'")
+    os.chdir("/")
+    shutil.rmtree(tmp_root, ignore_errors=True)
     return 1 if problems else 0
 
 
