@@ -6,7 +6,9 @@ Mapping (hmm-modern.md §7; the full list with statuses is docs/hmm-tests-status
 * The kselftest fixture ``hmm`` opens ``/dev/hmm_dmirror0`` (``hmm2``: dmirror0 and dmirror1) in the test
   process; here a :class:`~hmmirror.process.Process` of a 6.18 :class:`~hmmirror.machine.Machine` opens them
   with :func:`~hmmirror.drivers.test_hmm.hmm_open`.  Only the ``hmm_device_private`` variants are ported: the
-  ``*_device_coherent`` variants SKIP in the kernel suite without SPM memory (``spm_addr_dev0/1``).
+  ``*_device_coherent`` variants need device-coherent memory, which the model does not have (the kernel suite
+  SKIPs them without SPM memory, ``spm_addr_dev0/1``).  hmm_ports.py runs these ports test by test under the
+  harness's names.
 * ``struct hmm_buffer`` is :class:`HmmBuffer`: ``ptr`` is a mapping of the process; ``mirror`` (a malloc'ed
   buffer in the C test) is a Python ``bytearray`` handed to the driver as ``cmd.ptr`` — the driver copies pages
   between the process's frames and it, as ``copy_to_user`` / ``copy_from_user`` do.
@@ -107,10 +109,21 @@ def require(module: str) -> None:
 
 
 @pytest.fixture(params=["6.18", "6.12"])
-def machine(request) -> Machine:
+def kernel(request) -> str:
     """The 6.18 profile (the model's reference) and 6.12 (the guest's kernel: the C tests' own values hold
     for both)."""
-    m = Machine(request.param, ram=512 << 20)
+    return request.param
+
+
+def new_machine(kernel: str, **kw) -> Machine:
+    """The machine every port runs on (``kw``: huge pages reserved as by HUGETLB_SETUP_DEFAULT_PAGES)."""
+    kw.setdefault("ram", 512 << 20)
+    return Machine(kernel, **kw)
+
+
+@pytest.fixture
+def machine(kernel) -> Machine:
+    m = new_machine(kernel)
     yield m
     # derived (the model's own check, not the C test's): page counts stay exact through every test,
     # migrations and device-exclusive entries included
@@ -315,14 +328,14 @@ def test_anon_write_huge(proc, fd, machine):
     assert set(snap.mirror) == {HMM_DMIRROR_PROT_WRITE | HMM_DMIRROR_PROT_PMD}
 
 
-def test_anon_write_hugetlbfs():
+def test_anon_write_hugetlbfs(kernel):
     """Write huge TLBFS page (HUGETLB_SETUP_DEFAULT_PAGES(1): one free default-size (2 MiB) huge page).
 
     The 1 GiB default-size variant is covered by test_compound only (a 1 GiB WRITE would move 1 GiB of data).
     """
     require("hmmirror.mm.hugetlb")
     hsize = PMD_SIZE
-    m = Machine("6.18", ram=512 << 20, hugepages_2m=1)
+    m = new_machine(kernel, hugepages_2m=1)
     proc = m.spawn("hmm-tests")
     fd = hmm_open(proc, 0)
     size = -(-(2 << 20) // hsize) * hsize                  # ALIGN(TWOMEG, default_hsize)
@@ -544,11 +557,11 @@ def test_snapshot(proc, fds):
 
 
 @pytest.mark.parametrize("hsize", [PMD_SIZE, 1 << 30], ids=["2M", "1G"])
-def test_compound(hsize):
+def test_compound(kernel, hsize):
     """Test hmm_range_fault() handling of large pages (PMD or PUD) mapped by a large page-table entry."""
     require("hmmirror.mm.hugetlb")
     require("hmmirror.mm.mprotect")
-    m = Machine("6.18", ram=2 << 30, hugepages_2m=int(hsize == PMD_SIZE), hugepages_1g=int(hsize != PMD_SIZE))
+    m = new_machine(kernel, ram=2 << 30, hugepages_2m=int(hsize == PMD_SIZE), hugepages_1g=int(hsize != PMD_SIZE))
     proc = m.spawn("hmm-tests")
     fd = hmm_open(proc, 0)
     size = -(-(2 << 20) // hsize) * hsize                  # ALIGN(TWOMEG, default_hsize)
