@@ -102,7 +102,11 @@ def test_back_on_cpu_fault(m, p, fd):
     assert p.read_bytes(a + PAGE_SIZE, PAGE_SIZE) == pattern(N, 7)[PAGE_SIZE:2 * PAGE_SIZE]
     e1 = entry(p, a + PAGE_SIZE)
     assert x86.pte_present(e1) and x86.pte_write(e1)              # a writable device page comes back writable
-    assert int(m.mem.mapcount[x86.pte_pfn(e1)]) == 1 and m.mem.flags[x86.pte_pfn(e1)] & PG.anon
+    new = x86.pte_pfn(e1)
+    assert new < m.mem.nr_ram and m.mem.flags[new] & PG.anon
+    assert (int(m.mem.refcount[new]), int(m.mem.mapcount[new])) == (1, 1)   # mapped once, no other holder
+    assert not m.mem.flags[new] & PG.locked
+    assert m.mem.read(new) == pattern(N, 7)[PAGE_SIZE:2 * PAGE_SIZE]
     assert int(m.mem.refcount[dpages[1]]) == 0                    # the device page is free again...
     assert dev.cfree == cfree + 1                                 # ... and back on the driver's list
     assert int(m.counters["dmirror_devmem_fault"]) == 1
@@ -119,12 +123,18 @@ def test_eviction(m, p, fd):
     a = p.mmap(N * PAGE_SIZE, "rw")
     p.write_bytes(a, pattern(N, 3))
     assert migrate_to_dev(fd, a, N)[0] == 0
-    pgmap = m.pgmap_of(pte_to_swp_entry(entry(p, a)).offset)
+    dpages = [pte_to_swp_entry(entry(p, a + i * PAGE_SIZE)).offset for i in range(N)]
+    pgmap = m.pgmap_of(dpages[0])
     mark = len(m.events)
     assert fd.ioctl("RELEASE", HmmDmirrorCmd(a, None, N)) == 0
     for i in range(N):
         e = entry(p, a + i * PAGE_SIZE)
         assert x86.pte_present(e) and x86.pte_write(e) and x86.pte_pfn(e) < m.mem.nr_ram
+        new = x86.pte_pfn(e)
+        assert (int(m.mem.refcount[new]), int(m.mem.mapcount[new])) == (1, 1) and m.mem.flags[new] & PG.anon
+        assert not m.mem.flags[new] & PG.locked
+        assert int(m.mem.refcount[dpages[i]]) == 0                # every device page was put to zero (page_free)
+    assert int(m.counters["free_zone_device_folio"]) >= N
     inv = events_since(m, mark)
     assert [e["event"] for e in inv] == ["CLEAR"] * N             # try_to_migrate(): one per page, no owner
     assert all("owner" not in e for e in inv)
@@ -152,8 +162,18 @@ def test_exclusive_and_restore(m, p, fd):
     e2 = entry(p, a + 2 * PAGE_SIZE)
     assert x86.pte_present(e2) and x86.pte_write(e2) and x86.pte_pfn(e2) == pfns[2]
     assert [(e["event"], e.get("owner")) for e in events_since(m, mark)] == [("EXCLUSIVE", None)]
+    assert (int(m.mem.refcount[pfns[2]]), int(m.mem.mapcount[pfns[2]])) == (1, 1)   # same page, same counts
+    assert not m.mem.flags[pfns[2]] & PG.locked
     # dmirror_do_update() erases [start >> 12, end >> 12] inclusive: pages 2 and 3 leave the device table
     assert [(va - a) // PAGE_SIZE for va, _, tag in fd.pt_entries() if tag == "atomic"] == [0, 1]
+    want = bytearray(pattern(N, 11))
+    want[2 * PAGE_SIZE] = 1
+    assert p.read_bytes(a, N * PAGE_SIZE) == bytes(want)        # the store landed in the same page; the read
+    for i in range(N):                                          # restored the other entries to the same pages
+        e = entry(p, a + i * PAGE_SIZE)
+        assert x86.pte_present(e) and x86.pte_pfn(e) == pfns[i]
+        assert (int(m.mem.refcount[pfns[i]]), int(m.mem.mapcount[pfns[i]])) == (1, 1)
+    assert [tag for _va, _, tag in fd.pt_entries() if tag == "atomic"] == []
     assert check_counts(m) == []
 
 
@@ -192,8 +212,19 @@ def test_file_page_refused(m, p, fd):
     before = p.read_bytes(a, N * PAGE_SIZE)
     ents = [entry(p, a + i * PAGE_SIZE) for i in range(N)]
     refs = [int(m.mem.refcount[x86.pte_pfn(e)]) for e in ents]
+    mark = len(m.events)
     ret, cmd, _ = migrate_to_dev(fd, a, N)
     assert ret == -ENOENT
+    dev = fd.device
+    # collected and unmapped under one MIGRATE invalidation with the device's owner (page->mapping is set, so
+    # migrate_vma_collect_pmd() takes it), which dmirror ignores; nothing else is invalidated
+    assert [(e["event"], e.get("owner")) for e in events_since(m, mark)] == [("MIGRATE", dev.path)]
+    assert [e.get("skipped") for e in events_since(m, mark, "dmirror_invalidate")] == [True]
+    # the device pages allocated for the copy were put back by migrate_vma_finalize(): all free again
+    assert dev.calloc == N and dev.free_count() == sum(c.pgmap.nr_pages for c in dev.devmem_chunks)
+    for c in dev.devmem_chunks:
+        lo, hi = c.pgmap.res.start, c.pgmap.res.end
+        assert not m.mem.refcount[lo:hi].any()
     for i in range(N):
         e = entry(p, a + i * PAGE_SIZE)
         assert x86.pte_present(e) and x86.pte_pfn(e) == x86.pte_pfn(ents[i]) and not x86.pte_write(e)
