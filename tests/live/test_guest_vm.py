@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hmmirror.live.guest import GUEST_PROFILE, build, jobs, vm
+from hmmirror.live.guest import build, jobs, vm
 from hmmirror.scenario import parse
 
 pytestmark = [pytest.mark.live, pytest.mark.xdist_group("guest")]
@@ -214,10 +214,269 @@ length = "4K"
 """
 
 
+#: Every op kind of the scenario language the player knows (protocol.PLAIN_OPS + DMIRROR_OPS) and every
+#: mapping kind the issue names (anon, file, shmem, fs-DAX is in KERNEL_FACTS, hugetlb, device-dax), each once,
+#: with the kernel's documented outcome asserted in test_player_runs_every_op_kind_in_the_guest.
+EVERY_OP = """
+title = "every op kind"
+[machine]
+hugepages_2m = 2
+[[machine.pmem]]
+name = "pmem0"
+size = "64M"
+mode = "devdax"
+align = "2M"
+[[machine.fs]]
+mount = "/mnt/t"
+type = "tmpfs"
+[[file]]
+path = "/mnt/t/f"
+size = "64K"
+content = "data"
+
+[[op]]
+op = "mmap"
+as = "a"
+length = "64K"
+[[op]]
+op = "touch"
+addr = "a"
+length = "64K"
+access = "write"
+fill = "index32"
+[[op]]
+op = "dmirror_open"
+[[op]]
+op = "dmirror_migrate_to_dev"
+addr = "a"
+length = "16K"
+fill = "index32"
+[[op]]
+op = "inspect"
+addr = "a"
+length = "16K"
+[[op]]
+op = "dmirror_migrate_to_sys"
+addr = "a"
+length = "16K"
+[[op]]
+op = "dmirror_exclusive"
+addr = "a"
+length = "16K"
+fill = "index32"
+[[op]]
+op = "inspect"
+addr = "a"
+length = "16K"
+[[op]]
+op = "dmirror_check_exclusive"
+addr = "a"
+length = "16K"
+[[op]]
+op = "touch"
+addr = "a"
+length = "16K"
+access = "write"
+fill = "index32"
+[[op]]
+op = "dmirror_check_exclusive"
+addr = "a"
+length = "16K"
+[[op]]
+op = "check"
+addr = "a"
+length = "64K"
+fill = "index32"
+[[op]]
+op = "dmirror_flags"
+flags = 1
+[[op]]
+op = "gup_test"
+addr = "a"
+length = "16K"
+[[op]]
+op = "mprotect"
+addr = "a+48K"
+length = "16K"
+prot = "r"
+[[op]]
+op = "touch"
+addr = "a+48K"
+length = "4K"
+access = "write"
+[[op]]
+op = "fork"
+child = "c"
+[[op]]
+op = "touch"
+proc = "c"
+addr = "a"
+length = "4K"
+access = "write"
+[[op]]
+op = "inspect"
+addr = "a"
+length = "4K"
+[[op]]
+op = "exit"
+proc = "c"
+[[op]]
+op = "mmap"
+as = "h"
+length = "2M"
+flags = ["private", "anonymous", "hugetlb"]
+[[op]]
+op = "touch"
+addr = "h"
+length = "4K"
+access = "write"
+[[op]]
+op = "mmap"
+as = "f"
+file = "/mnt/t/f"
+length = "64K"
+flags = ["shared"]
+[[op]]
+op = "touch"
+addr = "f"
+length = "64K"
+access = "read"
+[[op]]
+op = "truncate"
+file = "/mnt/t/f"
+size = "16K"
+[[op]]
+op = "touch"
+addr = "f+32K"
+length = "4K"
+access = "read"
+[[op]]
+op = "mmap"
+as = "s"
+length = "16K"
+flags = ["shared", "anonymous"]
+[[op]]
+op = "touch"
+addr = "s"
+length = "16K"
+access = "write"
+[[op]]
+op = "madvise"
+addr = "s"
+length = "8K"
+advice = "dontneed"
+[[op]]
+op = "mmap"
+as = "d"
+file = "/dev/dax0.0"
+length = "2M"
+flags = ["shared"]
+align = "2M"
+[[op]]
+op = "touch"
+addr = "d"
+length = "4K"
+access = "write"
+[[op]]
+op = "inspect"
+addr = "h"
+length = "4K"
+[[op]]
+op = "inspect"
+addr = "f"
+length = "32K"
+[[op]]
+op = "inspect"
+addr = "s"
+length = "16K"
+[[op]]
+op = "inspect"
+addr = "d"
+length = "4K"
+[[op]]
+op = "dmirror_migrate_to_dev"
+addr = "a"
+length = "4K"
+[[op]]
+op = "dmirror_release"
+[[op]]
+op = "inspect"
+addr = "a"
+length = "4K"
+[[op]]
+op = "dmirror_snapshot"
+addr = "d"
+length = "8K"
+[[op]]
+op = "dmirror_write"
+addr = "a"
+length = "8K"
+[[op]]
+op = "dmirror_read"
+addr = "a"
+length = "8K"
+fill = "index32"
+[[op]]
+op = "dmirror_close"
+[[op]]
+op = "munmap"
+addr = "a"
+length = "64K"
+[[op]]
+op = "touch"
+addr = "a"
+length = "4K"
+access = "read"
+"""
+
+
 @pytest.fixture(scope="session")
 def facts(guest: build.Artifacts) -> jobs.ScenarioRun:
-    """KERNEL_FACTS played in the guest once (one boot for the tests below)."""
-    return jobs.run_scenarios(guest, [("facts", parse(KERNEL_FACTS, "facts.toml"))])
+    """KERNEL_FACTS and EVERY_OP played in the guest once (one boot for the tests below)."""
+    return jobs.run_scenarios(guest, [("facts", parse(KERNEL_FACTS, "facts.toml")),
+                                      ("every_op", parse(EVERY_OP, "every_op.toml"))])
+
+
+def test_player_runs_every_op_kind_in_the_guest(facts: jobs.ScenarioRun) -> None:
+    """Each op kind once, with what the 6.12 kernel documents: migration to device-private memory and back
+    (cpages, swap-format device entries), device-exclusive entries and their restore by a CPU write
+    (CHECK_EXCLUSIVE -EPERM, then 0), no FLAGS ioctl in 6.12 (-EINVAL), a write to a read-only range
+    (SIGSEGV), a read past EOF after truncate (SIGBUS), hugetlb/device-dax PMD leaves, RELEASE evicting
+    device memory back to anonymous pages, and a read after munmap (SIGSEGV)."""
+    from hmmirror.live.guest.protocol import DMIRROR_OPS, PLAIN_OPS
+
+    plan = facts.plans["every_op"]
+    assert plan.skip is None and not plan.unsupported, (plan.skip, plan.unsupported)
+    assert facts.devdax is True
+    res = facts.results["every_op"]
+    assert res.complete and not res.errors, res.errors
+    played = {r.op for r in res.records} | {r.op for r in facts.results["facts"].records}
+    assert played >= set(PLAIN_OPS) | set(DMIRROR_OPS)
+    rec = {r.index: r for r in res.records}
+    out = {i: (r.ok, r.errno, r.signal) for i, r in rec.items()}
+    fails = {i: o for i, o in out.items() if not o[0]}
+    assert fails == {8: (False, "EPERM", None), 12: (False, "EINVAL", None), 15: (False, "EFAULT", "SIGSEGV"),
+                     25: (False, "EFAULT", "SIGBUS"), 43: (False, "EFAULT", "SIGSEGV")}, \
+        [(r.index, r.op, r.errno, r.note) for r in res.records if not r.ok]
+    assert rec[1].ret == 16 and rec[11].ret == 0                      # touched 16 pages; data intact
+    assert (rec[3].extra["cpages"], rec[3].extra["bad_pages"]) == (4, 0)
+    assert [p.kind for p in rec[4].pages] == ["device_private"] * 4
+    assert rec[5].extra["cpages"] == 4
+    assert (rec[6].extra["cpages"], rec[6].extra["bad_pages"]) == (4, 0)
+    assert [p.kind for p in rec[7].pages] == ["device_exclusive"] * 4
+    assert (rec[10].ok, rec[10].ret) == (True, 0)
+    assert [(p.kind, p.present) for p in rec[18].pages] == [("anon", True)]    # the parent's page after fork
+    assert [(p.kind, p.level, p.huge) for p in rec[31].pages] == [("hugetlb", "pmd", True)]
+    f = rec[32].pages                                                 # truncated to 16K: pages 4-7 gone
+    assert [p.present for p in f[:4]] == [True] * 4 and [p.present for p in f[4:]] == [False] * 4
+    assert [(p.kind, p.present) for p in rec[33].pages] == [("none", False)] * 2 + [("shmem", True)] * 2
+    assert [(p.kind, p.level, p.huge) for p in rec[34].pages] == [("devmap", "pmd", True)]
+    assert rec[35].extra["cpages"] == 1
+    assert [(p.kind, p.present) for p in rec[37].pages] == [("anon", True)]   # RELEASE evicted it
+    # device-dax PMD, written: PMD|WRITE; the tail page reads 0x56 in 6.12 (docs/fidelity.md: page->pgmap
+    # of a tail page aliases compound_head, so dmirror_mkentry() sees a DEVICE_COHERENT pgmap type)
+    assert rec[38].extra["snapshot"] == [0x06, 0x56]
+    assert (rec[40].extra["cpages"], rec[40].extra["bad_pages"]) == (2, 0)
 
 
 def test_scenario_in_the_guest_shows_the_kernels_behaviour(facts: jobs.ScenarioRun) -> None:
@@ -254,11 +513,15 @@ def test_crosscheck_against_the_guest(facts: jobs.ScenarioRun) -> None:
     assert report.by_field["snapshot"] == [8, 8] and report.by_field["dmirror"][1] >= 7
     assert report.pages == 4 and not report.crashes
     found = [(d.op_index, d.page, d.field, d.model, d.real) for d in report.disagreements]
-    if info["profile"] != GUEST_PROFILE:
-        # fs-DAX pagemap bits differ between 6.18 (the fallback) and the guest's 6.12 (docs/fidelity.md)
-        assert {f for _o, _p, f, _m, _r in found} <= {"exclusive", "file"}
-        pytest.xfail(f"the model has no {GUEST_PROFILE} profile yet; compared with {info['profile']}: {found}")
     assert found == []
+    # every op kind: device migration, exclusive entries, RELEASE, hugetlb, truncate, device-dax
+    report = Report()
+    compare_scenario(parse(EVERY_OP, "every_op.toml"), facts.plans["every_op"], facts.results["every_op"],
+                     report, info["profile"])
+    assert report.scenarios == 1 and not report.crashes, report.skipped
+    assert report.by_field["errno"] == [44, 44] and report.by_field["dmirror"][1] >= 10
+    assert report.pages == 24 and report.by_field["snapshot"] == [2, 2]
+    assert [(d.op_index, d.page, d.field, d.model, d.real) for d in report.disagreements] == []
 
 
 # --- clean-up -------------------------------------------------------------------------------------------------
