@@ -1,30 +1,46 @@
-"""Campaign throughput, this tree against a baseline commit, side by side on the same machine in one run.
+"""Campaign throughput, two commits side by side on the same machine in one run, measured in CPU time.
 
-    python benchmarks/bench_campaign_throughput.py                       # baseline 8a13503, 5.2, 3 x 60 s
-    python benchmarks/bench_campaign_throughput.py --seconds 30 --seeds 5,6 --baseline main
+    nice python benchmarks/bench_campaign_throughput.py                    # baseline 8a13503 vs HEAD, 5.2
+    nice python benchmarks/bench_campaign_throughput.py --seconds 60 --seeds 9101,9102,9103 --reps 2
+    nice python benchmarks/bench_campaign_throughput.py --current WORKTREE   # uncommitted work of a tree
 
-The baseline commit is checked out with ``git worktree add --detach`` into a temporary directory (removed at the
-end); both trees run from their ``src`` through ``PYTHONPATH`` (ahead of any installed hmmirror).  Two
-workloads, each run for both trees in alternation (baseline, current, baseline, current, ...) so that both
-see the same machine load:
+Both sides are checked out with ``git worktree add --detach`` into a temporary directory (removed at the end;
+``--current`` may also name a directory, used as it is), and run from their ``src`` through ``PYTHONPATH``
+(ahead of any installed hmmirror), so editing the tree while the benchmark runs does not change what it
+measures.
 
-1. **campaign** -- ``hmmirror fuzz --kernel K --jobs 1 --seconds S --seed N --json`` per seed: steps/s per
-   worker = the steps the campaign reports over its ``--seconds`` (the issue's measure).  Each tree's own
-   campaign draws its own scenarios (the generator has grown since the baseline), so this is what a user sees.
+The machine is shared (2 CPUs, other jobs): a campaign bounded by ``--seconds`` of wall time gets whatever CPU
+the others leave it, so steps per wall second measure the load more than the code.  Here every run's cost is
+its **CPU time**: the user + system time of the whole process tree (coordinator, worker, fresh-replay
+processes), read from ``getrusage(RUSAGE_CHILDREN)`` around the run; this process is a child sub-reaper
+(``PR_SET_CHILD_SUBREAPER``) and reaps every orphan before reading it, so no descendant's time is lost.
+The two sides alternate run by run, the order flipping every repetition (baseline first, then current first),
+so both see the same load; every (workload, seed) is repeated ``--reps`` times; the table gives the median
+and the spread (min-max) of the per-pair ratios.
+
+Workloads:
+
+1. **campaign** -- ``hmmirror fuzz --kernel K --jobs 1 --seconds S --seed N --json`` per seed: steps per
+   CPU-second of the campaign's process tree = the issue's "steps/s per worker" with the load taken out
+   (``--jobs 1``: one worker).  Each tree draws its own scenarios (the generator has grown since the
+   baseline): this is what a user's campaign does, shrinking and fresh-process verification included.
 2. **fixed** -- the same scenarios for both: ``--scenarios`` scenarios drawn by the *baseline's* generator
    (seeded), saved as scenario files, each run by both trees under the seeded per-step random scheduler with
-   every invariant: steps/s of the model, engine and invariants on identical input.
+   every invariant; the cost is the run loop's ``time.process_time()`` (steps per CPU-second of the model,
+   engine and invariants on identical input).
 
-The machine's load average is printed before and after (the machine is shared: only the ratio measured in
-one run means anything).  Output: a table, and ``--json FILE`` for the numbers.
+The load average is printed before and after.  Output: a table, and ``--json FILE`` for every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,24 +66,57 @@ from hmmirror.sim.choices import SeededChoices
 from hmmirror.sim.runner import run_scenario
 from hmmirror.sim.scenario import SimScenario
 from hmmirror.sim.schedulers import RandomScheduler
-steps = runs = 0
-t0 = time.perf_counter()
+scs = []
 for path in sys.argv[1:]:
     with open(path, "rb") as fh:
-        sc = SimScenario.from_doc(tomllib.load(fh))
-    seed = int(sc.scheduler["seed"])
-    res = run_scenario(sc, RandomScheduler(SeededChoices(seed)))
+        scs.append(SimScenario.from_doc(tomllib.load(fh)))
+steps = runs = 0
+c0, t0 = time.process_time(), time.perf_counter()
+for sc in scs:
+    res = run_scenario(sc, RandomScheduler(SeededChoices(int(sc.scheduler["seed"]))))
     steps += res.steps
     runs += 1
-print(json.dumps({"runs": runs, "steps": steps, "seconds": time.perf_counter() - t0}))
+print(json.dumps({"runs": runs, "steps": steps, "cpu": time.process_time() - c0,
+                  "wall": time.perf_counter() - t0}))
 """
 
+PR_SET_CHILD_SUBREAPER = 36
 
-def sh(cmd: list[str], cwd: str | None = None, env: dict[str, str] | None = None, timeout: float = 3600) -> str:
+
+def become_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_all() -> None:
+    """Wait for every descendant left to this (sub-reaper) process, so that its CPU time is counted."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def sh(cmd: list[str], cwd: str | None = None, env: dict[str, str] | None = None,
+       timeout: float = 3600) -> tuple[str, float, float]:
+    """Run ``cmd``; its stdout, the CPU time of its whole process tree and its wall time."""
+    c0, t0 = children_cpu(), time.perf_counter()
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    reap_all()
+    cpu, wall = children_cpu() - c0, time.perf_counter() - t0
     if r.returncode not in (0, 1):            # fuzz exits 1 when it found something
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return r.stdout
+    return r.stdout, cpu, wall
 
 
 def env_for(src: str) -> dict[str, str]:
@@ -77,84 +126,121 @@ def env_for(src: str) -> dict[str, str]:
     return env
 
 
-def campaign(tree: str, kernel: str, seconds: float, seed: int, work: str, tag: str) -> dict[str, float]:
-    fd = os.path.join(work, f"findings-{tag}-{seed}")
-    t0 = time.time()
-    out = sh([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--kernel", kernel, "--jobs", "1", "--seconds",
-              str(seconds), "--seed", str(seed), "--json", "--findings", fd], cwd=work, env=env_for(tree))
-    wall = time.time() - t0
+def campaign(tree: str, kernel: str, seconds: float, seed: int, work: str, tag: str, rep: int) -> dict[str, float]:
+    fd = os.path.join(work, f"findings-{tag}-{seed}-{rep}")
+    out, cpu, wall = sh([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--kernel", kernel, "--jobs", "1",
+                         "--seconds", str(seconds), "--seed", str(seed), "--json", "--findings", fd],
+                        cwd=work, env=env_for(tree))
     doc = json.loads(out.strip().splitlines()[-1])
-    return {"runs": doc["runs"], "steps": doc["steps"], "wall": wall, "steps_per_s": doc["steps"] / seconds,
-            "runs_per_s": doc["runs"] / seconds}
+    return {"runs": doc["runs"], "steps": doc["steps"], "cpu": cpu, "wall": wall,
+            "steps_per_cpu_s": doc["steps"] / max(cpu, 1e-9), "steps_per_s": doc["steps"] / seconds,
+            "findings": len(doc.get("findings", []))}
+
+
+def checkout(rev: str, work: str, name: str) -> tuple[str, str]:
+    """A directory holding ``rev``'s tree (a worktree), or ``rev`` itself when it is a directory."""
+    if os.path.isdir(rev):
+        return os.path.abspath(rev), "worktree " + os.path.abspath(rev)
+    d = os.path.join(work, name)
+    sh(["git", "-C", ROOT, "worktree", "add", "--detach", d, rev])
+    return d, sh(["git", "-C", d, "rev-parse", "--short", "HEAD"])[0].strip()
+
+
+def summary(pairs: list[tuple[float, float]]) -> dict[str, float]:
+    """Median and spread of baseline/current pairs of rates, and of their ratios."""
+    ratios = [c / max(b, 1e-9) for b, c in pairs]
+    return {"baseline_median": statistics.median(b for b, _ in pairs),
+            "current_median": statistics.median(c for _, c in pairs),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "n": len(pairs)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", default="8a13503", help="baseline commit (default: 8a13503, main before issue 10)")
+    ap.add_argument("--current", default="HEAD", help="commit (or a directory holding a tree) to compare")
     ap.add_argument("--kernel", default="5.2")
     ap.add_argument("--seconds", type=float, default=60.0, help="seconds per campaign")
     ap.add_argument("--seeds", default="9101,9102,9103", help="campaign seeds (one campaign per tree each)")
+    ap.add_argument("--reps", type=int, default=2, help="repetitions of every campaign and of the fixed workload")
     ap.add_argument("--scenarios", type=int, default=40, help="fixed workload: scenarios from the baseline generator")
     ap.add_argument("--scenario-seed", type=int, default=424242)
     ap.add_argument("--json", dest="json_out", help="write the numbers to this file")
     args = ap.parse_args()
 
+    reaper = become_subreaper()
     work = tempfile.mkdtemp(prefix="hmmirror-bench-")
-    base = os.path.join(work, "baseline")
     load0 = os.getloadavg()
+    made: list[str] = []
     try:
-        sh(["git", "-C", ROOT, "worktree", "add", "--detach", base, args.baseline])
-        rev = sh(["git", "-C", base, "rev-parse", "--short", "HEAD"]).strip()
-        cur = sh(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]).strip()
-        trees = {"baseline": os.path.join(base, "src"), "current": os.path.join(ROOT, "src")}
-        print(f"baseline {args.baseline} ({rev}) vs current {cur}; kernel {args.kernel}; load average "
+        base, rev = checkout(args.baseline, work, "baseline")
+        made.append(base)
+        cur, crev = checkout(args.current, work, "current")
+        if not os.path.isdir(args.current):
+            made.append(cur)
+        trees = {"baseline": os.path.join(base, "src"), "current": os.path.join(cur, "src")}
+        print(f"baseline {args.baseline} ({rev}) vs current {args.current} ({crev}); kernel {args.kernel}; "
+              f"{args.reps} repetitions; CPU time of each process tree (sub-reaper: {reaper}); load average "
               f"{load0[0]:.1f} {load0[1]:.1f} {load0[2]:.1f}", flush=True)
 
-        # 2. the fixed workload (scenarios from the baseline's generator)
-        scdir = os.path.join(work, "scenarios")
-        os.makedirs(scdir)
-        fixed: dict[str, dict[str, float]] = {}
+        def order(rep: int) -> tuple[str, str]:
+            return ("baseline", "current") if rep % 2 == 0 else ("current", "baseline")
+
+        # the fixed workload (scenarios from the baseline's generator)
+        fixed: dict[str, list[dict[str, float]]] = {"baseline": [], "current": []}
         if args.scenarios > 0:
+            scdir = os.path.join(work, "scenarios")
+            os.makedirs(scdir)
             sh([sys.executable, "-c", GEN, args.kernel, str(args.scenario_seed), str(args.scenarios), scdir],
                cwd=work, env=env_for(trees["baseline"]))
             files = sorted(os.path.join(scdir, n) for n in os.listdir(scdir))
-            for tag in ("baseline", "current", "baseline", "current"):
-                out = json.loads(sh([sys.executable, "-c", RUN, *files], cwd=work, env=env_for(trees[tag]))
-                                 .strip().splitlines()[-1])
-                acc = fixed.setdefault(tag, {"runs": 0, "steps": 0, "seconds": 0.0})
-                for k in acc:
-                    acc[k] += out[k]
-                print(f"  fixed  {tag:8s} {out['runs']} runs {out['steps']} steps {out['seconds']:.1f} s "
-                      f"-> {out['steps'] / out['seconds']:.0f} steps/s", flush=True)
+            for rep in range(args.reps):
+                for tag in order(rep):
+                    out = json.loads(sh([sys.executable, "-c", RUN, *files], cwd=work, env=env_for(trees[tag]))[0]
+                                     .strip().splitlines()[-1])
+                    out["steps_per_cpu_s"] = out["steps"] / max(out["cpu"], 1e-9)
+                    fixed[tag].append(out)
+                    print(f"  fixed    {tag:8s} rep {rep}: {out['runs']} runs {out['steps']} steps, "
+                          f"{out['cpu']:.1f} CPU-s ({out['wall']:.1f} s wall) -> {out['steps_per_cpu_s']:.0f} "
+                          f"steps/CPU-s", flush=True)
 
-        # 1. campaigns, alternating
+        # campaigns, alternating
         camp: dict[str, list[dict[str, float]]] = {"baseline": [], "current": []}
-        for seed in [int(s) for s in args.seeds.split(",") if s]:
-            for tag in ("baseline", "current"):
-                r = campaign(trees[tag], args.kernel, args.seconds, seed, work, tag)
-                camp[tag].append(r)
-                print(f"  campaign {tag:8s} seed {seed}: {r['runs']} runs {r['steps']} steps in {args.seconds:.0f} s "
-                      f"-> {r['steps_per_s']:.0f} steps/s, {r['runs_per_s']:.2f} runs/s (wall {r['wall']:.0f} s)",
-                      flush=True)
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+        for rep in range(args.reps):
+            for seed in seeds:
+                for tag in order(rep):
+                    r = campaign(trees[tag], args.kernel, args.seconds, seed, work, tag, rep)
+                    r.update(seed=seed, rep=rep)
+                    camp[tag].append(r)
+                    print(f"  campaign {tag:8s} seed {seed} rep {rep}: {r['runs']} runs {r['steps']} steps, "
+                          f"{r['cpu']:.1f} CPU-s -> {r['steps_per_cpu_s']:.0f} steps/CPU-s "
+                          f"({r['steps_per_s']:.0f} steps/s of --seconds, wall {r['wall']:.0f} s)", flush=True)
         load1 = os.getloadavg()
     finally:
-        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base], capture_output=True)
+        for d in made:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", d], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 
-    def rate(rs: list[dict[str, float]], key: str) -> float:
-        return sum(r[key] for r in rs) / max(len(rs), 1)
-
-    res = {"baseline": args.baseline, "kernel": args.kernel, "load_before": load0, "load_after": load1,
-           "campaign": {t: {"steps_per_s": rate(v, "steps_per_s"), "runs_per_s": rate(v, "runs_per_s"), "runs": v}
-                        for t, v in camp.items()},
-           "fixed": {t: dict(v, steps_per_s=v["steps"] / max(v["seconds"], 1e-9)) for t, v in fixed.items()}}
-    cb, cc = res["campaign"]["baseline"]["steps_per_s"], res["campaign"]["current"]["steps_per_s"]
-    print(f"\ncampaign steps/s per worker: baseline {cb:.0f}, current {cc:.0f}: x{cc / max(cb, 1e-9):.2f}")
-    print(f"campaign runs/s per worker:  baseline {res['campaign']['baseline']['runs_per_s']:.2f}, "
-          f"current {res['campaign']['current']['runs_per_s']:.2f}")
-    if fixed:
-        fb, fc = res["fixed"]["baseline"]["steps_per_s"], res["fixed"]["current"]["steps_per_s"]
-        print(f"fixed workload steps/s:      baseline {fb:.0f}, current {fc:.0f}: x{fc / max(fb, 1e-9):.2f}")
+    res: dict[str, object] = {"baseline": args.baseline, "current": args.current, "kernel": args.kernel,
+                              "seconds": args.seconds, "reps": args.reps, "load_before": load0,
+                              "load_after": load1, "campaign_runs": camp, "fixed_runs": fixed}
+    print()
+    if camp["current"]:
+        s = summary([(b["steps_per_cpu_s"], c["steps_per_cpu_s"]) for b, c in zip(camp["baseline"], camp["current"])])
+        w = summary([(b["steps_per_s"], c["steps_per_s"]) for b, c in zip(camp["baseline"], camp["current"])])
+        res["campaign"], res["campaign_wall"] = s, w
+        print(f"campaign steps per CPU-second (one worker): baseline {s['baseline_median']:.0f}, current "
+              f"{s['current_median']:.0f} (medians of {s['n']}); ratio median x{s['ratio_median']:.2f}, "
+              f"spread x{s['ratio_min']:.2f}-x{s['ratio_max']:.2f}")
+        print(f"campaign steps per --seconds (wall, load-dependent): ratio median x{w['ratio_median']:.2f}, "
+              f"spread x{w['ratio_min']:.2f}-x{w['ratio_max']:.2f}")
+    if fixed["current"]:
+        f = summary([(b["steps_per_cpu_s"], c["steps_per_cpu_s"]) for b, c in zip(fixed["baseline"], fixed["current"])])
+        res["fixed"] = f
+        print(f"fixed workload steps per CPU-second: baseline {f['baseline_median']:.0f}, current "
+              f"{f['current_median']:.0f}; ratio median x{f['ratio_median']:.2f}, spread "
+              f"x{f['ratio_min']:.2f}-x{f['ratio_max']:.2f}")
     print(f"load average before {load0[0]:.1f} {load0[1]:.1f} {load0[2]:.1f}, after {load1[0]:.1f} {load1[1]:.1f} "
           f"{load1[2]:.1f} (2 CPUs)")
     if args.json_out:

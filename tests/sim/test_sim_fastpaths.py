@@ -142,3 +142,55 @@ def test_zygote_replay_judges_as_a_new_interpreter(tmp_path):
     finally:
         verify.shutdown_zygote()
     _ = sys
+
+
+def _roundtrip(pages, driver):
+    """tests/sim/data/migrate_roundtrip.toml over ``pages`` pages: cpu0 writes them, dev0 migrates them to device
+    memory and reads them there, cpu1 reads them back.  Returns the outcome and the reads D1 compared."""
+    from hmmirror.sim.invariants_data import DataLost
+    from hmmirror.sim.scenario import SimScenario
+
+    with open(os.path.join(HERE, "data", "migrate_roundtrip.toml"), encoding="utf-8") as fh:
+        sc = SimScenario.from_toml(fh.read().replace('"16K"', f'"{pages * 4}K"'))
+    invs = default_invariants()
+    res = run_scenario(sc, _InOrder(), invariants=invs, driver=driver)
+    order = []
+    for t in res.trace:
+        if not order or order[-1] != t[1]:
+            order.append(t[1])
+    assert order == [0, 2, 1], order        # cpu0, dev0, cpu1
+    return _outcome(res), next(i for i in invs if isinstance(i, DataLost)).checked
+
+
+class _InOrder:
+    """Run cpu0 to its end, then dev0, then cpu1 (task 0, 2, 1)."""
+
+    def pick(self, engine, runnable):
+        for want in (0, 2, 1):
+            for st in runnable:
+                if st.idx == want:
+                    return st
+        return runnable[0]
+
+
+def test_device_data_accesses_of_a_range_equal_page_by_page(monkeypatch):
+    """D1's device loads and stores of a whole range at once (``data_access_range``) give the runs, findings
+    and compared reads of the page-by-page reference: generated runs of both profiles (device jobs over up to
+    a GiB), a clean round trip through device memory and one whose migration skips the copy (data_lost)."""
+    sys.path.insert(0, HERE)
+    import device_buggy_drivers as bad
+
+    from hmmirror.sim.adapters import DmirrorAdapter
+
+    cases = [(generate(SeededChoices(s), "5.2", "builtin"), s, None) for s in (5004, 5017, 5026, 5037)]
+    cases += [(generate(SeededChoices(s), "6.18", "builtin"), s, None) for s in range(100, 110)]
+    fast = _runs(cases)
+    trips = [_roundtrip(n, drv()) for n in (12, 40) for drv in (DmirrorAdapter, bad.NoCopyDmirror)]
+    _page_by_page(monkeypatch)
+    assert _runs(cases) == fast
+    ref_trips = [_roundtrip(n, drv()) for n in (12, 40) for drv in (DmirrorAdapter, bad.NoCopyDmirror)]
+    assert trips == ref_trips
+    # the clean round trip: every device read in device memory and every CPU read back compared, no finding
+    assert [(t[0][2], t[1]) for t in trips[::2]] == [([], 24), ([], 80)], trips
+    for t in trips[1::2]:                    # no copy: the device reads what was not written there
+        assert "data_lost" in {f[0].split("|")[0] for f in t[0][2]}, t

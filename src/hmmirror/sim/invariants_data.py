@@ -17,6 +17,7 @@ exit -- the data is meant to go) and migrations; nothing per page.  Only private
 
 from __future__ import annotations
 
+import bisect
 import struct
 import sys
 from typing import Any
@@ -82,11 +83,14 @@ def device_access(run: Any, st: Any, start: int, end: int, write: bool) -> None:
         t = run.tracker = next((i for i in run.engine.instruments if getattr(i, "name", "") == "tracker"), None)
     if pt is None or mm is None or mm.exited or not pt.entries or t is None:
         return
-    from hmmirror.sim.invariants import cpu_leaf
+    from hmmirror.sim.invariants import VECTORISED, cpu_leaf
 
     ents = pt.entries
     alias = getattr(drv, "device_alias", None)
     n = (end - start) >> PAGE_SHIFT
+    if VECTORISED and n > 8 and not start & (PAGE_SIZE - 1) and run.engine is not None:
+        _device_access_range(run, st, mm, pt, t, alias, start, end, write)
+        return
     vas = range(start, end, PAGE_SIZE) if n <= len(ents) else sorted(v for v in ents if start <= v < end)
     for va in vas:
         e = ents.get(va)
@@ -100,6 +104,78 @@ def device_access(run: Any, st: Any, start: int, end: int, write: bool) -> None:
             a = alias(pfn)                         # the driver keeps the bytes of its device page elsewhere
             pfn = a if a >= 0 else pfn             # (dmirror: the system page backing it, BACKING_PAGE())
         _touch_page(run, st, mm, va, pfn, write and w, "device")
+
+
+def _device_access_range(run: Any, st: Any, mm: Any, pt: Any, t: Any, alias: Any, start: int, end: int,
+                         write: bool) -> None:
+    """:func:`device_access` for many pages at once, the same accesses in the same order: the pages the device
+    maps and may use picked with arrays (CPU translations read a table row at a time), the tags stored and
+    loaded in one pass, the instruments told once (``data_access_range``; one that only has ``data_access``
+    hears every page)."""
+    from hmmirror.sim.invariants import cpu_leaf, cpu_leaf_range
+
+    ents = pt.entries
+    n = (end - start) >> PAGE_SHIFT
+    if n <= len(ents):
+        got = [ents.get(va) for va in range(start, end, PAGE_SIZE)]
+        idx = [i for i, g in enumerate(got) if g is not None]
+        items = [got[i] for i in idx]
+    else:
+        vs = sorted(v for v in ents if start <= v < end)
+        idx = [(v - start) >> PAGE_SHIFT for v in vs]
+        items = [ents[v] for v in vs]
+    if not idx:
+        return
+    ix = np.array(idx, dtype=np.int64)
+    dpfn = np.array([e[0] for e in items], dtype=np.int64)
+    dw = np.array([bool(e[1]) for e in items], dtype=bool)
+    span = int(ix[-1]) + 1
+    if span <= 4 * ix.size + 1024:
+        cpfn, rd, cw = cpu_leaf_range(mm, start, span)
+        cpfn, rd, cw = cpfn[ix], rd[ix], cw[ix]
+    else:                                          # a few entries spread over a huge range
+        leaves = [cpu_leaf(mm, start + int(i) * PAGE_SIZE) for i in idx]
+        cpfn = np.array([x[0] for x in leaves], dtype=np.int64)
+        rd = np.array([x[1] for x in leaves], dtype=bool)
+        cw = np.array([x[2] for x in leaves], dtype=bool)
+    same = cpfn == dpfn
+    for k in np.flatnonzero(rd & ~same).tolist():  # the driver's own representation of the CPU's page
+        same[k] = t.same_page(int(dpfn[k]), int(cpfn[k]))
+    use = rd & same & (cw | ~dw)
+    sel = np.flatnonzero(use)
+    if not sel.size:
+        return
+    vas = (start + ix[sel] * PAGE_SIZE).tolist()
+    pfns = dpfn[sel].tolist()
+    if alias is not None:                          # the driver keeps the bytes of its device page elsewhere
+        pfns = [a if a >= 0 else p for p, a in ((p, alias(p)) for p in pfns)]
+    writes = (dw[sel] & write).tolist()
+    mem = run.machine.mem
+    contents = mem.contents
+    seq = getattr(run, "data_seq", 0)
+    values: list[int] = []
+    for pfn, w in zip(pfns, writes):
+        if w:
+            seq += 1
+            tag = TAG_MAGIC | (seq & ((1 << 56) - 1))
+            buf = contents.get(pfn)
+            if buf is None:
+                buf = contents[pfn] = bytearray(PAGE_SIZE)
+            buf[0:8] = tag.to_bytes(8, "little")
+            values.append(tag)
+        else:
+            buf = contents.get(pfn)
+            values.append(int.from_bytes(buf[0:8], "little") if buf is not None else 0)
+    if seq:
+        run.data_seq = seq
+    eng = run.engine
+    hooks = [i for i in eng.instruments if getattr(i, "data_access", None) is not None]
+    if all(getattr(i, "data_access_range", None) is not None for i in hooks):
+        for inst in hooks:
+            inst.data_access_range(eng, st, mm, vas, pfns, writes, values, "device")
+    else:                                          # an instrument that hears page by page: all of them do
+        for va, pfn, w, v in zip(vas, pfns, writes, values):
+            eng.emit("data_access", st, mm, va, pfn, w, v.to_bytes(8, "little"), "device")
 
 
 class _Records:
@@ -161,15 +237,83 @@ class DataLost:
         if i < 0 or self.rec.a[i, 3] != WRITE:
             return
         self.checked += 1
-        want = int(self.rec.a[i, 4]) & ((1 << 64) - 1)
+        # a record of consecutive writes holds the first page's tag; the next pages' tags follow it
+        want = (int(self.rec.a[i, 4]) + page - int(self.rec.a[i, 1])) & ((1 << 64) - 1)
         got = int.from_bytes(bytes(data).ljust(8, b"\0")[:8], "little")
         if got == want:
             return
+        self._mismatch(eng, st, mm, mid, va, pfn, i, got, want, who)
+
+    def data_access_range(self, eng: Any, st: Any, mm: Any, vas: list[int], pfns: list[int], writes: list[bool],
+                          values: list[int], who: str) -> None:
+        """:meth:`data_access` of many pages of one step (ascending, distinct ``vas``; ``values``: the 8 bytes
+        stored or loaded, as integers): the same records and reports.  Reads are judged against the records
+        before this step (the writes of the step are to other pages); consecutive writes become one record."""
+        n = len(vas)
+        anon = np.zeros(n, dtype=bool)
+        i = 0
+        while i < n:                               # one VMA lookup per VMA the pages fall in
+            vma = mm.vma_lookup(vas[i])
+            if vma is None:
+                i += 1
+                continue
+            j = bisect.bisect_left(vas, vma.vm_end, i)
+            if _private_anon(vma):
+                anon[i:j] = True
+            i = j
+        if not anon.any():
+            return
+        mid = self._mm(mm)
+        pages = np.array(vas, dtype=np.int64) >> PAGE_SHIFT
+        w = np.array(writes, dtype=bool)
+        rd = np.flatnonzero(anon & ~w)
+        if rd.size:
+            self._reads(eng, st, mm, mid, pages[rd], [pfns[k] for k in rd.tolist()],
+                        [values[k] for k in rd.tolist()], who)
+        wr = np.flatnonzero(anon & w).tolist()
+        k = 0
+        while k < len(wr):                         # runs of consecutive pages with consecutive tags
+            e = k + 1
+            while e < len(wr) and pages[wr[e]] == pages[wr[e - 1]] + 1 and values[wr[e]] == values[wr[e - 1]] + 1:
+                e += 1
+            v = values[wr[k]]
+            self.rec.add(mid, int(pages[wr[k]]), e - k, WRITE, v - (1 << 64) if v >= 1 << 63 else v, eng.step)
+            k = e
+
+    def _reads(self, eng: Any, st: Any, mm: Any, mid: int, pages: np.ndarray, pfns: list[int], values: list[int],
+               who: str) -> None:
+        a = self.rec.a[:self.rec.n]
+        if not len(a):
+            return
+        lo, hi = int(pages[0]), int(pages[-1]) + 1
+        cand = np.flatnonzero(((a[:, 0] == mid) | (a[:, 0] == -1)) & (a[:, 1] < hi) & (lo < a[:, 1] + a[:, 2])
+                              & ((a[:, 3] == WRITE) | (a[:, 3] == DISCARD)))
+        if not cand.size:
+            return
+        latest = np.full(pages.size, -1, dtype=np.int64)
+        for r in cand.tolist():                    # oldest first: the latest covering record wins
+            first, cnt = int(a[r, 1]), int(a[r, 2])
+            latest[np.searchsorted(pages, first):np.searchsorted(pages, first + cnt)] = r
+        judged = np.flatnonzero(latest >= 0)
+        judged = judged[a[latest[judged], 3] == WRITE]
+        if not judged.size:
+            return
+        self.checked += int(judged.size)
+        recs = latest[judged]
+        want = (a[recs, 4].astype(np.uint64) + (pages[judged] - a[recs, 1]).astype(np.uint64))
+        got = np.array([values[k] for k in judged.tolist()], dtype=np.uint64)
+        for k in np.flatnonzero(got != want).tolist():
+            page = int(pages[judged[k]])
+            self._mismatch(eng, st, mm, mid, page << PAGE_SHIFT, pfns[int(judged[k])], int(recs[k]), int(got[k]),
+                           int(want[k]), who)
+
+    def _mismatch(self, eng: Any, st: Any, mm: Any, mid: int, va: int, pfn: int, i: int, got: int, want: int,
+                  who: str) -> None:
         wstep = int(self.rec.a[i, 5])
-        j = self.rec.latest(mid, page, (MIGRATION,))
+        j = self.rec.latest(mid, va >> PAGE_SHIFT, (MIGRATION,))
         moved = j > i
         loc = self.rec.where[int(self.rec.a[j, 4])] if moved else None
-        stack = frame_stack(sys._getframe(1)) if not moved else None
+        stack = frame_stack(sys._getframe(2)) if not moved else None
         eng.violate(self.name, f"{who} read of {va:#x} (pfn {pfn:#x}) returned {got:#x}, but {want:#x} was written "
                     f"there at step {wstep}" + (f" and the page migrated since ({loc})" if moved else ""),
                     st=st, mm=mm, addr=va, location=loc, stack=stack, detail="-" if moved else "no-migration",
