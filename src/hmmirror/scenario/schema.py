@@ -1172,8 +1172,8 @@ class _SimValidator(_Validator):
         self.table(sim, path, SIM_KEYS, "[sim]")
         if "driver" in sim:
             drv = self.conv(_str, sim["driver"], path + ("driver",), "sim.driver")
-            if drv != "builtin" and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", drv):
-                raise self.fail(path + ("driver",), f"sim.driver {drv!r:.80} must be \"builtin\" or "
+            if drv not in ("builtin", "gpusvm") and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", drv):
+                raise self.fail(path + ("driver",), f"sim.driver {drv!r:.80} must be \"builtin\", \"gpusvm\" or "
                                                     f"package.module:ClassName")
         procs = list(scn.processes)
         if "mirror" in sim:

@@ -312,10 +312,16 @@ class DriverBase:
 
 
 # --- loading drivers -------------------------------------------------------------------------------------
+#: built-in drivers by name (``--driver gpusvm``)
+BUILTIN_NAMES = {"gpusvm": "hmmirror.drivers.drm_gpusvm:DrmGpusvm"}
+
+
 def load_driver(spec: str) -> Callable[[], Any]:
     """``"pkg.mod:Class"`` (or ``"builtin"``) -> a factory returning a new driver instance."""
     if spec in ("builtin", "", None):
         return lambda: None
+    if spec in BUILTIN_NAMES:
+        spec = BUILTIN_NAMES[spec]
     if ":" not in spec:
         raise InputError(f"--driver must look like package.module:ClassName, not {spec!r}")
     mod_name, _, attr = spec.partition(":")

@@ -823,9 +823,15 @@ class Coherence:
 class CommitInvalid:
     """``commit_invalid``: a commit never uses a snapshot that an invalidation it was told about overlapped.
 
-    The snapshot of a commit starts at the beginning of the committing task's latest HMM call (or of its
-    driver fault when it made none).  A told invalidation overlaps it if it was delivered before the commit
-    and had not ended when the snapshot began.  Checked at the commit itself (the stack is the committer's).
+    The snapshot of a commit of ``va`` starts at the beginning of the committing task's latest successful
+    HMM call that covered ``va`` in its current fault; if it made none, at the latest successful call of any
+    device task that covered ``va`` (a driver that keeps the pages of a range between faults and validates
+    them with its own flag, cleared by its callback -- drm_gpusvm's ``range_pages_valid`` -- commits that
+    snapshot), or after the task's own migration / exclusive access if that came later; with no call covering
+    ``va`` at all, at the task's
+    latest HMM call (or the beginning of its driver fault).  A told invalidation overlaps it if it was
+    delivered before the commit and had not ended when the snapshot began.  Checked at the commit itself
+    (the stack is the committer's).
     """
 
     name = "commit_invalid"
@@ -836,6 +842,9 @@ class CommitInvalid:
         self.snap: dict[int, int] = {}
         self.in_call: dict[int, bool] = {}
         self.engine: Any = None
+        self.fault_at: dict[int, int] = {}          # task idx -> step its driver fault began
+        self.own_at: dict[int, int] = {}            # task idx -> step after its own MIGRATE/EXCLUSIVE ended
+        self.calls: list[tuple[int, int, int, int]] = []   # successful HMM calls: (start, end, begin step, task)
 
     def attach(self, eng: Any, run: Any) -> None:
         self.engine = eng
@@ -843,19 +852,42 @@ class CommitInvalid:
 
     def fault_begin(self, eng: Any, st: Any, start: int, end: int, write: bool) -> None:
         self.snap[st.idx] = eng.step
+        self.fault_at[st.idx] = eng.step
+        self.own_at[st.idx] = -1
         self.in_call[st.idx] = False
 
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         if ev["what"] in self.HMM_CALLS:
             st = eng.current
-            if st is not None and st.kind == "device" and not self.in_call.get(st.idx):
-                self.snap[st.idx] = eng.step          # the whole call ran inside this step
+            if st is not None and st.kind == "device":
+                if not self.in_call.get(st.idx):
+                    self.snap[st.idx] = eng.step          # the whole call ran inside this step
+                ret = ev.get("ret")
+                if isinstance(ret, int) and ret >= 0 and "start" in ev and "end" in ev:
+                    self.calls.append((int(ev["start"]), int(ev["end"]), self.snap[st.idx], st.idx))
+                    if len(self.calls) > 256:
+                        del self.calls[:128]
         elif ev["what"] == "invalidate_range_end" and ev.get("event") in ("MIGRATE", "EXCLUSIVE"):
             # a device job that migrated pages or took them exclusive itself holds them now (migration
             # entries, the locked folio): what it commits next comes from that, after its own invalidation
             st = eng.current
             if st is not None and st.kind == "device":
                 self.snap[st.idx] = eng.step + 1
+                self.own_at[st.idx] = eng.step + 1
+
+    def snapshot_of(self, st: Any, va: int) -> int:
+        """The step the snapshot committed at ``va`` by ``st`` began (see the class docstring)."""
+        fb = self.fault_at.get(st.idx, 0)
+        other = -1
+        for start, end, begin, idx in reversed(self.calls):
+            if start <= va < end:
+                if idx == st.idx and begin >= fb:
+                    return begin
+                if other < 0:
+                    other = begin
+        if other >= 0:
+            return max(self.own_at.get(st.idx, -1), other)
+        return self.snap.get(st.idx, 0)
 
     def after_step(self, eng: Any, st: Any, point: Any) -> None:
         if st.kind == "device" and not st.done:
@@ -884,7 +916,7 @@ class CommitInvalid:
         if self.t.migrating and self.t.in_own_migration(va, st.idx):
             return     # the result of the task's own migration, not an hmm_range_fault snapshot (coherence judges)
         eng = self.engine
-        snap = self.snap.get(st.idx, 0)
+        snap = self.snapshot_of(st, va)
         for d in self.t.delivered:
             if d[2] <= eng.step and (d[3] is None or d[3] >= snap) and d[0] <= va < d[1] and d[4] != -2:
                 eng.violate("commit_invalid",
@@ -908,6 +940,7 @@ class ResultContract:
         self.t = tracker
         self.begin: dict[int, tuple[int, int]] = {}      # task idx -> (step, epoch of the mm)
         self.calls: dict[int, int] = {}
+        self.limit: dict[int, int] = {}                  # task idx -> HMM calls allowed in its fault
         self.mm: Any = None
         self.driver: Any = None
 
@@ -921,6 +954,9 @@ class ResultContract:
         # an invalidation already running when the fault begins counts as one during it
         self.begin[st.idx] = (eng.step, self.t.epoch.get(mmn, 0) - len(self.t.inflight.get(mmn, ())))
         self.calls[st.idx] = 0
+        # a driver that mirrors a fault range by range (drm_gpusvm: a range can be one page) makes a call or
+        # two per page and progresses: the bound grows with the fault's pages
+        self.limit[st.idx] = self.MAX_LOOP_CALLS + 2 * max(0, (end - start) >> 12)
 
     def _quiet_since(self, idx: int, start: int, end: int) -> bool:
         """No invalidation of the mirrored mm ran (started, or was still running) since ``idx``'s fault
@@ -945,7 +981,7 @@ class ResultContract:
         if self.t.inflight.get(self.mm.name):
             self.calls[st.idx] = 0                  # an invalidation is pending: retrying is expected
         self.calls[st.idx] = self.calls.get(st.idx, 0) + 1
-        if self.calls[st.idx] > self.MAX_LOOP_CALLS:
+        if self.calls[st.idx] > self.limit.get(st.idx, self.MAX_LOOP_CALLS):
             eng.violate("liveness", f"{st.name}'s driver loop called {what} {self.calls[st.idx]} times "
                         f"with no invalidation of {self.mm.name} pending", st=st, detail="driver_loop")
             return
