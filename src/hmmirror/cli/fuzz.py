@@ -34,7 +34,7 @@ MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
               help="run on a Dask distributed cluster (a scheduler address, or local:N for N local workers) "
                    "instead of --jobs; needs the dask extra")
 @click.option("--driver", default="builtin", show_default=True,
-              help="the mirroring driver: builtin or package.module:ClassName")
+              help="the mirroring driver: builtin, gpusvm (drm_gpusvm-style, 6.18) or package.module:ClassName")
 @click.option("--findings", "findings_dir", default="findings", show_default=True, help="reproducer directory")
 @click.option("--scheduler", type=click.Choice(["mixed", "switch", "random", "pct"]), default="mixed",
               show_default=True, help="switch: Hypothesis-drawn bounded switch lists (shrunk by Hypothesis); "

@@ -1,0 +1,258 @@
+"""The built-in drm_gpusvm-style driver (``--driver gpusvm``, src/hmmirror/drivers/drm_gpusvm.py), each
+behaviour on a scripted run, then a short seeded campaign.
+
+Expected values come from drm_gpusvm.c / drm_pagemap.c / xe_svm.c of 6.18 and device-memory.md: a notifier of
+512 MiB aligned around the fault, ranges of the largest chunk (2M, 64K, 4K) that fits the VMA and -- up to
+64K -- only pages the CPU has faulted in; system pages are DMA-mapped, the device's own private pages are
+not; ``drm_gpusvm_notifier_invalidate`` zaps, flushes and unmaps every range the event touches and hands an
+UNMAPPED range to the garbage collector, which removes it (and the notifier with its last range);
+``hmm_range_fault`` -EBUSY is retried until ``HMM_RANGE_DEFAULT_TIMEOUT`` (1000 ms = 1000 jiffies); a
+migration to device memory leaves device-private entries in the CPU page table and the bytes in device
+pages; a CPU access brings the page home through ``migrate_to_ram`` with ``fault_page`` set; eviction
+(``drm_pagemap_evict_to_ram``) empties device memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hmmirror import Machine
+from hmmirror.drivers.drm_gpusvm import SZ_512M, DrmGpusvm
+from hmmirror.include.mm_types import MMU_NOTIFY
+from hmmirror.kernel import sched
+from hmmirror.mm.mmap import vm_munmap
+from hmmirror.sim.driver import Invalidation
+from hmmirror.sim.runner import device_fault, run_tasks
+from hmmirror.sim.schedulers import SwitchListScheduler
+
+PAGE = 4096
+N = 16
+L = N * PAGE            # 64 KiB: one 64K chunk when the mapping is 64K-aligned and faulted in
+
+
+def setup(touch: bool = True, fill: int = 0x5A):
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    a = p.mmap(L)
+    assert a % L == 0                               # the model places it 64K-aligned (top-down, 64K size)
+    if touch:
+        p.touch(a, L, write=True, fill=fill)
+    return m, p, a
+
+
+def fault(start, end, write=False, mode="fault"):
+    return lambda run: device_fault(run, start, end, write, mode, {})
+
+
+def go(m, p, drv, tasks, scheduler=None, invariants=None):
+    f, eng = run_tasks(m, drv, p.mm, tasks, scheduler or SwitchListScheduler([]), invariants)
+    assert f is None, f.describe()
+    return eng
+
+
+def ranges(drv):
+    return [(r.start, r.end) for n in drv.gpusvm_notifiers for r in n.ranges]
+
+
+def test_fault_inserts_a_notifier_and_a_64k_range_and_dma_maps_system_pages():
+    m, p, a = setup()
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L))])
+    [n] = drv.gpusvm_notifiers
+    assert (n.start, n.last + 1) == (a & ~(SZ_512M - 1), (a & ~(SZ_512M - 1)) + SZ_512M)
+    assert [(s.start, s.last) for s in drv.notifiers] == [(n.start, n.last)]   # one interval notifier
+    assert ranges(drv) == [(a, a + L)]
+    cpu = [s.pfn for s in p.inspect(a, L)]
+    for i in range(N):
+        assert drv.pt.get(a + i * PAGE) == (cpu[i], True)          # the CPU PTEs are writable: so is the GPU's
+    assert sorted(pfn for pfn, _n, _va in drv.pt.dma.values()) == sorted(cpu)
+
+
+def test_untouched_pages_get_4k_ranges():
+    """drm_gpusvm_check_pages: a chunk up to the threshold (64K) only over pages the CPU faulted in."""
+    m, p, a = setup(touch=False)
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + 2 * PAGE, write=True))])
+    assert ranges(drv) == [(a, a + PAGE), (a + PAGE, a + 2 * PAGE)]
+    assert all(drv.pt.get(a + i * PAGE)[1] for i in range(2))
+
+
+def test_invalidate_not_blockable_returns_false_and_zaps_nothing():
+    m, p, a = setup()
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L))])
+    sub = drv.notifiers[0]
+    inv = Invalidation(a, a + PAGE, MMU_NOTIFY.CLEAR, False, seq=sub.invalidate_seq, sub=sub)
+    assert sched.run(drv.invalidate(inv)) is False
+    assert len(drv.pt) == N and drv.pt.dma
+
+
+def test_partial_munmap_zaps_the_range_and_the_gc_work_removes_it_and_the_notifier():
+    m, p, a = setup()
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L))])
+    eng = go(m, p, drv, [("cpu0", "cpu", lambda run: vm_munmap(p.mm, a + 3 * PAGE, PAGE))])
+    assert any(t.name == "kworker/gpusvm.gc" for t in eng.tasks)   # the work item ran on its worker
+    assert drv.gc_list == [] and ranges(drv) == [] and drv.gpusvm_notifiers == []
+    assert drv.notifiers == []                                      # removed with its last range
+    assert drv.pt.empty()                                           # no PTE, TLB entry or DMA mapping
+    # the next fault inserts a fresh notifier and ranges around the hole (4K: the 64K chunk has a hole)
+    go(m, p, drv, [("dev0", "device", fault(a, a + 2 * PAGE))])
+    assert ranges(drv) == [(a, a + PAGE), (a + PAGE, a + 2 * PAGE)]
+
+
+def test_migrate_to_device_then_cpu_fault_brings_the_page_home_with_fault_page():
+    m, p, a = setup(fill=0x5A)
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L, write=False, mode="migrate_dev"))])
+    assert {s.kind for s in p.inspect(a, L)} == {"device_private"}
+    [alloc] = drv.allocations.values()
+    dpfns = [int(x) for x in alloc.pfns]
+    assert all(drv.pgmap.covers(x) for x in dpfns)
+    assert [drv.pt.get(a + i * PAGE)[0] for i in range(N)] == dpfns   # the GPU maps its own pages
+    assert not drv.pt.dma                                           # ... by device address, no DMA mapping
+    assert all(bytes(m.mem.contents[x]) == b"\x5a" * PAGE for x in dpfns)   # the bytes moved
+    assert len(drv.free_pfns) == drv.pgmap.res.end - drv.pgmap.res.start - N
+
+    seen = []
+    from hmmirror.mm import migrate_device as md
+    real = md.migrate_vma_setup
+
+    def spy(args):
+        seen.append(args.fault_page)
+        return (yield from real(args))
+
+    md.migrate_vma_setup = spy
+    try:
+        assert p.read_bytes(a + 5 * PAGE, 8) == b"\x5a" * 8       # do_swap_page -> migrate_to_ram
+    finally:
+        md.migrate_vma_setup = real
+    assert seen == [dpfns[5]]                                      # fault_page = vmf->page
+    # the whole allocation came back (the allocation-sized window), device memory is free again
+    assert {s.kind for s in p.inspect(a, L)} == {"anon"}
+    assert drv.allocations == {} and len(drv.free_pfns) == drv.pgmap.res.end - drv.pgmap.res.start
+    assert p.check(a, L, 0x5A) == 0
+    assert len(drv.pt) == 0                                         # the MIGRATE invalidation zapped the GPU
+
+
+def test_eviction_moves_every_allocation_back_to_ram():
+    m, p, a = setup(fill=0x33)
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L, mode="migrate_dev"))])
+    assert {s.kind for s in p.inspect(a, L)} == {"device_private"}
+    assert sched.run(drv.evict()) == 0                               # drm_pagemap_evict_to_ram
+    assert {s.kind for s in p.inspect(a, L)} == {"anon"}
+    assert drv.allocations == {} and len(drv.pt) == 0
+    assert p.check(a, L, 0x33) == 0
+
+
+def test_migrate_sys_job_evicts_the_ranges_through_hmm_range_fault_without_owner():
+    m, p, a = setup(fill=0x44)
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L, mode="migrate_dev")),
+                   ("dev1", "device", fault(a, a + L, mode="migrate_sys"))])
+    assert {s.kind for s in p.inspect(a, L)} == {"anon"} and drv.allocations == {}
+    assert p.check(a, L, 0x44) == 0
+
+
+def test_get_pages_gives_up_after_the_one_second_timeout():
+    """Every hmm_range_fault answers -EBUSY (a range kept busy): get_pages retries with a new sequence until
+    HMM_RANGE_DEFAULT_TIMEOUT of virtual time, then the fault fails with -EBUSY -- 1000 jiffies, no more.
+    The range exists already (its pages invalidated by a CLEAR), so drm_gpusvm_check_pages -- which has a
+    timeout of its own -- does not run."""
+    from hmmirror.mm.mmu_notifier import (
+        mmu_notifier_invalidate_range_end,
+        mmu_notifier_invalidate_range_start,
+        mmu_notifier_range_init,
+    )
+
+    m, p, a = setup()
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L))])
+    r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, p.mm.vma_lookup(a), p.mm, a, a + PAGE)
+    sched.run(mmu_notifier_invalidate_range_start(r))
+    sched.run(mmu_notifier_invalidate_range_end(r))
+    assert ranges(drv) == [(a, a + L)] and len(drv.pt) == 0
+    from hmmirror.mm.hmm import modern as hmm
+    real = hmm.hmm_range_fault
+    calls = []
+
+    def busy(rng):
+        calls.append(m.jiffies)
+        yield from sched.preempt_point("busy")
+        return -16
+
+    out = {}
+
+    def task(run):
+        t0 = m.jiffies
+        out["ret"] = yield from device_fault(run, a, a + PAGE, False)
+        out["took"] = m.jiffies - t0
+
+    hmm.hmm_range_fault = busy
+    try:
+        run_tasks(m, drv, p.mm, [("dev0", "device", task)], SwitchListScheduler([]), invariants=[], bind=False)
+    finally:
+        hmm.hmm_range_fault = real
+    assert out["ret"] == -16
+    assert 1000 <= out["took"] <= 1100, out
+    assert len(calls) > 100
+
+
+def test_gpu_fault_racing_munmap_and_a_cpu_write_is_clean_under_many_interleavings():
+    """A migrating GPU fault, a CPU write to one page (migrate_to_ram if it is on the device) and a partial
+    munmap, under 8 seeded random schedules: every invariant holds; afterwards nothing of the unmapped page
+    is reachable by the device."""
+    from hmmirror.sim.choices import SeededChoices
+    from hmmirror.sim.schedulers import RandomScheduler
+
+    for seed in range(8):
+        m, p, a = setup(fill=0x11)
+        drv = DrmGpusvm()
+        tasks = [("dev0", "device", fault(a, a + L, write=True, mode="migrate_dev")),
+                 ("cpu0", "cpu", lambda run, p=p, a=a: _write(p, a + 2 * PAGE)),
+                 ("cpu1", "cpu", lambda run, p=p, a=a: vm_munmap(p.mm, a + 9 * PAGE, PAGE))]
+        f, _eng = run_tasks(m, drv, p.mm, tasks, RandomScheduler(SeededChoices(seed)))
+        assert f is None, (seed, f.describe())
+        assert not drv.pt.reaches(a + 9 * PAGE, a + 10 * PAGE), seed
+
+
+def _write(p, va):
+    from hmmirror.arch.x86.fault import cpu_access
+    sig = yield from cpu_access(p.mm, va, True, b"\x22" * PAGE)
+    return sig
+
+
+def test_driver_is_registered_for_the_cli_and_scenarios():
+    from hmmirror.cli.common import resolve_driver
+    from hmmirror.errors import InputError
+    from hmmirror.sim.choices import SeededChoices
+    from hmmirror.sim.runner import run_scenario, scheduler_for
+    from hmmirror.sim.scenario import SimScenario, generate
+
+    assert resolve_driver("gpusvm", "6.18") is DrmGpusvm
+    with pytest.raises(InputError, match="6.18"):
+        resolve_driver("gpusvm", "5.2")
+    text = generate(SeededChoices(7), "6.18", "gpusvm").to_toml()
+    assert 'driver = "gpusvm"' in text
+    sc = SimScenario.from_toml(text)                 # the reproducer schema accepts the name
+    res = run_scenario(sc, scheduler_for(sc))
+    assert res.diverged is None and res.findings == [], [f.describe() for f in res.findings]
+
+
+@pytest.mark.parametrize("seed0", [0])
+def test_short_seeded_campaign_is_clean(seed0):
+    """The fuzzer's generator and per-step random scheduler, every event and device job of 6.18 drawn."""
+    from hmmirror.sim.choices import SeededChoices
+    from hmmirror.sim.runner import run_scenario
+    from hmmirror.sim.scenario import generate
+    from hmmirror.sim.schedulers import RandomScheduler
+
+    steps = 0
+    for seed in range(seed0, seed0 + 15):
+        c = SeededChoices(seed)
+        sc = generate(c, "6.18", "gpusvm")
+        res = run_scenario(sc, RandomScheduler(c))
+        assert res.findings == [], (seed, [f.describe() for f in res.findings])
+        steps += res.steps
+    assert steps > 1000
