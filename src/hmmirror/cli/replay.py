@@ -16,7 +16,7 @@ from hmmirror.errors import InputError
 @seed_option("--seed", default=None, help="replay the seeded run SEED instead of a file")
 @click.option("--kernel", default="6.18", show_default=True, help="kernel profile of a --seed run")
 @click.option("--driver", default="builtin", show_default=True, help="driver of a --seed run")
-@click.option("--png", "png", metavar="OUT", default=None, help="draw the interleaving as swim lanes into this PNG")
+@click.option("--png", "png", metavar="OUT", default=None, help="draw the interleaving as swim lanes, with the pages' placement band, into this PNG")
 @click.option("--log", "log", metavar="OUT", default=None, help="write the event log and trace to this file")
 @click.option("--every-step", is_flag=True, help="run the page-count walk at every step")
 @click.option("--json", "as_json", is_flag=True, help="print the outcome as JSON")
@@ -33,17 +33,21 @@ def command(file: str | None, seed: int | None, kernel: str, driver: str, png: s
     check_output_file(log, "--log")
     check_output_file(png, "--png")
     expected = None
+    timeline = None
+    if png:
+        from hmmirror.sim.placement import PlaceTimeline
+        timeline = PlaceTimeline()               # the placement band: where the pages live, step by step
     if file is not None:
         from hmmirror.scenario.schema import load_sim
         doc = load_sim(file)                        # bad input: one line naming FILE:LINE
         resolve_driver(str(doc["sim"].get("driver", "builtin")), None, f"{file}: sim.driver")
-        rep = replay_file(file, every_step)
+        rep = replay_file(file, every_step, placement=timeline)
         res, expected, ok = rep.result, rep.expected, rep.reproduced
     else:
         from hmmirror.profiles import get_profile
         kernel = get_profile(kernel).name
         resolve_driver(driver, kernel)
-        res = seeded_run(kernel, int(seed), driver, every_step)      # type: ignore[arg-type]
+        res = seeded_run(kernel, int(seed), driver, every_step, placement=timeline)  # type: ignore[arg-type]
         ok = True
     if log:
         with open(log, "wb") as fh:

@@ -29,20 +29,22 @@ class Replay:
         return any(x.signature == self.expected.get("signature") for x in self.result.findings)
 
 
-def replay_file(path: str, every_step: bool = False) -> Replay:
-    """Run a scenario file under its recorded ``[sim.schedule]`` (or its ``[sim.scheduler]``)."""
+def replay_file(path: str, every_step: bool = False, placement: Any = None) -> Replay:
+    """Run a scenario file under its recorded ``[sim.schedule]`` (or its ``[sim.scheduler]``); ``placement``: a
+    :class:`~hmmirror.sim.placement.PlaceTimeline` to observe the run with."""
     from hmmirror.scenario.schema import load_sim
 
     doc = load_sim(path)              # one schema: the scenario sections, [sim] and [finding] (FILE:LINE)
     sc = SimScenario.from_doc(doc)
-    res = run_scenario(sc, scheduler_for(sc), every_step=every_step)
+    res = run_scenario(sc, scheduler_for(sc), every_step=every_step, placement=placement)
     exp = doc.get("finding")
     return Replay(res, exp if isinstance(exp, dict) else None)
 
 
-def seeded_run(kernel: str, seed: int, driver: str = "builtin", every_step: bool = False) -> SimResult:
+def seeded_run(kernel: str, seed: int, driver: str = "builtin", every_step: bool = False,
+               placement: Any = None) -> SimResult:
     """The run of ``seed``: scenario and random schedule from one seeded stream."""
     c = SeededChoices(seed)
     sc = generate(c, kernel, driver)
     sc.scheduler = {"kind": "random", "seed": seed}
-    return run_scenario(sc, RandomScheduler(c), every_step=every_step)
+    return run_scenario(sc, RandomScheduler(c), every_step=every_step, placement=placement)

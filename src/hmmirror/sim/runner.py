@@ -41,6 +41,7 @@ class SimResult:
     findings: list[Finding] = field(default_factory=list)     # every finding of the run (``finding``: the first)
     extra_findings: int = 0                                    # later violations of an invariant already found
     coverage: Any = None                                       # the run's RunCoverage, when collected
+    placement: Any = None                                      # the run's PlaceTimeline, when observed
 
     def __post_init__(self) -> None:
         if self.finding is not None and not self.findings:
@@ -319,10 +320,12 @@ def make_driver(run: SimRun) -> Any:
 
 def run_scenario(sc: SimScenario, scheduler: Any, invariants: Any = None, driver: Any = None,
                  every_step: bool = False, record_trace: bool = True, coverage: Any = None,
-                 counts_from: int = 0, stop_when: Any = None) -> SimResult:
+                 counts_from: int = 0, stop_when: Any = None, placement: Any = None) -> SimResult:
     """Run ``sc`` under ``scheduler`` with the invariants installed; never raises for model faults.
 
     ``coverage``: a :class:`~hmmirror.sim.coverage.RunCoverage` collecting the run's cells (``result.coverage``).
+    ``placement``: a :class:`~hmmirror.sim.placement.PlaceTimeline` observing where the pages live
+    (``result.placement``; the swim lanes' placement band).
     """
     from hmmirror.sim.invariants import default_invariants
 
@@ -362,21 +365,23 @@ def run_scenario(sc: SimScenario, scheduler: Any, invariants: Any = None, driver
                          events=list(run.machine.events) if run.machine else [])
     sched.set_report_handler(prev_handler)
     invs = default_invariants(every_step=every_step, counts_from=counts_from) if invariants is None else invariants
-    eng = Engine(run.machine, scheduler, list(invs) + ([coverage] if coverage is not None else []),
-                 max_steps=sc.max_steps)
+    eng = Engine(run.machine, scheduler, list(invs) + ([coverage] if coverage is not None else [])
+                 + ([placement] if placement is not None else []), max_steps=sc.max_steps)
     eng.stop_when = stop_when
     eng.record_trace = record_trace
     eng.sim = run                                       # type: ignore[attr-defined]
     run.engine = eng
     try:
-        return _run_engine(sc, scheduler, invariants, driver, every_step, record_trace, coverage, run, eng, t0)
+        return _run_engine(sc, scheduler, invariants, driver, every_step, record_trace, coverage, run, eng, t0,
+                           placement)
     finally:
         if coverage is not None:
             coverage.uninstall()
 
 
 def _run_engine(sc: SimScenario, scheduler: Any, invariants: Any, driver: Any, every_step: bool,
-                record_trace: bool, coverage: Any, run: SimRun, eng: Engine, t0: float) -> SimResult:
+                record_trace: bool, coverage: Any, run: SimRun, eng: Engine, t0: float,
+                placement: Any = None) -> SimResult:
     for inst in eng.instruments:
         if hasattr(inst, "attach"):
             inst.attach(eng, run)
@@ -412,7 +417,8 @@ def _run_engine(sc: SimScenario, scheduler: Any, invariants: Any, driver: Any, e
         # (from the last clean periodic check on: the steps before it were seen clean)
         pc = next((i for i in eng.instruments if getattr(i, "name", "") == "page_counts"), None)
         again = run_scenario(sc, ReplayScheduler(schedule), None, driver, every_step=True, record_trace=record_trace,
-                             counts_from=pc.locate_from() if pc is not None else 0, stop_when=eng.stop_when)
+                             counts_from=pc.locate_from() if pc is not None else 0, stop_when=eng.stop_when,
+                             placement=placement)
         if any(f.invariant == "page_counts" for f in again.findings):
             again.coverage = coverage
             return again
@@ -425,6 +431,7 @@ def _run_engine(sc: SimScenario, scheduler: Any, invariants: Any, driver: Any, e
                     [(t.name, t.kind if t.kind != "kevent" else f"kevent:{t.label}") for t in eng.tasks],
                     list(run.machine.events), diverged, list(eng.findings), eng.extra_findings)
     res.coverage = coverage
+    res.placement = placement
     return res
 
 
