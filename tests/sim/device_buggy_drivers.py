@@ -259,3 +259,121 @@ class KeepBothDmirror(DmirrorAdapter):
             mem.get_page(md.migrate_pfn_to_page(s))               # BUG: the device copy is kept, never put
         yield from md.migrate_vma_finalize(args)
         return 0
+
+
+# --- drm_gpusvm (drivers/drm_gpusvm.py, with one mistake) ------------------------------------------------------
+import numpy as np  # noqa: E402
+
+from hmmirror.arch.x86.pgtable import PAGE_SIZE  # noqa: E402
+from hmmirror.drivers.drm_gpusvm import (  # noqa: E402
+    EFAULT,
+    EOPNOTSUPP,
+    HMM_RANGE_DEFAULT_TIMEOUT,
+    DrmGpusvm,
+    DrmGpusvmRange,
+)
+
+
+class NoReadRetryGpusvm(DrmGpusvm):
+    """get_pages without mmu_interval_read_retry: drm_gpusvm_get_pages() DMA-maps the pages hmm_range_fault
+    returned and marks them valid without asking whether an invalidation ran since read_begin; the bind then
+    programs the GPU with the stale pages."""
+
+    def drm_gpusvm_range_get_pages(self, rng: DrmGpusvmRange, write: bool) -> Gen[int]:
+        """drm_gpusvm_range_get_pages() (drivers/drm_gpusvm.py) with the read_retry check deleted."""
+        from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
+        from hmmirror.mm.hmm import modern as hmm
+        from hmmirror.mm.mmu_notifier import mmu_interval_read_begin
+        from hmmirror.mm.slab import kmalloc_array
+
+        mm = self.mm
+        sub = rng.notifier.sub
+        npages = rng.npages
+        timeout = jiffies(self.machine) + msecs_to_jiffies(HMM_RANGE_DEFAULT_TIMEOUT)
+        flags = hmm.HMM_PFN_REQ_FAULT | (hmm.HMM_PFN_REQ_WRITE if write else 0)
+        while True:                                                     # retry:
+            if time_after(jiffies(self.machine), timeout):              # (6.17+: the retry path is bounded too)
+                return -EBUSY
+            seq = yield from mmu_interval_read_begin(sub)
+            yield from sched.down_read(self.notifier_lock)              # drm_gpusvm_range_pages_valid_unlocked()
+            valid = rng.has_dma_mapping or rng.has_devmem_pages
+            sched.up_read(self.notifier_lock)
+            if valid and (not write or all(rng.writable)):
+                rng.notifier_seq = seq
+                return 0
+            hr = hmm.HmmRange(sub, rng.start, rng.end, kmalloc_array(npages), default_flags=flags,
+                              pfn_flags_mask=0, dev_private_owner=self.owner)
+            hr.notifier_seq = seq
+            if not self.mmget_not_zero():
+                return -EFAULT
+            while True:
+                yield from sched.down_read(mm.mmap_sem)
+                err = yield from hmm.hmm_range_fault(hr)
+                sched.up_read(mm.mmap_sem)
+                if err == -EBUSY:
+                    if time_after(jiffies(self.machine), timeout):
+                        break
+                    hr.notifier_seq = yield from mmu_interval_read_begin(sub)
+                    continue
+                break
+            yield from self.mmput()
+            if err:
+                return err
+            # map_pages: all DMA mappings under the notifier lock, so an invalidation either waits for us or
+            # unmaps what we mapped
+            yield from sched.down_read(self.notifier_lock)
+            if rng.unmapped:
+                sched.up_read(self.notifier_lock)
+                return -EFAULT
+            # BUG: no mmu_interval_read_retry(sub, hr.notifier_seq) here
+            self._unmap_pages(rng)                                      # what an older pass mapped
+            pfns = np.full(npages, -1, dtype=np.int64)
+            wr = np.zeros(npages, dtype=bool)
+            devmem = sysmem = 0
+            for i in range(npages):
+                e = int(hr.hmm_pfns[i])
+                pfn = hmm.hmm_pfn_to_pfn(e)
+                pfns[i], wr[i] = pfn, bool(e & hmm.HMM_PFN_WRITE)
+                if self.pgmap is not None and self.pgmap.covers(pfn):
+                    devmem += 1                                         # dpagemap->ops->device_map
+                else:
+                    sysmem += 1
+                    rng.dma.append(self.pt.dma_map_page(pfn, 0, rng.start + i * PAGE_SIZE))
+            if devmem and sysmem:                                       # mixed: not supported
+                self._unmap_pages(rng)
+                sched.up_read(self.notifier_lock)
+                return -EOPNOTSUPP
+            rng.pfns, rng.writable = pfns, wr
+            rng.has_dma_mapping = True
+            rng.has_devmem_pages = devmem > 0
+            sched.up_read(self.notifier_lock)
+            rng.notifier_seq = hr.notifier_seq
+            return 0
+
+
+class NoDmaUnmapGpusvm(DrmGpusvm):
+    """an invalidate callback that zaps the GPU PTEs and flushes the TLB but leaves the DMA mappings of the
+    range in place (drm_gpusvm_range_unmap_pages forgotten): the device can still reach the pages by DMA."""
+
+    def invalidate(self, inv: Invalidation) -> Gen[bool]:
+        from hmmirror.include.mm_types import MMU_NOTIFY
+
+        if not inv.blockable:
+            return False
+        yield from sched.down_write(self.notifier_lock)
+        mmu_interval_set_seq(inv.sub, inv.seq)
+        notifier = getattr(inv.sub, "gpusvm_notifier", None)
+        if notifier is not None:
+            start, end = max(inv.start, notifier.start), min(inv.end, notifier.last + 1)
+            hit = [r for r in notifier.ranges if r.start < end and start < r.end]
+            for r in hit:
+                self.pt.unmap(r.start, r.end)
+                self.pt.tlb_flush(r.start, r.end)
+                r.has_dma_mapping = r.has_devmem_pages = False      # BUG: r.dma never unmapped
+                if inv.event == MMU_NOTIFY.UNMAP:
+                    self.drm_gpusvm_range_set_unmapped(r, inv.start, inv.end)
+                    if r not in self.gc_list:
+                        self.gc_list.append(r)
+                        queue_work(self.gc_wq, self.gc_work)
+        sched.up_write(self.notifier_lock)
+        return True

@@ -91,3 +91,26 @@ def test_data_mistake_is_caught(cls, runs, invariant, location):
             assert f.location == location, (seed, f.describe())
             return
     raise AssertionError(f"{cls.__name__}: no {invariant} in {runs} runs")
+
+
+GPUSVM_CASES = [
+    # the built-in drm_gpusvm-style driver with one mistake each: I1 (the bind programs pages hmm_range_fault
+    # returned before an invalidation: commit_invalid where it commits) and I2 (the callback leaves the DMA
+    # mappings: device_reach at the callback).  The mirroring path only: no device-memory jobs drawn.
+    (bad.NoReadRetryGpusvm, 60, "commit_invalid", "drivers.drm_gpusvm.DrmGpusvm.driver_bind_range"),
+    (bad.NoDmaUnmapGpusvm, 40, "device_reach", "device_buggy_drivers.NoDmaUnmapGpusvm.invalidate"),
+]
+NO_DEVMEM = {"mode:migrate_dev": 0, "mode:migrate_sys": 0, "mode:exclusive": 0, "event:evict": 0}
+
+
+@pytest.mark.parametrize("cls,runs,invariant,location", GPUSVM_CASES, ids=[c[0].__name__ for c in GPUSVM_CASES])
+def test_gpusvm_mistake_is_caught(cls, runs, invariant, location):
+    for seed in range(runs):
+        c = SeededChoices(seed)
+        sc = generate(c, "6.18", f"device_buggy_drivers:{cls.__name__}", ("anon",), (), weights=NO_DEVMEM)
+        res = run_scenario(sc, RandomScheduler(c), driver=cls())
+        f = next((f for f in res.findings if f.invariant == invariant), None)
+        if f is not None:
+            assert f.location == location, (seed, f.describe())
+            return
+    raise AssertionError(f"{cls.__name__}: no {invariant} in {runs} runs")

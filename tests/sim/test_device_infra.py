@@ -189,6 +189,36 @@ def test_per_chunk_notifiers_get_only_their_invalidations():
     assert not drv.notifiers and len(drv.pt) == 0
 
 
+def test_an_invalidation_told_to_several_chunk_notifiers_ends_for_all_of_them():
+    """One invalidation over two chunks is delivered once per chunk notifier; when it ends (range_end), a later
+    snapshot committed in either chunk is not stale (commit_invalid must not see it as still running)."""
+    m, p, a = setup()
+    drv = ChunkMirror()
+    mm = p.mm
+    f = go(drv, [("dev0", "device", fault_task(a, a + L))], m, p)
+    assert f is None, f.describe()
+    done = []
+
+    def storm(run):                 # clear_refs-style: one range over the whole mapping, ended before the fault
+        def body():
+            r = mmu_notifier_range_init(MMU_NOTIFY.SOFT_DIRTY, mm.vma_lookup(a), mm, a, a + L)
+            yield from mmu_notifier_invalidate_range_start(r)
+            yield from sched.preempt_point("storm")
+            yield from mmu_notifier_invalidate_range_end(r)
+            done.append(True)
+            return 0
+        return body()
+
+    def later_fault(run):
+        yield from sched.wait_event(lambda: bool(done), "test: after the storm")
+        return (yield from device_fault(run, a, a + L, False))
+
+    f, _eng = run_tasks(m, drv, p.mm, [("storm", "kevent:clear_refs", storm), ("dev0", "device", later_fault)],
+                        SwitchListScheduler([]), bind=False)
+    assert sorted(s for s, _st, _e in drv.seen) == [a, a + (16 << 10)]      # told once per chunk
+    assert f is None, f.describe()
+
+
 # --- I3: no last mmput inside a callback -------------------------------------------------------------------
 def test_notifier_mmput_last_reference_in_callback():
     m, p, a = setup()

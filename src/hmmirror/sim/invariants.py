@@ -234,6 +234,9 @@ class Tracker:
         self.epoch: dict[str, int] = {}                     # mm -> invalidations started so far
         self.ended: list[tuple[str, int, int]] = []         # (mm, start, end) ended in this step
         self.delivered: list[list[Any]] = []                # [start, end, step, end_step|None, task idx]
+        # id of the kernel's range -> the records it was delivered as (one per notifier it reached: a driver
+        # with a notifier per chunk is told once per chunk); they all end with that range
+        self.delivered_by: dict[int, list[list[Any]]] = {}
         self.driver: Any = None
         self.mm_name = ""
         self.engine: Any = None
@@ -272,6 +275,7 @@ class Tracker:
             for fn in self.callback_end:
                 fn(eng.current, args, ret)
             r = next((a for a in args if hasattr(a, "start") and hasattr(a, "end")), None)
+            raw = getattr(r, "raw", None) or r
             if r is not None and self.own_event(r):
                 r = None          # the driver's own migration / exclusive access: it commits that migration's result
             if r is not None and ret not in (False, -EAGAIN):
@@ -293,6 +297,8 @@ class Tracker:
                 rec = [start, end, eng.step, None, cur, kept, r0, r1]
                 if not self.inflight_overlap(self.mm_name, r0, r1):
                     rec[3] = eng.step
+                else:
+                    self.delivered_by.setdefault(id(raw), []).append(rec)
                 self.delivered.append(rec)
             return ret
         run.driver.invalidate = invalidate
@@ -413,10 +419,17 @@ class Tracker:
                 # (the driver's own migration / exclusive event: it may keep mapping what it migrates)
                 self.ended.append((mm, ev["start"], ev["end"]))
             if mm == self.mm_name:
-                for d in self.delivered:
-                    if d[3] is None and d[-2] == ev["start"] and d[-1] == ev["end"]:
-                        d[3] = eng.step
-                        break
+                raw = sys._getframe(2).f_locals.get("r")
+                recs = self.delivered_by.pop(id(raw), None) if raw is not None else None
+                if recs is not None and what == "invalidate_range_end":
+                    for d in recs:                  # every notifier the range reached was told
+                        if d[3] is None:
+                            d[3] = eng.step
+                else:
+                    for d in self.delivered:
+                        if d[3] is None and d[-2] == ev["start"] and d[-1] == ev["end"]:
+                            d[3] = eng.step
+                            break
 
     HMM_CALLS = ("hmm_range_fault", "hmm_range_snapshot", "hmm_vma_fault")
 
