@@ -142,6 +142,34 @@ def test_show_and_demo_png_paths(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--png" in one_line(code, err)
 
 
+def test_png_outputs_are_written_where_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `fuzz --coverage-png` is an output path like the others: a directory is bad input before the campaign,
+    # and a name without ".png" is the file written (matplotlib would otherwise write NAME.png -- with "/",
+    # a file "/.png")
+    code, _, err = cli(["fuzz", "--runs", "1", "--kinds", "anon", "--events", "none", "--findings",
+                        str(tmp_path / "f"), "--coverage-png", str(tmp_path)], capsys)
+    assert "--coverage-png" in one_line(code, err) and "is a directory" in err
+    assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())
+    from hmmirror.sim.coverage import coverage_png
+    coverage_png({}, "6.18", str(tmp_path / "cov"))
+    assert (tmp_path / "cov").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "cov.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+
+def test_crosscheck_random_count_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:
+    # `--random 10**30` generated scenarios until killed, silently (host and guest alike)
+    for extra in ([], ["--guest"]):
+        code, _, err = cli(["crosscheck", "--random", "9" * 30, *extra], capsys)
+        assert "--random" in one_line(code, err)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "5", "1e9"])
+def test_guest_selftest_timeout_is_finite_and_bounded(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(["guest", "selftest", "--timeout", value], capsys)   # nan was a crash report (code 3)
+    assert "--timeout" in one_line(code, err)
+
+
 # ---------------------------------------------------------------------------------------------- 3, 141
 
 def test_internal_error_is_one_line_and_a_crash_report(tmp_path: Path, capsys: pytest.CaptureFixture[str],

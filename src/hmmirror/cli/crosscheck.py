@@ -10,11 +10,15 @@ import click
 from hmmirror.cli.common import EXIT_FOUND, EXIT_INTERRUPTED, EXIT_OK, prepare_output_dir, seed_option
 from hmmirror.errors import InputError
 
+#: Upper bound of ``--random``: the scenarios are generated before the first one runs (a few ms each), and
+#: one takes ~0.1-2 s on the host or in the guest -- 10,000 is hours with a progress bar, not days silently.
+MAX_RANDOM = 10_000
+
 
 @click.command()
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
-@click.option("--random", "nrandom", type=click.IntRange(min=1), default=None,
-              help="Generate N random scenarios instead of reading files.")
+@click.option("--random", "nrandom", type=click.IntRange(1, MAX_RANDOM), default=None,
+              help=f"Generate N random scenarios instead of reading files (N <= {MAX_RANDOM}).")
 @seed_option("--seed", default=1, show_default=True, help="Seed of the random scenarios.")
 @click.option("--save", type=click.Path(file_okay=False), default=None,
               help="Write the generated scenarios (TOML) into this directory.")

@@ -15,8 +15,8 @@ import time
 
 import click
 
-from hmmirror.cli.common import (EXIT_FOUND, EXIT_INTERRUPTED, EXIT_OK, finite_seconds, prepare_output_dir,
-                                 resolve_driver, seed_option)
+from hmmirror.cli.common import (EXIT_FOUND, EXIT_INTERRUPTED, EXIT_OK, check_output_file, finite_seconds,
+                                 prepare_output_dir, resolve_driver, seed_option)
 from hmmirror.errors import InputError
 
 #: Upper bound of ``--jobs``: more worker processes than this only thrash the machine.
@@ -87,8 +87,7 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, das
     if known_file:
         from hmmirror.sim.fuzz import load_known_file
         load_known_file(known_file)                   # a bad path is bad input (exit 2), before any work
-    if coverage_png:
-        _check_png_path(coverage_png)
+    check_output_file(coverage_png, "--coverage-png")
 
     from hmmirror.sim.fuzz import Config
     cfg = Config(kernel=kernel, driver=driver, seconds=seconds or 0.0, jobs=jobs, findings_dir=findings_dir,
@@ -178,13 +177,6 @@ def _summary(result: dict, kernel: str) -> None:
               f"steps/s per worker")
     for e in result["errors"]:
         err.print(f"[red]{e}")
-
-
-def _check_png_path(path: str) -> None:
-    import os
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d) or not os.access(d, os.W_OK):
-        raise InputError(f"--coverage-png {path}: directory {d} is not writable")
 
 
 def _search_summary(result: dict, kernel: str, coverage_png: str | None) -> None:

@@ -96,6 +96,17 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """``--timeout``: finite seconds, 10 to a day (``nan`` and ``inf`` are bad input, exit 2)."""
+    from hmmirror.cli.common import finite_seconds
+
+    v = finite_seconds(value, "--timeout")
+    assert v is not None
+    if not 10 <= v <= 86400:
+        raise click.BadParameter(f"{value!r} is not between 10 and 86400 seconds", param_hint="--timeout")
+    return v
+
+
 @click.group()
 def command() -> None:
     """A real Linux 6.12 with test_hmm, DEVICE_PRIVATE and emulated pmem, under QEMU."""
@@ -124,8 +135,8 @@ def build_cmd(force: bool, no_install: bool, as_json: bool) -> None:
 
 @command.command("selftest")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document: every test with its status.")
-@click.option("--timeout", type=click.FloatRange(min=10), default=900.0, show_default=True,
-              help="Seconds before the guest is stopped.")
+@click.option("--timeout", type=float, default=900.0, show_default=True, callback=_timeout,
+              help="Seconds before the guest is stopped (10 to 86400).")
 @_guarded
 def selftest_cmd(as_json: bool, timeout: float) -> None:
     """Boot the guest and run the kernel's own tools/testing/selftests/mm/hmm-tests.c.

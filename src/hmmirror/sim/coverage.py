@@ -475,5 +475,5 @@ def coverage_png(summary_cells: dict[str, Any], kernel: str, path: str) -> None:
     ax.set_title(f"hmmirror fuzz --kernel {kernel}: walk cells covered {cov}/{tot} "
                  f"(green covered, orange reachable, grey unreachable)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, format="png")   # the path as given (no ".png" added)
     plt.close(fig)

@@ -104,5 +104,5 @@ def draw_lanes(res: Any, path: str, max_steps: int = 4000) -> None:
         if f is not None:
             bx.axvline(f.step + 0.5, color="red", linewidth=1.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")   # the path as given (no ".png" added)
     plt.close(fig)
