@@ -2,7 +2,11 @@
 (benchmarks/bench_cli_contract.py): Hypothesis strategies that turn the project's own scenario files and
 reproducers into broken ones -- structure-aware (a key's value replaced by a nasty value, an unknown key added,
 a table replaced, a key deleted) and text-level (a line deleted or inserted, bytes that are not UTF-8, deep
-nesting, integers past Python's 4300-digit conversion limit) -- and random command lines.
+nesting, integers past Python's 4300-digit conversion limit), given to every command that reads a scenario --
+and random command lines of every command and option the CLI has (read from the click tree, so a command or
+option added later is fuzzed too).  Work that takes minutes or needs the machine (guest boots and builds, the
+live cross-check, ``bench``, Dask clusters) is stubbed out by :func:`no_heavy_work`: a command that gets that far
+has accepted its input, which is what this fuzz checks.
 
 :func:`run_case` runs one case in this process through ``hmmirror.cli.main.main`` and classifies it; the
 contract is violated when the exit code is not 0, 1 or 2, when a code-2 error is not exactly one line starting
@@ -139,11 +143,15 @@ def _aot(v: Any) -> bool:
 
 @dataclass
 class Case:
-    command: str                       # run / replay / show / crosscheck (file based) or argv
+    command: str                       # the command words of a file case ("run", "guest run" ...) or "argv"
     data: bytes | None                 # the input file's bytes (None: no file)
     argv: list[str] = field(default_factory=list)
     must_fail: bool = False            # known malformed: exit code 2 is the only right answer
     how: str = ""
+
+
+#: the commands that read a scenario file (the guest ones stop at the guest: see :func:`no_heavy_work`)
+SCENARIO_COMMANDS = ["run", "run", "show", "guest run", "crosscheck --guest"]
 
 
 @st.composite
@@ -200,42 +208,148 @@ def file_cases(draw: st.DrawFn) -> Case:
         n = draw(st.sampled_from([4301, 5000, 20000]))
         data = data + f"\nzz_big = {'7' * n}\n".encode()
         must_fail = True
+    if cmd == "run":                   # every command that reads a scenario file: the same checks, same errors
+        cmd = draw(st.sampled_from(SCENARIO_COMMANDS))
     return Case(cmd, data, must_fail=must_fail, how=how)
 
 
-OPTS: dict[str, list[str]] = {
-    "run": ["--kernel", "--json", "--no-pages"],
-    "show": ["--proc", "--range", "--png", "--json", "--kernel"],
-    "replay": ["--seed", "--kernel", "--driver", "--png", "--log", "--every-step", "--json"],
-    "fuzz": ["--kernel", "--seconds", "--runs", "--jobs", "--driver", "--findings", "--scheduler", "--seed",
-             "--kinds", "--events", "--json", "--fresh"],
-    "demo": ["--kernel", "--png", "--json"],
-    "live": [],
-}
-FLAGS = {"--json", "--no-pages", "--every-step", "--fresh"}
-ARG_VALUES = ["", "0", "1", "-1", "nan", "inf", "1e309", "5.2", "6.18", "6.x", "4.19", "x", "9" * 30,
+def command_table() -> dict[tuple[str, ...], list[Any]]:
+    """Every command of the CLI (``("guest", "run")`` for a group's command) with its click parameters, read
+    from the CLI itself: a command or option added later is fuzzed without editing this file."""
+    import click
+
+    from hmmirror.cli.main import cli
+
+    out: dict[tuple[str, ...], list[Any]] = {}
+
+    def walk(cmd: Any, path: tuple[str, ...]) -> None:
+        if isinstance(cmd, click.Group):
+            for name, sub in sorted(cmd.commands.items()):
+                walk(sub, path + (name,))
+        else:
+            out[path] = [p for p in cmd.params if p.name != "help"]
+
+    walk(cli, ())
+    return out
+
+
+COMMANDS = command_table()
+ARG_VALUES = ["", "0", "1", "-1", "nan", "inf", "1e309", "5.2", "6.12", "6.18", "6.x", "4.19", "x", "9" * 30,
               "/dev/null", "/missing/dir/x.png", "/", ".", "buf:buf+4K", "0:0", "0x1000:0x0", "builtin",
               "os:path", "nosuch:X", "anon", "anon,bogus", "none", "local:0", "local:x", "switch", "p", "-"]
+#: values worth trying for particular options, besides ARG_VALUES and the case's own directory and file names
+OPTION_VALUES: dict[str, list[str]] = {
+    "--dask": ["local:1", "local:2", "local:99999", "tcp://", "tcp://127.0.0.1:1", "a b"],
+    "--driver": ["hmmirror.sim.refdrivers:IntervalMirror", "hmmirror.sim.refdrivers:Nope", "hmmirror.errors:InputError"],
+    "--kinds": ["anon,file", ",", "anon,,anon"],
+    "--events": ["fork", "none,fork", "bogus"],
+    "--known": ["/dev/null", "/missing/known.txt", "@known"],
+    "--timeout": ["10", "86401", "9.5"],
+    "--random": ["10000", "10001"],
+    "--range": ["m0:m0+4K", "buf", "buf+4K:buf", "0:1T", "zz:zz+1"],
+    "--proc": ["app", "nosuch"],
+    "--max-disagreements": ["0", "1048577"],
+    "--runs": ["2", str(1 << 40), str((1 << 40) + 1)],
+    "--seed": [str(2**63), str(2**64), "0x10"],
+    "--profile": ["5.2", "6.12"],
+}
+FILE_VALUES = ["/", "/dev/null", "/missing/scenario.toml", "@scenario", "@reproducer", "@dir"]
+#: bounds a fuzz campaign of a random command line gets unless the line sets them: one cheap run
+FUZZ_BOUNDS = {"--runs": "1", "--scheduler": "random", "--kinds": "anon", "--events": "none"}
+
+
+def _value(draw: st.DrawFn, p: Any, tmp: str) -> str:
+    import click
+
+    name = p.opts[0] if p.opts else p.name
+    pool = ARG_VALUES + OPTION_VALUES.get(name, []) + [tmp, os.path.join(tmp, "out.png")]
+    if isinstance(p.type, click.Choice):
+        pool = pool + [str(c) for c in p.type.choices] * 3
+    v = draw(st.sampled_from(pool))
+    if v == "@known":
+        path = os.path.join(tmp, "known.txt")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write("# signatures\ncoherence|x|-\n\u00e9\n")
+        v = path
+    return v
+
+
+def _file_arg(draw: st.DrawFn, cmd: tuple[str, ...], tmp: str) -> str:
+    v = draw(st.sampled_from(FILE_VALUES + ARG_VALUES[:4]))
+    if v == "@scenario":
+        return str(draw(st.sampled_from(SCENARIOS)))
+    if v == "@reproducer":
+        return str(draw(st.sampled_from(REPRODUCERS)))
+    if v == "@dir":
+        return tmp
+    return v
 
 
 @st.composite
 def argv_cases(draw: st.DrawFn, tmp: str) -> Case:
-    """A command line of random options and values (file arguments are a scenario of the project)."""
-    cmd = draw(st.sampled_from(sorted(OPTS)))
-    argv = [cmd]
-    for opt in draw(st.lists(st.sampled_from(OPTS[cmd] + ["--bogus"]), max_size=4, unique=True)):
-        argv.append(opt)
-        if opt not in FLAGS:
-            v = draw(st.sampled_from(ARG_VALUES + [tmp, os.path.join(tmp, "out.png")]))
-            argv.append(v)
-    if cmd in ("run", "show") and draw(st.booleans()):
-        argv.insert(1, str(draw(st.sampled_from(SCENARIOS))))
-    if cmd == "live":
-        argv += draw(st.lists(st.sampled_from(ARG_VALUES), max_size=4))
-    if cmd == "fuzz":               # valid campaigns stay short: one run, one kind, no events
-        argv += ["--runs", "1", "--scheduler", "random", "--kinds", "anon", "--events", "none", "--findings",
-                 os.path.join(tmp, "findings")] if "--runs" not in argv else []
-    return Case("argv", None, argv, how="argv")
+    """A command line of any command (every command and option the CLI has, read from it), with random option
+    values; file arguments are a scenario or reproducer of the project or a nasty path."""
+    import click
+
+    cmd = draw(st.sampled_from(sorted(COMMANDS)))
+    params = COMMANDS[cmd]
+    opts = [p for p in params if isinstance(p, click.Option)]
+    argv = list(cmd)
+    for p in draw(st.lists(st.sampled_from(opts + [None]), max_size=4, unique_by=lambda p: id(p))):
+        if p is None:
+            argv.append("--bogus")
+            continue
+        argv.append(draw(st.sampled_from(p.opts)))
+        if not p.is_flag:
+            argv.append(_value(draw, p, tmp))
+    for a in (p for p in params if isinstance(p, click.Argument)):
+        if a.nargs == -1:
+            n = draw(st.integers(0, 2))
+        else:
+            n = a.nargs if draw(st.integers(0, 9)) else draw(st.integers(0, a.nargs + 1))   # mostly the right count
+        for _ in range(n):
+            file_like = isinstance(a.type, click.Path) or a.name in ("file", "files")
+            argv.append(_file_arg(draw, cmd, tmp) if file_like else draw(st.sampled_from(ARG_VALUES)))
+    if cmd == ("fuzz",):                   # a valid campaign stays short: one run, one kind, no events
+        for opt, v in FUZZ_BOUNDS.items():
+            if opt not in argv:
+                argv += [opt, v]
+        if "--findings" not in argv:
+            argv += ["--findings", os.path.join(tmp, "findings")]
+    return Case("argv", None, argv, how="argv:" + " ".join(cmd))
+
+
+class WorkStarted(BaseException):
+    """Raised by the stand-ins of :func:`no_heavy_work`: the command accepted its input and started real
+    work (a guest boot, a kernel build, the live cross-check, the benchmark, a Dask cluster)."""
+
+
+@contextlib.contextmanager
+def no_heavy_work() -> Any:
+    """Stand-ins for the work that takes minutes or needs the machine (QEMU guest, kernel build, live
+    cross-check, ``bench``, a Dask cluster): the contract under test is the input checking in front of it."""
+    import hmmirror.cli.bench as bench
+    import hmmirror.cli.guest as guest
+    import hmmirror.live.crosscheck as live_cc
+
+    def stop(*_a: Any, **_k: Any) -> Any:
+        raise WorkStarted()
+
+    patches = [(guest, "ensure_guest", stop), (guest, "_need_qemu", stop), (live_cc, "crosscheck_scenario", stop),
+               (bench, "run_bench", stop)]
+    try:
+        import hmmirror.sim.dask as dask_mod
+        patches.append((dask_mod.DaskExecutor, "factory", classmethod(lambda cls, address: stop)))
+    except ImportError:
+        pass
+    saved = [(obj, name, obj.__dict__[name]) for obj, name, _ in patches]
+    for obj, name, new in patches:
+        setattr(obj, name, new)
+    try:
+        yield
+    finally:
+        for obj, name, old in saved:
+            setattr(obj, name, old)
 
 
 # ----------------------------------------------------------------------------------------- running
@@ -246,6 +360,7 @@ class Outcome:
     out: str
     err: str
     problem: str | None            # None: the contract held
+    started: bool = False          # the command accepted its input and started work that is stubbed out
 
 
 def run_case(case: Case, tmp: Path) -> Outcome:
@@ -258,7 +373,7 @@ def run_case(case: Case, tmp: Path) -> Outcome:
     if case.data is not None:
         f = tmp / "input.toml"
         f.write_bytes(case.data)
-        argv = [case.command, str(f)]
+        argv = case.command.split() + [str(f)]
         if case.command == "replay":
             argv += ["--log", str(tmp / "log.txt")]
     else:
@@ -267,11 +382,14 @@ def run_case(case: Case, tmp: Path) -> Outcome:
     code = None
     cwd = os.getcwd()
     os.chdir(tmp)                              # relative output paths of random command lines land here
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    started = False
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), no_heavy_work():
         try:
             main(argv)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        except WorkStarted:
+            code, started = 0, True            # input accepted; the heavy work itself is not under test here
         except BaseException as exc:           # noqa: BLE001 - anything escaping main is a contract breach
             return Outcome(-1, out.getvalue(), err.getvalue(), f"escaped main: {type(exc).__name__}: {exc}")
         finally:
@@ -293,7 +411,7 @@ def run_case(case: Case, tmp: Path) -> Outcome:
             problem = f"code 2 does not name the file: {lines[0][:300]}"
     elif case.must_fail:
         problem = f"malformed input ({case.how}) accepted with exit code {code}"
-    return Outcome(code if code is not None else 0, o, e, problem)
+    return Outcome(code if code is not None else 0, o, e, problem, started)
 
 
 def limits() -> contextlib.AbstractContextManager[None]:
