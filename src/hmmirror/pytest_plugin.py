@@ -4,7 +4,7 @@ Installed with hmmirror, it gives every test suite these fixtures:
 
 | fixture | is |
 |---|---|
-| ``hmmirror_kernel`` | the kernel profile name; tests using any fixture below run once per profile (``5.2``, ``6.18``) |
+| ``hmmirror_kernel`` | the kernel profile name; tests using any fixture below run once per profile (``5.2``, ``6.12``, ``6.18``) |
 | ``hmmirror_machine`` | a fresh 256 MiB :class:`~hmmirror.machine.Machine` of that profile |
 | ``hmmirror_process`` | a process ``app`` on it (:class:`~hmmirror.process.Process`) |
 | ``hmmirror_mirror`` | a :class:`~hmmirror.mirror.Mirror` of that process, closed after the test |
@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 
-#: The profiles the fixtures run on by default.
-KERNELS = ("5.2", "6.18")
+from hmmirror.profiles import PROFILES
+
+#: The profiles the fixtures run on by default: every profile of the model.
+KERNELS = tuple(sorted(PROFILES, key=lambda v: tuple(int(x) for x in v.split("."))))
 RAM = 256 << 20
 
 

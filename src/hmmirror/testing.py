@@ -30,7 +30,34 @@ class DriverFinding(AssertionError):
         others = [f for f in result.findings if f is not self.finding]
         more = "".join(f"\n  also: [{f.invariant}] {f.message} (step {f.step}, {f.location})" for f in others)
         super().__init__(f"{self.finding.describe()}{more}\n\nreproducer (save as a .toml file, then "
-                         f"`hmmirror replay FILE`):\n{reproducer}")
+                         f"{replay_hint(result.scenario.driver)}):\n{reproducer}")
+
+
+def replay_hint(driver: str) -> str:
+    """How to replay a reproducer of ``driver`` (a spec) in a fresh process: ``hmmirror replay`` imports the
+    driver by its module name, so a module that is not installed needs its directory on ``PYTHONPATH``; a
+    class that is not importable by name (defined in a function) replays in this process only."""
+    import sys
+    from pathlib import Path
+
+    from hmmirror.strategies import _REGISTRY
+
+    mod_name = str(driver or "builtin").partition(":")[0]
+    if mod_name in ("builtin", ""):
+        return "`hmmirror replay FILE`"
+    if mod_name == _REGISTRY:
+        return ("`hmmirror.sim.replay.replay_file(FILE)` in this process: the driver class is not importable by "
+                "name (define it at module level to replay it with `hmmirror replay FILE`)")
+    path = getattr(sys.modules.get(mod_name), "__file__", None)
+    if not path:
+        return "`hmmirror replay FILE`"
+    p = Path(path).resolve()
+    root = p.parents[mod_name.count(".") + (p.name == "__init__.py")]
+    import site
+    installed = {Path(x).resolve() for x in site.getsitepackages() + [site.getusersitepackages()]}
+    if root in installed:
+        return "`hmmirror replay FILE`"
+    return f"`PYTHONPATH={root} hmmirror replay FILE` (the driver {driver} is imported from {root})"
 
 
 def reproducer_toml(result: SimResult) -> str:
@@ -81,4 +108,4 @@ def build(scenario: SimScenario, strict: bool = True) -> SimRun:
     return build_machine(scenario, strict=strict)
 
 
-__all__ = ["DriverFinding", "build", "check_scenario", "reproducer_toml"]
+__all__ = ["DriverFinding", "build", "check_scenario", "replay_hint", "reproducer_toml"]

@@ -44,7 +44,7 @@ def test_test_blocks_pass_under_the_plugin(pytester: pytest.Pytester) -> None:
     files = {f"test_api_doc_{i}": code for i, (_line, code) in enumerate(blocks("test"))}
     pytester.makepyfile(**files)
     res = pytester.runpytest("-q", "-p", "no:randomly", "-p", "no:cacheprovider")
-    res.assert_outcomes(passed=5)                        # one test on both profiles, one 6.18-only, two @given
+    res.assert_outcomes(passed=6)                        # one test on all 3 profiles, one 6.18-only, two @given
 
 
 def test_docstring_examples() -> None:

@@ -37,8 +37,10 @@ def test_fixtures_run_once_per_profile(pytester: pytest.Pytester) -> None:
             assert hmmirror_process.read_bytes(a, 8192) == b"\\x5a" * 8192
     """)
     res = pytester.runpytest("-q", "-p", "no:randomly", "-rs")
-    # machine and mirror on both profiles, dmirror on 6.18 (skipped on 5.2, which has no test_hmm)
-    res.assert_outcomes(passed=5, skipped=1)
+    # machine and mirror on every profile, dmirror on 6.12 and 6.18 (skipped on 5.2, which has no test_hmm)
+    from hmmirror.profiles import PROFILES
+    assert sorted(PROFILES) == ["5.2", "6.12", "6.18"]
+    res.assert_outcomes(passed=8, skipped=1)
     res.stdout.fnmatch_lines(["*kernel 5.2 has no test_hmm device*"])
 
 
@@ -57,7 +59,7 @@ def test_profile_selection(pytester: pytest.Pytester) -> None:
         def test_own(hmmirror_machine):
             assert hmmirror_machine.profile.name == "6.18"
     """)
-    pytester.runpytest("-q", "-p", "no:randomly").assert_outcomes(passed=4)
+    pytester.runpytest("-q", "-p", "no:randomly").assert_outcomes(passed=5)      # default: 3 profiles
     pytester.runpytest("-q", "-p", "no:randomly", "--hmmirror-kernel=6.18", "-k", "default").assert_outcomes(
         passed=1)
     bad = pytester.runpytest("-q", "-p", "no:randomly", "--hmmirror-kernel=4.0")

@@ -124,3 +124,58 @@ def test_the_correct_driver_passes() -> None:
         sc = draw_scenario(SeededChoices(seed), "6.18", events=())
         res = check_scenario(sc, toys.GoodMirror)
         assert res.finding is None
+
+
+USER_DRIVER = '''
+from hmmirror.sim.driver import DevicePageTable
+from hmmirror.sim.refdrivers import IntervalMirror
+
+
+class LyingTable(DevicePageTable):
+    __slots__ = ()
+
+    def map(self, va, pfn, write):
+        super().map(va, pfn, True)          # writable on the device whatever the CPU allows
+
+
+class OverWritable(IntervalMirror):
+    name = "overwritable"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pt = LyingTable()
+'''
+
+
+def test_a_users_driver_finding_replays_in_a_fresh_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a driver team's module (not installed): the DriverFinding says how to replay its reproducer, and that
+    # command, run in a new process, gives the same signature
+    import json
+    import os
+    import subprocess
+
+    (tmp_path / "team_driver.py").write_text(USER_DRIVER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import team_driver  # type: ignore[import-not-found]
+
+    e = _first_finding(team_driver.OverWritable)
+    assert e.finding is not None and e.finding.invariant == "coherence", e
+    assert f"PYTHONPATH={tmp_path.resolve()} hmmirror replay FILE" in str(e)
+    assert e.result.scenario.driver == "team_driver:OverWritable"
+    repro = tmp_path / "found.toml"
+    repro.write_text(e.reproducer)
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path.resolve()), src])}
+    r = subprocess.run([sys.executable, "-m", "hmmirror.cli.main", "replay", str(repro), "--json"], env=env,
+                       cwd="/", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["reproduced"] and out["finding"]["signature"] == e.finding.signature
+
+
+def test_a_driver_defined_in_a_function_says_it_replays_in_process_only() -> None:
+    class Local(toys.NoUnmapMirror):
+        pass
+
+    e = _first_finding(Local)
+    assert "replay_file(FILE)` in this process" in str(e) and "define it at module level" in str(e)
