@@ -157,3 +157,25 @@ def test_resume_continues_the_seed_sequence(tmp_path: Path) -> None:
     assert again["steps"] == first["steps"]
     fresh = _fuzz(tmp_path, "f", *args, "--fresh")           # ... and so does --fresh
     assert fresh["steps"] == first["steps"]
+
+
+def test_sigkill_of_a_dask_campaign_leaves_no_process(tmp_path: Path) -> None:
+    # --dask local:N starts the cluster's processes (workers, multiprocessing's resource tracker) under the
+    # campaign: a SIGKILL of the campaign must take them all with it
+    pytest.importorskip("distributed")
+    p = subprocess.Popen([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--seconds", "300", "--dask", "local:2",
+                          "--json", "--findings", str(tmp_path / "f"), *TOY], env=ENV, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kids: set[int] = set()
+    end = time.monotonic() + 120
+    while time.monotonic() < end:          # the workers started and ran units (CPU seconds, not wall seconds)
+        time.sleep(0.3)
+        assert p.poll() is None, p.communicate()
+        kids |= descendants(p.pid)
+        if len(kids) >= 3 and sum(cpu_seconds(k) for k in kids) > 2.0:
+            break
+    assert len(kids) >= 2, f"the cluster did not start: {kids}"
+    p.kill()
+    p.communicate(timeout=30)
+    left = wait_gone(kids | descendants(p.pid), 30)
+    assert not left, [open(f"/proc/{q}/cmdline").read().replace("\0", " ")[:120] for q in left if alive(q)]
