@@ -214,6 +214,20 @@ def test_every_registered_op_is_documented_in_scenarios_md() -> None:
     assert not missing, f"docs/scenarios.md lists no row for: {', '.join(missing)}"
 
 
+def test_every_simulator_op_mode_and_event_is_documented_in_scenarios_md() -> None:
+    # what a [sim] table accepts (the schema's names: the generator's drawing tables and the fallbacks)
+    from hmmirror.scenario.schema import EVENT_KEYS, SIM_THREAD_OPS, _sim_names
+    from hmmirror.sim.scenario import EVENT_KINDS
+
+    rows = {line.split("|")[1].strip(): line for line in (ROOT / "docs" / "scenarios.md").read_text().splitlines()
+            if line.startswith("| `[")}
+    want = {"`[[sim.thread]]`": SIM_THREAD_OPS, "`[[sim.device]]`": _sim_names("mode", ("fault",)),
+            "`[[sim.event]]`": _sim_names("event", tuple(EVENT_KINDS)) + tuple(EVENT_KEYS)}
+    for table, names in want.items():
+        missing = [n for n in names if f"`{n}`" not in rows[table]]
+        assert not missing, f"docs/scenarios.md's {table} row lacks {missing}"
+
+
 def test_readme_lists_every_command() -> None:
     from hmmirror.cli.main import cli as group
 
