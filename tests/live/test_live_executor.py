@@ -208,3 +208,18 @@ def test_thp_settings_and_reason() -> None:
     s = hostenv.thp_settings()
     assert s["enabled"] in ("always", "madvise", "never") and isinstance(s["use_zero_page"], bool)
     assert hostenv.why_not_live() is None and hostenv.is_root()
+
+
+def test_workers_run_on_the_controllers_one_cpu_and_affinity_is_restored() -> None:
+    """madvise_pageout drains only the local CPU's folio batches (lru_add_drain), so the files and every
+    worker of a scenario share one CPU; the controller gets its own affinity back afterwards."""
+    before = os.sched_getaffinity(0)
+    ex = LiveExecutor(("p",))
+    with ex:
+        assert ex.cpu in before
+        assert os.sched_getaffinity(0) == {ex.cpu}
+        assert os.sched_getaffinity(ex.procs["p"].pid) == {ex.cpu}
+        res = ex.execute(0, {"op": "fork", "proc": "p", "child": "c"})
+        assert res.ok
+        assert os.sched_getaffinity(ex.procs["c"].pid) == {ex.cpu}
+    assert os.sched_getaffinity(0) == before

@@ -29,6 +29,16 @@ mapped (or unmapped address space): an ``munmap``/``mprotect``/``madvise``/``MAP
 the worker's own interpreter memory is refused (result ``ok=False``, ``note`` says why) instead of crashing it.
 A touch the kernel would answer with a signal (no VMA, missing permission, beyond end of file) is found
 before it happens: the pages before it are touched and the result is ``EFAULT`` with ``signal`` set.
+
+One CPU: the controller pins itself to one CPU while it creates the files and forks the workers (they
+inherit it; the controller's affinity is restored on close).  Page-cache folios wait in the *current* CPU's
+folio batches (``lru_add``, ``lru_activate``...) before they reach the LRU, and ``madvise_pageout``
+(mm/madvise.c, 6.12-6.18) drains only the local CPU's batches (``lru_add_drain()`` ->
+``lru_add_drain_cpu(smp_processor_id())``) and skips a folio that is not on the LRU
+(``!folio_test_lru(folio)``) or cannot be split because a batch holds a reference.  So on two CPUs, whether a page the
+controller wrote or a worker faulted is paged out depended on where the scheduler ran each step (CI under
+load kept pages mapped that an idle run unmaps); on one CPU every batch the scenario filled is the one
+``madvise`` drains.
 """
 
 from __future__ import annotations
@@ -718,7 +728,8 @@ class LiveExecutor:
     ``mounts``: scenario mount path -> real mount path (e.g. from :func:`hmmirror.live.hostenv.tmpfs`);
     file paths are resolved against it (longest prefix wins). ``timeout``: seconds per operation.
     ``drop_caches``: after creating files, write them back and drop their page cache, so every run starts
-    from the same (cold) page-cache state.
+    from the same (cold) page-cache state.  ``one_cpu``: run the controller's file creation and every worker
+    on one CPU (see the module docstring).
     """
 
     processes: Sequence[str] = ("p",)
@@ -726,10 +737,13 @@ class LiveExecutor:
     mounts: Mapping[str, str] = field(default_factory=dict)
     timeout: float = 10.0
     drop_caches: bool = True
+    one_cpu: bool = True
     procs: dict[str, _Proc] = field(default_factory=dict, init=False)
     names: dict[str, _Mapping] = field(default_factory=dict, init=False)
     _created: list[str] = field(default_factory=list, init=False)
     _subreaper: int | None = field(default=None, init=False)
+    _affinity: set[int] | None = field(default=None, init=False)
+    cpu: int | None = field(default=None, init=False)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -749,6 +763,8 @@ class LiveExecutor:
         if not self.processes:
             raise InputError("a scenario needs at least one process")
         self._become_subreaper()
+        if self.one_cpu:
+            self._pin_one_cpu()
         for spec in self.files:
             self._create_file(spec)
         for name in self.processes:
@@ -769,6 +785,23 @@ class LiveExecutor:
                 os.unlink(path)
         self._created.clear()
         self._restore_subreaper()
+        self._unpin()
+
+    def _pin_one_cpu(self) -> None:
+        """Pin the calling thread (and so every worker it forks) to the CPU it runs on now."""
+        allowed = os.sched_getaffinity(0)
+        cpu = _current_cpu()
+        if cpu not in allowed:
+            cpu = min(allowed)
+        self._affinity = set(allowed)
+        os.sched_setaffinity(0, {cpu})
+        self.cpu = cpu
+
+    def _unpin(self) -> None:
+        if self._affinity is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, self._affinity)
+            self._affinity = None
 
     def _become_subreaper(self) -> None:
         """Make orphaned grandchildren (forked workers) our children so they can be reaped."""
@@ -1221,6 +1254,16 @@ def run_ops(ops: Sequence[Mapping[str, Any]], processes: Sequence[str] = ("p",),
     ex.check_paths(ops)
     with ex:
         return [ex.execute(i, op) for i, op in enumerate(ops)]
+
+
+def _current_cpu() -> int:
+    """The CPU the calling thread last ran on (field 39 of /proc/thread-self/stat), -1 if unknown."""
+    try:
+        with open("/proc/thread-self/stat") as f:
+            stat = f.read()
+        return int(stat.rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _wait_zombie(pid: int, timeout: float) -> None:
