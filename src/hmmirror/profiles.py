@@ -78,6 +78,14 @@ class KernelProfile:
                                         # compound_head: pgmap = head + 1, pgmap->type = _folio_nr_pages >> 8
                                         # (2 = DEVICE_COHERENT for 2 MiB folios) -> DEV_COHERENT_REMOTE [6.12];
                                         # fixed by page_pgmap() (folio->pgmap) [6.15+]
+    huge_zero_wp_new_thp: bool = True   # do_huge_pmd_wp_page() on a huge zero PMD allocates a THP for the write
+                                        # [5.2: `goto alloc`, while THP is enabled for the VMA; 6.18:
+                                        # do_huge_zero_wp_pmd()]; False [6.12]: `goto fallback` splits the PMD
+                                        # into zero-page PTEs and do_wp_page() copies the written page only
+    faultaround_skips_ra_mark: bool = False  # a cold read fault's mmap read-around (ra_pages 32 around the
+                                        # fault) marks PG_readahead on page start + nr - ra_pages/4 and
+                                        # next_uptodate_folio() skips it, so fault-around leaves it unmapped
+                                        # [6.12, order-0 read-around, guest]; 6.18.44 maps it (host, measured)
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -125,6 +133,8 @@ V5_2 = KernelProfile(
     dmirror_tail_pgmap_aliases_head=False,
     collapse_needs_writable=True,
     collapse_pmd_null_continues=True,
+    huge_zero_wp_new_thp=True,              # do_huge_pmd_wp_page(): is_huge_zero_pmd -> goto alloc (THP enabled)
+    faultaround_skips_ra_mark=False,        # the spec's §5.5 rule (obs D1); not measured on a 5.2 kernel
 )
 
 V6_18 = KernelProfile(
@@ -166,6 +176,8 @@ V6_18 = KernelProfile(
     dmirror_tail_pgmap_aliases_head=False,
     collapse_needs_writable=False,
     collapse_pmd_null_continues=False,
+    huge_zero_wp_new_thp=True,
+    faultaround_skips_ra_mark=False,        # host 6.18.44: examples/file_faultaround.toml maps pages 16-31
 )
 
 # Debian 13's LTS kernel (6.12.118 as Debian builds it, read from linux-source-6.12 and checked in the test_hmm
@@ -209,6 +221,8 @@ V6_12 = KernelProfile(
     dmirror_tail_pgmap_aliases_head=True,   # page->pgmap aliases compound_head (guest: 0x56 on tails)
     collapse_needs_writable=True,
     collapse_pmd_null_continues=True,
+    huge_zero_wp_new_thp=False,             # do_huge_pmd_wp_page(): is_huge_zero_pmd -> goto fallback (guest)
+    faultaround_skips_ra_mark=True,         # guest: examples/file_faultaround.toml leaves page 28 unmapped
 )
 
 PROFILES = {"5.2": V5_2, "6.12": V6_12, "6.18": V6_18}

@@ -65,3 +65,49 @@ def test_fsdax_pagemap_bits() -> None:
     p.touch(b, PAGE, write=True)                                   # a PTE: the VMA cannot hold a PMD
     pte = p.inspect(b, PAGE)[0]
     assert pte.level == "pte" and pte.kind == "devmap" and not pte.file and not pte.exclusive
+
+
+def test_write_to_huge_zero_pmd_splits_and_copies_one_page() -> None:
+    # 6.12.118 mm/huge_memory.c do_huge_pmd_wp_page(): `if (is_huge_zero_pmd(orig_pmd)) goto fallback` ->
+    # __split_huge_pmd() + VM_FAULT_FALLBACK; the PTE write fault then copies only the written page (guest:
+    # 511 zero-page PTEs and one 4 KiB anonymous page).  6.18 (do_huge_zero_wp_pmd) maps a new THP instead.
+    for kernel, want_huge in (("6.12", False), ("6.18", True)):
+        m = Machine(kernel, ram=256 << 20)
+        p = m.spawn()
+        a = p.mmap(PMD_SIZE, align=PMD_SIZE)
+        p.madvise(a, PMD_SIZE, "hugepage")
+        p.touch(a, 1)
+        assert all(s.zero and s.level == "pmd" for s in p.inspect(a, PMD_SIZE)), kernel
+        p.touch(a + 7 * PAGE, 1, write=True)
+        st = p.inspect(a, PMD_SIZE)
+        if want_huge:
+            assert all(s.kind == "anon" and s.level == "pmd" for s in st)
+        else:
+            assert [i for i, s in enumerate(st) if not s.zero] == [7]
+            assert st[7].kind == "anon" and st[7].level == "pte" and st[7].write
+            assert all(s.kind == "zero" and s.level == "pte" and s.present for i, s in enumerate(st) if i != 7)
+
+
+def _cold_read(kernel: str, file_pages: int, touches: list[int]) -> list[int]:
+    m = Machine(kernel, ram=256 << 20)
+    m.mount("/mnt/e", "ext4")
+    m.create_file("/mnt/e/f", file_pages * PAGE, cached=False)
+    p = m.spawn()
+    a = p.mmap(file_pages * PAGE, "rw", ["shared"], file="/mnt/e/f", align=PMD_SIZE)
+    for t in touches:
+        p.touch(a + t * PAGE, 1)
+    return [i for i, s in enumerate(p.inspect(a, file_pages * PAGE)) if s.present]
+
+
+def test_cold_read_fault_around_skips_the_readahead_mark() -> None:
+    # 6.12.118 mm/filemap.c do_sync_mmap_readahead(): read-around start = pgoff - ra_pages/2, size ra_pages
+    # (32), async ra_pages/4 (8); page_cache_ra_unbounded() sets PG_readahead on start + nr - 8 and
+    # next_uptodate_folio() skips it.  Guest (examples/file_faultaround.toml): a read of page 20 of a 1 MiB
+    # ext4 file maps 16-31 except 28 (start 4, mark 28).  Host 6.18.44 maps all of 16-31.
+    assert _cold_read("6.12", 256, [20]) == [i for i in range(16, 32) if i != 28]
+    assert _cold_read("6.18", 256, [20]) == list(range(16, 32))
+    # near EOF do_page_cache_ra() clamps the read to the last page: 24 pages, fault 20 -> start 4, nr 20,
+    # mark 4 + 20 - 8 = 16
+    assert _cold_read("6.12", 24, [20]) == list(range(17, 24))
+    # a read fault on the marked page clears PG_readahead (page_cache_async_ra) and maps it
+    assert _cold_read("6.12", 256, [20, 28]) == list(range(16, 32))

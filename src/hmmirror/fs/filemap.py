@@ -168,9 +168,38 @@ def readahead_indices(vmf: VmFault, inode: Inode) -> np.ndarray:
     return np.concatenate([idx[faulting], idx[~faulting]])
 
 
-def page_cache_sync_readahead(machine: "Machine", inode: Inode, hindex: int, indices: np.ndarray) -> int:
+#: VM_READAHEAD_PAGES (include/linux/mm.h): the default ``ra_pages`` of a backing device (128 KiB).
+VM_READAHEAD_PAGES = 32
+
+
+def mmap_readaround_mark(vmf: VmFault, inode: Inode) -> int:
+    """do_sync_mmap_readahead() read-around [6.12]: the page index page_cache_ra_unbounded() marks
+    PG_readahead, or -1 (profile ``faultaround_skips_ra_mark`` off, a VM_HUGEPAGE or large-folio read, or no
+    mark below EOF).
+
+    The read-around starts ``ra_pages / 2`` before the fault, reads ``ra_pages`` pages (do_page_cache_ra()
+    clamps them to the page of the last byte) and marks the page ``ra_pages / 4`` before its end (the
+    async region); a read shorter than the async region marks nothing.
+    """
+    vma = vmf.vma
+    profile = vmf.mm.machine.profile
+    if not profile.faultaround_skips_ra_mark or vma.vm_flags & VM.HUGEPAGE \
+            or inode.sb.fstype in profile.large_folio_fs:
+        return -1                               # page_cache_ra_order() large-folio paths mark folios
+    start = max(0, vmf.pgoff - VM_READAHEAD_PAGES // 2)
+    end_index = inode.nr_pages - 1
+    if inode.nr_pages == 0 or start > end_index:
+        return -1
+    nr = min(VM_READAHEAD_PAGES, end_index - start + 1)
+    rel = nr - VM_READAHEAD_PAGES // 4
+    return start + rel if rel >= 0 else -1
+
+
+def page_cache_sync_readahead(machine: "Machine", inode: Inode, hindex: int, indices: np.ndarray,
+                              mark: int = -1) -> int:
     """The readahead I/O (model: synchronous, pages uptodate at once): a PMD-sized folio at ``hindex``
-    (if >= 0 and still possible), else 4 KiB pages for those of ``indices`` still not cached.
+    (if >= 0 and still possible), else 4 KiB pages for those of ``indices`` still not cached; a page read now
+    at index ``mark`` gets PG_readahead (see :func:`mmap_readaround_mark`).
 
     Works on the file only (the caller may have released mmap_sem).  Returns the number of slots added.
     """
@@ -188,6 +217,8 @@ def page_cache_sync_readahead(machine: "Machine", inode: Inode, hindex: int, ind
         indices = indices[mapping.lookup_range(0, int(indices.max()) + 1)[indices] < 0]
     n = add_new_cache_pages(mem, inode, indices, PG.file)
     machine.counters["readahead_pages"] += n
+    if mark >= 0 and mark in indices[:n].tolist():
+        mem.flags[mapping.find_page(mark)] |= np.uint32(PG.readahead)     # folio_set_readahead()
     return n
 
 
@@ -216,10 +247,11 @@ def filemap_fault(vmf: VmFault) -> Gen[int]:
         ret = int(VM_FAULT.MAJOR)
         machine.counters["pgmajfault"] += 1
         hindex, indices = ra_pmd_index(vmf, inode), readahead_indices(vmf, inode)
+        mark = mmap_readaround_mark(vmf, inode)
         if drop_mmap:
             sched.up_read(mm.mmap_sem)
         yield from sched.might_sleep("page_cache_sync_readahead")
-        page_cache_sync_readahead(machine, inode, hindex, indices)
+        page_cache_sync_readahead(machine, inode, hindex, indices, mark)
         if allow_retry:
             return ret | int(VM_FAULT.RETRY)
         pfn = mapping.find_page(offset)
@@ -238,6 +270,10 @@ def filemap_fault(vmf: VmFault) -> Gen[int]:
             return ret | int(VM_FAULT.SIGBUS)
     if offset >= inode.nr_pages:                          # i_size re-checked with the page locked
         return ret | int(VM_FAULT.SIGBUS)
+    if mem.flags[pfn] & PG.readahead:
+        # do_async_mmap_readahead() -> page_cache_async_ra(): folio_clear_readahead(), then the next async
+        # readahead (model: not issued; the pages are read when a fault needs them)
+        mem.flags[pfn] &= PG.mask(PG.readahead)
     mem.get_page(pfn)
     vmf.page = pfn
     return ret
@@ -246,7 +282,8 @@ def filemap_fault(vmf: VmFault) -> Gen[int]:
 def filemap_map_pages(vmf: VmFault, start: int, end: int) -> Gen[int]:
     """filemap_map_pages() (mm/filemap.c, 6.x shape; 5.2 maps the same set through alloc_set_pte()).
 
-    Maps every page of ``[start, end)`` that is cached, uptodate, not locked and below EOF into none PTEs.
+    Maps every page of ``[start, end)`` that is cached, uptodate, not locked, not PG_readahead and below EOF
+    into none PTEs.
     If the PMD is none and the first such page belongs to a PMD-sized folio that fits the VMA, the folio is
     mapped by one PMD instead (filemap_map_pmd -> do_set_pmd).  Nothing cached: no PTE table is installed.
     Takes the PTE (or PMD) lock itself.  Returns the number of entries installed (a PMD counts 1).
@@ -266,7 +303,9 @@ def filemap_map_pages(vmf: VmFault, start: int, end: int) -> Gen[int]:
     ok = (slots >= 0) & (idx < inode.nr_pages)
     if ok.any():
         fl = mem.flags[slots[ok]]
-        good = ((fl & PG.uptodate) != 0) & ((fl & (PG.locked | PG.hwpoison)) == 0)
+        # next_uptodate_folio(): uptodate, not locked, not PG_readahead (set only with the profile's
+        # faultaround_skips_ra_mark), not poisoned
+        good = ((fl & PG.uptodate) != 0) & ((fl & (PG.locked | PG.hwpoison | PG.readahead)) == 0)
         sub = ok.copy()
         sub[ok] = good
         ok = sub

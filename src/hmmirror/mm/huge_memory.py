@@ -157,7 +157,8 @@ def do_huge_pmd_wp_page(vmf: VmFault, orig_pmd: int) -> Gen[int]:
     [5.2] (``not profile.thp_cow_split``): the new THP is allocated only while THP is enabled for the VMA; for
     a shared THP without one, do_huge_pmd_wp_page_fallback() copies it into 512 small pages, and only if that
     fails too the PMD is split (FALLBACK).  [6.18] the huge zero page is always replaced by a new THP when one
-    can be allocated (do_huge_zero_wp_pmd).  Reuse marks the page anon-exclusive again [6.x].
+    can be allocated (do_huge_zero_wp_pmd); [6.12] never: the huge zero PMD is split and the write falls back
+    to the PTE (profile ``huge_zero_wp_new_thp``).  Reuse marks the page anon-exclusive again [6.x].
     """
     from hmmirror.mm.memory import transparent_hugepage_enabled
 
@@ -168,6 +169,11 @@ def do_huge_pmd_wp_page(vmf: VmFault, orig_pmd: int) -> Gen[int]:
     pfn = pte_pfn(orig_pmd)
     ptl = pmd_lockptr(mm, vmf.pmdp)
     huge_zero = is_huge_zero_pmd(mm, orig_pmd)
+    if huge_zero and not machine.profile.huge_zero_wp_new_thp:
+        # [6.12] `if (is_huge_zero_pmd(orig_pmd)) goto fallback`: split into zero-page PTEs, and the PTE
+        # fault that follows (do_wp_page -> wp_page_copy) copies the written page only
+        yield from __split_huge_pmd(vma, vmf.pmdp, vmf.address)
+        return int(VM_FAULT.FALLBACK)
     if not huge_zero:
         yield from sched.spin_lock(ptl)
         if pool.get(vmf.pmdp) != orig_pmd:

@@ -43,6 +43,7 @@ class PG:
     reserved = 1 << 13
     anon_exclusive = 1 << 14  # PG_anon_exclusive [6.x]
     thp = 1 << 15            # part of a transparent huge folio
+    readahead = 1 << 16      # PG_readahead: the page whose access starts the next (async) readahead
 
     @staticmethod
     def mask(bits: int) -> np.uint32:
