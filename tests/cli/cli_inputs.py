@@ -240,7 +240,7 @@ ARG_VALUES = ["", "0", "1", "-1", "nan", "inf", "1e309", "5.2", "6.12", "6.18", 
 #: values worth trying for particular options, besides ARG_VALUES and the case's own directory and file names
 OPTION_VALUES: dict[str, list[str]] = {
     "--dask": ["local:1", "local:2", "local:99999", "tcp://", "tcp://127.0.0.1:1", "a b"],
-    "--driver": ["hmmirror.sim.refdrivers:IntervalMirror", "hmmirror.sim.refdrivers:Nope", "hmmirror.errors:InputError"],
+    "--driver": ["gpusvm", "GPUSVM", "hmmirror.sim.refdrivers:IntervalMirror", "hmmirror.sim.refdrivers:Nope", "hmmirror.errors:InputError"],
     "--kinds": ["anon,file", ",", "anon,,anon"],
     "--events": ["fork", "none,fork", "bogus"],
     "--known": ["/dev/null", "/missing/known.txt", "@known"],

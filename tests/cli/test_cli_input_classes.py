@@ -236,6 +236,14 @@ def test_readme_lists_every_command() -> None:
     assert not missing, f"the README's command table has no row for: {', '.join(missing)}"
 
 
+def test_readme_names_the_built_in_drivers() -> None:
+    from hmmirror.sim.driver import BUILTIN_NAMES
+
+    row = next(r for r in (ROOT / "README.md").read_text().splitlines() if r.startswith("| `hmmirror fuzz"))
+    missing = [n for n in ("builtin", *BUILTIN_NAMES) if n not in row]
+    assert not missing, f"README fuzz row lacks --driver {missing}"
+
+
 def test_readme_row_of_each_command_names_all_its_options() -> None:
     from hmmirror.cli.main import cli as group
 
