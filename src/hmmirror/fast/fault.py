@@ -17,7 +17,8 @@ sequential calls leave:
 What it does not cover (the caller then runs the reference ``handle_mm_fault`` for that page): any VMA that is
 not private anonymous memory, a VMA where THP may be used, a page whose entry is not none at every level,
 a machine with ``fault_hooks`` installed, a calling task holding a spinlock or in atomic context (the
-reference reports ``sleep_in_atomic`` there), and the page where memory runs out (the reference call
+reference reports ``sleep_in_atomic`` there), an address space the OOM reaper marked unstable (the reference
+returns VM_FAULT_SIGBUS: check_stable_address_space), and the page where memory runs out (the reference call
 returns VM_FAULT_OOM for it).  It has no preemption points: between two of the reference's
 ``might_sleep`` points no other task can run in a sequential run, so this equivalence holds for sequential
 use (``sched.run``); under the simulator use the reference walk.
@@ -59,7 +60,7 @@ def anon_fault_ok(vma: "VMA") -> bool:
     if vma.vm_ops is not None or vma.vm_flags & (VM.SHARED | VM.HUGETLB | VM.PFNMAP):
         return False
     machine = vma.vm_mm.machine
-    if machine.fault_hooks:
+    if machine.fault_hooks or vma.vm_mm.unstable:          # MMF_UNSTABLE: the reference call gets SIGBUS
         return False
     task = sched.current()
     if task.atomic or task.holds_spinlock() is not None:

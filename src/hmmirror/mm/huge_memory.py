@@ -25,6 +25,7 @@ from hmmirror.arch.x86.pgtable import (
     pud_leaf,
 )
 from hmmirror.include.mm_types import MMU_NOTIFY, VM, VM_FAULT
+from hmmirror.include.oom import check_stable_address_space
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
 from hmmirror.mm import rmap
@@ -81,12 +82,15 @@ def do_huge_pmd_anonymous_page(vmf: VmFault) -> Gen[int]:
         if zpfn < 0:
             return int(VM_FAULT.FALLBACK)
         yield from sched.spin_lock(ptl)
+        ret = 0
         if pte_none(pool.get(vmf.pmdp)):
-            pool.set(vmf.pmdp, x86.pte_wrprotect(mk_huge_pmd(zpfn, vma.vm_page_prot)))
-            if machine.profile.huge_zero_per_mm:
-                mm.huge_zero_ref = True
+            ret = check_stable_address_space(mm)
+            if not ret:
+                pool.set(vmf.pmdp, x86.pte_wrprotect(mk_huge_pmd(zpfn, vma.vm_page_prot)))
+                if machine.profile.huge_zero_per_mm:
+                    mm.huge_zero_ref = True
         sched.spin_unlock(ptl)
-        return 0
+        return ret
     yield from sched.might_sleep("vma_alloc_folio(HPAGE_PMD_ORDER)")
     head = mem.alloc_folio(9)
     if head < 0:
@@ -98,6 +102,11 @@ def do_huge_pmd_anonymous_page(vmf: VmFault) -> Gen[int]:
         sched.spin_unlock(ptl)
         mem.put_page(head)
         return 0
+    ret = check_stable_address_space(mm)                 # __do_huge_pmd_anonymous_page()
+    if ret:
+        sched.spin_unlock(ptl)
+        mem.put_page(head)
+        return ret
     rmap.page_add_new_anon_rmap(mem, head, HPAGE_PMD_NR)
     pool.set(vmf.pmdp, x86.pte_mkyoung(entry))
     sched.spin_unlock(ptl)

@@ -42,6 +42,7 @@ from hmmirror.arch.x86.pgtable import (
     table_id_of,
 )
 from hmmirror.include.mm_types import FAULT_FLAG, MMU_NOTIFY, VM, VM_FAULT
+from hmmirror.include.oom import check_stable_address_space
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
 from hmmirror.mm import rmap
@@ -293,10 +294,13 @@ def do_anonymous_page(vmf: VmFault) -> Gen[int]:
         entry = mk_pte(mem.zero_pfn, vma.vm_page_prot) | _PAGE_SPECIAL
         entry = x86.pte_wrprotect(entry)
         yield from sched.spin_lock(ptl)
+        ret = 0
         if not vmf_pte_changed(vmf, pool.get(vmf.ptep)):
-            pool.set(vmf.ptep, entry)
+            ret = check_stable_address_space(mm)
+            if not ret:
+                pool.set(vmf.ptep, entry)
         sched.spin_unlock(ptl)
-        return 0
+        return ret
     yield from sched.might_sleep("alloc_zeroed_user_highpage_movable")
     vma.anon_vma = True
     pfn = mem.alloc_page()
@@ -310,6 +314,11 @@ def do_anonymous_page(vmf: VmFault) -> Gen[int]:
         sched.spin_unlock(ptl)
         mem.put_page(pfn)
         return 0
+    ret = check_stable_address_space(mm)
+    if ret:
+        sched.spin_unlock(ptl)
+        mem.put_page(pfn)
+        return ret
     rmap.page_add_new_anon_rmap(mem, pfn)
     pool.set(vmf.ptep, x86.pte_mkyoung(entry))
     sched.spin_unlock(ptl)
@@ -664,6 +673,14 @@ def finish_fault(vmf: VmFault) -> Gen[int]:
     cow = vmf.write and not vma.vm_flags & VM.SHARED
     pfn = vmf.cow_page if cow else vmf.page
     counted = rmap.counted(mem, pfn, mm.machine.profile.dax_refcounted)
+    if not vma.vm_flags & VM.SHARED:                   # "check even for read faults because we might have
+        ret = check_stable_address_space(mm)           # lost our CoWed page"
+        if ret:
+            if counted:
+                mem.put_page(pfn)
+            if not cow:
+                vmf.page = -1
+            return ret
     mapping = None if cow or vma.vm_file is None else vma.vm_file.inode.i_mapping
     extent = folio_extent(mem, mapping, vmf.pgoff) if mapping is not None and 0 <= pfn < mem.nr_ram \
         else (vmf.pgoff, vmf.pgoff + 1)

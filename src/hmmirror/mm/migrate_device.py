@@ -60,6 +60,7 @@ from hmmirror.arch.x86.pgtable import (
     table_id_of,
 )
 from hmmirror.include.mm_types import MMU_NOTIFY, VM
+from hmmirror.include.oom import check_stable_address_space
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
 from hmmirror.mm import rmap
@@ -548,7 +549,7 @@ def migrate_vma_insert_page(migrate: MigrateVma, addr: int, page: int, i: int) -
     yield from sched.spin_lock(ptl)
     ptep = mm.pt.pte_offset_map(pmdp, addr)
     orig = pool.get(ptep)
-    if mm.exited:                                                # check_stable_address_space()
+    if check_stable_address_space(mm):
         sched.spin_unlock(ptl)
         return abort()
     flush = False

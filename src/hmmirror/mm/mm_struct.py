@@ -163,6 +163,7 @@ class MMStruct:
         self.hmm: Any = None                      # struct hmm [5.2]
         self.task = Task(name, "cpu")
         self.exited = False
+        self.unstable = False                     # MMF_UNSTABLE: set by the OOM reaper (mm/oom_kill.py)
         self.huge_zero_ref = False                # [5.2] mm_get_huge_zero_page taken
 
     # -- VMA list ------------------------------------------------------------------------------------------

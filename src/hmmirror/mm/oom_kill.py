@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hmmirror.include.mm_types import MMU_NOTIFY, VM
+from hmmirror.include.oom import check_stable_address_space  # noqa: F401  (re-exported: the reaper's mark)
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
 from hmmirror.mm.memory import unmap_page_range
@@ -39,10 +40,12 @@ def oom_reapable_vma(vma: VMA) -> bool:
 
 
 def __oom_reap_task_mm(mm: "MMStruct") -> Gen[bool]:
-    """__oom_reap_task_mm(): zap every reapable VMA inside a non-blockable UNMAP range.
+    """__oom_reap_task_mm(): mark the mm MMF_UNSTABLE (faults check it: check_stable_address_space), then
+    zap every reapable VMA inside a non-blockable UNMAP range.
 
     Returns False when a subscriber refused a range (that VMA was left untouched), True otherwise.
     """
+    mm.unstable = True                           # set_bit(MMF_UNSTABLE, &mm->flags)
     ret = True
     for vma in list(mm.vmas):
         if not oom_reapable_vma(vma):

@@ -238,8 +238,11 @@ class HmmRangeInput:
 
     def cpu_allows(self, start: int, end: int, write: bool) -> bool:
         """Would the CPU's own access succeed?  Anonymous, shmem and file mappings with the permission, and
-        no hwpoisoned page (device-backed mappings can fail for reasons of their own: not judged)."""
+        no hwpoisoned page (device-backed mappings can fail for reasons of their own: not judged); never in an
+        address space the OOM reaper marked unstable (check_stable_address_space)."""
         mm = self.mm
+        if getattr(mm, "unstable", False):
+            return False               # MMF_UNSTABLE (OOM-reaped): the CPU's own fault gets SIGBUS too
         need = VM.READ | (VM.WRITE if write else 0)
         va = start
         while va < end:
