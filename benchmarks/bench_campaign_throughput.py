@@ -80,6 +80,22 @@ print(json.dumps({"runs": runs, "steps": steps, "cpu": time.process_time() - c0,
                   "wall": time.perf_counter() - t0}))
 """
 
+#: a campaign on a CPU clock: ``time.monotonic``/``time.time`` advance with this process's CPU time, so the
+#: campaign's deadline, its shrink budgets and everything else it times are CPU-seconds whatever the load
+CAMPAIGN = r"""
+import json, sys, tempfile, time
+_pt, _m0, _w0 = time.process_time, time.monotonic(), time.time()
+_c0 = _pt()
+time.monotonic = lambda: _m0 + (_pt() - _c0)
+time.time = lambda: _w0 + (_pt() - _c0)
+kernel, seconds, seed, out = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+from hmmirror.sim.fuzz import Config, campaign
+cfg = Config(kernel=kernel, seconds=seconds, seed=seed, jobs=1, findings_dir=out)
+st = campaign(cfg, time.monotonic() + seconds)
+print(json.dumps({"runs": st.runs, "steps": st.steps, "findings": len(st.findings),
+                  "own_cpu": _pt() - _c0}))
+"""
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -127,7 +143,18 @@ def env_for(src: str) -> dict[str, str]:
 
 
 def campaign(tree: str, kernel: str, seconds: float, seed: int, work: str, tag: str, rep: int) -> dict[str, float]:
+    """One worker's campaign of ``seconds`` CPU-seconds (its own process; fresh replays counted on top)."""
     fd = os.path.join(work, f"findings-{tag}-{seed}-{rep}")
+    out, cpu, wall = sh([sys.executable, "-c", CAMPAIGN, kernel, str(seconds), str(seed), fd], cwd=work,
+                        env=env_for(tree))
+    doc = json.loads(out.strip().splitlines()[-1])
+    return {"runs": doc["runs"], "steps": doc["steps"], "cpu": cpu, "wall": wall, "own_cpu": doc["own_cpu"],
+            "steps_per_cpu_s": doc["steps"] / max(cpu, 1e-9), "findings": doc["findings"]}
+
+
+def cli_campaign(tree: str, kernel: str, seconds: float, seed: int, work: str, tag: str, rep: int) -> dict[str, float]:
+    """``hmmirror fuzz --jobs 1 --seconds S`` (wall-clock seconds: what a user runs)."""
+    fd = os.path.join(work, f"cli-findings-{tag}-{seed}-{rep}")
     out, cpu, wall = sh([sys.executable, "-m", "hmmirror.cli.main", "fuzz", "--kernel", kernel, "--jobs", "1",
                          "--seconds", str(seconds), "--seed", str(seed), "--json", "--findings", fd],
                         cwd=work, env=env_for(tree))
@@ -160,7 +187,9 @@ def main() -> None:
     ap.add_argument("--baseline", default="8a13503", help="baseline commit (default: 8a13503, main before issue 10)")
     ap.add_argument("--current", default="HEAD", help="commit (or a directory holding a tree) to compare")
     ap.add_argument("--kernel", default="5.2")
-    ap.add_argument("--seconds", type=float, default=60.0, help="seconds per campaign")
+    ap.add_argument("--seconds", type=float, default=20.0, help="CPU-seconds per campaign (on a CPU clock)")
+    ap.add_argument("--cli-seconds", type=float, default=0.0,
+                    help="also run `hmmirror fuzz --seconds N` per seed and tree (wall clock; 0: not)")
     ap.add_argument("--seeds", default="9101,9102,9103", help="campaign seeds (one campaign per tree each)")
     ap.add_argument("--reps", type=int, default=2, help="repetitions of every campaign and of the fixed workload")
     ap.add_argument("--scenarios", type=int, default=40, help="fixed workload: scenarios from the baseline generator")
@@ -204,18 +233,23 @@ def main() -> None:
                           f"{out['cpu']:.1f} CPU-s ({out['wall']:.1f} s wall) -> {out['steps_per_cpu_s']:.0f} "
                           f"steps/CPU-s", flush=True)
 
-        # campaigns, alternating
+        # campaigns on a CPU clock, alternating; then (optional) CLI campaigns on the wall clock
         camp: dict[str, list[dict[str, float]]] = {"baseline": [], "current": []}
+        cli: dict[str, list[dict[str, float]]] = {"baseline": [], "current": []}
         seeds = [int(s) for s in args.seeds.split(",") if s]
-        for rep in range(args.reps):
-            for seed in seeds:
-                for tag in order(rep):
-                    r = campaign(trees[tag], args.kernel, args.seconds, seed, work, tag, rep)
-                    r.update(seed=seed, rep=rep)
-                    camp[tag].append(r)
-                    print(f"  campaign {tag:8s} seed {seed} rep {rep}: {r['runs']} runs {r['steps']} steps, "
-                          f"{r['cpu']:.1f} CPU-s -> {r['steps_per_cpu_s']:.0f} steps/CPU-s "
-                          f"({r['steps_per_s']:.0f} steps/s of --seconds, wall {r['wall']:.0f} s)", flush=True)
+        for what, fn, secs, acc in (("campaign", campaign, args.seconds, camp),
+                                    ("cli", cli_campaign, args.cli_seconds, cli)):
+            if secs <= 0:
+                continue
+            for rep in range(args.reps):
+                for seed in seeds:
+                    for tag in order(rep):
+                        r = fn(trees[tag], args.kernel, secs, seed, work, tag, rep)
+                        r.update(seed=seed, rep=rep)
+                        acc[tag].append(r)
+                        print(f"  {what:8s} {tag:8s} seed {seed} rep {rep}: {r['runs']} runs {r['steps']} steps, "
+                              f"{r['findings']} findings, {r['cpu']:.1f} CPU-s -> {r['steps_per_cpu_s']:.0f} "
+                              f"steps/CPU-s (wall {r['wall']:.0f} s)", flush=True)
         load1 = os.getloadavg()
     finally:
         for d in made:
@@ -223,18 +257,19 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     res: dict[str, object] = {"baseline": args.baseline, "current": args.current, "kernel": args.kernel,
-                              "seconds": args.seconds, "reps": args.reps, "load_before": load0,
-                              "load_after": load1, "campaign_runs": camp, "fixed_runs": fixed}
+                              "seconds": args.seconds, "cli_seconds": args.cli_seconds, "reps": args.reps,
+                              "load_before": load0, "load_after": load1, "campaign_runs": camp, "cli_runs": cli,
+                              "fixed_runs": fixed}
     print()
-    if camp["current"]:
-        s = summary([(b["steps_per_cpu_s"], c["steps_per_cpu_s"]) for b, c in zip(camp["baseline"], camp["current"])])
-        w = summary([(b["steps_per_s"], c["steps_per_s"]) for b, c in zip(camp["baseline"], camp["current"])])
-        res["campaign"], res["campaign_wall"] = s, w
-        print(f"campaign steps per CPU-second (one worker): baseline {s['baseline_median']:.0f}, current "
+    for what, acc, how in (("campaign", camp, f"{args.seconds:.0f} CPU-s campaigns, one worker"),
+                           ("cli", cli, f"`hmmirror fuzz --jobs 1 --seconds {args.cli_seconds:.0f}`")):
+        if not acc["current"]:
+            continue
+        s = summary([(b["steps_per_cpu_s"], c["steps_per_cpu_s"]) for b, c in zip(acc["baseline"], acc["current"])])
+        res[what] = s
+        print(f"{what} steps per CPU-second ({how}): baseline {s['baseline_median']:.0f}, current "
               f"{s['current_median']:.0f} (medians of {s['n']}); ratio median x{s['ratio_median']:.2f}, "
               f"spread x{s['ratio_min']:.2f}-x{s['ratio_max']:.2f}")
-        print(f"campaign steps per --seconds (wall, load-dependent): ratio median x{w['ratio_median']:.2f}, "
-              f"spread x{w['ratio_min']:.2f}-x{w['ratio_max']:.2f}")
     if fixed["current"]:
         f = summary([(b["steps_per_cpu_s"], c["steps_per_cpu_s"]) for b, c in zip(fixed["baseline"], fixed["current"])])
         res["fixed"] = f

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE
+from hmmirror.include.mm_types import VM
 from hmmirror.sim.findings import frame_stack
 
 TAG_MAGIC = 0xD1 << 56
@@ -355,10 +356,8 @@ class DataLost:
 
 
 def _private_anon(vma: Any) -> bool:
-    from hmmirror.include.mm_types import VM
-    from hmmirror.mm.mm_struct import vma_is_anonymous
-
-    return bool(vma_is_anonymous(vma)) and not vma.vm_flags & VM.SHARED
+    # vma_is_anonymous() (no vm_ops) and not VM_SHARED (imports at module level: this runs per page accessed)
+    return vma.vm_ops is None and not vma.vm_flags & VM.SHARED
 
 
 def _caller_of_mm(stack: list[str]) -> str:
