@@ -194,3 +194,47 @@ def test_device_data_accesses_of_a_range_equal_page_by_page(monkeypatch):
     assert [(t[0][2], t[1]) for t in trips[::2]] == [([], 24), ([], 80)], trips
     for t in trips[1::2]:                    # no copy: the device reads what was not written there
         assert "data_lost" in {f[0].split("|")[0] for f in t[0][2]}, t
+
+
+def test_commit_invalid_pre_check_is_a_superset_of_its_reports():
+    """Whatever the state (invalidations delivered and ended, HMM calls of this and other tasks, the task's
+    own migration step), every page ``commit_invalid`` reports at a range commit is among the pages its
+    vectorised pre-check hands it (else the range path would skip a report)."""
+    import random
+    from types import SimpleNamespace
+
+    from hmmirror.sim.invariants import CommitBatch, CommitInvalid, Tracker
+
+    rnd = random.Random(5)
+    reported_any = 0
+    for _ in range(300):
+        t = Tracker()
+        t.migrating = {}
+        got = []
+        eng = SimpleNamespace(step=rnd.randrange(5, 40), violate=lambda inv, msg, **kw: got.append(kw["addr"]))
+        ci = CommitInvalid(t)
+        ci.engine = eng
+        st = SimpleNamespace(idx=rnd.randrange(3))
+        va0, n = 0x100000, 24
+        for _k in range(rnd.randrange(4)):
+            s = va0 + rnd.randrange(n) * K
+            t.delivered.append([s, s + rnd.randrange(1, 8) * K, rnd.randrange(eng.step + 2),
+                                rnd.choice([None, rnd.randrange(eng.step)]), rnd.choice([0, 1, -2])])
+        for _k in range(rnd.randrange(5)):
+            s = va0 + rnd.randrange(n) * K
+            ci.calls.append((s, s + rnd.randrange(1, 10) * K, rnd.randrange(eng.step), rnd.randrange(3)))
+        ci.snap[st.idx] = rnd.randrange(eng.step)
+        ci.fault_at[st.idx] = rnd.randrange(eng.step)
+        ci.own_at[st.idx] = rnd.choice([-1, rnd.randrange(eng.step)])
+        items = [(1000 + i, bool(i % 2)) if rnd.random() < 0.8 else None for i in range(n)]
+        mapped = [i for i, it in enumerate(items) if it is not None]
+        if not mapped:
+            continue
+        sus = set(ci.commit_suspects(st, CommitBatch(va0, items, mapped)))
+        for i in mapped:
+            got.clear()
+            ci.on_commit(st, va0 + i * K, items[i][0], items[i][1])
+            if got:
+                reported_any += 1
+                assert i in sus, (i, sorted(sus))
+    assert reported_any > 50

@@ -912,11 +912,17 @@ class CommitInvalid:
             self.t.prune(min(self.snap.values()) if self.snap else 0)
 
     def commit_suspects(self, st: Any, b: CommitBatch) -> Any:
-        """The pages of a range commit :meth:`on_commit` can report: inside an invalidation that overlaps the
-        committing task's snapshot."""
+        """The pages of a range commit :meth:`on_commit` can report (a superset): inside an invalidation that
+        overlaps the earliest snapshot any page of the range can have -- :meth:`snapshot_of` returns the
+        task's latest call step or the begin step of a call covering the page (or a later step), so the
+        earliest of those bounds it from below."""
         if st is None:
             return ()
         step, snap = self.engine.step, self.snap.get(st.idx, 0)
+        lo, hi = int(b.va[0]), int(b.va[-1]) + PAGE_SIZE
+        for start, end, begin, _idx in self.calls:
+            if start < hi and lo < end and begin < snap:
+                snap = begin
         bad = np.zeros(b.idx.size, dtype=bool)
         for d in self.t.delivered:
             if d[2] <= step and (d[3] is None or d[3] >= snap) and d[4] != -2:
