@@ -16,7 +16,8 @@ from hmmirror.errors import InputError
 @seed_option("--seed", default=None, help="replay the seeded run SEED instead of a file")
 @click.option("--kernel", default="6.18", show_default=True, help="kernel profile of a --seed run")
 @click.option("--driver", default="builtin", show_default=True, help="driver of a --seed run")
-@click.option("--png", "png", metavar="OUT", default=None, help="draw the interleaving as swim lanes, with the pages' placement band, into this PNG")
+@click.option("--png", "png", metavar="OUT", default=None,
+              help="draw the interleaving as swim lanes, with the pages' placement band, into this PNG")
 @click.option("--log", "log", metavar="OUT", default=None, help="write the event log and trace to this file")
 @click.option("--every-step", is_flag=True, help="run the page-count walk at every step")
 @click.option("--json", "as_json", is_flag=True, help="print the outcome as JSON")

@@ -146,7 +146,7 @@ class DrmGpusvm(DriverBase):
 
     # -- set-up ------------------------------------------------------------------------------------------
     def bind(self, mm: Any) -> Gen[int]:
-        """drm_gpusvm_init() and the driver's device memory (drm_pagemap: a device-private pagemap)."""
+        """drm_gpusvm_init() [6.18] and the driver's device memory (drm_pagemap: a device-private pagemap)."""
         ret = yield from super().bind(mm)
         if ret:
             return ret
@@ -198,8 +198,9 @@ class DrmGpusvm(DriverBase):
         return ret
 
     def xe_svm_handle_pagefault(self, addr: int, write: bool, devmem: bool) -> Gen[tuple[int, int]]:
-        """One fault address: garbage-collect, find or insert its range, optionally migrate it to device
-        memory, get its pages, bind; retry when the CPU mappings changed.  Returns ``(err, range end)``."""
+        """xe_svm_handle_pagefault() [6.18], one fault address: garbage-collect, find or insert its range,
+        optionally migrate it to device memory, get its pages, bind; retry when the CPU mappings changed.
+        Returns ``(err, range end)``."""
         from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
 
         timeout = jiffies(self.machine) + msecs_to_jiffies(HMM_RANGE_DEFAULT_TIMEOUT)
@@ -241,14 +242,14 @@ class DrmGpusvm(DriverBase):
 
     @staticmethod
     def drm_gpusvm_range_find(notifier: DrmGpusvmNotifier, start: int, end: int) -> DrmGpusvmRange | None:
-        """drm_gpusvm_range_find(): the first range of ``notifier`` overlapping ``[start, end)``."""
+        """drm_gpusvm_range_find() [6.18]: the first range of ``notifier`` overlapping ``[start, end)``."""
         for r in notifier.ranges:
             if r.start < end and start < r.end:
                 return r
         return None
 
     def drm_gpusvm_range_find_or_insert(self, addr: int, write: bool, devmem: bool) -> Gen[Any]:
-        """drm_gpusvm_range_find_or_insert(): the range covering ``addr``, a new one (and its notifier) if none;
+        """drm_gpusvm_range_find_or_insert() [6.18]: the range covering ``addr``, a new one (and its notifier) if none;
         -errno: no VMA (-ENOENT), a write to a VMA without VM_WRITE (-EPERM), no chunk fits (-EINVAL)."""
         from hmmirror.mm.mm_struct import vma_is_anonymous
 
@@ -297,7 +298,7 @@ class DrmGpusvm(DriverBase):
         return err if err else rng
 
     def drm_gpusvm_range_chunk_size(self, notifier: DrmGpusvmNotifier, vma: Any, addr: int) -> Gen[int]:
-        """drm_gpusvm_range_chunk_size(): the largest chunk aligned around ``addr`` inside the VMA and the
+        """drm_gpusvm_range_chunk_size() [6.18]: the largest chunk aligned around ``addr`` inside the VMA and the
         notifier, not overlapping another range, and (up to the threshold) faulted in on the CPU; -1 if none."""
         for size in self.chunk_sizes:
             start, end = _align_down(addr, size), _align(addr + 1, size)
@@ -313,7 +314,7 @@ class DrmGpusvm(DriverBase):
         return -1
 
     def drm_gpusvm_check_pages(self, notifier: DrmGpusvmNotifier, start: int, end: int) -> Gen[bool]:
-        """drm_gpusvm_check_pages(): has the CPU faulted in every page of ``[start, end)``?  A snapshot
+        """drm_gpusvm_check_pages() [6.18]: has the CPU faulted in every page of ``[start, end)``?  A snapshot
         (``default_flags = 0``) retried on -EBUSY until the timeout; the mmap lock is held."""
         from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
         from hmmirror.mm.hmm import modern as hmm
@@ -338,7 +339,7 @@ class DrmGpusvm(DriverBase):
         return bool(((rng.hmm_pfns[:npages] & np.uint64(hmm.HMM_PFN_VALID)) != 0).all())
 
     def drm_gpusvm_range_get_pages(self, rng: DrmGpusvmRange, write: bool) -> Gen[int]:
-        """drm_gpusvm_range_get_pages(): fault the range in and DMA-map its pages, valid for the sequence
+        """drm_gpusvm_range_get_pages() [6.18]: fault the range in and DMA-map its pages, valid for the sequence
         it read; 0, or -errno (-EFAULT: the range was unmapped meanwhile; -EOPNOTSUPP: a range mixing
         device and system pages)."""
         from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
@@ -413,14 +414,14 @@ class DrmGpusvm(DriverBase):
             return 0
 
     def _unmap_pages(self, rng: DrmGpusvmRange) -> None:
-        """__drm_gpusvm_range_unmap_pages(): DMA-unmap the range (notifier lock held)."""
+        """__drm_gpusvm_range_unmap_pages() [6.18]: DMA-unmap the range (notifier lock held)."""
         for iova in rng.dma:
             self.pt.dma_unmap_page(iova)
         rng.dma = []
         rng.has_dma_mapping = rng.has_devmem_pages = False
 
     def driver_bind_range(self, rng: DrmGpusvmRange, write: bool) -> Gen[int]:
-        """driver_bind_range(): program the GPU page table under the notifier lock if the pages are still
+        """driver_bind_range() [6.18]: program the GPU page table under the notifier lock if the pages are still
         valid (``drm_gpusvm_range_pages_valid``), else -EAGAIN."""
         yield from sched.down_read(self.notifier_lock)
         if not (rng.has_dma_mapping or rng.has_devmem_pages) or rng.pfns is None:
@@ -433,7 +434,7 @@ class DrmGpusvm(DriverBase):
 
     # -- the notifier callback -----------------------------------------------------------------------------
     def invalidate(self, inv: Invalidation) -> Gen[bool]:
-        """drm_gpusvm_notifier_invalidate() + the driver's ``invalidate`` (xe_svm_invalidate): not blockable ->
+        """drm_gpusvm_notifier_invalidate() [6.18] + the driver's ``invalidate`` (xe_svm_invalidate): not blockable ->
         false; else under ``down_write(notifier_lock)``: set the sequence, zap the GPU PTEs of every range the
         event touches and flush the TLB, DMA-unmap them; on UNMAP mark them unmapped and queue them for the
         garbage collector."""
@@ -465,7 +466,7 @@ class DrmGpusvm(DriverBase):
 
     @staticmethod
     def drm_gpusvm_range_set_unmapped(rng: DrmGpusvmRange, start: int, end: int) -> None:
-        """drm_gpusvm_range_set_unmapped(): the CPU unmapped (part of) the range."""
+        """drm_gpusvm_range_set_unmapped() [6.18]: the CPU unmapped (part of) the range."""
         rng.unmapped = True
         if start > rng.start or end < rng.end:
             rng.partial_unmap = True
@@ -478,7 +479,7 @@ class DrmGpusvm(DriverBase):
         sched.mutex_unlock(self.svm_lock)
 
     def garbage_collector(self) -> Gen[None]:
-        """driver_garbage_collector(): remove every unmapped range (driver vm lock held); a partially unmapped
+        """driver_garbage_collector() [6.18]: remove every unmapped range (driver vm lock held); a partially unmapped
         range's device pages go back to RAM first."""
         while self.gc_list:
             rng = self.gc_list.pop(0)
@@ -488,7 +489,7 @@ class DrmGpusvm(DriverBase):
             yield from self.drm_gpusvm_range_remove(rng)
 
     def drm_gpusvm_range_remove(self, rng: DrmGpusvmRange) -> Gen[None]:
-        """drm_gpusvm_range_remove(): unbind and DMA-unmap the range, take it out of its notifier, and remove
+        """drm_gpusvm_range_remove() [6.18]: unbind and DMA-unmap the range, take it out of its notifier, and remove
         the notifier with its last range (``mmu_interval_notifier_remove`` waits for a running callback)."""
         notifier = rng.notifier
         yield from sched.down_read(self.notifier_lock)
@@ -505,7 +506,7 @@ class DrmGpusvm(DriverBase):
                 yield from self.notifier_remove(notifier.sub)
 
     def drm_gpusvm_range_evict(self, rng: DrmGpusvmRange, pinned: bool = False) -> Gen[int]:
-        """drm_gpusvm_range_evict(): fault the range in with ``dev_private_owner = NULL`` -- every device page
+        """drm_gpusvm_range_evict() [6.18]: fault the range in with ``dev_private_owner = NULL`` -- every device page
         in it migrates back to RAM through its ``migrate_to_ram`` -- retried on -EBUSY until the timeout."""
         from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
         from hmmirror.mm.hmm import modern as hmm
@@ -556,7 +557,7 @@ class DrmGpusvm(DriverBase):
         return a
 
     def drm_pagemap_page_free(self, page: int) -> None:
-        """drm_pagemap_page_free(): a device page's last reference went (zdd put): back to the allocator."""
+        """drm_pagemap_page_free() [6.18]: a device page's last reference went (zdd put): back to the allocator."""
         off = page - self.pgmap.res.start
         aid = int(self.page_alloc[off])
         self.page_alloc[off] = -1
@@ -619,7 +620,7 @@ class DrmGpusvm(DriverBase):
         return err
 
     def drm_pagemap_migrate_to_ram(self, vmf: Any) -> Gen[int]:
-        """drm_pagemap_migrate_to_ram() (``migrate_to_ram``; __drm_gpusvm_migrate_to_ram in 6.15): bring the
+        """drm_pagemap_migrate_to_ram() (6.18 ``migrate_to_ram``; __drm_gpusvm_migrate_to_ram in 6.15): bring the
         pages of the faulting allocation in the allocation-sized window around the address back to RAM, the
         faulting page included (``fault_page = vmf->page``).  VM_FAULT_SIGBUS if that fails."""
         from hmmirror.include.mm_types import VM_FAULT
@@ -659,7 +660,7 @@ class DrmGpusvm(DriverBase):
         return 0
 
     def drm_pagemap_evict_to_ram(self, alloc: DrmPagemapDevmem) -> Gen[int]:
-        """drm_pagemap_evict_to_ram() (drm_gpusvm_evict_to_ram in 6.15): move an allocation's pages back to RAM
+        """drm_pagemap_evict_to_ram() (6.18; drm_gpusvm_evict_to_ram in 6.15): move an allocation's pages back to RAM
         wherever they are mapped (``migrate_device_pfns``; no mmap lock)."""
         from hmmirror.mm import migrate_device as md
         from hmmirror.mm.folio import folio_trylock
@@ -694,7 +695,7 @@ class DrmGpusvm(DriverBase):
 
     # -- teardown ------------------------------------------------------------------------------------------
     def teardown(self) -> Gen[None]:
-        """drm_gpusvm_fini(): the notifiers are gone; remove every range (DMA unmap included)."""
+        """drm_gpusvm_fini() [6.18]: the notifiers are gone; remove every range (DMA unmap included)."""
         yield from sched.down_read(self.notifier_lock)
         for n in self.gpusvm_notifiers:
             n.removed = True
