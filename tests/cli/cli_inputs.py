@@ -249,13 +249,13 @@ OPTION_VALUES: dict[str, list[str]] = {
     "--range": ["m0:m0+4K", "buf", "buf+4K:buf", "0:1T", "zz:zz+1"],
     "--proc": ["app", "nosuch"],
     "--max-disagreements": ["0", "1048577"],
-    "--runs": ["2", str(1 << 40), str((1 << 40) + 1)],
+    "--runs": ["2", str(1 << 40), str((1 << 40) + 1)],      # 2**40 is valid: FUZZ_BOUNDS' --seconds ends it
     "--seed": [str(2**63), str(2**64), "0x10"],
     "--profile": ["5.2", "6.12"],
 }
 FILE_VALUES = ["/", "/dev/null", "/missing/scenario.toml", "@scenario", "@reproducer", "@dir"]
 #: bounds a fuzz campaign of a random command line gets unless the line sets them: one cheap run
-FUZZ_BOUNDS = {"--runs": "1", "--scheduler": "random", "--kinds": "anon", "--events": "none"}
+FUZZ_BOUNDS = {"--runs": "1", "--seconds": "5", "--scheduler": "random", "--kinds": "anon", "--events": "none"}
 
 
 def _value(draw: st.DrawFn, p: Any, tmp: str) -> str:
@@ -310,7 +310,7 @@ def argv_cases(draw: st.DrawFn, tmp: str) -> Case:
         for _ in range(n):
             file_like = isinstance(a.type, click.Path) or a.name in ("file", "files")
             argv.append(_file_arg(draw, cmd, tmp) if file_like else draw(st.sampled_from(ARG_VALUES)))
-    if cmd == ("fuzz",):                   # a valid campaign stays short: one run, one kind, no events
+    if cmd == ("fuzz",):                   # a valid campaign stays short: one run or 5 s, one kind, no events
         for opt, v in FUZZ_BOUNDS.items():
             if opt not in argv:
                 argv += [opt, v]
