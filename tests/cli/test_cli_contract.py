@@ -213,3 +213,31 @@ def test_fuzz_findings_exit_1_and_clean_run_exit_0(tmp_path: Path) -> None:
               "--events", "none", "--scheduler", "random")
     assert good.returncode == 0, good.stderr[-2000:]
     assert json.loads(good.stdout)["findings"] == []
+
+
+def test_replay_shows_the_saved_finding_of_a_multi_finding_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # a run can break several invariants (the 5.2 PUD-lock runs give sleep_in_atomic, recursive_lock and
+    # deadlock at once); replaying the deadlock's reproducer must show the deadlock, and the others as "also"
+    import hmmirror.sim.replay as replay_mod
+    from hmmirror.sim.findings import Finding
+
+    repro = ROOT / "docs" / "sim-reproducers" / "sleep-in-atomic-hmm-invalidate-range-end-376317d3.toml"
+    real = replay_mod.replay_file(str(repro))
+    saved = real.expected["signature"]
+    first = Finding("recursive_lock", "the first one", 1, "t0", location="x.y")
+
+    class Two:
+        result = real.result
+        expected = real.expected
+        reproduced = True
+
+    real.result.findings[:0] = [first]                 # the saved finding is no longer the run's first
+    real.result.finding = first
+    monkeypatch.setattr(replay_mod, "replay_file", lambda *a, **k: Two)
+    code, out, _ = cli(["replay", str(repro), "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 0 and doc["finding"]["signature"] == saved
+    assert [x["signature"] for x in doc["also"]] == [first.signature]
+    code, out, _ = cli(["replay", str(repro)], capsys)
+    assert f"also: [recursive_lock] {first.signature}" in out and f"reproduced: {saved}" in out

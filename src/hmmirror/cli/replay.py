@@ -57,12 +57,18 @@ def command(file: str | None, seed: int | None, kernel: str, driver: str, png: s
         from hmmirror.sim.lanes import draw_lanes
         draw_lanes(res, png)
     f = res.finding
+    if expected is not None:                        # a run can break several invariants: show the saved one
+        f = next((x for x in res.findings if x.signature == expected.get("signature")), f)
+    others = [x for x in res.findings if x is not f]
     if as_json:
         sys.stdout.write(json.dumps({"reproduced": ok, "steps": res.steps, "diverged": res.diverged,
-                                     "finding": f.to_json() if f else None}) + "\n")
+                                     "finding": f.to_json() if f else None,
+                                     "also": [x.to_json() for x in others]}) + "\n")
     else:
         click.echo(f"{res.steps} steps" + (f", schedule diverged: {res.diverged}" if res.diverged else ""))
         click.echo(f.describe() if f else "no finding")
+        for x in others:
+            click.echo(f"also: [{x.invariant}] {x.signature} (step {x.step})")
         if expected is not None:
             click.echo(("reproduced: " if ok else "NOT reproduced, expected: ") + str(expected.get("signature")))
     return EXIT_OK if ok else EXIT_FOUND
