@@ -140,12 +140,14 @@ class Process:
             advice = int(ADVICE[advice.lower()])
         return self._run(do_madvise(self.mm, addr, length, advice), "madvise")
 
-    def mremap(self, addr: int, old_len: int, new_len: int, maymove: bool = True, new_addr: int = 0) -> int:
-        """mremap(2) (MREMAP_MAYMOVE, and MREMAP_FIXED when ``new_addr`` is given); returns the new address."""
+    def mremap(self, addr: int, old_len: int, new_len: int, maymove: bool = True, new_addr: int = 0,
+               dontunmap: bool = False) -> int:
+        """mremap(2) (MREMAP_MAYMOVE, MREMAP_FIXED when ``new_addr`` is given, MREMAP_DONTUNMAP [6.x]); returns
+        the new address."""
         from hmmirror.mm.mremap import do_mremap
 
         self._check_range(addr, old_len, "mremap")
-        flags = (1 if maymove else 0) | (2 if new_addr else 0)
+        flags = (1 if maymove else 0) | (2 if new_addr else 0) | (4 if dontunmap else 0)
         return self._run(do_mremap(self.mm, addr, old_len, new_len, flags, new_addr), "mremap")
 
     def fork(self, child: str) -> "Process":

@@ -86,6 +86,8 @@ class KernelProfile:
                                         # fault) marks PG_readahead on page start + nr - ra_pages/4 and
                                         # next_uptodate_folio() skips it, so fault-around leaves it unmapped
                                         # [6.12, order-0 read-around, guest]; 6.18.44 maps it (host, measured)
+    mremap_dontunmap: bool = False      # mremap(MREMAP_DONTUNMAP): move the entries, keep the old VMA mapped and
+                                        # empty [5.7+; any VMA but VM_DONTEXPAND/VM_PFNMAP since 5.13]; else -EINVAL
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -178,6 +180,7 @@ V6_18 = KernelProfile(
     collapse_pmd_null_continues=False,
     huge_zero_wp_new_thp=True,
     faultaround_skips_ra_mark=False,        # host 6.18.44: examples/file_faultaround.toml maps pages 16-31
+    mremap_dontunmap=True,
 )
 
 # Debian 13's LTS kernel (6.12.118 as Debian builds it, read from linux-source-6.12 and checked in the test_hmm
@@ -223,6 +226,7 @@ V6_12 = KernelProfile(
     collapse_pmd_null_continues=True,
     huge_zero_wp_new_thp=False,             # do_huge_pmd_wp_page(): is_huge_zero_pmd -> goto fallback (guest)
     faultaround_skips_ra_mark=True,         # guest: examples/file_faultaround.toml leaves page 28 unmapped
+    mremap_dontunmap=True,
 )
 
 PROFILES = {"5.2": V5_2, "6.12": V6_12, "6.18": V6_18}

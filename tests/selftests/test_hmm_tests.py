@@ -957,31 +957,36 @@ def test_migrate_partial_unmap_fault(proc, fd, use_thp, j):
 
 
 def test_migrate_remap_fault(proc, fd):
-    """Migrate, mremap(MREMAP_MAYMOVE | MREMAP_FIXED) the range before or after the migration to three
-    offsets past it, fault it back at the new address (THP on and off).  The C test also loops over
-    MREMAP_DONTUNMAP, which the model's mremap does not have (-EINVAL): that half is not ported."""
+    """Migrate, mremap(MREMAP_MAYMOVE | MREMAP_FIXED [| MREMAP_DONTUNMAP]) the range before or after the
+    migration to three offsets past it, fault it back at the new address (THP on and off): the device-private
+    entries move with the page tables."""
     size = PMD_SIZE
     npages = size >> 12
     data = pattern(size)
     for before in (0, 1):
-        for use_thp in (0, 1):
-            for off in (0, size // 4, size // 2):
-                buffer = HmmBuffer(8 * size, size)
-                buffer.mirror[:] = b"\xff" * size
-                old_ptr = proc.mmap(8 * size, "rw", ["private", "anonymous"])
-                mapped = (old_ptr + size - 1) & ~(size - 1)
-                assert proc.madvise(mapped, size, "hugepage" if use_thp else "nohugepage") == 0
-                proc.munmap(mapped + size, 2 * size)
-                buffer.ptr = mapped
-                proc.write_bytes(buffer.ptr, data)
-                if before:
-                    buffer.ptr = new_ptr = proc.mremap(mapped, size, size, True, mapped + size + off)
-                ret = hmm_migrate_sys_to_dev(fd, buffer, npages)
-                assert ret == 0
-                assert buffer.cpages == npages
-                assert bytes(buffer.mirror) == data
-                if not before:
-                    buffer.ptr = new_ptr = proc.mremap(mapped, size, size, True, mapped + size + off)
-                assert proc.read_bytes(buffer.ptr, size) == data   # faults back at the new address
-                proc.munmap(new_ptr, size)
-                proc.munmap(old_ptr, 8 * size)
+        for dont_unmap in (0, 1):
+            for use_thp in (0, 1):
+                for off in (0, size // 4, size // 2):
+                    buffer = HmmBuffer(8 * size, size)
+                    buffer.mirror[:] = b"\xff" * size
+                    old_ptr = proc.mmap(8 * size, "rw", ["private", "anonymous"])
+                    mapped = (old_ptr + size - 1) & ~(size - 1)
+                    assert proc.madvise(mapped, size, "hugepage" if use_thp else "nohugepage") == 0
+                    proc.munmap(mapped + size, 2 * size)
+                    buffer.ptr = mapped
+                    proc.write_bytes(buffer.ptr, data)
+
+                    def remap():
+                        return proc.mremap(mapped, size, size, True, mapped + size + off,
+                                           dontunmap=bool(dont_unmap))
+                    if before:
+                        buffer.ptr = new_ptr = remap()
+                    ret = hmm_migrate_sys_to_dev(fd, buffer, npages)
+                    assert ret == 0
+                    assert buffer.cpages == npages
+                    assert bytes(buffer.mirror) == data
+                    if not before:
+                        buffer.ptr = new_ptr = remap()
+                    assert proc.read_bytes(buffer.ptr, size) == data   # faults back at the new address
+                    proc.munmap(new_ptr, size)
+                    proc.munmap(old_ptr, 8 * size)

@@ -8,8 +8,11 @@ empty).  Frames keep their counts: the same pages are mapped once each, at anoth
 
 Followed: v5.2 mm/mremap.c (SYSCALL mremap, vma_to_resize, move_vma, move_page_tables, move_ptes) and
 mm/huge_memory.c move_huge_pmd; the 6.18 notifier range is the same (UNMAP over the old range).
-Not modelled: MREMAP_DONTUNMAP (5.7+: -EINVAL here), moving whole PTE tables or PUDs (the entries move one by
-one with the same effect), hugetlb (-EINVAL, as 5.2; 6.x allows aligned hugetlb moves).
+MREMAP_DONTUNMAP [6.x, ``profile.mremap_dontunmap``; -EINVAL for 5.2]: a move of the same length whose old
+range stays mapped (its VMA keeps its place, empty, ``VM_LOCKED`` cleared, its anon_vma unlinked when the whole
+VMA moved): no second UNMAP.
+Not modelled: moving whole PTE tables or PUDs (the entries move one by one with the same effect), hugetlb
+(-EINVAL, as 5.2; 6.x allows aligned hugetlb moves).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 EINVAL, ENOMEM, EFAULT = 22, 12, 14
 MREMAP_MAYMOVE = 1
 MREMAP_FIXED = 2
+MREMAP_DONTUNMAP = 4
 
 
 def _pmd_of(mm: "MMStruct", addr: int, alloc: bool) -> Ptr | None:
@@ -157,13 +161,20 @@ def copy_vma(vma: VMA, addr: int, new_addr: int, new_len: int) -> VMA:
     return new
 
 
-def move_vma(vma: VMA, old_addr: int, old_len: int, new_len: int, new_addr: int) -> Gen[int]:
-    """move_vma(): copy the VMA, move the entries, unmap the old range.  The new address or -errno."""
+def move_vma(vma: VMA, old_addr: int, old_len: int, new_len: int, new_addr: int, flags: int = 0) -> Gen[int]:
+    """move_vma(): copy the VMA, move the entries, unmap the old range (kept, empty, with
+    MREMAP_DONTUNMAP).  The new address or -errno."""
     mm = vma.vm_mm
     new_vma = copy_vma(vma, old_addr, new_addr, new_len)
     moved = yield from move_page_tables(vma, old_addr, new_vma, new_addr, old_len)
     if moved < old_len:
         return -ENOMEM
+    if flags & MREMAP_DONTUNMAP:
+        vma.vm_flags &= ~VM.LOCKED                           # vm_flags_clear(vma, VM_LOCKED_MASK)
+        if new_vma is not vma and vma.vm_start == old_addr and vma.vm_end == old_addr + old_len:
+            vma.anon_vma = False                             # unlink_anon_vmas(): a later fault starts afresh
+        vma_merge_range(mm, new_addr, new_addr + new_len)
+        return new_addr
     ret = yield from do_munmap(mm, old_addr, old_len)
     if ret < 0:
         return ret
@@ -171,12 +182,14 @@ def move_vma(vma: VMA, old_addr: int, old_len: int, new_len: int, new_addr: int)
     return new_addr
 
 
-def vma_to_resize(mm: "MMStruct", addr: int, old_len: int, new_len: int) -> VMA | int:
+def vma_to_resize(mm: "MMStruct", addr: int, old_len: int, new_len: int, flags: int = 0) -> VMA | int:
     """vma_to_resize(): the VMA holding ``[addr, addr+old_len)`` if it may grow, else -EFAULT / -EINVAL."""
     vma = mm.find_vma(addr)
     if vma is None or vma.vm_start > addr:
         return -EFAULT
     if is_vm_hugetlb_page(vma):
+        return -EINVAL
+    if flags & MREMAP_DONTUNMAP and vma.vm_flags & (VM.DONTEXPAND | VM.PFNMAP):
         return -EINVAL
     if old_len > vma.vm_end - addr:
         return -EFAULT
@@ -189,13 +202,16 @@ def vma_to_resize(mm: "MMStruct", addr: int, old_len: int, new_len: int) -> VMA 
 
 def do_mremap(mm: "MMStruct", addr: int, old_len: int, new_len: int, flags: int, new_addr: int = 0) -> Gen[int]:
     """SYSCALL mremap(): takes the mmap lock for write.  The (new) address, or -errno."""
-    if flags & ~(MREMAP_FIXED | MREMAP_MAYMOVE):
+    known = MREMAP_FIXED | MREMAP_MAYMOVE | (MREMAP_DONTUNMAP if mm.machine.profile.mremap_dontunmap else 0)
+    if flags & ~known:
         return -EINVAL
     if flags & MREMAP_FIXED and not flags & MREMAP_MAYMOVE:
         return -EINVAL
     if addr & (PAGE_SIZE - 1):
         return -EINVAL
     old_len, new_len = page_align(old_len), page_align(new_len)
+    if flags & MREMAP_DONTUNMAP and (not flags & MREMAP_MAYMOVE or old_len != new_len):
+        return -EINVAL                                   # always a move, never a resize
     if not new_len:
         return -EINVAL
     yield from sched.down_write(mm.mmap_sem)
@@ -209,23 +225,28 @@ def do_mremap(mm: "MMStruct", addr: int, old_len: int, new_len: int, flags: int,
 
 
 def _mremap_locked(mm: "MMStruct", addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> Gen[int]:
-    if flags & MREMAP_FIXED:                                 # mremap_to()
-        if new_addr & (PAGE_SIZE - 1) or new_addr + new_len > mm.machine.geo.task_size:
-            return -EINVAL
-        if addr < new_addr + new_len and new_addr < addr + old_len:
-            return -EINVAL                                   # overlapping ranges
-        ret = yield from do_munmap(mm, new_addr, new_len)
-        if ret:
-            return ret
+    if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):            # mremap_to()
+        if flags & MREMAP_FIXED:
+            if new_addr & (PAGE_SIZE - 1) or new_addr + new_len > mm.machine.geo.task_size:
+                return -EINVAL
+            if addr < new_addr + new_len and new_addr < addr + old_len:
+                return -EINVAL                               # overlapping ranges
+            ret = yield from do_munmap(mm, new_addr, new_len)
+            if ret:
+                return ret
         if old_len >= new_len:
             ret = yield from do_munmap(mm, addr + new_len, old_len - new_len)
             if ret and old_len != new_len:
                 return ret
             old_len = new_len
-        vma = vma_to_resize(mm, addr, old_len, new_len)
+        vma = vma_to_resize(mm, addr, old_len, new_len, flags)
         if isinstance(vma, int):
             return vma
-        return (yield from move_vma(vma, addr, old_len, new_len, new_addr))
+        if not flags & MREMAP_FIXED:                         # DONTUNMAP alone: the kernel picks the address
+            new_addr = get_unmapped_area(mm, 0, new_len, MAP.SHARED if vma.vm_flags & VM.MAYSHARE else 0)
+            if new_addr < 0:
+                return new_addr
+        return (yield from move_vma(vma, addr, old_len, new_len, new_addr, flags))
     if old_len >= new_len:                                   # always allow a shrinking remap
         ret = yield from do_munmap(mm, addr + new_len, old_len - new_len)
         if ret and old_len != new_len:
