@@ -153,7 +153,8 @@ def test_plan_makes_xfs_on_its_own_pmem() -> None:
 @pytest.mark.parametrize("extra, why", [
     ('[[machine.fs]]\nmount = "/mnt/x"\ntype = "xfs"\n[[machine.fs]]\nmount = "/mnt/y"\ntype = "xfs"\n',
      "one xfs"),
-    ('[[machine.pmem]]\nname = "pmem0"\nsize = "64M"\nmode = "devdax"\nalign = "1G"\n', "2M alignment"),
+    ('[[machine.pmem]]\nname = "pmem0"\nsize = "64M"\nmode = "devdax"\nalign = "4K"\n', "2M or 1G alignment"),
+    ('[[machine.pmem]]\nname = "pmem0"\nsize = "2G"\nmode = "devdax"\nalign = "1G"\n', "larger than the guest's 1024 MiB"),
 ])
 def test_plan_skips_what_the_guest_lacks(extra: str, why: str) -> None:
     p = plan(parse(extra + '[[op]]\nop = "mmap"\nlength = "4K"\n', "t.toml"))
@@ -229,6 +230,16 @@ not ok 3 hmm2.hmm2_device_private.migrate_mixed
         (2, "hmm", "hmm_device_coherent", "open_close", "skip"),
         (3, "hmm2", "hmm2_device_private", "migrate_mixed", "fail")]
     assert res[1].reason == "DEVICE_COHERENT not available"
+
+
+def test_plan_puts_a_1g_device_dax_on_pmem4() -> None:
+    scn = parse('[[machine.pmem]]\nname = "pmem0"\nsize = "1G"\nmode = "devdax"\nalign = "1G"\n'
+                '[[op]]\nop = "mmap"\nfile = "/dev/dax0.0"\nlength = "1G"\nflags = ["shared"]\nalign = "1G"\n', "t.toml")
+    p = plan(scn)
+    assert p.skip is None and p.needs_devdax_1g and not p.needs_devdax
+    (line,) = [ln for ln in p.lines if ln.startswith("OP 0 ")]
+    assert "path=/dev/dax4.0" in line and f"align={1 << 30}" in line
+    assert any(dev == "/dev/pmem4" and start == "5G" for dev, _size, start in vm.PMEM)
 
 
 def test_selftest_names_as_the_harness_prints_them() -> None:

@@ -18,22 +18,29 @@ from hmmirror.live.guest.protocol import GuestScenarioResult, Plan, parse_output
 #: Seconds allowed per boot, plus per scenario and per operation (TCG on a loaded 2-core machine).
 BOOT_SECONDS, SCENARIO_SECONDS, OP_SECONDS = 120.0, 10.0, 2.0
 
-#: Turns pmem2 (region2, a raw e820 namespace) into device-dax dax2.0 through sysfs (no ndctl in the guest).
-DEVDAX_SH = r"""
+def devdax_sh(region: int, align: int) -> str:
+    """Shell lines turning pmem ``region`` (a raw e820 namespace) into device-dax ``dax<region>.0`` with
+    ``align`` through sysfs (no ndctl in the guest): unbind the pmem namespace, claim it with the region's dax
+    seed in "ram" mode (struct pages in RAM), bind dax_pmem; prints ``HMMG: devdax<region> ok|failed``."""
+    return rf"""
 nd=/sys/bus/nd
-if [ -e $nd/devices/namespace2.0 ]; then
-    echo namespace2.0 > $nd/drivers/nd_pmem/unbind 2>/dev/null
-    dax=$(cat $nd/devices/region2/dax_seed)
+if [ -e $nd/devices/namespace{region}.0 ]; then
+    echo namespace{region}.0 > $nd/drivers/nd_pmem/unbind 2>/dev/null
+    dax=$(cat $nd/devices/region{region}/dax_seed)
     echo ram > $nd/devices/$dax/mode
-    echo 2097152 > $nd/devices/$dax/align
+    echo {align} > $nd/devices/$dax/align
     cat /proc/sys/kernel/random/uuid > $nd/devices/$dax/uuid
-    echo namespace2.0 > $nd/devices/$dax/namespace
+    echo namespace{region}.0 > $nd/devices/$dax/namespace
     echo $dax > $nd/drivers/dax_pmem/bind
 fi
 i=0
-while [ ! -c /dev/dax2.0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
-if [ -c /dev/dax2.0 ]; then echo "HMMG: devdax ok"; else echo "HMMG: devdax failed"; fi
+while [ ! -c /dev/dax{region}.0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+if [ -c /dev/dax{region}.0 ]; then echo "HMMG: devdax{region} ok"; else echo "HMMG: devdax{region} failed"; fi
 """
+
+
+#: pmem2 as device-dax dax2.0 (2 MiB alignment) and pmem4 as dax4.0 (1 GiB alignment: PUD faults).
+DEVDAX_SH, DEVDAX_1G_SH = devdax_sh(2, 2 << 20), devdax_sh(4, 1 << 30)
 
 #: Written before the scenarios: khugepaged sleeps an hour after its first pass (over the player's anchor).
 PRELUDE = ["SYS /sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs 3600000",
@@ -65,7 +72,8 @@ def run_scenarios(art: Artifacts, scenarios: Sequence[tuple[str, Any]],
             script += p.lines
             nops += len(p.ops)
     needs_devdax = any(p.needs_devdax and p.skip is None for p in plans.values())
-    run_sh = "#!/bin/sh\n" + (DEVDAX_SH if needs_devdax else "") + \
+    needs_1g = any(p.needs_devdax_1g and p.skip is None for p in plans.values())
+    run_sh = "#!/bin/sh\n" + (DEVDAX_SH if needs_devdax else "") + (DEVDAX_1G_SH if needs_1g else "") + \
         "/bin/player /job/script /tmp/results\necho \"HMMG: player rc=$?\"\n"
     if timeout is None:
         timeout = BOOT_SECONDS + SCENARIO_SECONDS * len(plans) + OP_SECONDS * nops
@@ -78,8 +86,9 @@ def run_scenarios(art: Artifacts, scenarios: Sequence[tuple[str, Any]],
     job = vm.run_job(art, {"/job/run.sh": run_sh, "/job/script": "\n".join(script) + "\n"}, timeout, console)
     results = parse_output(job.results, plans)
     devdax = None
-    if needs_devdax:
-        devdax = "HMMG: devdax ok" in job.console
+    if needs_devdax or needs_1g:
+        devdax = ("HMMG: devdax2 ok" in job.console or not needs_devdax) and \
+            ("HMMG: devdax4 ok" in job.console or not needs_1g)
     return ScenarioRun(plans, results, job.seconds, job.accel, job.console, devdax)
 
 

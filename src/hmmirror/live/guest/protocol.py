@@ -10,10 +10,11 @@ same code that reads the host kernel.
 
 What the guest offers a scenario: tmpfs and hugetlbfs anywhere; ext4 with ``-o dax`` on ``/dev/pmem0``
 (one per scenario, pmem up to 512 MiB) and ext4 without DAX on ``/dev/pmem1`` (one); device-dax on
-``/dev/pmem2`` (2 MiB alignment, up to 256 MiB, made once per boot when a scenario asks); xfs on
+``/dev/pmem2`` (2 MiB alignment, up to 240 MiB) and on ``/dev/pmem4`` (1 GiB alignment, 1 GiB), each made
+once per boot when a scenario asks; xfs on
 ``/dev/pmem3`` (one); hugetlb pools; THP settings as the scenario's ``[machine.thp]`` (the model's defaults
 otherwise).  Not offered (the scenario is skipped with the reason): a second DAX, plain ext4 or xfs
-filesystem, xfs with DAX, ``pfnmap`` mappings, device-dax alignments other than 2 MiB, and operations that
+filesystem, xfs with DAX, ``pfnmap`` mappings, device-dax alignments other than 2 MiB and 1 GiB, and operations that
 read model internals (``dmirror_pt``, ``mirror_range``).
 """
 
@@ -32,6 +33,8 @@ from hmmirror.live.executor import LiveOpResult
 #: Guest devices (see :mod:`hmmirror.live.guest.vm`).
 DAX_FS_DEVICE, PLAIN_FS_DEVICE, DEVDAX_REGION, XFS_DEVICE = "/dev/pmem0", "/dev/pmem1", "region2", "/dev/pmem3"
 DAX_FS_MAX, DEVDAX_MAX = 512 << 20, 240 << 20
+#: device-dax with 1 GiB alignment (PUD faults): /dev/dax4.0 on pmem4 (2 GiB: the data starts 1 GiB in).
+DEVDAX_1G_DEVICE, DEVDAX_1G_MAX = "/dev/dax4.0", 1 << 30
 #: Operations the player runs besides the built-in ones.
 DMIRROR_OPS = ("dmirror_open", "dmirror_close", "dmirror_read", "dmirror_write", "dmirror_snapshot",
                "dmirror_migrate_to_dev", "dmirror_migrate_to_sys", "dmirror_exclusive",
@@ -69,6 +72,7 @@ class Plan:
     skip: str | None = None
     unsupported: dict[int, str] = field(default_factory=dict)    # op index -> why
     needs_devdax: bool = False
+    needs_devdax_1g: bool = False
     ops: list[tuple[int, str, str]] = field(default_factory=list)  # (index, op, proc) of every op
 
 
@@ -122,16 +126,21 @@ def plan(scn: Any, name: str | None = None) -> Plan:
     used: set[str] = set()
     for d in ms.pmem:
         if d.mode == "devdax":
-            if d.align != 2 << 20:
-                p.skip = f"device-dax {d.name}: only 2M alignment in the guest (asked {d.align >> 10}K)"
-            elif d.size > DEVDAX_MAX:
-                p.skip = f"device-dax {d.name}: larger than the guest's {DEVDAX_MAX >> 20} MiB"
-            elif "devdax" in used:
-                p.skip = "more than one device-dax device"
-            used.add("devdax")
-            p.needs_devdax = True
+            big = d.align == 1 << 30
+            limit = DEVDAX_1G_MAX if big else DEVDAX_MAX
+            if d.align not in (2 << 20, 1 << 30):
+                p.skip = f"device-dax {d.name}: only 2M or 1G alignment in the guest (asked {d.align >> 10}K)"
+            elif d.size > limit:
+                p.skip = f"device-dax {d.name}: larger than the guest's {limit >> 20} MiB"
+            elif f"devdax{d.align}" in used:
+                p.skip = f"more than one device-dax device with {d.align >> 20}M alignment"
+            used.add(f"devdax{d.align}")
+            if big:
+                p.needs_devdax_1g = True
+            else:
+                p.needs_devdax = True
             suffix = d.name[4:] if d.name.startswith("pmem") else d.name
-            devices[f"/dev/dax{suffix}.0"] = "/dev/dax2.0"
+            devices[f"/dev/dax{suffix}.0"] = DEVDAX_1G_DEVICE if big else "/dev/dax2.0"
     for fs in ms.fs:
         if fs.type == "xfs" and fs.dax is not None:
             p.skip = f"{fs.mount}: xfs with DAX is not offered by the guest (ext4 is)"

@@ -5,11 +5,14 @@ serial console (QEMU's stdout) carries the kernel log and ``HMMG:`` progress lin
 ``on_console`` as they arrive.  QEMU runs in its own process group and is killed (group-wide) on timeout,
 on an exception and on KeyboardInterrupt; the temporary directory is always removed.
 
-Guest memory map (``-m 3584M``: QEMU's pc machine puts 3 GiB below 4 GiB and 512 MiB at 4 GiB): four emulated
-pmem ranges (``memmap=SIZE!START``, kept apart so the e820 table does not merge them): ``/dev/pmem0`` 512 MiB
-for ext4 with ``-o dax``, ``/dev/pmem1`` 256 MiB for ext4 without DAX (an ordinary page-cache filesystem),
-``/dev/pmem2`` 256 MiB for device-dax, ``/dev/pmem3`` 320 MiB for xfs (mkfs.xfs refuses less than 300 MB).
-The 512 MiB above 4 GiB is reserved (``memmap=SIZE$START``) and handed to test_hmm as its two
+Guest memory map (``-m 6G``: QEMU's pc machine puts 3 GiB below 4 GiB and the other 3 GiB from 4 GiB on): five
+emulated pmem ranges (``memmap=SIZE!START``, kept apart so the e820 table does not merge them): ``/dev/pmem0``
+512 MiB for ext4 with ``-o dax``, ``/dev/pmem1`` 256 MiB for ext4 without DAX (an ordinary page-cache
+filesystem), ``/dev/pmem2`` 256 MiB for device-dax with 2 MiB alignment, ``/dev/pmem3`` 320 MiB for xfs
+(mkfs.xfs refuses less than 300 MB), ``/dev/pmem4`` 2 GiB at 5 GiB for device-dax with 1 GiB alignment (its
+data starts 1 GiB into the namespace: 1 GiB usable, PUD faults).  Guest RAM pages are touched lazily by QEMU,
+so the host pays only for what the guest uses.
+The 512 MiB at 4 GiB is reserved (``memmap=SIZE$START``) and handed to test_hmm as its two
 special-purpose-memory chunks (``test_hmm.spm_addr_dev0/1``, 256 MiB = ``DEVMEM_CHUNK_SIZE`` each): with
 them the module also creates the device-coherent ``/dev/hmm_dmirror2`` and ``3``, so hmm-tests' ``*_device_coherent``
 variants run instead of skipping.  test_hmm maps a chunk with ``memremap_pages(MEMORY_DEVICE_COHERENT)``,
@@ -35,8 +38,8 @@ from hmmirror.live.guest.build import Artifacts
 
 #: ``(device, size, start)`` of the emulated pmem ranges, in the order the guest numbers them.
 PMEM = (("/dev/pmem0", "512M", "1G"), ("/dev/pmem1", "256M", "1600M"), ("/dev/pmem2", "256M", "1920M"),
-        ("/dev/pmem3", "320M", "2240M"))
-MEMORY = "3584M"
+        ("/dev/pmem3", "320M", "2240M"), ("/dev/pmem4", "2G", "5G"))
+MEMORY = "6G"
 #: ``(start, size)`` of test_hmm's two device-coherent chunks, reserved e820 RAM above 4 GiB.
 SPM = ((0x100000000, "256M"), (0x110000000, "256M"))
 RESULTS_DISK = 1 << 30          # sparse: only what the guest writes takes space
