@@ -88,6 +88,11 @@ class KernelProfile:
                                         # [6.12, order-0 read-around, guest]; 6.18.44 maps it (host, measured)
     mremap_dontunmap: bool = False      # mremap(MREMAP_DONTUNMAP): move the entries, keep the old VMA mapped and
                                         # empty [5.7+; any VMA but VM_DONTEXPAND/VM_PFNMAP since 5.13]; else -EINVAL
+    wp_reuse_large_anon: str = "exclusive_folio"  # write fault on a not-AnonExclusive page of a PTE-mapped
+                                        # large anon folio: "page" [5.2 model: reuse when the page is mapped
+                                        # once]; "never" [6.12 wp_can_reuse_anon_folio(): large -> copy];
+                                        # "exclusive_folio" [6.15+, 1da190f4d0a6: reuse only if > 1 page is
+                                        # mapped and every mapping is this mm's (!maybe_mapped_shared)]
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -137,6 +142,7 @@ V5_2 = KernelProfile(
     collapse_pmd_null_continues=True,
     huge_zero_wp_new_thp=True,              # do_huge_pmd_wp_page(): is_huge_zero_pmd -> goto alloc (THP enabled)
     faultaround_skips_ra_mark=False,        # the spec's §5.5 rule (obs D1); not measured on a 5.2 kernel
+    wp_reuse_large_anon="page",
 )
 
 V6_18 = KernelProfile(
@@ -181,6 +187,7 @@ V6_18 = KernelProfile(
     huge_zero_wp_new_thp=True,
     faultaround_skips_ra_mark=False,        # host 6.18.44: examples/file_faultaround.toml maps pages 16-31
     mremap_dontunmap=True,
+    wp_reuse_large_anon="exclusive_folio",
 )
 
 # Debian 13's LTS kernel (6.12.118 as Debian builds it, read from linux-source-6.12 and checked in the test_hmm
@@ -227,6 +234,7 @@ V6_12 = KernelProfile(
     huge_zero_wp_new_thp=False,             # do_huge_pmd_wp_page(): is_huge_zero_pmd -> goto fallback (guest)
     faultaround_skips_ra_mark=True,         # guest: examples/file_faultaround.toml leaves page 28 unmapped
     mremap_dontunmap=True,
+    wp_reuse_large_anon="never",
 )
 
 PROFILES = {"5.2": V5_2, "6.12": V6_12, "6.18": V6_18}

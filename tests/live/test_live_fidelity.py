@@ -367,6 +367,7 @@ TRUNCATE_CASES = [
     ("ext4", 192, 40 * 4096, 33, list(range(32))),          # 48 pages: folios [0,32) [32,48); cut at 40
     ("ext4", 192, 42 * 4096 + 100, 41, list(range(32))),    # cut inside page 42
     ("xfs", 192, 36 * 4096, 32, list(range(32))),
+    ("xfs", 192, 42 * 4096 + 100, 41, list(range(32))),     # xfs_truncate_page dirties [32,48): not split
     ("ext4", 4096, 600 * 4096, 520, []),                    # 1024 pages: two PMD folios; the second cut
 ]
 
@@ -628,4 +629,78 @@ def test_madv_collapse_of_an_empty_shmem_block() -> None:
         model, real, rep = both(EMPTY_SHMEM_COLLAPSE, "collapse-empty-shmem.toml")
     assert real[1].errno == "EINVAL" and not any(p.present for p in real[2].pages)
     assert real[4].errno is None and all(p.level == "pmd" for p in real[5].pages)
+    assert disagreements(rep) == []
+
+
+THP_COW_REUSE = """
+[machine]
+kernel = "6.18"
+[[op]]
+op = "mmap"
+as = "m"
+length = "2M"
+prot = "rw"
+flags = ["private", "anonymous"]
+align = "2M"
+[[op]]
+op = "madvise"
+addr = "m"
+length = "2M"
+advice = "hugepage"
+[[op]]
+op = "touch"
+addr = "m"
+length = "2M"
+access = "write"
+[[op]]
+op = "fork"
+proc = "p"
+child = "c"
+[[op]]
+op = "touch"
+proc = "c"
+addr = "m+400K"
+length = "400K"
+access = "write"
+[[op]]
+op = "touch"
+addr = "m+1200K"
+length = "4K"
+access = "write"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "2M"
+[[op]]
+op = "touch"
+addr = "m+600K"
+length = "4K"
+access = "write"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "2M"
+[[op]]
+op = "exit"
+proc = "c"
+[[op]]
+op = "touch"
+addr = "m+4K"
+length = "4K"
+access = "write"
+[[op]]
+op = "inspect"
+addr = "m"
+length = "2M"
+"""
+
+
+def test_cow_of_a_pte_mapped_thp_reuses_only_a_folio_this_mm_maps_alone() -> None:
+    """__wp_can_reuse_large_anon_folio() (6.15+): the parent's write to a page of its PTE-mapped THP copies
+    while the child still maps part of the folio, and reuses the page once the child has exited."""
+    model, real, rep = both(THP_COW_REUSE, "thp-cow-reuse.toml")
+    shared, after = real[6].pages, real[8].pages
+    assert after[150].pfn != shared[150].pfn                # child alive: copied
+    last = real[11].pages
+    assert last[1].pfn == after[1].pfn                      # child gone: reused in place
     assert disagreements(rep) == []

@@ -242,3 +242,51 @@ def test_madv_collapse_of_zero_pages_needs_an_anon_vma_not_a_writable_pte(writte
             p.madvise(a, 2 * PMD_SIZE, "collapse")
         assert "EINVAL" in str(ei.value)
     assert all((s.level == "pmd") == written for s in p.inspect(a, 2 * PMD_SIZE))
+
+
+@pytest.mark.parametrize("fstype, mapped", [("xfs", [1]), ("ext4", list(range(14)))])
+def test_truncate_inside_a_block_of_xfs_keeps_the_folio_whole(fstype: str, mapped: list[int]) -> None:
+    # 6.18.44 (tests/live: TRUNCATE_CASES; crosscheck --random 200 --seed 1, scenario 30): a 17-page file is
+    # folios [0,16) [16]; truncating to 54543 bytes (inside page 13) on xfs first zeroes the block tail
+    # (xfs_setattr_size -> xfs_truncate_page) which dirties [0,16); iomap_release_folio refuses a dirty
+    # folio, so the split fails and the folio stays whole past EOF: a read of page 1 maps that page only
+    # (no large mapping across EOF, no PTE table for fault-around).  ext4 zeroes after truncating the page
+    # cache: the folio is split and fault-around maps 0-13.
+    m = Machine("6.18", ram=256 << 20)
+    m.mount("/mnt/e", fstype)
+    m.create_file("/mnt/e/f", 17 * PAGE)
+    p = m.spawn()
+    a = p.mmap(17 * PAGE, "rw", ["shared"], file="/mnt/e/f", align=PMD_SIZE)
+    m.truncate("/mnt/e/f", 54543)
+    p.touch(a + PAGE, 1)
+    assert [i for i, s in enumerate(p.inspect(a, 17 * PAGE)) if s.present] == mapped
+
+
+def _thp_cow_after_fork(kernel: str, child_exits: bool) -> tuple[int, int]:
+    """A THP written, fork, the child writes pages 100-199 (copies); the parent writes page 300 (its PMD is
+    split, page 300 copied), then (child gone or not) page 150.  Returns (pfn before, pfn after) of 150."""
+    m = Machine(kernel, ram=256 << 20)
+    m.thp.enabled = "madvise"
+    p = m.spawn()
+    a = p.mmap(PMD_SIZE, align=PMD_SIZE)
+    p.madvise(a, PMD_SIZE, "hugepage")
+    p.touch(a, PMD_SIZE, write=True)
+    c = p.fork("c")
+    c.touch(a + 100 * PAGE, 100 * PAGE, write=True)
+    p.touch(a + 300 * PAGE, PAGE, write=True)
+    before = p.inspect(a + 150 * PAGE, PAGE)[0].pfn
+    if child_exits:
+        c.exit()
+    p.touch(a + 150 * PAGE, PAGE, write=True)
+    return before, p.inspect(a + 150 * PAGE, PAGE)[0].pfn
+
+
+def test_cow_of_a_pte_mapped_thp_still_mapped_by_the_child_copies() -> None:
+    # 6.18.44 (crosscheck --random 200 --seed 1, scenario 177: 65 pages the parent wrote got new frames):
+    # __wp_can_reuse_large_anon_folio() reuses a page of a large anon folio only when every mapping of the
+    # folio is this mm's; the child still maps pages of it, so the parent's write copies
+    before, after = _thp_cow_after_fork("6.18", child_exits=False)
+    assert after != before
+    # once the child is gone the folio is the parent's alone (511 PTEs): the write reuses the page
+    before, after = _thp_cow_after_fork("6.18", child_exits=True)
+    assert after == before

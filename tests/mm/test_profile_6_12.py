@@ -111,3 +111,19 @@ def test_cold_read_fault_around_skips_the_readahead_mark() -> None:
     assert _cold_read("6.12", 24, [20]) == list(range(17, 24))
     # a read fault on the marked page clears PG_readahead (page_cache_async_ra) and maps it
     assert _cold_read("6.12", 256, [20, 28]) == list(range(16, 32))
+
+
+def test_write_to_a_shared_page_of_a_large_anon_folio_always_copies() -> None:
+    # 6.12.118 mm/memory.c wp_can_reuse_anon_folio(): `if (folio_test_large(folio)) return false;` -- a page
+    # of a PTE-mapped THP that is not AnonExclusive is copied even when this mm maps the folio alone
+    m = Machine("6.12", ram=256 << 20)
+    p = m.spawn()
+    a = p.mmap(PMD_SIZE, align=PMD_SIZE)
+    p.madvise(a, PMD_SIZE, "hugepage")
+    p.touch(a, PMD_SIZE, write=True)
+    c = p.fork("c")
+    p.touch(a + 300 * PAGE, PAGE, write=True)          # splits the parent's PMD, copies page 300
+    c.exit()
+    before = p.inspect(a + 150 * PAGE, PAGE)[0].pfn
+    p.touch(a + 150 * PAGE, PAGE, write=True)
+    assert p.inspect(a + 150 * PAGE, PAGE)[0].pfn != before

@@ -373,6 +373,28 @@ class FilemapVmOps(VmOps):
 FILEMAP_VM_OPS = FilemapVmOps()
 
 
+def xfs_truncate_page(inode: Inode, pos: int) -> None:
+    """xfs_truncate_page() -> iomap_truncate_page() (fs/xfs/xfs_iomap.c, fs/iomap, 6.12/6.18): zero the block
+    tail from ``pos`` through the page cache; a cached folio over a written block there becomes dirty (holes
+    and unwritten extents are skipped).  Model: 4 KiB blocks; an uncached EOF page is not read in."""
+    mem = inode.machine.mem
+    index = pos >> PAGE_SHIFT
+    if not pos & (PAGE_SIZE - 1) or index >= inode.blocks.shape[0] or inode.blocks[index] != DATA:
+        return
+    pfn = inode.i_mapping.find_page(index)
+    if pfn < 0:
+        return
+    from hmmirror.mm.memory import folio_extent
+
+    first, last = folio_extent(mem, inode.i_mapping, index)
+    frames = inode.i_mapping.lookup_range(first, last)
+    frames = frames[frames >= 0]
+    mem.flags[frames] |= np.uint32(PG.dirty)                 # iomap_write_end() -> filemap_dirty_folio()
+    if pfn in mem.contents:
+        off = pos & (PAGE_SIZE - 1)
+        mem.contents[pfn][off:] = bytes(PAGE_SIZE - off)
+
+
 class PageCacheFs(FileSystemType):
     """ext4 / xfs without DAX: regular files backed by the page cache.
 
@@ -394,6 +416,13 @@ class PageCacheFs(FileSystemType):
                 else:
                     add_new_cache_pages(mem, inode, np.arange(n, dtype=np.int64), PG.file)
         return inode
+
+    def setattr_size(self, inode: Inode, size: int) -> Gen[int]:
+        """``->setattr(ATTR_SIZE)``; xfs_setattr_size() [6.12, 6.18] first zeroes the rest of the new EOF block
+        (:func:`xfs_truncate_page`) when shrinking, then truncates the page cache."""
+        if inode.sb.fstype == "xfs" and size <= inode.i_size:
+            xfs_truncate_page(inode, size)
+        return (yield from super().setattr_size(inode, size))
 
     def mmap(self, file: File, vma: VMA) -> int:
         """generic_file_mmap() / ext4_file_mmap(): page-cache ops."""

@@ -341,6 +341,13 @@ def do_wp_page(vmf: VmFault) -> Gen[int]:
         return (yield from wp_page_copy(vmf, pfn))
     if mem.flags[pfn] & PG.anon and not shared_writable:
         head = mem.compound_head(pfn)
+        rule = vmf.mm.machine.profile.wp_reuse_large_anon
+        if rule != "page" and int(mem.order[head]) > 0 and not mem.flags[pfn] & PG.anon_exclusive:
+            if rule == "exclusive_folio" and __wp_can_reuse_large_anon_folio(vmf, pfn, head):
+                mem.flags[pfn] |= PG.anon_exclusive
+                return wp_page_reuse(vmf)
+            sched.spin_unlock(vmf.ptl)
+            return (yield from wp_page_copy(vmf, pfn))
         if mem.mapcount[pfn] == 1 and int(mem.refcount[head]) == _expected_anon_refs(mem, pfn):
             mem.flags[pfn] |= PG.anon_exclusive      # "if (!PageAnonExclusive(vmf->page)) SetPageAnonExclusive" [6.x]
             return wp_page_reuse(vmf)
@@ -350,6 +357,18 @@ def do_wp_page(vmf: VmFault) -> Gen[int]:
         return (yield from wp_page_shared(vmf, pfn))
     sched.spin_unlock(vmf.ptl)
     return (yield from wp_page_copy(vmf, pfn))
+
+
+def __wp_can_reuse_large_anon_folio(vmf: VmFault, pfn: int, head: int) -> bool:
+    """__wp_can_reuse_large_anon_folio() [6.15+]: more than one page of the folio is mapped and every mapping
+    is this mm's (the folio is not maybe-mapped-shared); model: no pins, so the refcount check holds."""
+    from hmmirror.mm.inspect import _folio_mapped_only_here
+
+    mem = vmf.mm.machine.mem
+    order = int(mem.order[head])
+    if int(mem.mapcount[head: head + (1 << order)].sum()) <= 1:
+        return False                                      # free up the large folio instead
+    return _folio_mapped_only_here(vmf.mm, vmf.address & ~(PAGE_SIZE - 1), pfn, head, order)
 
 
 def _expected_anon_refs(mem: Any, pfn: int) -> int:

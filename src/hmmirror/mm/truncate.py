@@ -208,7 +208,9 @@ def truncate_inode_partial_folio(mapping: "AddressSpace", lstart: int) -> Gen[No
     begins below it: [6.12] split_folio() to order 0, [6.18] try_folio_split_to_order() at the page of
     ``lstart`` (the part below becomes folios of the largest aligned orders, that page one of order 0).
     Splitting a file folio unmaps all of it from every mapping (unmap_folio(); remap_page() skips file
-    folios), the pages below the new EOF included; private COW copies stay.  [5.2] the folio stays whole."""
+    folios), the pages below the new EOF included; private COW copies stay.  [5.2] the folio stays whole.
+    A dirty xfs folio cannot be split (iomap_release_folio): it is unmapped and stays whole
+    (try_folio_split_or_unmap, 6.12.118 and 6.18)."""
     from hmmirror.fs.filemap import write_folio_orders
     from hmmirror.mm.memory import folio_extent
 
@@ -221,6 +223,13 @@ def truncate_inode_partial_folio(mapping: "AddressSpace", lstart: int) -> Gen[No
     first, last = folio_extent(mem, mapping, index)
     if last - first < 2 or first >= index and not lstart & (PAGE_SIZE - 1):
         return                                            # a small folio, or one wholly truncated
+    frames = mapping.lookup_range(first, last)
+    if mapping.host.sb.fstype == "xfs" and (mem.flags[frames[frames >= 0]] & PG.dirty).any():
+        # split_folio() -> filemap_release_folio() -> iomap_release_folio() refuses a dirty folio (-EBUSY):
+        # try_folio_split_or_unmap() unmaps the whole folio, which stays whole (and cached: it is dirty)
+        yield from unmap_mapping_pages(mapping, first, last - first, False)
+        machine.counters["truncate_folio_split_failed"] += 1
+        return
     yield from unmap_mapping_pages(mapping, first, last - first, False)
     orders = [0] * (last - first)
     if rule == "split_nonuniform":
