@@ -31,14 +31,24 @@ def leaf_allows(mm: "MMStruct", addr: int, write: bool) -> bool:
 
 
 def faultin_page(vma: "VMA", addr: int, write: bool) -> Gen[int]:
-    """faultin_page(): fault until the leaf allows the access; returns the last vm_fault_t (0 on success)."""
-    flags = FAULT_FLAG.REMOTE | (FAULT_FLAG.WRITE if write else FAULT_FLAG.NONE)
+    """faultin_page(): fault until the leaf allows the access; returns the last vm_fault_t (0 on success).
+
+    The populate callers pass ``locked``, so the kernel faults with FAULT_FLAG_ALLOW_RETRY: a fault that had
+    to read a file page returns VM_FAULT_RETRY and the retried fault maps what the read brought in
+    (fault-around); the retry (FAULT_FLAG_TRIED) may not retry again.  Model: RETRY_NOWAIT as well, so
+    mmap_lock stays held and the VMA stays valid.
+    """
+    flags = FAULT_FLAG.REMOTE | FAULT_FLAG.ALLOW_RETRY | FAULT_FLAG.RETRY_NOWAIT \
+        | (FAULT_FLAG.WRITE if write else FAULT_FLAG.NONE)
     for _ in range(MAX_FAULT_TRIES):
         if leaf_allows(vma.vm_mm, addr, write):
             return 0
         ret = yield from handle_mm_fault(vma, addr, flags)
         if ret & VM_FAULT_ERROR_BITS:
             return ret
+        if ret & VM_FAULT.RETRY:
+            # FAULT_FLAG_TRIED: the retried fault may not ask for another retry (it waits for a locked page)
+            flags &= ~(FAULT_FLAG.ALLOW_RETRY | FAULT_FLAG.RETRY_NOWAIT)
     sched.report("livelock", f"faultin_page({addr:#x}) made no progress in {MAX_FAULT_TRIES} faults")
     return int(VM_FAULT.SIGBUS)
 
