@@ -238,3 +238,26 @@ def test_commit_invalid_pre_check_is_a_superset_of_its_reports():
                 reported_any += 1
                 assert i in sus, (i, sorted(sus))
     assert reported_any > 50
+
+
+def test_page_latest_answers_as_a_dict_of_pages():
+    """Tracker.last_commit / commit_code keep a range commit as one record: lookups equal a dict of pages."""
+    import random
+
+    import numpy as np
+
+    from hmmirror.sim.invariants import PageLatest
+
+    rnd = random.Random(3)
+    pl, ref = PageLatest(), {}
+    for step in range(400):
+        if rnd.random() < 0.5:
+            va = rnd.randrange(64) * K
+            pl[va] = ref[va] = ("page", step)
+        else:
+            va0, n = rnd.randrange(64) * K, rnd.randrange(1, 20)
+            mask = np.array([rnd.random() < 0.7 for _ in range(n)], dtype=bool)
+            pl.set_range(va0, mask, ("range", step))
+            ref.update({va0 + i * K: ("range", step) for i in range(n) if mask[i]})
+        for va in range(0, 90 * K, K):
+            assert pl.get(va, "none") == ref.get(va, "none"), (step, hex(va))

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from hmmirror.arch.x86 import pgtable as x86
-from hmmirror.arch.x86.pgtable import PAGE_SIZE, PMD_SIZE, PUD_SIZE
+from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE
 from hmmirror.kernel.sched import Lock
 from hmmirror.sim.findings import frame_stack, function_name, gen_stack, is_kernel_name, location_of
 
@@ -184,6 +184,39 @@ def cpu_leaf_range(mm: Any, start: int, n: int) -> tuple[np.ndarray, np.ndarray,
     return pfn, rd, wr
 
 
+class PageLatest:
+    """``va -> value`` of the latest record covering the page at ``va``, as a dict of pages would answer: a
+    page recorded alone is a dict entry, the mapped pages of a range commit are one record (a GiB committed
+    at once costs one record, not 262,144 entries).  Lookups (rare: on the way to a report) look at the
+    page's entry and the range records made after it, newest first."""
+
+    __slots__ = ("pages", "ranges", "seq")
+
+    def __init__(self) -> None:
+        self.pages: dict[int, tuple[int, Any]] = {}
+        self.ranges: list[tuple[int, int, np.ndarray, Any]] = []     # (seq, first va, mapped mask, value)
+        self.seq = 0
+
+    def __setitem__(self, va: int, value: Any) -> None:
+        self.seq += 1
+        self.pages[va] = (self.seq, value)
+
+    def set_range(self, va0: int, mapped: np.ndarray, value: Any) -> None:
+        """Record ``value`` for page ``i`` from ``va0`` wherever ``mapped[i]``."""
+        self.seq += 1
+        self.ranges.append((self.seq, va0, mapped, value))
+
+    def get(self, va: int, default: Any = None) -> Any:
+        seq, value = self.pages.get(va, (0, default))
+        for rseq, va0, mapped, rvalue in reversed(self.ranges):
+            if rseq < seq:
+                break
+            i = (va - va0) >> PAGE_SHIFT
+            if 0 <= i < mapped.size and va >= va0 and mapped[i]:
+                return rvalue
+        return value
+
+
 class CommitBatch:
     """The pages of one ``DevicePageTable.commit_range`` for the commit hooks' pre-checks: ``va0``, ``items``
     (``(pfn, write)`` or None per page) and, for the mapped pages, their indices ``idx``, ``pfn``, ``write``
@@ -245,8 +278,8 @@ class Tracker:
         self.migrating = {}                                  # id(args) -> range of the driver's own migration
         self.callback_begin: list[Any] = []                 # fn(st, args) when a driver callback starts
         self.callback_end: list[Any] = []                   # fn(st, args, ret) when it returned
-        self.last_commit: dict[int, tuple[int, int]] = {}  # va -> (task idx, step) of its latest device map
-        self.commit_code: dict[int, Any] = {}              # va -> code object of the function that mapped it
+        self.last_commit = PageLatest()                    # va -> (task idx, step) of its latest device map
+        self.commit_code = PageLatest()                    # va -> code object of the function that mapped it
 
     def attach(self, eng: Any, run: Any) -> None:
         self.engine = eng
@@ -363,9 +396,9 @@ class Tracker:
         if not mapped:
             return
         val = (st.idx if st is not None else -1, self.engine.step)
-        vas = [va0 + i * PAGE_SIZE for i in mapped]
-        self.last_commit.update(dict.fromkeys(vas, val))
-        self.commit_code.update(dict.fromkeys(vas, committer_frame(sys._getframe(1)).f_code))
+        mask = np.array([it is not None for it in items], dtype=bool)
+        self.last_commit.set_range(va0, mask, val)
+        self.commit_code.set_range(va0, mask, committer_frame(sys._getframe(1)).f_code)
         if self.engine.finding is not None or not self.commit_hooks:
             return
         batch = CommitBatch(va0, items, mapped)
