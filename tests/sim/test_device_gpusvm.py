@@ -256,3 +256,15 @@ def test_short_seeded_campaign_is_clean(seed0):
         assert res.findings == [], (seed, [f.describe() for f in res.findings])
         steps += res.steps
     assert steps > 1000
+
+
+def test_a_range_made_by_a_plain_fault_migrates_on_a_later_devmem_fault():
+    """migrate_devmem is the device's property (Xe: ctx.devmem_possible), set when the range is inserted
+    whatever the fault; a later fault preferring device memory moves the existing range."""
+    m, p, a = setup(fill=0x66)
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L))])
+    assert ranges(drv) == [(a, a + L)] and {s.kind for s in p.inspect(a, L)} == {"anon"}
+    go(m, p, drv, [("dev0", "device", fault(a, a + L, mode="migrate_dev"))])
+    assert ranges(drv) == [(a, a + L)] and {s.kind for s in p.inspect(a, L)} == {"device_private"}
+    assert p.check(a, L, 0x66) == 0

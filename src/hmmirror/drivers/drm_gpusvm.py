@@ -282,8 +282,10 @@ class DrmGpusvm(DriverBase):
                 if size < 0:
                     err = -EINVAL
                 else:
+                    # migrate_devmem: the range may move to device memory (Xe: ctx.devmem_possible, a property
+                    # of the device, not of this fault); whether this fault moves it is the caller's choice
                     rng = DrmGpusvmRange(_align_down(addr, size), _align_down(addr, size) + size, notifier,
-                                         migrate_devmem=devmem and bool(vma_is_anonymous(vma))
+                                         migrate_devmem=bool(vma_is_anonymous(vma))
                                          and not vma.vm_flags & VM.HUGETLB)
                     yield from sched.down_read(self.notifier_lock)       # drm_gpusvm_range_insert()
                     notifier.ranges.append(rng)
