@@ -268,3 +268,20 @@ def test_a_range_made_by_a_plain_fault_migrates_on_a_later_devmem_fault():
     go(m, p, drv, [("dev0", "device", fault(a, a + L, mode="migrate_dev"))])
     assert ranges(drv) == [(a, a + L)] and {s.kind for s in p.inspect(a, L)} == {"device_private"}
     assert p.check(a, L, 0x66) == 0
+
+
+def test_a_range_straddling_a_vma_made_prot_none_is_resized():
+    """A 64K range sized when the VMA was whole; mprotect(PROT_NONE) of its last pages splits the VMA (a
+    PROTECTION_VMA invalidation: the range stays).  A later read fault in the readable part must succeed:
+    hmm_range_fault over the whole range fails (-EFAULT: the PROT_NONE part), so the range is removed and a
+    new one sized for the current VMAs (campaign seed 7340216 found the -EFAULT as hmm_range_input)."""
+    from hmmirror.mm.mprotect import do_mprotect_pkey
+
+    m, p, a = setup()
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L))])
+    assert ranges(drv) == [(a, a + L)]
+    assert sched.run(do_mprotect_pkey(p.mm, a + 12 * PAGE, 4 * PAGE, 0), p.mm.task) == 0
+    go(m, p, drv, [("dev0", "device", fault(a, a + 2 * PAGE))])
+    assert all(s < a + 12 * PAGE for s, _e in ranges(drv)), ranges(drv)
+    assert drv.pt.get(a) is not None and drv.pt.get(a + 12 * PAGE) is None

@@ -225,6 +225,11 @@ class DrmGpusvm(DriverBase):
                     yield from self.drm_gpusvm_range_evict(rng)
                 if err != -EFAULT or rng.unmapped:
                     continue                         # CPU mappings changed: the range goes, look again
+                if not (yield from self._range_fits_vma(rng)):
+                    # sized for VMAs that changed since (mprotect split off a part it cannot fault): Xe 6.18
+                    # retries with the same range; the model removes it and sizes a new one
+                    yield from self.drm_gpusvm_range_remove(rng)
+                    continue
                 return err, addr
             if err:
                 return err, addr
@@ -232,6 +237,14 @@ class DrmGpusvm(DriverBase):
             if err == -EAGAIN:
                 continue
             return err, rng.end
+
+    def _range_fits_vma(self, rng: DrmGpusvmRange) -> Gen[bool]:
+        """Does one readable VMA still cover the whole range (as when it was sized)?"""
+        yield from sched.down_read(self.mm.mmap_sem)
+        vma = self.mm.vma_lookup(rng.start)
+        ok = vma is not None and vma.vm_end >= rng.end and bool(vma.vm_flags & VM.READ)
+        sched.up_read(self.mm.mmap_sem)
+        return ok
 
     # -- ranges and notifiers ----------------------------------------------------------------------------
     def _notifier_find(self, addr: int) -> DrmGpusvmNotifier | None:
