@@ -285,3 +285,20 @@ def test_a_range_straddling_a_vma_made_prot_none_is_resized():
     go(m, p, drv, [("dev0", "device", fault(a, a + 2 * PAGE))])
     assert all(s < a + 12 * PAGE for s, _e in ranges(drv)), ranges(drv)
     assert drv.pt.get(a) is not None and drv.pt.get(a + 12 * PAGE) is None
+
+
+def test_a_fault_on_a_prot_none_vma_fails_at_once():
+    """The whole range lies in one PROT_NONE VMA: the -EFAULT stands (the CPU refuses too), no retry loop
+    (campaign seed 7340217: the first version of the resize retried it until liveness reported it)."""
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    a = p.mmap(L, prot=0)
+    drv = DrmGpusvm()
+    out = {}
+
+    def task(run):
+        out["ret"] = yield from device_fault(run, a + 4 * PAGE, a + 7 * PAGE, False, "migrate_dev", {})
+
+    f, eng = run_tasks(m, drv, p.mm, [("dev0", "device", task)], SwitchListScheduler([]))
+    assert f is None, f.describe()
+    assert out["ret"] == -14 and eng.step < 100

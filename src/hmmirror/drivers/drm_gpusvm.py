@@ -239,10 +239,11 @@ class DrmGpusvm(DriverBase):
             return err, rng.end
 
     def _range_fits_vma(self, rng: DrmGpusvmRange) -> Gen[bool]:
-        """Does one readable VMA still cover the whole range (as when it was sized)?"""
+        """Does one VMA still cover the whole range (as when it was sized)?  (One unreadable VMA: the CPU
+        refuses the access too, the -EFAULT stands.)"""
         yield from sched.down_read(self.mm.mmap_sem)
         vma = self.mm.vma_lookup(rng.start)
-        ok = vma is not None and vma.vm_end >= rng.end and bool(vma.vm_flags & VM.READ)
+        ok = vma is not None and vma.vm_end >= rng.end
         sched.up_read(self.mm.mmap_sem)
         return ok
 
