@@ -290,3 +290,22 @@ def test_cow_of_a_pte_mapped_thp_still_mapped_by_the_child_copies() -> None:
     # once the child is gone the folio is the parent's alone (511 PTEs): the write reuses the page
     before, after = _thp_cow_after_fork("6.18", child_exits=True)
     assert after == before
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_truncate_through_a_dirty_pmd_folio_keeps_it_whole(fstype: str) -> None:
+    # 6.18.44 (crosscheck --random 200 --seed 31337, scenario 146): a 4 MiB file (two PMD folios), a shared
+    # populate_write of pages 623-645 dirties the second; truncating to 2 920 448 bytes (713 pages) cannot
+    # split it (filemap_release_folio refuses dirty buffer heads / iomap state), so it is unmapped and stays
+    # whole past EOF; a populate_read of 691-712 then maps page by page (finish_fault: the folio reaches past
+    # EOF) and, once a PTE table exists, fault-around maps its window below EOF: pages 688-712.  (A clean
+    # folio is split at the EOF page and fault-around maps whole folios from 640.)
+    m = Machine("6.18", ram=256 << 20)
+    m.mount("/mnt/e", fstype)
+    m.create_file("/mnt/e/f", 4 << 20)
+    p = m.spawn()
+    a = p.mmap(4 << 20, "rw", ["shared"], file="/mnt/e/f", align=PMD_SIZE)
+    assert p.madvise(a + 623 * PAGE, 23 * PAGE, "populate_write") == 0
+    m.truncate("/mnt/e/f", 2920448)
+    assert p.madvise(a + 691 * PAGE, 22 * PAGE, "populate_read") == 0
+    assert [i for i, s in enumerate(p.inspect(a, 4 << 20)) if s.present] == list(range(688, 713))

@@ -89,15 +89,19 @@ class _PfnClasses:
     def __init__(self) -> None:
         self.ids: dict[int, tuple[int, int]] = {}
         self.seen: set[int] = set()
+        self.looked = False              # the round inspected something (maybe only non-present pages)
         self.where = (0, 0)
 
     def begin_round(self) -> None:
-        """A state-changing operation happened: forget the frames the last round did not show."""
-        if self.seen:
+        """A state-changing operation happened: forget the frames the last round did not show (a round whose
+        inspects showed no page at all forgets them all; a round without any inspect forgets nothing)."""
+        if self.looked:
             self.ids = {p: c for p, c in self.ids.items() if p in self.seen}
             self.seen = set()
+            self.looked = False
 
     def __call__(self, s: PageState) -> Any:
+        self.looked = True
         if not s.present or s.pfn is None:
             return None
         if s.zero and s.kind == "zero" and not s.huge:

@@ -203,13 +203,18 @@ def truncate_inode_pages_range(mapping: "AddressSpace", lstart: int, lend: int) 
     return mapping.delete_range(mem, start, end)
 
 
+#: Disk filesystems whose release_folio cannot release a dirty large folio's private state (iomap_folio_state,
+#: dirty buffer heads), so a dirty folio is never split.
+RELEASE_REFUSES_DIRTY = ("xfs", "ext4")
+
+
 def truncate_inode_partial_folio(mapping: "AddressSpace", lstart: int) -> Gen[None]:
     """truncate_inode_partial_folio() (mm/truncate.c) for the large folio holding byte ``lstart`` when it
     begins below it: [6.12] split_folio() to order 0, [6.18] try_folio_split_to_order() at the page of
     ``lstart`` (the part below becomes folios of the largest aligned orders, that page one of order 0).
     Splitting a file folio unmaps all of it from every mapping (unmap_folio(); remap_page() skips file
     folios), the pages below the new EOF included; private COW copies stay.  [5.2] the folio stays whole.
-    A dirty xfs folio cannot be split (iomap_release_folio): it is unmapped and stays whole
+    A dirty ext4/xfs folio cannot be split (filemap_release_folio): it is unmapped and stays whole
     (try_folio_split_or_unmap, 6.12.118 and 6.18)."""
     from hmmirror.fs.filemap import write_folio_orders
     from hmmirror.mm.memory import folio_extent
@@ -224,9 +229,10 @@ def truncate_inode_partial_folio(mapping: "AddressSpace", lstart: int) -> Gen[No
     if last - first < 2 or first >= index and not lstart & (PAGE_SIZE - 1):
         return                                            # a small folio, or one wholly truncated
     frames = mapping.lookup_range(first, last)
-    if mapping.host.sb.fstype == "xfs" and (mem.flags[frames[frames >= 0]] & PG.dirty).any():
-        # split_folio() -> filemap_release_folio() -> iomap_release_folio() refuses a dirty folio (-EBUSY):
-        # try_folio_split_or_unmap() unmaps the whole folio, which stays whole (and cached: it is dirty)
+    if mapping.host.sb.fstype in RELEASE_REFUSES_DIRTY and (mem.flags[frames[frames >= 0]] & PG.dirty).any():
+        # split_folio() -> filemap_release_folio() refuses a dirty folio (-EBUSY): iomap_release_folio() (xfs),
+        # try_to_free_buffers() with dirty buffer heads (ext4); try_folio_split_or_unmap() then unmaps the whole
+        # folio, which stays whole (and cached: it is dirty)
         yield from unmap_mapping_pages(mapping, first, last - first, False)
         machine.counters["truncate_folio_split_failed"] += 1
         return
