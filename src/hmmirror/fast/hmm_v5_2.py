@@ -897,8 +897,9 @@ def _fault(range: ref.HmmRange, block: bool) -> Gen[int]:   # noqa: A002 - kerne
         hmm_vma_walk.range = range
         end = min(range.end, vma.vm_end)
         mm_walk = ref._new_mm_walk(vma, hmm_vma_walk)
-        stuck = 0
+        stuck = alone = 0                       # model: restarts without progress (alone: nobody else ran)
         faults0 = range.stats["faults"]
+        others0 = sched.others_ran()
         while True:
             ref._count(range, "walks")
             ret = yield from walk_page_range(start, end, mm_walk)
@@ -908,11 +909,14 @@ def _fault(range: ref.HmmRange, block: bool) -> Gen[int]:   # noqa: A002 - kerne
                 ref._count(range, "walk_ebusy")
             if not (ret == -EBUSY and range.valid):
                 break
+            others = sched.others_ran()
             if progress:
-                stuck, faults0 = 0, range.stats["faults"]
+                stuck, alone, faults0 = 0, 0, range.stats["faults"]
             else:
                 stuck += 1
-            if stuck >= ref.LIVELOCK_RESTARTS:
+                alone = alone + 1 if others == others0 else 0
+            others0 = others
+            if stuck >= ref.LIVELOCK_RESTARTS or alone >= ref.LIVELOCK_RESTARTS_ALONE:
                 sched.report("livelock", f"hmm_range_fault({range.name}): {stuck} walks restarted at "
                                          f"{start:#x} without progress", cause=ref._livelock_cause(range, faults0))
                 break

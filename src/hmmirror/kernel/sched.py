@@ -121,6 +121,25 @@ def set_report_handler(handler: Callable[[str, str], None] | None) -> Callable[[
     return prev
 
 
+# --- what the other tasks did (livelock guards) -----------------------------------------------------------
+_others_clock: Callable[[], int] | None = None
+
+
+def others_ran() -> int:
+    """Ours: how many steps tasks other than the running one have taken so far -- a model's livelock guard
+    compares two readings: a retry loop that restarts without progress while nobody else ran can never end
+    (nothing but the looping task can change what it waits for).  The simulator's engine provides the count;
+    a generator run alone (:func:`run`) has no other task: 0."""
+    return _others_clock() if _others_clock is not None else 0
+
+
+def set_others_clock(clock: Callable[[], int] | None) -> Callable[[], int] | None:
+    """Install the counter :func:`others_ran` reads (the engine, while it runs); returns the previous one."""
+    global _others_clock
+    prev, _others_clock = _others_clock, clock
+    return prev
+
+
 # --- temporary mappings of page-table pages (pte_offset_map / pte_unmap) ----------------------------------
 def pte_map_get(site: str) -> None:
     """Ours: the running task mapped a PTE table (``pte_offset_map()``; a ``kmap_local``/``kmap_atomic`` of

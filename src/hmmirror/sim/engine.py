@@ -211,6 +211,7 @@ class Engine:
     def run(self) -> Finding | None:
         """Run until every task finished, a finding, or the step bound; returns the finding (or None)."""
         prev_handler = sched.set_report_handler(self._on_report)
+        prev_clock = sched.set_others_clock(self._others_steps)
         prev_current = sched.current()
         machine = self.machine
         orig_log = None
@@ -232,8 +233,14 @@ class Engine:
                 except AttributeError:
                     machine.log = orig_log
             sched.set_report_handler(prev_handler)
+            sched.set_others_clock(prev_clock)
             sched.set_current(prev_current)
         return self.finding
+
+    def _others_steps(self) -> int:
+        """Steps taken by tasks other than the running one (``sched.others_ran``)."""
+        st = self.current
+        return self.step - (st.steps if st is not None else 0)
 
     def _loop(self) -> None:
         tasks = self.tasks

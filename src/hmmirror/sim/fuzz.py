@@ -1,27 +1,21 @@
 """Fuzzing campaigns: random machines, scenarios and schedules; findings shrunk, deduplicated and saved.
 
-Generation and shrinking use Hypothesis (the ``switch`` scheduler, the default): one test function draws a
-scenario and a bounded switch list through ``data.draw`` (:class:`~hmmirror.sim.choices.HypothesisChoices`),
-runs it, and fails when the run breaks an invariant whose signature is not known yet.  Hypothesis then shrinks
-the *choice sequence* -- fewer mappings, operations, events and context switches -- and every smaller failing
-run with that signature replaces the saved reproducer.  Known signatures (already in the findings directory)
-pass, so each session hunts for new causes.  A session ends after ``examples`` runs, a finding, or the
-deadline; the campaign starts the next one with the next seed.
-
-``--scheduler mixed`` (the default) alternates a Hypothesis session with a batch of seeded runs under the
-per-step ``random`` and ``pct`` schedulers (bounded switch lists rarely preempt inside short critical
-sections; per-step random schedules do).  With ``--scheduler random`` or ``pct`` scenarios and schedules come
-from a seeded stream
-(:class:`~hmmirror.sim.choices.SeededChoices`) and a finding is shrunk by :func:`shrink_greedy` (ours:
-Hypothesis cannot replay a foreign choice sequence): drop events, device jobs, CPU operations, threads and
-set-up steps, then context switches, while the signature still reproduces.
-
-Reproducers are written atomically (``os.replace`` of a temporary file) the moment a new signature is seen and
-again whenever a smaller one is found, so a killed campaign keeps everything found so far.
+A campaign is a search followed by a short finish.  The search runs *units* (:func:`run_unit`): a Hypothesis
+session (scenarios and bounded switch lists drawn through ``data.draw``,
+:class:`~hmmirror.sim.choices.HypothesisChoices`, generation only) or a batch of seeded runs under the per-step
+``random`` and ``pct`` schedulers (:class:`~hmmirror.sim.choices.SeededChoices`); ``--scheduler mixed`` (the
+default) alternates them (bounded switch lists rarely preempt inside short critical sections; per-step random
+schedules do).  A run that breaks an invariant with a signature nobody knows yet is kept as it is (its
+reproducer text, the smallest per signature); known signatures are counted, not kept.  Nothing stops the
+search to shrink or verify: at the end (:meth:`Collector.finish`, a bounded share of ``--seconds``) every new
+signature's run is shrunk by :func:`shrink_greedy` (drop events, device jobs, CPU operations, threads, set-up
+steps and mappings, then context switches, while the signature still reproduces), all of them are replayed in
+one fresh process, and those that replay are written (atomically, ``os.replace``) into the findings directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -168,21 +162,6 @@ class _OutOfTime(BaseException):
     """Ends a Hypothesis session at the campaign deadline (not a test failure)."""
 
 
-class _Found(Exception):
-    """A run broke an invariant with a new signature (Hypothesis shrinks it)."""
-
-
-_FOUND_TYPES: dict[str, type] = {}
-
-
-def _found_type(sig: str) -> type:
-    """One exception class per signature, so Hypothesis keeps distinct causes apart while shrinking."""
-    t = _FOUND_TYPES.get(sig)
-    if t is None:
-        t = _FOUND_TYPES[sig] = type(f"Found_{len(_FOUND_TYPES)}", (_Found,), {})
-    return t
-
-
 # --- reproducer files ------------------------------------------------------------------------------------
 def reproducer_text(res: SimResult, seed: int, cfg: Config, path: str) -> str:
     f = res.finding
@@ -276,6 +255,7 @@ class Recorder:
         self.verify = verify
         self.pending: dict[str, tuple[SimResult, int, tuple[int, int]]] = {}
         self.tries: dict[str, int] = {}
+        self.found_here: set[str] = set()      # new signatures first found by this recorder's unit
 
     def hit(self, sig: str) -> None:
         """A run reached ``sig`` (counted whether or not it is saved)."""
@@ -400,12 +380,14 @@ class UnitSearch:
 
 def _account(res: SimResult, seed: int, stats: Stats, rec: Recorder, guide: "UnitSearch | None",
              features: list[str]) -> str | None:
-    """Book one run: known signatures are counted (not saved again), new ones saved (every finding of the
-    run, not only the first); the unit's steering feedback learns from the run's features.  Returns the first
-    new signature."""
+    """Book one run: known signatures are counted (not saved again), new ones offered to the recorder (every
+    finding of the run, not only the first; a signature first found by this unit counts as known for its later
+    runs, which are offered only to keep the smallest run); the unit's steering feedback learns from the run's
+    features.  Returns the first new signature."""
     new_cells = guide.cov.add_run(res) if guide is not None and guide.cov is not None else False
-    new = [f for f in res.findings if f.signature not in rec.preexisting]
-    known = [f.signature for f in res.findings if f.signature in rec.preexisting]
+    mine = rec.found_here
+    new = [f for f in res.findings if f.signature not in rec.preexisting and f.signature not in mine]
+    known = [f.signature for f in res.findings if f.signature in rec.preexisting or f.signature in mine]
     for sig in known:
         stats.known_hits[sig] = stats.known_hits.get(sig, 0) + 1
     known_only = bool(known) and not new
@@ -414,7 +396,11 @@ def _account(res: SimResult, seed: int, stats: Stats, rec: Recorder, guide: "Uni
     for f in new:
         if f.signature not in rec.tries and f.signature not in stats.findings:
             rec.hit(f.signature)                  # the run that found it (later runs: known hits)
+        mine.add(f.signature)
         rec.offer(res.for_finding(f), seed)
+    for f in res.findings:
+        if f.signature in known and f.signature not in rec.preexisting:
+            rec.offer(res.for_finding(f), seed)   # found by this unit before: keep the smaller run
     if guide is not None:
         for sig in known:
             guide.known_hits[sig] = guide.known_hits.get(sig, 0) + 1
@@ -426,6 +412,9 @@ def _account(res: SimResult, seed: int, stats: Stats, rec: Recorder, guide: "Uni
 
 def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder,
                         tick: Callable[[], None] | None = None, guide: "UnitSearch | None" = None) -> None:
+    """``cfg.examples`` runs of scenarios and bounded switch lists drawn by Hypothesis (generation only: a
+    finding does not end the session and is not shrunk here -- the campaign shrinks every new signature once,
+    at its end, :meth:`Collector.finish`)."""
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as hseed
     from hypothesis import strategies as st
@@ -445,37 +434,28 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
                            coverage=guide.collector() if guide is not None else None)
         stats.runs += 1
         stats.steps += res.steps
-        sig = _account(res, seed, stats, rec, guide, feats)
+        _account(res, seed, stats, rec, guide, feats)
         if tick is not None:
             tick()
-        if sig is not None:
-            raise _found_type(sig)(sig)
 
-    # Hypothesis gives shrinking up to five minutes; bound it by the campaign deadline (and one minute per
-    # finding) so a campaign ends on time and keeps hunting
-    from hypothesis.internal.conjecture import engine as _hyp_engine
-    _hyp_engine.MAX_SHRINKING_SECONDS = max(1, int(min(shrink_budget(cfg), deadline - time.monotonic())))  # type: ignore[misc]
     test = given(st.data())(body)
     test = settings(max_examples=cfg.examples, database=None, deadline=None, derandomize=False,
-                    suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
+                    suppress_health_check=list(HealthCheck), phases=[Phase.generate],
                     report_multiple_bugs=False, verbosity=Verbosity.quiet, print_blob=False)(test)
     test = hseed(seed)(test)
     try:
         test()
-    except (_OutOfTime, _Found):
-        pass
-    except BaseExceptionGroup:            # noqa: F821 - several causes shrunk at once
+    except _OutOfTime:
         pass
     except Exception as exc:              # noqa: BLE001 - Hypothesis health/flaky errors end the session only
         stats.errors.append(f"session {seed}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    # write the smallest runs found while shrinking (each after its fresh replay); a found signature is now
-    # known: later sessions look for others
     rec.flush_all()
-    rec.preexisting |= set(stats.findings) | {s for s, n in rec.tries.items() if n >= rec.MAX_TRIES}
 
 
 def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder,
                 scheduler: str | None = None, guide: "UnitSearch | None" = None) -> None:
+    """One run of a scenario and a per-step ``random`` / ``pct`` schedule from the seeded stream ``seed`` (a new
+    signature is kept as it is; the campaign shrinks it at its end, :meth:`Collector.finish`)."""
     c = SeededChoices(seed)
     feats: list[str] = []
     sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events,
@@ -491,18 +471,7 @@ def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Reco
                        coverage=guide.collector() if guide is not None else None)
     stats.runs += 1
     stats.steps += res.steps
-    new = [f.signature for f in res.findings if f.signature not in rec.preexisting]
-    if _account(res, seed, stats, rec, guide, feats) is None:
-        return
-    for s in new:                                 # shrink each new one (time-boxed), then it is known
-        if time.monotonic() > deadline:
-            break
-        small = shrink_greedy(res, deadline=min(deadline, time.monotonic() + shrink_budget(cfg) / len(new)),
-                              every_step=cfg.every_step, sig=s)
-        if small is not None:
-            rec.offer(small, seed)
-    rec.flush_all()                               # the smallest, after its fresh replay
-    rec.preexisting |= set(new)
+    _account(res, seed, stats, rec, guide, feats)
 
 
 # --- our shrinker for seeded runs ------------------------------------------------------------------------
@@ -596,6 +565,19 @@ def shrink_greedy(res: SimResult, deadline: float, every_step: bool = False, sig
     return best
 
 
+def shrink_text(text: str, sig: str, deadline: float, every_step: bool = False) -> SimResult | None:
+    """Shrink the run a reproducer text records (its scenario under its recorded schedule) keeping ``sig``;
+    None when the text does not replay to ``sig`` here."""
+    from hmmirror.sim.runner import scheduler_for
+
+    sc = SimScenario.from_toml(text, "reproducer")
+    res = run_scenario(sc, scheduler_for(sc), every_step=every_step, record_trace=False)
+    hit = next((f for f in res.findings if f.signature == sig), None)
+    if hit is None or res.diverged:
+        return None
+    return shrink_greedy(res.for_finding(hit), deadline, every_step, sig)
+
+
 def _scenario_cuts(sc: SimScenario) -> list[SimScenario]:
     out = []
     for i in range(len(sc.events)):
@@ -657,9 +639,39 @@ def unit_kind(cfg: Config, unit: int) -> str:
     return "seeded"
 
 
+#: runs of a unit of a timed campaign: small, so that the steering and the coverage of earlier rounds reach the
+#: later ones several times a minute (``--runs`` campaigns keep ``examples`` / ``examples // 2``)
+TIMED_UNIT_RUNS = 24
+
+
 def unit_budget(cfg: Config, unit: int) -> int:
     """Runs of a full unit."""
+    if not cfg.runs and cfg.seconds and cfg.seconds > 0:
+        return max(1, min(TIMED_UNIT_RUNS, cfg.examples))
     return max(1, cfg.examples if unit_kind(cfg, unit) == "hypothesis" else cfg.examples // 2)
+
+
+def round_size(cfg: Config) -> int:
+    """Units per round: ``cfg.epoch``; a timed campaign uses two per worker (feedback flows sooner)."""
+    if not cfg.runs and cfg.seconds and cfg.seconds > 0:
+        return max(2, 2 * max(cfg.jobs, 1))
+    return max(1, cfg.epoch)
+
+
+#: a timed campaign ends its search this share of ``--seconds`` before the end (at most FINISH_MAX seconds)
+#: and spends it shrinking (the first 60 %) and replaying its new findings in a fresh process
+FINISH_SHARE = 0.15
+FINISH_MAX = 60.0
+
+
+def campaign_deadlines(cfg: Config, start: float) -> tuple[float, float | None, float]:
+    """(end of the search, end of shrinking or None for the per-finding budget, end of the campaign) as
+    ``time.time()`` values for a campaign started at ``start``."""
+    if not cfg.seconds or cfg.seconds <= 0:
+        return float("inf"), None, float("inf")
+    end = start + cfg.seconds
+    fin = min(cfg.seconds * FINISH_SHARE, FINISH_MAX)
+    return end - fin, end - 0.4 * fin, end
 
 
 def _rounds(cfg: Config, start: int, skip: frozenset[int], deadline_wall: float,
@@ -677,7 +689,7 @@ def _rounds(cfg: Config, start: int, skip: frozenset[int], deadline_wall: float,
     while time.time() < deadline_wall and (left is None or left > 0):
         units: list[tuple[int, int]] = []
         planned = 0
-        while len(units) < max(1, cfg.epoch):
+        while len(units) < round_size(cfg):
             if u in skip:
                 u += 1
                 continue
@@ -759,17 +771,10 @@ def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[st
         if report is not None:
             report("finding", p)
 
-    rec = Recorder(ucfg, stats, notify)
+    # the unit keeps the smallest run per new signature as text; the coordinator shrinks and verifies them
+    # once, at the end of the campaign (Collector.finish), so the search never waits for either
+    rec = Recorder(ucfg, stats, notify, verify=False)
     rec.preexisting = set(known)
-    first_offer: list[int] = []
-    offer = rec.offer
-
-    def counting_offer(*a: Any, **kw: Any) -> Any:
-        if not first_offer:
-            first_offer.append(stats.runs)       # a Hypothesis session shrinks after its first new finding
-        return offer(*a, **kw)
-
-    rec.offer = counting_offer                  # type: ignore[method-assign]
     last = [time.monotonic(), stats.runs, stats.steps]
 
     def tick() -> None:
@@ -792,10 +797,7 @@ def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[st
         out.complete = time.monotonic() <= deadline
     finally:
         out.runs, out.steps = stats.runs - r0, stats.steps - s0
-        if unit_kind(cfg, unit) == "hypothesis" and first_offer:
-            out.generated = first_offer[0] - r0
-        else:
-            out.generated = out.runs
+        out.generated = out.runs
         if report is not None:
             report("stats", (stats.runs - last[1], stats.steps - last[2]))
         out.errors = list(stats.errors)
@@ -829,6 +831,9 @@ class Collector:
         self.hits: dict[str, int] = {}
         self.unconfirmed: dict[str, str] = {}
         self.workers: dict[Any, list[int]] = {}       # worker -> [runs, steps] (throughput)
+        self.pending: dict[str, dict[str, Any]] = {}   # new signature -> best run's payload, before finish()
+        self.finish_seconds: dict[str, float] = {}
+        self.search_seconds = 0.0
 
     def worker_stats(self, w: Any, runs: int, steps: int) -> None:
         self.runs += runs
@@ -838,19 +843,82 @@ class Collector:
         ws[1] += steps
 
     def finding(self, p: dict[str, Any]) -> None:
+        """A unit's run of a new signature (reproducer text, not verified yet): the smallest per signature is
+        kept (ties: the lower run seed, so that the choice does not depend on which worker reported first);
+        :meth:`finish` shrinks, verifies and writes them."""
         sig = p["signature"]
-        size = tuple(p["size"])
-        path = os.path.join(self.cfg.findings_dir, p["name"])
-        old = self.best.get(sig)
-        if p.get("text") and (old is None or size < tuple(old)):
-            text = p["text"].replace(p["spool"] + os.sep, self.cfg.findings_dir.rstrip(os.sep) + os.sep)
-            write_atomic(path, text)
-            self.best[sig] = size          # type: ignore[assignment]
-        prev = self.found.get(sig)
-        if prev is None or size < tuple(prev["size"]):
-            q = {k: v for k, v in p.items() if k not in ("text", "spool")}
-            q["reproducer"] = path
-            self.found[sig] = q
+        if not p.get("text"):
+            return
+        key = (tuple(p["size"]), p.get("seed", 0))
+        old = self.pending.get(sig)
+        if old is None or key < (tuple(old["size"]), old.get("seed", 0)):
+            self.pending[sig] = dict(p)
+
+    def finish(self, shrink_until: float | None = None, stats: Stats | None = None) -> dict[str, Any]:
+        """The end of a campaign: shrink the best run of every new signature (greedy, time-boxed: until the
+        wall-clock ``shrink_until``, shared out equally; without one, :func:`shrink_budget` each), replay them
+        all in fresh processes (:func:`~hmmirror.sim.verify.replays_in_fresh_process`: forks of one zygote), write those that
+        replay into the findings directory and list the others as unconfirmed.  Returns the seconds spent
+        shrinking and verifying (reported apart from the search)."""
+        from hmmirror.sim.verify import replays_in_fresh_process, shutdown_zygote
+
+        t0 = time.time()
+        items = sorted(self.pending.items())
+        self.pending = {}
+        fdir = self.cfg.findings_dir
+        texts: list[tuple[str, dict[str, Any], str, tuple[int, int]]] = []
+        for i, (sig, p) in enumerate(items):
+            path = os.path.join(fdir, p["name"])
+            text = p["text"].replace(p["spool"] + os.sep, fdir.rstrip(os.sep) + os.sep) if p.get("spool") else \
+                p["text"]
+            size = tuple(p["size"])
+            left = (shrink_until - time.time()) / (len(items) - i) if shrink_until is not None else \
+                shrink_budget(self.cfg)
+            if left > 0.2:
+                try:
+                    small = shrink_text(text, sig, time.monotonic() + left, self.cfg.every_step)
+                except Exception as exc:          # noqa: BLE001 - shrinking is best effort; the run stands
+                    small = None
+                    self.errors.append(f"shrinking {sig}: {type(exc).__name__}: {exc}")
+                if small is not None and (small.scenario.size(), small.steps) < size:
+                    size = (small.scenario.size(), small.steps)
+                    text = reproducer_text(small, int(p.get("seed", 0)), self.cfg, path)
+            texts.append((sig, p, text, size))                  # type: ignore[arg-type]
+        t1 = time.time()
+        tmps = [_write_temp(fdir, text) for _sig, _p, text, _size in texts]
+        try:
+            verdicts = [replays_in_fresh_process(t, sig) for t, (sig, _p, _x, _s) in zip(tmps, texts)]
+            for tmp, (sig, p, text, size), v in zip(tmps, texts, verdicts):
+                path = os.path.join(fdir, p["name"])
+                if not v.ok:
+                    self.unconfirmed[sig] = v.why
+                    write_atomic(os.path.join(fdir, "unconfirmed", p["name"]), f"# NOT A REPRODUCER: {v.why}\n" + text)
+                    continue
+                old = self.best.get(sig)
+                if old is None or size < tuple(old):
+                    os.replace(tmp, path)
+                    self.best[sig] = size                        # type: ignore[assignment]
+                q = {k: v_ for k, v_ in p.items() if k not in ("text", "spool")}
+                q["size"], q["reproducer"] = list(size), path
+                self.found[sig] = q
+                self.unconfirmed.pop(sig, None)
+                if stats is not None:
+                    f = Finding(p["invariant"], p.get("message", ""), 0, "-", location=p["location"],
+                                detail=sig.split("|", 2)[2] if sig.count("|") >= 2 else "-")
+                    stats.findings[sig] = Saved(f, path, int(p.get("seed", 0)), size)   # type: ignore[arg-type]
+        finally:
+            shutdown_zygote()                   # the coordinator's replays end with the campaign
+            for t in tmps:
+                try:
+                    os.unlink(t)
+                except OSError:
+                    pass
+        if stats is not None:
+            for sig in self.unconfirmed:
+                stats.findings.pop(sig, None)
+            stats.unconfirmed.update(self.unconfirmed)
+        self.finish_seconds = {"shrink": round(t1 - t0, 1), "verify": round(time.time() - t1, 1)}
+        return self.finish_seconds
 
     def unit(self, r: UnitResult) -> None:
         self.generated += r.generated
@@ -882,7 +950,8 @@ class Collector:
         return s["covered"], s["total"]
 
     def state(self) -> dict[str, Any]:
-        return {"runs": self.runs, "steps": self.steps, "findings": self.found, "errors": self.errors,
+        return {"runs": self.runs, "steps": self.steps, "findings": {**self.pending, **self.found},
+                "errors": self.errors,
                 "started": self.started, "known_runs": self.known_runs, "collector": self}
 
     def result(self) -> dict[str, Any]:
@@ -898,7 +967,10 @@ class Collector:
                                 for sig, why in sorted(self.unconfirmed.items()) if sig not in self.found],
                 "runs": self.runs, "generated": self.generated, "steps": self.steps, "errors": self.errors,
                 "seconds": round(elapsed, 1), "interrupted": self.interrupted,
-                **throughput(self.workers, elapsed, max(self.cfg.jobs, 1), self.runs, self.steps),
+                # the search alone, and the end of the campaign: shrinking and fresh-process verification
+                "search_seconds": round(self.search_seconds, 1), "finish_seconds": self.finish_seconds,
+                **throughput(self.workers, self.search_seconds or elapsed, max(self.cfg.jobs, 1), self.runs,
+                             self.steps),
                 **self.search_summary()}
 
     def search_summary(self) -> dict[str, Any]:
@@ -953,25 +1025,39 @@ def save_state(cfg: Config, done: set[int]) -> None:
 # -- in this process ---------------------------------------------------------------------------------------
 def campaign(cfg: Config, deadline: float, worker: int = 0, report: Callable[[str, Any], None] | None = None) -> Stats:
     """The campaign in this process, unit after unit, until ``deadline`` (``time.monotonic()``), ``cfg.runs``
-    runs or ``cfg.stop_after`` findings; reproducers go straight into ``cfg.findings_dir``."""
+    runs or ``cfg.stop_after`` findings; then its new findings are shrunk, verified and written into
+    ``cfg.findings_dir`` (:meth:`Collector.finish`)."""
+    import shutil
+
     _ = worker
     os.makedirs(cfg.findings_dir, exist_ok=True)
     stats = Stats()
-    deadline_wall = time.time() + (deadline - time.monotonic())
+    now = time.time()
+    end_wall = now + (deadline - time.monotonic())
+    timed = dataclasses.replace(cfg, seconds=max(end_wall - now, 0.0)) if deadline < float("inf") else cfg
+    search_wall, shrink_wall, _end = campaign_deadlines(timed, now)
+    spool = tempfile.mkdtemp(prefix="hmmirror-spool-")
 
     def run_round(units: list[tuple[int, int]], known: frozenset[str]) -> list[UnitResult] | None:
         out = []
         for u, b in units:
-            if time.time() >= deadline_wall:
+            if time.time() >= search_wall:
                 return None
-            out.append(run_unit(cfg, u, b, known, deadline_wall, cfg.findings_dir, report, stats, col.guide()))
+            out.append(run_unit(timed, u, b, known, search_wall, spool, report, stats, col.guide()))
             col.unit(out[-1])
             if cfg.stop_after and len(stats.findings) >= cfg.stop_after:
                 return None
         return out
 
-    col = Collector(cfg)
-    _rounds(cfg, 0, frozenset(), deadline_wall, run_round, set(col.start_known))
+    col = Collector(timed)
+    try:
+        _rounds(timed, 0, frozenset(), search_wall, run_round, set(col.start_known))
+        col.search_seconds = time.time() - now
+        stats.findings.clear()
+        col.finish(shrink_wall, stats)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    stats.known_runs, stats.multi_runs = col.known_runs, col.multi_runs
     return stats
 
 
@@ -1100,25 +1186,28 @@ def run_campaign(cfg: Config, on_update: Callable[[dict[str, Any]], None] | None
     col = Collector(cfg)
     start, skip = (0, frozenset()) if cfg.fresh else load_state(cfg)
     done = set(range(start)) | set(skip)
-    deadline_wall = time.time() + cfg.seconds if cfg.seconds and cfg.seconds > 0 else float("inf")
+    t0 = time.time()
+    search_wall, shrink_wall, _end = campaign_deadlines(cfg, t0)
     pool: Any = None
     try:
         pool = (executor or _Local)(cfg, col, on_update)
         def run_round(units: list[tuple[int, int]], known: frozenset[str]) -> list[UnitResult] | None:
-            results = pool.run_epoch(units, known, deadline_wall)
+            results = pool.run_epoch(units, known, search_wall)
             for r in results:
                 if r.complete and (r.budget == unit_budget(cfg, r.unit) or r.generated < r.budget):
                     done.add(r.unit)
             save_state(cfg, done)
-            if cfg.stop_after and len(col.found) >= cfg.stop_after:
+            if cfg.stop_after and len(col.found) + len(col.pending) >= cfg.stop_after:
                 return None
             return results
 
-        _rounds(cfg, start, skip, deadline_wall, run_round, set(col.start_known))
+        _rounds(cfg, start, skip, search_wall, run_round, set(col.start_known))
+        col.search_seconds = time.time() - t0
         pool.close()
         pool = None
     except KeyboardInterrupt:
         col.interrupted = True
+        col.search_seconds = time.time() - t0
         if pool is not None:
             pool.kill()
             pool = None
@@ -1129,6 +1218,11 @@ def run_campaign(cfg: Config, on_update: Callable[[dict[str, Any]], None] | None
     finally:
         if pool is not None:
             pool.kill()
+    try:
+        # shrink (not when interrupted: the user wants to stop) and verify what the search found
+        col.finish(time.time() if col.interrupted else shrink_wall)
+    except KeyboardInterrupt:
+        col.interrupted = True
     if on_update:
         on_update(col.state())
     return col.result()

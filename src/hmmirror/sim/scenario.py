@@ -372,13 +372,48 @@ class GenCtx:
             r -= w
         return entries[-1]
 
+    def choice(self, name: str, options: dict[str, int]) -> str:
+        """One of ``options`` (name -> weight) by weight; steerable like a table entry (``weights["name:opt"]``
+        scales an option) and recorded as the feature ``name:opt``.  Drawing functions use it for the
+        categorical choices steering should see (read or write, range shape, protection, file content...)."""
+        ws = []
+        for opt, w in options.items():
+            f = self.weights.get(f"{name}:{opt}", 1.0)
+            ws.append(max(0, int(round(w * 16 * f))))
+        total = sum(ws)
+        keys = list(options)
+        if total <= 0:
+            ws, total = [int(w) * 16 for w in options.values()], sum(options.values()) * 16
+        r = self.c.below(total)
+        for k, w in zip(keys, ws):
+            if r < w:
+                self.features.append(f"{name}:{k}")
+                return k
+            r -= w
+        self.features.append(f"{name}:{keys[-1]}")
+        return keys[-1]
+
     # -- helpers for drawing functions -------------------------------------------------------------------
     def has(self, kind: str) -> bool:
         return any(m.kind == kind for m in self.maps)
 
     def pick_map(self, pred: Callable[[MapInfo], bool] | None = None) -> MapInfo | None:
+        """A mapping (satisfying ``pred``) for an operation, job or event: uniform, scaled by the steering of
+        ``target:KIND`` (recorded as a feature)."""
         cands = [m for m in self.maps if pred is None or pred(m)]
-        return self.c.pick(cands) if cands else None
+        if not cands:
+            return None
+        ws = [max(0, int(round(16 * self.weights.get(f"target:{m.kind}", 1.0)))) for m in cands]
+        total = sum(ws)
+        if total <= 0:
+            ws, total = [1] * len(cands), len(cands)
+        r = self.c.below(total)
+        for m, w in zip(cands, ws):
+            if r < w:
+                break
+            r -= w
+        self.features.append(f"target:{m.kind}")
+        return m
 
     def machine_add(self, add: dict[str, Any]) -> None:
         _merge_machine(self.sc.machine, add)
@@ -403,18 +438,19 @@ class GenCtx:
         return "/mnt/dax"
 
     def prot(self) -> str:
-        return ("rw", "rw", "rw", "rw", "rw", "r", "r", "none")[self.c.below(8)]
+        return self.choice("prot", {"rw": 5, "r": 2, "none": 1})
 
     def rng(self, maxpages: int = 64, m: MapInfo | None = None) -> tuple[MapInfo, str, int]:
         """A page range: mostly inside one mapping, sometimes running past its end (into a gap or the next
-        VMA) or starting below it."""
-        m = m or self.c.pick(self.maps)
-        shape = self.c.below(8)
-        if shape == 7 and m.pages > 1:               # start a few pages below the mapping (a gap, a neighbour)
+        VMA) or starting below it (features ``range:inside|past|below``)."""
+        m = m or self.pick_map()
+        assert m is not None
+        shape = self.choice("range", {"inside": 6, "past": 1, "below": 1})
+        if shape == "below" and m.pages > 1:         # start a few pages below the mapping (a gap, a neighbour)
             back = 1 + self.c.below(8)
             return m, f"{m.name}-{fmt_size(back * 4096)}", back + 1 + self.c.below(min(m.pages, maxpages))
         first = self.c.below(m.pages)
-        if shape == 6:                               # run past the end of the mapping
+        if shape == "past":                          # run past the end of the mapping
             n = 1 + self.c.below(maxpages)
         else:
             n = 1 + self.c.below(max(1, min(m.pages - first, maxpages)))
@@ -434,11 +470,13 @@ def _mmap_op(name: str, pages: int, prot: str, flags: list[str], **kw: Any) -> d
 def _shape_mapping(g: GenCtx, m: MapInfo, populate: bool = True, holes: bool = True) -> None:
     """Set-up steps after an mmap: populate part of it, punch a gap in it, mix protections."""
     c, setup = g.c, g.sc.setup
-    if populate and m.prot != "none" and c.flip(2, 3):
-        first = c.below(m.pages) if c.flip(1, 3) else 0
-        n = 1 + c.below(max(1, min(m.pages - first, 48)))
-        setup.append({"op": "touch", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
-                      "length": fmt_size(n * 4096), "access": "write" if m.write and c.flip() else "read"})
+    if populate and m.prot != "none":
+        how = g.choice("populate", {"no": 1, "read": 1, "write": 1} if m.write else {"no": 1, "read": 2})
+        if how != "no":
+            first = c.below(m.pages) if c.flip(1, 3) else 0
+            n = 1 + c.below(max(1, min(m.pages - first, 48)))
+            setup.append({"op": "touch", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
+                          "length": fmt_size(n * 4096), "access": how})
     if m.huge > 4096 or m.pages < 4:
         return
     if holes and c.flip(1, 6):                       # a gap inside: two VMAs with a hole between them
@@ -603,7 +641,8 @@ for _e in (Entry("anon", 8, _draw_anon, "anon"), Entry("anon_thp", 4, _draw_anon
 # -- CPU_OPS -----------------------------------------------------------------------------------------------
 def _op_touch(g: GenCtx, t: int) -> dict[str, Any]:
     _m, addr, n = g.rng(16)
-    return {"op": "touch", "addr": addr, "length": fmt_size(n * 4096), "access": g.c.pick(("read", "write"))}
+    return {"op": "touch", "addr": addr, "length": fmt_size(n * 4096),
+            "access": g.choice("touch", {"read": 1, "write": 1})}
 
 
 def _profile(kernel: str) -> Any:
@@ -647,7 +686,8 @@ for _e in (Entry("touch", 8, _op_touch), Entry("munmap", 3, _op_munmap), Entry("
 # -- DEVICE_MODES: the HMM API modes of device jobs --------------------------------------------------------
 def _job(g: GenCtx, mode: str, maxpages: int = 64, m: MapInfo | None = None) -> dict[str, Any]:
     _m, addr, n = g.rng(maxpages, m)
-    job: dict[str, Any] = {"addr": addr, "length": fmt_size(n * 4096), "write": g.c.flip()}
+    write = g.choice("job", {"read": 1, "write": 1}) == "write"
+    job: dict[str, Any] = {"addr": addr, "length": fmt_size(n * 4096), "write": write}
     if mode != "fault":
         job["mode"] = mode
     return job
@@ -665,16 +705,25 @@ def _mode_perpage(name: str) -> Callable[[GenCtx], dict[str, Any]]:
     return draw
 
 
+#: a job over a 1 GiB hugetlb page with the huge page_shift commits 262 144 device entries: about 40 times the
+#: cost of an average run (the device page tables and the checks are per 4 KiB page); such a job is drawn one
+#: time in HUGE_1G_ODDS, so that it stays in every campaign without taking a third of its time
+HUGE_1G_ODDS = 4
+
+
 def _mode_huge(name: str) -> Callable[[GenCtx], dict[str, Any] | None]:
     def draw(g: GenCtx) -> dict[str, Any] | None:
         m = g.pick_map(lambda x: x.kind == "hugetlb")
         if m is None:
             return None
+        if m.huge >= 1 << 30 and not g.c.flip(1, HUGE_1G_ODDS):
+            return None
         hp = m.huge // 4096
         first = g.c.below(max(1, m.pages // hp)) * hp
         n = hp * (1 + g.c.below(2 if hp == 512 else 1))
         addr = f"{m.name}+{fmt_size(first * 4096)}" if first else m.name
-        return {"addr": addr, "length": fmt_size(n * 4096), "write": g.c.flip(), "mode": name}
+        write = g.choice("job", {"read": 1, "write": 1}) == "write"
+        return {"addr": addr, "length": fmt_size(n * 4096), "write": write, "mode": name}
     return draw
 
 

@@ -111,6 +111,8 @@ if TYPE_CHECKING:
 EPERM, ENOENT, EAGAIN, ENOMEM, EFAULT, EBUSY, EINVAL = 1, 2, 11, 12, 14, 16, 22
 U64 = (1 << 64) - 1
 LIVELOCK_RESTARTS = 1000  # model: restarts at the same address before a livelock is reported
+#: model: the same, when no other task ran during those restarts (sched.others_ran): nothing can end the loop
+LIVELOCK_RESTARTS_ALONE = 8
 range_ = range          # the builtin: ``range`` names struct hmm_range variables below, as in the C code
 
 
@@ -1569,8 +1571,9 @@ def hmm_range_fault(range: HmmRange, block: bool) -> Gen[int]:
         end = min(range.end, vma.vm_end)
         mm_walk = _new_mm_walk(vma, hmm_vma_walk)
 
-        stuck = 0
+        stuck = alone = 0                       # model: restarts without progress (alone: nobody else ran)
         faults0 = range.stats["faults"]
+        others0 = sched.others_ran()
         while True:
             _count(range, "walks")
             ret = yield from walk_page_range(start, end, mm_walk)
@@ -1584,11 +1587,14 @@ def hmm_range_fault(range: HmmRange, block: bool) -> Gen[int]:
             # Model: the kernel can be preempted here (CONFIG_PREEMPT); a restart that never advances `last`
             # (e.g. get_dev_pagemap failing on a dying pgmap while the range stays valid) spins forever in
             # 5.2: reported as a livelock finding, after which the model returns the -EBUSY.
+            others = sched.others_ran()
             if progress:
-                stuck, faults0 = 0, range.stats["faults"]
+                stuck, alone, faults0 = 0, 0, range.stats["faults"]
             else:
                 stuck += 1
-            if stuck >= LIVELOCK_RESTARTS:
+                alone = alone + 1 if others == others0 else 0
+            others0 = others
+            if stuck >= LIVELOCK_RESTARTS or alone >= LIVELOCK_RESTARTS_ALONE:
                 sched.report("livelock", f"hmm_range_fault({range.name}): {stuck} walks restarted at "
                                          f"{start:#x} without progress", cause=_livelock_cause(range, faults0))
                 break
