@@ -27,7 +27,7 @@ from hmmirror.sim.schedulers import RandomScheduler
 
 
 def campaign(cls: type, events: tuple[str, ...], runs: int, kinds: tuple[str, ...] = ("anon",),
-             inject: bool = False):
+             inject: bool = False, invariant: str | None = None):
     """Seeded runs until the first finding (or ``runs`` runs); returns (finding, seed).  ``inject``: the
     opt-in entries too (device-memory jobs: migrate to device and back, exclusive; eviction)."""
     for seed in range(runs):
@@ -35,7 +35,10 @@ def campaign(cls: type, events: tuple[str, ...], runs: int, kinds: tuple[str, ..
         sc = generate(c, "6.18", f"device_buggy_drivers:{cls.__name__}", kinds, events, inject=inject)
         res = run_scenario(sc, RandomScheduler(c), driver=cls())
         if res.finding is not None:
-            return res.finding, seed
+            # a run goes on after a finding that leaves the model usable: the mistake's own invariant may be
+            # the second finding of the step that broke two (a stale commit breaks coherence too)
+            want = next((f for f in res.findings if f.invariant == invariant), None) if invariant else None
+            return want or res.finding, seed
     return None, None
 
 
@@ -47,13 +50,14 @@ CASES = [
      "device_buggy_drivers.UnboundedRetryMirror.fault_loop"),
     (bad.PoisonRequestMirror, (), 5, "hmm_range_input", "device_buggy_drivers.PoisonRequestMirror.snapshot"),
     (bad.WriteRequestMirror, (), 20, "hmm_range_input", "sim_toy_drivers.GoodMirror.fault"),
-    (bad.FlushNotDisableMirror, ("close",), 60, "teardown", "device_buggy_drivers.FlushNotDisableMirror.unbind"),
+    # (about 1 run in 37 of this stream closes the device while work is queued, the first at seed 82)
+    (bad.FlushNotDisableMirror, ("close",), 120, "teardown", "device_buggy_drivers.FlushNotDisableMirror.unbind"),
 ]
 
 
 @pytest.mark.parametrize("cls,events,runs,invariant,location", CASES, ids=[c[0].__name__ for c in CASES])
 def test_mistake_is_caught(cls, events, runs, invariant, location):
-    f, seed = campaign(cls, events, runs)
+    f, seed = campaign(cls, events, runs, invariant=invariant)
     assert f is not None, f"{cls.__name__}: no finding in {runs} runs"
     assert f.invariant == invariant and f.location == location, (seed, f.describe())
 
@@ -68,7 +72,7 @@ DEVICE_CASES = [
 
 @pytest.mark.parametrize("cls,runs,invariant,location", DEVICE_CASES, ids=[c[0].__name__ for c in DEVICE_CASES])
 def test_device_memory_mistake_is_caught(cls, runs, invariant, location):
-    f, seed = campaign(cls, (), runs, inject=True)
+    f, seed = campaign(cls, (), runs, inject=True, invariant=invariant)
     assert f is not None, f"{cls.__name__}: no finding in {runs} runs"
     assert f.invariant == invariant and f.location == location, (seed, f.describe())
 
@@ -76,7 +80,10 @@ def test_device_memory_mistake_is_caught(cls, runs, invariant, location):
 DATA_CASES = [
     # a migration that skips the copy (D1); migrate_to_ram keeping the device copy (D2).  Other findings of a
     # run (dmirror's known M2, page counts after the extra reference) do not stop the search.
-    (bad.NoCopyDmirror, 150, "data_lost", "drivers.test_hmm.Dmirror.dmirror_migrate_to_device"),
+    # (D1 names the LATEST migration between the write and the read: a run that migrates the page back before
+    # reading it names the way back; both are the mistake's path, the copy it skipped is on the way there)
+    (bad.NoCopyDmirror, 150, "data_lost", ("drivers.test_hmm.Dmirror.dmirror_migrate_to_device",
+                                           "drivers.test_hmm.Dmirror.dmirror_devmem_fault")),
     (bad.KeepBothDmirror, 40, "page_place", "device_buggy_drivers.KeepBothDmirror._devmem_fault"),
 ]
 
@@ -89,7 +96,7 @@ def test_data_mistake_is_caught(cls, runs, invariant, location):
         res = run_scenario(sc, RandomScheduler(c), driver=cls())
         f = next((f for f in res.findings if f.invariant == invariant), None)
         if f is not None:
-            assert f.location == location, (seed, f.describe())
+            assert f.location in ((location,) if isinstance(location, str) else location), (seed, f.describe())
             return
     raise AssertionError(f"{cls.__name__}: no {invariant} in {runs} runs")
 
