@@ -15,13 +15,14 @@ one fresh process, and those that replay are written (atomically, ``os.replace``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hmmirror.sim.choices import HypothesisChoices, SeededChoices
 from hmmirror.sim.findings import Finding
@@ -444,12 +445,36 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
                     report_multiple_bugs=False, verbosity=Verbosity.quiet, print_blob=False)(test)
     test = hseed(seed)(test)
     try:
-        test()
+        with _fixed_constant_pool():
+            test()
     except _OutOfTime:
         pass
     except Exception as exc:              # noqa: BLE001 - Hypothesis health/flaky errors end the session only
         stats.errors.append(f"session {seed}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     rec.flush_all()
+
+
+@contextlib.contextmanager
+def _fixed_constant_pool() -> Iterator[None]:
+    """Hypothesis draws some integers from a pool of constants it collects from the source of every *local*
+    module in ``sys.modules`` (hypothesis.internal.conjecture.providers): a session would draw other scenarios
+    in a worker that imported one more module of ours (a forked local worker inherits its parent's imports, a
+    Dask worker starts fresh), so ``--runs`` campaigns would not be the same everywhere.  During a session the
+    local pool is empty (Hypothesis's global constants stay); restored afterwards."""
+    try:
+        from hypothesis.internal.conjecture import providers as hp
+        empty = hp.Constants(integers=hp.SortedSet(), floats=hp.SortedSet(key=hp.float_to_int),
+                             bytes=hp.SortedSet(), strings=hp.SortedSet())
+        saved = hp._get_local_constants, hp.CONSTANTS_CACHE
+        fresh = type(saved[1])(1024)
+    except (ImportError, AttributeError, TypeError):    # another Hypothesis: nothing to pin
+        yield
+        return
+    hp._get_local_constants, hp.CONSTANTS_CACHE = (lambda: empty), fresh
+    try:
+        yield
+    finally:
+        hp._get_local_constants, hp.CONSTANTS_CACHE = saved
 
 
 def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Recorder,
