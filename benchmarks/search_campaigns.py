@@ -31,7 +31,13 @@ BEHAVIOURS_5_2 = {
     "B7 hugetlb hole with huge page_shift overruns pfns[]": r"^report:pfns_overflow\|",
     "B8 dying pgmap: hmm_range_fault restarts forever": r"^liveness\|mm\.hmm\.v5_2\.hmm_range_fault\|no-fault",
     "B9 pgmap reference kept after a walk error": r"^pgmap_refcount\|",
+    "B11 none hugetlb entry reported VALID (first request only)": r"^result_contract\|mm\.hmm\.v5_2\.hmm_range_fault\|",
+    "B12 pte_offset_map without pte_unmap on -EFAULT/-EBUSY": r"^pte_map_balance\|mm\.hmm\.v5_2\.hmm_vma_walk_pmd\|",
 }
+
+#: B1 and the snapshot form of B11 share the signature ``coherence|...commit|commit`` (the driver commits the
+#: bogus pfn of a none hugetlb entry); a reproducer whose finding is on a hugetlb VMA counts as B11, not B1
+B1, B11 = "B1 coherence hole: valid flag, not a sequence", "B11 none hugetlb entry reported VALID (first request only)"
 
 
 def run(kernel: str, seed: int, seconds: float, jobs: int, fdir: str, fresh: bool = True) -> dict:
@@ -47,8 +53,22 @@ def run(kernel: str, seed: int, seconds: float, jobs: int, fdir: str, fresh: boo
     return out
 
 
-def matched(sigs: list[str]) -> dict[str, list[str]]:
-    return {name: [s for s in sigs if re.search(pat, s)] for name, pat in BEHAVIOURS_5_2.items()}
+def matched(sigs: list[str], findings: list[dict] | None = None) -> dict[str, list[str]]:
+    out = {name: [s for s in sigs if re.search(pat, s)] for name, pat in BEHAVIOURS_5_2.items()}
+    for f in findings or []:
+        if f["signature"] in out[B1] and _on_hugetlb(f.get("reproducer")):
+            out[B1].remove(f["signature"])
+            out[B11].append(f["signature"])
+    return out
+
+
+def _on_hugetlb(path: str | None) -> bool:
+    """The reproducer's header says the finding is on a hugetlb VMA (``# where: ... vma: hugetlb``)."""
+    try:
+        with open(path or "") as fh:
+            return any(ln.startswith("# where:") and "vma: hugetlb" in ln for ln in fh)
+    except OSError:
+        return False
 
 
 def main() -> None:
@@ -64,14 +84,21 @@ def main() -> None:
     report: dict = {"kernel": a.kernel, "load": os.getloadavg(), "campaigns": []}
     for seed in [int(s) for s in a.seeds.split(",")]:
         fdir = os.path.join(a.out, f"{a.kernel}-{seed}")
+        load0 = os.getloadavg()
         res = run(a.kernel, seed, a.seconds, a.jobs, fdir)
         sigs = [f["signature"] for f in res.get("findings", [])]
-        entry = {"seed": seed, "runs": res.get("runs"), "steps": res.get("steps"), "new": res.get("new"),
+        entry = {"seed": seed, "load_before": load0, "load_after": os.getloadavg(),
+                 "runs": res.get("runs"), "steps": res.get("steps"), "new": res.get("new"),
                  "signatures": sigs, "coverage": (res.get("coverage") or {}).get("percent"),
                  "coverage_grids": (res.get("coverage") or {}).get("grids"), "wall": res["wall"], "rc": res["rc"],
                  "error": res.get("error")}
         if a.kernel == "5.2":
-            entry["behaviours"] = {k: bool(v) for k, v in matched(sigs).items()}
+            m = matched(sigs, res.get("findings", []))
+            first = {f["signature"]: f.get("first_s") for f in res.get("findings", [])}
+            entry["behaviours"] = {k: bool(v) for k, v in m.items()}
+            # seconds from the campaign's start to the first run that reached it (None: not found)
+            entry["first_s"] = {k: min((first[x] for x in v if first.get(x) is not None), default=None)
+                                for k, v in m.items()}
         report["campaigns"].append(entry)
         print(json.dumps(entry), flush=True)
     if a.again is not None and report["campaigns"]:

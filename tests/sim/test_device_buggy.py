@@ -28,17 +28,22 @@ from hmmirror.sim.schedulers import RandomScheduler
 
 def campaign(cls: type, events: tuple[str, ...], runs: int, kinds: tuple[str, ...] = ("anon",),
              inject: bool = False, invariant: str | None = None):
-    """Seeded runs until the first finding (or ``runs`` runs); returns (finding, seed).  ``inject``: the
-    opt-in entries too (device-memory jobs: migrate to device and back, exclusive; eviction)."""
+    """Seeded runs until the first finding of ``invariant`` (any finding when None), or ``runs`` runs; returns
+    (finding, seed).  ``inject``: the opt-in entries too (device-memory jobs: migrate to device and back,
+    exclusive; eviction)."""
     for seed in range(runs):
         c = SeededChoices(seed)
         sc = generate(c, "6.18", f"device_buggy_drivers:{cls.__name__}", kinds, events, inject=inject)
         res = run_scenario(sc, RandomScheduler(c), driver=cls())
-        if res.finding is not None:
-            # a run goes on after a finding that leaves the model usable: the mistake's own invariant may be
-            # the second finding of the step that broke two (a stale commit breaks coherence too)
-            want = next((f for f in res.findings if f.invariant == invariant), None) if invariant else None
-            return want or res.finding, seed
+        if invariant is None and res.finding is not None:
+            return res.finding, seed
+        # a run goes on after a finding that leaves the model usable: the mistake's own invariant may be the
+        # second finding of a step that broke two (a stale commit breaks coherence too), and a run may show
+        # only a consequence of the mistake (coherence after an early free): the first run that reports the
+        # mistake's invariant is the one judged
+        want = next((f for f in res.findings if f.invariant == invariant), None)
+        if want is not None:
+            return want, seed
     return None, None
 
 

@@ -152,3 +152,52 @@ def test_page_counts_stay_clean_after_fsdax_namespace_removal():
     res = run_scenario(sc, scheduler_for(sc), every_step=True)
     assert not res.findings, [f.signature for f in res.findings]
     assert any(e["what"] == "pgmap_removed" for e in res.events)
+
+
+def test_a_recursive_lock_ends_the_run():
+    """[5.2] B6: the fault under the devmap PUD lock takes page_table_lock again (recursive_lock).  The CPU
+    would spin there for ever; the run ends at that step, so the tasks that would wait for the lock do not add
+    deadlock / no_waker findings that are only its consequences."""
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "docs/known-behaviours/5.2-fault-under-pud-lock.toml"
+    sc = SimScenario.load(str(path))
+    res = run_scenario(sc, scheduler_for(sc))
+    invs = [f.invariant for f in res.findings]
+    assert "recursive_lock" in invs, invs
+    assert invs[-1] == "recursive_lock" and not {"deadlock", "no_waker"} & set(invs), invs
+
+
+def test_hypothesis_sessions_do_not_depend_on_the_modules_imported(tmp_path, monkeypatch):
+    """Hypothesis draws some integers from constants it finds in the source of the local modules in
+    sys.modules; a campaign's session pins that pool, so importing one more module (as a forked worker may
+    have, a fresh Dask worker not) does not change the scenarios it draws."""
+    import hashlib
+    import sys
+
+    from hmmirror.sim import fuzz as F
+
+    def session() -> list[str]:
+        seen: list[str] = []
+        orig = F.run_scenario
+
+        def spy(sc, sched, **kw):
+            seen.append(hashlib.md5((sc.to_toml() + repr(sched.switches)).encode()).hexdigest())
+            return orig(sc, sched, **kw)
+        monkeypatch.setattr(F, "run_scenario", spy)
+        cfg = F.Config(kernel="5.2", findings_dir=str(tmp_path / "f"), seed=3, kinds=("anon",), events=(),
+                       examples=40, scheduler="switch")
+        st = F.Stats()
+        F._hypothesis_session(cfg, 3, float("inf"), st, F.Recorder(cfg, st, None, verify=False))
+        monkeypatch.setattr(F, "run_scenario", orig)
+        return seen
+
+    before = session()
+    mod = tmp_path / "pool_probe_constants.py"
+    mod.write_text("VALUES = [3, 5, 6, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 97, 127, 255, 256, 511]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__("pool_probe_constants")
+    try:
+        after = session()
+    finally:
+        sys.modules.pop("pool_probe_constants", None)
+    assert len(before) == 40 and before == after

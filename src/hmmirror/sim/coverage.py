@@ -335,11 +335,13 @@ def _entries(kernel: str) -> dict[str, dict[str, set[str]]]:
         "anon": {"pte": {"none", "present", "zero", "swap", "migration", "hwpoison", "protnone"},
                  "pmd": {"table", "present", "huge_zero", "protnone", "migration"}, "hole": {"none"}},
         "shmem": {"pte": {"none", "present"}, "pmd": {"table"}, "hole": {"none"}},
-        "file": {"pte": {"none", "present", "hwpoison", "migration"},
+        # private file and DAX mappings hold anonymous COW copies: swapped, migrated or poisoned like anon pages
+        "file": {"pte": {"none", "present", "hwpoison", "migration", "swap"},
                  "pmd": {"table"} | (set() if five else {"present"}), "hole": {"none"}},
-        "fsdax": {"pte": {"none", dax, "zero", "present", "hwpoison"}, "pmd": {"table", dax, "huge_zero"},
+        "fsdax": {"pte": {"none", dax, "zero", "present", "hwpoison", "swap", "migration"},
+                  "pmd": {"table", dax, "huge_zero"},
                   "hole": {"none"}},
-        "devdax": {"pte": {dax}, "pmd": {"table", dax}, "pud": {dax}, "hole": {"none"}},
+        "devdax": {"pte": {"none", dax}, "pmd": {"table", dax}, "pud": {dax}, "hole": {"none"}},
         "hugetlb": {"hugetlb": {"none", "present"}, "hole": {"none"}},
         "pfnmap": {} if five else {"test": {"-"}},
         "mixedmap": {} if five else {"test": {"-"}},
@@ -357,18 +359,22 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
     if fn == "hole":
         if vk == "novma":
             return {"0", "-EFAULT"}                   # fault in a gap: [5.2] handle_mm_fault(NULL), [6.x] -EFAULT
-        return {"0", "-EBUSY"} | ({"-EAGAIN"} if vk == "file" else set())
-    if fn == "hugetlb":
-        return {"0", "-EBUSY"} | ({"-EINVAL"} if five else set())
-    if fn == "pud":
-        return {"0", "-EBUSY"}
+        # VM_FAULT_SIGBUS of a DAX fault (past the end of the file, a device-dax fault the alignment refuses)
+        return {"0", "-EBUSY"} | ({"-EAGAIN"} if vk == "file" else set()) | \
+            ({"-EFAULT"} if vk in ("fsdax", "devdax") else set())
+    if fn == "hugetlb":                               # -EFAULT: no free huge page for a fault (VM_FAULT_OOM)
+        return {"0", "-EBUSY"} | ({"-EINVAL"} if five else set()) | ({"-EFAULT"} if entry == "present" else set())
+    if fn == "pud":                                   # [5.2] the fault under the PUD lock never returns (B6)
+        return {"0"} if five else {"0", "-EBUSY"}
     r = {"0", "-EBUSY"}
     if entry == "hwpoison":
         return {"-EFAULT"}
     if fn == "pte" and entry == "zero" and five:
         return {"-EFAULT", "-EBUSY"}                  # [5.2] the zero page is special: SPECIAL, -EFAULT
-    if fn == "pte" and entry == "none" and vk == "file":
-        r.add("-EAGAIN")
+    if fn == "pte" and entry in ("none", "present") and vk == "file":
+        r.add("-EAGAIN")                              # the fault dropped mmap_sem (VM_FAULT_RETRY)
+    if fn == "pte" and entry == "none" and vk in ("fsdax", "devdax"):
+        r.add("-EFAULT")                              # VM_FAULT_SIGBUS (a fault past the end of the file)
     if fn == "pmd" and entry == "table":
         if vk == "file":
             r.add("-EAGAIN")
@@ -394,8 +400,8 @@ def reachable(kernel: str) -> dict[str, list[tuple[str, ...]]]:
                 for r in _rets(kernel, fn, vk, e):
                     walk.add((vk, fn, e, r))
         rets = set(_API_RETS["5.2" if five else "6.18"])   # 6.12 has the 6.18 API (hmm_range_fault)
-        if vk in ("pfnmap", "mixedmap"):
-            rets = {"-EFAULT"} if five else {"0", "-EFAULT", "-EBUSY"}
+        if vk in ("pfnmap", "mixedmap"):            # [5.2] -EAGAIN: the range was invalid already
+            rets = {"-EFAULT", "-EAGAIN"} if five else {"0", "-EFAULT", "-EBUSY"}
         if vk == "hugetlb" and five:
             rets.add("-EINVAL")
         for r in rets:
@@ -430,7 +436,8 @@ def unreachable_reasons(kernel: str) -> list[dict[str, str]]:
         {"cells": "devdax x swap|migration|hwpoison|zero|huge_zero",
          "reason": "device-dax memory is never swapped, migrated or zero-page mapped; memory_failure of ZONE_DEVICE "
                    "pages is not modelled"},
-        {"cells": "shmem|file x swap", "reason": "the model's reclaim swaps anonymous pages only (mm/swap.py)"},
+        {"cells": "shmem x swap", "reason": "the model's reclaim swaps anonymous pages only (mm/swap.py; the "
+                                            "COW copies of private file and DAX mappings are anonymous pages)"},
         {"cells": "* x device_private|marker",
          "reason": "device-private entries need device-memory migration (issue 11); PTE markers are 6.x uffd/guard "
                    "state no generated operation creates" if not five else
@@ -439,6 +446,9 @@ def unreachable_reasons(kernel: str) -> list[dict[str, str]]:
          "reason": "the model's migration and memory_failure handle non-hugetlb pages only"},
         {"cells": "* x pmd x bad", "reason": "no syscall leaves a non-present non-migration PMD on x86-64 "
                                             "(reachable only with the opt-in inject event)"},
+        *([{"cells": "devdax x pud x devmap x -EBUSY",
+            "reason": "[5.2] a fault from hmm_vma_walk_pud runs under the PUD lock and never returns: "
+                      "vmf_insert_pfn_pud takes that lock again (B6, hmm-5.2.md §7.1)"}] if five else []),
         {"cells": "pud x table|none (handler)",
          "reason": "the walker calls pud_entry only for trans-huge/devmap PUDs (hmm-5.2.md §6; modern walks tables)"},
     ]

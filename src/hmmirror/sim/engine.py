@@ -14,7 +14,9 @@ reports through :meth:`Engine.violate`.  A finding that leaves the model usable 
 model code goes on, an invariant of the page tables, the device or the locks -- is recorded and the run
 continues (``continue_after``), so one violation cannot hide another; the first finding of each invariant
 is kept (``findings``; ``finding`` is the first of all).  An exception, a deadlock, a wait without a waker,
-a teardown that cannot end and the step bound end the run after their step (:data:`STOPPING`).
+a teardown that cannot end, a recursive lock (the CPU would spin on it for ever: what the other tasks do
+afterwards -- waiting for that lock -- is its consequence, not another finding) and the step bound end the run
+after their step (:data:`STOPPING`).
 
 Instruments (trio style) plug in without touching the core: any object with some of the methods
 ``task_spawned(engine, st)``, ``before_step(engine, st)``, ``after_step(engine, st, point)``,
@@ -54,7 +56,8 @@ KEVENT_WINDOW = 64
 
 #: invariants after which the model is not usable: the run ends after the step that broke them
 #: (``liveness``: the looping task would spin to the step bound; the rest of the run tells nothing new)
-STOPPING = frozenset({"exception", "deadlock", "no_waker", "device_teardown", "locks_balanced", "liveness"})
+STOPPING = frozenset({"exception", "deadlock", "no_waker", "device_teardown", "locks_balanced", "liveness",
+                      "recursive_lock"})
 
 
 class StopRun(BaseException):

@@ -792,6 +792,7 @@ def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[st
 
     def notify(s: Saved) -> None:
         p = _saved_payload(s)
+        p["at"] = min(out.findings.get(p["signature"], {}).get("at", float("inf")), time.time())
         out.findings[p["signature"]] = p
         if report is not None:
             report("finding", p)
@@ -859,6 +860,7 @@ class Collector:
         self.pending: dict[str, dict[str, Any]] = {}   # new signature -> best run's payload, before finish()
         self.finish_seconds: dict[str, float] = {}
         self.search_seconds = 0.0
+        self.first_at: dict[str, float] = {}            # signature -> wall time of its first run
 
     def worker_stats(self, w: Any, runs: int, steps: int) -> None:
         self.runs += runs
@@ -872,6 +874,8 @@ class Collector:
         kept (ties: the lower run seed, so that the choice does not depend on which worker reported first);
         :meth:`finish` shrinks, verifies and writes them."""
         sig = p["signature"]
+        if p.get("at") is not None:                # when a worker first ran into it (time to first hit)
+            self.first_at[sig] = min(self.first_at.get(sig, float("inf")), float(p["at"]))
         if not p.get("text"):
             return
         key = (tuple(p["size"]), p.get("seed", 0))
@@ -882,8 +886,8 @@ class Collector:
     def finish(self, shrink_until: float | None = None, stats: Stats | None = None) -> dict[str, Any]:
         """The end of a campaign: shrink the best run of every new signature (greedy, time-boxed: until the
         wall-clock ``shrink_until``, shared out equally; without one, :func:`shrink_budget` each), replay them
-        all in fresh processes (:func:`~hmmirror.sim.verify.replays_in_fresh_process`: forks of one zygote), write those that
-        replay into the findings directory and list the others as unconfirmed.  Returns the seconds spent
+        all in fresh processes (:func:`~hmmirror.sim.verify.replays_in_fresh_process`: forks of one zygote),
+        write those that replay into the findings directory and list the others as unconfirmed.  Returns the seconds spent
         shrinking and verifying (reported apart from the search)."""
         from hmmirror.sim.verify import replays_in_fresh_process, shutdown_zygote
 
@@ -984,7 +988,10 @@ class Collector:
         elapsed = time.time() - self.started
         return {"findings": [{"invariant": d["invariant"], "location": d["location"], "reproducer": d["reproducer"],
                               "seed": d["seed"], "signature": d["signature"], "message": d["message"],
-                              "hits": self.hits.get(d["signature"], 0) + self.known_hits.get(d["signature"], 0)}
+                              "hits": self.hits.get(d["signature"], 0) + self.known_hits.get(d["signature"], 0),
+                              # seconds from the start of the campaign to the first run that reached it
+                              "first_s": round(self.first_at[d["signature"]] - self.started, 1)
+                              if d["signature"] in self.first_at else None}
                              for d in findings],
                 # signatures reached whose runs did not replay to them in a fresh process: no reproducer
                 "unconfirmed": [{"signature": sig, "why": why,

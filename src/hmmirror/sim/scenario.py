@@ -338,6 +338,7 @@ class GenCtx:
         self.weights = weights or {}
         self.inject = inject
         self.features: list[str] = []       # table:name of every entry drawn (steering feedback)
+        self.spots: dict[str, list[tuple[int, int]]] = {}   # map name -> page ranges drawn on it so far
         self._n = 0
 
     # -- weighted choice ---------------------------------------------------------------------------------
@@ -398,12 +399,14 @@ class GenCtx:
         return any(m.kind == kind for m in self.maps)
 
     def pick_map(self, pred: Callable[[MapInfo], bool] | None = None) -> MapInfo | None:
-        """A mapping (satisfying ``pred``) for an operation, job or event: uniform, scaled by the steering of
-        ``target:KIND`` (recorded as a feature)."""
+        """A mapping (satisfying ``pred``) for an operation, job or event: weighted by 1 + the ranges drawn on
+        it so far, scaled by the steering of ``target:KIND`` (recorded as a feature)."""
         cands = [m for m in self.maps if pred is None or pred(m)]
         if not cands:
             return None
-        ws = [max(0, int(round(16 * self.weights.get(f"target:{m.kind}", 1.0)))) for m in cands]
+        # the more a mapping was used already, the likelier it is used again (operations meet on it)
+        ws = [max(0, int(round(16 * (1 + len(self.spots.get(m.name, ()))) * self.weights.get(f"target:{m.kind}", 1.0))))
+              for m in cands]
         total = sum(ws)
         if total <= 0:
             ws, total = [1] * len(cands), len(cands)
@@ -440,20 +443,63 @@ class GenCtx:
     def prot(self) -> str:
         return self.choice("prot", {"rw": 5, "r": 2, "none": 1})
 
+    def spot(self, name: str, first: int, n: int) -> None:
+        """Remember that the scenario used pages ``[first, first + n)`` of mapping ``name`` (populated, touched,
+        faulted, hit by an event): later ranges may come back to them (:meth:`rng`, shape ``reuse``)."""
+        if n > 0:
+            self.spots.setdefault(name, []).append((first, n))
+
+    def hot(self, name: str, pages: int) -> None:
+        """The pages of a new mapping the scenario works on: a window of up to 16 pages (at its start or
+        anywhere) that set-up steps, operations, jobs and events come back to (:meth:`near`), so that they
+        meet on the same pages instead of being spread over a large mapping."""
+        first = 0 if pages <= 16 or self.c.flip(1, 3) else self.c.below(pages)
+        self.spot(name, first, 1 + self.c.below(max(1, min(16, pages - first))))
+
+    def near(self, m: MapInfo | str, maxpages: int, pages: int = 0) -> tuple[int, int]:
+        """``(first, n)``: pages of ``m`` around one of its spots (the latest one half of the time) -- the same
+        range (1/3), a part of it, the range grown by a few pages, the pages across its end (where a populated
+        block meets a hole, a written block meets an unwritten one) or the span of two spots."""
+        c = self.c
+        name, pages = (m, pages) if isinstance(m, str) else (m.name, m.pages)
+        if not self.spots.get(name):
+            self.hot(name, pages)
+        spots = self.spots[name]
+        f, n = spots[-1] if c.flip() else spots[c.below(len(spots))]     # the latest one, or any
+        how = c.below(6) - 1                         # -1, 0: the same range again
+        if how == 4 and len(spots) > 1:              # from one spot to another
+            f2, n2 = spots[c.below(len(spots))]
+            f, n = min(f, f2), max(f + n, f2 + n2) - min(f, f2)
+        elif how == 1:                               # a part of it
+            off = c.below(n)
+            f, n = f + off, 1 + c.below(n - off)
+        elif how == 2:                               # grown on both sides
+            back = min(f, c.below(3))
+            f, n = f - back, n + back + c.below(4)
+        elif how == 3:                               # across its end: its last page and what follows
+            f, n = f + n - 1, 2 + c.below(8)
+        f = min(max(0, f), max(0, pages - 1))
+        return f, max(1, min(n, maxpages))
+
     def rng(self, maxpages: int = 64, m: MapInfo | None = None) -> tuple[MapInfo, str, int]:
         """A page range: mostly inside one mapping, sometimes running past its end (into a gap or the next
-        VMA) or starting below it (features ``range:inside|past|below``)."""
+        VMA) or starting below it, often back at pages an earlier draw used (features
+        ``range:inside|past|below|reuse``)."""
         m = m or self.pick_map()
         assert m is not None
-        shape = self.choice("range", {"inside": 6, "past": 1, "below": 1})
+        shape = self.choice("range", {"inside": 5, "past": 1, "below": 1, "reuse": 6})
         if shape == "below" and m.pages > 1:         # start a few pages below the mapping (a gap, a neighbour)
             back = 1 + self.c.below(8)
             return m, f"{m.name}-{fmt_size(back * 4096)}", back + 1 + self.c.below(min(m.pages, maxpages))
-        first = self.c.below(m.pages)
-        if shape == "past":                          # run past the end of the mapping
-            n = 1 + self.c.below(maxpages)
+        if shape == "reuse":
+            first, n = self.near(m, maxpages)
         else:
-            n = 1 + self.c.below(max(1, min(m.pages - first, maxpages)))
+            first = self.c.below(m.pages)
+            if shape == "past":                      # run past the end of the mapping
+                n = 1 + self.c.below(maxpages)
+            else:
+                n = 1 + self.c.below(max(1, min(m.pages - first, maxpages)))
+        self.spot(m.name, first, min(n, m.pages - first))
         return m, f"{m.name}+{fmt_size(first * 4096)}" if first else m.name, n
 
     def new_name(self, prefix: str = "m") -> str:
@@ -473,8 +519,12 @@ def _shape_mapping(g: GenCtx, m: MapInfo, populate: bool = True, holes: bool = T
     if populate and m.prot != "none":
         how = g.choice("populate", {"no": 1, "read": 1, "write": 1} if m.write else {"no": 1, "read": 2})
         if how != "no":
-            first = c.below(m.pages) if c.flip(1, 3) else 0
-            n = 1 + c.below(max(1, min(m.pages - first, 48)))
+            if c.flip(2, 3):                         # around the pages the scenario works on
+                first, n = g.near(m, 48)
+            else:
+                first = c.below(m.pages) if c.flip(1, 3) else 0
+                n = 1 + c.below(max(1, min(m.pages - first, 48)))
+            g.spot(m.name, first, min(n, m.pages - first))
             setup.append({"op": "touch", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
                           "length": fmt_size(n * 4096), "access": how})
     if m.huge > 4096 or m.pages < 4:
@@ -555,8 +605,12 @@ def _draw_fsdax(g: GenCtx, name: str) -> MapInfo:
     g.sc.setup.append(_mmap_op(name, pages, prot, flags, file=path, align="2M",
                                offset=None if congruent else "4K"))
     if content == "sparse" and c.flip(3, 4):         # write part of a sparse file: data blocks between holes
-        first = c.below(pages)
-        n = 1 + c.below(max(1, min(pages - first, 16)))
+        if c.flip(2, 3):
+            first, n = g.near(name, 16, pages)
+        else:
+            first = c.below(pages)
+            n = 1 + c.below(max(1, min(pages - first, 16)))
+        g.spot(name, first, n)
         g.sc.setup.append({"op": "touch", "addr": f"{name}+{fmt_size(first * 4096)}" if first else name,
                            "length": fmt_size(n * 4096), "access": "write"})
     m = MapInfo(name, "fsdax", variant, pages, prot, shared=shared, huge=4096 if small or not congruent else 2 << 20,
@@ -591,6 +645,7 @@ def _draw_devdax(g: GenCtx, name: str) -> MapInfo:
                 huge={"4K": 4096, "2M": 2 << 20, "1G": 1 << 30}[align], file=dev)
     if prot != "none" and c.flip(3, 4):              # fault it in (a PUD leaf for 1G)
         first = c.below(m.pages)
+        g.spot(name, first, 1)
         g.sc.setup.append({"op": "touch", "addr": f"{name}+{fmt_size(first * 4096)}" if first else name,
                            "length": "4K", "access": "write" if m.write and c.flip() else "read"})
     return m
@@ -613,6 +668,7 @@ def _draw_hugetlb(g: GenCtx, name: str) -> MapInfo:
     m = MapInfo(name, "hugetlb", "hugetlb_1g" if one_g else "hugetlb_2m", pages, prot, shared=shared,
                 huge=(1 << 30) if one_g else (2 << 20))
     if prot != "none" and c.flip():
+        g.spot(name, 0, 1)
         g.sc.setup.append({"op": "touch", "addr": name, "length": "4K",
                            "access": "write" if m.write and c.flip() else "read"})
     return m
@@ -627,6 +683,7 @@ def _draw_pfnmap(g: GenCtx, name: str) -> MapInfo:
     g.sc.setup.append(_mmap_op(name, pages, prot, ["shared"], file=dev))
     m = MapInfo(name, "pfnmap", dev, pages, prot, shared=True, file=dev)
     if mixed and c.flip():
+        g.spot(name, 0, pages)
         g.sc.setup.append({"op": "touch", "addr": name, "length": fmt_size(pages * 4096), "access": "read"})
     return m
 
@@ -705,10 +762,11 @@ def _mode_perpage(name: str) -> Callable[[GenCtx], dict[str, Any]]:
     return draw
 
 
-#: a job over a 1 GiB hugetlb page with the huge page_shift commits 262 144 device entries: about 40 times the
-#: cost of an average run (the device page tables and the checks are per 4 KiB page); such a job is drawn one
-#: time in HUGE_1G_ODDS, so that it stays in every campaign without taking a third of its time
-HUGE_1G_ODDS = 4
+#: a job over a 1 GiB hugetlb page with the huge page_shift commits 262 144 device entries: 20-45 s under load,
+#: 150-300 average runs (the device page tables and the data checks are per 4 KiB page), and it reaches no cell
+#: a 2 MiB page does not; such a job is drawn one time in HUGE_1G_ODDS, so that it stays in the generator
+#: without taking half of a campaign's time
+HUGE_1G_ODDS = 16
 
 
 def _mode_huge(name: str) -> Callable[[GenCtx], dict[str, Any] | None]:
@@ -721,6 +779,8 @@ def _mode_huge(name: str) -> Callable[[GenCtx], dict[str, Any] | None]:
         hp = m.huge // 4096
         first = g.c.below(max(1, m.pages // hp)) * hp
         n = hp * (1 + g.c.below(2 if hp == 512 else 1))
+        if g.choice("huge_range", {"aligned": 5, "unaligned": 1}) == "unaligned":
+            first += 1 + g.c.below(8)                # not huge-page aligned: [5.2] -EINVAL (hmm-5.2.md §7.4)
         addr = f"{m.name}+{fmt_size(first * 4096)}" if first else m.name
         write = g.choice("job", {"read": 1, "write": 1}) == "write"
         return {"addr": addr, "length": fmt_size(n * 4096), "write": write, "mode": name}
