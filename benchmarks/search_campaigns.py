@@ -106,6 +106,7 @@ def main() -> None:
         res = run(a.kernel, a.again, a.seconds, a.jobs, os.path.join(a.out, f"{a.kernel}-{first}"))
         report["again"] = {"seed": a.again, "on": first, "runs": res.get("runs"), "generated": res.get("generated"),
                            "known_runs": res.get("known_runs"), "known_fraction": res.get("known_fraction"),
+                           "known_stop_fraction": res.get("known_stop_fraction"),
                            "new": res.get("new"), "new_signatures": [f["signature"] for f in res.get("findings", [])],
                            "known_hits": res.get("known_hits"), "error": res.get("error")}
         print(json.dumps(report["again"]), flush=True)

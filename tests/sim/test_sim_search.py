@@ -201,3 +201,23 @@ def test_hypothesis_sessions_do_not_depend_on_the_modules_imported(tmp_path, mon
     finally:
         sys.modules.pop("pool_probe_constants", None)
     assert len(before) == 40 and before == after
+
+
+def test_two_device_tasks_reusing_a_range_keep_their_own():
+    """[5.2] two device tasks each re-fault the same range with their array kept from the previous call
+    (``fault_reuse``): each task keeps its own ``struct hmm_range``, so one task's ``hmm_range_unregister``
+    (which clears ``range->hmm``) never runs under the other's ``hmm_range_fault`` (campaign finding
+    ``report:null_deref|mm.hmm.v5_2.hmm_range_fault``: the adapter shared one range per address range)."""
+    from hmmirror.sim.choices import SeededChoices
+    from hmmirror.sim.schedulers import RandomScheduler
+
+    job = {"addr": "m0", "length": "8K", "write": True, "mode": "fault_reuse", "pattern": 0}
+    sc = _scenario("5.2", [{"op": "mmap", "as": "m0", "length": "8K", "prot": "rw",
+                            "flags": ["private", "anonymous"]},
+                           {"op": "touch", "addr": "m0", "length": "8K", "access": "write"}], [job, job, job])
+    sc.devices.append({"name": "dev1", "jobs": [job, job, job]})
+    sigs = set()
+    for seed in range(40):
+        res = run_scenario(sc, RandomScheduler(SeededChoices(seed)))
+        sigs |= {f.signature for f in res.findings}
+    assert not any(s.startswith("report:null_deref") for s in sigs), sigs

@@ -99,16 +99,19 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, das
     _summary(result, kernel)
     _search_summary(result, kernel, coverage_png)
     if as_json:
-        out = {"findings": [{k: f[k] for k in ("invariant", "location", "signature", "hits", "reproducer", "seed")}
-                            for f in result["findings"]],
+        # first_s: seconds from the start of the campaign to the first run that reached the finding
+        out = {"findings": [{**{k: f[k] for k in ("invariant", "location", "signature", "hits", "reproducer", "seed")},
+                             "first_s": f.get("first_s")} for f in result["findings"]],
                "unconfirmed": result.get("unconfirmed", []),
                "runs": result["runs"], "generated": result["generated"], "steps": result["steps"],
                "interrupted": bool(result.get("interrupted")), "new": result.get("new", 0),
                "known_runs": result.get("known_runs", 0), "known_fraction": result.get("known_fraction", 0.0),
+               "known_stop_fraction": result.get("known_stop_fraction", 0.0),
                "multi_finding_runs": result.get("multi_finding_runs", 0), "known_hits": result.get("known_hits", {}),
                "runs_per_s_per_worker": result.get("runs_per_s_per_worker"),
                "steps_per_s_per_worker": result.get("steps_per_s_per_worker"),
-               "workers": result.get("workers", [])}
+               "workers": result.get("workers", []),
+               "search_seconds": result.get("search_seconds"), "finish_seconds": result.get("finish_seconds")}
         cov = result.get("coverage")
         if cov:
             out["coverage"] = {"percent": cov["percent"], "covered": cov["covered"], "total": cov["total"],

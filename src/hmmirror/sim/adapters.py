@@ -121,7 +121,7 @@ class DmirrorAdapter:
                 pfns = np.zeros(npages, dtype=np.uint64)
                 dflt, mask, owner = hmm.HMM_PFN_REQ_FAULT | (hmm.HMM_PFN_REQ_WRITE if write else 0), 0, None
             else:
-                key = (start, end)
+                key = _reuse_key(start, end)
                 old = self._arrays.get(key) if mode == "fault_reuse" else None
                 req = request_pattern(npages, write, int(job.get("pattern", 0)), hmm.HMM_PFN_REQ_FAULT,
                                       hmm.HMM_PFN_REQ_WRITE)
@@ -305,7 +305,7 @@ class Hmm52Adapter:
             return (yield from drv.populate(start, end, write, mode="snapshot" if mode == "snapshot_huge"
                                             else "fault", literal=self.literal, range=r))
         if mode in ("fault_perpage", "fault_reuse"):
-            key = (start, end)
+            key = _reuse_key(start, end)
             r = self._ranges.get(key) if mode == "fault_reuse" else None
             if r is None:
                 r = drv.make_range(start, end, write)
@@ -336,6 +336,15 @@ class Hmm52LiteralAdapter(Hmm52Adapter):
 
     def __init__(self) -> None:
         super().__init__(literal=True)
+
+
+def _reuse_key(start: int, end: int) -> tuple[str, int, int]:
+    """What a reused request array (6.x ``hmm_pfns``) or range (5.2 ``struct hmm_range`` with its ``pfns``)
+    belongs to: the device task that made it and the range.  A driver keeps its array per device context; two
+    device tasks faulting the same range at the same time each have their own (sharing one 5.2 range would let
+    one task's ``hmm_range_unregister`` clear ``range->hmm`` under the other's ``hmm_range_fault``)."""
+    cur = sched.current()
+    return (getattr(cur, "name", ""), start, end)
 
 
 def request_pattern(npages: int, write: bool, pattern: int, valid: int, wbit: int) -> np.ndarray:

@@ -368,6 +368,7 @@ class UnitSearch:
             self.cov.merge(guide["cells"])
         self.steer = Steering()
         self.known_runs = 0
+        self.known_stops = 0                        # known-only runs that a known stopping finding ended
         self.multi_runs = 0
         self.known_hits: dict[str, int] = {}
 
@@ -375,7 +376,8 @@ class UnitSearch:
         return self.cov.run_collector() if self.cov is not None else None
 
     def result(self) -> dict[str, Any]:
-        return {"feedback": self.steer.counts(), "known_runs": self.known_runs, "multi_runs": self.multi_runs,
+        return {"feedback": self.steer.counts(), "known_runs": self.known_runs, "known_stops": self.known_stops,
+                "multi_runs": self.multi_runs,
                 "known_hits": dict(self.known_hits), "cells": self.cov.snapshot() if self.cov is not None else None}
 
 
@@ -406,6 +408,8 @@ def _account(res: SimResult, seed: int, stats: Stats, rec: Recorder, guide: "Uni
         for sig in known:
             guide.known_hits[sig] = guide.known_hits.get(sig, 0) + 1
         guide.known_runs += known_only
+        from hmmirror.sim.engine import STOPPING
+        guide.known_stops += known_only and any(f.invariant in STOPPING for f in res.findings)
         guide.multi_runs += len(res.findings) > 1
         guide.steer.feed(features, known_only, bool(new_cells))
     return new[0].signature if new else None
@@ -845,6 +849,7 @@ class Collector:
         self.steer = Steering()
         self.cov = _coverage_for(cfg)
         self.known_runs = 0
+        self.known_stops = 0
         self.multi_runs = 0
         self.known_hits: dict[str, int] = {}
         self.found: dict[str, dict[str, Any]] = {}     # this campaign's findings by signature
@@ -963,6 +968,7 @@ class Collector:
         if self.cov is not None and sr.get("cells"):
             self.cov.merge(sr["cells"])
         self.known_runs += int(sr.get("known_runs", 0))
+        self.known_stops += int(sr.get("known_stops", 0))
         self.multi_runs += int(sr.get("multi_runs", 0))
         for sig, n in sr.get("known_hits", {}).items():
             self.known_hits[sig] = self.known_hits.get(sig, 0) + int(n)
@@ -1010,6 +1016,8 @@ class Collector:
         the coverage summary and cells (for the heat map)."""
         runs = max(self.generated or self.runs, 1)
         return {"known_runs": self.known_runs, "known_fraction": round(self.known_runs / runs, 3),
+                # of those, the runs a known stopping finding ended (liveness, deadlock...: cut short by it)
+                "known_stop_runs": self.known_stops, "known_stop_fraction": round(self.known_stops / runs, 3),
                 "multi_finding_runs": self.multi_runs,
                 "known_hits": dict(sorted(self.known_hits.items(), key=lambda kv: -kv[1])),
                 "new": len(self.found), "known_at_start": len(self.start_known),
