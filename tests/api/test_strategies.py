@@ -98,13 +98,14 @@ def test_driver_spec() -> None:
 
 
 def _first_finding(driver: Any, kernel: str = "6.18") -> DriverFinding:
-    for seed in range(40):
+    # (NoUnmapMirror breaks coherence in about 1 scenario in 30 of this stream, the first at seed 51)
+    for seed in range(80):
         sc = draw_scenario(SeededChoices(seed), kernel, events=())
         try:
             check_scenario(sc, driver)
         except DriverFinding as e:
             return e
-    raise AssertionError(f"{driver} broke nothing in 40 seeded scenarios")
+    raise AssertionError(f"{driver} broke nothing in 80 seeded scenarios")
 
 
 def test_a_broken_driver_fails_with_a_replayable_reproducer(tmp_path: Path) -> None:

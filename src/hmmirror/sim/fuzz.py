@@ -892,8 +892,8 @@ class Collector:
         """The end of a campaign: shrink the best run of every new signature (greedy, time-boxed: until the
         wall-clock ``shrink_until``, shared out equally; without one, :func:`shrink_budget` each), replay them
         all in fresh processes (:func:`~hmmirror.sim.verify.replays_in_fresh_process`: forks of one zygote),
-        write those that replay into the findings directory and list the others as unconfirmed.  Returns the seconds spent
-        shrinking and verifying (reported apart from the search)."""
+        write those that replay into the findings directory and list the others as unconfirmed.  Returns the
+        seconds spent shrinking and verifying (reported apart from the search)."""
         from hmmirror.sim.verify import replays_in_fresh_process, shutdown_zygote
 
         t0 = time.time()
