@@ -223,8 +223,14 @@ def test_seeded_driver_bug_gives_one_reproducer_that_replays_in_a_fresh_process(
                  scheduler="random", examples=40)
     stats = campaign(cfg, time.monotonic() + cfg.seconds)
     files = sorted(n for n in os.listdir(tmp_path) if n.endswith(".toml"))
-    assert len(files) == 1, (files, {s: n for s, n in stats.hits.items()})
-    (sig, saved), = stats.findings.items()
+    # the mistake is one signature, one file; a run may also meet the toy's other limit, its fault loop
+    # without a bound under a clear_refs storm (retry_bound at GoodMirror.fault_loop): another signature
+    mine = {s: v for s, v in stats.findings.items() if "NoUnmapMirror" in s}
+    others = {s for s in stats.findings if s not in mine}
+    assert len(mine) == 1 and others <= {"retry_bound|sim_toy_drivers.GoodMirror.fault_loop|-"}, \
+        (files, {s: n for s, n in stats.hits.items()})
+    assert len(files) == len(stats.findings)
+    (sig, saved), = mine.items()
     # device_reach (I2) sees the callback return with the entries still there, before coherence can
     assert sig.startswith("device_reach|") and "NoUnmapMirror.invalidate|" in sig, sig
     assert stats.hits[sig] >= 1 and not stats.unconfirmed
