@@ -713,9 +713,20 @@ def _op_munmap(g: GenCtx, t: int) -> dict[str, Any]:
 
 
 def _op_mprotect(g: GenCtx, t: int) -> dict[str, Any] | None:
-    m, addr, n = g.rng(16)
-    if m.huge >= 1 << 30 and m.kind == "devdax" and not _profile(g.kernel).mprotect_pud_leaf:
-        return None                                  # [5.2] mprotect over a PUD leaf is not modelled (InputError)
+    def pud(x: MapInfo) -> bool:
+        return x.huge >= 1 << 30 and x.kind == "devdax"
+
+    if not _profile(g.kernel).mprotect_pud_leaf and any(pud(x) for x in g.maps):
+        # [5.2] mprotect over a PUD leaf is not modelled (InputError): a range that runs past its mapping or
+        # starts below it may reach the 1 GiB device-dax VMA beside it, so stay inside another mapping
+        m = g.pick_map(lambda x: not pud(x))
+        if m is None:
+            return None
+        first = g.c.below(m.pages)
+        n = 1 + g.c.below(max(1, min(m.pages - first, 16)))
+        addr = f"{m.name}+{fmt_size(first * 4096)}" if first else m.name
+    else:
+        m, addr, n = g.rng(16)
     return {"op": "mprotect", "addr": addr, "length": fmt_size(n * 4096), "prot": g.c.pick(("r", "rw", "none"))}
 
 
