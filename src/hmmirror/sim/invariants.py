@@ -242,14 +242,24 @@ def _is_migration_pte(mm: Any, va: int) -> bool:
 
 def committer_frame(frame: Any) -> Any:
     """The frame that changed the device page table: the first one outside the simulator and
-    drivers/device_mmu.py (the table's own methods are not where a driver went wrong)."""
+    drivers/device_mmu.py (the table's own methods are not where a driver went wrong).  When the
+    simulator itself committed (a built-in adapter in sim/), the innermost simulator frame below the
+    engine's loop: never a frame of whatever runs the engine (a worker process, runpy, pytest), so the
+    location does not depend on how the run was started."""
     f = frame
+    inner_sim = None
     while f is not None:
         fn = f.f_code.co_filename.replace("\\", "/")
-        if "/hmmirror/sim/" not in fn and not fn.endswith("/hmmirror/drivers/device_mmu.py"):
+        if fn.endswith("/hmmirror/sim/engine.py") and f.f_code.co_name == "_loop":
+            break
+        if fn.endswith("/hmmirror/drivers/device_mmu.py"):
+            pass
+        elif "/hmmirror/sim/" not in fn:
             return f
+        elif inner_sim is None:
+            inner_sim = f
         f = f.f_back
-    return frame
+    return inner_sim if inner_sim is not None else frame
 
 
 def overlaps(a0: int, a1: int, b0: int, b1: int) -> bool:
