@@ -302,3 +302,18 @@ def test_a_fault_on_a_prot_none_vma_fails_at_once():
     f, eng = run_tasks(m, drv, p.mm, [("dev0", "device", task)], SwitchListScheduler([]))
     assert f is None, f.describe()
     assert out["ret"] == -14 and eng.step < 100
+
+
+def test_a_write_fault_on_a_range_straddling_a_read_only_vma_is_resized():
+    """As above with mprotect(PROT_READ) of the range's last pages: hmm_range_fault of a write over the whole
+    range fails with -EPERM; the range is resized instead of retried as it is (campaign seed 7340219: the
+    retry loop, liveness)."""
+    from hmmirror.mm.mprotect import do_mprotect_pkey
+
+    m, p, a = setup()
+    drv = DrmGpusvm()
+    go(m, p, drv, [("dev0", "device", fault(a, a + L))])
+    assert sched.run(do_mprotect_pkey(p.mm, a + 12 * PAGE, 4 * PAGE, 1), p.mm.task) == 0   # PROT_READ
+    go(m, p, drv, [("dev0", "device", fault(a + PAGE, a + 2 * PAGE, write=True))])
+    assert all(e <= a + 12 * PAGE for _s, e in ranges(drv)), ranges(drv)
+    assert drv.pt.get(a + PAGE) == (drv.pt.get(a + PAGE)[0], True)

@@ -223,13 +223,15 @@ class DrmGpusvm(DriverBase):
             if err in (-EOPNOTSUPP, -EFAULT, -EPERM):
                 if err == -EOPNOTSUPP:
                     yield from self.drm_gpusvm_range_evict(rng)
-                if err != -EFAULT or rng.unmapped:
+                if err == -EOPNOTSUPP or rng.unmapped:
                     continue                         # CPU mappings changed: the range goes, look again
                 if not (yield from self._range_fits_vma(rng)):
-                    # sized for VMAs that changed since (mprotect split off a part it cannot fault): Xe 6.18
-                    # retries with the same range; the model removes it and sizes a new one
+                    # sized for VMAs that changed since (mprotect split off a part it cannot fault or write):
+                    # Xe 6.18 retries with the same range; the model removes it and sizes a new one
                     yield from self.drm_gpusvm_range_remove(rng)
                     continue
+                if err == -EPERM:
+                    continue                         # the VMA's protection changed after the check: look again
                 return err, addr
             if err:
                 return err, addr
