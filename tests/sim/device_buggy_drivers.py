@@ -262,16 +262,7 @@ class KeepBothDmirror(DmirrorAdapter):
 
 
 # --- drm_gpusvm (drivers/drm_gpusvm.py, with one mistake) ------------------------------------------------------
-import numpy as np  # noqa: E402
-
-from hmmirror.arch.x86.pgtable import PAGE_SIZE  # noqa: E402
-from hmmirror.drivers.drm_gpusvm import (  # noqa: E402
-    EFAULT,
-    EOPNOTSUPP,
-    HMM_RANGE_DEFAULT_TIMEOUT,
-    DrmGpusvm,
-    DrmGpusvmRange,
-)
+from hmmirror.drivers.drm_gpusvm import DrmGpusvm  # noqa: E402
 
 
 class NoReadRetryGpusvm(DrmGpusvm):
@@ -279,76 +270,9 @@ class NoReadRetryGpusvm(DrmGpusvm):
     returned and marks them valid without asking whether an invalidation ran since read_begin; the bind then
     programs the GPU with the stale pages."""
 
-    def drm_gpusvm_range_get_pages(self, rng: DrmGpusvmRange, write: bool) -> Gen[int]:
-        """drm_gpusvm_range_get_pages() (drivers/drm_gpusvm.py) with the read_retry check deleted."""
-        from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
-        from hmmirror.mm.hmm import modern as hmm
-        from hmmirror.mm.mmu_notifier import mmu_interval_read_begin
-        from hmmirror.mm.slab import kmalloc_array
-
-        mm = self.mm
-        sub = rng.notifier.sub
-        npages = rng.npages
-        timeout = jiffies(self.machine) + msecs_to_jiffies(HMM_RANGE_DEFAULT_TIMEOUT)
-        flags = hmm.HMM_PFN_REQ_FAULT | (hmm.HMM_PFN_REQ_WRITE if write else 0)
-        while True:                                                     # retry:
-            if time_after(jiffies(self.machine), timeout):              # (6.17+: the retry path is bounded too)
-                return -EBUSY
-            seq = yield from mmu_interval_read_begin(sub)
-            yield from sched.down_read(self.notifier_lock)              # drm_gpusvm_range_pages_valid_unlocked()
-            valid = rng.has_dma_mapping or rng.has_devmem_pages
-            sched.up_read(self.notifier_lock)
-            if valid and (not write or all(rng.writable)):
-                rng.notifier_seq = seq
-                return 0
-            hr = hmm.HmmRange(sub, rng.start, rng.end, kmalloc_array(npages), default_flags=flags,
-                              pfn_flags_mask=0, dev_private_owner=self.owner)
-            hr.notifier_seq = seq
-            if not self.mmget_not_zero():
-                return -EFAULT
-            while True:
-                yield from sched.down_read(mm.mmap_sem)
-                err = yield from hmm.hmm_range_fault(hr)
-                sched.up_read(mm.mmap_sem)
-                if err == -EBUSY:
-                    if time_after(jiffies(self.machine), timeout):
-                        break
-                    hr.notifier_seq = yield from mmu_interval_read_begin(sub)
-                    continue
-                break
-            yield from self.mmput()
-            if err:
-                return err
-            # map_pages: all DMA mappings under the notifier lock, so an invalidation either waits for us or
-            # unmaps what we mapped
-            yield from sched.down_read(self.notifier_lock)
-            if rng.unmapped:
-                sched.up_read(self.notifier_lock)
-                return -EFAULT
-            # BUG: no mmu_interval_read_retry(sub, hr.notifier_seq) here
-            self._unmap_pages(rng)                                      # what an older pass mapped
-            pfns = np.full(npages, -1, dtype=np.int64)
-            wr = np.zeros(npages, dtype=bool)
-            devmem = sysmem = 0
-            for i in range(npages):
-                e = int(hr.hmm_pfns[i])
-                pfn = hmm.hmm_pfn_to_pfn(e)
-                pfns[i], wr[i] = pfn, bool(e & hmm.HMM_PFN_WRITE)
-                if self.pgmap is not None and self.pgmap.covers(pfn):
-                    devmem += 1                                         # dpagemap->ops->device_map
-                else:
-                    sysmem += 1
-                    rng.dma.append(self.pt.dma_map_page(pfn, 0, rng.start + i * PAGE_SIZE))
-            if devmem and sysmem:                                       # mixed: not supported
-                self._unmap_pages(rng)
-                sched.up_read(self.notifier_lock)
-                return -EOPNOTSUPP
-            rng.pfns, rng.writable = pfns, wr
-            rng.has_dma_mapping = True
-            rng.has_devmem_pages = devmem > 0
-            sched.up_read(self.notifier_lock)
-            rng.notifier_seq = hr.notifier_seq
-            return 0
+    def pages_read_retry(self, sub: Any, seq: int) -> bool:
+        """BUG: mmu_interval_read_retry() is never asked; the pages are mapped whatever ran since ``seq``."""
+        return False
 
 
 class NoDmaUnmapGpusvm(DrmGpusvm):

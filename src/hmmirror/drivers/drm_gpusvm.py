@@ -356,13 +356,19 @@ class DrmGpusvm(DriverBase):
             return False
         return bool(((rng.hmm_pfns[:npages] & np.uint64(hmm.HMM_PFN_VALID)) != 0).all())
 
+    def pages_read_retry(self, sub: Any, seq: int) -> bool:
+        """mmu_interval_read_retry() as drm_gpusvm_get_pages() [6.18] calls it before mapping the pages: did an
+        invalidation run since ``seq``?  (One call site, so a driver variant can change just this check.)"""
+        from hmmirror.mm.mmu_notifier import mmu_interval_read_retry
+        return bool(mmu_interval_read_retry(sub, seq))
+
     def drm_gpusvm_range_get_pages(self, rng: DrmGpusvmRange, write: bool) -> Gen[int]:
         """drm_gpusvm_range_get_pages() [6.18]: fault the range in and DMA-map its pages, valid for the sequence
         it read; 0, or -errno (-EFAULT: the range was unmapped meanwhile; -EOPNOTSUPP: a range mixing
         device and system pages)."""
         from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
         from hmmirror.mm.hmm import modern as hmm
-        from hmmirror.mm.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry
+        from hmmirror.mm.mmu_notifier import mmu_interval_read_begin
         from hmmirror.mm.slab import kmalloc_array
 
         mm = self.mm
@@ -404,7 +410,7 @@ class DrmGpusvm(DriverBase):
             if rng.unmapped:
                 sched.up_read(self.notifier_lock)
                 return -EFAULT
-            if mmu_interval_read_retry(sub, hr.notifier_seq):
+            if self.pages_read_retry(sub, hr.notifier_seq):
                 sched.up_read(self.notifier_lock)
                 continue
             self._unmap_pages(rng)                                      # what an older pass mapped
