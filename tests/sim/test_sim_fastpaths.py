@@ -5,7 +5,8 @@
 * a device table programmed a range at a time (``DevicePageTable.commit_range``, the checks' vectorised
   pre-checks) gives the same runs -- findings, messages, locations, stacks, steps -- as the same table
   programmed page by page;
-* a reproducer's fresh replay forked from the worker's zygote judges as a new interpreter does.
+* a reproducer's fresh replay forked from the worker's zygote judges as a new interpreter does;
+* log records routed by kind (``log_kinds``) give the runs of every instrument hearing every record.
 """
 
 from __future__ import annotations
@@ -262,3 +263,59 @@ def test_page_latest_answers_as_a_dict_of_pages():
             ref.update({va0 + i * K: ("range", step) for i in range(n) if mask[i]})
         for va in range(0, 90 * K, K):
             assert pl.get(va, "none") == ref.get(va, "none"), (step, hex(va))
+
+
+def _log_cases():
+    cases = [(generate(SeededChoices(s), "5.2", "builtin"), s, None) for s in (7000134, 7000165, 11, 12, 13, 14)]
+    cases += [(generate(SeededChoices(s), k, "builtin", inject=True), s, None)
+              for k in ("6.12", "6.18") for s in range(20, 26)]
+    return cases
+
+
+def _runs_with_coverage(cases):
+    from hmmirror.sim.coverage import RunCoverage
+
+    out = []
+    for sc, s, _ in cases:
+        cov = RunCoverage(sc.kernel)
+        res = run_scenario(sc, RandomScheduler(SeededChoices(s)) if s % 2 else PCTScheduler(SeededChoices(s), 3, 2000),
+                           record_trace=False, coverage=cov)
+        out.append((_outcome(res), {k: sorted(map(repr, v)) for k, v in vars(cov).items() if isinstance(v, set)}))
+    return out
+
+
+def test_log_records_routed_by_kind_give_the_runs_of_every_hook_hearing_all(monkeypatch):
+    """Log records routed only to the instruments subscribed to their kind (``log_kinds``) give the same runs
+    and coverage cells as every ``on_log`` hearing every record; and in the reference runs, an instrument that
+    declares ``log_kinds`` changes nothing of its own state when it hears a record of another kind."""
+    from hmmirror.sim import engine
+
+    cases = _log_cases()
+    fast = _runs_with_coverage(cases)
+    monkeypatch.setattr(engine, "ROUTE_LOG", False)
+    heard: dict[str, int] = {}
+    patched = set()
+
+    def spy(cls):
+        orig = cls.on_log
+
+        def on_log(self, eng, ev):
+            if ev["what"] in self.log_kinds:
+                return orig(self, eng, ev)
+            before = {k: repr(v) for k, v in vars(self).items()}
+            nf = len(eng.findings) + eng.extra_findings
+            orig(self, eng, ev)
+            assert {k: repr(v) for k, v in vars(self).items()} == before, (cls.__name__, ev["what"])
+            assert len(eng.findings) + eng.extra_findings == nf, (cls.__name__, ev["what"])
+            heard[cls.__name__] = heard.get(cls.__name__, 0) + 1
+        monkeypatch.setattr(cls, "on_log", on_log)
+
+    from hmmirror.sim.coverage import RunCoverage
+    for inst in default_invariants() + [RunCoverage("6.18")]:
+        cls = type(inst)
+        if getattr(cls, "log_kinds", None) is not None and cls not in patched:
+            patched.add(cls)
+            spy(cls)
+    ref = _runs_with_coverage(cases)
+    assert fast == ref
+    assert len(patched) >= 8 and len(heard) >= 8, (patched, heard)

@@ -148,10 +148,146 @@ def _vma_mask(mm: "MMStruct", addrs: np.ndarray, flag: int = 0) -> np.ndarray:
     return ok
 
 
+def _segments(mem: "PhysMem") -> list[tuple[int, int]]:
+    """The pfn ranges that hold frames: RAM, then every device range (ascending, merged)."""
+    out = [(0, mem.nr_ram)]
+    for s, e, _ in sorted(mem.device_ranges, key=lambda r: r[0]):
+        if s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+_SCRATCH: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroed per-pfn arrays of ``n`` frames for one check, kept between checks and machines (each check puts
+    back every zero it changed)."""
+    sc = _SCRATCH.get(n)
+    if sc is None:
+        if len(_SCRATCH) >= 4:
+            _SCRATCH.clear()
+        sc = _SCRATCH[n] = (np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32), np.zeros(n, dtype=bool))
+    return sc
+
+
 def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, limit: int = 20) -> list[str]:
+    """:func:`check_counts_reference` (the page-count invariant), the same mismatches in the same order, at
+    the cost of the frames that exist: the walk's counts go into kept scratch arrays (only the slots it
+    touched are cleared again), and the frames compared are RAM and the device ranges -- the pfns between
+    them (device ranges start 1 GiB aligned, far above a small RAM) hold no frame.  When a leaf entry, a
+    count or a migration names such a pfn after all, the reference runs instead."""
+    mem = machine.mem
+    n = mem.nr_pfns
+    segs = _segments(mem)
+    holes = [(a, b) for (_, a), (b, _) in zip(segs, segs[1:] + [(n, n)]) if a < b]
+    for a, b in holes:
+        if mem.mapcount[a:b].any():
+            return check_counts_reference(machine, extra_refs, limit)
+    bounds = np.array([x for seg in segs for x in seg], dtype=np.int64)
+
+    def in_holes(pfns: np.ndarray) -> bool:
+        if not holes or not pfns.size:
+            return False
+        return bool((np.searchsorted(bounds, pfns, side="right") % 2 == 0).any())
+
+    def span_in_holes(a: int, b: int) -> bool:
+        """Whether ``[a, b)`` (within ``[0, n)``) meets a hole: it does not lie inside one segment."""
+        b = min(b, n)
+        return bool(holes) and a < b and not any(lo <= a and b <= hi for lo, hi in segs)
+
+    dax_rc = machine.profile.dax_refcounted
+    excl_rmap = machine.profile.make_device_exclusive_single
+    walked_map, walked_ref, in_flight = _scratch(n)
+    touched: list[np.ndarray] = []             # index arrays and ranges to zero again
+    spans: list[tuple[int, int]] = []
+    try:
+        out: list[str] = []
+        for mm in machine.mms.values():
+            if mm.exited:
+                continue
+            addrs, vals, lvls = leaf_entries(mm)
+            if not addrs.size:
+                continue
+            outside = ~_vma_mask(mm, addrs)
+            for a in addrs[outside][:limit].tolist():
+                out.append(f"{mm.name}: leaf entry at {a:#x} outside every VMA")
+            pres = leaf_present(vals, lvls)
+            pfns = ((vals & _U(PTE_PFN_MASK)) >> _U(12)).astype(np.int64)
+            small = pres & (lvls == LEVEL_PTE) & ((vals & _U(_PAGE_SPECIAL)) == 0)
+            small &= ~_vma_mask(mm, addrs, VM.PFNMAP)
+            sp = pfns[small]
+            sp = sp[rmap.counted_mask(mem, sp, dax_rc)]
+            if sp.size:
+                heads = sp.copy()
+                ram = sp < mem.nr_ram
+                heads[ram] = sp[ram] & ~((1 << mem.order[sp[ram]].astype(np.int64)) - 1)
+                if in_holes(sp) or in_holes(heads):
+                    return check_counts_reference(machine, extra_refs, limit)
+                touched.append(sp)
+                touched.append(heads)
+                np.add.at(walked_map, sp, 1)
+                np.add.at(walked_ref, heads, 1)
+            big = pres & (lvls > LEVEL_PTE)
+            for pfn, lv in zip(pfns[big].tolist(), lvls[big].tolist()):
+                if not rmap.counted(mem, pfn, dax_rc):
+                    continue
+                nr = HPAGE_PMD_NR if lv == LEVEL_PMD else HPAGE_PUD_NR
+                head = mem.compound_head(pfn)
+                if span_in_holes(pfn, pfn + nr) or in_holes(np.array([head], dtype=np.int64)):
+                    return check_counts_reference(machine, extra_refs, limit)
+                spans.append((pfn, pfn + nr))
+                walked_map[pfn: pfn + nr] += 1
+                touched.append(np.array([head], dtype=np.int64))
+                walked_ref[head] += 1
+            for e in vals[~pres].tolist():
+                s = pte_to_swp_entry(int(e))
+                if s.offset >= n:
+                    continue
+                head = mem.compound_head(s.offset)
+                if x86.is_device_private_entry(s) or x86.is_device_exclusive_entry(s):
+                    if in_holes(np.array([s.offset, head], dtype=np.int64)):
+                        return check_counts_reference(machine, extra_refs, limit)
+                    touched.append(np.array([s.offset, head], dtype=np.int64))
+                    if x86.is_device_private_entry(s) or excl_rmap:
+                        walked_map[s.offset] += 1
+                    walked_ref[head] += 1
+                elif x86.is_migration_entry(s):
+                    if in_holes(np.array([head], dtype=np.int64)):
+                        return check_counts_reference(machine, extra_refs, limit)
+                    spans.append((head, head + 1))
+                    in_flight[head] = True
+        for h in sorted({a for a, b in spans if b == a + 1 and in_flight[a]}):
+            end = h + (1 << int(mem.order[h]))
+            if span_in_holes(h, end):
+                return check_counts_reference(machine, extra_refs, limit)
+            spans.append((h, end))
+            in_flight[h: end] = True
+        bad_parts = [lo + np.nonzero((mem.mapcount[lo:hi] != walked_map[lo:hi]) & ~in_flight[lo:hi])[0]
+                     for lo, hi in segs]
+        bad_map = np.concatenate(bad_parts)
+        for pfn in bad_map[:limit].tolist():
+            out.append(f"pfn {pfn:#x}: mapcount {int(mem.mapcount[pfn])}, but {int(walked_map[pfn])} leaf entries map it")
+        if bad_map.size > limit:
+            out.append(f"... {bad_map.size - limit} more mapcount mismatches")
+        out.extend(_ram_and_device_refs(machine, walked_map, walked_ref, in_flight, extra_refs, limit))
+        return out
+    finally:
+        for idx in touched:
+            walked_map[idx] = 0
+            walked_ref[idx] = 0
+        for a, b in spans:
+            walked_map[a:b] = 0
+            in_flight[a:b] = False
+
+
+def check_counts_reference(machine: "Machine", extra_refs: dict[int, int] | None = None, limit: int = 20) -> list[str]:
     """The page-count invariant (module docstring): every frame's mapcount and every RAM folio's refcount
     agree with a walk of the page tables of all live mms.  Returns the mismatches (empty: consistent), at
-    most ``limit`` of each kind."""
+    most ``limit`` of each kind.  The reference: arrays over the whole pfn space; :func:`check_counts` gives
+    the same list touching only the frames that exist."""
     mem = machine.mem
     dax_rc = machine.profile.dax_refcounted
     excl_rmap = machine.profile.make_device_exclusive_single
@@ -209,6 +345,15 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
         out.append(f"pfn {pfn:#x}: mapcount {int(mem.mapcount[pfn])}, but {int(walked_map[pfn])} leaf entries map it")
     if bad_map.size > limit:
         out.append(f"... {bad_map.size - limit} more mapcount mismatches")
+    out.extend(_ram_and_device_refs(machine, walked_map, walked_ref, in_flight, extra_refs, limit))
+    return out
+
+
+def _ram_and_device_refs(machine: "Machine", walked_map: np.ndarray, walked_ref: np.ndarray, in_flight: np.ndarray,
+                         extra_refs: dict[int, int] | None, limit: int) -> list[str]:
+    """The refcount half of the page-count invariant, from the walk's counts (RAM, device-private pgmaps)."""
+    mem = machine.mem
+    out: list[str] = []
     # refcounts of RAM frames
     nr = mem.nr_ram
     fl = mem.flags[:nr]
@@ -255,6 +400,8 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
         for off in locked_free[:limit].tolist():
             out.append(f"device pfn {lo + off:#x} ({pgmap.name}): free but locked")
     return out
+
+
 
 
 def entries_in(mm: "MMStruct", start: int, end: int) -> list[tuple[int, str, int]]:

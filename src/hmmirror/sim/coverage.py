@@ -185,6 +185,9 @@ class RunCoverage:
         self.mm = run.procs[run.scenario.mirror].mm if run.scenario.mirror in run.procs else None
         self.install(run.machine.profile.hmm_module)
 
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"hmm_range_fault", "hmm_range_snapshot"})
+
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         """The API calls (``hmm_range_fault`` / ``hmm_range_snapshot`` log their result when they return)."""
         what = ev["what"]

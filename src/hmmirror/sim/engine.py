@@ -24,6 +24,11 @@ Instruments (trio style) plug in without touching the core: any object with some
 ``run_finished(engine)``, and ``fault_begin(engine, st, start, end, write)`` /
 ``fault_end(engine, st, start, end, write, ret)`` around every device fault the driver handles, and
 ``op_end(engine, st)`` after every CPU-thread operation.
+
+An instrument whose ``on_log`` reads only some log kinds says so in ``log_kinds`` (a set of ``what`` names):
+the engine calls it only for those (a table from kind to hooks, in instrument order); one without
+``log_kinds`` hears every record.  :data:`ROUTE_LOG` off calls every ``on_log`` for every record (the
+reference; tests/sim/test_sim_fastpaths.py runs both and compares).
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ REPORT_INVARIANT = {
 
 #: steps within which a background event counts as involved in a violation (signature)
 KEVENT_WINDOW = 64
+
+#: route log records only to the instruments subscribed to their kind (``log_kinds``); off: every ``on_log``
+#: hears every record (the reference)
+ROUTE_LOG = True
 
 #: invariants after which the model is not usable: the run ends after the step that broke them
 #: (``liveness``: the looping task would spin to the step bound; the rest of the run tells nothing new)
@@ -116,6 +125,8 @@ class Engine:
         self.last_kevent: tuple[int, str] = (-1, "")
         self.instruments: list[Any] = []
         self._hooks: dict[str, list[Callable[..., Any]]] = {h: [] for h in _HOOKS}
+        self._log_subs: list[tuple[Callable[..., Any], Any]] = []     # (on_log, its log_kinds or None: all)
+        self._log_route: dict[str, list[Callable[..., Any]]] = {}     # log kind -> the hooks that hear it
         self.record_trace = True
         self.in_step = False
         for inst in instruments or ():
@@ -128,6 +139,16 @@ class Engine:
             fn = getattr(inst, h, None)
             if fn is not None:
                 self._hooks[h].append(fn)
+        if getattr(inst, "on_log", None) is not None:
+            kinds = getattr(inst, "log_kinds", None) if ROUTE_LOG else None
+            self._log_subs.append((inst.on_log, None if kinds is None else frozenset(kinds)))
+            self._log_route.clear()
+
+    def _log_hooks(self, what: str) -> list[Callable[..., Any]]:
+        """The ``on_log`` hooks that hear records of kind ``what`` (computed once per kind)."""
+        hooks = [fn for fn, kinds in self._log_subs if kinds is None or what in kinds]
+        self._log_route[what] = hooks
+        return hooks
 
     def spawn(self, name: str, kind: str, gen: Generator[Point, None, Any], label: str = "") -> SimTask:
         """Add a task (it first runs when the scheduler picks it)."""
@@ -199,15 +220,18 @@ class Engine:
                      detail=None if cause == "-" else cause)
 
     def _on_log(self, orig: Callable[..., None]) -> Callable[..., None]:
-        hooks = self._hooks["on_log"]
-        machine = self.machine
+        route = self._log_route
+        table = self._log_hooks
 
         def log(what: str, **fields: Any) -> None:
             orig(what, **fields)
-            fields["what"] = what
-            for fn in hooks:
-                fn(self, fields)
-        _ = machine
+            hooks = route.get(what)
+            if hooks is None:
+                hooks = table(what)
+            if hooks:
+                fields["what"] = what
+                for fn in hooks:
+                    fn(self, fields)
         return log
 
     # -- running -------------------------------------------------------------------------------------------

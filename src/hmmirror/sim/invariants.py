@@ -428,6 +428,11 @@ class Tracker:
     #: task idx -> the location (``module.function``) of the task's latest HMM call that returned
     last_call: dict[int, str]
 
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"hmm_range_fault", "hmm_range_snapshot", "hmm_vma_fault", "migrate_vma_setup",
+                           "migrate_vma_finalize", "invalidate_range_start", "invalidate_range_end",
+                           "invalidate_range_start_failed"})
+
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]
         if what in self.HMM_CALLS:
@@ -912,6 +917,9 @@ class CommitInvalid:
         self.own_at[st.idx] = -1
         self.in_call[st.idx] = False
 
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"hmm_range_fault", "hmm_range_snapshot", "invalidate_range_end"})
+
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         if ev["what"] in self.HMM_CALLS:
             st = eng.current
@@ -1028,6 +1036,9 @@ class ResultContract:
             return False
         mmn = self.mm.name
         return self.t.epoch.get(mmn, 0) == b[1] and not self.t.inflight.get(mmn)
+
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"invalidate_range_start", "hmm_range_fault", "hmm_range_snapshot"})
 
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]
@@ -1185,6 +1196,9 @@ class WarnEvents:
 
     name = "warn_events"
     KINDS = ("WARN_ON", "WARN_ON_ONCE", "BUG_ON", "VM_BUG_ON")
+
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset(KINDS)
 
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         if ev["what"] in self.KINDS:

@@ -333,6 +333,9 @@ class DataLost:
         if r is not None:
             self.rec.add(r[0], r[1], r[2], DISCARD, 0, eng.step)
 
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"migrate_vma_finalize", "migrate_device_finalize", "oom_reap", "exit_mmap"})
+
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]
         if what == "migrate_vma_finalize":
@@ -426,6 +429,9 @@ class PagePlace:
                    "it)")
         eng.violate(self.name, msg, location=location, stack=stack, detail=kind,
                     state={"pfn": hex(pfn), "refcount": int(mem.refcount[pfn]), "mapcount": int(mem.mapcount[pfn])})
+
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"migrate_vma_finalize", "migrate_device_finalize"})
 
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]

@@ -107,6 +107,9 @@ class NotifierMmput:
     name = "notifier_mmput"
     CALLBACK_FRAME = "_call_atomic_aware"      # mm/mmu_notifier.py runs every callback through it
 
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"invalidate_range_start"})
+
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         # exit_mmap() begins with the RELEASE invalidation of the whole address space (interval notifiers)
         # and unmaps it with one UNMAP invalidation of [0, ULONG_MAX): either is the teardown starting
@@ -165,6 +168,9 @@ class HmmRangeInput:
         self.mm = getattr(run.driver, "mm", None) or run.procs[run.scenario.mirror].mm
 
     # -- the request --
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"hmm_range_fault_begin", "hmm_range_fault"})
+
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]
         if what == "hmm_range_fault_begin":
@@ -307,6 +313,9 @@ class RetryBound:
         self.late[st.idx] = 0
         self.calls[st.idx] = 0
 
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"hmm_range_fault_begin"})
+
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         if ev["what"] != "hmm_range_fault_begin":
             return
@@ -361,6 +370,9 @@ class MigrateToRam:
     name = "migrate_to_ram"
     FAULT_FRAME = "do_swap_page_device_private"   # mm/memory.py: do_swap_page's device-private branch
 
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"migrate_vma_setup"})
+
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         if ev["what"] != "migrate_vma_setup":
             return
@@ -412,6 +424,9 @@ class Teardown:
 
     def _wqs(self) -> list[Any]:
         return list(getattr(self.driver, "workqueues", None) or ())
+
+    #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
+    log_kinds = frozenset({"sim_driver_closed", "work_start"})
 
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]
