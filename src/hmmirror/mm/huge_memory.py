@@ -453,26 +453,13 @@ _ = (VM, PG)
 
 
 # --- folio split (mm/huge_memory.c split_huge_page_to_list_to_order) --------------------------------------------
-def split_folio(machine: "Any", folio: int, caller_refs: int = 1) -> Gen[int]:
-    """split_folio() (mm/huge_memory.c): split an anonymous THP into 512 order-0 pages.
-
-    Refused with -EAGAIN when the folio has references beyond its mappings and the caller's
-    (``can_split_folio()``: it is pinned), with -EBUSY for a non-anonymous or non-THP folio.  PMD mappings
-    of the folio in every mm are split first (``unmap_folio`` + remap as PTEs; model: ``__split_huge_pmd``),
-    then every subpage becomes its own folio: its references are its mappings (the head keeps the caller's).
-    The caller holds the folio lock.
-    """
+def _folio_pmd_maps(machine: "Any", folio: int) -> list:
+    """The ``(mm, addr)`` of every PMD leaf that maps ``folio``."""
     import numpy as np
 
     from hmmirror.mm.debug import LEVEL_PMD, leaf_entries
 
     mem = machine.mem
-    if folio >= mem.nr_ram or not mem.flags[folio] & PG.thp or not mem.flags[folio] & PG.head:
-        return -16
-    if not mem.flags[folio] & PG.anon:
-        return -16
-    n = 1 << int(mem.order[folio])
-    # can_split_folio(): references = one per leaf entry + the caller's
     pmd_maps = []
     for mm in list(machine.mms.values()):
         if mm.exited:
@@ -482,8 +469,36 @@ def split_folio(machine: "Any", folio: int, caller_refs: int = 1) -> Gen[int]:
         for a, v in zip(addrs[big].tolist(), vals[big].tolist()):
             if mem.compound_head(pte_pfn(int(v))) == folio:
                 pmd_maps.append((mm, int(a)))
+    return pmd_maps
+
+
+def _folio_refs_are_mappings(machine: "Any", folio: int, n: int, pmd_maps: list, caller_refs: int) -> bool:
+    """can_split_folio() / folio_ref_freeze(folio, 1 + extra_pins): the folio's references are exactly one per
+    leaf entry mapping it and the caller's (a PMD leaf holds one reference, a PTE one per page)."""
+    mem = machine.mem
     ptes = int(mem.mapcount[folio: folio + n].sum()) - len(pmd_maps) * n
-    if int(mem.refcount[folio]) != ptes + len(pmd_maps) + caller_refs:
+    return int(mem.refcount[folio]) == ptes + len(pmd_maps) + caller_refs
+
+
+def split_folio(machine: "Any", folio: int, caller_refs: int = 1) -> Gen[int]:
+    """split_folio() (mm/huge_memory.c __folio_split, 6.x): split an anonymous THP into 512 order-0 pages.
+
+    Refused with -EAGAIN when the folio has references beyond its mappings and the caller's: first the racy
+    ``can_split_folio()`` check, then, after the mappings were unmapped (``unmap_folio``; the PMD splits can
+    sleep in notifiers, so another task may take a reference -- GUP -- in between), ``folio_ref_freeze()``
+    again; when that fails the folio stays whole and ``remap_page()`` maps it back with PTEs (the PMD stays
+    split).  -EBUSY for a non-anonymous or non-THP folio.  PMD mappings of the folio in every mm are split
+    first (model: ``__split_huge_pmd``), then every subpage becomes its own folio: its references are its
+    mappings (the head keeps the caller's).  The caller holds the folio lock.
+    """
+    mem = machine.mem
+    if folio >= mem.nr_ram or not mem.flags[folio] & PG.thp or not mem.flags[folio] & PG.head:
+        return -16
+    if not mem.flags[folio] & PG.anon:
+        return -16
+    n = 1 << int(mem.order[folio])
+    pmd_maps = _folio_pmd_maps(machine, folio)
+    if not _folio_refs_are_mappings(machine, folio, n, pmd_maps, caller_refs):     # can_split_folio()
         return -11
     for mm, a in pmd_maps:
         vma = mm.vma_lookup(a)
@@ -492,6 +507,10 @@ def split_folio(machine: "Any", folio: int, caller_refs: int = 1) -> Gen[int]:
         level, p, _ = mm.pt.lookup(a)
         if level == "pmd" and p is not None:
             yield from __split_huge_pmd(vma, p, a)
+    # folio_ref_freeze(folio, 1 + extra_pins) after unmap_folio(): a reference taken while the PMD splits
+    # slept (GUP of one of its pages) makes it fail; remap_page() leaves the folio PTE-mapped, whole
+    if not _folio_refs_are_mappings(machine, folio, n, _folio_pmd_maps(machine, folio), caller_refs):
+        return -11
     # every mapping is a PTE now; give each subpage its own references
     fl = int(mem.flags[folio])
     keep = fl & (PG.anon | PG.dirty | PG.uptodate | PG.swapbacked)
