@@ -35,12 +35,17 @@ COMMON = ["mapping:anon", "mapping:anon_thp", "mapping:file", "mapping:shmem", "
           "event:migrate", "event:numa", "event:memory_failure", "event:pmem_unbind", "event:oom_reap",
           "event:notifier_churn", "event:exit", "event:mirror_unbind",
           # page ranges: inside a mapping, past its end, below it, back at pages an earlier draw used
-          "range:inside", "range:past", "range:below", "range:reuse"]
+          "range:inside", "range:past", "range:below", "range:reuse",
+          # page cache on xfs (large folios from 6.12), 2 MiB files mapped 2 MiB-aligned (PMD-mapped folios)
+          "file_fs:ext4", "file_fs:xfs", "file_size:2M", "variant:file_warm_xfs",
+          # page events aimed at a mapping they act on, at a page the set-up used first
+          "ev_target:fit", "ev_target:any", "ev_page:used", "ev_page:as_is", "event:compact"]
+MODERN_ONLY = ["mode:fault_noowner", "mode:migrate_dev", "mode:migrate_sys", "mode:exclusive", "event:evict"]
 ONLY = {"5.2": ["mode:fault_nonblock", "mode:fault_huge", "mode:snapshot_huge", "event:pmem_remove",
-                "event:range_churn", "huge_range:unaligned"], "6.18": ["mode:fault_noowner"]}
+                "event:range_churn", "huge_range:unaligned"], "6.12": MODERN_ONLY, "6.18": MODERN_ONLY}
 
 
-@pytest.mark.parametrize("kernel", ["5.2", "6.18"])
+@pytest.mark.parametrize("kernel", ["5.2", "6.12", "6.18"])
 def test_every_feature_is_drawn_within_n_scenarios(kernel):
     got = _features(kernel)
     missing = [f for f in COMMON + ONLY[kernel] if not any(f in k for k in got)]
@@ -49,7 +54,37 @@ def test_every_feature_is_drawn_within_n_scenarios(kernel):
         assert not got[other], f"{other} drawn for {kernel}"
 
 
+#: log records of the page events that did something (sim/kevents.py, mm/swap.py)
+ACTED = {"reclaim": "swap_out", "migrate": "migrate_unmap", "memory_failure": "memory_failure",
+         "numa": "numa_protect", "thp_split": "sim_event"}
+
+
 @pytest.mark.parametrize("kernel", ["5.2", "6.18"])
+def test_page_events_find_a_page_to_act_on(kernel):
+    """The page events are drawn at pages they can act on: within 150 generated scenarios every one of them
+    reclaims, migrates, poisons or protects a page at least twice (drawn at a random address of a random
+    mapping, 200 such events did something 6 times in 600 runs)."""
+    from hmmirror.sim.runner import run_scenario
+    from hmmirror.sim.schedulers import PCTScheduler
+
+    acted: collections.Counter[str] = collections.Counter()
+    for seed in range(150):
+        c = SeededChoices(30_000 + seed)
+        sc = generate(c, kernel)
+        if not any(ev["kind"] in ACTED for ev in sc.events):
+            continue
+        res = run_scenario(sc, PCTScheduler(c, 3, 2000))
+        for e in res.events:
+            if e["what"] == "memory_failure" and not e.get("unmapped"):
+                continue
+            if e["what"] == "sim_event" and (e["kind"] != "thp_split" or e["ret"] != 0):
+                continue
+            acted[e["what"]] += 1
+    missing = {k: acted[v] for k, v in ACTED.items() if acted[v] < 2}
+    assert not missing, f"page events that acted fewer than twice: {missing}"
+
+
+@pytest.mark.parametrize("kernel", ["5.2", "6.12", "6.18"])
 def test_generated_setups_build(kernel):
     """The set-up of a generated scenario runs on the model (set-up operations may fail as syscalls do, but
     the machine, files and devices are valid)."""

@@ -103,6 +103,20 @@ def test_cells_of_an_fsdax_pmd_fault():
                           ("fsdax", "api", "-", "0")}
 
 
+def test_cells_of_a_modern_walk_include_the_test_and_pud_handlers():
+    """[6.x] walk_page_range calls hmm_vma_walk_test for every VMA (0: walk it) and pud_entry for a PUD table
+    (0, ACTION_CONTINUE); a populated anonymous range is then walked as in 5.2.  Every cell is reachable."""
+    for k in ("6.12", "6.18"):
+        sc = _scenario(k, [{"op": "mmap", "as": "m0", "length": "16K", "prot": "rw",
+                            "flags": ["private", "anonymous"]},
+                           {"op": "touch", "addr": "m0", "length": "16K", "access": "write"}],
+                       [{"addr": "m0", "length": "16K", "write": False}])
+        cells = _cells(sc)
+        assert cells == {("anon", "test", "-", "0"), ("anon", "pud", "table", "0"), ("anon", "pmd", "table", "0"),
+                         ("anon", "pte", "present", "0"), ("anon", "api", "-", "0")}
+        assert cells <= set(reachable(k)["walk"])
+
+
 def test_cells_are_reachable_and_classification_is_the_spec_s():
     for k in ("5.2", "6.18"):
         r = reachable(k)

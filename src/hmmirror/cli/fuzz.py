@@ -115,10 +115,10 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, das
         cov = result.get("coverage")
         if cov:
             out["coverage"] = {"percent": cov["percent"], "covered": cov["covered"], "total": cov["total"],
-                               "axes": {k: {"covered": v["covered"], "total": v["total"]}
-                                        for k, v in cov["axes"].items()},
-                               "grids": {k: {"covered": v["covered"], "total": v["total"]}
-                                         for k, v in cov["grids"].items()},
+                               "axes": {k: {"covered": v["covered"], "total": v["total"],
+                                            "missing": v["missing"]} for k, v in cov["axes"].items()},
+                               "grids": {k: {"covered": v["covered"], "total": v["total"],
+                                             "missing": v["missing"]} for k, v in cov["grids"].items()},
                                "unreachable": cov["unreachable"]}
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()

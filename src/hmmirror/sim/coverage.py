@@ -332,22 +332,42 @@ _SPECS: dict[str, list[tuple[str, str, Callable[..., tuple[str, str]], bool]]] =
 def _entries(kernel: str) -> dict[str, dict[str, set[str]]]:
     """Entry kinds each VMA kind can present to each handler in the model.  ``pmd`` handlers never see a
     none PMD (the walker reports it as a hole, hmm-5.2.md §6, hmm-modern.md §4.2)."""
+    from hmmirror.profiles import get_profile
+    prof = get_profile(kernel)
     five = kernel == "5.2"
-    dax = "devmap" if five else "present"
+    dax = "devmap" if prof.devmap_bits else "present"
+    # [6.x] device-private (and device-exclusive) entries: dmirror/drm_gpusvm migrate anonymous pages of
+    # non-DAX VMAs to device memory (migrate_vma_setup refuses DAX, hugetlb and VM_SPECIAL VMAs) and take
+    # anonymous pages exclusive (make_device_exclusive: also the COW copies inside private file/DAX mappings);
+    # the HMM walk meets them in the PTE handler
+    devp = set() if five else {"device_private"}
+    # [6.x] walk_pud_range calls pud_entry for every present PUD, tables included (hmm_vma_walk_pud returns 0
+    # and the walk goes down, ACTION_CONTINUE); [5.2] only for trans-huge/devmap PUDs
+    pud_t = set() if five else {"table"}
+    # [6.x] hmm_vma_walk_test runs for every VMA (0: walk it); VM_MIXEDMAP without VM_IO is walked
+    test = {} if five else {"test": {"-"}}
+    mixed = {} if five else {"pte": {"none", "present"}, "pmd": {"table"}, "pud": {"table"}, "hole": {"none"}}
     return {
-        "anon": {"pte": {"none", "present", "zero", "swap", "migration", "hwpoison", "protnone"},
-                 "pmd": {"table", "present", "huge_zero", "protnone", "migration"}, "hole": {"none"}},
-        "shmem": {"pte": {"none", "present"}, "pmd": {"table"}, "hole": {"none"}},
-        # private file and DAX mappings hold anonymous COW copies: swapped, migrated or poisoned like anon pages
-        "file": {"pte": {"none", "present", "hwpoison", "migration", "swap"},
-                 "pmd": {"table"} | (set() if five else {"present"}), "hole": {"none"}},
-        "fsdax": {"pte": {"none", dax, "zero", "present", "hwpoison", "swap", "migration"},
+        "anon": {"pte": {"none", "present", "zero", "swap", "migration", "hwpoison", "protnone"} | devp,
+                 "pmd": {"table", "present", "huge_zero", "protnone", "migration"}, "hole": {"none"},
+                 "pud": pud_t, **test},
+        "shmem": {"pte": {"none", "present"}, "pmd": {"table"}, "hole": {"none"}, "pud": pud_t, **test},
+        # private file and DAX mappings hold anonymous COW copies: swapped, migrated or poisoned like anon pages;
+        # [6.x] a 2 MiB page-cache folio (xfs from 6.12, ext4 from 6.16) is PMD-mapped
+        "file": {"pte": {"none", "present", "hwpoison", "migration", "swap"} | devp,
+                 "pmd": {"table"} | ({"present"} if prof.file_large_folios else set()),
+                 "hole": {"none"}, "pud": pud_t, **test},
+        "fsdax": {"pte": {"none", dax, "zero", "present", "hwpoison", "swap", "migration"} | devp,
                   "pmd": {"table", dax, "huge_zero"},
-                  "hole": {"none"}},
-        "devdax": {"pte": {"none", dax}, "pmd": {"table", dax}, "pud": {dax}, "hole": {"none"}},
-        "hugetlb": {"hugetlb": {"none", "present"}, "hole": {"none"}},
-        "pfnmap": {} if five else {"test": {"-"}},
-        "mixedmap": {} if five else {"test": {"-"}},
+                  "hole": {"none"}, "pud": pud_t, **test},
+        # [5.2] a write fault of hmm_vma_do_fault on a read-only shared device-dax PTE: hmm does not check
+        # VM_WRITE (hmm-5.2.md §9) and do_wp_page() copies a page vm_normal_page() does not know
+        # (wp_page_copy: an anonymous COW page inside the shared mapping)
+        "devdax": {"pte": {"none", dax} | ({"present"} if five else set()), "pmd": {"table", dax},
+                   "pud": {dax} | pud_t, "hole": {"none"}, **test},
+        "hugetlb": {"hugetlb": {"none", "present"}, "hole": {"none"}, **test},
+        "pfnmap": test,
+        "mixedmap": {**test, **mixed},
         "novma": {"hole": {"none"}},
     }
 
@@ -355,39 +375,68 @@ def _entries(kernel: str) -> dict[str, dict[str, set[str]]]:
 def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
     """Return paths of a handler for an entry (hmm-5.2.md §13 / hmm-modern.md §4.6), fault and snapshot modes:
     ``0`` reported, ``-EBUSY`` faulted (or waited) and the walk restarts, ``-EFAULT`` an error entry or a
-    fault error, ``-EAGAIN`` the fault path dropped mmap_sem (VM_FAULT_RETRY: cold page cache)."""
+    fault error, ``-EAGAIN`` [5.2] the fault path dropped mmap_sem (VM_FAULT_RETRY: cold page cache),
+    ``-EPERM`` [6.x] a write fault requested in a VMA without VM_WRITE (hmm_vma_fault)."""
     five = kernel == "5.2"
-    if fn == "test":
-        return {"1", "-EFAULT"}
+    # [6.x] hmm_vma_fault refuses a write fault in a read-only VMA; [5.2] has no such check
+    perm = set() if five else {"-EPERM"}
+    if fn == "test":                                  # 0 walk it; 1 skip (ERROR entries); -EFAULT a fault there
+        return {"1", "-EFAULT"} if vk == "pfnmap" else {"0", "1", "-EFAULT"}
     if fn == "hole":
         if vk == "novma":
             return {"0", "-EFAULT"}                   # fault in a gap: [5.2] handle_mm_fault(NULL), [6.x] -EFAULT
-        # VM_FAULT_SIGBUS of a DAX fault (past the end of the file, a device-dax fault the alignment refuses)
-        return {"0", "-EBUSY"} | ({"-EAGAIN"} if vk == "file" else set()) | \
-            ({"-EFAULT"} if vk in ("fsdax", "devdax") else set())
+        # VM_FAULT_SIGBUS of a DAX fault (past the end of the file, a device-dax fault the alignment refuses),
+        # of an anonymous fault in an OOM-reaped mm (check_stable_address_space: MMF_UNSTABLE)
+        return {"0", "-EBUSY"} | ({"-EAGAIN"} if vk == "file" and five else set()) | \
+            ({"-EFAULT"} if vk in ("fsdax", "devdax", "anon") else set()) | perm
     if fn == "hugetlb":                               # -EFAULT: no free huge page for a fault (VM_FAULT_OOM)
-        return {"0", "-EBUSY"} | ({"-EINVAL"} if five else set()) | ({"-EFAULT"} if entry == "present" else set())
-    if fn == "pud":                                   # [5.2] the fault under the PUD lock never returns (B6)
-        return {"0"} if five else {"0", "-EBUSY"}
+        return {"0", "-EBUSY"} | ({"-EINVAL"} if five else set()) | ({"-EFAULT"} if entry == "present" else set()) \
+            | perm
+    if fn == "pud":
+        if entry == "table":
+            return {"0"}                              # [6.x] ACTION_CONTINUE: the PMD level is walked
+        # [5.2] a fault under the PUD lock that reaches vmf_insert_pfn_pud never returns (B6), but one that
+        # dev_dax_huge_fault refuses first (the device is dying: kill_dax cleared DAXDEV_ALIVE, the PUD is
+        # still mapped until kill_dev_dax unmaps it) is VM_FAULT_SIGBUS: -EFAULT
+        return {"0", "-EFAULT"} if five else {"0", "-EBUSY", "-EFAULT", "-EPERM"}
     r = {"0", "-EBUSY"}
-    if entry == "hwpoison":
-        return {"-EFAULT"}
-    if fn == "pte" and entry == "zero" and five:
-        return {"-EFAULT", "-EBUSY"}                  # [5.2] the zero page is special: SPECIAL, -EFAULT
-    if fn == "pte" and entry in ("none", "present") and vk == "file":
-        r.add("-EAGAIN")                              # the fault dropped mmap_sem (VM_FAULT_RETRY)
-    if fn == "pte" and entry == "none" and vk in ("fsdax", "devdax"):
-        r.add("-EFAULT")                              # VM_FAULT_SIGBUS (a fault past the end of the file)
+    if entry == "hwpoison":                           # [6.x] reported as 0 when no fault is requested there
+        return {"-EFAULT"} if five else {"0", "-EFAULT"}
+    if entry in ("device_private", "migration"):      # owner's page reported, else migrate_to_ram; wait
+        return r
+    if fn == "pte":
+        if entry in ("none", "zero") and vk == "anon":
+            r.add("-EFAULT")                          # the fault fails: SIGBUS in an OOM-reaped mm (MMF_UNSTABLE)
+        if entry == "zero" and vk == "fsdax":
+            r.add("-EFAULT")                          # the write fault on a DAX hole's zero page is SIGBUS
+        if entry == "zero" and five:
+            r.add("-EFAULT")                          # [5.2] the zero page is special: SPECIAL, -EFAULT
+        if entry in ("none", "present") and vk == "file" and five:
+            r.add("-EAGAIN")                          # the fault dropped mmap_sem (VM_FAULT_RETRY)
+        if entry == "none" and vk in ("fsdax", "devdax"):
+            r.add("-EFAULT")                          # VM_FAULT_SIGBUS (a fault past the end of the file)
+        if entry in ("none", "present", "zero", "devmap", "swap", "protnone"):
+            r |= perm
+        return r
     if fn == "pmd" and entry == "table":
-        if vk == "file":
-            r.add("-EAGAIN")
-        if vk in ("anon", "file", "fsdax") or (vk == "fsdax" and five):
-            r.add("-EFAULT")                          # a hwpoison (or [5.2] zero-page) PTE in the table
+        # the PTE handlers' returns come back through hmm_vma_walk_pmd (a hwpoison or [5.2] zero-page PTE, a
+        # fault that failed: -EFAULT; a fault that dropped mmap_sem: -EAGAIN; -EPERM)
+        for e in _entries(kernel).get(vk, {}).get("pte", ()):
+            r |= _rets(kernel, "pte", vk, e)
+        return r
+    if fn == "pmd" and entry in ("present", "devmap", "huge_zero"):
+        r |= perm
     return r
 
 
 _API_RETS = {"5.2": {"0", "-EFAULT", "-EAGAIN", "-EBUSY", "-EPERM"},
              "6.18": {"0", "-EFAULT", "-EBUSY", "-EPERM"}}
+
+
+#: device-job modes that make no HMM API call (their mode x return cells cannot exist): test_hmm.c
+#: dmirror_migrate_to_device / dmirror_migrate_to_system call migrate_vma_setup/pages/finalize, dmirror_exclusive
+#: calls make_device_exclusive (the CPU faults that bring the pages back come from other tasks)
+NO_HMM_CALL = ("migrate_dev", "migrate_sys", "exclusive")
 
 
 def reachable(kernel: str) -> dict[str, list[tuple[str, ...]]]:
@@ -404,17 +453,21 @@ def reachable(kernel: str) -> dict[str, list[tuple[str, ...]]]:
                     walk.add((vk, fn, e, r))
         rets = set(_API_RETS["5.2" if five else "6.18"])   # 6.12 has the 6.18 API (hmm_range_fault)
         if vk in ("pfnmap", "mixedmap"):            # [5.2] -EAGAIN: the range was invalid already
-            rets = {"-EFAULT", "-EAGAIN"} if five else {"0", "-EFAULT", "-EBUSY"}
+            rets = {"-EFAULT", "-EAGAIN"} if five else {"0", "-EFAULT", "-EBUSY"} | (
+                {"-EPERM"} if vk == "mixedmap" else set())
         if vk == "hugetlb" and five:
             rets.add("-EINVAL")
         for r in rets:
             walk.add((vk, "api", "-", r))
-    modes = [e.name for e in DEVICE_MODES if e.profiles is None or kernel in e.profiles]
+    modes = [e.name for e in DEVICE_MODES if (e.profiles is None or kernel in e.profiles)
+             and e.name not in NO_HMM_CALL]
     mode_ret = set()
     for m in modes:
         for r in _API_RETS["5.2" if five else "6.18"]:
             if five and m.startswith("snapshot") and r == "-EBUSY":
                 continue                              # [5.2] snapshot ignores walk results (§9.1)
+            if not five and m == "snapshot" and r in ("-EFAULT", "-EPERM"):
+                continue                              # [6.x] no request: no fault, no required-fault error
             mode_ret.add((m, r))
         if five and m.endswith("_huge"):
             mode_ret.add((m, "-EINVAL"))
@@ -429,9 +482,10 @@ def unreachable_reasons(kernel: str) -> list[dict[str, str]]:
     """Groups of cells of the axis product that the model can never reach, with the reason."""
     five = kernel == "5.2"
     out = [
-        {"cells": "pfnmap|mixedmap x every walk function" if five else "pfnmap|mixedmap x pte/pmd/pud/hole",
+        {"cells": "pfnmap|mixedmap x every walk function" if five else "pfnmap x pte/pmd/pud/hole, pfnmap x test x 0",
          "reason": "[5.2] per_vma_checks returns -EFAULT for VM_PFNMAP/VM_MIXEDMAP before any walk (hmm-5.2.md §9.1)"
-         if five else "[6.x] hmm_vma_walk_test skips or fails VM_PFNMAP/VM_MIXEDMAP VMAs (hmm-modern.md §4.2)"},
+         if five else "[6.x] hmm_vma_walk_test skips (1) or fails (-EFAULT) every VM_PFNMAP VMA "
+                      "(hmm-modern.md §4.2); VM_MIXEDMAP without VM_IO is walked"},
         {"cells": "anon|shmem|file|fsdax|hugetlb x pud",
          "reason": "on x86-64 the only PUD leaves outside hugetlb are device-dax 1 GiB leaves (hmm-5.2.md §7.1); "
                    "hugetlb VMAs are walked through hugetlb_entry"},
@@ -439,24 +493,45 @@ def unreachable_reasons(kernel: str) -> list[dict[str, str]]:
         {"cells": "devdax x swap|migration|hwpoison|zero|huge_zero",
          "reason": "device-dax memory is never swapped, migrated or zero-page mapped; memory_failure of ZONE_DEVICE "
                    "pages is not modelled"},
-        {"cells": "shmem x swap", "reason": "the model's reclaim swaps anonymous pages only (mm/swap.py; the "
-                                            "COW copies of private file and DAX mappings are anonymous pages)"},
-        {"cells": "* x device_private|marker",
-         "reason": "device-private entries need device-memory migration (issue 11); PTE markers are 6.x uffd/guard "
-                   "state no generated operation creates" if not five else
+        {"cells": "shmem x swap", "reason": "a shmem page is swapped out of the page cache: try_to_unmap clears its "
+                                            "PTEs and the swap entry goes into the xarray (shmem_writepage), never "
+                                            "into a PTE"},
+        {"cells": "* x marker" if not five else "* x device_private|marker",
+         "reason": "PTE markers are 6.x uffd/guard state no generated operation creates" if not five else
                    "5.2 device-private migration (hmm_devmem) is out of scope (hmm-5.2.md §14.7); no markers in 5.2"},
+        *([{"cells": "shmem|devdax|hugetlb x device_private",
+            "reason": "[6.x] migrate_vma_setup refuses DAX, hugetlb and VM_SPECIAL VMAs and migrate_vma_collect_pmd "
+                      "collects anonymous pages only; make_device_exclusive takes anonymous folios only "
+                      "(mm/migrate_device.c, mm/rmap.c): a shared shmem page or a device-dax page never becomes a "
+                      "device-private or device-exclusive entry"},
+           {"cells": "migrate_dev|migrate_sys|exclusive x every API return",
+            "reason": "these device jobs make no HMM call: dmirror_migrate_to_device/_system use migrate_vma_setup, "
+                      "dmirror_exclusive make_device_exclusive (lib/test_hmm.c)"}] if not five else []),
         {"cells": "hugetlb x swap|migration|hwpoison",
          "reason": "the model's migration and memory_failure handle non-hugetlb pages only"},
         {"cells": "* x pmd x bad", "reason": "no syscall leaves a non-present non-migration PMD on x86-64 "
                                             "(reachable only with the opt-in inject event)"},
         *([{"cells": "devdax x pud x devmap x -EBUSY",
             "reason": "[5.2] a fault from hmm_vma_walk_pud runs under the PUD lock and never returns: "
-                      "vmf_insert_pfn_pud takes that lock again (B6, hmm-5.2.md §7.1)"}] if five else []),
-        {"cells": "pud x table|none (handler)",
-         "reason": "the walker calls pud_entry only for trans-huge/devmap PUDs (hmm-5.2.md §6; modern walks tables)"},
+                      "vmf_insert_pfn_pud takes that lock again (B6, hmm-5.2.md §7.1); get_dev_pagemap cannot fail "
+                      "while the PUD is mapped (kill_dev_dax unmaps before devm_memremap_pages_release kills the "
+                      "pgmap, and the PUD lock held by the walk keeps the unmap out)"}] if five else []),
+        {"cells": "pud x table|none (handler)" if five else "pud x none (handler)",
+         "reason": "[5.2] the walker calls pud_entry only for trans-huge/devmap PUDs (hmm-5.2.md §6)" if five else
+                   "[6.x] walk_pud_range calls pte_hole for a none PUD, pud_entry for the others"},
     ]
     if five:
         out.append({"cells": "file x pmd x present", "reason": "[5.2] ext4/xfs page cache is never PMD-mapped"})
+        out.append({"cells": "* x -EPERM (handlers)",
+                    "reason": "[5.2] the handlers have no VM_WRITE check (-EPERM comes only from hmm_range_fault's "
+                              "VM_READ check of the VMA)"})
+    else:
+        out.append({"cells": "snapshot x -EFAULT|-EPERM",
+                    "reason": "[6.x] with no request hmm_range_fault faults nothing: -EFAULT and -EPERM come only "
+                              "from a required fault (hmm_vma_fault, hmm_vma_walk_test, the PTE/PMD handlers)"})
+        out.append({"cells": "file x -EAGAIN",
+                    "reason": "[6.x] hmm_vma_fault calls handle_mm_fault without FAULT_FLAG_ALLOW_RETRY: no "
+                              "VM_FAULT_RETRY"})
     return out
 
 
