@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from hmmirror.include.pagestate import PageState
 from hmmirror.live import hostenv
-from hmmirror.live.crosscheck import Report, _PfnClasses, compare_pages, crosscheck_scenario
+from hmmirror.live.crosscheck import Report, _PfnClasses, compare_pages
 from hmmirror.live.randscen import random_scenario
+
+sys.path.insert(0, str(Path(__file__).parent))
+from livecheck import both, quiet  # noqa: E402
 
 
 def _page(addr: int, pfn: int | None, kind: str = "anon", zero: bool = False) -> PageState:
@@ -50,8 +56,6 @@ def test_random_scenarios_are_deterministic() -> None:
                     reason="needs root and a readable /proc/self/pagemap")
 def test_anon_write_read_agrees_with_kernel() -> None:
     # A2/A3 (mm-substrate.md §9): the model and this kernel agree on every page of this scenario
-    from hmmirror.scenario import schema
-
     text = """
 [machine]
 kernel = "6.18"
@@ -76,9 +80,7 @@ op = "inspect"
 addr = "b"
 length = "64K"
 """
-    rep = Report()
-    crosscheck_scenario(schema.parse(text, "anon.toml"), rep)
-    assert rep.crashes == [] and rep.skipped == []
+    _model, _real, rep = both(text, "anon.toml")
     assert rep.pages == 16
     assert rep.disagreements == [], rep.disagreements
 
@@ -98,13 +100,17 @@ def test_hmmirror_live_reads_what_crosscheck_reads(capsys: pytest.CaptureFixture
            {"op": "touch", "addr": "b", "length": "64K", "access": "read"},
            {"op": "touch", "addr": "b+64K", "length": "64K", "access": "write"},
            {"op": "inspect", "addr": "b", "length": "256K"}]
-    with LiveExecutor(("p",)) as ex:
-        inspected = ex.run(ops)[-1].pages
-        start = ex.names["b"].addr
-        with pytest.raises(SystemExit) as exit_:
-            main(["live", str(ex.procs["p"].pid), hex(start), hex(start + (256 << 10)), "--json"])
-        assert exit_.value.code == 0
-    live = json.loads(capsys.readouterr().out)["pages"]
+
+    def run() -> tuple[list, list]:
+        with LiveExecutor(("p",)) as ex:
+            inspected = ex.run(ops)[-1].pages
+            start = ex.names["b"].addr
+            with pytest.raises(SystemExit) as exit_:
+                main(["live", str(ex.procs["p"].pid), hex(start), hex(start + (256 << 10)), "--json"])
+            assert exit_.value.code == 0
+        return inspected, json.loads(capsys.readouterr().out)["pages"]
+
+    inspected, live = quiet(run)               # a page migrated between the two reads changes its pfn
     assert [p.to_json() for p in inspected] == live
     assert [p["kind"] for p in live[:16]] == ["zero"] * 16 and [p["kind"] for p in live[16:32]] == ["anon"] * 16
 

@@ -7,6 +7,7 @@ hugetlb pool restored, also when an assertion fails.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,11 @@ import pytest
 
 from hmmirror.errors import InputError
 from hmmirror.live import hostenv
-from hmmirror.live.executor import LiveExecutor, LiveOpResult, run_ops
+from hmmirror.live import executor
+from hmmirror.live.executor import LiveExecutor, LiveOpResult
+
+sys.path.insert(0, str(Path(__file__).parent))
+from livecheck import quiet  # noqa: E402
 
 _REASON = hostenv.why_not_live()
 pytestmark = [pytest.mark.live, pytest.mark.xdist_group("host"), pytest.mark.skipif(_REASON is not None, reason=f"live: {_REASON}")]
@@ -23,6 +28,11 @@ pytestmark = [pytest.mark.live, pytest.mark.xdist_group("host"), pytest.mark.ski
 def mmap(name: str, length: str, **kw: object) -> dict:
     """An anonymous private RW mmap op (overridable)."""
     return {"op": "mmap", "length": length, "prot": "rw", "flags": ["private", "anonymous"], "as": name, **kw}
+
+
+def run_ops(*args: object, **kw: object) -> list[LiveOpResult]:
+    """:func:`executor.run_ops` on a quiet host (a run the kernel disturbed on its own is repeated)."""
+    return quiet(lambda: executor.run_ops(*args, **kw))
 
 
 def by_index(results: list[LiveOpResult]) -> dict[int, LiveOpResult]:

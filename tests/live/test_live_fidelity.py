@@ -3,34 +3,25 @@
 Every test runs a scenario in real worker processes and in the model (``crosscheck_scenario``), asserts the
 real kernel's values first (the behaviour the fix follows, observed on 6.18.44 with CONFIG_PAGE_MAPCOUNT=y)
 and then that the model agrees page by page.  Resources (workers, loop mounts, hugetlb pools) are released
-by context managers, also when an assertion fails.
+by context managers, also when an assertion fails.  Only a run the host kernel did not disturb on its own
+(compaction, reclaim; ``livecheck.both``) is asserted on.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from hmmirror.live import hostenv
-from hmmirror.live.crosscheck import Report, crosscheck_scenario
-from hmmirror.scenario import schema
+
+sys.path.insert(0, str(Path(__file__).parent))
+from livecheck import both, disagreements  # noqa: E402
 
 _REASON = hostenv.why_not_live()
 pytestmark = [pytest.mark.live, pytest.mark.xdist_group("host"),
               pytest.mark.skipif(_REASON is not None, reason=f"live: {_REASON}")]
-
-
-def both(text: str, name: str = "scenario.toml") -> tuple[list, list, Report]:
-    """Run ``text`` on both sides: (model records, real records, report); never skipped silently."""
-    rep = Report()
-    res = crosscheck_scenario(schema.parse(text, name), rep)
-    assert rep.skipped == [] and rep.crashes == [], (rep.skipped, rep.crashes)
-    assert res is not None
-    model, real = res
-    return model.records, real, rep
-
-
-def disagreements(rep: Report) -> list[tuple]:
-    return [(d.op_index, d.page, d.field, d.model, d.real) for d in rep.disagreements]
 
 
 THP_FORK = """

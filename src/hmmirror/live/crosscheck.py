@@ -181,7 +181,9 @@ def _real_side(scn: Any) -> list[Any]:
             mounts[fs.mount] = stack.enter_context(hostenv.filesystem(fs.type, huge=fs.huge, pagesize=psize))
         if scn.machine.pmem:
             raise hostenv.Unavailable("pmem devices exist only in the model")
-        return executor.run_ops(scn.raw_ops(), scn.processes, scn.raw_files(), mounts, drop_caches=False)
+        # only a run the host kernel did not disturb (compaction, reclaim) is compared; see hostenv.quiet_run
+        return hostenv.quiet_run(lambda: executor.run_ops(scn.raw_ops(), scn.processes, scn.raw_files(),
+                                                          mounts, drop_caches=False))
 
 
 def run_both(scn: Any, report: Report, host_thp: dict[str, Any] | None = None) -> tuple[Any, list[Any]] | None:

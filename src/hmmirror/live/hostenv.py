@@ -3,6 +3,9 @@
 Every resource is a context manager that restores the host on exit, also when the body raises: the hugetlb
 pool size, loop-device filesystems, tmpfs and hugetlbfs mounts, THP settings. A resource that cannot be
 had on this host raises :class:`Unavailable` with a one-line reason (tests turn it into a skip).
+
+:func:`quiet_run` repeats a live run until one ran while the kernel moved no page on its own (compaction,
+reclaim): only such a run shows what the scenario's operations do.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from hmmirror.errors import HmmirrorError
 
@@ -24,7 +28,11 @@ THP_DIR = Path("/sys/kernel/mm/transparent_hugepage")
 HUGEPAGES_DIR = Path("/sys/kernel/mm/hugepages")
 #: Huge page sizes by name, in kB as the sysfs directory names spell them.
 HUGEPAGE_KB = {"2M": 2048, "1G": 1048576}
-_CMD_TIMEOUT = 60.0
+#: Seconds a host command (mkfs, mount, losetup) may take; mkfs.xfs of a 320 MB image took over 60 s while
+#: the host was in a direct-reclaim storm (14:30 UTC, load ~27).  A command that still does not finish means
+#: the host is too busy (reason starting with HOST_BUSY), not that it lacks the resource.
+_CMD_TIMEOUT = 300.0
+T = TypeVar("T")
 
 
 class Unavailable(HmmirrorError):
@@ -124,6 +132,63 @@ def thp_config(enabled: str | None = None, defrag: str | None = None, use_zero_p
                 _write_sys(THP_DIR / name, old)
 
 
+# ------------------------------------------------------------------------------------- host activity
+
+#: ``/proc/vmstat`` counters that move when the kernel migrates, isolates or reclaims pages on its own:
+#: compaction (kcompactd, direct compaction of any process, ``alloc_contig_range`` of balloon/virtio-mem/
+#: hugetlb), and kswapd/direct/khugepaged reclaim.  None of them moves for what a scenario does itself
+#: (faults, fork, DONTNEED, MADV_PAGEOUT's ``reclaim_pages``, splits, truncate).  Such activity changes a live
+#: run's outcome: a migration that cannot get a large destination folio splits the folio (``try_split_folio``
+#: in mm/migrate.c), and a split page-cache folio is unmapped, not remapped (``remap_page`` remaps only
+#: anonymous folios, mm/huge_memory.c); an isolated folio is skipped by MADV_PAGEOUT; a folio under migration
+#: is locked (fault-around skips it) and mapped by migration entries.
+ACTIVITY_COUNTERS = ("pgmigrate_success", "pgmigrate_fail", "thp_migration_split", "compact_isolated",
+                     "compact_stall", "pgscan_kswapd", "pgscan_direct", "pgscan_khugepaged")
+#: khugepaged's own collapse count (MADV_COLLAPSE does not count there).
+KHUGEPAGED_COLLAPSED = THP_DIR / "khugepaged" / "pages_collapsed"
+#: Prefix of the reason of a run skipped because the host never stayed quiet (see :func:`quiet_run`).
+HOST_BUSY = "host busy"
+
+
+def host_activity() -> dict[str, int]:
+    """The :data:`ACTIVITY_COUNTERS` now (and ``khugepaged_pages_collapsed``); missing counters are left out."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/vmstat") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key in ACTIVITY_COUNTERS:
+                    out[key] = int(value)
+    collapsed = _read_sys(KHUGEPAGED_COLLAPSED)
+    if collapsed is not None and collapsed.isdigit():
+        out["khugepaged_pages_collapsed"] = int(collapsed)
+    return out
+
+
+def activity_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counters that moved from ``before`` to ``after``, with how much."""
+    return {k: after[k] - before[k] for k in after if k in before and after[k] != before[k]}
+
+
+def quiet_run(run: Callable[[], T], attempts: int = 8) -> T:
+    """``run()`` until one call ran while the kernel moved no page on its own (:func:`host_activity` unchanged
+    over the call), and return that call's result; a run the host disturbed is not evidence either way.
+
+    Raises :class:`Unavailable` (reason starting with :data:`HOST_BUSY`) when every attempt was disturbed.
+    """
+    moved: dict[str, int] = {}
+    for attempt in range(attempts):
+        before = host_activity()
+        result = run()
+        moved = activity_between(before, host_activity())
+        if not moved:
+            return result
+        time.sleep(0.05 * (attempt + 1))
+    what = ", ".join(f"{k} +{v}" for k, v in sorted(moved.items()))
+    raise Unavailable(f"{HOST_BUSY}: the kernel migrated or reclaimed pages on its own during each of "
+                      f"{attempts} runs (last: {what})")
+
+
 # ------------------------------------------------------------------------------------- hugetlb pool
 
 
@@ -184,7 +249,9 @@ def _run(argv: list[str]) -> None:
     """Run a host command; failure becomes :class:`Unavailable` with its first error line."""
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"{HOST_BUSY}: {argv[0]} did not finish in {_CMD_TIMEOUT:.0f} s") from None
+    except OSError as exc:
         raise Unavailable(f"{argv[0]} failed: {exc}") from None
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip().splitlines()
@@ -257,7 +324,9 @@ def _loop_device(image: str) -> Iterator[str]:
     try:
         res = subprocess.run(["losetup", "--find", "--show", image], capture_output=True, text=True,
                              timeout=_CMD_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"{HOST_BUSY}: losetup did not finish in {_CMD_TIMEOUT:.0f} s") from None
+    except OSError as exc:
         raise Unavailable(f"losetup failed: {exc}") from None
     if res.returncode != 0:
         raise Unavailable(f"losetup failed: {res.stderr.strip() or res.returncode}")
