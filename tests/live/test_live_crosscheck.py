@@ -169,3 +169,25 @@ def test_a_round_that_shows_no_page_forgets_every_frame() -> None:
     compare_pages("s", 6, [_page(0, 11), _page(4096, 10)], [_page(0, 950), _page(4096, 951)], rep, mcls, rcls,
                   None)
     assert rep.disagreements == []
+
+
+def test_quiet_run_repeats_a_disturbed_run_and_gives_up_saying_host_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a live run during which the kernel migrated or reclaimed pages on its own is not evidence: run again
+    readings = iter([{"pgmigrate_success": 1}, {"pgmigrate_success": 4},     # run 1: compaction moved pages
+                     {"pgmigrate_success": 4}, {"pgmigrate_success": 4}])    # run 2: quiet
+    monkeypatch.setattr(hostenv, "host_activity", lambda: next(readings))
+    runs: list[int] = []
+    assert hostenv.quiet_run(lambda: runs.append(len(runs)) or len(runs)) == 2
+    ticks = iter(range(100))
+    monkeypatch.setattr(hostenv, "host_activity", lambda: {"compact_isolated": next(ticks)})
+    with pytest.raises(hostenv.Unavailable) as ei:
+        hostenv.quiet_run(lambda: None, attempts=3)
+    assert ei.value.reason.startswith(hostenv.HOST_BUSY) and "compact_isolated +1" in ei.value.reason
+
+
+@pytest.mark.skipif(hostenv.why_not_live() is not None, reason="needs /proc/vmstat of a Linux host")
+def test_host_activity_reads_the_kernels_counters() -> None:
+    seen = hostenv.host_activity()
+    assert {"pgmigrate_success", "compact_isolated", "pgscan_kswapd"} <= set(seen)
+    assert set(seen) <= set(hostenv.ACTIVITY_COUNTERS) | {"khugepaged_pages_collapsed"}
+    assert hostenv.activity_between(seen, dict(seen)) == {}
