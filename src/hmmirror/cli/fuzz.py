@@ -47,7 +47,8 @@ MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
               help="start the seed sequence again (default: continue where a campaign with the same options "
                    "and --findings stopped)")
 @click.option("--known", "known_file", default=None,
-              help="file of signatures to treat as known (one a line), besides the findings directory's")
+              help="file of signatures to treat as known (one a line), or a directory of reproducers (e.g. "
+                   "docs/sim-reproducers), besides the findings directory's")
 @click.option("--no-steer", is_flag=True, help="do not move effort away from features that produce known findings")
 @click.option("--inject", is_flag=True,
               help="also draw the opt-in event that writes page-table states no syscall makes (findings marked)")
@@ -96,12 +97,15 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, das
     if runs is not None:
         cfg.runs = runs
     result = _run_with_progress(cfg, kernel, seconds, as_json, executor)
+    _label_documented(result, kernel, driver)
     _summary(result, kernel)
     _search_summary(result, kernel, coverage_png)
     if as_json:
         # first_s: seconds from the start of the campaign to the first run that reached the finding
         out = {"findings": [{**{k: f[k] for k in ("invariant", "location", "signature", "hits", "reproducer", "seed")},
-                             "first_s": f.get("first_s")} for f in result["findings"]],
+                             "first_s": f.get("first_s"), "documented": f.get("documented")}
+                            for f in result["findings"]],
+               "undocumented": sum(1 for f in result["findings"] if not f.get("documented")),
                "unconfirmed": result.get("unconfirmed", []),
                "runs": result["runs"], "generated": result["generated"], "steps": result["steps"],
                "interrupted": bool(result.get("interrupted")), "new": result.get("new", 0),
@@ -161,6 +165,15 @@ def _run_with_progress(cfg: object, kernel: str, seconds: float | None, as_json:
     return result
 
 
+def _label_documented(result: dict, kernel: str, driver: str) -> None:
+    """Give every finding the id of the documented real behaviour whose signature it has (docs/known-behaviours.md,
+    :mod:`hmmirror.sim.documented`), or None: a label for the report, the campaign itself stays blind."""
+    from hmmirror.sim.documented import documented_as
+
+    for f in result["findings"]:
+        f["documented"] = documented_as(f["signature"], kernel, driver)
+
+
 def _summary(result: dict, kernel: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -169,10 +182,11 @@ def _summary(result: dict, kernel: str) -> None:
     head = "interrupted: " if result.get("interrupted") else ""
     table = Table(title=f"{head}hmmirror fuzz --kernel {kernel}: {result['runs']} runs, {result['steps']} steps, "
                         f"{len(result['findings'])} findings")
-    for col in ("invariant", "location", "hits", "reproducer", "seed"):
+    for col in ("invariant", "location", "documented", "hits", "reproducer", "seed"):
         table.add_column(col)
     for f in result["findings"]:
-        table.add_row(f["invariant"], f["location"], str(f.get("hits", "")), f["reproducer"], str(f["seed"]))
+        table.add_row(f["invariant"], f["location"], f.get("documented") or "-", str(f.get("hits", "")),
+                      f["reproducer"], str(f["seed"]))
     err.print(table)
     for u in result.get("unconfirmed", []):
         err.print(f"[yellow]no reproducer for {u['signature']} ({u['hits']} runs): {u['why']}")
@@ -198,7 +212,14 @@ def _search_summary(result: dict, kernel: str, coverage_png: str | None) -> None
             kt.add_row(sig, str(n))
         err.print(kt)
     if result["findings"]:
+        doc = sorted({f["documented"] for f in result["findings"] if f.get("documented")})
+        undoc = sum(1 for f in result["findings"] if not f.get("documented"))
         err.print(f"[bold red]new: {len(result['findings'])} signature(s) not known before this campaign")
+        if doc:
+            colour = "green" if not undoc else "red"
+            err.print(f"[bold {colour}]{undoc} new outside the documented real behaviours; "
+                      f"{len(result['findings']) - undoc} with the signature of a documented one "
+                      f"({', '.join(doc)}: docs/known-behaviours.md)")
     elif result.get("known_hits"):
         err.print("[bold green]nothing new: every finding of this campaign was already known")
     else:

@@ -79,8 +79,11 @@ class Stats:
 
 def load_known_file(path: str) -> set[str]:
     """Signatures listed in a ``--known`` file: one per line (``#`` comments; a reproducer's ``signature =
-    "..."`` line works too)."""
+    "..."`` line works too).  A directory: the signature of every reproducer (``*.toml``) directly in it
+    (e.g. ``docs/sim-reproducers``; its subdirectories -- fixed model bugs, benign, unjudged -- are not read)."""
     out: set[str] = set()
+    if os.path.isdir(path):
+        return set(known_signatures(path))
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()

@@ -1,0 +1,83 @@
+"""hmmirror.sim.documented follows docs/known-behaviours.md; ``--known DIR`` reads a directory of reproducers."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from hmmirror.cli.fuzz import _label_documented
+from hmmirror.sim.documented import DOCUMENTED, documented_as
+from hmmirror.sim.fuzz import load_known_file
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+ROW = re.compile(r"^\| (B\d+|M\d+) \|.*\| `([^`]+)`")
+LINK = re.compile(r"\]\(([^)]+\.toml)\)")
+FIXED_BUG = "page_counts|drivers.test_hmm.Dmirror.dmirror_exclusive|-"
+
+
+def _rows() -> list[tuple[str, str, str | None]]:
+    """(id, the reported-as pattern of the row with ``...`` for the rest, the row's reproducer or None)."""
+    out = []
+    for line in (DOCS / "known-behaviours.md").read_text().splitlines():
+        m = ROW.match(line)
+        if m:
+            link = LINK.search(line)
+            out.append((m.group(1), m.group(2).replace("\\|", "|"), link.group(1) if link else None))
+    return out
+
+
+def _kernel_of(bid: str) -> str:
+    return "5.2" if bid.startswith("B") else "6.18"
+
+
+def test_every_reported_row_is_in_the_table_with_its_pattern() -> None:
+    rows = _rows()
+    ids = {r[0] for r in rows}
+    assert {f"B{i}" for i in range(1, 10)} | {f"M{i}" for i in range(2, 8)} <= ids
+    for bid, pattern, _ in rows:
+        if bid == "B10":                                 # reachable only with --inject: reported as injected
+            continue
+        sample = pattern.replace("...", "x")
+        assert documented_as(sample, _kernel_of(bid)) == bid, (bid, sample)
+    assert {d.id for d in DOCUMENTED} == ids - {"B10"}
+
+
+def test_the_documented_reproducers_are_labelled_with_their_row() -> None:
+    """A saved reproducer's finding gets the id of a row that links that file (B9/B12 share one walk; B11's
+    snapshot form has B1's signature)."""
+    rows = _rows()
+    seen = 0
+    for bid, _pattern, link in rows:
+        if link is None:
+            continue
+        doc = tomllib.loads((DOCS / link).read_text())
+        if "finding" not in doc:                          # a hand-written scenario without a saved finding
+            continue
+        got = documented_as(doc["finding"]["signature"], str(doc["machine"]["kernel"]))
+        assert got in {r[0] for r in rows if r[2] == link} | ({"B1"} if bid == "B11" else set()), (link, got)
+        seen += 1
+    assert seen >= 10
+
+
+def test_not_labelled_elsewhere() -> None:
+    m2 = "coherence|drivers.test_hmm.DmirrorPageTable.store|commit"
+    assert documented_as(m2, "6.18") == "M2" and documented_as(m2, "6.12") == "M2"
+    assert documented_as(m2, "5.2") == "B1"              # any 5.2 coherence finding has B1's signature
+    assert documented_as(m2, "6.18", driver="gpusvm") is None
+    assert documented_as(FIXED_BUG, "6.18") is None       # a fixed model bug is never documented behaviour
+    assert documented_as("page_counts|kernel.workqueue.worker_thread|-", "6.18") is None
+
+
+def test_report_labels_findings() -> None:
+    result = {"findings": [{"signature": "commit_invalid|drivers.test_hmm.DmirrorPageTable.store|-"},
+                           {"signature": FIXED_BUG}]}
+    _label_documented(result, "6.18", "builtin")
+    assert [f["documented"] for f in result["findings"]] == ["M6", None]
+
+
+def test_known_directory_reads_the_kept_reproducers_only() -> None:
+    known = load_known_file(str(DOCS / "sim-reproducers"))
+    kept = {tomllib.loads(p.read_text())["finding"]["signature"] for p in (DOCS / "sim-reproducers").glob("*.toml")}
+    assert known == kept and "commit_invalid|drivers.test_hmm.DmirrorPageTable.store|-" in known
+    assert FIXED_BUG not in known                        # fixed/ is not read
