@@ -84,6 +84,26 @@ def test_page_events_find_a_page_to_act_on(kernel):
     assert not missing, f"page events that acted fewer than twice: {missing}"
 
 
+@pytest.mark.parametrize("kernel", ["5.2", "6.18"])
+def test_memory_failure_of_every_kind_of_page_is_drawn(kernel):
+    """memory_failure of an anonymous page (or COW copy), a page-cache page and a DAX page each happen within
+    400 generated scenarios (only those with a memory_failure event are run)."""
+    from hmmirror.sim.runner import run_scenario
+    from hmmirror.sim.schedulers import PCTScheduler
+
+    kinds: set[str] = set()
+    for seed in range(400):
+        c = SeededChoices(40_000 + seed)
+        sc = generate(c, kernel)
+        if not any(ev["kind"] == "memory_failure" for ev in sc.events):
+            continue
+        res = run_scenario(sc, PCTScheduler(c, 3, 2000))
+        kinds |= {e.get("kind", "anon") for e in res.events if e["what"] == "memory_failure" and e.get("unmapped")}
+        if kinds >= {"anon", "pagecache", "dax"}:
+            break
+    assert kinds >= {"anon", "pagecache", "dax"}, kinds
+
+
 @pytest.mark.parametrize("kernel", ["5.2", "6.12", "6.18"])
 def test_generated_setups_build(kernel):
     """The set-up of a generated scenario runs on the model (set-up operations may fail as syscalls do, but

@@ -117,6 +117,24 @@ def test_cells_of_a_modern_walk_include_the_test_and_pud_handlers():
         assert cells <= set(reachable(k)["walk"])
 
 
+def test_cells_of_a_walk_over_a_poisoned_shmem_page():
+    """memory_failure of a shmem page leaves a hwpoison entry (shmem cannot write back); the HMM walk that
+    follows meets it in hmm_vma_handle_pte: [5.2] -EFAULT (hmm-5.2.md §7.3), [6.x] -EFAULT when a fault is
+    requested there."""
+    for k in ("5.2", "6.18"):
+        sc = _scenario(k, [{"op": "mmap", "as": "m0", "length": "16K", "prot": "rw",
+                            "flags": ["shared", "anonymous"]},
+                           {"op": "touch", "addr": "m0", "length": "16K", "access": "write"}],
+                       [{"addr": "m0", "length": "16K", "write": False}],
+                       [{"name": "ev0", "kind": "memory_failure", "addr": "m0+4K", "delay": 0}])
+        sc.scheduler = {"kind": "switch", "switches": [[0, 1]]}      # the event first, then the device
+        cov = Coverage(k)
+        res = run_scenario(sc, scheduler_for(sc), coverage=cov.run_collector())
+        cov.add_run(res)
+        assert ("shmem", "pte", "hwpoison", "-EFAULT") in cov.walk
+        assert cov.walk <= set(reachable(k)["walk"])
+
+
 def test_cells_are_reachable_and_classification_is_the_spec_s():
     for k in ("5.2", "6.18"):
         r = reachable(k)

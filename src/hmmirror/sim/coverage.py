@@ -351,8 +351,10 @@ def _entries(kernel: str) -> dict[str, dict[str, set[str]]]:
         "anon": {"pte": {"none", "present", "zero", "swap", "migration", "hwpoison", "protnone"} | devp,
                  "pmd": {"table", "present", "huge_zero", "protnone", "migration"}, "hole": {"none"},
                  "pud": pud_t, **test},
-        "shmem": {"pte": {"none", "present"}, "pmd": {"table"}, "hole": {"none"}, "pud": pud_t, **test},
+        # memory_failure of a shmem page (shmem cannot write back) leaves hwpoison entries (mm/memory_failure.py)
+        "shmem": {"pte": {"none", "present", "hwpoison"}, "pmd": {"table"}, "hole": {"none"}, "pud": pud_t, **test},
         # private file and DAX mappings hold anonymous COW copies: swapped, migrated or poisoned like anon pages;
+        # a dirty page-cache page that memory_failure poisons becomes a hwpoison entry in every mapping of it;
         # [6.x] a 2 MiB page-cache folio (xfs from 6.12, ext4 from 6.16) is PMD-mapped
         "file": {"pte": {"none", "present", "hwpoison", "migration", "swap"} | devp,
                  "pmd": {"table"} | ({"present"} if prof.file_large_folios else set()),
@@ -405,12 +407,14 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
     if entry in ("device_private", "migration"):      # owner's page reported, else migrate_to_ram; wait
         return r
     if fn == "pte":
-        if entry in ("none", "zero") and vk == "anon":
-            r.add("-EFAULT")                          # the fault fails: SIGBUS in an OOM-reaped mm (MMF_UNSTABLE)
+        if entry == "zero" and five:
+            return {"-EFAULT", "-EBUSY"}              # [5.2] the zero page is special: SPECIAL, -EFAULT
+        if entry in ("none", "zero") and vk == "anon" or entry == "none" and vk == "file":
+            # the fault fails: SIGBUS in an OOM-reaped mm (MMF_UNSTABLE: do_anonymous_page, finish_fault of a
+            # private file mapping)
+            r.add("-EFAULT")
         if entry == "zero" and vk == "fsdax":
             r.add("-EFAULT")                          # the write fault on a DAX hole's zero page is SIGBUS
-        if entry == "zero" and five:
-            r.add("-EFAULT")                          # [5.2] the zero page is special: SPECIAL, -EFAULT
         if entry in ("none", "present") and vk == "file" and five:
             r.add("-EAGAIN")                          # the fault dropped mmap_sem (VM_FAULT_RETRY)
         if entry == "none" and vk in ("fsdax", "devdax"):
@@ -491,8 +495,9 @@ def unreachable_reasons(kernel: str) -> list[dict[str, str]]:
                    "hugetlb VMAs are walked through hugetlb_entry"},
         {"cells": "fsdax x pud", "reason": "fsdax never maps PUDs (mm-substrate.md §5.7)"},
         {"cells": "devdax x swap|migration|hwpoison|zero|huge_zero",
-         "reason": "device-dax memory is never swapped, migrated or zero-page mapped; memory_failure of ZONE_DEVICE "
-                   "pages is not modelled"},
+         "reason": "device-dax memory is never swapped, migrated or zero-page mapped; memory_failure of a DAX page "
+                   "(memory_failure_dev_pagemap [5.2], mf_generic_kill_procs [6.x]) unmaps the file range "
+                   "(unmap_and_kill: the entries become none) and leaves no hwpoison entry"},
         {"cells": "shmem x swap", "reason": "a shmem page is swapped out of the page cache: try_to_unmap clears its "
                                             "PTEs and the swap entry goes into the xarray (shmem_writepage), never "
                                             "into a PTE"},

@@ -241,7 +241,8 @@ def migrate_page(mm: Any, addr: int, hold: int) -> Gen[int]:
     addr &= ~(PAGE_SIZE - 1)
     got = _anon_pte(mm, addr)
     if got is None:
-        return -EINVAL
+        from hmmirror.mm.migrate import migrate_thp       # a PMD-mapped THP is migrated whole
+        return (yield from migrate_thp(mm, addr, hold))
     vma, ptep, pte, pfn = got
     machine = mm.machine
     pool, mem = machine.pool, machine.mem
@@ -445,7 +446,7 @@ def memory_failure(mm: Any, addr: int) -> Gen[int]:
     addr &= ~(PAGE_SIZE - 1)
     got = _anon_pte(mm, addr)
     if got is None:
-        return -EINVAL
+        return (yield from _memory_failure_other(mm, addr))
     vma, ptep, pte, pfn = got
     machine = mm.machine
     pool, mem = machine.pool, machine.mem
@@ -471,6 +472,32 @@ def memory_failure(mm: Any, addr: int) -> Gen[int]:
     if not done:
         mem.flags[pfn] &= _NOT_HWPOISON
     return 0 if done else -EAGAIN
+
+
+def _memory_failure_other(mm: Any, addr: int) -> Gen[int]:
+    """memory_failure() of a page-cache or DAX page mapped at ``addr`` (mm/memory_failure.py)."""
+    from hmmirror.mm import memory_failure as mf
+
+    vma = mm.vma_lookup(addr)
+    if vma is None or vma.vm_flags & (VM.HUGETLB | VM.PFNMAP | VM.MIXEDMAP):
+        return -EINVAL
+    level, p, e = mm.pt.lookup(addr)
+    if p is None or not e & x86._PAGE_PRESENT:
+        return -EINVAL
+    mem = mm.machine.mem
+    pfn = x86.pte_pfn(e)
+    if level in ("pmd", "pud"):
+        pfn += (addr & ((PMD_SIZE if level == "pmd" else 1 << 30) - 1)) >> 12
+    if mem.is_huge_zero_pfn(pfn) or pfn == mem.zero_pfn:
+        return -EINVAL
+    if pfn >= mem.nr_ram:
+        if vma.kind not in ("fsdax", "devdax"):
+            return -EINVAL
+        return (yield from mf.memory_failure_dev_pagemap(mm, vma, addr, pfn))
+    if level == "pud" or mem.flags[pfn] & PG.anon or not mem.flags[mem.compound_head(pfn)] & (PG.file |
+                                                                                           PG.swapbacked):
+        return -EINVAL
+    return (yield from mf.memory_failure_pagecache(mm, vma, addr, pfn))
 
 
 def oom_reap(mm: Any) -> Gen[int]:
