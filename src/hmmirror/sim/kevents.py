@@ -612,7 +612,8 @@ def _clear_soft_dirty_vma(mm: Any, vma: Any) -> Gen[int]:
             continue
         pmdp = mm.pt.pmd_offset(pudp, addr)
         pmd = pool.get(pmdp)
-        if x86.pte_none(pmd):
+        if x86.pte_none(pmd) or not pmd & (x86._PAGE_PRESENT | x86._PAGE_PROTNONE):
+            # none, or a PMD migration entry (clear_soft_dirty_pmd only clears its soft-dirty bit)
             addr = nxt
             continue
         if x86.pmd_leaf(pmd):
