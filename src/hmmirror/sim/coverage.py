@@ -513,7 +513,9 @@ def unreachable_reasons(kernel: str) -> list[dict[str, str]]:
             "reason": "these device jobs make no HMM call: dmirror_migrate_to_device/_system use migrate_vma_setup, "
                       "dmirror_exclusive make_device_exclusive (lib/test_hmm.c)"}] if not five else []),
         {"cells": "hugetlb x swap|migration|hwpoison",
-         "reason": "the model's migration and memory_failure handle non-hugetlb pages only"},
+         "reason": "not modelled (a model limit, not the kernel's): the model's migration and memory_failure "
+                   "handle non-hugetlb pages only (the kernel migrates hugetlb pages, migrate_huge_page_move_"
+                   "mapping, and poisons them, hugetlb hwpoison entries); hugetlb pages are never swapped"},
         {"cells": "* x pmd x bad", "reason": "no syscall leaves a non-present non-migration PMD on x86-64 "
                                             "(reachable only with the opt-in inject event)"},
         *([{"cells": "devdax x pud x devmap x -EBUSY",
