@@ -22,7 +22,8 @@ import time
 
 #: docs/known-behaviours.md, 5.2: name -> signature pattern (invariant|location|detail)
 BEHAVIOURS_5_2 = {
-    "B1 coherence hole: valid flag, not a sequence": r"^coherence\|",
+    "B1 coherence hole: valid flag, not a sequence":
+        r"^(commit_invalid\|drivers\.hmm_mirror_v5_2\.|coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|commit$)",
     "B2 write fault on a VMA without VM_WRITE restarts forever": r"^liveness\|mm\.hmm\.v5_2\.hmm_range_fault\|refault",
     "B3 handle_mm_fault with a NULL vma in a gap": r"^report:null_deref\|mm\.hmm\.v5_2\.hmm_vma_do_fault",
     "B4 mutex in a non-blockable invalidate_range_end": r"^sleep_in_atomic\|mm\.hmm\.v5_2\.hmm_invalidate_range_end",
@@ -31,13 +32,10 @@ BEHAVIOURS_5_2 = {
     "B7 hugetlb hole with huge page_shift overruns pfns[]": r"^report:pfns_overflow\|",
     "B8 dying pgmap: hmm_range_fault restarts forever": r"^liveness\|mm\.hmm\.v5_2\.hmm_range_fault\|no-fault",
     "B9 pgmap reference kept after a walk error": r"^pgmap_refcount\|",
-    "B11 none hugetlb entry reported VALID (first request only)": r"^result_contract\|mm\.hmm\.v5_2\.hmm_range_fault\|",
+    "B11 none hugetlb entry reported VALID (first request only)":
+        r"^(result_contract\|mm\.hmm\.v5_2\.hmm_range_fault\||coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|walk$)",
     "B12 pte_offset_map without pte_unmap on -EFAULT/-EBUSY": r"^pte_map_balance\|mm\.hmm\.v5_2\.hmm_vma_walk_pmd\|",
 }
-
-#: B1 and the snapshot form of B11 share the signature ``coherence|...commit|commit`` (the driver commits the
-#: bogus pfn of a none hugetlb entry); a reproducer whose finding is on a hugetlb VMA counts as B11, not B1
-B1, B11 = "B1 coherence hole: valid flag, not a sequence", "B11 none hugetlb entry reported VALID (first request only)"
 
 
 def run(kernel: str, seed: int, seconds: float, jobs: int, fdir: str, fresh: bool = True) -> dict:
@@ -54,21 +52,10 @@ def run(kernel: str, seed: int, seconds: float, jobs: int, fdir: str, fresh: boo
 
 
 def matched(sigs: list[str], findings: list[dict] | None = None) -> dict[str, list[str]]:
-    out = {name: [s for s in sigs if re.search(pat, s)] for name, pat in BEHAVIOURS_5_2.items()}
-    for f in findings or []:
-        if f["signature"] in out[B1] and _on_hugetlb(f.get("reproducer")):
-            out[B1].remove(f["signature"])
-            out[B11].append(f["signature"])
-    return out
-
-
-def _on_hugetlb(path: str | None) -> bool:
-    """The reproducer's header says the finding is on a hugetlb VMA (``# where: ... vma: hugetlb``)."""
-    try:
-        with open(path or "") as fh:
-            return any(ln.startswith("# where:") and "vma: hugetlb" in ln for ln in fh)
-    except OSError:
-        return False
+    """Known behaviour -> the campaign's signatures that match it (each behaviour has signatures of its own:
+    B1's stale commit and B11's snapshot form differ by the coherence detail, ``commit`` / ``walk``)."""
+    _ = findings
+    return {name: [s for s in sigs if re.search(pat, s)] for name, pat in BEHAVIOURS_5_2.items()}
 
 
 def main() -> None:
@@ -103,10 +90,12 @@ def main() -> None:
         print(json.dumps(entry), flush=True)
     if a.again is not None and report["campaigns"]:
         first = report["campaigns"][0]["seed"]
-        res = run(a.kernel, a.again, a.seconds, a.jobs, os.path.join(a.out, f"{a.kernel}-{first}"))
+        # (not --fresh: a user's next campaign on those findings, with what the first one saved there)
+        res = run(a.kernel, a.again, a.seconds, a.jobs, os.path.join(a.out, f"{a.kernel}-{first}"), fresh=False)
         report["again"] = {"seed": a.again, "on": first, "runs": res.get("runs"), "generated": res.get("generated"),
                            "known_runs": res.get("known_runs"), "known_fraction": res.get("known_fraction"),
                            "known_stop_fraction": res.get("known_stop_fraction"),
+                           "rejected_draws": res.get("rejected_draws"), "coverage": (res.get("coverage") or {}).get("percent"),
                            "new": res.get("new"), "new_signatures": [f["signature"] for f in res.get("findings", [])],
                            "known_hits": res.get("known_hits"), "error": res.get("error")}
         print(json.dumps(report["again"]), flush=True)

@@ -35,3 +35,20 @@ def test_scenario_shows_the_behaviour(bid, path, pattern):
     rx = "^" + re.escape(pattern.split("...")[0]).replace(r"\\\|", r"\|")
     sigs = [f.signature for f in rep.result.findings]
     assert any(re.match(rx, s) for s in sigs), (bid, rx, sigs)
+
+
+def _sigs(path: str) -> set[str]:
+    rep = replay_file(str(DOCS / path))
+    assert not rep.result.diverged, rep.result.diverged
+    return {f.signature for f in rep.result.findings}
+
+
+def test_b1_and_the_snapshot_form_of_b11_have_signatures_of_their_own():
+    """Both commit a pfn the CPU does not map (coherence at the hmm.rst driver's commit).  B1's snapshot was
+    right when taken and an invalidation of the page ran after it began (the driver was told: commit_invalid
+    too); B11's walk reported pfn 0 + k for a none hugetlb entry and no invalidation ran at all."""
+    b1 = _sigs("sim-reproducers/coherence-commit-194d3eea.toml")
+    b11 = _sigs("known-behaviours/5.2-hugetlb-none-entry-valid-snapshot.toml")
+    commit = "drivers.hmm_mirror_v5_2.HmmMirrorDriver52.commit"
+    assert b1 == {f"coherence|{commit}|commit", f"commit_invalid|{commit}|-"}, b1
+    assert b11 == {f"coherence|{commit}|walk"}, b11

@@ -44,8 +44,8 @@ MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
 @click.option("--kinds", default=None, help="comma-separated VMA kinds to generate (default: all available)")
 @click.option("--events", default=None, help="comma-separated background events (default: all; 'none' for none)")
 @click.option("--fresh", is_flag=True,
-              help="start the seed sequence again (default: continue where a campaign with the same options "
-                   "and --findings stopped)")
+              help="start the seed sequence again, without the steering evidence saved in --findings (default: "
+                   "continue where a campaign with the same options and --findings stopped, steered by it)")
 @click.option("--known", "known_file", default=None,
               help="file of signatures to treat as known (one a line), or a directory of reproducers (e.g. "
                    "docs/sim-reproducers), besides the findings directory's")
@@ -112,6 +112,7 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, das
                "known_runs": result.get("known_runs", 0), "known_fraction": result.get("known_fraction", 0.0),
                "known_stop_fraction": result.get("known_stop_fraction", 0.0),
                "multi_finding_runs": result.get("multi_finding_runs", 0), "known_hits": result.get("known_hits", {}),
+               "rejected_draws": result.get("rejected_draws", 0),
                "runs_per_s_per_worker": result.get("runs_per_s_per_worker"),
                "steps_per_s_per_worker": result.get("steps_per_s_per_worker"),
                "workers": result.get("workers", []),

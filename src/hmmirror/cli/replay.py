@@ -63,12 +63,16 @@ def command(file: str | None, seed: int | None, kernel: str, driver: str, png: s
     if as_json:
         sys.stdout.write(json.dumps({"reproduced": ok, "steps": res.steps, "diverged": res.diverged,
                                      "finding": f.to_json() if f else None,
-                                     "also": [x.to_json() for x in others]}) + "\n")
+                                     "also": [x.to_json() for x in others],
+                                     "consequences": [x.to_json() for x in getattr(res, "consequences", [])]})
+                         + "\n")
     else:
         click.echo(f"{res.steps} steps" + (f", schedule diverged: {res.diverged}" if res.diverged else ""))
         click.echo(f.describe() if f else "no finding")
         for x in others:
             click.echo(f"also: [{x.invariant}] {x.signature} (step {x.step})")
+        for x in getattr(res, "consequences", []):
+            click.echo(f"consequence of {x.state.get('consequence_of')}: [{x.invariant}] {x.message} (step {x.step})")
         if expected is not None:
             click.echo(("reproduced: " if ok else "NOT reproduced, expected: ") + str(expected.get("signature")))
     return EXIT_OK if ok else EXIT_FOUND

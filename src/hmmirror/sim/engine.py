@@ -42,7 +42,7 @@ from hmmirror.kernel.sched import Lock, Point, Task
 from hmmirror.sim.findings import Finding, frame_stack, gen_stack, location_of
 
 _HOOKS = ("task_spawned", "before_step", "after_step", "task_exited", "on_log", "run_finished", "fault_begin",
-          "fault_end", "op_begin", "op_end", "data_access")
+          "fault_end", "op_begin", "op_end", "data_access", "explain_wait")
 
 #: sched.report kinds -> invariant names
 REPORT_INVARIANT = {
@@ -67,6 +67,18 @@ ROUTE_LOG = True
 #: (``liveness``: the looping task would spin to the step bound; the rest of the run tells nothing new)
 STOPPING = frozenset({"exception", "deadlock", "no_waker", "device_teardown", "locks_balanced", "liveness",
                       "recursive_lock"})
+
+
+def _local_of(frame: Any, func: str, name: str, depth: int = 4) -> Any:
+    """Local ``name`` of the nearest caller frame running ``func`` (within ``depth`` frames), or None."""
+    f = frame
+    for _ in range(depth):
+        if f is None:
+            return None
+        if f.f_code.co_name == func:
+            return f.f_locals.get(name)
+        f = f.f_back
+    return None
 
 
 class StopRun(BaseException):
@@ -118,6 +130,10 @@ class Engine:
         self.finding: Finding | None = None
         self.findings: list[Finding] = []       # the first finding of each invariant, in order
         self.extra_findings = 0                 # further violations of an invariant already recorded
+        # violations an earlier finding of the run explains from the model's state (the same lock hold, the
+        # references a walk kept): reported with it, never a finding (signature, reproducer) of their own
+        self.consequences: list[Finding] = []
+        self._atomic_holds: dict[tuple[int, int], str] = {}   # (id(task), id(spinlock)) -> signature slept under
         self.continue_after = True              # go on after a finding that leaves the model usable
         self.stop_when: Callable[[Finding], bool] | None = None   # end the run at a finding it accepts
         self.stopped = False
@@ -169,14 +185,28 @@ class Engine:
     def violate(self, invariant: str, message: str, *, st: SimTask | None = None, mm: Any = None,
                 addr: int | None = None, state: dict[str, Any] | None = None, location: str | None = None,
                 stack: list[str] | None = None, entry: str | None = None, vma_kind: str | None = None,
-                detail: str | None = None) -> None:
+                detail: str | None = None, explained_by: str | None = None) -> None:
         """Record a broken invariant: the first violation of each invariant is kept; the run stops after this
         step for a :data:`STOPPING` invariant (or any, without ``continue_after``).
 
         The signature comes from what the invariant passes and from the model's state: ``location`` (else
         the innermost kernel-named function of ``stack``, else of the task's own stack), ``detail``.  The
         VMA kind and entry are described at ``mm``/``addr`` when the invariant passes them (report only).
+        ``explained_by``: the signature of an earlier finding of this run that the model's state shows to be
+        the cause; the violation is kept in :attr:`consequences` (it still ends the run if it is a stopping
+        one) and is not a finding of its own.
         """
+        if explained_by is not None and not self.stopped:
+            st_ = st or self.current
+            stack_ = stack if stack is not None else (gen_stack(st_.gen) if st_ is not None and not st_.done else [])
+            c = Finding(invariant=invariant, message=message, step=self.step, task=st_.name if st_ else "-",
+                        task_kind=st_.kind if st_ else "-", op=st_.op if st_ else "", stack=stack_,
+                        location=location or location_of(stack_), detail=detail or "-", addr=addr,
+                        state={**(state or {}), "consequence_of": explained_by})
+            self.consequences.append(c)
+            if invariant in STOPPING or not self.continue_after:
+                self.stopped = True
+            return
         if self.stopped or any(f.invariant == invariant for f in self.findings):
             self.extra_findings += 1
             return
@@ -216,8 +246,20 @@ class Engine:
     def _on_report(self, kind: str, message: str) -> None:
         stack = frame_stack(sys._getframe(1))
         cause = sched.report_cause()
+        task = sched.current()
+        why = None
+        if kind == "recursive_lock" and task is not None:
+            # taking again the spinlock the task already slept under (a sleep_in_atomic finding of this run):
+            # one cause -- the fault under that lock -- whose consequence is the recursive acquisition
+            lock = _local_of(sys._getframe(1), "_acquire", "lock")
+            why = self._atomic_holds.get((id(task), id(lock))) if lock is not None else None
+        n = len(self.findings)
         self.violate(REPORT_INVARIANT.get(kind, f"report:{kind}"), message, stack=stack,
-                     detail=None if cause == "-" else cause)
+                     detail=None if cause == "-" else cause, explained_by=why)
+        if kind == "sleep_in_atomic" and task is not None and len(self.findings) > n:
+            spin = task.holds_spinlock()
+            if spin is not None:
+                self._atomic_holds[(id(task), id(spin))] = self.findings[-1].signature
 
     def _on_log(self, orig: Callable[..., None]) -> Callable[..., None]:
         route = self._log_route
@@ -356,8 +398,11 @@ class Engine:
             return
         t = next(t for t in blocked if not (t.point is not None and isinstance(t.point.obj, Lock)))
         inv = "device_teardown" if t.kind == "kevent" and t.label in ("pmem_unbind", "dax_unbind") else "no_waker"
+        # an instrument may show from the model's state that an earlier finding of the run is why nobody can
+        # end this wait (the references a walk kept and the pgmap teardown waits for)
+        why = next((w for w in (fn(self, t) for fn in self._hooks["explain_wait"]) if w), None)
         self.violate(inv, f"{t.name} waits for {t.point.what if t.point else '?'} and no task can wake it",
-                     st=t, state=state)
+                     st=t, state=state, explained_by=why)
 
     def _step_bound(self) -> None:
         counts: dict[int, int] = {}

@@ -71,6 +71,7 @@ class Stats:
     findings: dict[str, Saved] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     known_runs: int = 0                         # runs whose findings were all known already
+    rejected: int = 0                           # drawn scenarios not run: expected to hit only known signatures
     known_hits: dict[str, int] = field(default_factory=dict)   # known signature -> runs that hit it
     multi_runs: int = 0                         # runs with more than one finding
     hits: dict[str, int] = field(default_factory=dict)          # new signature -> runs that found it first
@@ -100,66 +101,175 @@ def load_known_file(path: str) -> set[str]:
 
 
 class Steering:
-    """Feature feedback (ours): which drawn features lead to known signatures, which to new coverage.
+    """Feature feedback (ours): which drawn features lead to runs that hit only known signatures, which to new
+    coverage cells -- a logistic model of every run so far.
 
-    Every run reports the features its scenario drew (``table:name`` entries, range shapes) and whether it
-    hit only known signatures and whether it reached new coverage cells.  A feature's weight factor is the
-    rate at which runs with it stay off known signatures, relative to all runs, times a bonus for new cells
-    (clamped to [0.05, 3]); it applies from the next scenario on (and is frozen during a Hypothesis session,
-    whose choice sequences must keep drawing the same scenarios).  Nothing names a finding: the generator
-    only sees weights per feature.
+    Every run reports how many times its scenario drew each feature (``table:name`` entries, ``name:option``
+    choices, ``target:KIND``), the signatures it hit and whether it reached coverage cells nothing had reached
+    before.  :meth:`fit` regresses "the run's findings were all known" (against the signatures known *now*:
+    a row keeps its signatures, so a run made before a signature was found counts for it afterwards) and "the
+    run reached new cells" on the feature counts (ridge-regularised logistic regressions, iteratively
+    reweighted least squares on standardised counts), and turns the per-draw effects into choice weights:
+    ``exp(-GAMMA * b_known + NOVELTY * b_cells)``, clamped to [LO, HI].  A feature the generator draws where a
+    known signature follows is drawn less; one that reaches new cells, more.  A marginal rate per feature
+    (the first version) could not tell which of the many features of a run was responsible -- most features
+    appear in most runs -- and left a campaign on an earlier one's findings at ~40 % known-only runs.
+
+    The rows persist in the findings directory (:data:`STEER_FILE`): a campaign started on an earlier one's
+    findings steers from its first round on, with the earlier runs' evidence of what produced those
+    signatures.  Nothing names a finding: the generator only sees weights per feature.
     """
 
-    MIN_RUNS = 4
+    MIN_RUNS = 4            # a feature needs this many runs drawing it to get a weight
+    GAMMA = 2.0             # strength of the move away from features of known-only runs
+    NOVELTY = 0.5           # strength of the move toward features of runs that reached new cells
+    LAM = 5.0               # ridge penalty (on standardised counts)
+    LO, HI = 0.1, 3.0
+    MAX_ROWS = 4000         # most recent runs kept (and persisted)
 
     def __init__(self) -> None:
-        self.n: dict[str, int] = {}
-        self.k: dict[str, int] = {}
-        self.c: dict[str, int] = {}
-        self.runs = 0
-        self.known = 0
-        self.cells = 0
+        # (order key, feature -> draws, signatures, reached new cells)
+        self.rows: list[tuple[tuple[int, int], dict[str, int], tuple[str, ...], bool]] = []
         self.weights: dict[str, float] = {}
+        self.model: dict[str, Any] = {}             # the known-only model: {"b0", "beta": feature -> per draw}
+        self._fitted: tuple[int, int] | None = None
 
-    def feed(self, features: list[str], known_only: bool, new_cells: bool) -> None:
-        """One run: its features, whether it hit known signatures only, whether it reached new cells."""
-        self.runs += 1
-        self.known += known_only
-        self.cells += new_cells
-        for f in set(features):
-            if f.startswith("variant:"):
-                continue
-            self.n[f] = self.n.get(f, 0) + 1
-            self.k[f] = self.k.get(f, 0) + known_only
-            self.c[f] = self.c.get(f, 0) + new_cells
-        self._recompute()
+    def feed(self, features: list[str], sigs: "list[str] | tuple[str, ...]", new_cells: bool,
+             key: tuple[int, int] = (0, 0)) -> None:
+        """One run: the features it drew (with repetitions), its signatures, whether it reached new cells."""
+        fc: dict[str, int] = {}
+        for f in features:
+            if not f.startswith("variant:"):          # a mapping's kind and protection: not drawn by one choice
+                fc[f] = fc.get(f, 0) + 1
+        self.rows.append((tuple(key), fc, tuple(sorted(set(sigs))), bool(new_cells)))   # type: ignore[arg-type]
 
     def counts(self) -> dict[str, Any]:
-        return {"runs": self.runs, "known": self.known, "cells": self.cells,
-                "f": {f: [n, self.k[f], self.c[f]] for f, n in self.n.items()}}
+        return {"rows": [[list(k), fc, list(sg), nc] for k, fc, sg, nc in self.rows]}
 
     def merge(self, d: dict[str, Any]) -> None:
-        """Add the counts of another Steering (a unit's) and recompute the weights."""
-        self.runs += int(d.get("runs", 0))
-        self.known += int(d.get("known", 0))
-        self.cells += int(d.get("cells", 0))
-        for f, (n, k, c) in d.get("f", {}).items():
-            self.n[f] = self.n.get(f, 0) + n
-            self.k[f] = self.k.get(f, 0) + k
-            self.c[f] = self.c.get(f, 0) + c
-        self._recompute()
+        """Add the runs of another Steering (a unit's, or a saved campaign's)."""
+        for k, fc, sg, nc in d.get("rows", []):
+            self.rows.append((tuple(k), {str(f): int(n) for f, n in fc.items()}, tuple(sg), bool(nc)))
+        self._fitted = None
 
-    def _recompute(self) -> None:
-        base_off = (self.runs - self.known + 1) / (self.runs + 2)
-        base_new = (self.cells + 1) / (self.runs + 2)
-        w = {}
-        for f, n in self.n.items():
-            if n < self.MIN_RUNS:
-                continue
-            off = (n - self.k[f] + 1) / (n + 2) / base_off
-            new = (self.c[f] + 1) / (n + 2) / base_new
-            w[f] = min(3.0, max(0.05, off * off * (0.5 + 0.5 * new)))
-        self.weights = w
+    def fit(self, known: "set[str] | frozenset[str]") -> dict[str, float]:
+        """The choice weights given the signatures ``known`` now (cached until rows or ``known`` change)."""
+        import numpy as np
+
+        key = (len(self.rows), hash(frozenset(known)))
+        if self._fitted == key:
+            return self.weights
+        self._fitted = key
+        rows = sorted(self.rows, key=lambda r: r[0])[-self.MAX_ROWS:]     # arrival order differs between runs
+        support: dict[str, int] = {}
+        for _k, fc, _s, _n in rows:
+            for f in fc:
+                support[f] = support.get(f, 0) + 1
+        feats = sorted(f for f, n in support.items() if n >= self.MIN_RUNS)
+        if len(rows) < 2 * self.MIN_RUNS or not feats:
+            self.weights, self.model = {}, {}
+            return self.weights
+        col = {f: i for i, f in enumerate(feats)}
+        x = np.zeros((len(rows), len(feats)))
+        yk = np.zeros(len(rows))
+        yc = np.zeros(len(rows))
+        for i, (_k, fc, sg, nc) in enumerate(rows):
+            for f, n in fc.items():
+                j = col.get(f)
+                if j is not None:
+                    x[i, j] = n
+            yk[i] = bool(sg) and all(s in known for s in sg)
+            yc[i] = nc
+        sd = x.std(0)
+        keep = sd > 1e-9                             # a feature drawn equally often in every run tells nothing
+        z = (x[:, keep] - x[:, keep].mean(0)) / sd[keep]
+        names = [f for f, k in zip(feats, keep) if k]
+        bk, ik = self._logistic(z, yk)
+        bc, _ = self._logistic(z, yc)
+        bk, bc = bk / sd[keep], bc / sd[keep]
+        # away from what leads to known signatures; toward new cells only with features that do not
+        # (a feature both reach is what the early runs of any campaign draw: the two would cancel out)
+        w = np.clip(np.exp(-self.GAMMA * bk + self.NOVELTY * np.maximum(bc, 0) * (bk <= 0)), self.LO, self.HI)
+        self.weights = {f: round(float(v), 4) for f, v in zip(names, w)}
+        # the known-only model on raw draw counts (intercept of the centred fit moved to counts = 0)
+        mu = x[:, keep].mean(0)
+        self.model = {"b0": round(float(ik - (bk * mu).sum()), 6) if yk.min() != yk.max() else
+                      (-20.0 if not yk.any() else 20.0),
+                      "beta": {f: round(float(v), 6) for f, v in zip(names, bk) if abs(v) > 1e-6}}
+        return self.weights
+
+    def _logistic(self, z: Any, y: Any) -> tuple[Any, float]:
+        """Ridge logistic regression (IRLS, a fixed number of Newton steps: deterministic): the coefficients
+        and the intercept."""
+        import numpy as np
+
+        n, m = z.shape
+        if y.min() == y.max():
+            return np.zeros(m), 0.0
+        b = np.zeros(m)
+        b0 = float(np.log((y.mean() + 1e-3) / (1 - y.mean() + 1e-3)))
+        lam = self.LAM * np.eye(m)
+        for _ in range(8):
+            p = 1 / (1 + np.exp(-(z @ b + b0)))
+            wts = np.maximum(p * (1 - p), 1e-6)
+            g = z.T @ (y - p) - self.LAM * b
+            h = (z * wts[:, None]).T @ z + lam
+            b = b + np.linalg.solve(h, g)
+            b0 += float((y - p).sum() / max(wts.sum(), 1e-6))
+        return b, b0
+
+    def save(self, path: str) -> None:
+        """Write the most recent rows (:data:`STEER_FILE` in the findings directory)."""
+        rows = sorted(self.rows, key=lambda r: r[0])[-self.MAX_ROWS:]
+        doc = {"version": 1, "rows": [[[-1, i], fc, list(sg), nc] for i, (_k, fc, sg, nc) in enumerate(rows)]}
+        write_atomic(path, json.dumps(doc, separators=(",", ":")) + "\n")
+
+    def load(self, path: str) -> None:
+        """Add the rows a campaign saved in the findings directory (nothing when there are none)."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                doc = json.load(fh)
+            if doc.get("version") == 1:
+                self.merge({"rows": [[[-2, i], fc, sg, nc] for i, (_k, fc, sg, nc) in enumerate(doc["rows"])]})
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return
+
+
+#: the steering's evidence, kept in the findings directory between campaigns (:class:`Steering`)
+STEER_FILE = ".steering.json"
+
+#: a drawn scenario is run with probability ``(1 - p) ** 2`` (at least ACCEPT_MIN), ``p`` the known-only
+#: model's estimate for its draw counts (:attr:`Steering.model`); otherwise another one is drawn -- a seeded run
+#: tries up to MAX_DRAWS candidate seeds (:func:`candidate_seed`, the last one is run whatever its estimate), a
+#: Hypothesis session skips the example.  The weights move single choices; this judges the whole scenario (and
+#: corrects the Hypothesis front end, which follows the weights only partly: it draws some values, 0 among
+#: them, more often than their weight says).
+ACCEPT_MIN = 0.05
+MAX_DRAWS = 8
+
+
+def accept_probability(model: dict[str, Any] | None, features: list[str]) -> float:
+    """The probability of running a scenario that drew ``features`` (see :data:`ACCEPT_MIN`)."""
+    import math
+
+    if not model:
+        return 1.0
+    beta = model.get("beta", {})
+    t = float(model.get("b0", 0.0)) + sum(beta.get(f, 0.0) for f in features)
+    p = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, t))))
+    return max(ACCEPT_MIN, (1.0 - p) ** 2)
+
+
+def candidate_seed(seed: int, j: int) -> int:
+    """The ``j``-th candidate of the seeded run ``seed`` (``j = 0``: ``seed`` itself); a run made from a later
+    candidate is the seeded run of that seed (its reproducer and ``replay --seed`` name it)."""
+    return (seed + j * 10 ** 18) % (1 << 64)
+
+
+def _accepted(model: dict[str, Any] | None, features: list[str], c: Any) -> bool:
+    """Draw (from ``c``) whether to run the scenario that drew ``features``."""
+    a = accept_probability(model, features)
+    return a >= 1.0 or c.below(1 << 16) < a * (1 << 16)
 
 
 class _OutOfTime(BaseException):
@@ -363,9 +473,12 @@ class UnitSearch:
     coordinator, fixed for the unit so that a unit stays a function of its inputs), and what it gives back --
     per-feature feedback, the cells it covered, runs on known signatures, multi-finding runs."""
 
-    def __init__(self, cfg: Config, guide: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: Config, guide: dict[str, Any] | None = None, unit: int = 0) -> None:
         guide = guide or {}
+        self.unit = unit
         self.weights: dict[str, float] = dict(guide.get("weights") or {})
+        self.model: dict[str, Any] = dict(guide.get("model") or {})
+        self.rejected = 0
         self.cov = _coverage_for(cfg)
         if self.cov is not None and guide.get("cells"):
             self.cov.merge(guide["cells"])
@@ -380,6 +493,7 @@ class UnitSearch:
 
     def result(self) -> dict[str, Any]:
         return {"feedback": self.steer.counts(), "known_runs": self.known_runs, "known_stops": self.known_stops,
+                "rejected": self.rejected,
                 "multi_runs": self.multi_runs,
                 "known_hits": dict(self.known_hits), "cells": self.cov.snapshot() if self.cov is not None else None}
 
@@ -414,7 +528,8 @@ def _account(res: SimResult, seed: int, stats: Stats, rec: Recorder, guide: "Uni
         from hmmirror.sim.engine import STOPPING
         guide.known_stops += known_only and any(f.invariant in STOPPING for f in res.findings)
         guide.multi_runs += len(res.findings) > 1
-        guide.steer.feed(features, known_only, bool(new_cells))
+        guide.steer.feed(features, [f.signature for f in res.findings], bool(new_cells),
+                         (guide.unit, len(guide.steer.rows)))
     return new[0].signature if new else None
 
 
@@ -428,6 +543,7 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
     from hypothesis import strategies as st
 
     weights = guide.weights if guide is not None and cfg.steer else None   # fixed for the whole unit
+    model = guide.model if guide is not None and cfg.steer else None
 
     def body(data: Any) -> None:
         c = HypothesisChoices(data)
@@ -435,8 +551,14 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
         sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events, weights=weights, inject=cfg.inject,
                       features=feats)
         sw = SwitchListScheduler.draw(c, cfg.max_switches)
+        run_it = _accepted(model, feats, c)
         if time.monotonic() > deadline:           # after the draws: the same choices draw the same way
             raise _OutOfTime()
+        if not run_it:                            # expected to hit only known signatures: not run
+            stats.rejected += 1
+            if guide is not None:
+                guide.rejected += 1
+            return
         sc.scheduler = {"kind": "switch", "switches": [list(x) for x in sw.switches]}
         res = run_scenario(sc, sw, every_step=cfg.every_step, record_trace=False,
                            coverage=guide.collector() if guide is not None else None)
@@ -488,11 +610,20 @@ def _seeded_run(cfg: Config, seed: int, deadline: float, stats: Stats, rec: Reco
                 scheduler: str | None = None, guide: "UnitSearch | None" = None) -> None:
     """One run of a scenario and a per-step ``random`` / ``pct`` schedule from the seeded stream ``seed`` (a new
     signature is kept as it is; the campaign shrinks it at its end, :meth:`Collector.finish`)."""
-    c = SeededChoices(seed)
-    feats: list[str] = []
-    sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events,
-                  weights=guide.weights if guide is not None and cfg.steer else None, inject=cfg.inject,
-                  features=feats)
+    model = guide.model if guide is not None and cfg.steer else None
+    for j in range(MAX_DRAWS if model else 1):
+        seed_j = candidate_seed(seed, j)
+        c = SeededChoices(seed_j)
+        feats: list[str] = []
+        sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events,
+                      weights=guide.weights if guide is not None and cfg.steer else None, inject=cfg.inject,
+                      features=feats)
+        if j == MAX_DRAWS - 1 or _accepted(model, feats, SeededChoices(seed_j ^ 0x5EED)):
+            break
+        stats.rejected += 1
+        if guide is not None:
+            guide.rejected += 1
+    seed = seed_j
     if (scheduler or cfg.scheduler) == "random":
         sc.scheduler = {"kind": "random", "seed": seed}
         sched = RandomScheduler(c)
@@ -816,7 +947,7 @@ def run_unit(cfg: Config, unit: int, budget: int, known: frozenset[str] | set[st
             last[:] = [time.monotonic(), stats.runs, stats.steps]
 
     seed = unit_seed(cfg, unit)
-    search = UnitSearch(cfg, guide)
+    search = UnitSearch(cfg, guide, unit)
     try:
         if unit_kind(cfg, unit) == "hypothesis":
             _hypothesis_session(ucfg, seed, deadline, stats, rec, tick, search)
@@ -850,10 +981,13 @@ class Collector:
         self.best = known_signatures(cfg.findings_dir)
         self.start_known = frozenset(self.best) | (load_known_file(cfg.known_file) if cfg.known_file else set())
         self.steer = Steering()
+        if not cfg.fresh:                       # --fresh starts again: the earlier runs' evidence too
+            self.steer.load(os.path.join(cfg.findings_dir, STEER_FILE))
         self.cov = _coverage_for(cfg)
         self.known_runs = 0
         self.known_stops = 0
         self.multi_runs = 0
+        self.rejected = 0
         self.known_hits: dict[str, int] = {}
         self.found: dict[str, dict[str, Any]] = {}     # this campaign's findings by signature
         self.runs = 0
@@ -955,6 +1089,10 @@ class Collector:
                 stats.findings.pop(sig, None)
             stats.unconfirmed.update(self.unconfirmed)
         self.finish_seconds = {"shrink": round(t1 - t0, 1), "verify": round(time.time() - t1, 1)}
+        try:
+            self.steer.save(os.path.join(fdir, STEER_FILE))   # what the next campaign here steers from
+        except OSError as exc:
+            self.errors.append(f"saving the steering rows: {exc}")
         return self.finish_seconds
 
     def unit(self, r: UnitResult) -> None:
@@ -972,13 +1110,16 @@ class Collector:
             self.cov.merge(sr["cells"])
         self.known_runs += int(sr.get("known_runs", 0))
         self.known_stops += int(sr.get("known_stops", 0))
+        self.rejected += int(sr.get("rejected", 0))
         self.multi_runs += int(sr.get("multi_runs", 0))
         for sig, n in sr.get("known_hits", {}).items():
             self.known_hits[sig] = self.known_hits.get(sig, 0) + int(n)
 
     def guide(self) -> dict[str, Any]:
         """What the next round's units start from: steering weights and the cells covered so far."""
-        return {"weights": dict(self.steer.weights) if self.cfg.steer else {},
+        known = set(self.start_known) | set(self.found) | set(self.pending)
+        weights = dict(self.steer.fit(known)) if self.cfg.steer else {}
+        return {"weights": weights, "model": dict(self.steer.model) if self.cfg.steer else {},
                 "cells": self.cov.snapshot() if self.cov is not None else None}
 
     def coverage_counts(self) -> tuple[int, int]:
@@ -1022,6 +1163,8 @@ class Collector:
                 # of those, the runs a known stopping finding ended (liveness, deadlock...: cut short by it)
                 "known_stop_runs": self.known_stops, "known_stop_fraction": round(self.known_stops / runs, 3),
                 "multi_finding_runs": self.multi_runs,
+                # drawn scenarios not run because the steering expected only known signatures from them
+                "rejected_draws": self.rejected,
                 "known_hits": dict(sorted(self.known_hits.items(), key=lambda kv: -kv[1])),
                 "new": len(self.found), "known_at_start": len(self.start_known),
                 "coverage": self.cov.summary() if self.cov is not None else None,

@@ -290,6 +290,9 @@ class Tracker:
         self.callback_end: list[Any] = []                   # fn(st, args, ret) when it returned
         self.last_commit = PageLatest()                    # va -> (task idx, step) of its latest device map
         self.commit_code = PageLatest()                    # va -> code object of the function that mapped it
+        # every invalidation of the mirrored mm, told or not (own migrations too): [start, end, step, end_step]
+        self.history: list[list[Any]] = []
+        self.snapshot_of: Any = None                        # fn(st, va) -> step its snapshot began (CommitInvalid)
 
     def attach(self, eng: Any, run: Any) -> None:
         self.engine = eng
@@ -321,7 +324,9 @@ class Tracker:
             raw = getattr(r, "raw", None) or r
             if r is not None and self.own_event(r):
                 r = None          # the driver's own migration / exclusive access: it commits that migration's result
-            if r is not None and ret not in (False, -EAGAIN):
+            # (a [5.2] ``sync_cpu_device_pagetables`` returns 0 when it is done: ``0 in (False, ...)`` is
+            # true in Python, so the test is by identity; False / -EAGAIN: not told, it could not block)
+            if r is not None and ret is not False and ret != -EAGAIN:
                 cur = eng.current.idx if eng.current is not None else -1
                 start, end = r0, r1 = int(r.start), int(r.end)
                 # told for the notifier's own interval only (a driver with a notifier per chunk)
@@ -455,6 +460,8 @@ class Tracker:
         if what == "invalidate_range_start":
             mm = ev.get("mm", "")
             self.inflight.setdefault(mm, []).append([ev["start"], ev["end"], eng.step])
+            if mm == self.mm_name:
+                self.history.append([ev["start"], ev["end"], eng.step, None])
             self.epoch[mm] = self.epoch.get(mm, 0) + 1
         elif what in ("invalidate_range_end", "invalidate_range_start_failed"):
             mm = ev.get("mm", "")
@@ -463,6 +470,11 @@ class Tracker:
                 if r[0] == ev["start"] and r[1] == ev["end"]:
                     del lst[i]
                     break
+            if mm == self.mm_name:
+                for h in reversed(self.history):
+                    if h[3] is None and h[0] == ev["start"] and h[1] == ev["end"]:
+                        h[3] = eng.step
+                        break
             if what == "invalidate_range_end" and not self.own_event(sys._getframe(2).f_locals.get("r")):
                 # (the driver's own migration / exclusive event: it may keep mapping what it migrates)
                 self.ended.append((mm, ev["start"], ev["end"]))
@@ -502,6 +514,16 @@ class Tracker:
         """Forget delivered invalidations that ended before ``oldest`` (no snapshot can still see them)."""
         if len(self.delivered) > 64:
             self.delivered = [d for d in self.delivered if d[3] is None or d[3] >= oldest]
+        if len(self.history) > 64:
+            self.history = [h for h in self.history if h[3] is None or h[3] >= oldest]
+
+    def changed_since(self, st: Any, va: int) -> bool:
+        """Did an invalidation of the mirrored mm covering ``va`` (told to the driver or not) run after the
+        snapshot ``st`` commits at ``va`` began -- is a wrong device entry there a stale snapshot (the CPU
+        changed it since), rather than one the HMM call itself reported wrong?"""
+        snap = self.snapshot_of(st, va) if self.snapshot_of is not None and st is not None else 0
+        step = self.engine.step
+        return any(h[0] <= va < h[1] and h[2] <= step and (h[3] is None or h[3] >= snap) for h in self.history)
 
 
 # --- lock discipline -------------------------------------------------------------------------------------
@@ -610,6 +632,7 @@ class PgmapRefs:
         self.before: dict[int, int] = {}
         self.in_hmm: set[int] = set()
         self.pgmaps: list[Any] = []
+        self.kept: dict[int, str] = {}                 # id(pgmap) -> signature of the finding that reported kept refs
 
     def attach(self, eng: Any, run: Any) -> None:
         from hmmirror.mm.memremap import MEMORY_DEVICE_PRIVATE
@@ -648,7 +671,27 @@ class PgmapRefs:
                             detail="kept" if p.count > self.base[id(p)] else "dropped",
                             state={"pgmap": p.name, "count": p.count, "baseline": self.base[id(p)],
                                    "stats": dict(p.ref.stats) if getattr(p, "ref", None) else {}})
+                sig = next((f.signature for f in eng.findings if f.invariant == "pgmap_refcount"), None)
+                if sig is not None and p.count > self.base[id(p)]:
+                    self.kept[id(p)] = sig
                 return
+
+    def explain_wait(self, eng: Any, st: Any) -> str | None:
+        """A task that waits for the references of a pgmap to drain (``pgmap_wait_idle``: the 5.2
+        ``nd_pmem_remove`` teardown) where this run reported references an HMM walk kept: those are what it
+        waits for -- the wait that never ends is that finding's consequence."""
+        if not self.kept:
+            return None
+        gen = st.gen
+        while gen is not None:
+            f = getattr(gen, "gi_frame", None)
+            if f is None:
+                return None
+            if f.f_code.co_name == "pgmap_wait_idle":
+                pgmap = f.f_locals.get("pgmap")
+                return self.kept.get(id(pgmap)) if pgmap is not None else None
+            gen = getattr(gen, "gi_yieldfrom", None)
+        return None
 
 
 def _in_calls(gen: Any, names: tuple[str, ...]) -> bool:
@@ -841,7 +884,8 @@ class Coherence:
         cpu = "nothing" if cpfn < 0 else f"pfn {cpfn:#x} {'rw' if cw else 'r'}"
         eng.violate("coherence", f"{why}: device maps {va:#x} -> pfn {pfn:#x} {'rw' if write else 'r'}, "
                     f"the CPU maps {cpu}", st=st, mm=self.mm, addr=va, stack=stack,
-                    location=self._location(va, why), detail="after_end" if why.startswith("after") else "commit",
+                    location=self._location(va, why),
+                    detail="after_end" if why.startswith("after") else self._commit_detail(st, va),
                     state={"device": (hex(pfn), write), "cpu": (hex(cpfn), readable, cw)})
         return False
 
@@ -866,6 +910,12 @@ class Coherence:
                     pfn, write = ents[va]
                     if not self._check(eng, st, va, pfn, write, "after invalidate_range_end"):
                         return
+
+    def _commit_detail(self, st: Any, va: int) -> str:
+        """A wrong entry at a device commit: ``commit`` when an invalidation of ``va`` ran after the committed
+        snapshot began (the CPU changed the page since: a stale snapshot), ``walk`` when none did (the CPU
+        never mapped what the HMM call reported there: the walk's own result was wrong)."""
+        return "commit" if self.t.changed_since(st, va) else "walk"
 
     def _location(self, va: int, why: str) -> str | None:
         """After ``invalidate_range_end``: the subscriber whose callback returned while its device still
@@ -910,6 +960,7 @@ class CommitInvalid:
     def attach(self, eng: Any, run: Any) -> None:
         self.engine = eng
         self.t.commit_hooks.append(self.on_commit)
+        self.t.snapshot_of = self.snapshot_of
 
     def fault_begin(self, eng: Any, st: Any, start: int, end: int, write: bool) -> None:
         self.snap[st.idx] = eng.step
@@ -959,7 +1010,7 @@ class CommitInvalid:
             if inside and not self.in_call.get(st.idx):
                 self.snap[st.idx] = eng.step
             self.in_call[st.idx] = inside
-        if len(self.t.delivered) > 64:
+        if len(self.t.delivered) > 64 or len(self.t.history) > 64:
             self.t.prune(min(self.snap.values()) if self.snap else 0)
 
     def commit_suspects(self, st: Any, b: CommitBatch) -> Any:

@@ -40,6 +40,7 @@ class SimResult:
     diverged: str | None = None
     findings: list[Finding] = field(default_factory=list)     # every finding of the run (``finding``: the first)
     extra_findings: int = 0                                    # later violations of an invariant already found
+    consequences: list[Finding] = field(default_factory=list)  # violations an earlier finding explains (Engine)
     coverage: Any = None                                       # the run's RunCoverage, when collected
     placement: Any = None                                      # the run's PlaceTimeline, when observed
 
@@ -432,6 +433,7 @@ def _run_engine(sc: SimScenario, scheduler: Any, invariants: Any, driver: Any, e
                     list(run.machine.events), diverged, list(eng.findings), eng.extra_findings)
     res.coverage = coverage
     res.placement = placement
+    res.consequences = list(eng.consequences)
     return res
 
 
