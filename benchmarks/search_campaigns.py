@@ -35,6 +35,8 @@ BEHAVIOURS_5_2 = {
     "B11 none hugetlb entry reported VALID (first request only)":
         r"^(result_contract\|mm\.hmm\.v5_2\.hmm_range_fault\||coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|walk$)",
     "B12 pte_offset_map without pte_unmap on -EFAULT/-EBUSY": r"^pte_map_balance\|mm\.hmm\.v5_2\.hmm_vma_walk_pmd\|",
+    "B13 a mirror's -EAGAIN lost in a non-blockable invalidation":
+        r"^coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|after_end$",
 }
 
 

@@ -212,6 +212,9 @@ def _search_summary(result: dict, kernel: str, coverage_png: str | None) -> None
         for sig, n in list(result["known_hits"].items())[:20]:
             kt.add_row(sig, str(n))
         err.print(kt)
+    if result.get("rejected_draws"):
+        err.print(f"{result['rejected_draws']} drawn scenarios not run: the steering expected only known "
+                  f"signatures from them")
     if result["findings"]:
         doc = sorted({f["documented"] for f in result["findings"] if f.get("documented")})
         undoc = sum(1 for f in result["findings"] if not f.get("documented"))

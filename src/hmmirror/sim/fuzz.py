@@ -2,7 +2,7 @@
 
 A campaign is a search followed by a short finish.  The search runs *units* (:func:`run_unit`): a Hypothesis
 session (scenarios and bounded switch lists drawn through ``data.draw``,
-:class:`~hmmirror.sim.choices.HypothesisChoices`, generation only) or a batch of seeded runs under the per-step
+:class:`~hmmirror.sim.choices.SaltedHypothesisChoices`, generation only) or a batch of seeded runs under the per-step
 ``random`` and ``pct`` schedulers (:class:`~hmmirror.sim.choices.SeededChoices`); ``--scheduler mixed`` (the
 default) alternates them (bounded switch lists rarely preempt inside short critical sections; per-step random
 schedules do).  A run that breaks an invariant with a signature nobody knows yet is kept as it is (its
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from hmmirror.sim.choices import HypothesisChoices, SeededChoices
+from hmmirror.sim.choices import SaltedHypothesisChoices, SeededChoices
 from hmmirror.sim.findings import Finding
 from hmmirror.sim.runner import SimResult, run_scenario, scheduler_for
 from hmmirror.sim.scenario import SimScenario, generate
@@ -546,7 +546,7 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
     model = guide.model if guide is not None and cfg.steer else None
 
     def body(data: Any) -> None:
-        c = HypothesisChoices(data)
+        c = SaltedHypothesisChoices(data)        # weights hold for every entry, the first one too
         feats: list[str] = []
         sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events, weights=weights, inject=cfg.inject,
                       features=feats)
