@@ -44,8 +44,7 @@ def test_every_reported_row_is_in_the_table_with_its_pattern() -> None:
 
 
 def test_the_documented_reproducers_are_labelled_with_their_row() -> None:
-    """A saved reproducer's finding gets the id of a row that links that file (B9/B12 share one walk; B11's
-    snapshot form has B1's signature)."""
+    """A saved reproducer's finding gets the id of a row that links that file (B9/B12 share one walk)."""
     rows = _rows()
     seen = 0
     for bid, _pattern, link in rows:
@@ -55,7 +54,7 @@ def test_the_documented_reproducers_are_labelled_with_their_row() -> None:
         if "finding" not in doc:                          # a hand-written scenario without a saved finding
             continue
         got = documented_as(doc["finding"]["signature"], str(doc["machine"]["kernel"]))
-        assert got in {r[0] for r in rows if r[2] == link} | ({"B1"} if bid == "B11" else set()), (link, got)
+        assert got in {r[0] for r in rows if r[2] == link}, (link, got)
         seen += 1
     assert seen >= 10
 
@@ -63,7 +62,9 @@ def test_the_documented_reproducers_are_labelled_with_their_row() -> None:
 def test_not_labelled_elsewhere() -> None:
     m2 = "coherence|drivers.test_hmm.DmirrorPageTable.store|commit"
     assert documented_as(m2, "6.18") == "M2" and documented_as(m2, "6.12") == "M2"
-    assert documented_as(m2, "5.2") == "B1"              # any 5.2 coherence finding has B1's signature
+    assert documented_as(m2, "5.2") is None              # 5.2 coherence: B1, B11, B13 each have their own
+    commit = "coherence|drivers.hmm_mirror_v5_2.HmmMirrorDriver52.commit|"
+    assert [documented_as(commit + d, "5.2") for d in ("commit", "walk", "after_end")] == ["B1", "B11", "B13"]
     assert documented_as(m2, "6.18", driver="gpusvm") is None
     assert documented_as(FIXED_BUG, "6.18") is None       # a fixed model bug is never documented behaviour
     assert documented_as("page_counts|kernel.workqueue.worker_thread|-", "6.18") is None

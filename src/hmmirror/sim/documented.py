@@ -1,7 +1,7 @@
 """The behaviours docs/known-behaviours.md documents as the kernel's own (or lib/test_hmm.c's), by signature.
 
 A campaign report uses :func:`documented_as` to say which of its findings carry the signature of a documented
-real behaviour of the built-in drivers (B1-B12 for the 5.2 driver, M1-M7 for lib/test_hmm.c's dmirror), so
+real behaviour of the built-in drivers (B1-B13 for the 5.2 driver, M1-M7 for lib/test_hmm.c's dmirror), so
 "nothing new" is plain when those are all a campaign found.  This labels findings; it does not make them
 known: a campaign stays blind (its reproducers are saved and its steering is unchanged) unless the user
 passes them with ``--known`` (e.g. ``--known docs/sim-reproducers``).  A matching signature is evidence, not
@@ -31,7 +31,8 @@ _V52 = ("5.2",)
 _DMIRROR = ("6.12", "6.18")          # lib/test_hmm.c's dmirror: the same test code in both profiles
 
 DOCUMENTED: tuple[Documented, ...] = (
-    Documented("B1", _V52, (r"^coherence\|",)),
+    Documented("B1", _V52, (r"^commit_invalid\|drivers\.hmm_mirror_v5_2\.",
+                            r"^coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|commit$")),
     Documented("B2", _V52, (r"^liveness\|mm\.hmm\.v5_2\.hmm_range_fault\|refault",
                             r"^liveness\|step_bound:drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.populate\|")),
     Documented("B3", _V52, (r"^report:null_deref\|mm\.hmm\.v5_2\.hmm_vma_do_fault\|",)),
@@ -42,9 +43,11 @@ DOCUMENTED: tuple[Documented, ...] = (
                             r"^deadlock\|mm\.pagewalk_v5_2\.pud_trans_huge_lock\|")),
     Documented("B7", _V52, (r"^report:pfns_overflow\|",)),
     Documented("B8", _V52, (r"^liveness\|mm\.hmm\.v5_2\.hmm_range_fault\|no-fault",)),
-    Documented("B9", _V52, (r"^pgmap_refcount\|mm\.hmm\.v5_2\.hmm_range_fault\|kept",)),
-    Documented("B11", _V52, (r"^result_contract\|mm\.hmm\.v5_2\.hmm_range_fault\|",)),
+    Documented("B9", _V52, (r"^pgmap_refcount\|mm\.hmm\.v5_2\.hmm_range_(fault|snapshot)\|kept",)),
+    Documented("B11", _V52, (r"^result_contract\|mm\.hmm\.v5_2\.hmm_range_fault\|",
+                             r"^coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|walk$")),
     Documented("B12", _V52, (r"^pte_map_balance\|mm\.hmm\.v5_2\.hmm_vma_walk_pmd\|",)),
+    Documented("B13", _V52, (r"^coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|after_end$",)),
     Documented("M2", _DMIRROR, (r"^coherence\|drivers\.test_hmm\.DmirrorPageTable\.store\|commit$",)),
     Documented("M3", _DMIRROR, (r"^coherence\|drivers\.test_hmm\.DmirrorPageTable\.store\|after_end$",)),
     Documented("M4", _DMIRROR, (r"^report:WARN_ON\|drivers\.test_hmm\.Dmirror\.program\|",)),
