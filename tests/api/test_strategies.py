@@ -42,8 +42,8 @@ class _Bounds:
 
 @pytest.mark.parametrize("kernel", ["6.18", "5.2"])
 def test_one_generator_two_front_ends(kernel: str) -> None:
-    # The strategies' draw path, fed the same numbers, gives exactly what the campaign's session body draws
-    # (generate(), then the switch list, from one stream): no copy of the generator, no extra draws.
+    # The strategies' draw path, fed the same numbers, gives exactly generate() and then the switch list from
+    # one stream: no copy of the generator, no extra draws (the campaign's sessions call draw_scenario itself).
     for seed in range(6):
         hc = HypothesisChoices(_SeededData(seed))
         hc._st = _Bounds                                # HypothesisChoices asks st.integers(0, n - 1)
@@ -53,6 +53,27 @@ def test_one_generator_two_front_ends(kernel: str) -> None:
         sw = SwitchListScheduler.draw(c, MAX_SWITCHES)
         theirs.scheduler = {"kind": "switch", "switches": [list(x) for x in sw.switches]}
         assert ours.to_toml() == theirs.to_toml()
+
+
+def test_the_campaigns_hypothesis_sessions_draw_through_draw_scenario(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # hmmirror fuzz's session body calls draw_scenario itself (with its steering weights): one draw path
+    import hmmirror.strategies as strategies
+    from hmmirror.sim import fuzz
+
+    calls: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kw: Any) -> SimScenario:
+        calls.append(kw)
+        return draw_scenario(*args, **kw)
+
+    monkeypatch.setattr(strategies, "draw_scenario", spy)
+    cfg = fuzz.Config(kernel="5.2", findings_dir=str(tmp_path / "f"), seed=3, kinds=("anon",), events=(),
+                      examples=3, scheduler="switch")
+    st = fuzz.Stats()
+    fuzz._hypothesis_session(cfg, 3, float("inf"), st, fuzz.Recorder(cfg, st, None, verify=False))
+    assert len(calls) == st.runs == 3
+    assert all(kw["max_switches"] == cfg.max_switches and "weights" in kw and "features" in kw for kw in calls)
 
 
 @SETTINGS

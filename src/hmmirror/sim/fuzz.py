@@ -28,7 +28,7 @@ from hmmirror.sim.choices import SaltedHypothesisChoices, SeededChoices
 from hmmirror.sim.findings import Finding
 from hmmirror.sim.runner import SimResult, run_scenario, scheduler_for
 from hmmirror.sim.scenario import SimScenario, generate
-from hmmirror.sim.schedulers import PCTScheduler, RandomScheduler, SwitchListScheduler
+from hmmirror.sim.schedulers import PCTScheduler, RandomScheduler
 
 
 @dataclass
@@ -545,12 +545,13 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
     weights = guide.weights if guide is not None and cfg.steer else None   # fixed for the whole unit
     model = guide.model if guide is not None and cfg.steer else None
 
+    from hmmirror.strategies import draw_scenario     # one generator, two front ends (hmmirror.strategies)
+
     def body(data: Any) -> None:
         c = SaltedHypothesisChoices(data)        # weights hold for every entry, the first one too
         feats: list[str] = []
-        sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events, weights=weights, inject=cfg.inject,
-                      features=feats)
-        sw = SwitchListScheduler.draw(c, cfg.max_switches)
+        sc = draw_scenario(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events, max_switches=cfg.max_switches,
+                           inject=cfg.inject, weights=weights, features=feats)
         run_it = _accepted(model, feats, c)
         if time.monotonic() > deadline:           # after the draws: the same choices draw the same way
             raise _OutOfTime()
@@ -559,8 +560,7 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
             if guide is not None:
                 guide.rejected += 1
             return
-        sc.scheduler = {"kind": "switch", "switches": [list(x) for x in sw.switches]}
-        res = run_scenario(sc, sw, every_step=cfg.every_step, record_trace=False,
+        res = run_scenario(sc, scheduler_for(sc), every_step=cfg.every_step, record_trace=False,
                            coverage=guide.collector() if guide is not None else None)
         stats.runs += 1
         stats.steps += res.steps
