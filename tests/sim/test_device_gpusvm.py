@@ -317,3 +317,74 @@ def test_a_write_fault_on_a_range_straddling_a_read_only_vma_is_resized():
     go(m, p, drv, [("dev0", "device", fault(a + PAGE, a + 2 * PAGE, write=True))])
     assert all(e <= a + 12 * PAGE for _s, e in ranges(drv)), ranges(drv)
     assert drv.pt.get(a + PAGE) == (drv.pt.get(a + PAGE)[0], True)
+
+
+# --- retry_bound (I5) per GPU fault: a job over many ranges is a series of faults ---------------------------
+def _slow_or_busy_hmm(m, mode, calls):
+    """A stand-in for hmm_range_fault: ``slow`` takes 300 jiffies per call, then does the real walk; ``busy``
+    answers -EBUSY every time (the range kept invalidated)."""
+    from hmmirror.mm.hmm import modern as hmm
+    real = hmm.hmm_range_fault
+
+    def fake(rng):
+        m.log("hmm_range_fault_begin", mm=rng.notifier.mm.name, start=rng.start, end=rng.end)
+        calls.append((rng.start, m.jiffies))
+        for _ in range(300 if mode == "slow" else 1):
+            yield from sched.preempt_point(mode)
+        if mode == "busy":
+            return -16
+        return (yield from real(rng))
+    return real, fake
+
+
+def _run_with_hmm(m, p, drv, mode, task, invariants):
+    from hmmirror.mm.hmm import modern as hmm
+    calls = []
+    real, fake = _slow_or_busy_hmm(m, mode, calls)
+    hmm.hmm_range_fault = fake
+    try:
+        f, _eng = run_tasks(m, drv, p.mm, [("dev0", "device", task)], SwitchListScheduler([]),
+                            invariants=invariants)
+    finally:
+        hmm.hmm_range_fault = real
+    return f, calls
+
+
+def test_a_job_over_many_ranges_that_makes_progress_is_not_a_retry_loop():
+    """docs/sim-reproducers/fixed/retry-bound-gpu-fault-73c8d1b9.toml: a 46-page write job over 4K ranges
+    with no invalidation at all took 3 s of virtual time (each range's hmm_range_fault is slow), and I5 timed
+    the whole job as one fault.  Xe handles a GPU fault per address (xe_svm_handle_pagefault(..., fault_addr)),
+    each bounded by its own HMM_RANGE_DEFAULT_TIMEOUT: 16 ranges x 300 jiffies, no call repeated, is clean."""
+    from hmmirror.sim.invariants_device import RetryBound
+
+    m, p, a = setup(touch=False)
+    drv = DrmGpusvm()
+    f, calls = _run_with_hmm(m, p, drv, "slow", fault(a, a + L, write=True), [RetryBound()])
+    assert f is None, f.describe()
+    assert len(ranges(drv)) == N and calls[-1][1] - calls[0][1] > 3 * 1000     # longer than the bound
+
+
+def test_a_driver_that_retries_one_address_forever_is_still_caught():
+    """The same bound with a driver that calls its per-address handler again for the SAME address whenever it
+    fails with -EBUSY (no deadline of its own): the address does not change, the clock keeps running, and
+    retry_bound reports it after 3 x HMM_RANGE_DEFAULT_TIMEOUT."""
+    from hmmirror.sim.invariants_device import RetryBound
+
+    class RetryForever(DrmGpusvm):
+        def xe_svm_handle_pagefault(self, addr, write, devmem):
+            while True:                               # BUG: -EBUSY is retried without end
+                ret, nxt = yield from DrmGpusvm.xe_svm_handle_pagefault(self, addr, write, devmem)
+                if ret != -16:
+                    return ret, nxt
+
+    m, p, a = setup()
+    drv = RetryForever()
+    f, calls = _run_with_hmm(m, p, drv, "busy", fault(a, a + PAGE), [RetryBound()])
+    assert f is not None and f.invariant == "retry_bound", f and f.describe()
+    assert f.state["elapsed_ms"] > 3 * 1000 and f.location.startswith("drivers.drm_gpusvm."), f.describe()
+    assert {s for s, _j in calls} == {a}                                   # one range, retried
+    # the real driver gives up: one address, -EBUSY after its one-second timeout, no finding
+    m, p, a = setup()
+    drv = DrmGpusvm()
+    f, _calls = _run_with_hmm(m, p, drv, "busy", fault(a, a + PAGE), [RetryBound()])
+    assert f is None, f.describe()

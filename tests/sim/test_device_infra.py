@@ -111,6 +111,50 @@ def test_work_runs_on_a_worker_task_and_the_run_ends():
     assert m.jiffies == eng.step                                     # one jiffy per step
 
 
+def test_a_work_item_in_progress_is_an_operation_for_the_page_count_check():
+    """docs/sim-reproducers/fixed/gpusvm-page-counts-worker-thread-2589f0ff.toml: the gpusvm garbage collector's
+    work item migrates device pages home; between allocating the locked destination pages and mapping them it
+    was checked as if the kworker were idle (refcount 1, no mapping: page_counts).  A kworker running an item is
+    inside an operation; the refcount check waits for it (the item here holds a locked page it allocated across
+    preemption points, then frees it) -- clean, and the item really ran on the worker."""
+    from hmmirror.mm.folio import folio_trylock, folio_unlock
+    from hmmirror.mm.page_alloc import PG
+
+    m, p, a = setup()
+    held = []
+
+    class Holder(toy.GoodMirror):
+        def bind(self, mm):
+            ret = yield from super().bind(mm)
+            self.q = self.alloc_workqueue("gc")
+            self.w = self.init_work(self.body, "gc")
+            return ret
+
+        def body(self, work):
+            mem = self.machine.mem
+            pfn = mem.alloc_page()                  # a destination page, as migrate_to_ram's: anon, locked
+            mem.flags[pfn] |= PG.anon
+            folio_trylock(mem, pfn)
+            held.append((pfn, sched.current()))
+            for _ in range(5):
+                yield from sched.preempt_point("copy")
+            folio_unlock(mem, pfn)
+            mem.flags[pfn] ^= PG.anon                # (set above)
+            mem.put_page(pfn)
+
+        def invalidate(self, inv):
+            ok = yield from super().invalidate(inv)
+            wq.queue_work(self.q, self.w)
+            return ok
+
+    drv = Holder()
+    f, eng = run_tasks(m, drv, p.mm, [("dev0", "device", fault_task(a, a + L)),
+                                      ("cpu0", "cpu", lambda run: vm_munmap(p.mm, a, 4096))],
+                       SwitchListScheduler([]), every_step=True)
+    assert f is None, f.describe()
+    assert held and any(t.name == "kworker/good.gc" and t.task is held[0][1] for t in eng.tasks)
+
+
 # --- device TLB and DMA -----------------------------------------------------------------------------------
 class NoFlushMirror(toy.GoodMirror):
     """zaps the device PTEs but never flushes the device TLB."""

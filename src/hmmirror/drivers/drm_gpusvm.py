@@ -124,6 +124,10 @@ class DrmGpusvm(DriverBase):
     chunk_sizes = (SZ_2M, SZ_64K, SZ_4K)
     check_pages_threshold = SZ_64K
     device_tlb = True
+    #: one fault can be long, finite work: hmm_range_fault of a 2 MiB range faults page by page where no PMD
+    #: can be mapped (a write to a sparse fsdax file at an unaligned offset: 512 faults of ~20 steps, ~10 000
+    #: steps in one call) -- the 12 000 steps of a generated run left no room for it (campaign seed 8675309)
+    run_steps_factor = 3
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
@@ -203,6 +207,8 @@ class DrmGpusvm(DriverBase):
         Returns ``(err, range end)``."""
         from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
 
+        # one GPU fault per address (the retry_bound check times each: the job's next address is progress)
+        self.machine.log("device_fault_begin", addr=addr)
         timeout = jiffies(self.machine) + msecs_to_jiffies(HMM_RANGE_DEFAULT_TIMEOUT)
         migrate_tries = 3 if devmem else 0
         while True:

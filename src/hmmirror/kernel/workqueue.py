@@ -134,13 +134,19 @@ def process_one_work(wq: Workqueue) -> Gen[None]:
         wq.machine.log("work_end", wq=wq.name, work=work.name)
 
 
-def worker_thread(wq: Workqueue) -> Gen[None]:
-    """worker_thread(): run queued items until the workqueue is destroyed (the simulator's kworker body)."""
+def worker_thread(wq: Workqueue, busy: Callable[[Any], None] | None = None) -> Gen[None]:
+    """worker_thread(): run queued items until the workqueue is destroyed (the simulator's kworker body).
+    ``busy(work)`` is told the item the worker starts, ``busy(None)`` when it is idle again (the simulator
+    marks the kworker as inside an operation meanwhile)."""
     while True:
         yield from sched.wait_event(lambda: bool(wq.worklist) or wq.destroyed, f"worker_thread({wq.name})")
         if not wq.worklist:
             return
+        if busy is not None:
+            busy(wq.worklist[0])
         yield from process_one_work(wq)
+        if busy is not None:
+            busy(None)
 
 
 def _run_inline(wq: Workqueue, until: Callable[[], bool]) -> Gen[None]:

@@ -103,6 +103,9 @@ class DriverBase:
     device_tlb = False
     #: the close event may call unbind() while device faults are still running
     unbind_races_faults = False
+    #: generated runs of this driver get this many times the generator's step bound (a driver whose single
+    #: fault can be long but finite work, e.g. a 2 MiB range faulted page by page, needs more than 1)
+    run_steps_factor = 1
 
     def __init__(self, name: str | None = None) -> None:
         if name:
@@ -333,6 +336,16 @@ def load_driver(spec: str) -> Callable[[], Any]:
     if cls is None:
         raise InputError(f"module {mod_name!r} has no {attr!r}")
     return cls  # type: ignore[no-any-return]
+
+
+def run_steps_factor(spec: str) -> int:
+    """The ``run_steps_factor`` of the driver ``spec`` names (1 for the built-in mirror or a spec that does not
+    load: the run reports that itself)."""
+    try:
+        cls = load_driver(spec)
+    except InputError:
+        return 1
+    return max(1, int(getattr(cls, "run_steps_factor", 1)))
 
 
 def check_driver(drv: Any) -> None:

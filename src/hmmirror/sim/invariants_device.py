@@ -293,7 +293,13 @@ class HmmRangeInput:
 # --- I5 ----------------------------------------------------------------------------------------------------
 class RetryBound:
     """``retry_bound`` (I5): a driver fault gives up retrying after a bounded time, even under sustained
-    invalidation."""
+    invalidation.
+
+    The clock runs from the fault's first ``hmm_range_fault`` call.  A driver that handles a device fault one
+    address at a time (drm_gpusvm: ``xe_svm_handle_pagefault(vm, vma, gt, fault_addr)`` per GPU fault; a
+    simulator job over many ranges is a series of them) logs ``device_fault_begin`` with the address: the
+    first time the job reaches an address it is progress, not a retry, and the clock restarts there.  The
+    same address again (the driver retrying it) keeps the clock running."""
 
     name = "retry_bound"
     LIMIT = 3 * HMM_RANGE_DEFAULT_TIMEOUT          # jiffies after the fault's first hmm_range_fault call
@@ -303,6 +309,7 @@ class RetryBound:
         self.late: dict[int, int] = {}
         self.calls: dict[int, int] = {}
         self.frames: dict[int, list[Any]] = {}      # task idx -> the driver frames of its latest late call
+        self.addrs: dict[int, set[int]] = {}        # task idx -> the fault addresses its job has begun
         self.machine: Any = None
 
     def attach(self, eng: Any, run: Any) -> None:
@@ -312,12 +319,26 @@ class RetryBound:
         self.first.pop(st.idx, None)
         self.late[st.idx] = 0
         self.calls[st.idx] = 0
+        self.addrs[st.idx] = set()
+        self.frames.pop(st.idx, None)
 
     #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
     log_kinds = frozenset({"hmm_range_fault_begin"})
 
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
-        if ev["what"] != "hmm_range_fault_begin":
+        what = ev["what"]
+        if what == "device_fault_begin":
+            st = eng.current
+            if st is not None and st.kind == "device" and st.idx in self.calls:
+                seen = self.addrs.setdefault(st.idx, set())
+                if ev["addr"] not in seen:                  # a new address of the job: progress
+                    seen.add(ev["addr"])
+                    self.first.pop(st.idx, None)
+                    self.late[st.idx] = 0
+                    self.calls[st.idx] = 0
+                    self.frames.pop(st.idx, None)
+            return
+        if what != "hmm_range_fault_begin":
             return
         st = eng.current
         if st is None or st.kind != "device" or st.idx not in self.calls:

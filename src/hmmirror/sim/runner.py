@@ -517,7 +517,12 @@ def attach_workers(run: SimRun, eng: Engine) -> Any:
             return
         st = eng.spawn(f"kworker/{wq.name}", "kworker", None, label="kworker")   # type: ignore[arg-type]
         st.daemon = True
-        st.gen = worker_thread(wq)
+
+        def busy(work: Any, st: Any = st) -> None:
+            # a work item is an operation: checks that wait for quiescence (refcounts) wait for its end
+            st.op, st.op_start = (f"work({work.name})", eng.step) if work is not None else ("", st.op_start)
+
+        st.gen = worker_thread(wq, busy)
         wq.worker = st
 
     machine.wq_hooks.append(spawn)

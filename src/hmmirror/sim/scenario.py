@@ -978,7 +978,8 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
     kinds = kinds or available_kinds(kernel)
     sc = SimScenario(machine={"kernel": kernel, "ram": "64M",
                               "thp": {"enabled": c.pick(("madvise", "always", "never"))}}, driver=driver)
-    sc.max_steps = GENERATED_MAX_STEPS
+    from hmmirror.sim.driver import run_steps_factor
+    sc.max_steps = GENERATED_MAX_STEPS * run_steps_factor(driver)      # the driver's own factor (devsim)
     g = GenCtx(c, kernel, sc, weights, inject)
     for _ in range(1 + c.below(3)):
         e = g.choose("mapping", g.usable("mapping", kinds))
