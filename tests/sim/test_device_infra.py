@@ -155,6 +155,28 @@ def test_a_work_item_in_progress_is_an_operation_for_the_page_count_check():
     assert held and any(t.name == "kworker/good.gc" and t.task is held[0][1] for t in eng.tasks)
 
 
+def test_a_driver_reused_for_a_second_run_is_wrapped_once():
+    """The tracker wraps the driver's callback for its run; a second run of the same driver object (a test that
+    runs a driver twice, a pytest fixture) wraps the driver's own callback again, not the first run's wrapper:
+    the first run's tracker hears nothing of the second run's invalidations."""
+    from hmmirror.sim.invariants import Tracker, default_invariants
+
+    m, p, a = setup()
+    drv = toy.GoodMirror()
+    runs = []
+    for _ in range(2):
+        invs = default_invariants()
+        f, _eng = run_tasks(m, drv, p.mm, [("dev0", "device", fault_task(a, a + L)),
+                                          ("cpu0", "cpu", lambda run: vm_munmap(p.mm, a + len(runs) * 4096, 4096))],
+                            SwitchListScheduler([]), invs, bind=not runs)
+        assert f is None, f.describe()
+        t = next(i for i in invs if isinstance(i, Tracker))
+        runs.append((t, len(t.delivered)))
+    assert drv.invalidate.tracked_callback.__func__ is toy.GoodMirror.invalidate
+    (t1, n1), (t2, n2) = runs
+    assert n1 >= 1 and n2 >= 1 and len(t1.delivered) == n1        # run 2's invalidations went to run 2 only
+
+
 # --- device TLB and DMA -----------------------------------------------------------------------------------
 class NoFlushMirror(toy.GoodMirror):
     """zaps the device PTEs but never flushes the device TLB."""

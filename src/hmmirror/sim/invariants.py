@@ -305,6 +305,8 @@ class Tracker:
             if VECTORISED and hasattr(pt, "range_listener"):
                 pt.range_listener = self._on_pt_range
         orig = run.driver.invalidate
+        # a driver reused for another run still carries the previous run's wrapper: wrap its callback, not that
+        orig = getattr(orig, "tracked_callback", orig)
         # the subscriber's own callback (the adapters of the built-in drivers route the driver's callback
         # through their ``invalidate``): the location of a coherence finding it is responsible for
         cb = getattr(run.driver, "_orig_invalidate", None) or getattr(run.driver, "_orig_sync", None) or orig
@@ -349,6 +351,7 @@ class Tracker:
                     self.delivered_by.setdefault(id(raw), []).append(rec)
                 self.delivered.append(rec)
             return ret
+        invalidate.tracked_callback = orig          # type: ignore[attr-defined]
         run.driver.invalidate = invalidate
 
     callback = "-"
