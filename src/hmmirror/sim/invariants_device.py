@@ -323,7 +323,7 @@ class RetryBound:
         self.frames.pop(st.idx, None)
 
     #: the log kinds :meth:`on_log` reads (the engine routes only these to it)
-    log_kinds = frozenset({"hmm_range_fault_begin"})
+    log_kinds = frozenset({"hmm_range_fault_begin", "device_fault_begin"})
 
     def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
         what = ev["what"]
