@@ -319,3 +319,39 @@ def test_log_records_routed_by_kind_give_the_runs_of_every_hook_hearing_all(monk
     ref = _runs_with_coverage(cases)
     assert fast == ref
     assert len(patched) >= 8 and len(heard) >= 8, (patched, heard)
+
+
+def _hypothesis_draws(kernel: str, seed: int, n: int) -> list[str]:
+    """What a campaign's Hypothesis session body draws (scenario, then switch list), for ``n`` examples."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
+    from hypothesis import strategies as st
+
+    from hmmirror.sim.choices import HypothesisChoices
+    from hmmirror.sim.schedulers import SwitchListScheduler
+
+    out: list[str] = []
+
+    def body(data):
+        c = HypothesisChoices(data)
+        sc = generate(c, kernel, "builtin")
+        sc.scheduler = {"kind": "switch", "switches": [list(x) for x in SwitchListScheduler.draw(c, 24).switches]}
+        out.append(sc.to_toml("drawn"))
+
+    test = settings(max_examples=n, database=None, deadline=None, phases=[Phase.generate],
+                    suppress_health_check=list(HealthCheck))(given(st.data())(body))
+    hseed(seed)(test)()
+    return out
+
+
+def test_hypothesis_choices_drawn_directly_give_the_scenarios_of_data_draw(monkeypatch):
+    """Choices drawn from the test case's ``conjecture_data`` (the campaign's fast path) give the scenarios and
+    switch lists, example by example, that ``data.draw`` gives -- Hypothesis's generation (mutations of earlier
+    examples included) sees the same choices and spans."""
+    from hmmirror.sim import choices
+
+    fast = [_hypothesis_draws(k, 4242, 40) for k in ("5.2", "6.18")]
+    monkeypatch.setattr(choices, "HYPOTHESIS_DIRECT", False)
+    ref = [_hypothesis_draws(k, 4242, 40) for k in ("5.2", "6.18")]
+    assert fast == ref
+    assert all(len(set(x)) > 20 for x in ref), [len(set(x)) for x in ref]

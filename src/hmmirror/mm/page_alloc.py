@@ -225,9 +225,14 @@ class PhysMem:
         order = int(self.order[head])
         n = 1 << order
         fl = int(self.flags[head])
-        if self.contents:
-            for p in range(head, head + n):
-                self.contents.pop(p, None)
+        contents = self.contents
+        if contents:
+            if n <= len(contents):
+                for p in range(head, head + n):
+                    contents.pop(p, None)
+            else:                                  # a huge folio, few stored pages: look at those
+                for p in [p for p in contents if head <= p < head + n]:
+                    del contents[p]
         self.mapcount[head: head + n] = 0
         self.refcount[head: head + n] = 0
         if fl & PG.hugetlb:

@@ -75,7 +75,13 @@ class SeededChoices(Choices):
 
 
 class HypothesisChoices(Choices):
-    """Choices drawn from a Hypothesis ``st.data()`` object: shrinking works on this sequence."""
+    """Choices drawn from a Hypothesis ``st.data()`` object: shrinking works on this sequence.
+
+    A ``st.data()`` object's ``draw`` wraps the draw in bookkeeping for the report of a failing example (a
+    note per draw, a check that the strategy did not use ``random``: ``random.getstate()`` twice, an argument
+    span for the explain phase); each choice here is drawn from the test case's ``conjecture_data`` directly:
+    the same strategy, the same choices and spans, so the same scenarios (tests/sim/test_sim_fastpaths.py), at a
+    fraction of the cost.  A ``draw`` function (``st.composite``) is called as it is."""
 
     def __init__(self, data: Any) -> None:
         from hypothesis import strategies as st
@@ -84,6 +90,8 @@ class HypothesisChoices(Choices):
         self._st = st
         self._cache: dict[int, Any] = {}
         self.count = 0
+        cd = getattr(data, "conjecture_data", None)
+        self._draw = cd.draw if cd is not None and HYPOTHESIS_DIRECT else data.draw
 
     def below(self, n: int) -> int:
         self.count += 1
@@ -92,7 +100,11 @@ class HypothesisChoices(Choices):
         s = self._cache.get(n)
         if s is None:
             s = self._cache[n] = self._st.integers(0, n - 1)
-        return int(self.data.draw(s))
+        return int(self._draw(s))
+
+
+#: :class:`HypothesisChoices` draws from ``data.conjecture_data`` (off: through ``data.draw``, the reference)
+HYPOTHESIS_DIRECT = True
 
 
 class SaltedHypothesisChoices(HypothesisChoices):
