@@ -30,7 +30,7 @@ class _Both:
         self.run = run
 
     def after_step(self, eng, st, point):
-        if eng.step % 7 == 0:
+        if eng.step % 11 == 0:
             self.compare()
 
     def run_finished(self, eng):
@@ -40,8 +40,6 @@ class _Both:
         m = self.run.machine
         ref = check_counts_reference(m, extra_refs=extra)
         assert check_counts(m, extra_refs=extra) == ref
-        for arrays in _SCRATCH.values():          # the kept arrays are all zero again after each check
-            assert not any(a.any() for a in arrays)
         self.compared += 1
         self.nonempty += bool(ref)
 
@@ -84,11 +82,13 @@ def test_check_counts_equals_the_reference(kernel):
     both = _Both()
     rng = random.Random(kernel)
     holes = 0
-    for seed in range(12):
+    for seed in range(7):
         sc = generate(SeededChoices(seed), kernel, "builtin")
         run_scenario(sc, RandomScheduler(SeededChoices(seed)), invariants=default_invariants() + [both],
                      record_trace=False)
         holes += len(_segments(both.run.machine.mem)) > 1
         _break_and_compare(both, rng)
-    assert both.compared > 200 and both.nonempty > 50, (both.compared, both.nonempty)
+        for arrays in _SCRATCH.values():          # the kept arrays are all zero again after the checks
+            assert not any(a.any() for a in arrays)
+    assert both.compared > 150 and both.nonempty > 50, (both.compared, both.nonempty)
     assert holes, "no generated machine had a device range above RAM"

@@ -201,8 +201,10 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
     dax_rc = machine.profile.dax_refcounted
     excl_rmap = machine.profile.make_device_exclusive_single
     walked_map, walked_ref, in_flight = _scratch(n)
-    touched: list[np.ndarray] = []             # index arrays and ranges to zero again
-    spans: list[tuple[int, int]] = []
+    map_idx: list[np.ndarray] = []             # where the walk counted mappings (pfns) ...
+    ref_idx: list[np.ndarray] = []             # ... and references (heads): zeroed again at the end
+    map_spans: list[tuple[int, int]] = []      # huge leaves' frame ranges (mappings)
+    spans: list[tuple[int, int]] = []          # ranges to zero again (huge leaves, folios in flight)
     try:
         out: list[str] = []
         for mm in machine.mms.values():
@@ -226,8 +228,8 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
                 heads[ram] = sp[ram] & ~((1 << mem.order[sp[ram]].astype(np.int64)) - 1)
                 if in_holes(sp) or in_holes(heads):
                     return check_counts_reference(machine, extra_refs, limit)
-                touched.append(sp)
-                touched.append(heads)
+                map_idx.append(sp)
+                ref_idx.append(heads)
                 np.add.at(walked_map, sp, 1)
                 np.add.at(walked_ref, heads, 1)
             big = pres & (lvls > LEVEL_PTE)
@@ -239,8 +241,9 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
                 if span_in_holes(pfn, pfn + nr) or in_holes(np.array([head], dtype=np.int64)):
                     return check_counts_reference(machine, extra_refs, limit)
                 spans.append((pfn, pfn + nr))
+                map_spans.append((pfn, min(pfn + nr, n)))
                 walked_map[pfn: pfn + nr] += 1
-                touched.append(np.array([head], dtype=np.int64))
+                ref_idx.append(np.array([head], dtype=np.int64))
                 walked_ref[head] += 1
             for e in vals[~pres].tolist():
                 s = pte_to_swp_entry(int(e))
@@ -250,8 +253,9 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
                 if x86.is_device_private_entry(s) or x86.is_device_exclusive_entry(s):
                     if in_holes(np.array([s.offset, head], dtype=np.int64)):
                         return check_counts_reference(machine, extra_refs, limit)
-                    touched.append(np.array([s.offset, head], dtype=np.int64))
+                    ref_idx.append(np.array([head], dtype=np.int64))
                     if x86.is_device_private_entry(s) or excl_rmap:
+                        map_idx.append(np.array([s.offset], dtype=np.int64))
                         walked_map[s.offset] += 1
                     walked_ref[head] += 1
                 elif x86.is_migration_entry(s):
@@ -265,22 +269,76 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
                 return check_counts_reference(machine, extra_refs, limit)
             spans.append((h, end))
             in_flight[h: end] = True
-        bad_parts = [lo + np.nonzero((mem.mapcount[lo:hi] != walked_map[lo:hi]) & ~in_flight[lo:hi])[0]
-                     for lo, hi in segs]
+        # the frames that can disagree: a nonzero mapcount or a counted mapping (the walk's slots); marked
+        # in a mask per segment (sorted, no duplicates) rather than sorted (np.unique: slow on long runs)
+        bad_parts = []
+        for lo, hi in segs:
+            mask = mem.mapcount[lo:hi] != 0
+            for idx in map_idx:
+                mask[idx[(idx >= lo) & (idx < hi)] - lo] = True
+            for a, b in map_spans:
+                if a < hi and b > lo:
+                    mask[max(a, lo) - lo: min(b, hi) - lo] = True
+            cand = np.flatnonzero(mask)
+            if cand.size > (hi - lo) >> 3:        # most of the segment: compared whole (as the reference)
+                bad_parts.append(lo + np.nonzero((mem.mapcount[lo:hi] != walked_map[lo:hi]) & ~in_flight[lo:hi])[0])
+                continue
+            cand += lo
+            bad_parts.append(cand[(mem.mapcount[cand] != walked_map[cand]) & ~in_flight[cand]])
         bad_map = np.concatenate(bad_parts)
         for pfn in bad_map[:limit].tolist():
             out.append(f"pfn {pfn:#x}: mapcount {int(mem.mapcount[pfn])}, but {int(walked_map[pfn])} leaf entries map it")
         if bad_map.size > limit:
             out.append(f"... {bad_map.size - limit} more mapcount mismatches")
-        out.extend(_ram_and_device_refs(machine, walked_map, walked_ref, in_flight, extra_refs, limit))
+        out.extend(_ram_refs_sparse(mem, walked_map, walked_ref, in_flight, ref_idx, extra_refs, limit))
+        out.extend(_device_refs(machine, walked_ref, in_flight, extra_refs, limit))
         return out
     finally:
-        for idx in touched:
+        for idx in map_idx + ref_idx:
             walked_map[idx] = 0
             walked_ref[idx] = 0
         for a, b in spans:
             walked_map[a:b] = 0
             in_flight[a:b] = False
+
+
+def _ram_refs_sparse(mem: "PhysMem", walked_map: np.ndarray, walked_ref: np.ndarray, in_flight: np.ndarray,
+                     ref_idx: list[np.ndarray], extra_refs: dict[int, int] | None, limit: int) -> list[str]:
+    """:func:`_ram_refs` looking closely only at the RAM frames that can disagree: those with a nonzero
+    refcount and those the walk or ``extra_refs`` expect references on (the mapped ones for "free, but")."""
+    out: list[str] = []
+    nr = mem.nr_ram
+    flags, refcount = mem.flags, mem.refcount
+    wm = np.flatnonzero(walked_map[:nr])
+    mapped_free = wm[((flags[wm] & PG.buddy) != 0) & (walked_map[wm] > 0)]
+    for pfn in mapped_free[:limit].tolist():
+        out.append(f"pfn {pfn:#x}: free, but {int(walked_map[pfn])} leaf entries map it")
+    extra = {h: k for h, k in (extra_refs or {}).items() if h < nr}
+    mask = refcount[:nr] != 0
+    for idx in ref_idx:
+        mask[idx[idx < nr]] = True
+    for h in extra:
+        mask[h] = True
+    cand = np.flatnonzero(mask)
+    if cand.size > nr >> 3:                        # most of RAM in use: the reference's whole-RAM arrays
+        return out + _ram_refs_dense(mem, walked_map, walked_ref, in_flight, extra_refs, limit, skip_free=True)
+    fl = flags[cand]
+    rc = refcount[cand]
+    want = walked_ref[cand].copy()
+    for h, k in extra.items():
+        want[np.searchsorted(cand, h)] += k
+    skip = ((fl & (PG.zero | PG.reserved)) != 0) | in_flight[cand]
+    free = (fl & PG.buddy) != 0
+    tail = (fl & PG.tail) != 0
+    for i in np.nonzero(tail & (rc != 0) & ~skip)[0][:limit].tolist():
+        out.append(f"pfn {int(cand[i]):#x}: tail frame with refcount {int(rc[i])}")
+    head = ~tail & ~free & ~skip
+    anon = (fl & PG.anon) != 0
+    for i in np.nonzero(head & anon & (rc != want))[0][:limit].tolist():
+        out.append(f"pfn {int(cand[i]):#x}: anon folio refcount {int(rc[i])}, but {int(want[i])} leaf entries map it")
+    for i in np.nonzero(head & ~anon & (rc < want))[0][:limit].tolist():
+        out.append(f"pfn {int(cand[i]):#x}: refcount {int(rc[i])} below its {int(want[i])} mappings")
+    return out
 
 
 def check_counts_reference(machine: "Machine", extra_refs: dict[int, int] | None = None, limit: int = 20) -> list[str]:
@@ -345,14 +403,20 @@ def check_counts_reference(machine: "Machine", extra_refs: dict[int, int] | None
         out.append(f"pfn {pfn:#x}: mapcount {int(mem.mapcount[pfn])}, but {int(walked_map[pfn])} leaf entries map it")
     if bad_map.size > limit:
         out.append(f"... {bad_map.size - limit} more mapcount mismatches")
-    out.extend(_ram_and_device_refs(machine, walked_map, walked_ref, in_flight, extra_refs, limit))
+    out.extend(_ram_refs(machine, walked_map, walked_ref, in_flight, extra_refs, limit))
+    out.extend(_device_refs(machine, walked_ref, in_flight, extra_refs, limit))
     return out
 
 
-def _ram_and_device_refs(machine: "Machine", walked_map: np.ndarray, walked_ref: np.ndarray, in_flight: np.ndarray,
-                         extra_refs: dict[int, int] | None, limit: int) -> list[str]:
-    """The refcount half of the page-count invariant, from the walk's counts (RAM, device-private pgmaps)."""
-    mem = machine.mem
+def _ram_refs(machine: "Machine", walked_map: np.ndarray, walked_ref: np.ndarray, in_flight: np.ndarray,
+              extra_refs: dict[int, int] | None, limit: int) -> list[str]:
+    """The RAM half of the refcounts of the page-count invariant, from the walk's counts (the reference)."""
+    return _ram_refs_dense(machine.mem, walked_map, walked_ref, in_flight, extra_refs, limit)
+
+
+def _ram_refs_dense(mem: "PhysMem", walked_map: np.ndarray, walked_ref: np.ndarray, in_flight: np.ndarray,
+                    extra_refs: dict[int, int] | None, limit: int, skip_free: bool = False) -> list[str]:
+    """:func:`_ram_refs` with arrays over the whole RAM (``skip_free``: without the "free, but" lines)."""
     out: list[str] = []
     # refcounts of RAM frames
     nr = mem.nr_ram
@@ -367,7 +431,7 @@ def _ram_and_device_refs(machine: "Machine", walked_map: np.ndarray, walked_ref:
     free = (fl & PG.buddy) != 0
     tail = (fl & PG.tail) != 0
     mapped_free = np.nonzero(free & (walked_map[:nr] > 0))[0]
-    for pfn in mapped_free[:limit].tolist():
+    for pfn in ([] if skip_free else mapped_free[:limit].tolist()):
         out.append(f"pfn {pfn:#x}: free, but {int(walked_map[pfn])} leaf entries map it")
     bad_tail = np.nonzero(tail & (rc != 0) & ~skip)[0]
     for pfn in bad_tail[:limit].tolist():
@@ -380,6 +444,14 @@ def _ram_and_device_refs(machine: "Machine", walked_map: np.ndarray, walked_ref:
         out.append(f"pfn {pfn:#x}: anon folio refcount {int(rc[pfn])}, but {int(want[pfn])} leaf entries map it")
     for pfn in np.nonzero(low)[0][:limit].tolist():
         out.append(f"pfn {pfn:#x}: refcount {int(rc[pfn])} below its {int(want[pfn])} mappings")
+    return out
+
+
+def _device_refs(machine: "Machine", walked_ref: np.ndarray, in_flight: np.ndarray,
+                 extra_refs: dict[int, int] | None, limit: int) -> list[str]:
+    """The device-private half of the refcounts of the page-count invariant."""
+    mem = machine.mem
+    out: list[str] = []
     # device-private pages counted from zero [6.0+]: refcount = mappings (+ extra_refs) exactly; a free
     # page (refcount 0) is neither mapped nor locked
     for pgmap in machine.pgmaps:
