@@ -27,7 +27,9 @@ BEHAVIOURS_5_2 = {
     "B2 write fault on a VMA without VM_WRITE restarts forever": r"^liveness\|mm\.hmm\.v5_2\.hmm_range_fault\|refault",
     "B3 handle_mm_fault with a NULL vma in a gap": r"^report:null_deref\|mm\.hmm\.v5_2\.hmm_vma_do_fault",
     "B4 mutex in a non-blockable invalidate_range_end": r"^sleep_in_atomic\|mm\.hmm\.v5_2\.hmm_invalidate_range_end",
-    "B5 device fault racing exit (no mmget_not_zero)": r"^page_counts\|(?!drivers\.nvdimm)",
+    # (located where the count check first sees the leaked frames: exit_mmap's mmput or the driver's next step)
+    "B5 device fault racing exit (no mmget_not_zero)":
+        r"^page_counts\|(kernel\.fork\.mmput|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.populate)\|",
     "B6 fault under the devmap PUD lock": r"^(sleep_in_atomic\|mm\.memory\.handle_mm_fault|recursive_lock\|mm\.huge_memory)",
     "B7 hugetlb hole with huge page_shift overruns pfns[]": r"^report:pfns_overflow\|",
     "B8 dying pgmap: hmm_range_fault restarts forever": r"^liveness\|mm\.hmm\.v5_2\.hmm_range_fault\|no-fault",

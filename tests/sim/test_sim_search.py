@@ -326,3 +326,19 @@ def test_scenarios_expected_to_hit_only_known_signatures_are_drawn_again(tmp_pat
     _seeded_run(cfg, 777, float("inf"), stats2, Recorder(cfg, stats2, verify=False), "random",
                 UnitSearch(cfg, {"model": {"b0": -50.0, "beta": {}}}))        # none: the first one runs
     assert stats2.runs == 1 and stats2.rejected == 0
+
+
+def test_a_second_memory_failure_of_a_page_being_poisoned_leaves_it_poisoned():
+    """memory_failure: TestSetPageHWPoison already set -> "already hardware poisoned", -EHWPOISON; it must not
+    unpoison the page the first one is unmapping (found by a campaign: two memory_failure events of one anon
+    page interleaved left memory_failure's reference on an unpoisoned page nothing maps -- page_counts)."""
+    sc = _scenario("6.18", [{"op": "mmap", "as": "m0", "length": "16K", "prot": "rw", "flags": ["private", "anonymous"]},
+                            {"op": "touch", "addr": "m0", "length": "16K", "access": "write"}], [],
+                   [{"name": "ev0", "kind": "memory_failure", "addr": "m0+4K", "delay": 0},
+                    {"name": "ev1", "kind": "memory_failure", "addr": "m0+4K", "delay": 0}])
+    sc.devices = []
+    sc.scheduler = {"kind": "switch", "switches": [[0, 0], [1, 1]]}   # ev0 poisons and sleeps; ev1 runs; ev0
+    res = run_scenario(sc, scheduler_for(sc), every_step=True)
+    assert not res.findings, [f.signature for f in res.findings]
+    mf = [e["unmapped"] for e in res.events if e.get("what") == "memory_failure"]
+    assert sorted(mf) == [False, True], mf

@@ -450,6 +450,9 @@ def memory_failure(mm: Any, addr: int) -> Gen[int]:
     vma, ptep, pte, pfn = got
     machine = mm.machine
     pool, mem = machine.pool, machine.mem
+    if mem.flags[pfn] & PG.hwpoison:                  # TestSetPageHWPoison: set already (another memory_failure
+        machine.log("memory_failure", mm=mm.name, addr=addr, pfn=pfn, unmapped=False)   # is handling it)
+        return -133                                   # -EHWPOISON "already hardware poisoned" (not unpoisoned)
     mem.flags[pfn] |= PG.hwpoison                     # TestSetPageHWPoison
     yield from sched.might_sleep("hwpoison_user_mappings")
     r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + PAGE_SIZE)
