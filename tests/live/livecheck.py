@@ -6,6 +6,7 @@ is repeated; a test whose runs were all disturbed is skipped with that reason, n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -45,3 +46,8 @@ def both(text: str, name: str = "scenario.toml") -> tuple[list, list, Report]:
 def disagreements(rep: Report) -> list[tuple]:
     """(op index, page, field, model value, real value) of every disagreement."""
     return [(d.op_index, d.page, d.field, d.model, d.real) for d in rep.disagreements]
+
+
+def fill(text: str, **fields: object) -> str:
+    """``text`` with every ``{name}`` replaced by ``fields[name]`` (the braces of TOML inline tables stay)."""
+    return re.sub(r"\{(\w+)\}", lambda m: str(fields[m.group(1)]), text)

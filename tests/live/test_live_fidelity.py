@@ -17,7 +17,7 @@ import pytest
 from hmmirror.live import hostenv
 
 sys.path.insert(0, str(Path(__file__).parent))
-from livecheck import both, disagreements  # noqa: E402
+from livecheck import both, disagreements, fill  # noqa: E402
 
 _REASON = hostenv.why_not_live()
 pytestmark = [pytest.mark.live, pytest.mark.xdist_group("host"),
@@ -25,44 +25,16 @@ pytestmark = [pytest.mark.live, pytest.mark.xdist_group("host"),
 
 
 THP_FORK = """
-[machine]
-kernel = "6.18"
-[[op]]
-op = "mmap"
-as = "m"
-length = "2M"
-prot = "rw"
-flags = ["private", "anonymous"]
-align = "2M"
-[[op]]
-op = "madvise"
-addr = "m"
-length = "2M"
-advice = "hugepage"
-[[op]]
-op = "touch"
-addr = "m"
-length = "4K"
-access = "write"
-[[op]]
-op = "fork"
-child = "c"
-[[op]]
-op = "touch"
-proc = "c"
-addr = "m"
-length = "4K"
-access = "write"
-[[op]]
-op = "inspect"
-proc = "p"
-addr = "m"
-length = "2M"
-[[op]]
-op = "inspect"
-proc = "c"
-addr = "m"
-length = "2M"
+machine = { kernel = "6.18" }
+op = [
+  { op = "mmap", as = "m", length = "2M", prot = "rw", flags = ["private", "anonymous"], align = "2M" },
+  { op = "madvise", addr = "m", length = "2M", advice = "hugepage" },
+  { op = "touch", addr = "m", length = "4K", access = "write" },
+  { op = "fork", child = "c" },
+  { op = "touch", proc = "c", addr = "m", length = "4K", access = "write" },
+  { op = "inspect", proc = "p", addr = "m", length = "2M" },
+  { op = "inspect", proc = "c", addr = "m", length = "2M" },
+]
 """
 
 
@@ -78,45 +50,16 @@ def test_pagemap_exclusive_of_pmd_thp_reads_the_head_page() -> None:
 
 
 FILE_FOLIO_FORK = """
-[machine]
-kernel = "6.18"
-[[machine.fs]]
-mount = "/mnt/e"
-type = "ext4"
-[[file]]
-path = "/mnt/e/f"
-size = "128K"
-[[op]]
-op = "mmap"
-as = "m"
-length = "128K"
-prot = "r"
-flags = ["shared"]
-file = "/mnt/e/f"
-align = "2M"
-[[op]]
-op = "touch"
-addr = "m"
-length = "4K"
-[[op]]
-op = "fork"
-child = "c"
-[[op]]
-op = "touch"
-proc = "c"
-addr = "m"
-length = "4K"
-[[op]]
-op = "madvise"
-proc = "c"
-addr = "m"
-length = "32K"
-advice = "dontneed"
-[[op]]
-op = "inspect"
-proc = "p"
-addr = "m"
-length = "128K"
+machine = { kernel = "6.18", fs = [{ mount = "/mnt/e", type = "ext4" }] }
+file = [{ path = "/mnt/e/f", size = "128K" }]
+op = [
+  { op = "mmap", as = "m", length = "128K", prot = "r", flags = ["shared"], file = "/mnt/e/f", align = "2M" },
+  { op = "touch", addr = "m", length = "4K" },
+  { op = "fork", child = "c" },
+  { op = "touch", proc = "c", addr = "m", length = "4K" },
+  { op = "madvise", proc = "c", addr = "m", length = "32K", advice = "dontneed" },
+  { op = "inspect", proc = "p", addr = "m", length = "128K" },
+]
 """
 
 
@@ -136,29 +79,15 @@ def test_pagemap_exclusive_of_pte_mapped_large_folio_is_per_page() -> None:
 def _file_faults(fstype: str, npages: int, touches: list[int], map_pages: int | None = None) -> str:
     """A file of ``npages`` written with one pwrite, a 2 MiB-aligned shared read mapping of ``map_pages``,
     read touches of the given pages, one inspect."""
-    map_pages = map_pages or npages
-    ops = "".join(f'[[op]]\nop = "touch"\naddr = "m+{t * 4}K"\nlength = "4K"\n' for t in touches)
+    length = f"{(map_pages or npages) * 4}K"
+    touch = "".join(f'  {{ op = "touch", addr = "m+{t * 4}K", length = "4K" }},\n' for t in touches)
     return f"""
-[machine]
-kernel = "6.18"
-[[machine.fs]]
-mount = "/mnt/e"
-type = "{fstype}"
-[[file]]
-path = "/mnt/e/f"
-size = "{npages * 4}K"
-[[op]]
-op = "mmap"
-as = "m"
-length = "{map_pages * 4}K"
-prot = "r"
-flags = ["shared"]
-file = "/mnt/e/f"
-align = "2M"
-{ops}[[op]]
-op = "inspect"
-addr = "m"
-length = "{map_pages * 4}K"
+machine = {{ kernel = "6.18", fs = [{{ mount = "/mnt/e", type = "{fstype}" }}] }}
+file = [{{ path = "/mnt/e/f", size = "{npages * 4}K" }}]
+op = [
+  {{ op = "mmap", as = "m", length = "{length}", prot = "r", flags = ["shared"], file = "/mnt/e/f", align = "2M" }},
+{touch}  {{ op = "inspect", addr = "m", length = "{length}" }},
+]
 """
 
 
@@ -190,40 +119,15 @@ def test_file_faults_on_large_folios(fstype: str, case: tuple) -> None:
 
 
 PARTLY_MAPPED = """
-[machine]
-kernel = "6.18"
-[[machine.fs]]
-mount = "/mnt/e"
-type = "ext4"
-[[file]]
-path = "/mnt/e/f"
-size = "128K"
-[[op]]
-op = "mmap"
-as = "m"
-length = "128K"
-prot = "rw"
-flags = ["shared"]
-file = "/mnt/e/f"
-align = "2M"
-[[op]]
-op = "touch"
-addr = "m"
-length = "4K"
-[[op]]
-op = "madvise"
-addr = "m"
-length = "16K"
-advice = "dontneed"
-[[op]]
-op = "touch"
-addr = "m+4K"
-length = "4K"
-access = "write"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "128K"
+machine = { kernel = "6.18", fs = [{ mount = "/mnt/e", type = "ext4" }] }
+file = [{ path = "/mnt/e/f", size = "128K" }]
+op = [
+  { op = "mmap", as = "m", length = "128K", prot = "rw", flags = ["shared"], file = "/mnt/e/f", align = "2M" },
+  { op = "touch", addr = "m", length = "4K" },
+  { op = "madvise", addr = "m", length = "16K", advice = "dontneed" },
+  { op = "touch", addr = "m+4K", length = "4K", access = "write" },
+  { op = "inspect", addr = "m", length = "128K" },
+]
 """
 
 
@@ -235,67 +139,21 @@ def test_finish_fault_maps_one_page_of_a_partly_mapped_folio() -> None:
 
 
 PAGEOUT = """
-[machine]
-kernel = "6.18"
-[[machine.fs]]
-mount = "/mnt/e"
-type = "{fs}"
-[[file]]
-path = "/mnt/e/f"
-size = "64K"
-[[op]]
-op = "mmap"
-as = "m"
-length = "64K"
-prot = "rw"
-flags = ["{share}"]
-file = "/mnt/e/f"
-[[op]]
-op = "touch"
-addr = "m"
-length = "4K"
-[[op]]
-op = "touch"
-addr = "m+12K"
-length = "4K"
-access = "write"
-[[op]]
-op = "mmap"
-as = "a"
-length = "16K"
-prot = "rw"
-flags = ["private", "anonymous"]
-[[op]]
-op = "touch"
-addr = "a"
-length = "16K"
-access = "write"
-[[op]]
-op = "madvise"
-addr = "m"
-length = "64K"
-advice = "pageout"
-[[op]]
-op = "madvise"
-addr = "a"
-length = "16K"
-advice = "pageout"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "64K"
-[[op]]
-op = "inspect"
-addr = "a"
-length = "16K"
-[[op]]
-op = "touch"
-addr = "m+20K"
-length = "4K"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "64K"
+machine = { kernel = "6.18", fs = [{ mount = "/mnt/e", type = "{fs}" }] }
+file = [{ path = "/mnt/e/f", size = "64K" }]
+op = [
+  { op = "mmap", as = "m", length = "64K", prot = "rw", flags = ["{share}"], file = "/mnt/e/f" },
+  { op = "touch", addr = "m", length = "4K" },
+  { op = "touch", addr = "m+12K", length = "4K", access = "write" },
+  { op = "mmap", as = "a", length = "16K", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "touch", addr = "a", length = "16K", access = "write" },
+  { op = "madvise", addr = "m", length = "64K", advice = "pageout" },
+  { op = "madvise", addr = "a", length = "16K", advice = "pageout" },
+  { op = "inspect", addr = "m", length = "64K" },
+  { op = "inspect", addr = "a", length = "16K" },
+  { op = "touch", addr = "m+20K", length = "4K" },
+  { op = "inspect", addr = "m", length = "64K" },
+]
 """
 
 
@@ -304,53 +162,24 @@ length = "64K"
 def test_madv_pageout_unmaps_file_pages(fs: str, share: str) -> None:
     """Error 5: MADV_PAGEOUT unmaps the range's file pages (this machine has no swap: anonymous memory and
     private COW copies stay)."""
-    model, real, rep = both(PAGEOUT.format(fs=fs, share=share), f"pageout-{fs}-{share}.toml")
+    model, real, rep = both(fill(PAGEOUT, fs=fs, share=share), f"pageout-{fs}-{share}.toml")
     assert [i for i, p in enumerate(real[7].pages) if p.present] == ([3] if share == "private" else [])
     assert all(p.present for p in real[8].pages)
     assert disagreements(rep) == []
 
 
 TRUNCATE = """
-[machine]
-kernel = "6.18"
-[[machine.fs]]
-mount = "/mnt/e"
-type = "{fs}"
-[[file]]
-path = "/mnt/e/f"
-size = "{size}K"
-[[op]]
-op = "mmap"
-as = "m"
-length = "{size}K"
-prot = "r"
-flags = ["shared"]
-file = "/mnt/e/f"
-align = "2M"
-[[op]]
-op = "touch"
-addr = "m"
-length = "{size}K"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "{size}K"
-[[op]]
-op = "truncate"
-file = "/mnt/e/f"
-size = "{new}"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "{size}K"
-[[op]]
-op = "touch"
-addr = "m+{touch}K"
-length = "4K"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "{size}K"
+machine = { kernel = "6.18", fs = [{ mount = "/mnt/e", type = "{fs}" }] }
+file = [{ path = "/mnt/e/f", size = "{size}K" }]
+op = [
+  { op = "mmap", as = "m", length = "{size}K", prot = "r", flags = ["shared"], file = "/mnt/e/f", align = "2M" },
+  { op = "touch", addr = "m", length = "{size}K" },
+  { op = "inspect", addr = "m", length = "{size}K" },
+  { op = "truncate", file = "/mnt/e/f", size = "{new}" },
+  { op = "inspect", addr = "m", length = "{size}K" },
+  { op = "touch", addr = "m+{touch}K", length = "4K" },
+  { op = "inspect", addr = "m", length = "{size}K" },
+]
 """
 
 # (fs, file KiB, new size in bytes, page touched after, pages mapped right after the truncate)
@@ -368,7 +197,7 @@ def test_truncate_through_a_large_folio_unmaps_it(case: tuple) -> None:
     """Error 6: truncate splits the folio the new EOF cuts, and splitting a file folio unmaps all of it,
     its pages below the new EOF included."""
     fs, size, new, touch, mapped = case
-    model, real, rep = both(TRUNCATE.format(fs=fs, size=size, new=new, touch=touch * 4), f"trunc-{fs}.toml")
+    model, real, rep = both(fill(TRUNCATE, fs=fs, size=size, new=new, touch=touch * 4), f"trunc-{fs}.toml")
     after = [i for i, p in enumerate(real[4].pages) if p.present]
     if size == 4096:
         assert after == list(range(512))                     # the first PMD folio lies wholly below
@@ -378,46 +207,27 @@ def test_truncate_through_a_large_folio_unmaps_it(case: tuple) -> None:
 
 
 COLLAPSE = """
-[machine]
-kernel = "6.18"
-{fs}
-[[op]]
-op = "mmap"
-as = "m"
-length = "2M"
-prot = "rw"
-flags = {flags}
-{file}align = "2M"
-[[op]]
-op = "touch"
-addr = "m"
-length = "4K"
-[[op]]
-op = "touch"
-addr = "m+20K"
-length = "4K"
-access = "write"
-[[op]]
-op = "madvise"
-addr = "m"
-length = "2M"
-advice = "collapse"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "2M"
+machine = {{ kernel = "6.18"{fs} }}
+{file}op = [
+  {{ op = "mmap", as = "m", length = "2M", prot = "rw", flags = {flags}, {backing}align = "2M" }},
+  {{ op = "touch", addr = "m", length = "4K" }},
+  {{ op = "touch", addr = "m+20K", length = "4K", access = "write" }},
+  {{ op = "madvise", addr = "m", length = "2M", advice = "collapse" }},
+  {{ op = "inspect", addr = "m", length = "2M" }},
+]
 """
-TMPFS = '[[machine.fs]]\nmount = "/mnt/t"\ntype = "tmpfs"\n[[file]]\npath = "/mnt/t/f"\nsize = "2M"\ncontent = "{c}"'
+TMPFS = ', fs = [{ mount = "/mnt/t", type = "tmpfs" }]'
 
 
 @pytest.mark.parametrize("kind", ["tmpfs-data", "tmpfs-sparse", "shared-anon"])
 def test_madv_collapse_of_shmem_with_shmem_enabled_never(kind: str) -> None:
     """Error 4: MADV_COLLAPSE of shmem succeeds whatever shmem_enabled / huge= say, and PMD-maps it."""
     if kind == "shared-anon":
-        text = COLLAPSE.format(fs="", flags='["shared", "anonymous"]', file="")
+        text = COLLAPSE.format(fs="", file="", flags='["shared", "anonymous"]', backing="")
     else:
-        text = COLLAPSE.format(fs=TMPFS.format(c="data" if kind == "tmpfs-data" else "sparse"),
-                               flags='["shared"]', file='file = "/mnt/t/f"\n')
+        content = "data" if kind == "tmpfs-data" else "sparse"
+        text = COLLAPSE.format(fs=TMPFS, file=f'file = [{{ path = "/mnt/t/f", size = "2M", content = "{content}" }}]\n',
+                               flags='["shared"]', backing='file = "/mnt/t/f", ')
     with hostenv.thp_config(shmem_enabled="never"):         # restored on exit, also on failure
         model, real, rep = both(text, f"collapse-{kind}.toml")
     assert real[3].ok
@@ -426,67 +236,20 @@ def test_madv_collapse_of_shmem_with_shmem_enabled_never(kind: str) -> None:
 
 
 PAGEOUT_PARTIAL = """
-[machine]
-kernel = "6.18"
-[[machine.fs]]
-mount = "/mnt/e"
-type = "ext4"
-[[file]]
-path = "/mnt/e/f"
-size = "64K"
-[[op]]
-op = "mmap"
-as = "m"
-length = "64K"
-prot = "rw"
-flags = ["shared"]
-file = "/mnt/e/f"
-[[op]]
-op = "touch"
-addr = "m"
-length = "4K"
-access = "{access}"
-[[op]]
-op = "mmap"
-as = "t"
-length = "4M"
-prot = "rw"
-flags = ["private", "anonymous"]
-align = "2M"
-[[op]]
-op = "madvise"
-addr = "t"
-length = "4M"
-advice = "hugepage"
-[[op]]
-op = "touch"
-addr = "t+2M"
-length = "8K"
-access = "write"
-fill = 7
-[[op]]
-op = "touch"
-addr = "t+3M"
-length = "4K"
-access = "write"
-[[op]]
-op = "madvise"
-addr = "m"
-length = "32K"
-advice = "pageout"
-[[op]]
-op = "madvise"
-addr = "t+1M"
-length = "1536K"
-advice = "pageout"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "64K"
-[[op]]
-op = "inspect"
-addr = "t+2M"
-length = "2M"
+machine = { kernel = "6.18", fs = [{ mount = "/mnt/e", type = "ext4" }] }
+file = [{ path = "/mnt/e/f", size = "64K" }]
+op = [
+  { op = "mmap", as = "m", length = "64K", prot = "rw", flags = ["shared"], file = "/mnt/e/f" },
+  { op = "touch", addr = "m", length = "4K", access = "{access}" },
+  { op = "mmap", as = "t", length = "4M", prot = "rw", flags = ["private", "anonymous"], align = "2M" },
+  { op = "madvise", addr = "t", length = "4M", advice = "hugepage" },
+  { op = "touch", addr = "t+2M", length = "8K", access = "write", fill = 7 },
+  { op = "touch", addr = "t+3M", length = "4K", access = "write" },
+  { op = "madvise", addr = "m", length = "32K", advice = "pageout" },
+  { op = "madvise", addr = "t+1M", length = "1536K", advice = "pageout" },
+  { op = "inspect", addr = "m", length = "64K" },
+  { op = "inspect", addr = "t+2M", length = "2M" },
+]
 """
 
 
@@ -495,7 +258,7 @@ def test_madv_pageout_of_part_of_a_large_folio(access: str) -> None:
     """Error 5, partial folios: a clean file folio partly in the range is split, which unmaps all of it; a
     dirty one cannot be split and stays mapped.  An anonymous THP partly in the range is split and its
     zero-filled subpages become the shared zero page (no swap here: nothing else is reclaimed)."""
-    model, real, rep = both(PAGEOUT_PARTIAL.format(access=access), f"pageout-partial-{access}.toml")
+    model, real, rep = both(fill(PAGEOUT_PARTIAL, access=access), f"pageout-partial-{access}.toml")
     filep, thp = real[8].pages, real[9].pages
     assert [p.present for p in filep] == [access == "write"] * 16
     assert [p.kind for p in thp[:2]] == ["anon", "anon"] and all(p.level == "pte" for p in thp)
@@ -504,34 +267,14 @@ def test_madv_pageout_of_part_of_a_large_folio(access: str) -> None:
 
 
 BEYOND_EOF = """
-[machine]
-kernel = "6.18"
-[[machine.fs]]
-mount = "/mnt/t"
-type = "tmpfs"
-[[file]]
-path = "/mnt/t/f"
-size = "44K"
-[[op]]
-op = "mmap"
-as = "m"
-length = "44K"
-prot = "r"
-flags = ["shared"]
-file = "/mnt/t/f"
-align = "2M"
-[[op]]
-op = "truncate"
-file = "/mnt/t/f"
-size = 21241
-[[op]]
-op = "touch"
-addr = "m+40K"
-length = "4K"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "44K"
+machine = { kernel = "6.18", fs = [{ mount = "/mnt/t", type = "tmpfs" }] }
+file = [{ path = "/mnt/t/f", size = "44K" }]
+op = [
+  { op = "mmap", as = "m", length = "44K", prot = "r", flags = ["shared"], file = "/mnt/t/f", align = "2M" },
+  { op = "truncate", file = "/mnt/t/f", size = 21241 },
+  { op = "touch", addr = "m+40K", length = "4K" },
+  { op = "inspect", addr = "m", length = "44K" },
+]
 """
 
 
@@ -545,21 +288,25 @@ def test_a_read_beyond_eof_faults_around_before_its_sigbus() -> None:
     assert disagreements(rep) == []
 
 
-def _collapse_ops(prep: str) -> str:
-    return ('[machine]\nkernel = "6.18"\n[[op]]\nop = "mmap"\nas = "m"\nlength = "4M"\nprot = "rw"\n'
-            'flags = ["private", "anonymous"]\nalign = "2M"\n[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\n'
-            'advice = "hugepage"\n' + prep +
-            '[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "collapse"\n'
-            '[[op]]\nop = "inspect"\naddr = "m"\nlength = "4M"\n')
+def _collapse_ops(*prep: str) -> str:
+    """A 4 MiB MADV_HUGEPAGE anonymous mapping, the ``prep`` ops (inline tables), MADV_COLLAPSE, an inspect."""
+    ops = "".join(f"  {op},\n" for op in prep)
+    return ('machine = { kernel = "6.18" }\nop = [\n'
+            '  { op = "mmap", as = "m", length = "4M", prot = "rw", flags = ["private", "anonymous"], align = "2M" },\n'
+            '  { op = "madvise", addr = "m", length = "4M", advice = "hugepage" },\n' + ops +
+            '  { op = "madvise", addr = "m", length = "4M", advice = "collapse" },\n'
+            '  { op = "inspect", addr = "m", length = "4M" },\n]\n')
+
+
+NOHUGE = '{ op = "madvise", addr = "m", length = "4M", advice = "nohugepage" }'
+HUGE = '{ op = "madvise", addr = "m", length = "4M", advice = "hugepage" }'
 
 
 def test_madv_collapse_stops_at_a_block_without_page_table() -> None:
     """6.18.44: MADV_COLLAPSE of [empty 2 MiB, PTE-mapped 2 MiB] returns EINVAL at the empty block and
     leaves the second one PTE-mapped (the 6.12 source goes on past SCAN_PMD_NULL)."""
-    prep = ('[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "nohugepage"\n'
-            '[[op]]\nop = "touch"\naddr = "m+2M"\nlength = "64K"\naccess = "write"\n'
-            '[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "hugepage"\n')
-    model, real, rep = both(_collapse_ops(prep), "collapse-stop.toml")
+    text = _collapse_ops(NOHUGE, '{ op = "touch", addr = "m+2M", length = "64K", access = "write" }', HUGE)
+    model, real, rep = both(text, "collapse-stop.toml")
     assert real[-2].errno == "EINVAL"
     assert all(p.level == "pte" for p in real[-1].pages if p.present) and real[-1].pages[512].present
     assert disagreements(rep) == []
@@ -569,48 +316,24 @@ def test_madv_collapse_stops_at_a_block_without_page_table() -> None:
 def test_madv_collapse_of_zero_page_ptes(written: bool) -> None:
     """6.18.44: a block of read-only zero-page PTEs collapses (no writable PTE is needed any more) once the
     VMA has an anon_vma (one written page anywhere in it); with only zero pages it has none: EINVAL."""
-    prep = ('[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "nohugepage"\n'
-            '[[op]]\nop = "touch"\naddr = "m"\nlength = "4M"\n' +
-            ('[[op]]\nop = "touch"\naddr = "m+2M"\nlength = "4K"\naccess = "write"\n' if written else '') +
-            '[[op]]\nop = "madvise"\naddr = "m"\nlength = "4M"\nadvice = "hugepage"\n')
-    model, real, rep = both(_collapse_ops(prep), "collapse-zero.toml")
+    write = ['{ op = "touch", addr = "m+2M", length = "4K", access = "write" }'] if written else []
+    text = _collapse_ops(NOHUGE, '{ op = "touch", addr = "m", length = "4M" }', *write, HUGE)
+    model, real, rep = both(text, "collapse-zero.toml")
     assert real[-2].errno == (None if written else "EINVAL")
     assert all((p.level == "pmd") == written for p in real[-1].pages)
     assert disagreements(rep) == []
 
 
 EMPTY_SHMEM_COLLAPSE = """
-[machine]
-kernel = "6.18"
-[[op]]
-op = "mmap"
-as = "m"
-length = "2M"
-prot = "rw"
-flags = ["shared", "anonymous"]
-align = "2M"
-[[op]]
-op = "madvise"
-addr = "m"
-length = "2M"
-advice = "collapse"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "2M"
-[[op]]
-op = "touch"
-addr = "m+1M"
-length = "4K"
-[[op]]
-op = "madvise"
-addr = "m"
-length = "2M"
-advice = "collapse"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "2M"
+machine = { kernel = "6.18" }
+op = [
+  { op = "mmap", as = "m", length = "2M", prot = "rw", flags = ["shared", "anonymous"], align = "2M" },
+  { op = "madvise", addr = "m", length = "2M", advice = "collapse" },
+  { op = "inspect", addr = "m", length = "2M" },
+  { op = "touch", addr = "m+1M", length = "4K" },
+  { op = "madvise", addr = "m", length = "2M", advice = "collapse" },
+  { op = "inspect", addr = "m", length = "2M" },
+]
 """
 
 
@@ -624,65 +347,21 @@ def test_madv_collapse_of_an_empty_shmem_block() -> None:
 
 
 THP_COW_REUSE = """
-[machine]
-kernel = "6.18"
-[[op]]
-op = "mmap"
-as = "m"
-length = "2M"
-prot = "rw"
-flags = ["private", "anonymous"]
-align = "2M"
-[[op]]
-op = "madvise"
-addr = "m"
-length = "2M"
-advice = "hugepage"
-[[op]]
-op = "touch"
-addr = "m"
-length = "2M"
-access = "write"
-[[op]]
-op = "fork"
-proc = "p"
-child = "c"
-[[op]]
-op = "touch"
-proc = "c"
-addr = "m+400K"
-length = "400K"
-access = "write"
-[[op]]
-op = "touch"
-addr = "m+1200K"
-length = "4K"
-access = "write"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "2M"
-[[op]]
-op = "touch"
-addr = "m+600K"
-length = "4K"
-access = "write"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "2M"
-[[op]]
-op = "exit"
-proc = "c"
-[[op]]
-op = "touch"
-addr = "m+4K"
-length = "4K"
-access = "write"
-[[op]]
-op = "inspect"
-addr = "m"
-length = "2M"
+machine = { kernel = "6.18" }
+op = [
+  { op = "mmap", as = "m", length = "2M", prot = "rw", flags = ["private", "anonymous"], align = "2M" },
+  { op = "madvise", addr = "m", length = "2M", advice = "hugepage" },
+  { op = "touch", addr = "m", length = "2M", access = "write" },
+  { op = "fork", proc = "p", child = "c" },
+  { op = "touch", proc = "c", addr = "m+400K", length = "400K", access = "write" },
+  { op = "touch", addr = "m+1200K", length = "4K", access = "write" },
+  { op = "inspect", addr = "m", length = "2M" },
+  { op = "touch", addr = "m+600K", length = "4K", access = "write" },
+  { op = "inspect", addr = "m", length = "2M" },
+  { op = "exit", proc = "c" },
+  { op = "touch", addr = "m+4K", length = "4K", access = "write" },
+  { op = "inspect", addr = "m", length = "2M" },
+]
 """
 
 
