@@ -56,66 +56,24 @@ def test_newc_archive_holds_files_dirs_links_and_device_nodes() -> None:
 
 
 SCENARIO = """
-[machine]
-hugepages_2m = 2
-thp = { enabled = "always", shmem_enabled = "advise" }
-[[machine.pmem]]
-name = "pmem0"
-size = "64M"
-[[machine.pmem]]
-name = "pmem1"
-size = "64M"
-mode = "devdax"
-[[machine.fs]]
-mount = "/mnt/d"
-type = "ext4"
-dax = "pmem0"
-[[machine.fs]]
-mount = "/mnt/t"
-type = "tmpfs"
-huge = "always"
-[[file]]
-path = "/mnt/d/f"
-size = "8M"
-content = "sparse"
-[[file]]
-path = "/mnt/t/g"
-size = "64K"
-cached = false
-[[op]]
-op = "mmap"
-as = "buf-a.1"
-length = "4M"
-align = "2M"
-[[op]]
-op = "touch"
-addr = "buf-a.1+8K"
-length = "8K"
-access = "write"
-fill = "index32"
-[[op]]
-op = "mmap"
-as = "d"
-file = "/dev/dax1.0"
-length = "2M"
-flags = ["shared"]
-[[op]]
-op = "dmirror_open"
-[[op]]
-op = "dmirror_snapshot"
-addr = "buf-a.1"
-[[op]]
-op = "madvise"
-addr = "buf-a.1"
-length = "2M"
-advice = "dontneed"
-[[op]]
-op = "fork"
-child = "c"
-[[op]]
-op = "inspect"
-proc = "c"
-addr = "buf-a.1"
+machine.hugepages_2m = 2
+machine.thp = { enabled = "always", shmem_enabled = "advise" }
+machine.pmem = [{ name = "pmem0", size = "64M" }, { name = "pmem1", size = "64M", mode = "devdax" }]
+machine.fs = [
+  { mount = "/mnt/d", type = "ext4", dax = "pmem0" },
+  { mount = "/mnt/t", type = "tmpfs", huge = "always" },
+]
+file = [{ path = "/mnt/d/f", size = "8M", content = "sparse" }, { path = "/mnt/t/g", size = "64K", cached = false }]
+op = [
+  { op = "mmap", as = "buf-a.1", length = "4M", align = "2M" },
+  { op = "touch", addr = "buf-a.1+8K", length = "8K", access = "write", fill = "index32" },
+  { op = "mmap", as = "d", file = "/dev/dax1.0", length = "2M", flags = ["shared"] },
+  { op = "dmirror_open" },
+  { op = "dmirror_snapshot", addr = "buf-a.1" },
+  { op = "madvise", addr = "buf-a.1", length = "2M", advice = "dontneed" },
+  { op = "fork", child = "c" },
+  { op = "inspect", proc = "c", addr = "buf-a.1" },
+]
 """
 
 

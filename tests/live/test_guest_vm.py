@@ -163,90 +163,28 @@ def test_model_ports_agree_with_the_guest_test_by_test(guest: build.Artifacts,
 
 KERNEL_FACTS = """
 title = "guest facts"
-[machine]
-thp = { enabled = "madvise" }
-[[machine.pmem]]
-name = "pmem0"
-size = "64M"
-[[machine.fs]]
-mount = "/mnt/d"
-type = "ext4"
-dax = "pmem0"
-[[file]]
-path = "/mnt/d/f"
-size = "4M"
-content = "zero"
-
-[[op]]
-op = "mmap"
-as = "t"
-length = "2M"
-align = "2M"
-[[op]]
-op = "madvise"
-addr = "t"
-length = "2M"
-advice = "hugepage"
-[[op]]
-op = "touch"
-addr = "t"
-length = "4K"
-access = "write"
-[[op]]
-op = "mmap"
-as = "z"
-length = "16K"
-[[op]]
-op = "touch"
-addr = "z"
-length = "4K"
-access = "read"
-[[op]]
-op = "mmap"
-as = "d"
-file = "/mnt/d/f"
-length = "4M"
-flags = ["shared"]
-align = "2M"
-[[op]]
-op = "touch"
-addr = "d"
-length = "4K"
-access = "write"
-[[op]]
-op = "dmirror_open"
-[[op]]
-op = "dmirror_snapshot"
-addr = "t"
-length = "8K"
-[[op]]
-op = "dmirror_snapshot"
-addr = "z"
-[[op]]
-op = "dmirror_snapshot"
-addr = "d"
-length = "8K"
-[[op]]
-op = "dmirror_write"
-addr = "z+8K"
-length = "8K"
-[[op]]
-op = "dmirror_read"
-addr = "z+8K"
-length = "8K"
-fill = "index32"
-[[op]]
-op = "inspect"
-addr = "t"
-length = "8K"
-[[op]]
-op = "inspect"
-addr = "d"
-length = "8K"
-[[op]]
-op = "touch"
-addr = "z+1M"
-length = "4K"
+machine.thp = { enabled = "madvise" }
+machine.pmem = [{ name = "pmem0", size = "64M" }]
+machine.fs = [{ mount = "/mnt/d", type = "ext4", dax = "pmem0" }]
+file = [{ path = "/mnt/d/f", size = "4M", content = "zero" }]
+op = [
+  { op = "mmap", as = "t", length = "2M", align = "2M" },
+  { op = "madvise", addr = "t", length = "2M", advice = "hugepage" },
+  { op = "touch", addr = "t", length = "4K", access = "write" },
+  { op = "mmap", as = "z", length = "16K" },
+  { op = "touch", addr = "z", length = "4K", access = "read" },
+  { op = "mmap", as = "d", file = "/mnt/d/f", length = "4M", flags = ["shared"], align = "2M" },
+  { op = "touch", addr = "d", length = "4K", access = "write" },
+  { op = "dmirror_open" },
+  { op = "dmirror_snapshot", addr = "t", length = "8K" },
+  { op = "dmirror_snapshot", addr = "z" },
+  { op = "dmirror_snapshot", addr = "d", length = "8K" },
+  { op = "dmirror_write", addr = "z+8K", length = "8K" },
+  { op = "dmirror_read", addr = "z+8K", length = "8K", fill = "index32" },
+  { op = "inspect", addr = "t", length = "8K" },
+  { op = "inspect", addr = "d", length = "8K" },
+  { op = "touch", addr = "z+1M", length = "4K" },
+]
 """
 
 
@@ -255,265 +193,74 @@ length = "4K"
 #: with the kernel's documented outcome asserted in test_player_runs_every_op_kind_in_the_guest.
 EVERY_OP = """
 title = "every op kind"
-[machine]
-hugepages_2m = 2
-[[machine.pmem]]
-name = "pmem0"
-size = "64M"
-mode = "devdax"
-align = "2M"
-[[machine.fs]]
-mount = "/mnt/t"
-type = "tmpfs"
-[[file]]
-path = "/mnt/t/f"
-size = "64K"
-content = "data"
-
-[[op]]
-op = "mmap"
-as = "a"
-length = "64K"
-[[op]]
-op = "touch"
-addr = "a"
-length = "64K"
-access = "write"
-fill = "index32"
-[[op]]
-op = "dmirror_open"
-[[op]]
-op = "dmirror_migrate_to_dev"
-addr = "a"
-length = "16K"
-fill = "index32"
-[[op]]
-op = "inspect"
-addr = "a"
-length = "16K"
-[[op]]
-op = "dmirror_migrate_to_sys"
-addr = "a"
-length = "16K"
-[[op]]
-op = "dmirror_exclusive"
-addr = "a"
-length = "16K"
-fill = "index32"
-[[op]]
-op = "inspect"
-addr = "a"
-length = "16K"
-[[op]]
-op = "dmirror_check_exclusive"
-addr = "a"
-length = "16K"
-[[op]]
-op = "touch"
-addr = "a"
-length = "16K"
-access = "write"
-fill = "index32"
-[[op]]
-op = "dmirror_check_exclusive"
-addr = "a"
-length = "16K"
-[[op]]
-op = "check"
-addr = "a"
-length = "64K"
-fill = "index32"
-[[op]]
-op = "dmirror_flags"
-flags = 1
-[[op]]
-op = "gup_test"
-addr = "a"
-length = "16K"
-[[op]]
-op = "mprotect"
-addr = "a+48K"
-length = "16K"
-prot = "r"
-[[op]]
-op = "touch"
-addr = "a+48K"
-length = "4K"
-access = "write"
-[[op]]
-op = "fork"
-child = "c"
-[[op]]
-op = "touch"
-proc = "c"
-addr = "a"
-length = "4K"
-access = "write"
-[[op]]
-op = "inspect"
-addr = "a"
-length = "4K"
-[[op]]
-op = "exit"
-proc = "c"
-[[op]]
-op = "mmap"
-as = "h"
-length = "2M"
-flags = ["private", "anonymous", "hugetlb"]
-[[op]]
-op = "touch"
-addr = "h"
-length = "4K"
-access = "write"
-[[op]]
-op = "mmap"
-as = "f"
-file = "/mnt/t/f"
-length = "64K"
-flags = ["shared"]
-[[op]]
-op = "touch"
-addr = "f"
-length = "64K"
-access = "read"
-[[op]]
-op = "truncate"
-file = "/mnt/t/f"
-size = "16K"
-[[op]]
-op = "touch"
-addr = "f+32K"
-length = "4K"
-access = "read"
-[[op]]
-op = "mmap"
-as = "s"
-length = "16K"
-flags = ["shared", "anonymous"]
-[[op]]
-op = "touch"
-addr = "s"
-length = "16K"
-access = "write"
-[[op]]
-op = "madvise"
-addr = "s"
-length = "8K"
-advice = "dontneed"
-[[op]]
-op = "mmap"
-as = "d"
-file = "/dev/dax0.0"
-length = "2M"
-flags = ["shared"]
-align = "2M"
-[[op]]
-op = "touch"
-addr = "d"
-length = "4K"
-access = "write"
-[[op]]
-op = "inspect"
-addr = "h"
-length = "4K"
-[[op]]
-op = "inspect"
-addr = "f"
-length = "32K"
-[[op]]
-op = "inspect"
-addr = "s"
-length = "16K"
-[[op]]
-op = "inspect"
-addr = "d"
-length = "4K"
-[[op]]
-op = "dmirror_migrate_to_dev"
-addr = "a"
-length = "4K"
-[[op]]
-op = "dmirror_release"
-[[op]]
-op = "inspect"
-addr = "a"
-length = "4K"
-[[op]]
-op = "dmirror_snapshot"
-addr = "d"
-length = "8K"
-[[op]]
-op = "dmirror_write"
-addr = "a"
-length = "8K"
-[[op]]
-op = "dmirror_read"
-addr = "a"
-length = "8K"
-fill = "index32"
-[[op]]
-op = "dmirror_close"
-[[op]]
-op = "munmap"
-addr = "a"
-length = "64K"
-[[op]]
-op = "touch"
-addr = "a"
-length = "4K"
-access = "read"
+machine.hugepages_2m = 2
+machine.pmem = [{ name = "pmem0", size = "64M", mode = "devdax", align = "2M" }]
+machine.fs = [{ mount = "/mnt/t", type = "tmpfs" }]
+file = [{ path = "/mnt/t/f", size = "64K", content = "data" }]
+op = [
+  { op = "mmap", as = "a", length = "64K" },
+  { op = "touch", addr = "a", length = "64K", access = "write", fill = "index32" },
+  { op = "dmirror_open" },
+  { op = "dmirror_migrate_to_dev", addr = "a", length = "16K", fill = "index32" },
+  { op = "inspect", addr = "a", length = "16K" },
+  { op = "dmirror_migrate_to_sys", addr = "a", length = "16K" },
+  { op = "dmirror_exclusive", addr = "a", length = "16K", fill = "index32" },
+  { op = "inspect", addr = "a", length = "16K" },
+  { op = "dmirror_check_exclusive", addr = "a", length = "16K" },
+  { op = "touch", addr = "a", length = "16K", access = "write", fill = "index32" },
+  { op = "dmirror_check_exclusive", addr = "a", length = "16K" },
+  { op = "check", addr = "a", length = "64K", fill = "index32" },
+  { op = "dmirror_flags", flags = 1 },
+  { op = "gup_test", addr = "a", length = "16K" },
+  { op = "mprotect", addr = "a+48K", length = "16K", prot = "r" },
+  { op = "touch", addr = "a+48K", length = "4K", access = "write" },
+  { op = "fork", child = "c" },
+  { op = "touch", proc = "c", addr = "a", length = "4K", access = "write" },
+  { op = "inspect", addr = "a", length = "4K" },
+  { op = "exit", proc = "c" },
+  { op = "mmap", as = "h", length = "2M", flags = ["private", "anonymous", "hugetlb"] },
+  { op = "touch", addr = "h", length = "4K", access = "write" },
+  { op = "mmap", as = "f", file = "/mnt/t/f", length = "64K", flags = ["shared"] },
+  { op = "touch", addr = "f", length = "64K", access = "read" },
+  { op = "truncate", file = "/mnt/t/f", size = "16K" },
+  { op = "touch", addr = "f+32K", length = "4K", access = "read" },
+  { op = "mmap", as = "s", length = "16K", flags = ["shared", "anonymous"] },
+  { op = "touch", addr = "s", length = "16K", access = "write" },
+  { op = "madvise", addr = "s", length = "8K", advice = "dontneed" },
+  { op = "mmap", as = "d", file = "/dev/dax0.0", length = "2M", flags = ["shared"], align = "2M" },
+  { op = "touch", addr = "d", length = "4K", access = "write" },
+  { op = "inspect", addr = "h", length = "4K" },
+  { op = "inspect", addr = "f", length = "32K" },
+  { op = "inspect", addr = "s", length = "16K" },
+  { op = "inspect", addr = "d", length = "4K" },
+  { op = "dmirror_migrate_to_dev", addr = "a", length = "4K" },
+  { op = "dmirror_release" },
+  { op = "inspect", addr = "a", length = "4K" },
+  { op = "dmirror_snapshot", addr = "d", length = "8K" },
+  { op = "dmirror_write", addr = "a", length = "8K" },
+  { op = "dmirror_read", addr = "a", length = "8K", fill = "index32" },
+  { op = "dmirror_close" },
+  { op = "munmap", addr = "a", length = "64K" },
+  { op = "touch", addr = "a", length = "4K", access = "read" },
+]
 """
 
 
 #: A 1 GiB-aligned device-dax mapping (/dev/dax4.0 in the guest): PUD faults, and what a pagemap read does to them.
 DEVDAX_1G = """
 title = "device-dax, 1 GiB alignment"
-[[machine.pmem]]
-name = "pmem0"
-size = "1G"
-mode = "devdax"
-align = "1G"
-
-[[op]]
-op = "mmap"
-as = "d"
-file = "/dev/dax0.0"
-length = "1G"
-flags = ["shared"]
-align = "1G"
-[[op]]
-op = "dmirror_open"
-[[op]]
-op = "touch"
-addr = "d+4K"
-length = "4K"
-access = "write"
-[[op]]
-op = "dmirror_snapshot"
-addr = "d"
-length = "8K"
-[[op]]
-op = "inspect"
-addr = "d"
-length = "8K"
-[[op]]
-op = "dmirror_snapshot"
-addr = "d"
-length = "8K"
-[[op]]
-op = "dmirror_write"
-addr = "d+512M"
-length = "8K"
-[[op]]
-op = "dmirror_read"
-addr = "d+512M"
-length = "8K"
-fill = "index32"
-[[op]]
-op = "dmirror_snapshot"
-addr = "d+1023M"
-length = "8K"
+machine = { pmem = [{ name = "pmem0", size = "1G", mode = "devdax", align = "1G" }] }
+op = [
+  { op = "mmap", as = "d", file = "/dev/dax0.0", length = "1G", flags = ["shared"], align = "1G" },
+  { op = "dmirror_open" },
+  { op = "touch", addr = "d+4K", length = "4K", access = "write" },
+  { op = "dmirror_snapshot", addr = "d", length = "8K" },
+  { op = "inspect", addr = "d", length = "8K" },
+  { op = "dmirror_snapshot", addr = "d", length = "8K" },
+  { op = "dmirror_write", addr = "d+512M", length = "8K" },
+  { op = "dmirror_read", addr = "d+512M", length = "8K", fill = "index32" },
+  { op = "dmirror_snapshot", addr = "d+1023M", length = "8K" },
+]
 """
 
 
