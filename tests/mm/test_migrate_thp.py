@@ -89,3 +89,19 @@ def test_hmm_walks_meet_the_pmd_migration_entry(kernel):
             break
     assert ("anon", "pmd", "migration", "-EBUSY") in cov.walk
     assert cov.walk <= set(reachable(kernel)["walk"])
+
+
+def test_a_pmd_split_while_the_remap_waits_for_the_pmd_lock_is_remapped_as_ptes():
+    """Campaign reproducer (6.12): a munmap inside the THP splits the PMD migration entry into 512 PTE
+    migration entries while remove_migration_pmd waits for the PMD lock; the remap must map the PTEs that are
+    left (remove_migration_pte), not give up -- else the device fault waiting on one never wakes."""
+    import pathlib
+
+    from hmmirror.sim.runner import scheduler_for
+
+    path = pathlib.Path(__file__).parent / "data" / "thp-migration-split-while-remapping.toml"
+    sc = SimScenario.load(str(path))
+    res = run_scenario(sc, scheduler_for(sc))
+    assert res.diverged is None and not res.findings, [f.signature for f in res.findings]
+    remap = [e for e in res.events if e["what"] == "migrate_remap_pmd"]
+    assert remap and remap[0]["mapped"] == 512 - 10          # the munmap took 40 KiB of it

@@ -126,7 +126,9 @@ def remove_migration_pmd(mm: "MMStruct", haddr: int, old: int, new: int, exclusi
             pool.set(pmdp, entry)
             mapped += 1
         sched.spin_unlock(ptl)
-        return mapped
+        if mapped:
+            return mapped
+        level, _p, _e = mm.pt.lookup(haddr)               # split while we waited for the PMD lock
     if level != "pte":
         return 0
     # the PMD was split meanwhile: remove_migration_pte() for each PTE migration entry of a subpage
