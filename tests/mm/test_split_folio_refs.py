@@ -130,3 +130,43 @@ def test_campaign_interleaving_runs_clean() -> None:
     excl = [e["start"] for e in res.events if e.get("what") == "invalidate_range_start"
             and e.get("event") == "EXCLUSIVE"]
     assert len(excl) == 5 and excl == sorted(excl)
+
+
+def test_split_turns_a_device_exclusive_entry_back_into_a_read_only_pte() -> None:
+    """[6.15+] A device-exclusive entry keeps its rmap, so the split goes ahead; unmap_folio() ->
+    try_to_migrate_one() invalidates the folio's span (MMU_NOTIFY_CLEAR) and, the entry not being a writable
+    device-private one, makes it a readable-exclusive migration entry that remap_page() maps back read-only
+    (the page stays AnonExclusive): the device's exclusive access ends.  Present PTEs come back as they were."""
+    from hmmirror.mm.rmap import make_device_exclusive
+
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    a = p.mmap(2 * PMD_SIZE, align=PMD_SIZE)
+    p.madvise(a, 2 * PMD_SIZE, "hugepage")
+    p.touch(a, PMD_SIZE, write=True)
+    head = x86.pte_pfn(p.mm.pt.lookup(a)[2])
+    mem = m.mem
+
+    def excl():  # type: ignore[no-untyped-def]
+        yield from sched.down_read(p.mm.mmap_sem)
+        r = yield from make_device_exclusive(p.mm, a + 3 * PAGE, None)
+        sched.up_read(p.mm.mmap_sem)
+        return r
+
+    page, folio = sched.run(excl(), p.mm.task)          # FOLL_SPLIT_PMD: the folio is PTE-mapped now
+    assert (page, folio) == (head + 3, head) and int(mem.order[head]) == 9
+    folio_unlock(mem, folio)
+    mem.put_page(folio)
+    mark = len(m.events)
+    assert _split(m, p, head) == 0
+    inv = [e for e in m.events[mark:] if e.get("what") == "invalidate_range_start"]
+    assert [(e["event"], e["start"], e["end"]) for e in inv] == [("CLEAR", a, a + PMD_SIZE)]
+    level, _, e = p.mm.pt.lookup(a + 3 * PAGE)
+    assert level == "pte" and x86.pte_present(e) and x86.pte_pfn(e) == head + 3 and not x86.pte_write(e)
+    assert mem.flags[head + 3] & PG.anon_exclusive
+    other = p.mm.pt.lookup(a + 4 * PAGE)[2]
+    assert x86.pte_present(other) and x86.pte_write(other)
+    assert all(int(mem.order[head + i]) == 0 for i in range(512))
+    assert (int(mem.refcount[head + 3]), int(mem.mapcount[head + 3])) == (1, 1)
+    assert check_counts(m) == []
+    assert p.read_bytes(a + 3 * PAGE, 1) is not None                      # the CPU reads it without a fault

@@ -480,6 +480,37 @@ def _folio_refs_are_mappings(machine: "Any", folio: int, n: int, pmd_maps: list,
     return int(mem.refcount[folio]) == ptes + len(pmd_maps) + caller_refs
 
 
+def _unmap_folio_ptes(machine: "Any", folio: int, n: int, pmd_mms: set) -> Gen[None]:
+    """unmap_folio() -> try_to_migrate_one() [6.15+] for the PTE mappings of ``folio`` (a PMD mapping is split
+    under its own invalidation): each VMA's span of the folio is invalidated (``MMU_NOTIFY_CLEAR``), and its
+    entries go through migration entries and back (``remap_page()``).  A present PTE comes back as it was; a
+    device-exclusive entry (which keeps its rmap since 6.15) is not a writable device-private entry, so it
+    becomes a readable (exclusive) migration entry and comes back as a read-only present PTE -- the device
+    loses its exclusive access.  The model keeps references and mapcounts (the same before and after)."""
+    import numpy as np
+
+    spans: dict[tuple[int, int], list] = {}
+    for mm, addr, _e in rmap.rmap_find(machine, np.arange(folio, folio + n), kinds=("present", "device")):
+        if id(mm) in pmd_mms:
+            continue
+        vma = mm.vma_lookup(addr)
+        if vma is None:
+            continue
+        sp = spans.setdefault((id(mm), id(vma)), [mm, vma, addr, addr + x86.PAGE_SIZE])
+        sp[2], sp[3] = min(sp[2], addr), max(sp[3], addr + x86.PAGE_SIZE)
+    for mm, vma, lo, hi in spans.values():
+        r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, lo, hi)
+        yield from mmu_notifier_invalidate_range_start(r)
+        for a in range(lo, hi, x86.PAGE_SIZE):
+            level, ptep, pte = mm.pt.lookup(a)
+            if level != "pte" or ptep is None or pte_none(pte) or x86.pte_present(pte):
+                continue
+            e = x86.pte_to_swp_entry(pte)
+            if e.type == x86.SwpType.SWP_DEVICE_EXCLUSIVE and folio <= e.offset < folio + n:
+                machine.pool.set(ptep, pfn_pte(e.offset, vma.vm_page_prot))
+        yield from mmu_notifier_invalidate_range_end(r)
+
+
 def split_folio(machine: "Any", folio: int, caller_refs: int = 1) -> Gen[int]:
     """split_folio() (mm/huge_memory.c __folio_split, 6.x): split an anonymous THP into 512 order-0 pages.
 
@@ -500,6 +531,8 @@ def split_folio(machine: "Any", folio: int, caller_refs: int = 1) -> Gen[int]:
     pmd_maps = _folio_pmd_maps(machine, folio)
     if not _folio_refs_are_mappings(machine, folio, n, pmd_maps, caller_refs):     # can_split_folio()
         return -11
+    if machine.profile.make_device_exclusive_single:
+        yield from _unmap_folio_ptes(machine, folio, n, {id(mm) for mm, _ in pmd_maps})
     for mm, a in pmd_maps:
         vma = mm.vma_lookup(a)
         if vma is None:
