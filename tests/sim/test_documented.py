@@ -82,3 +82,10 @@ def test_known_directory_reads_the_kept_reproducers_only() -> None:
     kept = {tomllib.loads(p.read_text())["finding"]["signature"] for p in (DOCS / "sim-reproducers").glob("*.toml")}
     assert known == kept and "commit_invalid|drivers.test_hmm.DmirrorPageTable.store|-" in known
     assert FIXED_BUG not in known                        # fixed/ is not read
+
+
+def test_m2_walk_form() -> None:
+    """The OOM reaper's zap of freshly inserted device-private entries (holes migrated to the device), then
+    dmirror_migrate_finalize_and_map: M2 with the ``walk`` detail (6.18 campaign seed 5120349)."""
+    assert documented_as("coherence|drivers.test_hmm.DmirrorPageTable.store|walk", "6.18") == "M2"
+    assert documented_as("coherence|drivers.test_hmm.DmirrorPageTable.store|walk", "6.18", "gpusvm") is None
