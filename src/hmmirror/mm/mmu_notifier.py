@@ -266,10 +266,42 @@ def mmu_interval_notifier_insert(sub: MmuIntervalNotifier, mm: "MMStruct", start
     if subs is None or not subs.has_itree:
         yield from sched.down_write(mm.mmap_sem)
         try:
+            locks = yield from mm_take_all_locks(mm)
             __mmu_notifier_register_itree(mm)
+            mm_drop_all_locks(locks)
         finally:
             sched.up_write(mm.mmap_sem)
     return __mmu_interval_notifier_insert(sub, mm, start, length, ops)
+
+
+def mm_take_all_locks(mm: "MMStruct") -> Gen[list[Lock]]:
+    """mm_take_all_locks() (mm/vma.c [6.x]): with the mmap lock held for write, take the ``i_mmap_rwsem`` of the
+    mapping of every file VMA of ``mm`` for write (each once): an rmap walk of a file mapped here
+    (``unmap_mapping_range`` and its invalidation) that is running is waited for, none starts meanwhile.
+    __mmu_notifier_register() relies on it ("We can't race against any other mmu notifier method either
+    thanks to mm_take_all_locks()"): an invalidation that started before the mm had an interval tree (so
+    counted in no ``active_invalidate_ranges``) cannot still be running when the first subscription goes in.
+    (The anon_vma locks it also takes are not modelled: the model's anonymous rmap walks take none.)"""
+    from hmmirror.mm.truncate import _i_mmap
+
+    yield from sched.might_sleep("mm_take_all_locks")
+    taken: list[Lock] = []
+    for vma in list(mm.vmas):
+        f = vma.vm_file
+        inode = getattr(f, "inode", None) if f is not None else None
+        if inode is None:
+            continue
+        _vmas, lock = _i_mmap(inode)
+        if lock is not None and lock not in taken:
+            yield from sched.down_write(lock)
+            taken.append(lock)
+    return taken
+
+
+def mm_drop_all_locks(locks: list[Lock]) -> None:
+    """mm_drop_all_locks() (mm/vma.c): release what mm_take_all_locks() took."""
+    for lock in reversed(locks):
+        sched.up_write(lock)
 
 
 def mmu_interval_notifier_insert_locked(sub: MmuIntervalNotifier, mm: "MMStruct", start: int, length: int,
