@@ -284,8 +284,7 @@ def mm_take_all_locks(mm: "MMStruct") -> Gen[list[Lock]]:
     (The anon_vma locks it also takes are not modelled: the model's anonymous rmap walks take none.)"""
     from hmmirror.mm.truncate import _i_mmap
 
-    yield from sched.might_sleep("mm_take_all_locks")
-    taken: list[Lock] = []
+    taken: list[Lock] = []                         # (its sleeps are the lock acquisitions below)
     for vma in list(mm.vmas):
         f = vma.vm_file
         inode = getattr(f, "inode", None) if f is not None else None
