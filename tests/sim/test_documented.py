@@ -89,3 +89,10 @@ def test_m2_walk_form() -> None:
     dmirror_migrate_finalize_and_map: M2 with the ``walk`` detail (6.18 campaign seed 5120349)."""
     assert documented_as("coherence|drivers.test_hmm.DmirrorPageTable.store|walk", "6.18") == "M2"
     assert documented_as("coherence|drivers.test_hmm.DmirrorPageTable.store|walk", "6.18", "gpusvm") is None
+
+
+def test_m4_fault_return_form() -> None:
+    """M4's -EFAULT seen by I4 at the fault's return (6.18 campaign seed 5120353: fork, then a dmirror write
+    fault over its own read-only device-private pages)."""
+    assert documented_as("hmm_range_input|sim.adapters.DmirrorAdapter.fault|-", "6.18") == "M4"
+    assert documented_as("hmm_range_input|sim.adapters.DmirrorAdapter.fault|-", "5.2") is None
