@@ -39,6 +39,8 @@ BEHAVIOURS_5_2 = {
     "B12 pte_offset_map without pte_unmap on -EFAULT/-EBUSY": r"^pte_map_balance\|mm\.hmm\.v5_2\.hmm_vma_walk_pmd\|",
     "B13 a mirror's -EAGAIN lost in a non-blockable invalidation":
         r"^coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|after_end$",
+    "B14 hmm freed while an invalidation is in its subscriber loop":
+        r"^report:VM_BUG_ON\|mm\.hmm\.v5_2\.hmm_invalidate_range_start\|",
 }
 
 

@@ -1,7 +1,7 @@
 """The behaviours docs/known-behaviours.md documents as the kernel's own (or lib/test_hmm.c's), by signature.
 
 A campaign report uses :func:`documented_as` to say which of its findings carry the signature of a documented
-real behaviour of the built-in drivers (B1-B13 for the 5.2 driver, M1-M7 for lib/test_hmm.c's dmirror), so
+real behaviour of the built-in drivers (B1-B14 for the 5.2 driver, M1-M7 for lib/test_hmm.c's dmirror), so
 "nothing new" is plain when those are all a campaign found.  This labels findings; it does not make them
 known: a campaign stays blind (its reproducers are saved and its steering is unchanged) unless the user
 passes them with ``--known`` (e.g. ``--known docs/sim-reproducers``).  A matching signature is evidence, not
@@ -48,6 +48,7 @@ DOCUMENTED: tuple[Documented, ...] = (
                              r"^coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|walk$")),
     Documented("B12", _V52, (r"^pte_map_balance\|mm\.hmm\.v5_2\.hmm_vma_walk_pmd\|",)),
     Documented("B13", _V52, (r"^coherence\|drivers\.hmm_mirror_v5_2\.HmmMirrorDriver52\.commit\|after_end$",)),
+    Documented("B14", _V52, (r"^report:VM_BUG_ON\|mm\.hmm\.v5_2\.hmm_invalidate_range_start\|",)),
     Documented("M2", _DMIRROR, (r"^coherence\|drivers\.test_hmm\.DmirrorPageTable\.store\|commit$",
                                 r"^coherence\|drivers\.test_hmm\.DmirrorPageTable\.store\|walk$")),
     Documented("M3", _DMIRROR, (r"^coherence\|drivers\.test_hmm\.DmirrorPageTable\.store\|after_end$",)),
