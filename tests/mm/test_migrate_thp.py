@@ -105,3 +105,20 @@ def test_a_pmd_split_while_the_remap_waits_for_the_pmd_lock_is_remapped_as_ptes(
     assert res.diverged is None and not res.findings, [f.signature for f in res.findings]
     remap = [e for e in res.events if e["what"] == "migrate_remap_pmd"]
     assert remap and remap[0]["mapped"] == 512 - 10          # the munmap took 40 KiB of it
+
+
+def test_remap_after_munmap_of_the_thps_start_restores_every_other_subpage():
+    """Blind 5.2 campaign (seed 31807): while the THP's PMD migration entry waits for the copy, munmap of
+    [m0-4K, m0+20K) splits it into PTE migration entries and removes the first five.  remove_migration_ptes()
+    walks every VMA of the anon_vma (rmap_walk_anon), not only one at the folio's first address, so the 507
+    subpages left are remapped and the fault waiting in migration_entry_wait is woken."""
+    import pathlib
+
+    from hmmirror.sim.runner import scheduler_for
+
+    path = pathlib.Path(__file__).parent / "data" / "thp-migration-remap-after-munmap-of-its-start.toml"
+    sc = SimScenario.load(str(path))
+    res = run_scenario(sc, scheduler_for(sc))
+    assert res.diverged is None and not res.findings, [f.signature for f in res.findings]
+    remap = [e for e in res.events if e["what"] == "migrate_remap_pmd"]
+    assert remap and remap[0]["mapped"] == 512 - 5

@@ -104,3 +104,19 @@ def test_swapped_page_shared_by_fork_is_read_by_both() -> None:
     c = p.fork("c")
     assert c.check(a, P, 4) == 0 and p.check(a, P, 4) == 0
     assert m.swap.slots == {}
+
+
+def test_swap_out_drops_the_mapcount_under_the_pte_lock() -> None:
+    """Blind 5.2 campaign (seed 52919): try_to_unmap_one() calls page_remove_rmap() at ``discard:`` with the
+    PTE lock still held, before mmu_notifier_invalidate_range_end() (which sleeps on the mirror's locks); no
+    moment exists where the PTE is a swap entry while the page still counts that mapping."""
+    import pathlib
+
+    from hmmirror.sim.runner import run_scenario, scheduler_for
+    from hmmirror.sim.scenario import SimScenario
+
+    path = pathlib.Path(__file__).parent / "data" / "swap-out-rmap-under-ptl.toml"
+    sc = SimScenario.load(str(path))
+    res = run_scenario(sc, scheduler_for(sc))
+    assert res.diverged is None
+    assert not [f for f in res.findings if f.invariant == "page_counts"], [f.signature for f in res.findings]

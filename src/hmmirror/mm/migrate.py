@@ -103,15 +103,17 @@ def remove_migration_pmd(mm: "MMStruct", haddr: int, old: int, new: int, exclusi
     made."""
     machine = mm.machine
     pool, mem = machine.pool, machine.mem
-    vma = mm.vma_lookup(haddr)
-    if vma is None or mm.exited:
+    if mm.exited:
         return 0
     from hmmirror.mm.huge_memory import mk_huge_pmd
     from hmmirror.mm.memory import maybe_mkwrite
 
+    # rmap_walk visits every VMA that maps the folio: after a split (munmap/mprotect of part of the 2 MiB)
+    # haddr itself may lie in no VMA while the rest of the range still holds PTE migration entries
+    vma = mm.vma_lookup(haddr)
     level, pmdp, pmd = mm.pt.lookup(haddr)
     mapped = 0
-    if level == "pmd" and pmdp is not None and _is_migration_of(pmd, old, old + 1):
+    if vma is not None and level == "pmd" and pmdp is not None and _is_migration_of(pmd, old, old + 1):
         ptl = pmd_lockptr(mm, pmdp)
         yield from sched.spin_lock(ptl)
         pmd = pool.get(pmdp)
@@ -141,11 +143,14 @@ def remove_migration_pmd(mm: "MMStruct", haddr: int, old: int, new: int, exclusi
         lv, ptep, e = mm.pt.lookup(a)
         if lv != "pte" or ptep is None or not _is_migration_of(e, old, old + HPAGE_PMD_NR):
             continue
+        avma = mm.vma_lookup(a)                   # the VMA of this subpage (the range may be split)
+        if avma is None:
+            continue
         s = x86.pte_to_swp_entry(e)
         sub = new + (s.offset - old)
-        pte = x86.pte_mkyoung(x86.pfn_pte(sub, vma.vm_page_prot))
+        pte = x86.pte_mkyoung(x86.pfn_pte(sub, avma.vm_page_prot))
         if x86.is_writable_migration_entry(s):
-            pte = maybe_mkwrite(x86.pte_mkdirty(pte), vma)
+            pte = maybe_mkwrite(x86.pte_mkdirty(pte), avma)
         pool.set(ptep, pte)
         rmap.page_add_rmap(mem, sub)
         if exclusive:

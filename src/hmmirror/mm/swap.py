@@ -115,9 +115,9 @@ def model_swap_out(mm: "MMStruct", addr: int) -> Gen[int]:
         swap.release_entry(SwpEntry(SWAP_DEVICE, offset))
         return -EAGAIN
     pool.set(ptep, make_swap_entry(SWAP_DEVICE, offset))
+    rmap.page_remove_rmap(mem, pfn)                   # try_to_unmap_one: still under the PTE lock
     sched.spin_unlock(ptl)
     yield from mmu_notifier_invalidate_range_end(r)
-    rmap.page_remove_rmap(mem, pfn)
     mem.put_page(pfn)                                 # the page is freed after pageout
     machine.counters["pswpout"] += 1
     machine.log("swap_out", mm=mm.name, addr=addr, slot=offset)
