@@ -13,7 +13,7 @@ from typing import Any, Callable
 from hmmirror.arch.x86.pgtable import Geometry, SwpEntry
 from hmmirror.errors import InputError
 from hmmirror.include.mm_types import FAULT_FLAG, VM_FAULT
-from hmmirror.kernel.sched import Gen
+from hmmirror.kernel.sched import Gen, Lock
 from hmmirror.mm.mm_struct import MMStruct
 from hmmirror.mm.page_alloc import PhysMem
 from hmmirror.mm.pgtable import TablePool
@@ -101,6 +101,8 @@ class Machine:
         self.jiffies = 0                       # virtual time (kernel/time.py): one tick per simulator step
         self.workqueues: list[Any] = []        # kernel/workqueue.py: every workqueue allocated on the machine
         self.wq_hooks: list[Callable[[Any], None]] = []   # called with a workqueue when work is queued on it
+        # mm/vma.c's global mm_all_locks_mutex: one mm_take_all_locks() at a time (mm/mmu_notifier.py)
+        self.mm_all_locks_mutex = Lock("mm_all_locks_mutex", "mutex")
 
     # -- processes -----------------------------------------------------------------------------------------
     def new_mm(self, name: str) -> MMStruct:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hmmirror.arch.x86.pgtable import PAGE_SHIFT
-from hmmirror.kernel.sched import Lock
+from hmmirror.kernel.sched import Lock, lockdep_set_class
 from hmmirror.mm.page_alloc import PG
 
 if TYPE_CHECKING:
@@ -54,6 +54,11 @@ class AddressSpace:
         # to the model (how much fault-around maps), not physical contiguity.
         self.folio_order: np.ndarray | None = None
         self.i_mmap_rwsem = Lock(f"{host.path}.i_mmap_rwsem", "rwsem")
+        # lockdep: __address_space_init_once()'s init_rwsem() gives every mapping's i_mmap_rwsem one class;
+        # hugetlbfs_get_inode() sets hugetlbfs_i_mmap_rwsem_key (fs/hugetlbfs/inode.c [6.x]), ordered first
+        lockdep_set_class(self.i_mmap_rwsem, "hugetlbfs_i_mmap_rwsem_key"
+                          if getattr(getattr(host, "sb", None), "fstype", None) == "hugetlbfs"
+                          else "mapping->i_mmap_rwsem")
 
     @property
     def i_mmap(self) -> "list[VMA]":

@@ -161,11 +161,12 @@ def pte_map_put(site: str) -> None:
 class Lock:
     """A kernel lock: ``spin`` (spinlock_t), ``mutex`` or ``rwsem`` (rw_semaphore)."""
 
-    __slots__ = ("name", "kind", "owner", "readers")
+    __slots__ = ("name", "kind", "owner", "readers", "key")
 
     def __init__(self, name: str, kind: str = "spin") -> None:
         self.name = name
         self.kind = kind
+        self.key: str | None = None        # lockdep class (lockdep_set_class); None: the class of its name
         self.owner: Task | None = None     # exclusive holder
         self.readers: list[Task] = []      # rwsem readers
 
@@ -178,6 +179,13 @@ class Lock:
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.name}>"
+
+
+def lockdep_set_class(lock: Lock, key: str) -> Lock:
+    """lockdep_set_class() (include/linux/lockdep.h): lockdep orders lock classes, not instances; ``lock``
+    belongs to the class ``key`` (e.g. every mapping's ``i_mmap_rwsem`` is one class, hugetlbfs's another)."""
+    lock.key = key
+    return lock
 
 
 def might_sleep(what: str) -> Gen[None]:

@@ -27,7 +27,8 @@ them (an asynchronous report, not MF_ACTION_REQUIRED: a patrol scrub or a correc
   deliver signals: the process is taken to handle SIGBUS (as databases on pmem do) and goes on.  A DAX fault
   maps the poisoned pfn again (the pmem badblocks list the MCE path fills is not modelled).
 
-The PTEs mapping a page are found by the model's rmap scan (``rmap.rmap_find``), each changed under its PTE lock.
+The PTEs mapping a page are found by the model's rmap scan (``rmap.rmap_find``), each changed under its PTE lock;
+a page-cache page's scans hold its mapping's ``i_mmap_rwsem`` for read, as rmap_walk_file() does.
 """
 
 from __future__ import annotations
@@ -70,10 +71,28 @@ def _pte_maps(mm: "MMStruct", addr: int, pfn: int) -> Any:
     return ptep
 
 
-def folio_mkclean(machine: Any, pfn: int) -> Gen[int]:
+def _rmap_walk_file(mapping: Any, walk: Gen[int]) -> Gen[int]:
+    """rmap_walk_file() (mm/rmap.c [5.2] / [6.x]): the walk of a page-cache folio's mappings runs under
+    ``i_mmap_lock_read(mapping)`` -- so it neither overlaps a truncation's unmap nor mm_take_all_locks() (an mm
+    registering its first mmu notifier waits for a walk in progress, and a walk waits for the registration)."""
+    from hmmirror.mm.truncate import _i_mmap
+
+    _vmas, lock = _i_mmap(mapping)
+    if lock is None:
+        return (yield from walk)
+    yield from sched.down_read(lock)
+    try:
+        return (yield from walk)
+    finally:
+        sched.up_read(lock)
+
+
+def folio_mkclean(machine: Any, pfn: int, mapping: Any = None) -> Gen[int]:
     """folio_mkclean() -> page_vma_mkclean_one() (mm/rmap.c): every PTE mapping ``pfn`` that is dirty or
-    writable is write-protected and cleaned, under MMU_NOTIFY_PROTECTION_PAGE of that page.  Returns how many
-    PTEs it changed (non-zero: the folio was dirty through a mapping)."""
+    writable is write-protected and cleaned, under MMU_NOTIFY_PROTECTION_PAGE of that page (the walk under the
+    ``mapping``'s i_mmap_rwsem, read).  Returns how many PTEs it changed (non-zero: dirty through a mapping)."""
+    if mapping is not None:
+        return (yield from _rmap_walk_file(mapping, folio_mkclean(machine, pfn)))
     cleaned = 0
     for mm, addr, pte in rmap.rmap_find(machine, np.array([pfn]), kinds=("present",)):
         if not (x86.pte_dirty(pte) or x86.pte_write(pte)):
@@ -96,10 +115,13 @@ def folio_mkclean(machine: Any, pfn: int) -> Gen[int]:
     return cleaned
 
 
-def try_to_unmap_hwpoison(machine: Any, pfn: int, poison: bool) -> Gen[int]:
+def try_to_unmap_hwpoison(machine: Any, pfn: int, poison: bool, mapping: Any = None) -> Gen[int]:
     """try_to_unmap() -> try_to_unmap_one() (mm/rmap.c) of an order-0 page-cache page: every PTE mapping it
     becomes a hwpoison entry (``poison``, TTU_HWPOISON) or none, under MMU_NOTIFY_CLEAR of the page; the
-    mapping's rmap and reference go (the dirty bit is carried to the folio).  Returns how many it unmapped."""
+    mapping's rmap and reference go (the dirty bit is carried to the folio).  The walk holds the ``mapping``'s
+    i_mmap_rwsem for read (rmap_walk_file).  Returns how many it unmapped."""
+    if mapping is not None:
+        return (yield from _rmap_walk_file(mapping, try_to_unmap_hwpoison(machine, pfn, poison)))
     mem = machine.mem
     done = 0
     for mm, addr, _pte in rmap.rmap_find(machine, np.array([pfn]), kinds=("present",)):
@@ -170,11 +192,11 @@ def memory_failure_pagecache(mm: "MMStruct", vma: "VMA", addr: int, pfn: int) ->
     yield from sched.might_sleep("hwpoison_user_mappings")                           # mapping_can_writeback(): ext4/xfs yes, shmem no
     poison = True
     if can_writeback and not mem.flags[pfn] & PG.dirty:
-        if (yield from folio_mkclean(machine, pfn)):
+        if (yield from folio_mkclean(machine, pfn, mapping)):
             mem.flags[pfn] |= PG.dirty                  # folio_set_dirty()
         else:
             poison = False                              # "corrupted page was clean: dropped without side effects"
-    unmapped = yield from try_to_unmap_hwpoison(machine, pfn, poison)
+    unmapped = yield from try_to_unmap_hwpoison(machine, pfn, poison, mapping)
     dirty = bool(mem.flags[pfn] & PG.dirty)
     if can_writeback:
         # me_pagecache_clean/_dirty -> generic_error_remove_page -> truncate_inode_page(): out of the page

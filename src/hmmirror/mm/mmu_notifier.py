@@ -275,32 +275,46 @@ def mmu_interval_notifier_insert(sub: MmuIntervalNotifier, mm: "MMStruct", start
 
 
 def mm_take_all_locks(mm: "MMStruct") -> Gen[list[Lock]]:
-    """mm_take_all_locks() (mm/vma.c [6.x]): with the mmap lock held for write, take the ``i_mmap_rwsem`` of the
-    mapping of every file VMA of ``mm`` for write (each once): an rmap walk of a file mapped here
-    (``unmap_mapping_range`` and its invalidation) that is running is waited for, none starts meanwhile.
+    """mm_take_all_locks() (mm/vma.c [6.x]): with the mmap lock held for write, take the global
+    ``mm_all_locks_mutex``, then the ``i_mmap_rwsem`` of the mapping of every file VMA of ``mm`` for write
+    (each mapping once, AS_MM_ALL_LOCKS): first the hugetlbfs mappings (their rwsem is a lock class of its own,
+    hugetlbfs_i_mmap_rwsem_key, ordered before every other ``i_mmap_rwsem`` in mm/rmap.c), then all the others.
+    The kernel takes the locks of one class "randomly" (VMA order) because the VM code never nests them and
+    ``mm_all_locks_mutex`` keeps two mm_take_all_locks() from running at once.  An rmap walk of a file mapped
+    here (``unmap_mapping_range`` and its invalidation) that is running is waited for, none starts meanwhile.
     __mmu_notifier_register() relies on it ("We can't race against any other mmu notifier method either
     thanks to mm_take_all_locks()"): an invalidation that started before the mm had an interval tree (so
     counted in no ``active_invalidate_ranges``) cannot still be running when the first subscription goes in.
-    (The anon_vma locks it also takes are not modelled: the model's anonymous rmap walks take none.)"""
+    Not modelled: vma_start_write() of every VMA (no per-VMA locks in the model) and the anon_vma locks (the
+    model's anonymous rmap walks take none).  Returns what mm_drop_all_locks() releases, the mutex first."""
+    from hmmirror.mm.mm_struct import is_vm_hugetlb_page
     from hmmirror.mm.truncate import _i_mmap
 
-    taken: list[Lock] = []                         # (its sleeps are the lock acquisitions below)
-    for vma in list(mm.vmas):
-        f = vma.vm_file
-        inode = getattr(f, "inode", None) if f is not None else None
-        if inode is None:
-            continue
-        _vmas, lock = _i_mmap(inode)
-        if lock is not None and lock not in taken:
-            yield from sched.down_write(lock)
-            taken.append(lock)
+    mutex = mm.machine.mm_all_locks_mutex
+    if not sched.mutex_trylock(mutex):             # mutex_lock(): the uncontended fast path does not sleep
+        yield from sched.mutex_lock(mutex)         # (so a run with one registration keeps its schedule)
+    taken: list[Lock] = [mutex]                    # (its other sleeps are the lock acquisitions below)
+    vmas = list(mm.vmas)
+    for hugetlb_pass in (True, False):
+        for vma in vmas:
+            f = vma.vm_file
+            inode = getattr(f, "inode", None) if f is not None else None
+            if inode is None or is_vm_hugetlb_page(vma) != hugetlb_pass:
+                continue
+            _vmas, lock = _i_mmap(inode)
+            if lock is not None and lock not in taken:          # vm_lock_mapping(): AS_MM_ALL_LOCKS
+                yield from sched.down_write(lock)
+                taken.append(lock)
     return taken
 
 
 def mm_drop_all_locks(locks: list[Lock]) -> None:
-    """mm_drop_all_locks() (mm/vma.c): release what mm_take_all_locks() took."""
-    for lock in reversed(locks):
+    """mm_drop_all_locks() (mm/vma.c [6.x]): release the rwsems mm_take_all_locks() took, then
+    ``mm_all_locks_mutex``."""
+    mutex, rwsems = locks[0], locks[1:]
+    for lock in rwsems:
         sched.up_write(lock)
+    sched.mutex_unlock(mutex)
 
 
 def mmu_interval_notifier_insert_locked(sub: MmuIntervalNotifier, mm: "MMStruct", start: int, length: int,

@@ -561,9 +561,9 @@ class LockDiscipline:
         if not held:
             return
         lock: Lock = point.obj
-        b = self.lock_class(lock.name)
+        b = lock.key or self.lock_class(lock.name)       # a lockdep_set_class() class, else the name's
         for h in held:
-            a = self.lock_class(h.name)
+            a = h.key or self.lock_class(h.name)
             if a == b:
                 continue
             rev = self.edges.get((b, a))

@@ -23,6 +23,7 @@ from typing import Any
 from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import PAGE_SIZE
 from hmmirror.include.mm_types import MMU_NOTIFY, VM
+from hmmirror.mm.page_alloc import PG
 from hmmirror.sim.findings import frame_stack
 from hmmirror.sim.invariants import Tracker, committer_frame
 
@@ -244,7 +245,8 @@ class HmmRangeInput:
 
     def cpu_allows(self, start: int, end: int, write: bool) -> bool:
         """Would the CPU's own access succeed?  Anonymous, shmem and file mappings with the permission, and
-        no hwpoisoned page (device-backed mappings can fail for reasons of their own: not judged); never in an
+        no hwpoisoned page, neither a hwpoison entry nor a poisoned page its fault would find in the page
+        cache (device-backed mappings can fail for reasons of their own: not judged); never in an
         address space the OOM reaper marked unstable (check_stable_address_space)."""
         mm = self.mm
         if getattr(mm, "unstable", False):
@@ -265,8 +267,21 @@ class HmmRangeInput:
                         return False
                 except Exception:                       # noqa: BLE001 - an entry type without swp decoding
                     pass
+            if (p is None or x86.pte_none(e)) and self._cache_page_poisoned(vma, va):
+                return False
             va += PAGE_SIZE
         return True
+
+    def _cache_page_poisoned(self, vma: Any, va: int) -> bool:
+        """Is ``va`` unmapped over a page-cache page memory_failure poisoned?  The CPU's fault finds it (shmem
+        keeps a poisoned page in its cache: shmem_error_remove_folio) and __do_fault() returns VM_FAULT_HWPOISON
+        (mm/memory.c [6.x]): SIGBUS, as hmm_range_fault's -EFAULT."""
+        inode = getattr(vma.vm_file, "inode", None) if vma.vm_file is not None else None
+        mapping = getattr(inode, "i_mapping", None)
+        if mapping is None or not hasattr(mapping, "find_page"):
+            return False
+        pfn = mapping.find_page(vma.linear_page_index(va))
+        return pfn >= 0 and bool(int(self.mm.machine.mem.flags[pfn]) & int(PG.hwpoison))
 
     def fault_end(self, eng: Any, st: Any, start: int, end: int, write: bool, ret: int) -> None:
         if not isinstance(ret, int) or ret not in self.CPU_REFUSALS:
