@@ -189,7 +189,8 @@ class Steering:
         bk, bc = bk / sd[keep], bc / sd[keep]
         # away from what leads to known signatures; toward new cells only with features that do not
         # (a feature both reach is what the early runs of any campaign draw: the two would cancel out)
-        w = np.clip(np.exp(-self.GAMMA * bk + self.NOVELTY * np.maximum(bc, 0) * (bk <= 0)), self.LO, self.HI)
+        with np.errstate(over="ignore"):             # exp to inf is clipped to HI: the intended limit
+            w = np.clip(np.exp(-self.GAMMA * bk + self.NOVELTY * np.maximum(bc, 0) * (bk <= 0)), self.LO, self.HI)
         self.weights = {f: round(float(v), 4) for f, v in zip(names, w)}
         # the known-only model on raw draw counts (intercept of the centred fit moved to counts = 0)
         mu = x[:, keep].mean(0)
@@ -210,7 +211,8 @@ class Steering:
         b0 = float(np.log((y.mean() + 1e-3) / (1 - y.mean() + 1e-3)))
         lam = self.LAM * np.eye(m)
         for _ in range(8):
-            p = 1 / (1 + np.exp(-(z @ b + b0)))
+            with np.errstate(over="ignore"):         # exp to inf gives p = 0, the logistic's limit
+                p = 1 / (1 + np.exp(-(z @ b + b0)))
             wts = np.maximum(p * (1 - p), 1e-6)
             g = z.T @ (y - p) - self.LAM * b
             h = (z * wts[:, None]).T @ z + lam
