@@ -186,9 +186,9 @@ def fit_noisy_or(bags: list[list[list[str]]], y: list[float], warm: dict[str, fl
     mo, ve = np.zeros(m), np.zeros(m)
     for t in range(1, MIL_STEPS + 1):
         z = np.bincount(ii_a, weights=w[ff_a], minlength=k)
-        s = np.maximum(np.bincount(own, weights=np.logaddexp(0.0, z), minlength=n), 1e-9)
+        s = np.clip(np.bincount(own, weights=np.logaddexp(0.0, z), minlength=n), 1e-9, 700.0)
         ds = (1.0 - yv) - yv / np.expm1(s)                 # d(loss)/d(sum of softplus), per run
-        gz = ds[own] / (1.0 + np.exp(-z))                  # per instance
+        gz = ds[own] * (0.5 + 0.5 * np.tanh(0.5 * z))      # times sigmoid(z) (tanh form: no overflow)
         g = (np.bincount(ff_a, weights=gz[ii_a], minlength=m) + MIL_L2 * w) / n
         mo = 0.9 * mo + 0.1 * g
         ve = 0.999 * ve + 0.001 * g * g
