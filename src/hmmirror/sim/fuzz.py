@@ -380,8 +380,6 @@ def write_atomic(path: str, text: str) -> None:
 
 def known_signatures(directory: str) -> dict[str, tuple[int, int]]:
     """Signatures of the reproducers in ``directory`` and their sizes."""
-    import tomllib
-
     out: dict[str, tuple[int, int]] = {}
     if not os.path.isdir(directory):
         return out
@@ -390,14 +388,41 @@ def known_signatures(directory: str) -> dict[str, tuple[int, int]]:
             continue
         try:
             with open(os.path.join(directory, name), "rb") as fh:
-                doc = tomllib.load(fh)
-            sig = doc["finding"]["signature"]
-            sc = SimScenario.from_doc(doc)
-            steps = sum(int(n) for _t, n in (sc.schedule or []))
-            out[sig] = (sc.size(), steps)
-        except Exception:          # noqa: BLE001 - a foreign or damaged file
+                got = _reproducer_signature(fh.read())
+        except OSError:
             continue
+        if got is not None:
+            out[got[0]] = got[1]
     return out
+
+
+#: :func:`_reproducer_signature` by file content: every unit's Recorder reads the (growing) findings/spool
+#: directory, and parsing its reproducers again was ~8 % of a 5.2 campaign's CPU
+_SIGNATURE_CACHE: dict[bytes, tuple[str, tuple[int, int]] | None] = {}
+
+
+def _reproducer_signature(data: bytes) -> tuple[str, tuple[int, int]] | None:
+    """A reproducer's signature and size (scenario size, scheduled steps); None for a foreign or damaged
+    file.  A pure function of the bytes, remembered per content."""
+    import tomllib
+
+    try:
+        return _SIGNATURE_CACHE[data]
+    except KeyError:
+        pass
+    got: tuple[str, tuple[int, int]] | None
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+        sig = doc["finding"]["signature"]
+        sc = SimScenario.from_doc(doc)
+        steps = sum(int(n) for _t, n in (sc.schedule or []))
+        got = (sig, (sc.size(), steps))
+    except Exception:          # noqa: BLE001 - a foreign or damaged file
+        got = None
+    if len(_SIGNATURE_CACHE) >= 4096:
+        _SIGNATURE_CACHE.clear()
+    _SIGNATURE_CACHE[data] = got
+    return got
 
 
 class Recorder:
