@@ -120,3 +120,44 @@ def test_swap_out_drops_the_mapcount_under_the_pte_lock() -> None:
     res = run_scenario(sc, scheduler_for(sc))
     assert res.diverged is None
     assert not [f for f in res.findings if f.invariant == "page_counts"], [f.signature for f in res.findings]
+
+
+@pytest.mark.parametrize("kernel", ["5.2", "6.12"])
+def test_a_store_between_add_to_swap_and_the_unmap_reaches_the_slot(kernel: str) -> None:
+    """shrink_folio_list() (mm/vmscan.c) does add_to_swap, then try_to_unmap, then pageout: the slot holds
+    the bytes as they are after the unmap, so a store made through the still-present PTE while reclaim sleeps
+    between add_to_swap and the unmap (blind 6.12 campaign seed 41263: a device store through its mirror
+    before its invalidate callback ran) is read back after swap-in."""
+    m = Machine(kernel, ram=256 << 20)
+    p = m.spawn("p")
+    a = p.mmap(P, "rw")
+    p.touch(a, P, write=True, fill=0x11)
+    gen = model_swap_out(p.mm, a)
+    prev = sched.set_current(p.mm.task)
+    try:
+        points = [next(gen).what, next(gen).what]                    # add_to_swap done, the unmap starts
+    finally:
+        sched.set_current(prev)
+    assert points == ["add_to_swap", "mmu_notifier_invalidate_range_start"]
+    p.touch(a, P, write=True, fill=0x5a)                             # the PTE still maps it writable
+    assert sched.run(gen, p.mm.task) == 0
+    assert p.inspect(a, P)[0].kind == "swap"
+    assert p.check(a, P, 0x5a) == 0                                  # swap-in reads the later bytes
+
+
+def test_the_6_12_campaign_reproducer_of_a_device_store_during_reclaim_is_clean() -> None:
+    """The same window in the simulator (tests/sim/data/swap_out_during_device_write.toml, the blind 6.12
+    campaign's data_lost reproducer): dev0's store through its mirror, made while reclaim sleeps between
+    add_to_swap and the unmap, is what dev1 reads after the swap-in."""
+    import os
+
+    from hmmirror.sim.replay import replay_file
+
+    path = os.path.join(os.path.dirname(__file__), "..", "sim", "data", "swap_out_during_device_write.toml")
+    res = replay_file(path).result
+    assert not res.diverged and res.findings == [], [f.describe() for f in res.findings]
+    whats = [e["what"] for e in res.events]
+    assert "swap_out" in whats                                       # the page did go to swap ...
+    reads = [e for e in res.events if e["what"] == "sim_fault" and e["task"] == "dev1"]
+    assert [(e["write"], e["ret"]) for e in reads] == [(False, 0)]   # ... and dev1 read it back (D1 compared)
+    assert whats.index("swap_out") < res.events.index(reads[0])

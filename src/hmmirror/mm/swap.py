@@ -80,9 +80,9 @@ def model_swap_out(mm: "MMStruct", addr: int) -> Gen[int]:
     """Model reclaim of the anonymous 4 KiB page mapped at ``addr`` (our helper: shrink_page_list ->
     add_to_swap -> try_to_unmap_one -> pageout, for one page of one mm).
 
-    The page's bytes go to a new slot, its PTE becomes a swap entry under notifier CLEAR ``[addr, +4K)``,
-    and the page is freed.  Only a private anonymous page mapped once by a PTE and not otherwise referenced
-    is reclaimed: -EINVAL when nothing suitable is mapped there (no VMA, not anonymous, zero page, a THP),
+    A slot is reserved, the PTE becomes a swap entry under notifier CLEAR ``[addr, +4K)``, the slot gets the
+    page's bytes as they are at the unmap (pageout after try_to_unmap), and the page is freed.  Only a private
+    anonymous page mapped once by a PTE and not otherwise referenced is reclaimed: -EINVAL when nothing suitable is mapped there (no VMA, not anonymous, zero page, a THP),
     -EBUSY when the page is shared, pinned or mlocked, -EAGAIN when the entry changed meanwhile.
     """
     machine = mm.machine
@@ -102,8 +102,7 @@ def model_swap_out(mm: "MMStruct", addr: int) -> Gen[int]:
     yield from sched.might_sleep("add_to_swap")
     offset = swap.next_slot
     swap.next_slot += 1
-    data = mem.contents.get(pfn)
-    swap.slots[offset] = bytes(data) if data is not None else None
+    swap.slots[offset] = None                         # the slot is reserved; pageout fills it (below)
     swap.swap_map[offset] = 1
     r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + PAGE_SIZE)
     yield from mmu_notifier_invalidate_range_start(r)
@@ -116,6 +115,12 @@ def model_swap_out(mm: "MMStruct", addr: int) -> Gen[int]:
         return -EAGAIN
     pool.set(ptep, make_swap_entry(SWAP_DEVICE, offset))
     rmap.page_remove_rmap(mem, pfn)                   # try_to_unmap_one: still under the PTE lock
+    # pageout() runs after try_to_unmap() in shrink_folio_list() (mm/vmscan.c, 5.2-6.18): the slot gets the
+    # bytes as they are once nothing maps the page, writes made between add_to_swap and the unmap included
+    # (a CPU store, or a device storing through its mirror before its invalidate callback ran).  Taken here,
+    # under the PTE lock, so a swap-in racing with the rest of the unmap reads them too (no swap cache).
+    data = mem.contents.get(pfn)
+    swap.slots[offset] = bytes(data) if data is not None else None
     sched.spin_unlock(ptl)
     yield from mmu_notifier_invalidate_range_end(r)
     mem.put_page(pfn)                                 # the page is freed after pageout
