@@ -279,6 +279,23 @@ def filemap_fault(vmf: VmFault) -> Gen[int]:
     return ret
 
 
+def next_uptodate_folio(inode: Inode, mem: "PhysMem", first: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """next_uptodate_folio() (mm/filemap.c, 6.x; 5.2: the same checks inline in filemap_map_pages), vectorised
+    over the file pages ``[first, first + n)``: ``(slots, ok)``, the cached pfn of each page (-1 where it is
+    not mapped) and which ones may be mapped: cached below EOF, uptodate, not locked, not PG_readahead (set
+    only with the profile's faultaround_skips_ra_mark), not poisoned."""
+    slots = inode.i_mapping.lookup_range(first, first + n)
+    idx = np.arange(first, first + n, dtype=np.int64)
+    ok = (slots >= 0) & (idx < inode.nr_pages)
+    if ok.any():
+        fl = mem.flags[slots[ok]]
+        good = ((fl & PG.uptodate) != 0) & ((fl & (PG.locked | PG.hwpoison | PG.readahead)) == 0)
+        sub = ok.copy()
+        sub[ok] = good
+        ok = sub
+    return np.where(ok, slots, -1), ok
+
+
 def filemap_map_pages(vmf: VmFault, start: int, end: int) -> Gen[int]:
     """filemap_map_pages() (mm/filemap.c, 6.x shape; 5.2 maps the same set through alloc_set_pte()).
 
@@ -298,20 +315,9 @@ def filemap_map_pages(vmf: VmFault, start: int, end: int) -> Gen[int]:
     start, end = folio_extended_window(vmf, inode, start, end)
     first = vma.linear_page_index(start)
     n = (end - start) >> 12
-    slots = inode.i_mapping.lookup_range(first, first + n)
-    idx = np.arange(first, first + n, dtype=np.int64)
-    ok = (slots >= 0) & (idx < inode.nr_pages)
-    if ok.any():
-        fl = mem.flags[slots[ok]]
-        # next_uptodate_folio(): uptodate, not locked, not PG_readahead (set only with the profile's
-        # faultaround_skips_ra_mark), not poisoned
-        good = ((fl & PG.uptodate) != 0) & ((fl & (PG.locked | PG.hwpoison | PG.readahead)) == 0)
-        sub = ok.copy()
-        sub[ok] = good
-        ok = sub
+    slots, ok = next_uptodate_folio(inode, mem, first, n)
     if not ok.any():
         return 0
-    slots = np.where(ok, slots, -1)
     pmd = pool.get(vmf.pmdp)
     if pmd_leaf(pmd):
         return 0
@@ -337,7 +343,12 @@ def filemap_map_pages(vmf: VmFault, start: int, end: int) -> Gen[int]:
         mm.pt.pte_alloc(vmf.pmdp)                        # pmd_install(vmf->prealloc_pte)
     ptl = pte_lockptr(mm, vmf.pmdp)
     yield from sched.spin_lock(ptl)
-    mapped = set_pte_range_from_cache(vmf, start, slots)
+    # the folios are looked up (next_uptodate_folio: folio_try_get, trylock, folio->mapping and uptodate
+    # re-checked) while the PTE lock is held, so one truncated while this task waited for the lock is
+    # skipped, never mapped after its last reference went (5.2 filemap_map_pages: the same checks per page
+    # under the PTE lock alloc_set_pte took)
+    slots, ok = next_uptodate_folio(inode, mem, first, n)
+    mapped = set_pte_range_from_cache(vmf, start, slots) if ok.any() else 0
     sched.spin_unlock(ptl)
     mm.machine.counters["fault_around_mapped"] += mapped
     return mapped
