@@ -225,3 +225,13 @@ def hmm_range_fault_leaky(machine: Any) -> Gen[int]:
 
 
 hmm_range_fault_leaky.__code__ = hmm_range_fault_leaky.__code__.replace(co_name="hmm_range_fault")
+
+
+class GcMirror(GoodMirror):
+    """GoodMirror with a background collection routine (the ``gc`` event runs it)."""
+
+    name = "good-gc"
+
+    def gc(self) -> Gen[int]:
+        yield from sched.preempt_point("gc")
+        return 0

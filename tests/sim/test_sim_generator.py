@@ -39,8 +39,12 @@ COMMON = ["mapping:anon", "mapping:anon_thp", "mapping:file", "mapping:shmem", "
           # page cache on xfs (large folios from 6.12), 2 MiB files mapped 2 MiB-aligned (PMD-mapped folios)
           "file_fs:ext4", "file_fs:xfs", "file_size:2M", "variant:file_warm_xfs",
           # page events aimed at a mapping they act on, at a page the set-up used first
-          "ev_target:fit", "ev_target:any", "ev_page:used", "ev_page:as_is", "event:compact"]
-MODERN_ONLY = ["mode:fault_noowner", "mode:migrate_dev", "mode:migrate_sys", "mode:exclusive", "event:evict"]
+          "ev_target:fit", "ev_target:any", "ev_page:used", "ev_page:as_is", "event:compact",
+          # device jobs that start later (their walk meets what events and threads left), migrations that
+          # keep their entries installed long enough for a walk to meet them
+          "job_start:now", "job_start:later", "hold:short", "hold:long"]
+MODERN_ONLY = ["mode:fault_noowner", "mode:migrate_dev", "mode:migrate_sys", "mode:exclusive", "event:evict",
+               "dev_target:fit", "dev_target:any", "dev_page:used", "dev_page:as_is"]
 ONLY = {"5.2": ["mode:fault_nonblock", "mode:fault_huge", "mode:snapshot_huge", "event:pmem_remove",
                 "event:range_churn", "huge_range:unaligned"], "6.12": MODERN_ONLY, "6.18": MODERN_ONLY}
 
@@ -187,3 +191,80 @@ def test_5_2_mprotect_never_reaches_a_1g_device_dax_leaf():
             assert name not in pud and "-" not in name, op
             assert (parse_size(off) if off else 0) + parse_size(op["length"]) <= sizes[name], op
     assert seen >= 5, seen
+
+
+def test_gc_is_drawn_only_with_a_driver_that_collects():
+    """The gc event runs the driver's gc routine: the [5.2] built-in mirror has one, dmirror (6.x built-in)
+    and drm_gpusvm (its collector is a work item) have none -- the event is not drawn for them, and its
+    coverage cells are reachable only with a driver that has one."""
+    from hmmirror.sim.coverage import reachable, unreachable_reasons
+    from hmmirror.sim.scenario import driver_runs_gc
+
+    assert driver_runs_gc("builtin", "5.2") and not driver_runs_gc("builtin", "6.18")
+    assert not driver_runs_gc("gpusvm", "6.18")
+    assert driver_runs_gc("sim_toy_drivers:GcMirror", "6.18")
+    for kernel, want in (("5.2", True), ("6.12", False), ("6.18", False)):
+        drawn = any(ev["kind"] == "gc" for s in range(300) for ev in generate(SeededChoices(s), kernel).events)
+        assert drawn == want, kernel
+        cells = {c[0] for c in reachable(kernel)["event_fn"]}
+        assert ("gc" in cells) == want, kernel
+        assert any(u["cells"].startswith("gc") for u in unreachable_reasons(kernel)) == (not want)
+    assert "gc" in {c[0] for c in reachable("6.18", "sim_toy_drivers:GcMirror")["event_fn"]}
+
+
+def test_evict_only_after_a_job_that_moves_pages_to_the_device():
+    """evict moves device-private pages back: it is drawn only in scenarios with a migrate_dev job."""
+    n = 0
+    for s in range(300):
+        sc = generate(SeededChoices(50_000 + s), "6.18")
+        if any(ev["kind"] == "evict" for ev in sc.events):
+            n += 1
+            assert any(j.get("mode") == "migrate_dev" for d in sc.devices for j in d["jobs"])
+    assert n >= 5, n
+
+
+def test_device_memory_jobs_land_on_anonymous_pages():
+    """migrate_dev and exclusive act on anonymous pages only: when the scenario has a mapping that holds some
+    (anonymous, or a private file mapping's COW copies; exclusive also private DAX COW copies), most of their
+    jobs name one."""
+    import re
+
+    fit = total = 0
+    for s in range(300):
+        sc = generate(SeededChoices(60_000 + s), "6.18")
+        kinds = {}
+        for op in sc.setup:
+            if op.get("op") == "mmap":
+                fl = op.get("flags", [])
+                kinds[op["as"]] = "anonymous" in fl and "private" in fl and "hugetlb" not in fl or \
+                    "private" in fl and "file" in op and "/dev/" not in op["file"]
+        if not any(kinds.values()):
+            continue                                  # no mapping with anonymous pages: any mapping
+        for d in sc.devices:
+            for j in d["jobs"]:
+                if j.get("mode") in ("migrate_dev", "exclusive"):
+                    total += 1
+                    fit += bool(kinds.get(re.match(r"^(m\d+)", j["addr"]).group(1)))
+    assert total >= 40 and fit >= 0.7 * total, (fit, total)
+
+
+def test_a_device_job_delay_is_preemption_points_of_its_task():
+    """A job's ``delay`` makes its device task pass that many preemption points before the fault."""
+    from hmmirror.sim.runner import run_scenario
+    from hmmirror.sim.scenario import SimScenario
+    from hmmirror.sim.schedulers import RandomScheduler
+
+    def steps(delay: int) -> int:
+        sc = SimScenario(machine={"kernel": "6.18", "ram": "64M"})
+        sc.setup = [{"op": "mmap", "as": "m0", "length": "16K", "prot": "rw", "flags": ["private", "anonymous"]}]
+        job = {"addr": "m0", "length": "16K", "write": True}
+        if delay:
+            job["delay"] = delay
+        sc.devices = [{"name": "dev0", "jobs": [job]}]
+        return run_scenario(sc, RandomScheduler(SeededChoices(1))).steps
+
+    assert steps(7) - steps(0) == 7
+    text = generate(SeededChoices(3), "6.18")
+    text.devices = [{"name": "dev0", "jobs": [{"addr": "m0", "length": "4K", "write": False, "delay": 3}]}]
+    from hmmirror.sim.scenario import SimScenario as S
+    assert S.from_toml(text.to_toml()).devices[0]["jobs"][0]["delay"] == 3

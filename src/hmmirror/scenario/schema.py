@@ -1088,7 +1088,7 @@ SIM_KEYS = ("driver", "mirror", "max_steps", "thread", "device", "event", "sched
 #: Set-up ops the simulator runs before the interleaving (sim/runner.py ``_setup_op``) and CPU thread ops.
 SIM_SETUP_OPS = ("mmap", "touch", "munmap", "mprotect", "madvise")
 SIM_THREAD_OPS = ("touch", "munmap", "mmap", "mprotect", "madvise", "fork")
-JOB_KEYS = {"addr": "addr", "length": "size", "write": "bool", "mode": "str", "pattern": "count"}
+JOB_KEYS = {"addr": "addr", "length": "size", "write": "bool", "mode": "str", "pattern": "count", "delay": "count"}
 def _event_device(value: Any, what: str) -> str:
     """A device of an event: a /dev path (pmem_unbind) or a pmem namespace name (pmem_remove)."""
     s = _str(value, what)

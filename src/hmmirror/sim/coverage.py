@@ -104,9 +104,10 @@ def classify_huge(e: int, mem: Any) -> str:
 class Coverage:
     """The cells one campaign (worker) covered; ``add_run`` merges a run's cells, True if any was new."""
 
-    def __init__(self, kernel: str) -> None:
+    def __init__(self, kernel: str, driver: str = "builtin") -> None:
         from hmmirror.profiles import get_profile
         self.kernel = get_profile(kernel).name
+        self.driver = driver
         self.walk: set[tuple[str, str, str, str]] = set()
         self.mode_ret: set[tuple[str, str]] = set()
         self.event_fn: set[tuple[str, str]] = set()
@@ -135,8 +136,8 @@ class Coverage:
     # -- reports ---------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """covered/total per axis and per grid (reachable cells only), and the unreachable cells' reasons."""
-        reach = reachable(self.kernel)
-        out: dict[str, Any] = {"profile": self.kernel, "axes": {}, "grids": {}}
+        reach = reachable(self.kernel, self.driver)
+        out: dict[str, Any] = {"profile": self.kernel, "driver": self.driver, "axes": {}, "grids": {}}
         walk_r = set(reach["walk"])
         cov_w = self.walk & walk_r
         for i, axis in enumerate(("vma", "function", "entry", "return")):
@@ -160,7 +161,7 @@ class Coverage:
         cov = sum(g["covered"] for g in out["grids"].values())
         out["covered"], out["total"] = cov, tot
         out["percent"] = round(100.0 * cov / tot, 1) if tot else 100.0
-        out["unreachable"] = unreachable_reasons(self.kernel)
+        out["unreachable"] = unreachable_reasons(self.kernel, self.driver)
         return out
 
 
@@ -352,7 +353,11 @@ def _entries(kernel: str) -> dict[str, dict[str, set[str]]]:
                  "pmd": {"table", "present", "huge_zero", "protnone", "migration"}, "hole": {"none"},
                  "pud": pud_t, **test},
         # memory_failure of a shmem page (shmem cannot write back) leaves hwpoison entries (mm/memory_failure.py)
-        "shmem": {"pte": {"none", "present", "hwpoison"}, "pmd": {"table"}, "hole": {"none"}, "pud": pud_t, **test},
+        # [6.x] migrate_vma_setup collects shmem pages too (migrate_vma_collect_pmd: a page with a mapping) and
+        # installs migration entries; migrate_vma_pages then refuses them (only anonymous memory goes to device
+        # memory) and migrate_vma_finalize restores the PTEs: a walk meanwhile meets a migration entry
+        "shmem": {"pte": {"none", "present", "hwpoison"} | (set() if five else {"migration"}), "pmd": {"table"},
+                  "hole": {"none"}, "pud": pud_t, **test},
         # private file and DAX mappings hold anonymous COW copies: swapped, migrated or poisoned like anon pages;
         # a dirty page-cache page that memory_failure poisons becomes a hwpoison entry in every mapping of it;
         # [6.x] a 2 MiB page-cache folio (xfs from 6.12, ext4 from 6.16) is PMD-mapped
@@ -389,8 +394,10 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
             return {"0", "-EFAULT"}                   # fault in a gap: [5.2] handle_mm_fault(NULL), [6.x] -EFAULT
         # VM_FAULT_SIGBUS of a DAX fault (past the end of the file, a device-dax fault the alignment refuses),
         # of an anonymous fault in an OOM-reaped mm (check_stable_address_space: MMF_UNSTABLE)
+        # (and of a COW fault in a private file mapping of an OOM-reaped mm: finish_fault's
+        # check_stable_address_space, as in the PTE handler)
         return {"0", "-EBUSY"} | ({"-EAGAIN"} if vk == "file" and five else set()) | \
-            ({"-EFAULT"} if vk in ("fsdax", "devdax", "anon") else set()) | perm
+            ({"-EFAULT"} if vk in ("fsdax", "devdax", "anon", "file") else set()) | perm
     if fn == "hugetlb":                               # -EFAULT: no free huge page for a fault (VM_FAULT_OOM)
         return {"0", "-EBUSY"} | ({"-EINVAL"} if five else set()) | ({"-EFAULT"} if entry == "present" else set()) \
             | perm
@@ -404,23 +411,27 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
     r = {"0", "-EBUSY"}
     if entry == "hwpoison":                           # [6.x] reported as 0 when no fault is requested there
         return {"-EFAULT"} if five else {"0", "-EFAULT"}
-    if entry in ("device_private", "migration"):      # owner's page reported, else migrate_to_ram; wait
+    if entry == "migration":                          # wait for the migration: the walk restarts
         return r
     if fn == "pte":
         if entry == "zero" and five:
             return {"-EFAULT", "-EBUSY"}              # [5.2] the zero page is special: SPECIAL, -EFAULT
-        if entry in ("none", "zero") and vk == "anon" or entry == "none" and vk == "file":
-            # the fault fails: SIGBUS in an OOM-reaped mm (MMF_UNSTABLE: do_anonymous_page, finish_fault of a
-            # private file mapping)
-            r.add("-EFAULT")
-        if entry == "zero" and vk == "fsdax":
-            r.add("-EFAULT")                          # the write fault on a DAX hole's zero page is SIGBUS
-        if entry in ("none", "present") and vk == "file" and five:
-            r.add("-EAGAIN")                          # the fault dropped mmap_sem (VM_FAULT_RETRY)
-        if entry == "none" and vk in ("fsdax", "devdax"):
-            r.add("-EFAULT")                          # VM_FAULT_SIGBUS (a fault past the end of the file)
-        if entry in ("none", "present", "zero", "devmap", "swap", "protnone"):
+        # a PTE handler that needs a fault faults from its page to the end of the walk's range (hmm_vma_fault
+        # [6.x], hmm_vma_walk_hole_ [5.2]: handle_mm_fault page by page, the first error returned), so the
+        # failure of ANY page's fault in that range comes back through the handler of the first page that
+        # needed one, whatever its entry: VM_FAULT_SIGBUS in an OOM-reaped mm (MMF_UNSTABLE:
+        # do_anonymous_page, finish_fault of a private file or DAX mapping's COW fault), of a DAX fault past
+        # the end of the file or on a DAX hole's zero page, of a device-dax fault on a dying device -> -EFAULT;
+        # [5.2] a fault that dropped mmap_sem (VM_FAULT_RETRY, cold page cache) -> -EAGAIN
+        faults = ("none", "present", "zero", "devmap", "swap", "protnone", "device_private")
+        if entry in faults:
+            if vk in ("anon", "file", "fsdax", "devdax"):
+                r.add("-EFAULT")
+            if vk == "file" and five:
+                r.add("-EAGAIN")
             r |= perm
+        return r
+    if entry == "device_private":                     # (not below the PTE level)
         return r
     if fn == "pmd" and entry == "table":
         # the PTE handlers' returns come back through hmm_vma_walk_pmd (a hwpoison or [5.2] zero-page PTE, a
@@ -430,6 +441,11 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
         return r
     if fn == "pmd" and entry in ("present", "devmap", "huge_zero"):
         r |= perm
+    if fn == "pmd" and entry == "huge_zero" and vk == "fsdax" and not five:
+        # [6.x] a write fault on a private DAX mapping's huge zero PMD falls back (DAX makes no PMD COW), the
+        # PMD is split and the COW fault of the page fails in an OOM-reaped mm (finish_fault:
+        # check_stable_address_space -> VM_FAULT_SIGBUS)
+        r.add("-EFAULT")
     return r
 
 
@@ -443,10 +459,11 @@ _API_RETS = {"5.2": {"0", "-EFAULT", "-EAGAIN", "-EBUSY", "-EPERM"},
 NO_HMM_CALL = ("migrate_dev", "migrate_sys", "exclusive")
 
 
-def reachable(kernel: str) -> dict[str, list[tuple[str, ...]]]:
-    """The reachable cells of each grid for a profile (a deterministic, sorted list)."""
+def reachable(kernel: str, driver: str = "builtin") -> dict[str, list[tuple[str, ...]]]:
+    """The reachable cells of each grid for a profile and a driver (a deterministic, sorted list): the
+    ``gc`` event's cells only with a driver whose ``gc`` routine runs (``scenario.driver_runs_gc``)."""
     from hmmirror.profiles import get_profile
-    from hmmirror.sim.scenario import DEVICE_MODES, EVENTS
+    from hmmirror.sim.scenario import DEVICE_MODES, EVENTS, driver_runs_gc
     kernel = get_profile(kernel).name
     five = kernel == "5.2"
     walk: set[tuple[str, ...]] = set()
@@ -476,16 +493,22 @@ def reachable(kernel: str) -> dict[str, list[tuple[str, ...]]]:
         if five and m.endswith("_huge"):
             mode_ret.add((m, "-EINVAL"))
     events = ["-"] + sorted({e.kind or e.name for e in EVENTS if not e.opt_in and
-                             (e.profiles is None or kernel in e.profiles)})
+                             (e.profiles is None or kernel in e.profiles) and
+                             (e.name != "gc" or driver_runs_gc(driver, kernel))})
     fns = sorted({c[1] for c in walk})
     event_fn = {(ev, fn) for ev in events for fn in fns}
     return {"walk": sorted(walk), "mode_ret": sorted(mode_ret), "event_fn": sorted(event_fn)}  # type: ignore[arg-type]
 
 
-def unreachable_reasons(kernel: str) -> list[dict[str, str]]:
+def unreachable_reasons(kernel: str, driver: str = "builtin") -> list[dict[str, str]]:
     """Groups of cells of the axis product that the model can never reach, with the reason."""
+    from hmmirror.sim.scenario import driver_runs_gc
     five = kernel == "5.2"
-    out = [
+    out = [*([] if driver_runs_gc(driver, kernel) else [
+        {"cells": "gc x every walk function",
+         "reason": f"driver {driver!r} on {kernel} has no gc routine: lib/test_hmm.c's dmirror has no background "
+                   "collection, drm_gpusvm runs its garbage collector as a work item (a kworker task); the "
+                   "campaign does not draw the gc event"}]),
         {"cells": "pfnmap|mixedmap x every walk function" if five else "pfnmap x pte/pmd/pud/hole, pfnmap x test x 0",
          "reason": "[5.2] per_vma_checks returns -EFAULT for VM_PFNMAP/VM_MIXEDMAP before any walk (hmm-5.2.md §9.1)"
          if five else "[6.x] hmm_vma_walk_test skips (1) or fails (-EFAULT) every VM_PFNMAP VMA "

@@ -546,7 +546,7 @@ def _coverage_for(cfg: Config) -> Any:
         from hmmirror.sim.coverage import Coverage
     except ImportError:
         return None
-    return Coverage(cfg.kernel)
+    return Coverage(cfg.kernel, cfg.driver)
 
 
 class UnitSearch:

@@ -230,11 +230,14 @@ def cpu_thread(run: SimRun, st: SimTask, spec: dict[str, Any]) -> Any:
 
 
 def device_job(run: SimRun, st: SimTask, spec: dict[str, Any]) -> Any:
-    """A device job: each job is a device fault ``[addr, addr+length)`` handled by the driver."""
+    """A device job: each job is a device fault ``[addr, addr+length)`` handled by the driver, after ``delay``
+    preemption points of its own (the device comes back later)."""
     eng = run.engine
     assert eng is not None
     drv = run.driver
     for job in spec.get("jobs", []):
+        for _ in range(int(job.get("delay", 0))):
+            yield from sched.preempt_point("delay")
         start = resolve_addr(job["addr"], run.names)
         if start is None:
             continue

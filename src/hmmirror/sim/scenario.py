@@ -330,9 +330,10 @@ class GenCtx:
     """What the drawing functions see: the choices, the profile, the scenario so far and helpers."""
 
     def __init__(self, c: Choices, kernel: str, sc: SimScenario, weights: dict[str, float] | None,
-                 inject: bool = False) -> None:
+                 inject: bool = False, driver: str = "builtin") -> None:
         self.c = c
         self.kernel = kernel
+        self.driver = driver
         self.sc = sc
         self.maps: list[MapInfo] = []
         self.weights = weights or {}
@@ -528,6 +529,11 @@ def _shape_mapping(g: GenCtx, m: MapInfo, populate: bool = True, holes: bool = T
             setup.append({"op": "touch", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
                           "length": fmt_size(n * 4096), "access": how})
     if m.huge > 4096 or m.pages < 4:
+        if m.huge == 2 << 20 and m.pages >= 512 and c.flip(1, 6):
+            # a whole 2 MiB block read-only or PROT_NONE: its PMD leaf stays a leaf (change_huge_pmd)
+            first = 512 * c.below(m.pages // 512)
+            setup.append({"op": "mprotect", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
+                          "length": "2M", "prot": c.pick(("r", "none", "r"))})
         return
     if holes and c.flip(1, 6):                       # a gap inside: two VMAs with a hole between them
         first = 1 + c.below(m.pages - 2)
@@ -686,13 +692,15 @@ def _draw_pfnmap(g: GenCtx, name: str) -> MapInfo:
     c = g.c
     mixed = c.flip()
     pages = 1 + c.below(16)
-    prot = ("rw", "rw", "r")[c.below(3)]
+    prot = ("rw", "rw", "r", "none")[c.below(4)]
     dev = "mixedmap" if mixed else "pfnmap"
     g.sc.setup.append(_mmap_op(name, pages, prot, ["shared"], file=dev))
     m = MapInfo(name, "pfnmap", dev, pages, prot, shared=True, file=dev)
-    if mixed and c.flip():
-        g.spot(name, 0, pages)
-        g.sc.setup.append({"op": "touch", "addr": name, "length": fmt_size(pages * 4096), "access": "read"})
+    if mixed and prot != "none" and c.flip():      # fault in all of it, or a part (a PTE table with holes)
+        first, n = (0, pages) if c.flip() else g.near(name, pages, pages)
+        g.spot(name, first, n)
+        g.sc.setup.append({"op": "touch", "addr": f"{name}+{fmt_size(first * 4096)}" if first else name,
+                           "length": fmt_size(n * 4096), "access": "read"})
     return m
 
 
@@ -760,12 +768,20 @@ for _e in (Entry("touch", 8, _op_touch), Entry("munmap", 3, _op_munmap), Entry("
 
 
 # -- DEVICE_MODES: the HMM API modes of device jobs --------------------------------------------------------
+#: how long a device job waits before it starts, when it does (preemption points of its task): a device
+#: comes back to a range a while after the CPU threads and the background events have changed it, so that
+#: its walk meets what they left (a swap, migration, hwpoison or NUMA-hinting entry, an unmapped range)
+JOB_DELAY = 32
+
+
 def _job(g: GenCtx, mode: str, maxpages: int = 64, m: MapInfo | None = None) -> dict[str, Any]:
     _m, addr, n = g.rng(maxpages, m)
     write = g.choice("job", {"read": 1, "write": 1}) == "write"
     job: dict[str, Any] = {"addr": addr, "length": fmt_size(n * 4096), "write": write}
     if mode != "fault":
         job["mode"] = mode
+    if g.choice("job_start", {"now": 3, "later": 1}) == "later":
+        job["delay"] = 1 + g.c.below(JOB_DELAY)
     return job
 
 
@@ -856,6 +872,18 @@ def _anon_backed(m: MapInfo) -> bool:
     return m.kind == "anon" or (not m.shared and m.kind in ("file", "fsdax"))
 
 
+def _movable(m: MapInfo) -> bool:
+    """Mappings whose pages reclaim, migration and compaction move: anonymous pages (or COW copies) exist only
+    where the process can write (a read fault of a private mapping maps the zero page or the file's page)."""
+    return _anon_backed(m) and m.write
+
+
+def _reclaimable(m: MapInfo) -> bool:
+    """Anonymous pages the model's reclaim swaps out: 4 KiB ones (mm/swap.py model_swap_out; a THP is not
+    split for swap-out in the model)."""
+    return _movable(m) and m.huge == 4096
+
+
 def _mf_target(m: MapInfo) -> bool:
     return m.kind in ("anon", "file", "shmem", "fsdax", "devdax")
 
@@ -877,16 +905,23 @@ def _ev_page(kind: str, pred: Callable[[MapInfo], bool], length: bool = False, h
         first, n = g.near(m, maxpages)
         g.spot(m.name, first, n)
         addr = f"{m.name}+{fmt_size(first * 4096)}" if first else m.name
-        if m.prot != "none" and g.choice("ev_page", {"used": 1, "as_is": 1}) == "used":
+        if m.prot != "none" and g.choice("ev_page", {"used": 2, "as_is": 1}) == "used":
             g.sc.setup.append({"op": "touch", "addr": addr, "length": fmt_size(n * 4096),
                                "access": "write" if m.write else "read"})
         ev: dict[str, Any] = {"name": name, "kind": kind, "addr": addr}
         if length:
             ev["length"] = fmt_size(n * 4096)
         if hold:
-            ev["hold"] = 1 + g.c.below(8)
+            ev["hold"] = _hold(g)
         return ev
     return draw
+
+
+def _hold(g: GenCtx) -> int:
+    """Preemption points a migration keeps its migration entries installed: mostly a few, 1 time in 4 long
+    (migrate_pages() retries a folio it cannot move yet -- extra references, writeback -- up to 10 passes),
+    so that a walk meets the entry (feature ``hold:short|long``)."""
+    return 1 + g.c.below(8) if g.choice("hold", {"short": 3, "long": 1}) == "short" else 16 + g.c.below(48)
 
 
 def _ev_proc(kind: str) -> Callable[[GenCtx, str], dict[str, Any] | None]:
@@ -895,6 +930,26 @@ def _ev_proc(kind: str) -> Callable[[GenCtx, str], dict[str, Any] | None]:
             return None
         return {"name": name, "kind": kind, "proc": "p"}
     return draw
+
+
+def driver_runs_gc(driver: str, kernel: str) -> bool:
+    """Whether the ``gc`` event finds work with this driver: the built-in [5.2] mirror has a gc routine
+    (HmmMirrorDriver52.gc drops empty device page-table chunks); lib/test_hmm.c's dmirror has none, and
+    drm_gpusvm runs its garbage collector as a work item (a ``kworker`` task), not through ``gc()``; a user
+    driver when its class defines ``gc``."""
+    if driver in ("builtin", ""):
+        return not _profile(kernel).interval_notifiers
+    from hmmirror.sim.driver import load_driver
+    try:
+        cls = load_driver(driver)
+    except InputError:
+        return True
+    return callable(getattr(cls, "gc", None))
+
+
+def _migrates(g: GenCtx) -> bool:
+    """The scenario has a job that moves pages to device memory (the ``evict`` event moves them back)."""
+    return any(j.get("mode") == "migrate_dev" for d in g.sc.devices for j in d["jobs"])
 
 
 def _ev_pmem_unbind(g: GenCtx, name: str) -> dict[str, Any] | None:
@@ -920,15 +975,15 @@ def _needs(pred: Callable[[MapInfo], bool]) -> Callable[[GenCtx], bool]:
     return lambda g: any(pred(m) for m in g.maps)
 
 
-for _e in (Entry("reclaim", 3, _ev_page("reclaim", _anon_backed), needs=_needs(_anon_backed)),
+for _e in (Entry("reclaim", 3, _ev_page("reclaim", _reclaimable), needs=_needs(_reclaimable)),
            Entry("thp_split", 3, _ev_page("thp_split", _pmd_leaf), needs=_needs(_pmd_leaf)),
            Entry("khugepaged", 2, _ev_page("khugepaged", _thp_range), needs=_needs(_thp_range)),
-           Entry("migrate", 3, _ev_page("migrate", _anon_backed, hold=True), needs=_needs(_anon_backed)),
+           Entry("migrate", 3, _ev_page("migrate", _movable, hold=True), needs=_needs(_movable)),
            Entry("numa", 2, _ev_page("numa", _anon_vma, length=True, maxpages=8), needs=_needs(_anon_vma)),
            Entry("memory_failure", 3, _ev_page("memory_failure", _mf_target), needs=_needs(_mf_target)),
            Entry("pmem_unbind", 3, _ev_pmem_unbind, needs=_has_devdax), Entry("oom_reap", 3, _ev_proc("oom_reap")),
            Entry("notifier_churn", 2, _ev_proc("notifier_churn")), Entry("exit", 3, _ev_proc("exit")),
-           Entry("gc", 1, _ev_plain("gc"))):
+           Entry("gc", 1, _ev_plain("gc"), needs=lambda g: driver_runs_gc(g.driver, g.kernel))):
     register("event", _e)
 
 
@@ -945,17 +1000,38 @@ def _ev_close(g: GenCtx, name: str) -> dict[str, Any] | None:
     return {"name": name, "kind": "close"}
 
 
-for _e in (Entry("compact", 2, _ev_page("compact", _anon_backed, hold=True), needs=_needs(_anon_backed)), Entry("clear_refs", 1, _ev_clear_refs),
-           Entry("close", 1, _ev_close), Entry("evict", 2, _ev_plain("evict"), profiles=MODERN)):
+for _e in (Entry("compact", 2, _ev_page("compact", _movable, hold=True), needs=_needs(_movable)), Entry("clear_refs", 1, _ev_clear_refs),
+           Entry("close", 1, _ev_close), Entry("evict", 2, _ev_plain("evict"), profiles=MODERN, needs=_migrates)):
     register("event", _e)
 
 # devsim: device-memory jobs (6.x): migrate a range to device memory and back, take it exclusive (the CPU
 # faults that bring the pages back come from the CPU threads' touches); drivers without ``fault_mode`` run
 # them as plain faults.  On by default for 6.18 (what dmirror reports with them is judged in
 # docs/known-behaviours.md, M2-M3).
-for _e in (Entry("migrate_dev", 4, _mode("migrate_dev"), profiles=MODERN),
+def _migratable(m: MapInfo) -> bool:
+    """Mappings with pages migrate_vma_setup can move to device memory: anonymous ones, and the COW copies of
+    private file mappings (migrate_vma_setup refuses DAX, hugetlb and VM_SPECIAL VMAs; migrate_vma_pages
+    leaves page-cache and shmem pages where they are; dmirror refuses a VMA without VM_READ)."""
+    return (m.kind == "anon" or (not m.shared and m.kind == "file")) and m.prot != "none"
+
+
+def _mode_devmem(name: str, pred: Callable[[MapInfo], bool]) -> Callable[[GenCtx], dict[str, Any]]:
+    """A device-memory job (``migrate_dev``, ``exclusive``): both act on anonymous pages only
+    (migrate_vma_collect_pmd, make_device_exclusive), so 7 times in 8 the job picks a mapping holding such
+    pages (feature ``dev_target:fit|any``), and half of the time the set-up writes its pages first
+    (``dev_page:used|as_is``; in a private file or DAX mapping that makes the COW copies these jobs act on)."""
+    def draw(g: GenCtx) -> dict[str, Any]:
+        m = g.pick_map(pred) if g.choice("dev_target", {"fit": 7, "any": 1}) == "fit" else None
+        job = _job(g, name, m=m)
+        if m is not None and m.write and g.choice("dev_page", {"used": 1, "as_is": 1}) == "used":
+            g.sc.setup.append({"op": "touch", "addr": job["addr"], "length": job["length"], "access": "write"})
+        return job
+    return draw
+
+
+for _e in (Entry("migrate_dev", 4, _mode_devmem("migrate_dev", _migratable), profiles=MODERN),
            Entry("migrate_sys", 2, _mode("migrate_sys"), profiles=MODERN),
-           Entry("exclusive", 2, _mode("exclusive"), profiles=MODERN)):
+           Entry("exclusive", 2, _mode_devmem("exclusive", lambda m: _anon_backed(m) and m.prot != "none"), profiles=MODERN)):
     register("mode", _e)
 
 
@@ -969,7 +1045,7 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
              events: tuple[str, ...] | None = None, weights: dict[str, float] | None = None,
              inject: bool = False, features: list[str] | None = None) -> SimScenario:
     """Draw a scenario: 1-3 mappings (plus their set-up), 1-2 CPU threads, 1-2 device jobs with API modes,
-    0-3 background events -- each picked by weight from the drawing tables.
+    0-4 background events -- each picked by weight from the drawing tables.
 
     ``kinds``/``events`` restrict the mapping and event kinds; ``weights`` scales entries (``"table:name"``
     -> factor; the campaign's steering); ``inject`` allows opt-in entries; ``features`` (a list) receives
@@ -980,7 +1056,7 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
                               "thp": {"enabled": c.pick(("madvise", "always", "never"))}}, driver=driver)
     from hmmirror.sim.driver import run_steps_factor
     sc.max_steps = GENERATED_MAX_STEPS * run_steps_factor(driver)      # the driver's own factor (devsim)
-    g = GenCtx(c, kernel, sc, weights, inject)
+    g = GenCtx(c, kernel, sc, weights, inject, driver)
     for _ in range(1 + c.below(3)):
         e = g.choose("mapping", g.usable("mapping", kinds))
         if e is None:
@@ -1013,7 +1089,7 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
         sc.devices.append({"name": f"dev{d}", "jobs": jobs})
     usable_ev = g.usable("event", events)
     if usable_ev:
-        for k in range(c.below(4)):
+        for k in range(c.below(5)):
             e = g.choose("event", usable_ev)
             ev = e.draw(g, f"ev{k}") if e is not None else None
             if ev is not None:
