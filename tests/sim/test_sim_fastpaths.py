@@ -310,14 +310,18 @@ def test_log_records_routed_by_kind_give_the_runs_of_every_hook_hearing_all(monk
             heard[cls.__name__] = heard.get(cls.__name__, 0) + 1
         monkeypatch.setattr(cls, "on_log", on_log)
 
+    ref = _runs_with_coverage(cases)               # every on_log hears every record
+    assert fast == ref
     from hmmirror.sim.coverage import RunCoverage
     for inst in default_invariants() + [RunCoverage("6.18")]:
         cls = type(inst)
         if getattr(cls, "log_kinds", None) is not None and cls not in patched:
             patched.add(cls)
             spy(cls)
-    ref = _runs_with_coverage(cases)
-    assert fast == ref
+    # the spied runs check the state of every instrument; their outcome is not compared: the spy is one more
+    # frame between the logging model function and on_log, and Tracker reads the caller's locals by frame
+    # depth (sys._getframe(2): the migrate_vma args, the notifier range), so a spied Tracker judges otherwise
+    _runs_with_coverage(cases)
     assert len(patched) >= 8 and len(heard) >= 8, (patched, heard)
 
 

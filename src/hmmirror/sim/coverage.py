@@ -379,6 +379,11 @@ def _entries(kernel: str) -> dict[str, dict[str, set[str]]]:
     }
 
 
+#: VMA kinds mapped shared and writable without write-notify (no page_mkwrite, no dirty accounting):
+#: vm_page_prot is writable, so every present entry of a writable VMA is writable from its first fault
+SHARED_WRITABLE = ("shmem", "devdax", "mixedmap")
+
+
 def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
     """Return paths of a handler for an entry (hmm-5.2.md §13 / hmm-modern.md §4.6), fault and snapshot modes:
     ``0`` reported, ``-EBUSY`` faulted (or waited) and the walk restarts, ``-EFAULT`` an error entry or a
@@ -408,6 +413,11 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
         # dev_dax_huge_fault refuses first (the device is dying: kill_dax cleared DAXDEV_ALIVE, the PUD is
         # still mapped until kill_dev_dax unmaps it) is VM_FAULT_SIGBUS: -EFAULT
         return {"0", "-EFAULT"} if five else {"0", "-EBUSY", "-EFAULT", "-EPERM"}
+    if not five and vk in SHARED_WRITABLE and entry in ("present", "devmap") and fn in ("pte", "pmd", "pud"):
+        # [6.x, model] such an entry is writable from its first fault in a writable VMA, read-only in a
+        # read-only one: a fault is needed only for a write in a read-only VMA, and refused there (-EPERM);
+        # see unreachable_reasons (soft-dirty)
+        return {"0"} | perm
     r = {"0", "-EBUSY"}
     if entry == "hwpoison":                           # [6.x] reported as 0 when no fault is requested there
         return {"-EFAULT"} if five else {"0", "-EFAULT"}
@@ -559,6 +569,15 @@ def unreachable_reasons(kernel: str, driver: str = "builtin") -> list[dict[str, 
         out.append({"cells": "snapshot x -EFAULT|-EPERM",
                     "reason": "[6.x] with no request hmm_range_fault faults nothing: -EFAULT and -EPERM come only "
                               "from a required fault (hmm_vma_fault, hmm_vma_walk_test, the PTE/PMD handlers)"})
+        out.append({"cells": "shmem|devdax|mixedmap x pte|pmd|pud x present|devmap x -EBUSY|-EFAULT",
+                    "reason": "[model limit, not the kernel's] shmem, device-dax and mixedmap mappings are shared "
+                              "and writable without write-notify (no page_mkwrite, no writeback: vm_page_prot is "
+                              "writable), so a present entry is writable from its first fault and the walk never "
+                              "needs to fault it in a writable VMA (in a read-only one hmm_vma_fault refuses the "
+                              "write: -EPERM); mprotect back to writable and fork keep it writable.  The kernel "
+                              "write-protects such entries only through clear_refs soft-dirty (clear_soft_dirty, "
+                              "then VM_SOFTDIRTY write-notify), which the model applies to anonymous VMAs only "
+                              "(sim/kevents.py clear_refs_write: a simplification)"})
         out.append({"cells": "file x -EAGAIN",
                     "reason": "[6.x] hmm_vma_fault calls handle_mm_fault without FAULT_FLAG_ALLOW_RETRY: no "
                               "VM_FAULT_RETRY"})
