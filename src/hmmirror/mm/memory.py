@@ -1002,8 +1002,16 @@ def release_entries(machine: Any, ents: Any, pte_level: bool) -> None:
         if pfns.size:
             np.subtract.at(mem.mapcount, pfns, 1)
             heads = pfns & ~((1 << mem.order[pfns].astype(np.int64)) - 1)
+            dev = heads >= mem.nr_ram
+            if dev.any():
+                # ZONE_DEVICE pages (DAX under dax_refcounted, device-coherent): put_page() one reference at a
+                # time, so its device path runs (memremap.put_device_page: page_free when idle again, the
+                # page's pgmap reference at zero) -- as the huge leaves' zap (_account_leaf) does
+                for h in heads[dev].tolist():
+                    mem.put_page(h)
+                heads = heads[~dev]
             np.subtract.at(mem.refcount, heads, 1)
-            dead = np.unique(heads[(mem.refcount[heads] == 0) & (heads < mem.nr_ram)])
+            dead = np.unique(heads[mem.refcount[heads] == 0])
             for h in dead.tolist():
                 mem.free_folio(h)
     swap = ~present & ((ents & ~np.uint64(x86._PAGE_ACCESSED | x86._PAGE_DIRTY)) != 0)
