@@ -3,6 +3,7 @@ reproducer re-triggers its violation"); the reproducers of model bugs that were 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import pytest
 from hmmirror.sim.replay import replay_file
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "sim-reproducers"
+# reproducers found with the toy drivers of tests/sim/sim_toy_drivers.py name them as
+# ``sim_toy_drivers:Class`` (their header says: tests/sim on PYTHONPATH); --import-mode=importlib adds nothing
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 KEPT = sorted(DOCS.glob("*.toml"))
 FIXED = sorted((DOCS / "fixed").glob("*.toml"))
 
