@@ -103,7 +103,16 @@ def main() -> None:
                            "known_stop_fraction": res.get("known_stop_fraction"),
                            "rejected_draws": res.get("rejected_draws"), "coverage": (res.get("coverage") or {}).get("percent"),
                            "new": res.get("new"), "new_signatures": [f["signature"] for f in res.get("findings", [])],
-                           "known_hits": res.get("known_hits"), "error": res.get("error")}
+                           "known_hits": res.get("known_hits"), "error": res.get("error"),
+                           "load_after": os.getloadavg(),
+                           "coverage_missing": {k: v.get("missing") for k, v in
+                                                ((res.get("coverage") or {}).get("grids") or {}).items()}}
+        ag = report["again"]
+        # the measure, said plainly: runs whose findings were ALL known (a run that also found something
+        # new is not one spent on known signatures), of the runs made
+        ag["summary"] = (f"{ag['known_runs']} of {ag['runs']} runs ({100 * (ag['known_fraction'] or 0):.1f} %) found "
+                         f"only known signatures; new signatures: {ag['new'] or 0}"
+                         if ag.get("runs") else "no runs")
         print(json.dumps(report["again"]), flush=True)
     if a.kernel == "5.2":
         found = {k: sum(c.get("behaviours", {}).get(k, False) for c in report["campaigns"]) for k in BEHAVIOURS_5_2}

@@ -21,7 +21,8 @@ def _scenario() -> SimScenario:
                {"op": "mmap", "as": "m1", "length": "16K", "prot": "r", "flags": ["shared", "anonymous"]}],
         "sim": {"driver": "builtin", "mirror": "p",
                 "thread": [{"name": "cpu0", "proc": "p",
-                            "ops": [{"op": "munmap", "addr": "m0+8K", "length": "4K"}]}],
+                            "ops": [{"op": "munmap", "addr": "m0+8K", "length": "4K"},
+                                    {"op": "touch", "addr": "m0+48K", "length": "4K", "access": "read"}]}],
                 "device": [{"name": "dev0", "jobs": [
                     {"addr": "m0", "length": "16K", "write": False},                   # reads the zero pages
                     {"addr": "m0-8K", "length": "24K", "write": True, "mode": "fault_nonblock"},   # from below
@@ -35,10 +36,11 @@ def test_job_features_name_the_pages_each_job_walks():
     jobs = job_features(_scenario())
     assert len(jobs) == 5                                       # four jobs, then the events
     read, below, snap, shm, events = (set(j) for j in jobs)
-    assert {"x:fault:r", "x:r:anon", "x:r:anon:r", "x:r:in", "x:r:cpu:munmap"} <= read
+    assert {"x:fault:r", "x:r:anon", "x:r:anon:r", "x:r:in", "x:r:cpu:munmap", "x:r:ev:memory_failure"} <= read
     assert not any(f.endswith(":gap") for f in read)            # pages 0-3: the gap is at 10-11
     assert {"x:fault_nonblock:w", "x:w:below", "x:w:anon:r"} <= below
-    assert {"x:snapshot:s", "x:s:gap", "x:s:past", "x:s:anon:n"} <= snap and "x:s:cpu:munmap" not in snap
+    assert {"x:snapshot:s", "x:s:gap", "x:s:past", "x:s:anon:n", "x:s:cpu:touch_r"} <= snap
+    assert "x:s:cpu:munmap" not in snap and "x:s:ev:memory_failure" not in snap     # pages 2 and 1: not 8-16
     assert {"x:w:shmem", "x:w:shmem:n", "x:w:shmem:prot", "x:w:in"} <= shm   # a read-only mapping written
     assert events == {"x:ev:memory_failure:anon", "x:ev:oom_reap:-"}
 
@@ -86,8 +88,13 @@ def test_job_features_persist_and_drive_the_known_only_model(tmp_path):
     again.load(str(tmp_path / ".steering.json"))
     again.fit({known})
     assert again.model["mil"] == st.model["mil"]
-    assert known_only_estimate(again.model, ["mode:fault"], [["x:r:anon", "x:r:below"], []]) > 0.7
-    assert known_only_estimate(again.model, ["mode:fault"], [["x:w:anon", "x:w:in"], []]) < 0.35
+    culprit, harmless = [["x:r:anon", "x:r:below"], []], [["x:w:anon", "x:w:in"], []]
+    assert noisy_or(again.model["mil"], bag(["mode:fault"], culprit)) > 0.7
+    assert noisy_or(again.model["mil"], bag(["mode:fault"], harmless)) < 0.35
+    # the estimate a scenario is judged by: the mean of that and the logistic model of the draw counts (which
+    # cannot tell the two apart here: the same draws)
+    assert known_only_estimate(again.model, ["mode:fault"], culprit) > \
+        known_only_estimate(again.model, ["mode:fault"], harmless) + 0.2
     again.fit(set())                                            # before that signature was known: no model
     assert "mil" not in again.model
 

@@ -296,14 +296,18 @@ def known_only_estimate(model: dict[str, Any] | None, features: list[str],
 
     if not model:
         return 0.0
+    est = []
     if model.get("mil") and jobs is not None:
         from hmmirror.sim.steer_features import bag, noisy_or
-        return noisy_or(model["mil"], bag(features, jobs))
+        est.append(noisy_or(model["mil"], bag(features, jobs)))
     beta = model.get("beta", {})
-    if not beta and "b0" not in model:
-        return 0.0
-    t = float(model.get("b0", 0.0)) + sum(beta.get(f, 0.0) for f in features)
-    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, t))))
+    if beta or "b0" in model:
+        t = float(model.get("b0", 0.0)) + sum(beta.get(f, 0.0) for f in features)
+        est.append(1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, t)))))
+    # both: their mean (each model is wrong where the other is not: the scenarios the steering picks are
+    # where its model's estimate is lowest -- offline, 5.2, 1 000 runs to learn from: 17 % known-only among
+    # the runs picked, against 19 % with the noisy-OR model alone and 23 % with the logistic one)
+    return sum(est) / len(est) if est else 0.0
 
 
 def accept_probability(model: dict[str, Any] | None, features: list[str],

@@ -10,7 +10,9 @@ them tells the runs that only re-trigger a known signature from the others poorl
 :func:`scenario_features` derives, per device job, features of the job's API mode and access x the VMA kind it
 covers x what the set-up did to those pages (read / written / neither), the range shape (inside, past the end,
 starting below the mapping: in a gap or a neighbour), a gap inside the range, the mapping's protection and, for
-fsdax, the file's content; per background event its kind x the VMA kind it acts on.  They name scenario
+fsdax, the file's content; the CPU operations racing on those pages (a read touch, a write touch, which madvise);
+the background events acting on those pages (memory_failure, migrate...); per background event its kind x the VMA
+kind it acts on.  They name scenario
 properties only (never a finding), prefixed ``x:`` so that the generator's weights never read them: they feed the
 known-only model that decides whether a drawn scenario is run (:func:`hmmirror.sim.fuzz.accept_probability`).
 """
@@ -93,8 +95,19 @@ def job_features(sc: Any) -> list[list[str]]:
         for op in t.get("ops", []):
             w = _where(op.get("addr", ""))
             if w is not None and w[0] in maps:
-                racing.setdefault(w[0], []).append(((w[1], w[1] + _pages(op.get("length", 4096))),
-                                                    str(op.get("op"))))
+                what = str(op.get("op"))
+                if what == "touch":                   # a read touch of an anonymous page maps the zero page
+                    what += "_" + str(op.get("access", "read"))[0]
+                elif what == "madvise":
+                    what += "_" + str(op.get("advice", "-"))
+                racing.setdefault(w[0], []).append(((w[1], w[1] + _pages(op.get("length", 4096))), what))
+    # background events on pages of a mapping (memory_failure, migrate, ...): those on a job's pages
+    on_pages: dict[str, list[tuple[tuple[int, int], str]]] = {}
+    for ev in sc.events:
+        w = _where(ev.get("addr", "")) if ev.get("addr") else None
+        if w is not None and w[0] in maps:
+            n = _pages(ev["length"]) if ev.get("length") else int(ev.get("pages", 1) or 1)
+            on_pages.setdefault(w[0], []).append(((w[1], w[1] + n), str(ev.get("kind"))))
 
     def meets(a: tuple[int, int], b: tuple[int, int]) -> bool:
         return a[0] < b[1] and b[0] < a[1]
@@ -122,6 +135,7 @@ def job_features(sc: Any) -> list[list[str]]:
             if any(meets(s, span) for s in m["gaps"]):
                 out.append(f"x:{acc}:gap")
             out += [f"x:{acc}:cpu:{o}" for o in sorted({o for s, o in racing.get(w[0], ()) if meets(s, span)})]
+            out += [f"x:{acc}:ev:{e}" for e in sorted({e for s, e in on_pages.get(w[0], ()) if meets(s, span)})]
     out = []
     for ev in sc.events:
         w = _where(ev.get("addr", "")) if ev.get("addr") else None
