@@ -82,6 +82,7 @@ def main() -> None:
         sigs = [f["signature"] for f in res.get("findings", [])]
         entry = {"seed": seed, "load_before": load0, "load_after": os.getloadavg(),
                  "runs": res.get("runs"), "steps": res.get("steps"), "new": res.get("new"),
+                 "search_seconds": res.get("search_seconds"), "runs_per_s_per_worker": res.get("runs_per_s_per_worker"),
                  "signatures": sigs, "coverage": (res.get("coverage") or {}).get("percent"),
                  "coverage_grids": (res.get("coverage") or {}).get("grids"), "wall": res["wall"], "rc": res["rc"],
                  "error": res.get("error")}
@@ -99,6 +100,8 @@ def main() -> None:
         # (not --fresh: a user's next campaign on those findings, with what the first one saved there)
         res = run(a.kernel, a.again, a.seconds, a.jobs, os.path.join(a.out, f"{a.kernel}-{first}"), fresh=False)
         report["again"] = {"seed": a.again, "on": first, "runs": res.get("runs"), "generated": res.get("generated"),
+                           "steps": res.get("steps"), "search_seconds": res.get("search_seconds"),
+                           "runs_per_s_per_worker": res.get("runs_per_s_per_worker"),
                            "known_runs": res.get("known_runs"), "known_fraction": res.get("known_fraction"),
                            "known_stop_fraction": res.get("known_stop_fraction"),
                            "rejected_draws": res.get("rejected_draws"), "coverage": (res.get("coverage") or {}).get("percent"),

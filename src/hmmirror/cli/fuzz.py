@@ -109,6 +109,7 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, das
                "unconfirmed": result.get("unconfirmed", []),
                "runs": result["runs"], "generated": result["generated"], "steps": result["steps"],
                "interrupted": bool(result.get("interrupted")), "new": result.get("new", 0),
+               "known_at_start": result.get("known_at_start", 0),
                "known_runs": result.get("known_runs", 0), "known_fraction": result.get("known_fraction", 0.0),
                "known_stop_fraction": result.get("known_stop_fraction", 0.0),
                "multi_finding_runs": result.get("multi_finding_runs", 0), "known_hits": result.get("known_hits", {}),
