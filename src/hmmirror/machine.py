@@ -161,7 +161,7 @@ class Machine:
 
     def model_bytes(self) -> dict[str, int]:
         """Bytes of model state: page tables, per-page metadata, stored page contents."""
-        contents = sum(len(b) for b in self.mem.contents.values())
+        contents = self.mem.contents.nbytes()
         return {
             "page_tables": self.pool.tables.nbytes + self.pool.level.nbytes,
             "page_tables_live": self.pool.nbytes(),

@@ -481,7 +481,7 @@ class DaxFs(FileSystemType):
             inode.set_blocks(0, n, state)
             mem = self.machine.mem
             for p in (self.pmem.start_pfn + pblk[:n]).tolist():
-                mem.contents.pop(p, None)             # fresh blocks read as zeroes
+                mem.clear(p)                          # fresh blocks read as zeroes
         return inode
 
     def mmap(self, file: File, vma: VMA) -> int:
@@ -508,9 +508,8 @@ class DaxFs(FileSystemType):
                 dax_pblk(inode)
             if size < old:
                 tail = self.block_pfn(inode, size >> 12) if size & (PAGE_SIZE - 1) else -1
-                data = self.machine.mem.contents.get(tail) if tail >= 0 else None
-                if data is not None:                   # ext4_block_truncate_page(): zero the partial block
-                    data[size & (PAGE_SIZE - 1):] = bytes(PAGE_SIZE - (size & (PAGE_SIZE - 1)))
+                if tail >= 0:                          # ext4_block_truncate_page(): zero the partial block
+                    self.machine.mem.zero(tail, size & (PAGE_SIZE - 1), PAGE_SIZE)
                 inode.i_size = size
                 yield from truncate_pagecache(inode, size)
                 dax_entries(inode).delete_from(n_new)

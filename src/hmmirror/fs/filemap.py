@@ -401,9 +401,7 @@ def xfs_truncate_page(inode: Inode, pos: int) -> None:
     frames = inode.i_mapping.lookup_range(first, last)
     frames = frames[frames >= 0]
     mem.flags[frames] |= np.uint32(PG.dirty)                 # iomap_write_end() -> filemap_dirty_folio()
-    if pfn in mem.contents:
-        off = pos & (PAGE_SIZE - 1)
-        mem.contents[pfn][off:] = bytes(PAGE_SIZE - off)
+    mem.zero(pfn, pos & (PAGE_SIZE - 1), PAGE_SIZE)
 
 
 class PageCacheFs(FileSystemType):

@@ -168,11 +168,7 @@ def alloc_huge_page(vma: "VMA", addr: int) -> int:
 
 def _copy_huge_page(mem: "PhysMem", dst: int, src: int, nr: int) -> None:
     """copy_user_huge_page(): only frames with stored contents cost anything."""
-    if nr > len(mem.contents):
-        keys = [p for p in mem.contents if src <= p < src + nr]
-    else:
-        keys = [p for p in range(src, src + nr) if p in mem.contents]
-    for p in keys:
+    for p in mem.contents.stored_in(src, src + nr):
         mem.copy(dst + (p - src), p)
 
 

@@ -490,7 +490,7 @@ def free_zone_device_folio(machine: "Machine", pgmap: DevPagemap, pfn: int) -> N
     if mem.flags[pfn] & PG.locked:
         sched.report("BUG_ON", f"device page {pfn:#x} freed while locked")
     mem.flags[pfn] = PG.device
-    mem.contents.pop(pfn, None)
+    mem.clear(pfn)
     machine.counters["free_zone_device_folio"] += 1
     if pgmap.ops is not None and pgmap.ops.page_free is not None:
         pgmap.ops.page_free(pgmap, pfn)

@@ -12,8 +12,9 @@ Counting convention (the model's; the kernel stores ``_mapcount`` off by one):
   The zero page, the huge zero folio and special (PFNMAP) frames are not counted by mappings; DAX frames are
   counted or not according to the kernel profile.
 
-Page contents are stored sparsely: only frames whose bytes a data-carrying operation wrote hold a
-``bytearray``; every other frame reads as zeroes.
+Page contents are stored sparsely (mm/page_contents.py): a frame whose nonzero bytes are all in its first 8
+(a data tag) is one integer in a per-chunk array, a frame with more holds a ``bytearray``; every other frame
+reads as zeroes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from __future__ import annotations
 import numpy as np
 
 from hmmirror.arch.x86.pgtable import HPAGE_PMD_NR, HPAGE_PUD_NR, PAGE_SIZE
+from hmmirror.mm.page_contents import DictContents, PageContents
+
+#: the sparse content store; False: the reference (a ``bytearray`` per written page)
+SPARSE_CONTENTS = True
 
 
 class PG:
@@ -63,7 +68,7 @@ class PhysMem:
         self.mapcount = np.zeros(n, dtype=np.int32)
         self.flags = np.zeros(n, dtype=np.uint32)
         self.order = np.zeros(n, dtype=np.uint8)
-        self.contents: dict[int, bytearray] = {}
+        self.contents: PageContents | DictContents = PageContents() if SPARSE_CONTENTS else DictContents()
         self.flags[:] = PG.buddy
         self._init_pools(hugepages_2m, hugepages_1g)
         reserved = self.alloc_page()               # pfn 0 stays reserved (as low memory on x86)
@@ -225,14 +230,7 @@ class PhysMem:
         order = int(self.order[head])
         n = 1 << order
         fl = int(self.flags[head])
-        contents = self.contents
-        if contents:
-            if n <= len(contents):
-                for p in range(head, head + n):
-                    contents.pop(p, None)
-            else:                                  # a huge folio, few stored pages: look at those
-                for p in [p for p in contents if head <= p < head + n]:
-                    del contents[p]
+        self.contents.drop_range(head, head + n)
         self.mapcount[head: head + n] = 0
         self.refcount[head: head + n] = 0
         if fl & PG.hugetlb:
@@ -280,29 +278,23 @@ class PhysMem:
     # -- contents ------------------------------------------------------------------------------------------
     def read(self, pfn: int, offset: int = 0, length: int = PAGE_SIZE) -> bytes:
         """Bytes of a frame (zeroes where nothing was ever written)."""
-        data = self.contents.get(pfn)
-        if data is None:
-            return bytes(length)
-        return bytes(data[offset: offset + length])
+        return self.contents.read(pfn, offset, length)
 
     def write(self, pfn: int, offset: int, data: bytes) -> None:
         """Store bytes into a frame (a data-carrying write by the CPU or a device)."""
-        buf = self.contents.get(pfn)
-        if buf is None:
-            buf = self.contents[pfn] = bytearray(PAGE_SIZE)
-        buf[offset: offset + len(data)] = data
+        self.contents.write(pfn, offset, data)
+
+    def zero(self, pfn: int, offset: int, stop: int) -> None:
+        """Zero bytes ``[offset, stop)`` of a frame (a partial-page truncate or block zeroing)."""
+        self.contents.zero(pfn, offset, stop)
 
     def copy(self, dst: int, src: int) -> None:
         """copy_user_highpage(): copy contents (only stored bytes cost memory)."""
-        data = self.contents.get(src)
-        if data is None:
-            self.contents.pop(dst, None)
-        else:
-            self.contents[dst] = bytearray(data)
+        self.contents.copy(dst, src)
 
     def clear(self, pfn: int) -> None:
         """clear_page()."""
-        self.contents.pop(pfn, None)
+        self.contents.discard(pfn)
 
     def nbytes(self) -> int:
         """Bytes of per-page metadata (the struct-page arrays)."""

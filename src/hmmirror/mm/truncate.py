@@ -196,10 +196,10 @@ def truncate_inode_pages_range(mapping: "AddressSpace", lstart: int, lend: int) 
         yield from truncate_inode_partial_folio(mapping, lstart)
     if lstart & (PAGE_SIZE - 1):
         pfn = mapping.find_page(lstart >> PAGE_SHIFT)
-        if pfn >= 0 and pfn in mem.contents:
+        if pfn >= 0:
             off = lstart & (PAGE_SIZE - 1)
             stop = PAGE_SIZE if lend < 0 or (lend >> PAGE_SHIFT) > (lstart >> PAGE_SHIFT) else (lend & (PAGE_SIZE - 1)) + 1
-            mem.contents[pfn][off:stop] = bytes(stop - off)
+            mem.zero(pfn, off, stop)
     return mapping.delete_range(mem, start, end)
 
 

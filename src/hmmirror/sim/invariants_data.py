@@ -118,7 +118,7 @@ def _device_access_range(run: Any, st: Any, mm: Any, pt: Any, t: Any, alias: Any
     ents = pt.entries
     n = (end - start) >> PAGE_SHIFT
     if n <= len(ents):
-        got = [ents.get(va) for va in range(start, end, PAGE_SIZE)]
+        got = list(map(ents.get, range(start, end, PAGE_SIZE)))
         idx = [i for i, g in enumerate(got) if g is not None]
         items = [got[i] for i in idx]
     else:
@@ -150,23 +150,12 @@ def _device_access_range(run: Any, st: Any, mm: Any, pt: Any, t: Any, alias: Any
     pfns = dpfn[sel].tolist()
     if alias is not None:                          # the driver keeps the bytes of its device page elsewhere
         pfns = [a if a >= 0 else p for p, a in ((p, alias(p)) for p in pfns)]
-    writes = (dw[sel] & write).tolist()
-    mem = run.machine.mem
-    contents = mem.contents
+    wr = dw[sel] & write
+    writes = wr.tolist()
+    contents = run.machine.mem.contents
     seq = getattr(run, "data_seq", 0)
-    values: list[int] = []
-    for pfn, w in zip(pfns, writes):
-        if w:
-            seq += 1
-            tag = TAG_MAGIC | (seq & ((1 << 56) - 1))
-            buf = contents.get(pfn)
-            if buf is None:
-                buf = contents[pfn] = bytearray(PAGE_SIZE)
-            buf[0:8] = tag.to_bytes(8, "little")
-            values.append(tag)
-        else:
-            buf = contents.get(pfn)
-            values.append(int.from_bytes(buf[0:8], "little") if buf is not None else 0)
+    values = _store_load_tags(contents, np.array(pfns, dtype=np.int64), wr, seq)
+    seq += int(np.count_nonzero(wr))
     if seq:
         run.data_seq = seq
     eng = run.engine
@@ -177,6 +166,32 @@ def _device_access_range(run: Any, st: Any, mm: Any, pt: Any, t: Any, alias: Any
     else:                                          # an instrument that hears page by page: all of them do
         for va, pfn, w, v in zip(vas, pfns, writes, values):
             eng.emit("data_access", st, mm, va, pfn, w, v.to_bytes(8, "little"), "device")
+
+
+def _store_load_tags(contents: Any, pfns: np.ndarray, writes: np.ndarray, seq: int) -> list[int]:
+    """Page ``i`` in order: a write stores the next tag (``seq + 1``, ``seq + 2``, ... in the top-byte-``0xD1``
+    form), a read loads the page's first 8 bytes; returns the values stored or loaded (integers).  One pass of
+    arrays when the pages are distinct; in order page by page when one repeats (a read after a write of the same
+    page sees it)."""
+    tags = (np.cumsum(writes, dtype=np.uint64) + np.uint64(seq)) & np.uint64((1 << 56) - 1)
+    tags |= np.uint64(TAG_MAGIC)
+    srt = np.sort(pfns)
+    if not (srt[1:] == srt[:-1]).any():
+        out = tags.copy()
+        rd = ~writes
+        if rd.any():
+            out[rd] = contents.load_tags(pfns[rd])
+        if writes.any():
+            contents.store_tags(pfns[writes], tags[writes])
+        return out.tolist()
+    values: list[int] = []
+    for pfn, w, tag in zip(pfns.tolist(), writes.tolist(), tags.tolist()):
+        if w:
+            contents.set_tag(pfn, tag)
+            values.append(tag)
+        else:
+            values.append(contents.get_tag(pfn))
+    return values
 
 
 class _Records:
