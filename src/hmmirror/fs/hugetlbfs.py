@@ -8,8 +8,7 @@ internal mount of the requested size (``MAP_HUGE_1GB`` selects 1 GiB, ``MAP_HUGE
 
 from __future__ import annotations
 
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PMD_SIZE, PUD_SIZE
 from hmmirror.errors import InputError
@@ -117,12 +116,11 @@ def remove_inode_hugepages(inode: Inode, lstart: int, lend: int) -> int:
 
 
 # --- MAP_HUGETLB -------------------------------------------------------------------------------------------
-_hugetlbfs_vfsmount: "weakref.WeakKeyDictionary[Any, dict[int, SuperBlock]]" = weakref.WeakKeyDictionary()
-
-
 def hugetlbfs_vfsmount(machine: "Machine", hsize: int) -> SuperBlock:
-    """The internal hugetlbfs mount of an hstate (``hugetlbfs_vfsmount[hstate_index]``)."""
-    per = _hugetlbfs_vfsmount.setdefault(machine, {})
+    """The internal hugetlbfs mount of an hstate (``hugetlbfs_vfsmount[hstate_index]``).  Kept on the machine:
+    a module-level table keyed by the machine (even weakly) would keep it alive through the mount's own
+    reference to it -- every machine that ever mapped MAP_HUGETLB, with all its arrays and page bytes."""
+    per = machine.__dict__.setdefault("_hugetlbfs_vfsmount", {})
     sb = per.get(hsize)
     if sb is None:
         sb = per[hsize] = SuperBlock(machine, f"<hugetlbfs {hsize >> 20}M>", "hugetlbfs", HugetlbFs(machine),

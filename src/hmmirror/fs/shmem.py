@@ -20,8 +20,7 @@ Rules (mm-substrate.md §4.2, §5.6, obs B1-B6, C1/C2/C9, H-T1..3):
 
 from __future__ import annotations
 
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -188,16 +187,14 @@ class ShmemFs(FileSystemType):
 
 
 # --- the internal mount: shared anonymous memory and memfd ----------------------------------------------
-_shm_mnt: "weakref.WeakKeyDictionary[Any, SuperBlock]" = weakref.WeakKeyDictionary()
-
-
 def shm_mnt(machine: "Machine") -> SuperBlock:
-    """The kernel-internal tmpfs mount (``shm_mnt``) of a machine: shared anonymous memory and memfds."""
-    sb = _shm_mnt.get(machine)
+    """The kernel-internal tmpfs mount (``shm_mnt``) of a machine: shared anonymous memory and memfds.  Kept
+    on the machine (a module-level table keyed by the machine kept every machine alive through the mount)."""
+    sb = machine.__dict__.get("_shm_mnt")
     if sb is None:
         sb = SuperBlock(machine, "<shm_mnt>", "tmpfs", ShmemFs(machine))
         sb.s_fs_info["internal"] = True
-        _shm_mnt[machine] = sb
+        machine.__dict__["_shm_mnt"] = sb
     return sb
 
 
