@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hmmirror.arch.x86 import pgtable as x86
-from hmmirror.mm.debug import _SCRATCH, _segments, check_counts, check_counts_reference
+from hmmirror.mm.debug import _SCRATCH, _segments, check_counts, check_counts_reference, poisoned_refs_of
+from hmmirror.mm.page_alloc import PG
 from hmmirror.sim.choices import SeededChoices
 from hmmirror.sim.invariants import default_invariants
 from hmmirror.sim.runner import run_scenario
@@ -25,6 +26,7 @@ class _Both:
     def __init__(self) -> None:
         self.compared = 0
         self.nonempty = 0
+        self.poisoned = 0
 
     def attach(self, eng, run):
         self.run = run
@@ -40,6 +42,13 @@ class _Both:
         m = self.run.machine
         ref = check_counts_reference(m, extra_refs=extra)
         assert check_counts(m, extra_refs=extra) == ref
+        # the poisoned pages' references found by the check itself = named in extra_refs
+        both = dict(extra or {})
+        for p, k in poisoned_refs_of(m.mem).items():
+            both[p] = both.get(p, 0) + k
+        refp = check_counts_reference(m, extra_refs=both or None)
+        assert check_counts(m, extra_refs=extra, poisoned_refs=True) == refp
+        self.poisoned += bool(poisoned_refs_of(m.mem))
         self.compared += 1
         self.nonempty += bool(ref)
 
@@ -53,6 +62,16 @@ def _break_and_compare(both: _Both, rng: random.Random) -> None:
     targets = [rng.randrange(0, mem.nr_ram) for _ in range(3)]
     targets += [rng.randrange(s, e) for s, e in segs[1:]]
     targets += [rng.randrange(a, b) for a, b in hole]
+    # poisoned frames (memory_failure keeps their reference): with and without a reference
+    for pfn in targets[:3]:
+        old = int(mem.flags[pfn])
+        mem.flags[pfn] = old | PG.hwpoison
+        both.compare()
+        oldrc = int(mem.refcount[pfn])
+        mem.refcount[pfn] = oldrc + 1
+        both.compare()
+        mem.refcount[pfn] = oldrc
+        mem.flags[pfn] = old
     for pfn in targets:
         for arr in (mem.mapcount, mem.refcount):
             old = int(arr[pfn])
@@ -91,4 +110,5 @@ def test_check_counts_equals_the_reference(kernel):
         for arrays in _SCRATCH.values():          # the kept arrays are all zero again after the checks
             assert not any(a.any() for a in arrays)
     assert both.compared > 150 and both.nonempty > 50, (both.compared, both.nonempty)
+    assert both.poisoned >= 7, both.poisoned
     assert holes, "no generated machine had a device range above RAM"

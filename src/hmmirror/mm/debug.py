@@ -23,7 +23,7 @@ The checks hold at quiescent points (no fault, migration or device operation hal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -148,6 +148,61 @@ def _vma_mask(mm: "MMStruct", addrs: np.ndarray, flag: int = 0) -> np.ndarray:
     return ok
 
 
+class _Leaves(NamedTuple):
+    """The leaf entries of one mm, sorted by what the page-count invariant does with them."""
+
+    outside: list[int]                 # addresses of entries outside every VMA (at most ``limit``)
+    small: np.ndarray                  # counted frames mapped by PTEs (one per entry, repeats kept)
+    heads: np.ndarray                  # ... their folio heads
+    big: list[tuple[int, int, int]]    # counted huge leaves: (first frame, frames, folio head)
+    swp: list[tuple[int, int, int]]    # device-private / device-exclusive / migration entries: (frame, head, kind)
+
+
+SWP_PRIVATE, SWP_EXCLUSIVE, SWP_MIGRATION = 0, 1, 2
+
+
+def _counted_leaves(machine: "Machine", mm: "MMStruct", limit: int) -> _Leaves | None:
+    """What every form of the page-count check reads from the page tables of ``mm`` (None: no leaf entry):
+    which entries lie outside every VMA, which frames a PTE or a huge leaf maps and counts (special entries,
+    ``VM_PFNMAP`` VMAs and frames :func:`rmap.counted` rejects do not), and the swap-format entries that name
+    a frame (device-private, device-exclusive, migration; others -- swap, hwpoison -- do not)."""
+    mem = machine.mem
+    dax_rc = machine.profile.dax_refcounted
+    n = mem.nr_pfns
+    addrs, vals, lvls = leaf_entries(mm)
+    if not addrs.size:
+        return None
+    outside = addrs[~_vma_mask(mm, addrs)][:limit].tolist()
+    pres = leaf_present(vals, lvls)
+    pfns = ((vals & _U(PTE_PFN_MASK)) >> _U(12)).astype(np.int64)
+    # PTEs: special entries and VM_PFNMAP VMAs have no struct-page semantics (vm_normal_page())
+    small = pres & (lvls == LEVEL_PTE) & ((vals & _U(_PAGE_SPECIAL)) == 0)
+    small &= ~_vma_mask(mm, addrs, VM.PFNMAP)
+    sp = pfns[small]
+    sp = sp[rmap.counted_mask(mem, sp, dax_rc)]
+    heads = sp.copy()
+    ram = sp < mem.nr_ram
+    if ram.any():
+        heads[ram] = sp[ram] & ~((1 << mem.order[sp[ram]].astype(np.int64)) - 1)
+    bigm = pres & (lvls > LEVEL_PTE)
+    big = []
+    for pfn, lv in zip(pfns[bigm].tolist(), lvls[bigm].tolist()):
+        if rmap.counted(mem, pfn, dax_rc):
+            big.append((pfn, HPAGE_PMD_NR if lv == LEVEL_PMD else HPAGE_PUD_NR, mem.compound_head(pfn)))
+    swp = []
+    for e in vals[~pres].tolist():
+        s = pte_to_swp_entry(int(e))
+        if s.offset >= n:
+            continue
+        if x86.is_device_private_entry(s):
+            swp.append((s.offset, mem.compound_head(s.offset), SWP_PRIVATE))
+        elif x86.is_device_exclusive_entry(s):
+            swp.append((s.offset, mem.compound_head(s.offset), SWP_EXCLUSIVE))
+        elif x86.is_migration_entry(s):
+            swp.append((s.offset, mem.compound_head(s.offset), SWP_MIGRATION))
+    return _Leaves(outside, sp, heads, big, swp)
+
+
 def _segments(mem: "PhysMem") -> list[tuple[int, int]]:
     """The pfn ranges that hold frames: RAM, then every device range (ascending, merged)."""
     out = [(0, mem.nr_ram)]
@@ -163,29 +218,54 @@ _SCRATCH: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
 def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Zeroed per-pfn arrays of ``n`` frames for one check, kept between checks and machines (each check puts
-    back every zero it changed)."""
-    sc = _SCRATCH.get(n)
-    if sc is None:
-        if len(_SCRATCH) >= 4:
-            _SCRATCH.clear()
-        sc = _SCRATCH[n] = (np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32), np.zeros(n, dtype=bool))
-    return sc
+    """Zeroed per-pfn arrays of ``n`` frames for one check: views of arrays kept between checks and machines
+    (the largest size asked for so far; each check puts back every zero it changed)."""
+    size = next(iter(_SCRATCH), 0)
+    if size < n:
+        _SCRATCH.clear()
+        size = n
+        _SCRATCH[n] = (np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32), np.zeros(n, dtype=bool))
+    a, b, c = _SCRATCH[size]
+    return a[:n], b[:n], c[:n]
 
 
-def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, limit: int = 20) -> list[str]:
+def poisoned_refs_of(mem: "PhysMem") -> dict[int, int]:
+    """``{pfn: 1}`` for every RAM frame with ``PG_hwpoison`` and a reference: memory_failure() keeps the
+    reference of a poisoned page it unmapped (the extra reference the page-count invariant allows it)."""
+    poisoned = np.flatnonzero(mem.flags[:mem.nr_ram] & np.uint32(PG.hwpoison))
+    return {int(p): 1 for p in poisoned.tolist() if mem.refcount[p] > 0}
+
+
+def _add_poisoned(mem: "PhysMem", extra_refs: dict[int, int] | None) -> dict[int, int] | None:
+    extra = dict(extra_refs or {})
+    for p, k in poisoned_refs_of(mem).items():
+        extra[p] = extra.get(p, 0) + k
+    return extra or None
+
+
+def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, limit: int = 20,
+                 poisoned_refs: bool = False) -> list[str]:
     """:func:`check_counts_reference` (the page-count invariant), the same mismatches in the same order, at
     the cost of the frames that exist: the walk's counts go into kept scratch arrays (only the slots it
     touched are cleared again), and the frames compared are RAM and the device ranges -- the pfns between
     them (device ranges start 1 GiB aligned, far above a small RAM) hold no frame.  When a leaf entry, a
-    count or a migration names such a pfn after all, the reference runs instead."""
+    count or a migration names such a pfn after all, the reference runs instead.
+
+    ``poisoned_refs``: as if :func:`poisoned_refs_of` were added to ``extra_refs`` (found among the frames
+    with a reference the check looks at anyway, not by a scan of all RAM)."""
     mem = machine.mem
+    if poisoned_refs:
+        def reference() -> list[str]:
+            return check_counts_reference(machine, _add_poisoned(mem, extra_refs), limit)
+    else:
+        def reference() -> list[str]:
+            return check_counts_reference(machine, extra_refs, limit)
     n = mem.nr_pfns
     segs = _segments(mem)
     holes = [(a, b) for (_, a), (b, _) in zip(segs, segs[1:] + [(n, n)]) if a < b]
     for a, b in holes:
-        if mem.mapcount[a:b].any():
-            return check_counts_reference(machine, extra_refs, limit)
+        if np.count_nonzero(mem.mapcount[a:b]):
+            return reference()
     bounds = np.array([x for seg in segs for x in seg], dtype=np.int64)
 
     def in_holes(pfns: np.ndarray) -> bool:
@@ -198,7 +278,6 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
         b = min(b, n)
         return bool(holes) and a < b and not any(lo <= a and b <= hi for lo, hi in segs)
 
-    dax_rc = machine.profile.dax_refcounted
     excl_rmap = machine.profile.make_device_exclusive_single
     walked_map, walked_ref, in_flight = _scratch(n)
     map_idx: list[np.ndarray] = []             # where the walk counted mappings (pfns) ...
@@ -210,63 +289,46 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
         for mm in machine.mms.values():
             if mm.exited:
                 continue
-            addrs, vals, lvls = leaf_entries(mm)
-            if not addrs.size:
+            lv = _counted_leaves(machine, mm, limit)
+            if lv is None:
                 continue
-            outside = ~_vma_mask(mm, addrs)
-            for a in addrs[outside][:limit].tolist():
+            for a in lv.outside:
                 out.append(f"{mm.name}: leaf entry at {a:#x} outside every VMA")
-            pres = leaf_present(vals, lvls)
-            pfns = ((vals & _U(PTE_PFN_MASK)) >> _U(12)).astype(np.int64)
-            small = pres & (lvls == LEVEL_PTE) & ((vals & _U(_PAGE_SPECIAL)) == 0)
-            small &= ~_vma_mask(mm, addrs, VM.PFNMAP)
-            sp = pfns[small]
-            sp = sp[rmap.counted_mask(mem, sp, dax_rc)]
+            sp, heads = lv.small, lv.heads
             if sp.size:
-                heads = sp.copy()
-                ram = sp < mem.nr_ram
-                heads[ram] = sp[ram] & ~((1 << mem.order[sp[ram]].astype(np.int64)) - 1)
                 if in_holes(sp) or in_holes(heads):
-                    return check_counts_reference(machine, extra_refs, limit)
+                    return reference()
                 map_idx.append(sp)
                 ref_idx.append(heads)
                 np.add.at(walked_map, sp, 1)
                 np.add.at(walked_ref, heads, 1)
-            big = pres & (lvls > LEVEL_PTE)
-            for pfn, lv in zip(pfns[big].tolist(), lvls[big].tolist()):
-                if not rmap.counted(mem, pfn, dax_rc):
-                    continue
-                nr = HPAGE_PMD_NR if lv == LEVEL_PMD else HPAGE_PUD_NR
-                head = mem.compound_head(pfn)
+            for pfn, nr, head in lv.big:
                 if span_in_holes(pfn, pfn + nr) or in_holes(np.array([head], dtype=np.int64)):
-                    return check_counts_reference(machine, extra_refs, limit)
+                    return reference()
                 spans.append((pfn, pfn + nr))
                 map_spans.append((pfn, min(pfn + nr, n)))
                 walked_map[pfn: pfn + nr] += 1
                 ref_idx.append(np.array([head], dtype=np.int64))
                 walked_ref[head] += 1
-            for e in vals[~pres].tolist():
-                s = pte_to_swp_entry(int(e))
-                if s.offset >= n:
-                    continue
-                head = mem.compound_head(s.offset)
-                if x86.is_device_private_entry(s) or x86.is_device_exclusive_entry(s):
-                    if in_holes(np.array([s.offset, head], dtype=np.int64)):
-                        return check_counts_reference(machine, extra_refs, limit)
+            for pfn, head, kind in lv.swp:
+                if kind != SWP_MIGRATION:
+                    if in_holes(np.array([pfn, head], dtype=np.int64)):
+                        return reference()
                     ref_idx.append(np.array([head], dtype=np.int64))
-                    if x86.is_device_private_entry(s) or excl_rmap:
-                        map_idx.append(np.array([s.offset], dtype=np.int64))
-                        walked_map[s.offset] += 1
+                    # [6.12] a device-exclusive entry holds the page's reference but not its rmap
+                    if kind == SWP_PRIVATE or excl_rmap:
+                        map_idx.append(np.array([pfn], dtype=np.int64))
+                        walked_map[pfn] += 1
                     walked_ref[head] += 1
-                elif x86.is_migration_entry(s):
+                else:
                     if in_holes(np.array([head], dtype=np.int64)):
-                        return check_counts_reference(machine, extra_refs, limit)
+                        return reference()
                     spans.append((head, head + 1))
                     in_flight[head] = True
         for h in sorted({a for a, b in spans if b == a + 1 and in_flight[a]}):
             end = h + (1 << int(mem.order[h]))
             if span_in_holes(h, end):
-                return check_counts_reference(machine, extra_refs, limit)
+                return reference()
             spans.append((h, end))
             in_flight[h: end] = True
         # the frames that can disagree: a nonzero mapcount or a counted mapping (the walk's slots); marked
@@ -290,7 +352,8 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
             out.append(f"pfn {pfn:#x}: mapcount {int(mem.mapcount[pfn])}, but {int(walked_map[pfn])} leaf entries map it")
         if bad_map.size > limit:
             out.append(f"... {bad_map.size - limit} more mapcount mismatches")
-        out.extend(_ram_refs_sparse(mem, walked_map, walked_ref, in_flight, ref_idx, extra_refs, limit))
+        out.extend(_ram_refs_sparse(mem, walked_map, walked_ref, in_flight, ref_idx, extra_refs, limit,
+                                    map_idx, map_spans, poisoned_refs))
         out.extend(_device_refs(machine, walked_ref, in_flight, extra_refs, limit))
         return out
     finally:
@@ -303,14 +366,23 @@ def check_counts(machine: "Machine", extra_refs: dict[int, int] | None = None, l
 
 
 def _ram_refs_sparse(mem: "PhysMem", walked_map: np.ndarray, walked_ref: np.ndarray, in_flight: np.ndarray,
-                     ref_idx: list[np.ndarray], extra_refs: dict[int, int] | None, limit: int) -> list[str]:
+                     ref_idx: list[np.ndarray], extra_refs: dict[int, int] | None, limit: int,
+                     map_idx: list[np.ndarray], map_spans: list[tuple[int, int]], poisoned_refs: bool) -> list[str]:
     """:func:`_ram_refs` looking closely only at the RAM frames that can disagree: those with a nonzero
-    refcount and those the walk or ``extra_refs`` expect references on (the mapped ones for "free, but")."""
+    refcount and those the walk or ``extra_refs`` expect references on (the mapped ones -- where the walk
+    counted mappings, ``map_idx``/``map_spans`` -- for "free, but")."""
     out: list[str] = []
     nr = mem.nr_ram
     flags, refcount = mem.flags, mem.refcount
-    wm = np.flatnonzero(walked_map[:nr])
-    mapped_free = wm[((flags[wm] & PG.buddy) != 0) & (walked_map[wm] > 0)]
+    # mapped free frames: among the frames the walk counted mappings on (its slots and huge spans)
+    parts = []
+    for idx in map_idx:
+        idx = idx[idx < nr]
+        parts.append(idx[(flags[idx] & PG.buddy) != 0])
+    for a, b in map_spans:
+        if a < nr:
+            parts.append(a + np.flatnonzero(flags[a: min(b, nr)] & PG.buddy))
+    mapped_free = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
     for pfn in mapped_free[:limit].tolist():
         out.append(f"pfn {pfn:#x}: free, but {int(walked_map[pfn])} leaf entries map it")
     extra = {h: k for h, k in (extra_refs or {}).items() if h < nr}
@@ -321,12 +393,16 @@ def _ram_refs_sparse(mem: "PhysMem", walked_map: np.ndarray, walked_ref: np.ndar
         mask[h] = True
     cand = np.flatnonzero(mask)
     if cand.size > nr >> 3:                        # most of RAM in use: the reference's whole-RAM arrays
+        if poisoned_refs:
+            extra_refs = _add_poisoned(mem, extra_refs)
         return out + _ram_refs_dense(mem, walked_map, walked_ref, in_flight, extra_refs, limit, skip_free=True)
     fl = flags[cand]
     rc = refcount[cand]
     want = walked_ref[cand].copy()
     for h, k in extra.items():
         want[np.searchsorted(cand, h)] += k
+    if poisoned_refs:                              # (every frame with a reference is a candidate)
+        want += ((fl & PG.hwpoison) != 0) & (rc > 0)
     skip = ((fl & (PG.zero | PG.reserved)) != 0) | in_flight[cand]
     free = (fl & PG.buddy) != 0
     tail = (fl & PG.tail) != 0
@@ -347,7 +423,6 @@ def check_counts_reference(machine: "Machine", extra_refs: dict[int, int] | None
     most ``limit`` of each kind.  The reference: arrays over the whole pfn space; :func:`check_counts` gives
     the same list touching only the frames that exist."""
     mem = machine.mem
-    dax_rc = machine.profile.dax_refcounted
     excl_rmap = machine.profile.make_device_exclusive_single
     n = mem.nr_pfns
     # int32 like the counts themselves: no widened copies of the whole pfn space
@@ -358,42 +433,25 @@ def check_counts_reference(machine: "Machine", extra_refs: dict[int, int] | None
     for mm in machine.mms.values():
         if mm.exited:
             continue
-        addrs, vals, lvls = leaf_entries(mm)
-        if not addrs.size:
+        lv = _counted_leaves(machine, mm, limit)
+        if lv is None:
             continue
-        outside = ~_vma_mask(mm, addrs)
-        for a in addrs[outside][:limit].tolist():
+        for a in lv.outside:
             out.append(f"{mm.name}: leaf entry at {a:#x} outside every VMA")
-        pres = leaf_present(vals, lvls)
-        pfns = ((vals & _U(PTE_PFN_MASK)) >> _U(12)).astype(np.int64)
-        # PTEs: special entries and VM_PFNMAP VMAs have no struct-page semantics (vm_normal_page())
-        small = pres & (lvls == LEVEL_PTE) & ((vals & _U(_PAGE_SPECIAL)) == 0)
-        small &= ~_vma_mask(mm, addrs, VM.PFNMAP)
-        sp = pfns[small]
-        sp = sp[rmap.counted_mask(mem, sp, dax_rc)]
-        if sp.size:
-            np.add.at(walked_map, sp, 1)
-            heads = sp.copy()
-            ram = sp < mem.nr_ram
-            heads[ram] = sp[ram] & ~((1 << mem.order[sp[ram]].astype(np.int64)) - 1)
-            np.add.at(walked_ref, heads, 1)
-        for pfn, lv in zip(pfns[pres & (lvls > LEVEL_PTE)].tolist(), lvls[pres & (lvls > LEVEL_PTE)].tolist()):
-            if not rmap.counted(mem, pfn, dax_rc):
-                continue
-            nr = HPAGE_PMD_NR if lv == LEVEL_PMD else HPAGE_PUD_NR
+        if lv.small.size:
+            np.add.at(walked_map, lv.small, 1)
+            np.add.at(walked_ref, lv.heads, 1)
+        for pfn, nr, head in lv.big:
             walked_map[pfn: pfn + nr] += 1
-            walked_ref[mem.compound_head(pfn)] += 1
-        for e in vals[~pres].tolist():
-            s = pte_to_swp_entry(int(e))
-            if s.offset >= n:
+            walked_ref[head] += 1
+        for pfn, head, kind in lv.swp:
+            if kind == SWP_MIGRATION:
+                in_flight[head] = True
                 continue
-            if x86.is_device_private_entry(s) or x86.is_device_exclusive_entry(s):
-                # [6.12] a device-exclusive entry holds the page's reference but not its rmap
-                if x86.is_device_private_entry(s) or excl_rmap:
-                    walked_map[s.offset] += 1
-                walked_ref[mem.compound_head(s.offset)] += 1
-            elif x86.is_migration_entry(s):
-                in_flight[mem.compound_head(s.offset)] = True
+            # [6.12] a device-exclusive entry holds the page's reference but not its rmap
+            if kind == SWP_PRIVATE or excl_rmap:
+                walked_map[pfn] += 1
+            walked_ref[head] += 1
     # frames of a folio under migration: spread the head's mark over the folio
     if in_flight.any():
         for h in np.nonzero(in_flight)[0].tolist():

@@ -513,12 +513,22 @@ class Tracker:
         if self.ended:
             self.ended.clear()
 
+    _pruned = (-1, -1)                                       # the ``oldest`` each list was last pruned with
+
     def prune(self, oldest: int) -> None:
-        """Forget delivered invalidations that ended before ``oldest`` (no snapshot can still see them)."""
-        if len(self.delivered) > 64:
+        """Forget delivered invalidations that ended before ``oldest`` (no snapshot can still see them).
+
+        A list pruned with ``oldest`` keeps no record that ended before it, and a record ends at the step it
+        ends at -- never before an ``oldest`` already used (snapshot steps are past steps) --: pruned again
+        with the same or an earlier ``oldest`` it would stay as it is, so that is skipped."""
+        pd, ph = self._pruned
+        if len(self.delivered) > 64 and oldest > pd:
             self.delivered = [d for d in self.delivered if d[3] is None or d[3] >= oldest]
-        if len(self.history) > 64:
+            pd = oldest
+        if len(self.history) > 64 and oldest > ph:
             self.history = [h for h in self.history if h[3] is None or h[3] >= oldest]
+            ph = oldest
+        self._pruned = (pd, ph)
 
     def changed_since(self, st: Any, va: int) -> bool:
         """Did an invalidation of the mirrored mm covering ``va`` (told to the driver or not) run after the
@@ -786,14 +796,9 @@ class PageCounts:
     def mismatches(self, refs: bool) -> list[Any]:
         if self.check_counts is None:
             return mapcount_mismatches(self.machine)
-        mem = self.machine.mem
-        import numpy as np
-
-        from hmmirror.mm.page_alloc import PG
-        # memory_failure() keeps the reference of a poisoned page it unmapped (sim/kevents.py)
-        poisoned = np.flatnonzero((mem.flags[:mem.nr_ram] & np.uint32(PG.hwpoison)) != 0)
-        extra = {int(p): 1 for p in poisoned.tolist() if mem.refcount[p] > 0}
-        out = list(self.check_counts(self.machine, extra_refs=extra or None))
+        # memory_failure() keeps the reference of a poisoned page it unmapped (sim/kevents.py):
+        # ``poisoned_refs`` = extra_refs of mm.debug.poisoned_refs_of(mem)
+        out = list(self.check_counts(self.machine, poisoned_refs=True))
         if not refs:
             # inside operations only the counts that change atomically with the entries are meaningful
             out = [m for m in out if _WITHOUT_REFS(m)]
