@@ -30,6 +30,9 @@ Workloads:
    engine and invariants on identical input).  The two trees do not take the same steps for the same
    scenario (the baseline's 5.2 ``hmm_range_fault`` livelock refaults to the step bound, cheap steps the
    current tree cuts short), so this rate mixes speed with what a step is.
+
+Both trees are byte-compiled (``compileall``) before anything is measured: otherwise the first process of each
+tree pays for compiling it.
 3. **matched** -- the like-for-like per-step figure, from the fixed runs (no extra runs): only the scenarios
    whose step counts in the two trees are within ``--match-tol`` (default 10 % of the larger; 0 = equal, the
    count of equal ones is printed too), each timed on its own (``time.process_time()`` around its
@@ -251,6 +254,11 @@ def main() -> None:
         if not os.path.isdir(args.current):
             made.append(cur)
         trees = {"baseline": os.path.join(base, "src"), "current": os.path.join(cur, "src")}
+        for src in trees.values():
+            # compile both trees before measuring: a fresh checkout has no bytecode, and the first process of each
+            # tree (the first campaign's worker, its zygote importing every model module) paid for compiling it
+            # -- 5-15 CPU-s on top of a 15 CPU-s campaign
+            sh([sys.executable, "-m", "compileall", "-q", src], cwd=work, env=env_for(src))
         print(f"baseline {args.baseline} ({rev}) vs current {args.current} ({crev}); kernel {args.kernel}; "
               f"{args.reps} repetitions; CPU time of each process tree (sub-reaper: {reaper}); load average "
               f"{load0[0]:.1f} {load0[1]:.1f} {load0[2]:.1f}", flush=True)
