@@ -55,3 +55,32 @@ def test_blas_runs_one_thread_unless_the_user_chose():
     env["OPENBLAS_NUM_THREADS"] = "2"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "2", out.stderr
+
+
+def test_units_run_with_their_gc_thresholds_and_compute_the_same(monkeypatch, tmp_path):
+    """A unit runs with :data:`fuzz.UNIT_GC_THRESHOLDS` (restored afterwards) and does exactly what it does with
+    Python's default thresholds: only when garbage is collected differs."""
+    import gc
+
+    from hmmirror.sim import fuzz
+
+    seen = []
+    orig = fuzz._seeded_run
+
+    def spy(*a, **k):
+        seen.append(gc.get_threshold())
+        return orig(*a, **k)
+
+    monkeypatch.setattr(fuzz, "_seeded_run", spy)
+    cfg = fuzz.Config(kernel="5.2", seconds=60, seed=4711, jobs=1, findings_dir=str(tmp_path / "f"))
+    unit = next(u for u in range(8) if fuzz.unit_kind(cfg, u) != "hypothesis")
+    before = gc.get_threshold()
+    out = [fuzz.run_unit(cfg, unit, 12, frozenset(), float("inf"), str(tmp_path / "a"))]
+    assert gc.get_threshold() == before
+    assert seen and all(t == fuzz.UNIT_GC_THRESHOLDS for t in seen)
+    monkeypatch.setattr(fuzz, "UNIT_GC_THRESHOLDS", (700, 10, 10))
+    out.append(fuzz.run_unit(cfg, unit, 12, frozenset(), float("inf"), str(tmp_path / "b")))
+    a, b = ({"runs": o.runs, "steps": o.steps, "hits": o.hits, "findings": sorted(o.findings),
+             "search": o.search} for o in out)
+    assert a["runs"] == 12 and a["steps"] > 0
+    assert a == b
