@@ -11,7 +11,7 @@ from hmmirror.sim.documented import DOCUMENTED, documented_as
 from hmmirror.sim.fuzz import load_known_file
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-ROW = re.compile(r"^\| (B\d+|M\d+) \|.*\| `([^`]+)`")
+ROW = re.compile(r"^\| (B\d+|M\d+|G\d+) \|.*\| `([^`]+)`")
 LINK = re.compile(r"\]\(([^)]+\.toml)\)")
 FIXED_BUG = "page_counts|drivers.test_hmm.Dmirror.dmirror_exclusive|-"
 
@@ -31,6 +31,10 @@ def _kernel_of(bid: str) -> str:
     return "5.2" if bid.startswith("B") else "6.18"
 
 
+def _driver_of(bid: str) -> str:
+    return "gpusvm" if bid.startswith("G") else "builtin"
+
+
 def test_every_reported_row_is_in_the_table_with_its_pattern() -> None:
     rows = _rows()
     ids = {r[0] for r in rows}
@@ -39,7 +43,7 @@ def test_every_reported_row_is_in_the_table_with_its_pattern() -> None:
         if bid == "B10":                                 # reachable only with --inject: reported as injected
             continue
         sample = pattern.replace("...", "x")
-        assert documented_as(sample, _kernel_of(bid)) == bid, (bid, sample)
+        assert documented_as(sample, _kernel_of(bid), _driver_of(bid)) == bid, (bid, sample)
     assert {d.id for d in DOCUMENTED} == ids - {"B10"}
 
 
@@ -53,7 +57,8 @@ def test_the_documented_reproducers_are_labelled_with_their_row() -> None:
         doc = tomllib.loads((DOCS / link).read_text())
         if "finding" not in doc:                          # a hand-written scenario without a saved finding
             continue
-        got = documented_as(doc["finding"]["signature"], str(doc["machine"]["kernel"]))
+        got = documented_as(doc["finding"]["signature"], str(doc["machine"]["kernel"]),
+                            str(doc.get("sim", {}).get("driver", "builtin")))
         assert got in {r[0] for r in rows if r[2] == link}, (link, got)
         seen += 1
     assert seen >= 10
@@ -121,3 +126,14 @@ def test_b5_is_only_its_own_locations() -> None:
         assert documented_as(sig, "5.2") == want, sig
         assert bool(re.search(b5, sig)) == (want == "B5"), sig
     assert documented_as("page_counts|kernel.fork.mmput|-", "6.18") is None
+
+
+def test_gpusvm_rows_label_only_gpusvm_findings() -> None:
+    """G1/G2 are drm_gpusvm behaviour: the same signature from another driver is not theirs (its location names
+    the gpusvm driver anyway, but a user's driver class of that name must not be labelled)."""
+    g2 = "hmm_range_input|drivers.drm_gpusvm.DrmGpusvm.fault|-"
+    assert documented_as(g2, "6.18", "gpusvm") == "G2"
+    assert documented_as(g2, "6.18") is None and documented_as(g2, "6.12", "gpusvm") is None
+    assert documented_as("hmm_range_input|mypkg.mysvm.MySvm.fault|-", "6.18", "gpusvm") is None
+    g1 = "result_contract|drivers.drm_gpusvm.DrmGpusvm.fault|driver_fault"
+    assert documented_as(g1, "6.18", "gpusvm") == "G1"

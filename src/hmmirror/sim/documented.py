@@ -1,7 +1,8 @@
 """The behaviours docs/known-behaviours.md documents as the kernel's own (or lib/test_hmm.c's), by signature.
 
 A campaign report uses :func:`documented_as` to say which of its findings carry the signature of a documented
-real behaviour of the built-in drivers (B1-B14 for the 5.2 driver, M1-M7 for lib/test_hmm.c's dmirror), so
+real behaviour of the built-in drivers (B1-B14 for the 5.2 driver, M1-M7 for lib/test_hmm.c's dmirror, G1-G2
+for ``--driver gpusvm``), so
 "nothing new" is plain when those are all a campaign found.  This labels findings; it does not make them
 known: a campaign stays blind (its reproducers are saved and its steering is unchanged) unless the user
 passes them with ``--known`` (e.g. ``--known docs/sim-reproducers``).  A matching signature is evidence, not
@@ -29,6 +30,7 @@ class Documented:
 
 _V52 = ("5.2",)
 _DMIRROR = ("6.12", "6.18")          # lib/test_hmm.c's dmirror: the same test code in both profiles
+_GPUSVM = ("6.18",)                  # drivers/drm_gpusvm.py: a 6.18 driver
 
 DOCUMENTED: tuple[Documented, ...] = (
     Documented("B1", _V52, (r"^commit_invalid\|drivers\.hmm_mirror_v5_2\.",
@@ -60,6 +62,10 @@ DOCUMENTED: tuple[Documented, ...] = (
     Documented("M5", _DMIRROR, (r"^coherence\|drivers\.test_hmm\.Dmirror\.program\|commit$",)),
     Documented("M6", _DMIRROR, (r"^commit_invalid\|drivers\.test_hmm\.DmirrorPageTable\.store\|",)),
     Documented("M7", _DMIRROR, (r"^coherence\|drivers\.device_mmu\.DevicePageTable\.commit_range\|commit$",)),
+    # the drm_gpusvm-shaped built-in driver (--driver gpusvm): drm_gpusvm/Xe behaviour, G1-G2
+    Documented("G1", _GPUSVM, (r"^result_contract\|drivers\.drm_gpusvm\.DrmGpusvm\.fault\|driver_fault$",),
+               driver="gpusvm"),
+    Documented("G2", _GPUSVM, (r"^hmm_range_input\|drivers\.drm_gpusvm\.DrmGpusvm\.fault\|-$",), driver="gpusvm"),
 )
 
 _COMPILED = tuple((d, tuple(re.compile(p) for p in d.patterns)) for d in DOCUMENTED)
