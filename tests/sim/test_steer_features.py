@@ -156,3 +156,17 @@ def test_with_nothing_known_at_start_a_seeded_run_runs_its_first_candidate():
     for seed in (5, 6, 7):
         search = UnitSearch(cfg, {"weights": {}, "model": st.model})
         assert draw_steered(cfg, seed, None, search)[0] == seed and search.rejected == 0
+
+
+def test_a_hypothesis_example_the_steering_rejects_becomes_a_steered_seeded_run(tmp_path):
+    from hmmirror.sim.fuzz import Recorder, Stats, _hypothesis_session
+
+    cfg = Config(kernel="5.2", findings_dir=str(tmp_path), examples=4)
+    stats = Stats()
+    search = UnitSearch(cfg, {"model": {"b0": 50.0, "beta": {}}})         # every scenario: known only
+    _hypothesis_session(cfg, 99, float("inf"), stats, Recorder(cfg, stats, verify=False), None, search)
+    # each example is rejected and replaced by a seeded run, which draws up to MAX_DRAWS candidates (each
+    # accepted with probability ACCEPT_MIN only)
+    assert stats.runs == 4
+    assert stats.rejected == search.rejected and 4 + 4 < search.rejected <= 4 * fuzz.MAX_DRAWS
+    assert len(search.steer.rows) == 4

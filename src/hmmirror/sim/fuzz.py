@@ -645,6 +645,12 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
             stats.rejected += 1
             if guide is not None:
                 guide.rejected += 1
+            # a seeded run of the steered draw instead (its seed from this example's data): drawing a scenario
+            # through Hypothesis costs ~15x a seeded draw (43 ms against 3 ms at load 19), and skipping the
+            # examples the steering rejects left a campaign on known findings at half the runs of a blind one
+            _seeded_run(cfg, c.below(1 << 62), deadline, stats, rec, ("random", "pct")[c.below(2)], guide)
+            if tick is not None:
+                tick()
             return
         res = run_scenario(sc, scheduler_for(sc), every_step=cfg.every_step, record_trace=False,
                            coverage=guide.collector() if guide is not None else None)
