@@ -211,7 +211,7 @@ class Steering:
             self.model["mil"] = mil
         return self.weights
 
-    MIL_REFIT = 1.25        # the noisy-OR model is fitted again when the rows grew by this factor (or known changed)
+    MIL_REFIT = 1.5         # the noisy-OR model is fitted again when the rows grew by this factor (or known changed)
 
     def _fit_mil(self, rows: list[Any], known: "set[str] | frozenset[str]") -> dict[str, float]:
         """The noisy-OR known-only model of the rows that carry job features (refitted as the rows grow)."""

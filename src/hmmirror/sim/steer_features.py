@@ -154,8 +154,9 @@ def job_features(sc: Any) -> list[list[str]]:
 #: on the same held-out runs, and its lowest-risk fifth of the runs hit only known signatures 11 % of the time,
 #: against 16 % for the logistic model's).
 MIL_L2 = 1.0            # L2 penalty (per weight, on the mean loss times the number of runs)
-MIL_STEPS = 300         # Adam steps (deterministic: fixed count, fixed order)
-MIL_RATE = 0.1
+MIL_STEPS = 100         # Adam steps (deterministic: fixed count, fixed order); the coordinator fits between
+MIL_RATE = 0.3          # rounds while the workers wait: 100 steps at 0.3 fit as well as 300 at 0.1 (held-out
+                        # AUC 0.803 both, 5.2 runs), in ~2 s instead of ~5 s for 4 000 runs at load 16
 MIL_MIN_SUPPORT = 4     # a feature needs this many runs that have it
 
 
