@@ -42,7 +42,9 @@ COMMON = ["mapping:anon", "mapping:anon_thp", "mapping:file", "mapping:shmem", "
           "ev_target:fit", "ev_target:any", "ev_page:used", "ev_page:as_is", "event:compact",
           # device jobs that start later (their walk meets what events and threads left), migrations that
           # keep their entries installed long enough for a walk to meet them
-          "job_start:now", "job_start:later", "hold:short", "hold:long"]
+          "job_start:now", "job_start:later", "hold:short", "hold:long",
+          # a device coming back to the pages an event worked on
+          "probe:none", "probe:fault", "probe:snapshot", "probe:fault_perpage"]
 MODERN_ONLY = ["mode:fault_noowner", "mode:migrate_dev", "mode:migrate_sys", "mode:exclusive", "event:evict",
                "dev_target:fit", "dev_target:any", "dev_page:used", "dev_page:as_is"]
 ONLY = {"5.2": ["mode:fault_nonblock", "mode:fault_huge", "mode:snapshot_huge", "event:pmem_remove",

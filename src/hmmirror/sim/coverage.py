@@ -406,6 +406,11 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
     if fn == "hugetlb":                               # -EFAULT: no free huge page for a fault (VM_FAULT_OOM)
         return {"0", "-EBUSY"} | ({"-EINVAL"} if five else set()) | ({"-EFAULT"} if entry == "present" else set()) \
             | perm
+    if not five and vk in SHARED_WRITABLE and entry in ("present", "devmap") and fn in ("pte", "pmd", "pud"):
+        # [6.x, model] such an entry is writable from its first fault in a writable VMA, read-only in a
+        # read-only one: a fault is needed only for a write in a read-only VMA, and refused there (-EPERM);
+        # see unreachable_reasons (soft-dirty)
+        return {"0"} | perm
     if fn == "pud":
         if entry == "table":
             return {"0"}                              # [6.x] ACTION_CONTINUE: the PMD level is walked
@@ -413,11 +418,6 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
         # dev_dax_huge_fault refuses first (the device is dying: kill_dax cleared DAXDEV_ALIVE, the PUD is
         # still mapped until kill_dev_dax unmaps it) is VM_FAULT_SIGBUS: -EFAULT
         return {"0", "-EFAULT"} if five else {"0", "-EBUSY", "-EFAULT", "-EPERM"}
-    if not five and vk in SHARED_WRITABLE and entry in ("present", "devmap") and fn in ("pte", "pmd", "pud"):
-        # [6.x, model] such an entry is writable from its first fault in a writable VMA, read-only in a
-        # read-only one: a fault is needed only for a write in a read-only VMA, and refused there (-EPERM);
-        # see unreachable_reasons (soft-dirty)
-        return {"0"} | perm
     r = {"0", "-EBUSY"}
     if entry == "hwpoison":                           # [6.x] reported as 0 when no fault is requested there
         return {"-EFAULT"} if five else {"0", "-EFAULT"}

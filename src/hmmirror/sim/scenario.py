@@ -707,7 +707,7 @@ def _draw_pfnmap(g: GenCtx, name: str) -> MapInfo:
 for _e in (Entry("anon", 8, _draw_anon, "anon"), Entry("anon_thp", 4, _draw_anon_thp, "anon"),
            Entry("file", 5, _draw_file, "file"), Entry("shmem", 3, _draw_shmem, "shmem"),
            Entry("fsdax", 9, _draw_fsdax, "fsdax"), Entry("devdax", 7, _draw_devdax, "devdax"),
-           Entry("hugetlb", 4, _draw_hugetlb, "hugetlb"), Entry("pfnmap", 2, _draw_pfnmap, "pfnmap")):
+           Entry("hugetlb", 5, _draw_hugetlb, "hugetlb"), Entry("pfnmap", 4, _draw_pfnmap, "pfnmap")):
     register("mapping", _e)
 
 
@@ -842,22 +842,6 @@ for _e in (Entry("fault", 8, _mode("fault")),
 
 
 # -- EVENTS ------------------------------------------------------------------------------------------------
-def _ev_at(kind: str, length: bool = False, hold: bool = False,
-           pred: Callable[[MapInfo], bool] | None = None) -> Callable[[GenCtx, str], dict[str, Any] | None]:
-    def draw(g: GenCtx, name: str) -> dict[str, Any] | None:
-        m = g.pick_map(pred) if pred is not None else None
-        if pred is not None and m is None:
-            return None
-        _m, addr, n = g.rng(8, m)
-        ev: dict[str, Any] = {"name": name, "kind": kind, "addr": addr}
-        if length:
-            ev["length"] = fmt_size(n * 4096)
-        if hold:
-            ev["hold"] = 1 + g.c.below(8)
-        return ev
-    return draw
-
-
 # What the page events act on (their bodies in sim/kevents.py): ``reclaim``, ``migrate`` and ``compact`` take
 # a private anonymous 4 KiB page (of an anonymous mapping, or the COW copy inside a private file or DAX
 # mapping); ``numa`` the entries of an anonymous VMA; ``memory_failure`` a page of any kind mapped there
@@ -913,8 +897,31 @@ def _ev_page(kind: str, pred: Callable[[MapInfo], bool], length: bool = False, h
             ev["length"] = fmt_size(n * 4096)
         if hold:
             ev["hold"] = _hold(g)
+        _probe(g, m, first, n)
         return ev
     return draw
+
+
+def _probe(g: GenCtx, m: MapInfo, first: int, n: int) -> None:
+    """Half of the time a device comes back later to the pages an event works on, and a few pages after them:
+    one more job at the end of a device task's list, after 8-39 preemption points of its own (feature
+    ``probe:none|fault|snapshot|fault_perpage``), so that a walk meets what the event left -- a swap,
+    migration, PROT_NONE-hinting or hwpoison entry, a reaped range -- with each kind of request (a fault, no
+    request, per-page requests; read or write)."""
+    c = g.c
+    mode = g.choice("probe", {"none": 3, "fault": 1, "snapshot": 1, "fault_perpage": 1})
+    if mode == "none" or not g.sc.devices:
+        return
+    back = min(first, c.below(2))
+    first, n = first - back, max(1, min(n + back + c.below(4), m.pages - first + back))
+    job: dict[str, Any] = {"addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
+                           "length": fmt_size(n * 4096), "write": g.choice("job", {"read": 1, "write": 1}) == "write"}
+    if mode != "fault":
+        job["mode"] = mode
+    if mode == "fault_perpage":
+        job["pattern"] = c.below(16)
+    job["delay"] = 8 + c.below(JOB_DELAY)
+    g.sc.devices[c.below(len(g.sc.devices))]["jobs"].append(job)
 
 
 def _hold(g: GenCtx) -> int:
@@ -928,6 +935,11 @@ def _ev_proc(kind: str) -> Callable[[GenCtx, str], dict[str, Any] | None]:
     def draw(g: GenCtx, name: str) -> dict[str, Any] | None:
         if kind == "exit" and any(x["kind"] == "exit" for x in g.sc.events):
             return None
+        if kind == "oom_reap":                       # a device comes back to pages the reaper may have zapped
+            m = g.pick_map()
+            if m is not None:
+                first, n = g.near(m, 8)
+                _probe(g, m, first, n)
         return {"name": name, "kind": kind, "proc": "p"}
     return draw
 
@@ -945,6 +957,12 @@ def driver_runs_gc(driver: str, kernel: str) -> bool:
     except InputError:
         return True
     return callable(getattr(cls, "gc", None))
+
+
+def _ev_evict(g: GenCtx, name: str) -> dict[str, Any]:
+    """Device memory pressure after pages went to the device: a migrate_dev job must have moved some first, so
+    the event waits up to 48 preemption points (other events: 16) and often runs while later walks do."""
+    return {"name": name, "kind": "evict", "delay": g.c.below(48)}
 
 
 def _migrates(g: GenCtx) -> bool:
@@ -1001,7 +1019,7 @@ def _ev_close(g: GenCtx, name: str) -> dict[str, Any] | None:
 
 
 for _e in (Entry("compact", 2, _ev_page("compact", _movable, hold=True), needs=_needs(_movable)), Entry("clear_refs", 1, _ev_clear_refs),
-           Entry("close", 1, _ev_close), Entry("evict", 2, _ev_plain("evict"), profiles=MODERN, needs=_migrates)):
+           Entry("close", 1, _ev_close), Entry("evict", 2, _ev_evict, profiles=MODERN, needs=_migrates)):
     register("event", _e)
 
 # devsim: device-memory jobs (6.x): migrate a range to device memory and back, take it exclusive (the CPU
@@ -1093,7 +1111,8 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
             e = g.choose("event", usable_ev)
             ev = e.draw(g, f"ev{k}") if e is not None else None
             if ev is not None:
-                ev["delay"] = c.below(16)
+                if "delay" not in ev:
+                    ev["delay"] = c.below(16)
                 sc.events.append(ev)
     if features is not None:
         features.extend(g.features)
