@@ -280,6 +280,9 @@ class Tracker:
         # id of the kernel's range -> the records it was delivered as (one per notifier it reached: a driver
         # with a notifier per chunk is told once per chunk); they all end with that range
         self.delivered_by: dict[int, list[list[Any]]] = {}
+        # the objects whose id() keys those dicts, kept alive for the run: a freed range's id reused by a
+        # later one would find the earlier range's records (results then hung on memory addresses)
+        self.keyed: list[Any] = []
         self.driver: Any = None
         self.mm_name = ""
         self.engine: Any = None
@@ -349,6 +352,7 @@ class Tracker:
                     rec[3] = eng.step
                 else:
                     self.delivered_by.setdefault(id(raw), []).append(rec)
+                    self.keyed.append(raw)     # alive for the run: its id never names another range
                 self.delivered.append(rec)
             return ret
         invalidate.tracked_callback = orig          # type: ignore[attr-defined]
@@ -457,6 +461,7 @@ class Tracker:
                 if what == "migrate_vma_setup":
                     cur = eng.current.idx if eng.current is not None else -1
                     self.migrating[id(args)] = (int(args.start), int(args.end), cur)
+                    self.keyed.append(args)
                 else:
                     self.migrating.pop(id(args), None)
             return
