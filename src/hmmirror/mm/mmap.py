@@ -215,14 +215,25 @@ def do_munmap(mm: "MMStruct", start: int, length: int) -> Gen[int]:
         return ret
     victims = mm.vmas_in(start, end)
     for vma in victims:
-        mm.remove_vma(vma)
-        if vma.vm_file is not None and hasattr(vma.vm_file, "inode") and vma in vma.vm_file.inode.i_mmap:
-            vma.vm_file.inode.i_mmap.remove(vma)
+        mm.remove_vma(vma)                             # detached from the mm: lookups no longer find them
     r = mmu_notifier_range_init(MMU_NOTIFY.UNMAP, victims[0], mm, start, end)
     yield from mmu_notifier_invalidate_range_start(r)
     for vma in victims:
         yield from unmap_page_range(vma, vma.vm_start, vma.vm_end)
     yield from mmu_notifier_invalidate_range_end(r)
+    # free_pgtables() -> unlink_file_vma(): a file VMA leaves i_mmap only after its zap (5.2 unmap_region,
+    # 6.18 vms_complete_munmap_vmas -> vms_clear_ptes), so an rmap walk of the file meanwhile
+    # (unmap_mapping_range, memory_failure) still finds and zaps it
+    for vma in victims:
+        if vma.vm_file is not None and hasattr(vma.vm_file, "inode") and vma in vma.vm_file.inode.i_mmap:
+            mapping = getattr(vma.vm_file.inode, "i_mapping", None)
+            lock = getattr(mapping, "i_mmap_rwsem", None)          # i_mmap_lock_write(): waits for rmap walks
+            if lock is not None:
+                yield from sched.down_write(lock)
+            if vma in vma.vm_file.inode.i_mmap:
+                vma.vm_file.inode.i_mmap.remove(vma)
+            if lock is not None:
+                sched.up_write(lock)
     free_pgtables(mm, start, end)
     mm.machine.log("munmap", mm=mm.name, start=start, end=end)
     return 0
