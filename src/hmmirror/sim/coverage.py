@@ -449,13 +449,15 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
         for e in _entries(kernel).get(vk, {}).get("pte", ()):
             r |= _rets(kernel, "pte", vk, e)
         return r
-    if fn == "pmd" and entry in ("present", "devmap", "huge_zero"):
-        r |= perm
-    if fn == "pmd" and entry == "huge_zero" and vk == "fsdax" and not five:
-        # [6.x] a write fault on a private DAX mapping's huge zero PMD falls back (DAX makes no PMD COW), the
-        # PMD is split and the COW fault of the page fails in an OOM-reaped mm (finish_fault:
-        # check_stable_address_space -> VM_FAULT_SIGBUS)
-        r.add("-EFAULT")
+    if fn == "pmd" and entry in ("present", "devmap", "huge_zero", "protnone"):
+        r |= perm if entry != "protnone" else set()
+        # [6.x] the PMD handler faults [addr, end) as the PTE handler does (hmm_vma_handle_pmd ->
+        # hmm_vma_fault): a fault that fails anywhere in it is -EFAULT -- a COW fault of a huge zero PMD in an
+        # OOM-reaped mm (do_huge_zero_wp_pmd [6.18] / the split PMD's PTE faults and finish_fault's
+        # check_stable_address_space), a DAX fault past the end of the file or on a hole; [5.2] the same
+        # through hmm_vma_handle_pmd -> hmm_vma_walk_hole_
+        if vk in ("anon", "file", "fsdax"):
+            r.add("-EFAULT")
     return r
 
 

@@ -959,12 +959,6 @@ def driver_runs_gc(driver: str, kernel: str) -> bool:
     return callable(getattr(cls, "gc", None))
 
 
-def _ev_evict(g: GenCtx, name: str) -> dict[str, Any]:
-    """Device memory pressure after pages went to the device: a migrate_dev job must have moved some first, so
-    the event waits up to 48 preemption points (other events: 16) and often runs while later walks do."""
-    return {"name": name, "kind": "evict", "delay": g.c.below(48)}
-
-
 def _migrates(g: GenCtx) -> bool:
     """The scenario has a job that moves pages to device memory (the ``evict`` event moves them back)."""
     return any(j.get("mode") == "migrate_dev" for d in g.sc.devices for j in d["jobs"])
@@ -1019,7 +1013,7 @@ def _ev_close(g: GenCtx, name: str) -> dict[str, Any] | None:
 
 
 for _e in (Entry("compact", 2, _ev_page("compact", _movable, hold=True), needs=_needs(_movable)), Entry("clear_refs", 1, _ev_clear_refs),
-           Entry("close", 1, _ev_close), Entry("evict", 2, _ev_evict, profiles=MODERN, needs=_migrates)):
+           Entry("close", 1, _ev_close), Entry("evict", 2, _ev_plain("evict"), profiles=MODERN, needs=_migrates)):
     register("event", _e)
 
 # devsim: device-memory jobs (6.x): migrate a range to device memory and back, take it exclusive (the CPU
