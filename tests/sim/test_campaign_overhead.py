@@ -30,7 +30,9 @@ def test_known_signatures_follow_the_files_as_they_change(tmp_path):
         shutil.copy(f, tmp_path)
     (tmp_path / "damaged.toml").write_text("[finding\nsignature = 'x'\n")
     (tmp_path / ".tmp-pending.toml").write_bytes(open(files[0], "rb").read())
-    want = dict(_parsed(f) for f in files)
+    want: dict[str, tuple[int, int]] = {}
+    for sig, size in map(_parsed, files):            # two files of one signature: the smaller one counts
+        want[sig] = min(want.get(sig, size), size)
     assert known_signatures(str(tmp_path)) == want
     assert known_signatures(str(tmp_path)) == want          # the second read (remembered contents) agrees
 

@@ -383,7 +383,7 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def known_signatures(directory: str) -> dict[str, tuple[int, int]]:
-    """Signatures of the reproducers in ``directory`` and their sizes."""
+    """Signatures of the reproducers in ``directory`` and their sizes (the smallest of a signature's files)."""
     out: dict[str, tuple[int, int]] = {}
     if not os.path.isdir(directory):
         return out
@@ -395,7 +395,7 @@ def known_signatures(directory: str) -> dict[str, tuple[int, int]]:
                 got = _reproducer_signature(fh.read())
         except OSError:
             continue
-        if got is not None:
+        if got is not None and (got[0] not in out or got[1] < out[got[0]]):
             out[got[0]] = got[1]
     return out
 

@@ -712,6 +712,17 @@ class PgmapRefs:
         return None
 
 
+def _on_stack(names: tuple[str, ...]) -> bool:
+    """One of ``names`` is running on the live stack (the running task's generators are resumed frames on it:
+    a running generator's ``gi_yieldfrom`` is not set, so :func:`_in_calls` cannot see them)."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_name in names:
+            return True
+        f = f.f_back
+    return False
+
+
 def _in_calls(gen: Any, names: tuple[str, ...]) -> bool:
     while gen is not None:
         f = getattr(gen, "gi_frame", None)
@@ -997,9 +1008,12 @@ class CommitInvalid:
                         del self.calls[:128]
         elif ev["what"] == "invalidate_range_end" and ev.get("event") in ("MIGRATE", "EXCLUSIVE"):
             # a device job that migrated pages or took them exclusive itself holds them now (migration
-            # entries, the locked folio): what it commits next comes from that, after its own invalidation
+            # entries, the locked folio): what it commits next comes from that, after its own invalidation.
+            # Not a migration its own HMM call ran (hmm_vma_fault -> handle_mm_fault -> migrate_to_ram of a
+            # device-private page): the call's snapshot began before it, and hmm_range_fault keeps what its
+            # earlier walks read below hmm_vma_walk.last, so the snapshot start stays at the call's start
             st = eng.current
-            if st is not None and st.kind == "device":
+            if st is not None and st.kind == "device" and not _on_stack(self.HMM_CALLS):
                 self.snap[st.idx] = eng.step + 1
                 self.own_at[st.idx] = eng.step + 1
 
