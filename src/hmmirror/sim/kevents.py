@@ -297,11 +297,12 @@ def migrate_page(mm: Any, addr: int, hold: int) -> Gen[int]:
                 entry = x86.pte_mkwrite(x86.pte_mkdirty(entry))
             pool.set(p2, entry)
             rmap.page_add_rmap(mem, target)
-            if mapped or target == pfn:
-                mem.get_page(target)            # the new page's allocation reference covers its first mapping
+            mem.get_page(target)                # remove_migration_pte(): folio_get() for every entry installed
             mapped += 1
         sched.spin_unlock(optl)
-    if new >= 0 and not mapped:
+    if new >= 0:
+        # migrate_folio_move(): the new folio's own reference is dropped only after the whole walk, so an
+        # exit_mmap zapping one remapped entry while the walk waits for another PTE lock cannot free it
         mem.put_page(new)
     mem.put_page(pfn)                                    # the migration's reference on the old page
     still = mapped > 0
