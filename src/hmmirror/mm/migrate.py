@@ -126,6 +126,7 @@ def remove_migration_pmd(mm: "MMStruct", haddr: int, old: int, new: int, exclusi
             if exclusive:                                            # RMAP_EXCLUSIVE
                 mem.flags[new: new + HPAGE_PMD_NR] |= PG.anon_exclusive
             pool.set(pmdp, entry)
+            mem.refcount[new] += 1                                  # folio_get(folio)
             mapped += 1
         sched.spin_unlock(ptl)
         if mapped:
@@ -155,6 +156,7 @@ def remove_migration_pmd(mm: "MMStruct", haddr: int, old: int, new: int, exclusi
         rmap.page_add_rmap(mem, sub)
         if exclusive:
             mem.flags[sub] |= PG.anon_exclusive
+        mem.refcount[new] += 1                    # remove_migration_pte(): folio_get(folio) per entry
         mapped += 1
     sched.spin_unlock(ptl)
     return mapped
@@ -191,11 +193,9 @@ def migrate_thp(mm: "MMStruct", addr: int, hold: int) -> Gen[int]:
         if omm.exited:
             continue
         mapped += yield from remove_migration_pmd(omm, haddr, old, target, exclusive and omm is mm)
-    # references: one per mapping made (the new folio's allocation reference covers the first one)
-    extra = mapped - (1 if new >= 0 and mapped else 0)
-    if extra > 0:
-        mem.refcount[target] += extra
-    if new >= 0 and not mapped:
+    # references: remove_migration_pmd took one per mapping as it made it; the new folio's own reference goes
+    # only after the whole walk (migrate_folio_move), so an unmap racing the walk cannot free it
+    if new >= 0:
         mem.put_page(new)
     mem.put_page(old)                               # the migration's reference on the old folio
     machine.log("migrate_remap_pmd", mm=mm.name, addr=haddr, old=old, new=target, mapped=mapped)
