@@ -11,6 +11,7 @@ import pytest
 from hmmirror import Machine
 from hmmirror.errors import Deadlock, ModelBug
 from hmmirror.kernel import sched
+from hmmirror.kernel.sched import run_until_blocked
 from hmmirror.mm.memremap import (
     MEMORY_DEVICE_FS_DAX,
     MEMORY_DEVICE_GENERIC,
@@ -41,15 +42,6 @@ def _registered(machine: Machine, name: str = "dev0", type=MEMORY_DEVICE_GENERIC
     return pgmap
 
 
-def _step_until_blocked(gen):
-    """Run a generator until it blocks on a false wait predicate (returns the Point) or finishes (None)."""
-    try:
-        while True:
-            point = next(gen)
-            if point.ready is not None and not point.ready():
-                return point
-    except StopIteration as stop:
-        return ("done", stop.value)
 
 
 # --- percpu_ref (§3: {count, dead}) ----------------------------------------------------------------------
@@ -170,13 +162,13 @@ def test_teardown_waits_for_a_holder_and_completes_after_its_put(m52: Machine) -
     assert pgmap.res is not None
     held = get_dev_pagemap(m52, pgmap.res.start + 3, None)
     gen = devm_memremap_pages_release(m52, pgmap)
-    point = _step_until_blocked(gen)
+    point = run_until_blocked(gen)
     assert point is not None and point != ("done", 0)         # cleanup sleeps: the count is not zero
     assert pgmap.state == "draining" and pgmap.waiting_for == 1 and pgmap.count == 1
     assert get_dev_pagemap(m52, pgmap.res.start, None) is None  # killed: lookups fail meanwhile
     assert m52.pgmap_of(pgmap.res.start) is pgmap             # ... but the range is not removed yet
     put_dev_pagemap(held)
-    assert _step_until_blocked(gen) == ("done", 0)
+    assert run_until_blocked(gen) == ("done", 0)
     assert pgmap.state == "removed" and m52.pgmap_of(pgmap.res.start) is None
 
 
@@ -186,12 +178,12 @@ def test_teardown_waits_for_a_pinned_page(m52: Machine) -> None:
     pfn = pgmap.res.start + 7
     m52.mem.get_page(pfn)                                     # a GUP pin: refcount 2
     gen = devm_memremap_pages_release(m52, pgmap)
-    point = _step_until_blocked(gen)
+    point = run_until_blocked(gen)
     assert point is not None and pgmap.count == 1             # the pinned page kept its pgmap reference
     assert int(m52.mem.refcount[pfn]) == 1
     m52.mem.put_page(pfn)                                     # unpin: 1 -> 0 drops the pgmap reference
     assert pgmap.count == 0
-    assert _step_until_blocked(gen) == ("done", 0)
+    assert run_until_blocked(gen) == ("done", 0)
     assert pgmap.state == "removed"
 
 

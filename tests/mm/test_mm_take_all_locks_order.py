@@ -56,13 +56,19 @@ def _machine() -> Machine:
     return m
 
 
-def test_hugetlb_mappings_first_then_the_others_in_vma_order_each_once_under_the_mutex():
+def _file_then_hugetlb() -> tuple[Machine, object, int]:
+    """A process mapping ext4 f at ``base`` and a hugetlb VMA at ``base + 2M``."""
     m = _machine()
     p = m.spawn("p")
     base = 0x7f0000000000
-    # VMA order (address): ext4 f, hugetlb, xfs g, ext4 f again (a second VMA of the same file)
     p.mmap(16 * PAGE, "rw", ("shared",), file="/mnt/e/f", addr=base)
     p.mmap(MB2, "rw", ("private", "anonymous", "hugetlb"), addr=base + MB2)
+    return m, p, base
+
+
+def test_hugetlb_mappings_first_then_the_others_in_vma_order_each_once_under_the_mutex():
+    # VMA order (address): ext4 f, hugetlb, xfs g, ext4 f again (a second VMA of the same file)
+    m, p, base = _file_then_hugetlb()
     p.mmap(16 * PAGE, "rw", ("shared",), file="/mnt/x/g", addr=base + 2 * MB2)
     p.mmap(16 * PAGE, "rw", ("shared",), file="/mnt/e/f", addr=base + 3 * MB2)
     hugetlb = p.mm.vma_lookup(base + MB2).vm_file.inode.i_mapping.i_mmap_rwsem.name
@@ -118,11 +124,7 @@ def test_two_mms_registering_with_files_in_opposite_orders_is_no_lock_order_find
 def test_hugetlb_and_file_rwsem_in_opposite_orders_is_still_a_lock_order_finding():
     # hugetlbfs_i_mmap_rwsem_key is a class of its own: taking it under a file's i_mmap_rwsem in one task
     # and the other way round in another is lockdep's AB-BA (mm/rmap.c orders hugetlb first)
-    m = _machine()
-    p = m.spawn("p")
-    base = 0x7f0000000000
-    p.mmap(16 * PAGE, "rw", ("shared",), file="/mnt/e/f", addr=base)
-    p.mmap(MB2, "rw", ("private", "anonymous", "hugetlb"), addr=base + MB2)
+    m, p, base = _file_then_hugetlb()
     fl = p.mm.vma_lookup(base).vm_file.inode.i_mapping.i_mmap_rwsem
     hl = p.mm.vma_lookup(base + MB2).vm_file.inode.i_mapping.i_mmap_rwsem
 

@@ -14,19 +14,12 @@ import pytest
 
 from hmmirror import Machine
 from hmmirror.arch.x86.pgtable import PAGE_SIZE, PMD_SIZE
+from hmmirror.kernel.sched import run_until_blocked
 from hmmirror.mm.memremap import devm_memremap_pages_release
 
 MiB = 1 << 20
 
 
-def _until_blocked(gen):
-    try:
-        while True:
-            point = next(gen)
-            if point.ready is not None and not point.ready():
-                return point
-    except StopIteration as stop:
-        return ("done", stop.value)
 
 
 @pytest.mark.parametrize("align", [PAGE_SIZE, PMD_SIZE], ids=["pte", "pmd"])
@@ -42,11 +35,11 @@ def test_unmapping_a_dax_page_after_the_teardown_put_drops_its_pgmap_reference(a
     pgmap = pmem.pgmap
     assert int(m.mem.refcount[head]) == 2                     # idle 1 + the one leaf that maps it
     gen = devm_memremap_pages_release(m, pgmap)               # no unmap_mapping_range first: still mapped
-    point = _until_blocked(gen)
+    point = run_until_blocked(gen)
     assert point is not None and point != ("done", 0)
     assert pgmap.state == "draining" and pgmap.count == 1     # only the mapped page keeps its reference
     assert p.munmap(a, 4 * MiB) == 0                          # the zap puts the page's last reference
     assert int(m.mem.refcount[head]) == 0
     assert pgmap.count == 0
-    assert _until_blocked(gen) == ("done", 0)
+    assert run_until_blocked(gen) == ("done", 0)
     assert pgmap.state == "removed"

@@ -325,6 +325,18 @@ def run(gen: Gen[T], task: Task | None = None) -> T:
             set_current(prev)
 
 
+def run_until_blocked(gen: Gen[Any]) -> Any:
+    """Step one generator (sequential use) until it waits on a false predicate -- returns that Point, the
+    generator left suspended there -- or finishes: ``("done", value)``."""
+    try:
+        while True:
+            point = next(gen)
+            if point.ready is not None and not point.ready():
+                return point
+    except StopIteration as stop:
+        return ("done", stop.value)
+
+
 def finished(gen: Gen[Any]) -> Any:
     """Alias of :func:`run` for readability at call sites that only want the result."""
     return run(gen)
