@@ -279,3 +279,45 @@ def test_setup_rejects(m, p):
     # two none entries of anonymous memory: MIGRATE without a page, counted in cpages
     assert args.src.tolist() == [md.MIGRATE_PFN_MIGRATE] * 2 and args.cpages == 2
     sched.run(md.migrate_vma_finalize(args), p.mm.task)
+
+
+def test_device_range_collects_every_referenced_unlocked_pfn(m, p, fd):
+    """migrate_device_range() over a whole chunk writes every entry (the kernel's loop over each pfn): 0 for a
+    free pfn and for a page somebody else has locked (migrate_device_pfn_lock's folio_trylock fails, the
+    reference it took is put back), migrate_pfn|MIGRATE for the others; only the unlocked ones move back.
+    (The model visits only the pfns with a reference: the result must be the per-pfn rule all the same.)"""
+    from hmmirror.mm.folio import folio_trylock, folio_unlock
+
+    def is_migration(e: int) -> bool:
+        return not x86.pte_present(e) and x86.is_migration_entry(pte_to_swp_entry(e))
+
+    a = p.mmap(N * PAGE_SIZE, "rw")
+    p.write_bytes(a, pattern(N, 5))
+    assert migrate_to_dev(fd, a, N)[0] == 0
+    dpages = [pte_to_swp_entry(entry(p, a + i * PAGE_SIZE)).offset for i in range(N)]
+    chunk = fd.dmirror.mdevice.devmem_chunks[0]
+    start, npages = chunk.start, chunk.npages
+    assert npages > 1000 and all(start <= d < start + npages for d in dpages)
+    locked = dpages[1]
+    assert folio_trylock(m.mem, locked)                          # somebody else holds the page lock
+    refs = [int(m.mem.refcount[d]) for d in dpages]
+    src = np.full(npages, 0xDEAD, dtype=np.uint64)              # stale contents: every entry must be written
+    assert sched.run(md.migrate_device_range(m, src, start, npages)) == 0
+    want = np.zeros(npages, dtype=np.uint64)
+    for d in dpages:
+        if d != locked:
+            want[d - start] = md.migrate_pfn(d) | md.MIGRATE_PFN_MIGRATE
+    assert np.array_equal(src, want)
+    assert int(m.mem.refcount[locked]) == refs[1]               # the failed trylock gave its reference back
+    for i, d in enumerate(dpages):                               # collected: +1, and unmapped to a migration
+        if d != locked:                                          # entry by try_to_migrate: -1 (the mapping's)
+            assert is_migration(entry(p, a + i * PAGE_SIZE)) and int(m.mem.refcount[d]) == refs[i]
+    dst = np.zeros(npages, dtype=np.uint64)
+    sched.run(md.migrate_device_pages(m, src, dst, npages))      # no destination: nothing moves
+    sched.run(md.migrate_device_finalize(m, src, dst, npages))
+    assert [int(m.mem.refcount[d]) for d in dpages] == refs      # collection references dropped again
+    folio_unlock(m.mem, locked)
+    for i in range(N):
+        assert pte_to_swp_entry(entry(p, a + i * PAGE_SIZE)).offset == dpages[i]   # still device-private
+    assert p.read_bytes(a, N * PAGE_SIZE) == pattern(N, 5)
+    assert check_counts(m) == []

@@ -108,6 +108,17 @@ def migrate_pfn(pfn: int) -> int:
     return (pfn << MIGRATE_PFN_SHIFT) | MIGRATE_PFN_VALID
 
 
+def _entries(src_pfns: np.ndarray, npages: int, dst_pfns: np.ndarray | None = None) -> list[int]:
+    """Ours: the indices below ``npages`` whose src (or dst) migrate pfn is not 0, ascending -- the only ones
+    the per-entry loops act on (an all-zero entry names no page and is skipped by each of them), so a loop
+    over these does exactly what the kernel's loop over every entry does, without visiting the empty ones
+    (a dmirror chunk is 65 536 pfns, mostly free)."""
+    live = src_pfns[:npages] != 0
+    if dst_pfns is not None:
+        live |= dst_pfns[:npages] != 0
+    return np.flatnonzero(live).tolist()
+
+
 def migrate_pfn_to_page(mpfn: int) -> int:
     """migrate_pfn_to_page(): the pfn of a migrate pfn, or -1 (NULL) without MIGRATE_PFN_VALID."""
     if not mpfn & MIGRATE_PFN_VALID:
@@ -428,7 +439,7 @@ def migrate_device_unmap(machine: "Machine", src_pfns: np.ndarray, npages: int, 
     locks_fault = _locks_fault_page(machine)
     restore = 0
     unmapped = 0
-    for i in range(npages):
+    for i in _entries(src_pfns, npages):
         s = int(src_pfns[i])
         page = migrate_pfn_to_page(s)
         if page < 0:
@@ -449,8 +460,9 @@ def migrate_device_unmap(machine: "Machine", src_pfns: np.ndarray, npages: int, 
             restore += 1
             continue
         unmapped += 1
-    i = 0
-    while i < npages and restore:
+    for i in _entries(src_pfns, npages) if restore else ():
+        if not restore:
+            break
         s = int(src_pfns[i])
         page = migrate_pfn_to_page(s)
         if page >= 0 and not s & MIGRATE_PFN_MIGRATE:
@@ -461,7 +473,6 @@ def migrate_device_unmap(machine: "Machine", src_pfns: np.ndarray, npages: int, 
                 folio_unlock(mem, folio)
             folio_put(mem, folio)
             restore -= 1
-        i += 1
     return unmapped
 
 
@@ -594,7 +605,7 @@ def __migrate_device_pages(machine: "Machine", src_pfns: np.ndarray, dst_pfns: n
     the destination where there was no page); clear MIGRATE where that is refused."""
     mem = machine.mem
     notified: Any = None
-    for i in range(npages):
+    for i in _entries(src_pfns, npages, dst_pfns):
         newpage = migrate_pfn_to_page(int(dst_pfns[i]))
         s = int(src_pfns[i])
         page = migrate_pfn_to_page(s)
@@ -655,7 +666,7 @@ def __migrate_device_finalize(machine: "Machine", src_pfns: np.ndarray, dst_pfns
     pairs: list[tuple[int, int]] = []
     plan: list[tuple[int, int]] = []
     hints: list[tuple[Any, int]] = []
-    for i in range(npages):
+    for i in _entries(src_pfns, npages, dst_pfns):
         newpage = migrate_pfn_to_page(int(dst_pfns[i]))
         page = migrate_pfn_to_page(int(src_pfns[i]))
         dst = mem.compound_head(newpage) if newpage >= 0 else -1
@@ -697,8 +708,9 @@ def migrate_vma_finalize(migrate: MigrateVma) -> Gen[None]:
     machine = _machine(migrate.vma)
     yield from __migrate_device_finalize(machine, migrate.src, migrate.dst, migrate.npages, migrate.fault_page,
                                          migrate)
-    moved = sum(1 for i in range(migrate.npages)
-                if int(migrate.src[i]) & MIGRATE_PFN_MIGRATE and int(migrate.dst[i]) & MIGRATE_PFN_VALID)
+    n = migrate.npages
+    moved = int((((migrate.src[:n] & _U(MIGRATE_PFN_MIGRATE)) != 0) & ((migrate.dst[:n] & _U(MIGRATE_PFN_VALID)) != 0)
+                 ).sum())
     machine.log("migrate_vma_finalize", mm=migrate.vma.vm_mm.name, start=migrate.start, end=migrate.end,
                 migrated=moved, owner=_owner_name(migrate.pgmap_owner))
 
@@ -726,9 +738,19 @@ def migrate_device_pfn_lock(machine: "Machine", pfn: int) -> int:
 
 def migrate_device_range(machine: "Machine", src_pfns: np.ndarray, start: int, npages: int) -> Gen[int]:
     """migrate_device_range() (6.1+): collect ``npages`` device pfns from ``start`` for migration to system
-    memory, wherever they are mapped (the caller need not know the VMAs).  Returns 0."""
-    for i in range(npages):
-        src_pfns[i] = migrate_device_pfn_lock(machine, start + i)
+    memory, wherever they are mapped (the caller need not know the VMAs).  Returns 0.
+
+    Ours: migrate_device_pfn_lock() of a free page (refcount 0) takes nothing and gives 0, and taking one page
+    does not free or revive another: only the pfns with a reference are visited (device pfns are their own
+    heads), in pfn order as the kernel's loop."""
+    mem = machine.mem
+    src_pfns[:npages] = 0
+    if start >= mem.nr_ram:
+        todo = (start + np.flatnonzero(mem.refcount[start:start + npages] > 0)).tolist()
+    else:
+        todo = list(range(start, start + npages))
+    for pfn in todo:
+        src_pfns[pfn - start] = migrate_device_pfn_lock(machine, pfn)
     yield from migrate_device_unmap(machine, src_pfns, npages, -1)
     machine.log("migrate_device_range", start_pfn=start, npages=npages,
                 collected=int(((src_pfns[:npages] & _U(MIGRATE_PFN_MIGRATE)) != 0).sum()))
