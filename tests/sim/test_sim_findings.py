@@ -324,3 +324,88 @@ def test_cpu_leaf_equals_the_lookup_walk(kernel):
                     assert cpu_leaf(mm, va) == cpu_leaf_lookup(mm, va), (seed, hex(va))
                     checked += 1
     assert checked > 500
+
+
+# --- the built-in dmirror's retry loops are bounded as lib/test_hmm.c bounds them (I5) ----------------------
+def _busy_hmm_range_fault(machine, calls, tick=100):
+    """An hmm_range_fault that always meets an invalidation (-EBUSY) and lets ``tick`` ms of virtual time pass."""
+    def busy(range):                                     # noqa: A002 - kernel name
+        calls.append(machine.jiffies)
+        machine.jiffies = machine.jiffies + tick
+        return -16
+        yield  # pragma: no cover
+    return busy
+
+
+@pytest.mark.parametrize("mode", ["fault_perpage", "fault_reuse", "snapshot"])
+def test_dmirror_job_modes_give_up_after_hmm_range_default_timeout(monkeypatch, mode):
+    """lib/test_hmm.c dmirror_range_fault(): ``timeout = jiffies + msecs_to_jiffies(HMM_RANGE_DEFAULT_TIMEOUT)``
+    once, then ``if (time_after(jiffies, timeout)) return -EBUSY`` before every pass.  With every pass taking
+    100 ms and ending in -EBUSY the passes start at 0, 100, ..., 1000 ms (time_after(1000, 1000) is false) and
+    the 12th check, at 1100 ms, gives up.  The per-page/snapshot modes of the built-in driver had only a pass
+    count (1001 passes): blind 6.18 seed 27561 (docs/sim-reproducers/fixed/retry-bound-hmm-range-fault-9809af91
+    .toml) kept a fault_perpage job calling hmm_range_fault for 3.3 s under a clear_refs storm."""
+    from hmmirror.mm.hmm import modern
+    from hmmirror.sim.adapters import DmirrorAdapter
+
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    a = p.mmap(8 * K, "rw")
+    ad = DmirrorAdapter()
+    assert sched.run(ad.bind(p.mm)) == 0
+    calls: list[int] = []
+    monkeypatch.setattr(modern, "hmm_range_fault", _busy_hmm_range_fault(m, calls))
+    assert sched.run(ad.fault_mode(a, a + 8 * K, True, mode, {"pattern": 0})) == -16
+    assert calls == list(range(0, 1001, 100))
+    assert m.counters["dmirror_timeouts"] == 1
+
+
+def test_dmirror_snapshot_ioctl_gives_up_after_hmm_range_default_timeout(monkeypatch):
+    """lib/test_hmm.c dmirror_range_snapshot() has the same ``time_after(jiffies, timeout)`` bound (per 64-page
+    chunk) as dmirror_range_fault(); the model's copy had only the pass count."""
+    from hmmirror.drivers import test_hmm as th
+
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    a = p.mmap(8 * K, "rw")
+    f = sched.run(th.dmirror_fops_open(th.hmm_dmirror_init(m)[0], p.mm))
+    dm = f.private_data if getattr(f, "private_data", None) is not None else f.dmirror
+    calls: list[int] = []
+    monkeypatch.setattr(th, "hmm_range_fault", _busy_hmm_range_fault(m, calls))
+    cmd = th.HmmDmirrorCmd(addr=a, ptr=bytearray(8), npages=8)
+    assert sched.run(dm.dmirror_snapshot(cmd, p.mm)) == -16
+    assert calls == list(range(0, 1001, 100)) and cmd.cpages == 0
+
+
+def test_dmirror_fault_restarts_the_retry_clock_at_every_chunk(monkeypatch):
+    """dmirror_fault() calls dmirror_range_fault() per 64-page chunk, each with its own timeout: a fault of
+    three chunks whose every chunk needs 900 ms of retries succeeds after 2.7 s (each chunk's passes start
+    at most 1000 ms after its first) and is no retry-bound violation (I5's clock restarts at each chunk's
+    ``device_fault_begin``); the same job in one chunk would have given up at 1000 ms."""
+    from hmmirror.drivers import test_hmm as th
+    from hmmirror.sim.invariants_device import RetryBound
+
+    m = Machine("6.18", ram=64 << 20)
+    p = m.spawn("p")
+    n = 3 * th.DMIRROR_CHUNK_PAGES
+    a = p.mmap(n * K, "rw")
+    f = sched.run(th.dmirror_fops_open(th.hmm_dmirror_init(m)[0], p.mm))
+    dm = f.private_data if getattr(f, "private_data", None) is not None else f.dmirror
+    orig = th.hmm_range_fault
+    calls: list[tuple[int, int]] = []
+
+    def slow(range):                                     # noqa: A002 - kernel name
+        calls.append((range.start, m.jiffies))
+        m.jiffies = m.jiffies + 300
+        if sum(1 for s, _ in calls if s == range.start) < 4:
+            return -16                                   # three busy passes (900 ms), then the real walk
+        return (yield from orig(range))
+
+    monkeypatch.setattr(th, "hmm_range_fault", slow)
+    begins = []
+    m.log = lambda what, **kw: begins.append(kw["addr"]) if what == "device_fault_begin" else None
+    assert sched.run(dm.populate(a, a + n * K, False)) == 0
+    starts = [a + k * th.DMIRROR_CHUNK_PAGES * K for k in range(3)]
+    assert begins == starts
+    assert [s for s, _ in calls] == [s for s in starts for _ in range(4)]
+    assert calls[-1][1] - calls[0][1] > RetryBound.LIMIT    # longer than I5's bound for one retry loop

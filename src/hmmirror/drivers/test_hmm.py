@@ -700,7 +700,9 @@ class Dmirror(IntervalNotifierDriver):
         return ret
 
     def populate(self, start: int, end: int, write: bool) -> Gen[int]:
-        """dmirror_fault(): fault ``[start, end)`` in 64-page chunks; 0 if the mm is already gone."""
+        """dmirror_fault(): fault ``[start, end)`` in 64-page chunks; 0 if the mm is already gone.  Each chunk is
+        one dmirror_range_fault() with its own timeout: the chunk's start is logged as ``device_fault_begin``
+        (a new address of the fault is progress for the retry-bound check, I5)."""
         mm = self.mm
         if not mmget_not_zero(mm):
             return 0
@@ -714,6 +716,7 @@ class Dmirror(IntervalNotifierDriver):
             while addr < end:
                 rng.start = addr
                 rng.end = min(addr + (DMIRROR_CHUNK_PAGES << PAGE_SHIFT), end)
+                self.machine.log("device_fault_begin", addr=addr)
                 ret = yield from self.range_fault(rng)
                 if ret:
                     break
@@ -869,10 +872,14 @@ class Dmirror(IntervalNotifierDriver):
         return perm
 
     def dmirror_range_snapshot(self, range: HmmRange, perm: bytearray) -> Gen[int]:   # noqa: A002
-        """dmirror_range_snapshot(): a temporary notifier over the chunk, the §5 loop, then mkentry."""
+        """dmirror_range_snapshot(): a temporary notifier over the chunk, the §5 loop (-EBUSY after
+        HMM_RANGE_DEFAULT_TIMEOUT, as dmirror_range_fault), then mkentry."""
+        from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
+
         mm = self.mm
         sub = MmuIntervalNotifier()
         range.notifier = sub
+        timeout = jiffies(self.machine) + msecs_to_jiffies(DMIRROR_RANGE_FAULT_TIMEOUT)
         ret = yield from mmu_interval_notifier_insert(sub, mm, range.start, range.end - range.start,
                                                       _SnapshotOps(self))
         if ret:
@@ -880,7 +887,7 @@ class Dmirror(IntervalNotifierDriver):
         passes = 0
         try:
             while True:
-                if passes > self.max_retries:
+                if time_after(jiffies(self.machine), timeout) or passes > self.max_retries:
                     self.machine.counters["dmirror_timeouts"] += 1
                     return -EBUSY
                 passes += 1

@@ -164,14 +164,21 @@ class DmirrorAdapter:
     def _loop(self, rng: Any, req: Any = None) -> Gen[int]:
         """IntervalNotifierDriver.range_fault with a commit of the valid entries only (requests may leave pages out);
         the per-page requests ``req`` are written into the array before every pass (after a failed pass the
-        array holds outputs, which must not be read as requests)."""
-        from hmmirror.drivers.test_hmm import DPT_XA_TAG_WRITE
+        array holds outputs, which must not be read as requests).  Bounded as dmirror_range_fault() is: -EBUSY
+        once ``time_after(jiffies, timeout)`` with ``timeout`` = the first pass + HMM_RANGE_DEFAULT_TIMEOUT
+        (or after ``max_retries`` passes when the clock stands still)."""
+        from hmmirror.drivers.test_hmm import DMIRROR_RANGE_FAULT_TIMEOUT, DPT_XA_TAG_WRITE
+        from hmmirror.kernel.time import jiffies, msecs_to_jiffies, time_after
         from hmmirror.mm.hmm import modern as hmm
         from hmmirror.mm.mmu_notifier import mmu_interval_read_begin, mmu_interval_read_retry
 
         dm = self.dm
         mm = dm.mm
+        machine = mm.machine
+        timeout = jiffies(machine) + msecs_to_jiffies(DMIRROR_RANGE_FAULT_TIMEOUT)
         for _ in range(dm.max_retries + 1):
+            if time_after(jiffies(machine), timeout):
+                break
             if req is not None:
                 rng.hmm_pfns[:len(req)] = req
             rng.notifier_seq = yield from mmu_interval_read_begin(rng.notifier)
@@ -193,6 +200,7 @@ class DmirrorAdapter:
                     dm.pt.store_range(first + k, np.array([(hmm.hmm_pfn_to_pfn(e) << 2) | tag], dtype=np.uint64))
             sched.mutex_unlock(dm.mutex)
             return 0
+        machine.counters["dmirror_timeouts"] += 1
         return -EBUSY
 
     def gc(self) -> Gen[Any]:
