@@ -116,9 +116,10 @@ class PhysMem:
         new = start + npages
         for name in ("refcount", "mapcount", "flags", "order"):
             arr = getattr(self, name)
-            grown = np.empty(new, dtype=arr.dtype)
+            # np.zeros of a large array is calloc'd: the OS hands out zeroed pages as they are first touched,
+            # so the unused pfns below the aligned start cost nothing (np.empty + a fill wrote every one)
+            grown = np.zeros(new, dtype=arr.dtype)
             grown[:cur] = arr
-            grown[cur:] = 0
             setattr(self, name, grown)
         self.flags[start:new] = PG.device
         self.refcount[start:new] = idle_refcount   # idle device pages (memremap_pages)

@@ -487,8 +487,13 @@ class PagePlace:
     def _sweep(self, eng: Any, st: Any) -> None:
         if any(f.invariant == self.name for f in eng.findings):
             return
+        mem = self.machine.mem
         for lo, hi in self._ranges():
-            mem = self.machine.mem
+            # out of place = referenced XOR mapped (:meth:`_bad`'s two cases; a page with neither is in its
+            # place): one pass over the range finds whether any is, :meth:`_bad` says which and where
+            odd = (mem.refcount[lo:hi] > 0) != (mem.mapcount[lo:hi] > 0)
+            if not odd.any():
+                continue
             pf = lo + np.flatnonzero((mem.refcount[lo:hi] != 0) | (mem.mapcount[lo:hi] != 0))
             bad = self._bad(pf.astype(np.int64))
             if bad is not None:
