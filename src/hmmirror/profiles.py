@@ -93,6 +93,12 @@ class KernelProfile:
                                         # once]; "never" [6.12 wp_can_reuse_anon_folio(): large -> copy];
                                         # "exclusive_folio" [6.15+, 1da190f4d0a6: reuse only if > 1 page is
                                         # mapped and every mapping is this mm's (!maybe_mapped_shared)]
+    i_mmap_walk_shared: bool = False    # unmap_mapping_pages()/unmap_mapping_folio() walk i_mmap under
+                                        # i_mmap_lock_read [6.x]; [5.2] i_mmap_lock_write (mm/memory.c)
+    memunmap_put_many: bool = False     # memunmap_pages() drops a non-private pgmap's per-page references with one
+                                        # percpu_ref_put_many and never puts the pages (a mapped page holds no pgmap
+                                        # reference) [5.17+, 6.12, 6.18]; [5.2] put_page() of every device page, so
+                                        # a page still referenced keeps its pgmap reference until its last put
 
 
 # madvise(2) advice of 5.2 (CONFIG_KSM=n, no MEMORY_FAILURE injection); 6.18 adds COLD/PAGEOUT (5.4),
@@ -143,6 +149,8 @@ V5_2 = KernelProfile(
     huge_zero_wp_new_thp=True,              # do_huge_pmd_wp_page(): is_huge_zero_pmd -> goto alloc (THP enabled)
     faultaround_skips_ra_mark=False,        # the spec's §5.5 rule (obs D1); not measured on a 5.2 kernel
     wp_reuse_large_anon="page",
+    i_mmap_walk_shared=False,
+    memunmap_put_many=False,
 )
 
 V6_18 = KernelProfile(
@@ -188,6 +196,8 @@ V6_18 = KernelProfile(
     faultaround_skips_ra_mark=False,        # host 6.18.44: examples/file_faultaround.toml maps pages 16-31
     mremap_dontunmap=True,
     wp_reuse_large_anon="exclusive_folio",
+    i_mmap_walk_shared=True,
+    memunmap_put_many=True,
 )
 
 # Debian 13's LTS kernel (6.12.118 as Debian builds it, read from linux-source-6.12 and checked in the test_hmm
@@ -235,6 +245,8 @@ V6_12 = KernelProfile(
     faultaround_skips_ra_mark=True,         # guest: examples/file_faultaround.toml leaves page 28 unmapped
     mremap_dontunmap=True,
     wp_reuse_large_anon="never",
+    i_mmap_walk_shared=True,
+    memunmap_put_many=True,
 )
 
 PROFILES = {"5.2": V5_2, "6.12": V6_12, "6.18": V6_18}

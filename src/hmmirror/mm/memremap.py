@@ -27,8 +27,10 @@ Model choices:
 * Idle device pages hold refcount 1 in both profiles (the [5.2] convention; [6.x] idles them at 0).  Under
   ``profile.dax_refcounted`` mappings add one reference per leaf on top of that, so the per-page pgmap
   reference is still dropped exactly when a page's refcount reaches zero.
-* [6.18] ``memunmap_pages`` drops the per-page references with one ``percpu_ref_put_many`` instead of one
-  ``put_page`` per page; with no pinned pages the two are equivalent, so the [5.2] order is used for both.
+* ``memunmap_pages`` [5.17+, ``profile.memunmap_put_many``] drops the per-page references of a non-private
+  pgmap with one ``percpu_ref_put_many`` and leaves the pages alone: a page still mapped ([6.18] refcounted
+  DAX leaves) or pinned holds a folio reference but no pgmap reference, so the teardown does not wait for it.
+  [5.2] puts every device page instead; a page still referenced keeps its pgmap reference until its last put.
 * ``page_free`` (``pgmap->ops->page_free`` [6.x], ``pgmap->page_free`` [5.2]) runs when a page of a
   device-private / fsdax pgmap becomes idle again (refcount back to 1, ``__put_devmap_managed_page``);
   ``migrate_to_ram`` is the device-private CPU fault hook (``do_swap_page`` calls ``pgmap.ops.migrate_to_ram``).
@@ -526,8 +528,9 @@ def put_device_page(machine: "Machine", pgmap: DevPagemap, pfn: int, new_count: 
 def devm_memremap_pages_release(machine: "Machine", pgmap: DevPagemap) -> Gen[int]:
     """devm_memremap_pages_release() (kernel/memremap.c [5.2]; memunmap_pages() [6.x]): tear ``pgmap`` down.
 
-    Order: ``pgmap.kill(ref)`` (lookups fail from now on; holders keep their references); ``put_page`` of
-    every device page (idle pages drop their pgmap reference, pinned pages keep theirs until released);
+    Order: ``pgmap.kill(ref)`` (lookups fail from now on; holders keep their references); the per-page
+    references: [6.x] one ``percpu_ref_put_many`` (device-private pages: none, each allocated page holds its
+    own), [5.2] ``put_page`` of every device page (idle pages drop their pgmap reference, pinned keep theirs);
     ``pgmap.cleanup(ref)`` sleeps until the count reaches zero; then the range is removed (``pgmap_of``
     finds nothing).  Returns 0, or -EINVAL if ``pgmap`` is not registered.  May sleep.
     """
@@ -545,8 +548,15 @@ def devm_memremap_pages_release(machine: "Machine", pgmap: DevPagemap) -> Gen[in
         # [6.x] memunmap_pages(): no per-page reference to drop for device-private pages; every page the
         # driver still holds keeps its pgmap reference until its last put.
         pgmap.history.append(f"in_use:{int((mem.refcount[r.start: r.end] > 0).sum())}")
+    elif machine.profile.memunmap_put_many:
+        # [5.17+] memunmap_pages(): percpu_ref_put_many(&pgmap->ref, pfn_len) for every type but private /
+        # coherent: the pgmap references memremap_pages() took per page go at once, the pages are not put (a
+        # mapped or pinned page holds a folio reference, no pgmap reference), so only get_dev_pagemap()
+        # holders are waited for below.
+        percpu_ref_put_many(pgmap.ref, r.npages)
+        pgmap.history.append(f"put_many:{r.npages}")
     else:
-        # for_each_device_pfn: put_page(pfn_to_page(pfn)) -- vectorised: every page loses one reference;
+        # [5.2] for_each_device_pfn: put_page(pfn_to_page(pfn)) -- vectorised: every page loses one reference;
         # those reaching zero drop one pgmap reference each (idle pages); others (pinned) keep theirs.
         mem.refcount[r.start: r.end] -= 1
         rc = mem.refcount[r.start: r.end]

@@ -123,14 +123,31 @@ def split_alignment(vma: VMA) -> int:
     return getattr(ops, "split_align", PAGE_SIZE) if ops is not None else PAGE_SIZE
 
 
-def __split_vma(mm: "MMStruct", vma: VMA, addr: int) -> Gen[int]:
-    """__split_vma(): ``vma`` keeps ``[vm_start, addr)``, a new VMA gets ``[addr, vm_end)``.
+def file_i_mmap_rwsem(file: Any) -> "sched.Lock | None":
+    """``file->f_mapping->i_mmap_rwsem`` (the rwsem i_mmap_lock_write/read take), None for no such file."""
+    inode = getattr(file, "inode", None) if file is not None else None
+    if inode is None:
+        return None
+    mapping = getattr(inode, "i_mapping", None)
+    lock = getattr(mapping, "i_mmap_rwsem", None) if mapping is not None else None
+    return lock if lock is not None else getattr(inode, "i_mmap_rwsem", None)
 
-    A THP straddling ``addr`` is split first (vma_adjust_trans_huge: notifier CLEAR [2M)).
-    Returns 0 or -EINVAL (hugetlb / device-dax split at an unaligned address).
+
+def __split_vma(mm: "MMStruct", vma: VMA, addr: int) -> Gen[int]:
+    """__split_vma() (mm/vma.c [6.18]; mm/mmap.c [5.2]): ``vma`` keeps ``[vm_start, addr)``, a new VMA gets
+    ``[addr, vm_end)``.
+
+    A file VMA's mapping is locked first (vma_prepare(): i_mmap_lock_write), and held while a THP straddling
+    ``addr`` is split (vma_adjust_trans_huge: notifier CLEAR [2M)), the bounds change and the new VMA enters
+    i_mmap (vma_complete): an rmap walk of the file (unmap_mapping_range, memory_failure) sees the VMA
+    whole or both halves, never the lower half alone.  Returns 0 or -EINVAL (hugetlb / device-dax split at
+    an unaligned address; vm_ops->may_split runs before anything is locked).
     """
     if addr % split_alignment(vma):
         return -EINVAL
+    lock = file_i_mmap_rwsem(vma.vm_file)
+    if lock is not None:
+        yield from sched.down_write(lock)
     if addr % PMD_SIZE:
         from hmmirror.mm.huge_memory import split_huge_pmd_address
         yield from split_huge_pmd_address(vma, addr)
@@ -142,6 +159,8 @@ def __split_vma(mm: "MMStruct", vma: VMA, addr: int) -> Gen[int]:
     mm.insert_vma(new)
     if vma.vm_file is not None and hasattr(vma.vm_file, "inode"):
         vma.vm_file.inode.i_mmap.append(new)
+    if lock is not None:
+        sched.up_write(lock)
     return 0
 
 
@@ -226,8 +245,7 @@ def do_munmap(mm: "MMStruct", start: int, length: int) -> Gen[int]:
     # (unmap_mapping_range, memory_failure) still finds and zaps it
     for vma in victims:
         if vma.vm_file is not None and hasattr(vma.vm_file, "inode") and vma in vma.vm_file.inode.i_mmap:
-            mapping = getattr(vma.vm_file.inode, "i_mapping", None)
-            lock = getattr(mapping, "i_mmap_rwsem", None)          # i_mmap_lock_write(): waits for rmap walks
+            lock = file_i_mmap_rwsem(vma.vm_file)                   # i_mmap_lock_write(): waits for rmap walks
             if lock is not None:
                 yield from sched.down_write(lock)
             if vma in vma.vm_file.inode.i_mmap:

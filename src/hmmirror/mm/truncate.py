@@ -2,8 +2,8 @@
 unmap_mapping_range/unmap_mapping_pages, mm/truncate.c).
 
 ``unmap_mapping_range`` visits every VMA of the file whose offset range meets the hole and zaps that part
-under one notifier CLEAR per VMA (zap_page_range_single), in file-offset order, holding ``i_mmap_rwsem`` for
-write.  With ``even_cows`` false, private anonymous copies (COW pages and their swap entries) are kept, as
+under one notifier CLEAR per VMA (zap_page_range_single), in file-offset order, holding ``i_mmap_rwsem``
+(read [6.x], write [5.2]).  With ``even_cows`` false, private anonymous copies (COW pages and their swap entries) are kept, as
 ``details->check_mapping`` does; hugetlb VMAs are always zapped whole (hugetlb ignores the details).
 
 Used by truncate(2) (twice, as truncate_pagecache does: once before and once after dropping the page cache),
@@ -158,20 +158,34 @@ def unmap_mapping_range_tree(vmas: list["VMA"], first_index: int, last_index: in
         yield from zap_page_range_single(vma, start, end - start, even_cows)
 
 
+def _walk_shared(mapping: Any, vmas: list["VMA"]) -> bool:
+    """``profile.i_mmap_walk_shared`` of the machine ``mapping`` belongs to (True when it cannot be told)."""
+    host = getattr(mapping, "host", mapping)
+    machine = getattr(host, "machine", None)
+    if machine is None and vmas:
+        machine = vmas[0].vm_mm.machine
+    return True if machine is None else bool(machine.profile.i_mmap_walk_shared)
+
+
 def unmap_mapping_pages(mapping: Any, start: int, nr: int, even_cows: bool) -> Gen[None]:
     """unmap_mapping_pages() (mm/memory.c): unmap file pages ``[start, start+nr)`` (``nr`` 0: to the end)
-    from every mapping; ``even_cows`` also removes private COW copies.  Holds i_mmap_rwsem for write."""
+    from every mapping; ``even_cows`` also removes private COW copies.  Holds i_mmap_rwsem across the whole
+    walk: for read [6.x] (i_mmap_lock_read), for write [5.2] (``profile.i_mmap_walk_shared``).  The VMA list
+    is read once under it: whoever changes i_mmap (vma_prepare in a split or merge, vma_link_file, unlink_file_vma)
+    takes the rwsem for write, so it cannot change during the walk."""
     first = start
     last = start + nr - 1
     if last < first:
         last = ULONG_MAX
     vmas, lock = _i_mmap(mapping)
+    shared = _walk_shared(mapping, vmas)
     if lock is not None:
-        yield from sched.down_write(lock)
+        yield from (sched.down_read(lock) if shared else sched.down_write(lock))
+        vmas, _ = _i_mmap(mapping)                       # the tree as it stands once the rwsem is held
     if vmas:
         yield from unmap_mapping_range_tree(vmas, first, last, even_cows)
     if lock is not None:
-        sched.up_write(lock)
+        (sched.up_read if shared else sched.up_write)(lock)
 
 
 def unmap_mapping_range(mapping: Any, holebegin: int, holelen: int, even_cows: bool) -> Gen[None]:

@@ -638,11 +638,16 @@ class PteMapBalance:
 class PgmapRefs:
     """``pgmap_refcount``: HMM's ``get_dev_pagemap`` references are all dropped when no HMM call runs.
 
-    Count changes made in a step by a task that is not a device job (teardown, unmapping) move the
-    baseline; changes made by device jobs must cancel out once no device job is inside an HMM call.
+    Count changes made in a step that ran outside every HMM call move the baseline: a step of a task that is
+    not a device job (teardown, unmapping), and a device job's step that began and ended outside an HMM call
+    with no HMM call returning in it (its own mmput -> exit_mmap, a reference the driver keeps for itself --
+    [6.x] HMM takes no pgmap reference at all, [5.2] it drops the ones it takes before returning).  Changes
+    made inside HMM calls must cancel out once no device job is inside one.
     """
 
     name = "pgmap_refcount"
+    #: the log kinds :meth:`on_log` reads: an HMM call logs its own return
+    log_kinds = frozenset(Tracker.HMM_CALLS)
 
     def __init__(self, tracker: Tracker) -> None:
         self.t = tracker
@@ -651,6 +656,7 @@ class PgmapRefs:
         self.in_hmm: set[int] = set()
         self.pgmaps: list[Any] = []
         self.kept: dict[int, str] = {}                 # id(pgmap) -> signature of the finding that reported kept refs
+        self.returned = False                          # an HMM call returned during the current step
 
     def attach(self, eng: Any, run: Any) -> None:
         from hmmirror.mm.memremap import MEMORY_DEVICE_PRIVATE
@@ -660,23 +666,35 @@ class PgmapRefs:
         self.pgmaps = [p for p in run.machine.pgmaps if p.type != MEMORY_DEVICE_PRIVATE]
         self.base = {id(p): p.count for p in self.pgmaps}
 
+    def on_log(self, eng: Any, ev: dict[str, Any]) -> None:
+        if ev["what"] in self.log_kinds:
+            self.returned = True
+
     def before_step(self, eng: Any, st: Any) -> None:
         if self.pgmaps:
             self.before = {id(p): p.count for p in self.pgmaps}
+            self.returned = False
+
+    def _move_baseline(self) -> None:
+        for p in self.pgmaps:
+            d = p.count - self.before[id(p)]
+            if d:
+                self.base[id(p)] += d
 
     def after_step(self, eng: Any, st: Any, point: Any) -> None:
         if not self.pgmaps:
             return
         if st.kind != "device":
-            for p in self.pgmaps:
-                d = p.count - self.before[id(p)]
-                if d:
-                    self.base[id(p)] += d
+            self._move_baseline()
             return
+        was_in = st.idx in self.in_hmm
         if self.t.in_hmm:
             self.in_hmm.add(st.idx)
             return
         self.in_hmm.discard(st.idx)
+        if not was_in and not self.returned:
+            self._move_baseline()                      # the whole step ran outside any HMM call
+            return
         if self.in_hmm:
             return
         for p in self.pgmaps:

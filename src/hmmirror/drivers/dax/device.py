@@ -53,12 +53,24 @@ FAULT_SIZES = {"pte": PAGE_SIZE, "pmd": PMD_SIZE, "pud": PUD_SIZE}
 
 @dataclass(eq=False)
 class DaxInode:
-    """The device inode shared by every open of ``/dev/daxX.Y`` (``dax_inode``; ``S_DAX``)."""
+    """The device inode shared by every open of ``/dev/daxX.Y`` (``dax_inode``; ``S_DAX``).
+
+    dax_open() (drivers/dax/device.c [5.2, 6.18]) points every open's ``f_mapping`` at this inode's own
+    ``i_data``, so its ``i_mmap`` tree has the ``i_mmap_rwsem`` of any address_space (lockdep class
+    ``mapping->i_mmap_rwsem``): kill_dev_dax()'s unmap_mapping_range() walks it under that rwsem and a split
+    of a mapping VMA (vma_prepare) takes it for write.  (No ``i_mapping`` attribute: the model's page-cache
+    code reads its absence as "no page cache".)"""
 
     name: str
     i_size: int
     i_mmap: list[VMA] = field(default_factory=list, repr=False)
     dax: bool = True
+    machine: "Machine | None" = field(default=None, repr=False)
+    i_mmap_rwsem: sched.Lock | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.i_mmap_rwsem = sched.lockdep_set_class(sched.Lock(f"/dev/{self.name}.i_mmap_rwsem", "rwsem"),
+                                                    "mapping->i_mmap_rwsem")
 
 
 class DevDaxVmOps(VmOps):
@@ -233,7 +245,7 @@ def devm_create_dev_dax(machine: "Machine", pmem: Any, name: str, align: int) ->
     if ret:
         raise InputError(f"{name}: devm_memremap_pages failed", -ret)
     dev_dax.pgmap = pgmap
-    dev_dax.inode = DaxInode(name, size)
+    dev_dax.inode = DaxInode(name, size, machine=machine)
     dev_dax.vm_ops = DevDaxVmOps(dev_dax)
     dev_dax.alive = True                                     # run_dax()
     machine.log("dev_dax_probe", name=name, align=align, start_pfn=pgmap.res.start if pgmap.res else None)
