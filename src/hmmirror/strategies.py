@@ -87,13 +87,16 @@ class _Draws:
 def draw_scenario(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str, ...] | None = None,
                   events: tuple[str, ...] | None = None, schedule: bool = True,
                   max_switches: int = MAX_SWITCHES, inject: bool = False,
-                  weights: dict[str, float] | None = None, features: list[str] | None = None) -> SimScenario:
+                  weights: dict[str, float] | None = None, features: list[str] | None = None,
+                  targets: list[tuple[str, ...]] | None = None) -> SimScenario:
     """The draws of one campaign run, from any choice stream: :func:`~hmmirror.sim.scenario.generate`, then
     (``schedule``) a switch list from the same stream, stored as the scenario's ``[sim.scheduler]``.
     ``inject`` allows the generator's opt-in entries (``hmmirror fuzz --inject``: device-memory jobs and
-    events); ``weights`` and ``features`` go to ``generate`` (a campaign's steering).  ``hmmirror fuzz``'s
+    events); ``weights``, ``features`` and ``targets`` go to ``generate`` (a campaign's steering
+    and coverage targets).  ``hmmirror fuzz``'s
     Hypothesis sessions draw through this function too."""
-    sc = generate(c, kernel, driver, kinds, events, weights=weights, inject=inject, features=features)
+    sc = generate(c, kernel, driver, kinds, events, weights=weights, inject=inject, features=features,
+                  targets=targets)
     if schedule:
         sw = SwitchListScheduler.draw(c, max_switches)
         sc.scheduler = {"kind": "switch", "switches": [list(x) for x in sw.switches]}

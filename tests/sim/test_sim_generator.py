@@ -270,3 +270,58 @@ def test_a_device_job_delay_is_preemption_points_of_its_task():
     text.devices = [{"name": "dev0", "jobs": [{"addr": "m0", "length": "4K", "write": False, "delay": 3}]}]
     from hmmirror.sim.scenario import SimScenario as S
     assert S.from_toml(text.to_toml()).devices[0]["jobs"][0]["delay"] == 3
+
+
+# --- coverage targets (generate(targets=)) -------------------------------------------------------------------
+def test_without_targets_nothing_is_drawn_for_them():
+    """A scenario drawn with no targets (or an empty list) is the one drawn before targets existed."""
+    for seed in range(20):
+        a = generate(SeededChoices(4242 + seed), "6.18").to_toml()
+        assert generate(SeededChoices(4242 + seed), "6.18", targets=[]).to_toml() == a
+
+
+def test_targeted_scenarios_are_deterministic():
+    cells = [("walk", "anon", "pte", "swap", "0"), ("event_fn", "reclaim", "pud")]
+    for seed in range(10):
+        a = generate(SeededChoices(77 + seed), "5.2", targets=cells).to_toml()
+        assert generate(SeededChoices(77 + seed), "5.2", targets=cells).to_toml() == a
+
+
+def _events_of(kernel, targets, n=200):
+    got: collections.Counter[str] = collections.Counter()
+    for seed in range(n):
+        sc = generate(SeededChoices(31_000 + seed), kernel, targets=targets)
+        got.update({e["kind"] for e in sc.events})
+        got.update({"map:devdax_1G" for op in sc.setup if op["op"] == "mmap" and op.get("align") == "1G"
+                    and str(op.get("file", "")).startswith("/dev/dax")})
+        got.update({"probe" for d in sc.devices for j in d["jobs"] if j.get("delay", 0) >= 8})
+    return got
+
+
+@pytest.mark.parametrize("kernel,cell,what", [
+    ("5.2", ("walk", "anon", "pte", "swap", "0"), "reclaim"),          # the event that makes swap entries
+    ("6.18", ("walk", "anon", "pte", "migration", "-EBUSY"), "migrate"),
+    ("6.18", ("walk", "anon", "pmd", "protnone", "0"), "numa"),
+    ("6.18", ("walk", "file", "hole", "none", "-EFAULT"), "oom_reap"),  # a fault in an OOM-reaped mm fails
+    ("6.18", ("event_fn", "reclaim", "pud"), "map:devdax_1G"),         # a PUD walk: 1 GiB device-dax
+])
+def test_a_target_cell_makes_its_ingredients_likelier(kernel, cell, what):
+    """Aimed at a cell not covered yet, the generator draws what reaches it several times as often (a walk
+    meeting a swap entry needs a reclaim event; a PUD walk a device-dax mapping)."""
+    plain = _events_of(kernel, None)
+    aimed = _events_of(kernel, [cell])
+    assert aimed[what] >= 2 * max(plain[what], 5), (what, plain[what], aimed[what])
+
+
+def test_cell_targets_are_the_reachable_cells_not_covered():
+    from hmmirror.sim.coverage import Coverage, cell_targets, reachable
+
+    cov = Coverage("6.18")
+    r = reachable("6.18")
+    every = cell_targets(cov)
+    assert len(every) == sum(len(v) for v in r.values())
+    cov.walk.add(tuple(r["walk"][0]))
+    cov.event_fn.add(tuple(r["event_fn"][0]))
+    left = cell_targets(cov)
+    assert len(left) == len(every) - 2
+    assert ("walk", *r["walk"][0]) not in left and ("event_fn", *r["event_fn"][0]) not in left

@@ -50,6 +50,8 @@ MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
               help="file of signatures to treat as known (one a line), or a directory of reproducers (e.g. "
                    "docs/sim-reproducers), besides the findings directory's")
 @click.option("--no-steer", is_flag=True, help="do not move effort away from features that produce known findings")
+@click.option("--no-target", is_flag=True,
+              help="do not aim a share of the scenarios at coverage cells the campaign has not covered yet")
 @click.option("--inject", is_flag=True,
               help="also draw the opt-in event that writes page-table states no syscall makes (findings marked)")
 @click.option("--coverage-png", default=None, help="draw the coverage heat map to this PNG file")
@@ -57,7 +59,8 @@ MAX_JOBS = max(64, 4 * (os.cpu_count() or 1))
 def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, dask: str | None, driver: str,
             findings_dir: str,
             scheduler: str, seed: int, every_step: bool, kinds: str | None, events: str | None, fresh: bool,
-            known_file: str | None, no_steer: bool, inject: bool, coverage_png: str | None, as_json: bool) -> int:
+            known_file: str | None, no_steer: bool, no_target: bool, inject: bool, coverage_png: str | None,
+            as_json: bool) -> int:
     """Fuzz the model and a mirroring driver under random interleavings; save shrunk reproducers.
 
     Exit code 1 when the campaign found something (a reproducer per cause in --findings).
@@ -93,7 +96,7 @@ def command(kernel: str, seconds: float | None, runs: int | None, jobs: int, das
     from hmmirror.sim.fuzz import Config
     cfg = Config(kernel=kernel, driver=driver, seconds=seconds or 0.0, jobs=jobs, findings_dir=findings_dir,
                  scheduler=scheduler, seed=seed, every_step=every_step, kinds=kind_t, events=ev_t, fresh=fresh,
-                 known_file=known_file, steer=not no_steer, inject=inject)
+                 known_file=known_file, steer=not no_steer, target=not no_target, inject=inject)
     if runs is not None:
         cfg.runs = runs
     result = _run_with_progress(cfg, kernel, seconds, as_json, executor)

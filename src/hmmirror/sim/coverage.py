@@ -404,8 +404,9 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
         return {"0", "-EBUSY"} | ({"-EAGAIN"} if vk == "file" and five else set()) | \
             ({"-EFAULT"} if vk in ("fsdax", "devdax", "anon", "file") else set()) | perm
     if fn == "hugetlb":                               # -EFAULT: no free huge page for a fault (VM_FAULT_OOM)
-        return {"0", "-EBUSY"} | ({"-EINVAL"} if five else set()) | ({"-EFAULT"} if entry == "present" else set()) \
-            | perm
+        # [5.2] the handler's -EINVAL (a start not aligned to the huge page_shift, a page not whole in the range)
+        # cannot happen: see unreachable_reasons
+        return {"0", "-EBUSY"} | ({"-EFAULT"} if entry == "present" else set()) | perm
     if not five and vk in SHARED_WRITABLE and entry in ("present", "devmap") and fn in ("pte", "pmd", "pud"):
         # [6.x, model] such an entry is writable from its first fault in a writable VMA, read-only in a
         # read-only one: a fault is needed only for a write in a read-only VMA, and refused there (-EPERM);
@@ -419,6 +420,10 @@ def _rets(kernel: str, fn: str, vk: str, entry: str) -> set[str]:
         # still mapped until kill_dev_dax unmaps it) is VM_FAULT_SIGBUS: -EFAULT
         return {"0", "-EFAULT"} if five else {"0", "-EBUSY", "-EFAULT", "-EPERM"}
     r = {"0", "-EBUSY"}
+    if five and fn == "pte" and entry in ("swap", "migration"):
+        # [5.2] hmm_vma_handle_pte tests a swap or migration entry before hmm_pte_need_fault ran for it: fault and
+        # write_fault are still false, so both are reported NONE with 0 whatever the request (hmm-5.2.md §7.3, §13)
+        return {"0"}
     if entry == "hwpoison":                           # [6.x] reported as 0 when no fault is requested there
         return {"-EFAULT"} if five else {"0", "-EFAULT"}
     if entry == "migration":                          # wait for the migration: the walk restarts
@@ -564,6 +569,20 @@ def unreachable_reasons(kernel: str, driver: str = "builtin") -> list[dict[str, 
     ]
     if five:
         out.append({"cells": "file x pmd x present", "reason": "[5.2] ext4/xfs page cache is never PMD-mapped"})
+        out.append({"cells": "* x pte x swap|migration x -EBUSY|-EFAULT|-EAGAIN",
+                    "reason": "[5.2] hmm_vma_handle_pte tests a real swap entry and a migration entry before it calls "
+                              "hmm_pte_need_fault for them: fault and write_fault are still false, so it reports "
+                              "NONE and returns 0 in both modes, never faults them in and never waits for the "
+                              "migration (hmm-5.2.md §7.3, §13; fixed in 5.7 by 'return the fault type from "
+                              "hmm_pte_need_fault')"})
+        out.append({"cells": "hugetlb x hugetlb x -EINVAL",
+                    "reason": "[5.2] hmm_vma_walk_hugetlb_entry's -EINVAL needs a start not aligned to the huge "
+                              "page_shift or a huge page not whole in [start, end): hmm_range_register refuses a "
+                              "range whose start or end is not aligned to page_shift, hmm_range_snapshot/fault refuse "
+                              "(-EINVAL) a huge page_shift that is not the VMA's, hugetlb VMAs start and end on huge "
+                              "page boundaries (munmap/mprotect of a part refuse unaligned addresses) and a restarted "
+                              "walk starts at hmm_vma_walk.last, which the hole path sets to an aligned address; the "
+                              "unaligned huge jobs end at hmm_range_register (mode x -EINVAL)"})
         out.append({"cells": "* x -EPERM (handlers)",
                     "reason": "[5.2] the handlers have no VM_WRITE check (-EPERM comes only from hmm_range_fault's "
                               "VM_READ check of the VMA)"})
@@ -584,6 +603,170 @@ def unreachable_reasons(kernel: str, driver: str = "builtin") -> list[dict[str, 
                     "reason": "[6.x] hmm_vma_fault calls handle_mm_fault without FAULT_FLAG_ALLOW_RETRY: no "
                               "VM_FAULT_RETRY"})
     return out
+
+
+# --- coverage-guided generation --------------------------------------------------------------------------
+#: how much a target cell scales the draws that lead to it (``generate(targets=)``)
+BOOST = 8.0
+#: and the draws that lead away from it (e.g. ``probe:none`` when a walk must meet an event's entry)
+DAMP = 0.15
+
+
+@functools.lru_cache(maxsize=16)
+def _reachable_cells(kernel: str, driver: str) -> tuple[tuple[str, ...], ...]:
+    r = reachable(kernel, driver)
+    return tuple((grid, *c) for grid in ("walk", "mode_ret", "event_fn") for c in r[grid])
+
+
+def cell_targets(cov: "Coverage") -> list[tuple[str, ...]]:
+    """The reachable cells ``cov`` has not covered, as ``(grid, *cell)`` tuples in a fixed order (the
+    campaign's coverage targets, :func:`hmmirror.sim.scenario.generate`)."""
+    got = {"walk": cov.walk, "mode_ret": cov.mode_ret, "event_fn": cov.event_fn}
+    return [t for t in _reachable_cells(cov.kernel, cov.driver) if tuple(t[1:]) not in got[t[0]]]
+
+
+def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
+    """Generator weights (``table:name`` / ``choice:option`` -> factor) that make the ingredients of one
+    coverage cell likelier: the VMA kind and its variant, the walk function's leaf size, what leaves the entry
+    kind (the page event that makes a swap, migration, NUMA-hinting or hwpoison entry; the device-memory job
+    that makes a device-private one; the set-up that leaves a hole, a zero page, a written page) with a device
+    coming back to those pages, and what makes the return path (a request that needs a fault, none, a write
+    into a read-only VMA, a fault that fails: an OOM-reaped mm, a dying device; an unaligned huge range).
+    The cell itself is not a parameter of anything: the scenario is drawn as any other, with other odds."""
+    w: dict[str, float] = {}
+
+    def up(*feats: str, f: float = BOOST) -> None:
+        for x in feats:
+            w[x] = w.get(x, 1.0) * f
+
+    def down(*feats: str) -> None:
+        for x in feats:
+            w[x] = w.get(x, 1.0) * DAMP
+
+    five = kernel == "5.2"
+    grid = target[0]
+
+    def fn_ingredients(vk: str | None, fn: str, f: float = BOOST) -> None:
+        if fn == "pud":
+            up("mapping:devdax", "target:devdax", "devdax_align:1G", "populate_dax:touch", f=f)
+        elif fn == "hugetlb":
+            up("mapping:hugetlb", "target:hugetlb", "populate_huge:touch", f=f)
+        elif fn == "pmd" and vk in (None, "anon"):
+            up("mapping:anon_thp", f=f / 2)
+        elif fn == "hole":
+            up("populate:no", f=f / 2)
+
+    if grid == "walk":
+        vk, fn, entry, ret = target[1:]
+        cow = entry in ("swap", "migration", "device_private") or (vk == "fsdax" and entry == "present")
+        if vk == "anon":
+            up("mapping:anon_thp" if fn == "pmd" or entry == "huge_zero" else "mapping:anon", "target:anon")
+        elif vk == "file":
+            up("mapping:file", "target:file")
+            if cow:
+                up("file_share:private")
+            if fn == "pmd" or (fn == "pte" and entry == "present" and not five):
+                up("file_size:2M", "file_fs:xfs")
+            if ret == "-EAGAIN":
+                up("file_cache:cold")
+        elif vk == "fsdax":
+            up("mapping:fsdax", "target:fsdax")
+            if cow:
+                up("fsdax_share:private")
+            if fn == "pmd":
+                up("fsdax_size:large", "fsdax_congruent:yes")
+            if entry in ("huge_zero", "zero", "none"):
+                up("fsdax_content:sparse", "fsdax_content:zero", f=BOOST / 2)
+        elif vk == "devdax":
+            up("mapping:devdax", "target:devdax",
+               {"pud": "devdax_align:1G", "pmd": "devdax_align:2M"}.get(fn, "devdax_align:4K"))
+            if fn == "pte" and entry == "present":      # [5.2] the COW copy of a read-only shared PTE
+                up("prot:r", "job:write")
+        elif vk == "hugetlb":
+            up("mapping:hugetlb", "target:hugetlb")
+        elif vk in ("pfnmap", "mixedmap"):
+            up("mapping:pfnmap", "target:pfnmap", f"pfn_kind:{vk}")
+        elif vk == "shmem":
+            up("mapping:shmem", "target:shmem")
+        elif vk == "novma":
+            up("range:past", "range:below")
+        fn_ingredients(vk, fn)
+        if entry == "none":
+            up("populate:no", f=BOOST / 2)
+        elif entry in ("present", "devmap", "table"):
+            up("populate:write", "populate:read", "populate_dax:touch", "populate_mixed:touch",
+               "populate_huge:touch", f=BOOST / 2)
+        elif entry in ("zero", "huge_zero"):
+            up("populate:read", "touch:read")
+            if entry == "huge_zero":
+                up("thp:always")
+        elif entry in ("swap", "migration", "protnone", "hwpoison"):
+            up({"swap": "event:reclaim", "migration": "event:migrate", "protnone": "event:numa",
+                "hwpoison": "event:memory_failure"}[entry], "ev_target:fit", "ev_page:used")
+            if entry == "migration":
+                up("event:compact", "hold:long")
+            down("probe:none", "events:0")
+            if fn == "pmd":
+                up("thp:always")
+        elif entry == "device_private":
+            up("mode:migrate_dev", "mode:exclusive", "dev_target:fit", "dev_page:used")
+        if ret == "0":
+            up("mode:snapshot", "probe:snapshot", f=BOOST / 2)
+            if entry in ("hwpoison", "migration", "swap"):
+                up("job:read")
+        elif ret == "-EBUSY":
+            up("mode:fault", "probe:fault", "mode:fault_perpage", "probe:fault_perpage", f=BOOST / 2)
+        elif ret == "-EFAULT":
+            # a fault that fails: in an OOM-reaped mm (the reap comes first, the device later), on a dying device
+            up("event:oom_reap", "mode:fault", "probe:fault", "job_start:later")
+            down("probe:none")
+            if vk == "devdax":
+                up("event:pmem_unbind")
+            if vk == "fsdax" and five:
+                up("event:pmem_remove")
+            if vk in ("fsdax", "file"):
+                up("range:past", f=BOOST / 2)
+            down("events:0")
+        elif ret == "-EPERM":
+            up("job:write", "mode:fault", "probe:fault", "mprotect:r", "shape_mprotect:yes", "shape_prot:r")
+            if entry in ("none", "present", "devmap", "zero", "huge_zero", "table") or vk not in ("anon", "file",
+                                                                                                "fsdax"):
+                up("prot:r")                            # no page the process must have written first
+            else:                                       # written first, then made read-only
+                up("populate:write", "ev_page:used")
+        elif ret == "-EAGAIN":
+            up("mode:fault", "mode:fault_nonblock")
+        elif ret == "-EINVAL":
+            up("huge_range:unaligned")
+    elif grid == "mode_ret":
+        mode, ret = target[1:]
+        up(f"mode:{mode}")
+        if ret == "-EFAULT":
+            up("event:oom_reap", "range:past", "range:below")
+        elif ret == "-EPERM":
+            up("prot:r", "prot:none", "job:write")
+        elif ret == "-EAGAIN":
+            # [5.2] the range was invalidated after hmm_range_wait_until_valid: clear_refs, munmap, mprotect
+            up("event:clear_refs", "event:notifier_churn", "cpu:munmap", "cpu:mprotect", "file_cache:cold")
+        elif ret == "-EINVAL":
+            up("huge_range:unaligned")
+        elif ret == "-EBUSY":
+            up("events:3", "events:4", "event:clear_refs")
+    elif grid == "event_fn":
+        ev, fn = target[1:]
+        if ev != "-":
+            up(f"event:{ev}")
+            down("events:0")
+            # the mapping the event acts on must be there too (Entry.needs)
+            need = {"reclaim": "mapping:anon", "migrate": "mapping:anon", "compact": "mapping:anon",
+                    "numa": "mapping:anon", "khugepaged": "mapping:anon_thp", "thp_split": "mapping:anon_thp",
+                    "pmem_unbind": "mapping:devdax", "pmem_remove": "mapping:fsdax"}.get(ev)
+            if need:
+                up(need, f=BOOST / 2)
+                up("prot:rw", "ev_target:fit", f=BOOST / 4)
+        fn_ingredients(None, fn, BOOST / 2)
+        up(f"mode:{'fault' if fn != 'test' else 'snapshot'}", "job_start:later", f=BOOST / 4)
+    return w
 
 
 def coverage_png(summary_cells: dict[str, Any], kernel: str, path: str) -> None:

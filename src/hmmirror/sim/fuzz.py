@@ -53,6 +53,7 @@ class Config:
     known_file: str | None = None               # --known: more signatures to treat as known (one a line)
     steer: bool = True                          # move effort away from what produces known signatures
     inject: bool = False                        # draw the opt-in events that write states no syscall makes
+    target: bool = True                         # aim a share of the scenarios at cells not covered yet
 
 
 @dataclass
@@ -567,6 +568,7 @@ class UnitSearch:
         self.cov = _coverage_for(cfg)
         if self.cov is not None and guide.get("cells"):
             self.cov.merge(guide["cells"])
+        self._targets: list[tuple[str, ...]] | None = None
         self.steer = Steering()
         self.known_runs = 0
         self.known_stops = 0                        # known-only runs that a known stopping finding ended
@@ -575,6 +577,16 @@ class UnitSearch:
 
     def collector(self) -> Any:
         return self.cov.run_collector() if self.cov is not None else None
+
+    def targets(self) -> list[tuple[str, ...]] | None:
+        """The reachable cells not covered yet (before this round, and by this unit's runs so far): what the
+        generator aims a share of its scenarios at (``generate(targets=)``; a function of the unit's inputs)."""
+        if self.cov is None:
+            return None
+        if self._targets is None:
+            from hmmirror.sim.coverage import cell_targets
+            self._targets = cell_targets(self.cov)
+        return self._targets
 
     def result(self) -> dict[str, Any]:
         return {"feedback": self.steer.counts(), "known_runs": self.known_runs, "known_stops": self.known_stops,
@@ -590,6 +602,8 @@ def _account(res: SimResult, seed: int, stats: Stats, rec: Recorder, guide: "Uni
     runs, which are offered only to keep the smallest run); the unit's steering feedback learns from the run's
     features.  Returns the first new signature."""
     new_cells = guide.cov.add_run(res) if guide is not None and guide.cov is not None else False
+    if new_cells and guide is not None:
+        guide._targets = None                     # the targets shrink
     mine = rec.found_here
     new = [f for f in res.findings if f.signature not in rec.preexisting and f.signature not in mine]
     known = [f.signature for f in res.findings if f.signature in rec.preexisting or f.signature in mine]
@@ -636,7 +650,8 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
         c = SaltedHypothesisChoices(data)        # weights hold for every entry, the first one too
         feats: list[str] = []
         sc = draw_scenario(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events, max_switches=cfg.max_switches,
-                           inject=cfg.inject, weights=weights, features=feats)
+                           inject=cfg.inject, weights=weights, features=feats,
+                           targets=guide.targets() if guide is not None and cfg.target else None)
         jobs = job_features(sc)
         run_it = _accepted(model, feats, c, jobs)
         if time.monotonic() > deadline:           # after the draws: the same choices draw the same way
@@ -709,7 +724,7 @@ def draw_steered(cfg: Config, seed: int, stats: Stats | None = None, guide: "Uni
         feats: list[str] = []
         sc = generate(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events,
                       weights=guide.weights if guide is not None and cfg.steer else None, inject=cfg.inject,
-                      features=feats)
+                      features=feats, targets=guide.targets() if guide is not None and cfg.target else None)
         return c, sc, feats, job_features(sc)
 
     model = guide.model if guide is not None and cfg.steer else None

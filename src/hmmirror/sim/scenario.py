@@ -340,6 +340,7 @@ class GenCtx:
         self.inject = inject
         self.features: list[str] = []       # table:name of every entry drawn (steering feedback)
         self.spots: dict[str, list[tuple[int, int]]] = {}   # map name -> page ranges drawn on it so far
+        self.target: tuple[str, ...] | None = None          # the coverage cell this scenario aims at, if any
         self._n = 0
 
     # -- weighted choice ---------------------------------------------------------------------------------
@@ -394,6 +395,41 @@ class GenCtx:
             r -= w
         self.features.append(f"{name}:{keys[-1]}")
         return keys[-1]
+
+    def flip_as(self, name: str, num: int, den: int, yes: str, no: str) -> bool:
+        """``c.flip(num, den)`` named as the choice ``name:yes|no``: the same draw as a plain flip unless the
+        weights scale one of the two options (coverage targets, steering), then a weighted draw; recorded as
+        the feature ``name:yes`` or ``name:no``."""
+        wy, wn = self.weights.get(f"{name}:{yes}"), self.weights.get(f"{name}:{no}")
+        a = int(round(num * 16 * (1.0 if wy is None else wy)))
+        b = int(round((den - num) * 16 * (1.0 if wn is None else wn)))
+        if (wy is None and wn is None) or a < 0 or b < 0 or a + b <= 0:
+            r = self.c.flip(num, den)
+        else:
+            r = self.c.below(a + b) < a
+        self.features.append(f"{name}:{yes if r else no}")
+        return r
+
+    def pick_as(self, name: str, seq: tuple[str, ...]) -> str:
+        """``c.pick(seq)`` named as the choice ``name:option`` (an option listed twice is twice as likely): the
+        same draw as a plain pick unless the weights scale an option; recorded as a feature."""
+        if not any(f"{name}:{o}" in self.weights for o in seq):
+            v = self.c.pick(seq)
+        else:
+            opts: dict[str, int] = {}
+            for o in seq:
+                opts[o] = opts.get(o, 0) + 1
+            ws = [max(0, int(round(k * 16 * self.weights.get(f"{name}:{o}", 1.0)))) for o, k in opts.items()]
+            if sum(ws) <= 0:
+                v = self.c.pick(seq)
+            else:
+                r = self.c.below(sum(ws))
+                for v, w in zip(opts, ws):
+                    if r < w:
+                        break
+                    r -= w
+        self.features.append(f"{name}:{v}")
+        return v
 
     # -- helpers for drawing functions -------------------------------------------------------------------
     def has(self, kind: str) -> bool:
@@ -533,17 +569,17 @@ def _shape_mapping(g: GenCtx, m: MapInfo, populate: bool = True, holes: bool = T
             # a whole 2 MiB block read-only or PROT_NONE: its PMD leaf stays a leaf (change_huge_pmd)
             first = 512 * c.below(m.pages // 512)
             setup.append({"op": "mprotect", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
-                          "length": "2M", "prot": c.pick(("r", "none", "r"))})
+                          "length": "2M", "prot": g.pick_as("shape_prot", ("r", "none", "r"))})
         return
-    if holes and c.flip(1, 6):                       # a gap inside: two VMAs with a hole between them
+    if holes and g.flip_as("shape_gap", 1, 6, "yes", "no"):   # a gap inside: two VMAs with a hole between them
         first = 1 + c.below(m.pages - 2)
         n = 1 + c.below(min(m.pages - first - 1, 8))
         setup.append({"op": "munmap", "addr": f"{m.name}+{fmt_size(first * 4096)}", "length": fmt_size(n * 4096)})
-    if c.flip(1, 6):                                 # mixed protections: part of it read-only or PROT_NONE
+    if g.flip_as("shape_mprotect", 1, 6, "yes", "no"):   # mixed protections: part of it read-only or PROT_NONE
         first = c.below(m.pages - 1)
         n = 1 + c.below(min(m.pages - first, 16))
         setup.append({"op": "mprotect", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
-                      "length": fmt_size(n * 4096), "prot": c.pick(("r", "none", "r"))})
+                      "length": fmt_size(n * 4096), "prot": g.pick_as("shape_prot", ("r", "none", "r"))})
 
 
 # -- MAPPINGS ----------------------------------------------------------------------------------------------
@@ -578,8 +614,8 @@ def _draw_file(g: GenCtx, name: str) -> MapInfo:
     folio there is PMD-mapped)."""
     c = g.c
     pages = 1 + c.below(32)
-    cached = c.flip()
-    shared = c.flip(2, 3)
+    cached = g.flip_as("file_cache", 1, 2, "warm", "cold")
+    shared = g.flip_as("file_share", 2, 3, "shared", "private")
     fs = g.choice("file_fs", {"ext4": 3, "xfs": 1})
     big = g.choice("file_size", {"small": 5, "2M": 1}) == "2M"
     if big:
@@ -604,11 +640,11 @@ def _draw_fsdax(g: GenCtx, name: str) -> MapInfo:
     sometimes a second mapping of the same file beside it with the other congruence."""
     c = g.c
     mount = g.dax_mount()
-    small = c.flip(1, 3)
+    small = g.flip_as("fsdax_size", 1, 3, "small", "large")
     pages = 1 + c.below(64) if small else 512 * (1 + c.below(2))
-    content = ("data", "data", "sparse", "sparse", "zero")[c.below(5)]
-    shared = c.flip(2, 3)
-    congruent = small or c.flip(2, 3)
+    content = g.pick_as("fsdax_content", ("data", "data", "sparse", "sparse", "zero"))
+    shared = g.flip_as("fsdax_share", 2, 3, "shared", "private")
+    congruent = small or g.flip_as("fsdax_congruent", 2, 3, "yes", "no")
     path = f"{mount}/{name}"
     fpages = pages + (0 if congruent else 1)
     g.sc.files.append({"path": path, "size": fmt_size(fpages * 4096), "content": content})
@@ -643,7 +679,7 @@ def _draw_fsdax(g: GenCtx, name: str) -> MapInfo:
 def _draw_devdax(g: GenCtx, name: str) -> MapInfo:
     """device-dax with 4K, 2M or 1G alignment; 1G mappings are PUD-mapped (read-only when PROT_READ)."""
     c = g.c
-    align = ("4K", "2M", "2M", "1G", "1G")[c.below(5)]
+    align = g.pick_as("devdax_align", ("4K", "2M", "2M", "1G", "1G"))
     size = {"4K": "16M", "2M": "16M", "1G": "1G"}[align]
     pm = g.pmem("devdax", align, size)
     dev = f"/dev/dax{pm[4:]}.0"
@@ -653,11 +689,11 @@ def _draw_devdax(g: GenCtx, name: str) -> MapInfo:
         pages = 512 * (1 + c.below(2))
     else:
         pages = 1 + c.below(64)
-    prot = ("rw", "rw", "r", "r", "none")[c.below(5)] if align == "1G" else g.prot()
+    prot = g.pick_as("prot", ("rw", "rw", "r", "r", "none")) if align == "1G" else g.prot()
     g.sc.setup.append(_mmap_op(name, pages, prot, ["shared"], file=dev, align=align if align != "4K" else "2M"))
     m = MapInfo(name, "devdax", f"devdax_{align}", pages, prot, shared=True,
                 huge={"4K": 4096, "2M": 2 << 20, "1G": 1 << 30}[align], file=dev)
-    if prot != "none" and c.flip(3, 4):              # fault it in (a PUD leaf for 1G)
+    if prot != "none" and g.flip_as("populate_dax", 3, 4, "touch", "no"):   # fault it in (a PUD leaf for 1G)
         first = c.below(m.pages)
         g.spot(name, first, 1)
         g.sc.setup.append({"op": "touch", "addr": f"{name}+{fmt_size(first * 4096)}" if first else name,
@@ -667,8 +703,8 @@ def _draw_devdax(g: GenCtx, name: str) -> MapInfo:
 
 def _draw_hugetlb(g: GenCtx, name: str) -> MapInfo:
     c = g.c
-    one_g = c.flip(1, 4)
-    shared = c.flip(1, 3)
+    one_g = g.flip_as("hugetlb_size", 1, 4, "1G", "2M")
+    shared = g.flip_as("hugetlb_share", 1, 3, "shared", "private")
     if one_g:
         g.sc.machine["ram"] = "2112M"
         g.sc.machine["hugepages_1g"] = max(int(g.sc.machine.get("hugepages_1g", 0)), 1)
@@ -681,7 +717,7 @@ def _draw_hugetlb(g: GenCtx, name: str) -> MapInfo:
     g.sc.setup.append(_mmap_op(name, pages, prot, flags))
     m = MapInfo(name, "hugetlb", "hugetlb_1g" if one_g else "hugetlb_2m", pages, prot, shared=shared,
                 huge=(1 << 30) if one_g else (2 << 20))
-    if prot != "none" and c.flip():
+    if prot != "none" and g.flip_as("populate_huge", 1, 2, "touch", "no"):
         g.spot(name, 0, 1)
         g.sc.setup.append({"op": "touch", "addr": name, "length": "4K",
                            "access": "write" if m.write and c.flip() else "read"})
@@ -690,13 +726,13 @@ def _draw_hugetlb(g: GenCtx, name: str) -> MapInfo:
 
 def _draw_pfnmap(g: GenCtx, name: str) -> MapInfo:
     c = g.c
-    mixed = c.flip()
+    mixed = g.flip_as("pfn_kind", 1, 2, "mixedmap", "pfnmap")
     pages = 1 + c.below(16)
-    prot = ("rw", "rw", "r", "none")[c.below(4)]
+    prot = g.pick_as("prot", ("rw", "rw", "r", "none"))
     dev = "mixedmap" if mixed else "pfnmap"
     g.sc.setup.append(_mmap_op(name, pages, prot, ["shared"], file=dev))
     m = MapInfo(name, "pfnmap", dev, pages, prot, shared=True, file=dev)
-    if mixed and prot != "none" and c.flip():      # fault in all of it, or a part (a PTE table with holes)
+    if mixed and prot != "none" and g.flip_as("populate_mixed", 1, 2, "touch", "no"):   # all of it, or a part
         first, n = (0, pages) if c.flip() else g.near(name, pages, pages)
         g.spot(name, first, n)
         g.sc.setup.append({"op": "touch", "addr": f"{name}+{fmt_size(first * 4096)}" if first else name,
@@ -743,13 +779,13 @@ def _op_mprotect(g: GenCtx, t: int) -> dict[str, Any] | None:
         addr = f"{m.name}+{fmt_size(first * 4096)}" if first else m.name
     else:
         m, addr, n = g.rng(16)
-    return {"op": "mprotect", "addr": addr, "length": fmt_size(n * 4096), "prot": g.c.pick(("r", "rw", "none"))}
+    return {"op": "mprotect", "addr": addr, "length": fmt_size(n * 4096), "prot": g.pick_as("mprotect", ("r", "rw", "none"))}
 
 
 def _op_madvise(g: GenCtx, t: int) -> dict[str, Any]:
     _m, addr, n = g.rng(16)
     return {"op": "madvise", "addr": addr, "length": fmt_size(n * 4096),
-            "advice": g.c.pick(("dontneed", "dontneed", "hugepage", "remove"))}
+            "advice": g.pick_as("madvise", ("dontneed", "dontneed", "hugepage", "remove"))}
 
 
 def _op_mmap(g: GenCtx, t: int) -> dict[str, Any]:
@@ -1052,23 +1088,39 @@ for _e in (Entry("migrate_dev", 4, _mode_devmem("migrate_dev", _migratable), pro
 #: this many is stuck in a loop (reported as liveness) and costs the campaign seconds per extra 10 000 steps
 GENERATED_MAX_STEPS = 12_000
 
+#: the share of a campaign's scenarios aimed at one coverage cell it has not covered yet (``generate(targets=)``)
+TARGET_ODDS = (3, 4)
+
 
 def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str, ...] | None = None,
              events: tuple[str, ...] | None = None, weights: dict[str, float] | None = None,
-             inject: bool = False, features: list[str] | None = None) -> SimScenario:
+             inject: bool = False, features: list[str] | None = None,
+             targets: "list[tuple[str, ...]] | None" = None) -> SimScenario:
     """Draw a scenario: 1-3 mappings (plus their set-up), 1-2 CPU threads, 1-2 device jobs with API modes,
     0-4 background events -- each picked by weight from the drawing tables.
 
     ``kinds``/``events`` restrict the mapping and event kinds; ``weights`` scales entries (``"table:name"``
     -> factor; the campaign's steering); ``inject`` allows opt-in entries; ``features`` (a list) receives
-    the ``table:name`` of every entry drawn.
+    the ``table:name`` of every entry drawn.  ``targets`` (a campaign's coverage cells not covered yet,
+    :func:`~hmmirror.sim.coverage.cell_targets`): TARGET_ODDS of the scenarios pick one of them and draw the
+    ingredients that reach it more often (:func:`~hmmirror.sim.coverage.target_weights`, multiplied into
+    ``weights``); without ``targets`` nothing is drawn for it.
     """
     kinds = kinds or available_kinds(kernel)
-    sc = SimScenario(machine={"kernel": kernel, "ram": "64M",
-                              "thp": {"enabled": c.pick(("madvise", "always", "never"))}}, driver=driver)
+    target = None
+    if targets and c.flip(*TARGET_ODDS):
+        target = targets[c.below(len(targets))]
+        from hmmirror.sim.coverage import target_weights
+        tw = target_weights(target, kernel)
+        weights = dict(weights or {})
+        for k, v in tw.items():
+            weights[k] = weights.get(k, 1.0) * v
+    sc = SimScenario(machine={"kernel": kernel, "ram": "64M"}, driver=driver)
     from hmmirror.sim.driver import run_steps_factor
     sc.max_steps = GENERATED_MAX_STEPS * run_steps_factor(driver)      # the driver's own factor (devsim)
     g = GenCtx(c, kernel, sc, weights, inject, driver)
+    g.target = target
+    sc.machine["thp"] = {"enabled": g.pick_as("thp", ("madvise", "always", "never"))}
     for _ in range(1 + c.below(3)):
         e = g.choose("mapping", g.usable("mapping", kinds))
         if e is None:
@@ -1101,7 +1153,7 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
         sc.devices.append({"name": f"dev{d}", "jobs": jobs})
     usable_ev = g.usable("event", events)
     if usable_ev:
-        for k in range(c.below(5)):
+        for k in range(int(g.pick_as("events", ("0", "1", "2", "3", "4")))):
             e = g.choose("event", usable_ev)
             ev = e.draw(g, f"ev{k}") if e is not None else None
             if ev is not None:
