@@ -653,8 +653,8 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
             up("mapping:hugetlb", "target:hugetlb", "populate_huge:touch", f=f)
         elif fn == "pmd" and vk in (None, "anon"):
             up("mapping:anon_thp", f=f / 2)
-        elif fn == "hole":
-            up("populate:no", f=f / 2)
+        elif fn == "hole":                            # no page table in the 2 MiB around: one mapping, untouched
+            up("populate:no", "maps:1", f=f / 2)
 
     if grid == "walk":
         vk, fn, entry, ret = target[1:]
@@ -719,7 +719,9 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
         elif ret == "-EFAULT":
             # a fault that fails: in an OOM-reaped mm (the reap comes first, the device later), on a dying device
             up("event:oom_reap", "mode:fault", "probe:fault", "job_start:later")
-            down("probe:none")
+            down("probe:none", "event:exit")
+            if vk in ("file", "fsdax"):                 # finish_fault checks MMF_UNSTABLE in private mappings
+                up(f"{vk}_share:private")
             if vk == "devdax":
                 up("event:pmem_unbind")
             if vk == "fsdax" and five:

@@ -1121,7 +1121,7 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
     g = GenCtx(c, kernel, sc, weights, inject, driver)
     g.target = target
     sc.machine["thp"] = {"enabled": g.pick_as("thp", ("madvise", "always", "never"))}
-    for _ in range(1 + c.below(3)):
+    for _ in range(int(g.pick_as("maps", ("1", "2", "3")))):
         e = g.choose("mapping", g.usable("mapping", kinds))
         if e is None:
             break
