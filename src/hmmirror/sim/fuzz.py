@@ -569,6 +569,7 @@ class UnitSearch:
         if self.cov is not None and guide.get("cells"):
             self.cov.merge(guide["cells"])
         self._targets: list[tuple[str, ...]] | None = None
+        self._frozen: list[tuple[str, ...]] | None = None
         self.steer = Steering()
         self.known_runs = 0
         self.known_stops = 0                        # known-only runs that a known stopping finding ended
@@ -578,11 +579,19 @@ class UnitSearch:
     def collector(self) -> Any:
         return self.cov.run_collector() if self.cov is not None else None
 
-    def targets(self) -> list[tuple[str, ...]] | None:
+    def targets(self, frozen: bool = False) -> list[tuple[str, ...]] | None:
         """The reachable cells not covered yet (before this round, and by this unit's runs so far): what the
-        generator aims a share of its scenarios at (``generate(targets=)``; a function of the unit's inputs)."""
+        generator aims a share of its scenarios at (``generate(targets=)``; a function of the unit's inputs).
+        ``frozen``: the list as it was at the first call, for the whole unit -- a Hypothesis session replays
+        choice prefixes and must see the same draws for them (a list that shrinks while it runs changes what a
+        prefix draws: Hypothesis's FlakyStrategyDefinition)."""
         if self.cov is None:
             return None
+        if frozen:
+            if self._frozen is None:
+                from hmmirror.sim.coverage import cell_targets
+                self._frozen = cell_targets(self.cov)
+            return self._frozen
         if self._targets is None:
             from hmmirror.sim.coverage import cell_targets
             self._targets = cell_targets(self.cov)
@@ -651,7 +660,7 @@ def _hypothesis_session(cfg: Config, seed: int, deadline: float, stats: Stats, r
         feats: list[str] = []
         sc = draw_scenario(c, cfg.kernel, cfg.driver, cfg.kinds, cfg.events, max_switches=cfg.max_switches,
                            inject=cfg.inject, weights=weights, features=feats,
-                           targets=guide.targets() if guide is not None and cfg.target else None)
+                           targets=guide.targets(frozen=True) if guide is not None and cfg.target else None)
         jobs = job_features(sc)
         run_it = _accepted(model, feats, c, jobs)
         if time.monotonic() > deadline:           # after the draws: the same choices draw the same way
