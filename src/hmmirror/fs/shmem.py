@@ -16,22 +16,28 @@ Rules (mm-substrate.md §4.2, §5.6, obs B1-B6, C1/C2/C9, H-T1..3):
   ``huge=always`` may also allocate a huge page reaching past EOF; the model requires the block below EOF.
 * Fallocated pages ("zero" files) are allocated but not uptodate until first faulted (fault-around skips
   them; the fault clears and marks them uptodate), as shmem_fallocate leaves them.
+* Hole punching (``fallocate(PUNCH_HOLE)``, MADV_REMOVE) is :func:`shmem_fallocate`: under the inode lock it
+  publishes the hole in ``inode->i_private`` (:class:`ShmemFalloc`), unmaps it, truncates it, then clears it
+  and wakes the faults that came into the hole meanwhile: :func:`shmem_fault` waits there
+  (``shmem_falloc_wait``) and returns VM_FAULT_RETRY (mmap lock dropped) or VM_FAULT_NOPAGE without a page,
+  so that faults cannot keep refilling a hole being punched.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hmmirror.arch.x86.pgtable import HPAGE_PMD_NR, PMD_SIZE, PAGE_SIZE
+from hmmirror.arch.x86.pgtable import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE
 from hmmirror.errors import InputError
 from hmmirror.fs.file import File, Inode, pages_of
 from hmmirror.fs.filemap import filemap_map_pages
 from hmmirror.fs.super import FileSystemType, SuperBlock
-from hmmirror.include.mm_types import VM, VM_FAULT
+from hmmirror.include.mm_types import FAULT_FLAG, VM, VM_FAULT
 from hmmirror.kernel import sched
-from hmmirror.kernel.sched import Gen
+from hmmirror.kernel.sched import Gen, Lock
 from hmmirror.mm.memory import VmFault, transhuge_vma_suitable
 from hmmirror.mm.mm_struct import VMA, VmOps
 from hmmirror.mm.page_alloc import PG
@@ -99,14 +105,93 @@ def shmem_alloc_and_add(machine: "Machine", inode: Inode, index: int, vma: VMA |
     return _add_small(machine, inode, index, uptodate)
 
 
+@dataclass(eq=False)
+class ShmemFalloc:
+    """``struct shmem_falloc`` (mm/shmem.c): the hole a PUNCH_HOLE is punching, published in ``inode->i_private``
+    (here ``inode.private["shmem_falloc"]``): page indices ``[start, next)``; ``waitq``: faults into it wait."""
+
+    start: int
+    next: int
+    waitq: bool = True
+
+
+def shmem_inode_lock(inode: Inode) -> Lock:
+    """``inode->i_rwsem`` of a shmem inode (inode_lock()), made on first use; one lockdep class for all."""
+    lock = inode.private.get("i_rwsem")
+    if lock is None:
+        lock = inode.private["i_rwsem"] = sched.lockdep_set_class(Lock(f"{inode.path}.i_rwsem", "rwsem"),
+                                                                   "&sb->s_type->i_mutex_key")
+    return lock
+
+
+def shmem_falloc_wait(vmf: VmFault, inode: Inode) -> Gen[int]:
+    """shmem_falloc_wait() (mm/shmem.c, 6.x; inline in 5.2 shmem_fault): a fault into the hole a punch is
+    punching sleeps until the punch ends (``wake_up_all(shmem_falloc_waitq)``) and returns without a page:
+    VM_FAULT_RETRY with the mmap lock dropped when the fault may retry (maybe_unlock_mmap_for_io), else
+    VM_FAULT_NOPAGE (the access faults again).  0 when the fault is outside the hole."""
+    falloc = inode.private.get("shmem_falloc")
+    if falloc is None or not falloc.waitq or not falloc.start <= vmf.pgoff < falloc.next:
+        return 0
+    ret = int(VM_FAULT.NOPAGE)
+    mm = vmf.mm
+    if (vmf.flags & (FAULT_FLAG.ALLOW_RETRY | FAULT_FLAG.RETRY_NOWAIT)) == FAULT_FLAG.ALLOW_RETRY:
+        sched.up_read(mm.mmap_sem)
+        ret = int(VM_FAULT.RETRY)
+    mm.machine.counters["shmem_falloc_wait"] += 1
+    yield from sched.wait_event(lambda: inode.private.get("shmem_falloc") is not falloc, "shmem_falloc_waitq")
+    return ret
+
+
+def shmem_fallocate(file: File, mode: int, offset: int, length: int) -> Gen[int]:
+    """shmem_fallocate() (mm/shmem.c), ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`` (madvise_remove, and
+    fallocate through :meth:`ShmemFs.punch_hole`; an allocating fallocate is -EOPNOTSUPP in the model): under ``inode_lock``, publish the hole
+    (:class:`ShmemFalloc`), unmap its whole pages from every mapping keeping private COW copies, truncate it
+    (shmem_truncate_range: partial pages zeroed, whole ones dropped -- a folio still mapped is unmapped
+    first), then clear ``i_private`` and wake the faults waiting in :func:`shmem_falloc_wait`."""
+    from hmmirror.mm.madvise import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+
+    if not mode & FALLOC_FL_PUNCH_HOLE or not mode & FALLOC_FL_KEEP_SIZE:
+        return -95                                        # EOPNOTSUPP (-EINVAL for PUNCH_HOLE alone: vfs)
+    return (yield from shmem_punch_hole(file.inode, offset, length))
+
+
+def shmem_punch_hole(inode: Inode, offset: int, length: int) -> Gen[int]:
+    """shmem_fallocate()'s FALLOC_FL_PUNCH_HOLE branch on ``inode`` (see :func:`shmem_fallocate`)."""
+    from hmmirror.mm.truncate import truncate_inode_pages_range, unmap_mapping_range
+
+    if length <= 0:
+        return -22
+    lock = shmem_inode_lock(inode)
+    yield from sched.down_write(lock)
+    try:
+        unmap_start = (offset + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        unmap_end = ((offset + length) & ~(PAGE_SIZE - 1)) - 1
+        falloc = ShmemFalloc(unmap_start >> PAGE_SHIFT, (unmap_end + 1) >> PAGE_SHIFT)
+        inode.private["shmem_falloc"] = falloc                # inode->i_private = &shmem_falloc
+        try:
+            if unmap_end > unmap_start:
+                yield from unmap_mapping_range(inode.i_mapping, unmap_start, 1 + unmap_end - unmap_start, False)
+            yield from truncate_inode_pages_range(inode.i_mapping, offset, offset + length - 1)
+        finally:
+            inode.private["shmem_falloc"] = None          # i_private = NULL; wake_up_all(&shmem_falloc_waitq)
+    finally:
+        sched.up_write(lock)
+    return 0
+
+
 def shmem_fault(vmf: VmFault) -> Gen[int]:
     """shmem_fault() -> shmem_getpage_gfp(SGP_CACHE) (mm/shmem.c): find or allocate the page; ``vmf.page``
-    referenced.  VM_FAULT_SIGBUS at or beyond EOF, VM_FAULT_OOM when no page can be allocated."""
+    referenced.  VM_FAULT_SIGBUS at or beyond EOF, VM_FAULT_OOM when no page can be allocated; a fault into a
+    hole being punched waits for the punch (:func:`shmem_falloc_wait`) and returns without a page."""
     vma, mm = vmf.vma, vmf.mm
     machine, mem = mm.machine, mm.machine.mem
     inode: Inode = vma.vm_file.inode
     mapping = inode.i_mapping
     index = vmf.pgoff
+    if inode.private.get("shmem_falloc") is not None:   # unlikely(inode->i_private)
+        ret = yield from shmem_falloc_wait(vmf, inode)
+        if ret:
+            return ret
     if index >= inode.nr_pages:
         return int(VM_FAULT.SIGBUS)
     pfn = mapping.find_page(index)
@@ -177,6 +262,10 @@ class ShmemFs(FileSystemType):
         """shmem_mmap()."""
         vma.vm_ops = SHMEM_VM_OPS
         return 0
+
+    def punch_hole(self, inode: Inode, offset: int, length: int) -> Gen[int]:
+        """``fallocate(FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE)``: shmem_fallocate() (:func:`shmem_punch_hole`)."""
+        return (yield from shmem_punch_hole(inode, offset, length))
 
     def mmap_align(self, inode: Inode) -> int:
         """shmem_get_unmapped_area(): 2 MiB for files that may get huge pages."""

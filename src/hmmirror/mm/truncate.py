@@ -63,9 +63,10 @@ def _i_mmap(mapping: Any) -> tuple[list["VMA"], Lock | None]:
 
 
 # --- zapping one VMA's range ----------------------------------------------------------------------------
-def _zap_pte_range_keep_cows(vma: "VMA", pmdp: Ptr, addr: int, end: int) -> Gen[None]:
+def _zap_pte_range_keep_cows(vma: "VMA", pmdp: Ptr, addr: int, end: int, folio: Any = None) -> Gen[None]:
     """zap_pte_range() with ``details->check_mapping``: clear every entry of ``[addr, end)`` except private
-    anonymous pages and genuine swap entries (the COWed copies)."""
+    anonymous pages and genuine swap entries (the COWed copies).  ``folio`` (an array of its pfns):
+    ``details->single_folio``, only present entries mapping that folio are cleared."""
     mm = vma.vm_mm
     machine = mm.machine
     pool, mem = machine.pool, machine.mem
@@ -83,6 +84,8 @@ def _zap_pte_range_keep_cows(vma: "VMA", pmdp: Ptr, addr: int, end: int) -> Gen[
     anon[inside] = (mem.flags[pfns[inside]] & PG.anon) != 0
     swap = notnone & ~present & ((ents >> np.uint64(SWP_TYPE_SHIFT)) < np.uint64(MAX_SWAPFILES))
     zap = notnone & ~anon & ~swap
+    if folio is not None:
+        zap &= inside & np.isin(pfns, folio)
     if zap.any():
         pool.tables[tid, lo + np.flatnonzero(zap)] = 0
     sched.spin_unlock(ptl)
@@ -90,8 +93,9 @@ def _zap_pte_range_keep_cows(vma: "VMA", pmdp: Ptr, addr: int, end: int) -> Gen[
         release_entries(machine, ents[zap], pte_level=True)
 
 
-def _unmap_range_keep_cows(vma: "VMA", start: int, end: int) -> Gen[None]:
-    """unmap_page_range() with ``details->check_mapping`` (even_cows false)."""
+def _unmap_range_keep_cows(vma: "VMA", start: int, end: int, folio: Any = None) -> Gen[None]:
+    """unmap_page_range() with ``details->check_mapping`` (even_cows false); ``folio``: only the leaves
+    mapping that folio (``details->single_folio``; a huge leaf of another frame is left alone)."""
     from hmmirror.mm import huge_memory
 
     mm = vma.vm_mm
@@ -103,7 +107,9 @@ def _unmap_range_keep_cows(vma: "VMA", start: int, end: int) -> Gen[None]:
             pudp = mm.pt.pud_offset(p4dp, addr)
             pud = pool.get(pudp)
             if not pte_none(pud):
-                if pud_leaf(pud):
+                if pud_leaf(pud) and folio is not None and not _leaf_maps(pud, folio):
+                    pass
+                elif pud_leaf(pud):
                     if pud_end - addr == PUD_SIZE:
                         yield from huge_memory.zap_huge_pud(vma, pudp, addr)
                     else:
@@ -114,7 +120,10 @@ def _unmap_range_keep_cows(vma: "VMA", start: int, end: int) -> Gen[None]:
                         pmd_end = x86.PMD_LEVEL.addr_end(b, pud_end)
                         pmdp = mm.pt.pmd_offset(pudp, b)
                         pmd = pool.get(pmdp)
-                        if not pte_none(pmd):
+                        if not pte_none(pmd) and folio is not None and (pmd_leaf(pmd) or not pmd & x86._PAGE_PRESENT) \
+                                and not _leaf_maps(pmd, folio):
+                            pass                                  # not the folio (or a non-present huge entry)
+                        elif not pte_none(pmd):
                             if pmd_leaf(pmd) or not pmd & x86._PAGE_PRESENT:
                                 if pmd_end - b == PMD_SIZE:
                                     if (yield from huge_memory.zap_huge_pmd(vma, pmdp, b)):
@@ -124,10 +133,18 @@ def _unmap_range_keep_cows(vma: "VMA", start: int, end: int) -> Gen[None]:
                                     yield from huge_memory.__split_huge_pmd(vma, pmdp, b)
                                 pmd = pool.get(pmdp)
                             if not pte_none(pmd) and not pmd_leaf(pmd) and pmd & x86._PAGE_PRESENT:
-                                yield from _zap_pte_range_keep_cows(vma, pmdp, b, pmd_end)
+                                yield from _zap_pte_range_keep_cows(vma, pmdp, b, pmd_end, folio)
                         yield from sched.preempt_point("zap_pmd_range")
                         b = pmd_end
             addr = pud_end
+
+
+def _leaf_maps(leaf: int, folio: Any) -> bool:
+    """Our helper: does the present huge leaf ``leaf`` map a frame of ``folio`` (an array of pfns)?"""
+    if not leaf & (x86._PAGE_PRESENT | x86._PAGE_PROTNONE):
+        return False
+    pfn = (leaf & x86.PTE_PFN_MASK) >> PAGE_SHIFT
+    return bool(np.isin(np.arange(pfn, pfn + 512, dtype=np.int64), folio).any())
 
 
 def zap_page_range_single(vma: "VMA", address: int, size: int, even_cows: bool = True) -> Gen[None]:
@@ -196,6 +213,106 @@ def unmap_mapping_range(mapping: Any, holebegin: int, holelen: int, even_cows: b
     yield from unmap_mapping_pages(mapping, hba, hlen, even_cows)
 
 
+def unmap_mapping_folio(mapping: Any, first: int, end: int, folio: Any) -> Gen[None]:
+    """unmap_mapping_folio() (mm/memory.c; 5.2: truncate_cleanup_page -> unmap_mapping_pages): the locked
+    page-cache folio in slots ``[first, end)`` (its pfns ``folio``) is unmapped from every mapping of the file
+    under ``i_mmap_rwsem`` for read -- ``details.single_folio``: only entries mapping it; private COW copies
+    (``even_cows`` false) stay."""
+    vmas, lock = _i_mmap(mapping)
+    if lock is not None:
+        yield from sched.down_read(lock)
+    for vma in sorted(vmas, key=lambda v: v.vm_pgoff):
+        vba = vma.vm_pgoff
+        vea = vba + ((vma.vm_end - vma.vm_start) >> PAGE_SHIFT) - 1
+        if vea < first or vba > end - 1:
+            continue
+        start = ((max(first, vba) - vba) << PAGE_SHIFT) + vma.vm_start
+        stop = ((min(end - 1, vea) - vba + 1) << PAGE_SHIFT) + vma.vm_start
+        r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, vma.vm_mm, start, stop)
+        yield from mmu_notifier_invalidate_range_start(r)
+        yield from _unmap_range_keep_cows(vma, start, stop, folio)
+        yield from mmu_notifier_invalidate_range_end(r)
+    if lock is not None:
+        sched.up_read(lock)
+
+
+def _folios_to_clean(mapping: "AddressSpace", start: int, end: int) -> list[tuple[int, int]]:
+    """Our helper: the slot spans ``[first, last)`` of the cached folios with a slot in ``[start, end)`` that
+    truncation cannot simply drop: still mapped, or locked by another task.  Vectorised; usually empty."""
+    from hmmirror.mm.memory import folio_extent
+
+    mem = mapping.host.machine.mem
+    hi = min(end, mapping.pages.shape[0])
+    if hi <= start:
+        return []
+    sl = mapping.pages[start:hi]
+    where = np.flatnonzero(sl >= 0)
+    if not where.size:
+        return []
+    pf = sl[where]
+    order = mem.order[pf].astype(np.int64)
+    big = order > 0
+    heads = pf & ~((np.int64(1) << order) - 1)
+    busy = (mem.mapcount[pf] > 0) | ((mem.flags[heads] & PG.locked) != 0)
+    if not busy.any():
+        # a compound folio reaching past the range may be mapped through its other frames
+        if not any((mem.mapcount[h: h + (1 << int(mem.order[h]))] > 0).any() for h in np.unique(heads[big]).tolist()):
+            return []
+    out: list[tuple[int, int]] = []
+    k = 0
+    idx = (where + start).tolist()
+    while k < len(idx):
+        first, last = folio_extent(mem, mapping, idx[k])
+        pfns = mapping.lookup_range(first, last)
+        pfns = pfns[pfns >= 0]
+        head = mem.compound_head(int(pfns[0]))
+        if (mem.mapcount[pfns] > 0).any() or (int(mem.order[head]) and (mem.mapcount[head: head + (1 << int(mem.order[head]))] > 0).any()) \
+                or mem.flags[head] & PG.locked:
+            out.append((first, last))
+        while k < len(idx) and idx[k] < last:
+            k += 1
+    return out
+
+
+def truncate_cleanup_folios(mapping: "AddressSpace", start: int, end: int) -> Gen[None]:
+    """The folio passes of truncate_inode_pages_range() (mm/truncate.c) over slots ``[start, end)``, before the
+    model drops them: every folio is locked (find_lock_entries' trylock; one locked by another task is waited
+    for, as the second pass's folio_lock() does) and truncate_cleanup_folio() unmaps it if it is still mapped
+    (unmap_mapping_folio: e.g. a fault mapped it after the caller's unmap_mapping_range); it leaves the cache
+    unlocked.  Repeated until no folio of the range is mapped or locked ("restart to make sure all gone").
+    Nothing sleeps when no folio is mapped or locked.  Returns the number of slots it dropped."""
+    from hmmirror.mm.folio import folio_lock, folio_trylock, folio_unlock
+
+    mem = mapping.host.machine.mem
+    dropped = 0
+    while True:
+        spans = _folios_to_clean(mapping, start, end)
+        if not spans:
+            return dropped
+        for first, last in spans:
+            pfns = mapping.lookup_range(first, last)
+            if not (pfns >= 0).any():
+                continue
+            pfn = int(pfns[pfns >= 0][0])
+            if not folio_trylock(mem, pfn):
+                yield from folio_lock(mem, pfn, "truncate_inode_pages_range")
+                if mapping.find_page(first) < 0 or mem.compound_head(int(mapping.find_page(first))) != \
+                        mem.compound_head(pfn):
+                    folio_unlock(mem, pfn)                  # truncated meanwhile (folio->mapping != mapping)
+                    continue
+            folio = mapping.lookup_range(first, last)
+            folio = folio[folio >= 0]
+            head = mem.compound_head(pfn)
+            nr = 1 << int(mem.order[head])
+            mapped = (mem.mapcount[folio] > 0).any() or (nr > 1 and (mem.mapcount[head: head + nr] > 0).any())
+            if mapped:                                       # truncate_cleanup_folio()
+                if nr > 1:
+                    folio = np.arange(head, head + nr, dtype=np.int64)
+                yield from unmap_mapping_folio(mapping, first, last, folio)
+            folio_unlock(mem, pfn)
+            dropped += mapping.delete_range(mem, max(first, start), min(last, end))
+
+
 # --- the page cache ---------------------------------------------------------------------------------------
 def truncate_inode_pages_range(mapping: "AddressSpace", lstart: int, lend: int) -> Gen[int]:
     """truncate_inode_pages_range() (mm/truncate.c): remove the cached pages wholly inside the byte range
@@ -214,7 +331,8 @@ def truncate_inode_pages_range(mapping: "AddressSpace", lstart: int, lend: int) 
             off = lstart & (PAGE_SIZE - 1)
             stop = PAGE_SIZE if lend < 0 or (lend >> PAGE_SHIFT) > (lstart >> PAGE_SHIFT) else (lend & (PAGE_SIZE - 1)) + 1
             mem.zero(pfn, off, stop)
-    return mapping.delete_range(mem, start, end)
+    dropped = yield from truncate_cleanup_folios(mapping, start, end)
+    return dropped + mapping.delete_range(mem, start, end)
 
 
 #: Disk filesystems whose release_folio cannot release a dirty large folio's private state (iomap_folio_state,
