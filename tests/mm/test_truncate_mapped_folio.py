@@ -25,6 +25,7 @@ from hmmirror.fs.shmem import shmem_punch_hole
 from hmmirror.include.mm_types import FAULT_FLAG, VM_FAULT
 from hmmirror.kernel import sched
 from hmmirror.mm.memory import handle_mm_fault
+from hmmirror.mm.page_alloc import PG
 from hmmirror.mm.truncate import truncate_inode_pages_range
 
 P = 4096
@@ -198,3 +199,51 @@ def test_fault_around_into_a_hole_being_punched_is_unmapped_by_the_truncation(ke
     assert [inode.i_mapping.find_page(k) for k in range(4)] == [-1] * 4
     assert m.mem.nr_free_pages() - free0 == 4
     assert {(e[1] - a) // P for e in clears(m, ev0)} == {0, 1, 2, 3}         # one CLEAR per re-mapped folio
+
+
+@pytest.mark.parametrize("kernel", ["5.2", "6.18"])
+@pytest.mark.parametrize("fstype", ["ext4", "tmpfs"])
+def test_truncation_waits_for_a_fault_holding_the_page_lock(kernel: str, fstype: str) -> None:
+    """filemap_fault()/shmem_fault() return the page locked (VM_FAULT_LOCKED) and do_shared_fault() unlocks it
+    only after finish_fault() mapped it.  A truncate(2) that runs while the fault holds it (i_size checked
+    before the truncation changed it) waits for the lock in truncate_inode_pages_range, then finds the page
+    mapped and unmaps it (truncate_cleanup_folio): the file's dropped page is mapped nowhere and freed."""
+    from hmmirror.mm.truncate import truncate_setsize
+
+    m = Machine(kernel, ram=64 << 20)
+    m.mount("/mnt", fstype)
+    m.create_file("/mnt/f", 8 * P, "data")
+    inode = m.files["/mnt/f"]
+    p = m.spawn("p")
+    a = p.mmap(8 * P, "rw", ["shared"], file="/mnt/f")
+    vma = p.mm.find_vma(a)
+    page = inode.i_mapping.find_page(6)
+    free0 = m.mem.nr_free_pages()
+    cpu, trunc = sched.Task("cpu0"), sched.Task("truncate")
+
+    def fault():
+        yield from sched.down_read(p.mm.mmap_sem)
+        ret = yield from handle_mm_fault(vma, a + 6 * P, int(FAULT_FLAG.WRITE))
+        sched.up_read(p.mm.mmap_sem)
+        return ret
+
+    f = fault()
+    # the fault has the page referenced and locked, its PTE not yet set
+    _step_until(f, cpu, lambda: bool(m.mem.flags[page] & PG.locked))
+    assert not p.inspect(a + 6 * P, P)[0].present
+    t = truncate_setsize(inode, 4 * P)
+    prev = sched.set_current(trunc)
+    try:
+        pt = sched.run_until_blocked(t)
+    finally:
+        sched.set_current(prev)
+    assert pt.what == "truncate_inode_pages_range"               # folio_lock() of the faulted page
+    assert _run_to_end(f, cpu) == 0
+    assert p.inspect(a + 6 * P, P)[0].present                    # mapped, then unlocked
+    ev0 = len(m.events)
+    assert _run_to_end(t, trunc) is None
+    assert not p.inspect(a + 6 * P, P)[0].present
+    # unmap_mapping_folio's CLEAR over the folio holding page 6 (a 4-page folio of the 6.18 ext4 file)
+    assert any(mm == "p" and s <= a + 6 * P and a + 7 * P <= e for mm, s, e in clears(m, ev0))
+    assert inode.i_mapping.find_page(6) == -1 and m.mem.refcount[page] == 0
+    assert m.mem.nr_free_pages() - free0 == 4

@@ -32,6 +32,7 @@ from hmmirror.fs.super import FileSystemType, SuperBlock
 from hmmirror.include.mm_types import FAULT_FLAG, VM, VM_FAULT
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
+from hmmirror.mm.folio import folio_test_locked, folio_trylock, folio_unlock
 from hmmirror.mm.memory import (
     VmFault,
     do_set_pmd,
@@ -226,7 +227,7 @@ def page_cache_sync_readahead(machine: "Machine", inode: Inode, hindex: int, ind
 def filemap_fault(vmf: VmFault) -> Gen[int]:
     """filemap_fault() (mm/filemap.c) [5.2 shape; readahead simplified per mm-substrate.md §5.1/§5.5].
 
-    Returns 0 or VM_FAULT_MAJOR with ``vmf.page`` referenced, VM_FAULT_RETRY (| MAJOR) after reading when the
+    Returns VM_FAULT_LOCKED (| MAJOR) with ``vmf.page`` referenced and locked, VM_FAULT_RETRY (| MAJOR) after reading when the
     caller allows a retry (``mmap_sem`` released unless RETRY_NOWAIT), VM_FAULT_SIGBUS at or beyond EOF,
     VM_FAULT_OOM when no frame could be had for the faulting page.
     """
@@ -257,18 +258,19 @@ def filemap_fault(vmf: VmFault) -> Gen[int]:
         pfn = mapping.find_page(offset)
         if pfn < 0:
             return ret | int(VM_FAULT.OOM)
-    while mem.flags[pfn] & PG.locked:
-        # lock_page_maybe_drop_mmap(): the page is locked (I/O or truncate in progress)
+    while not folio_trylock(mem, pfn):
+        # lock_folio_maybe_drop_mmap(): the page is locked (I/O, truncation or another fault in progress)
         if allow_retry:
             if drop_mmap:
                 sched.up_read(mm.mmap_sem)
-                yield from sched.wait_event(lambda p=pfn: not mem.flags[p] & PG.locked, "__lock_page_or_retry")
+                yield from sched.wait_event(lambda p=pfn: not folio_test_locked(mem, p), "__lock_page_or_retry")
             return ret | int(VM_FAULT.RETRY)
-        yield from sched.wait_event(lambda p=pfn: not mem.flags[p] & PG.locked, "__lock_page")
+        yield from sched.wait_event(lambda p=pfn: not folio_test_locked(mem, p), "__lock_page")
         pfn = mapping.find_page(offset)                  # truncated meanwhile?
         if pfn < 0 or offset >= inode.nr_pages:
             return ret | int(VM_FAULT.SIGBUS)
     if offset >= inode.nr_pages:                          # i_size re-checked with the page locked
+        folio_unlock(mem, pfn)
         return ret | int(VM_FAULT.SIGBUS)
     if mem.flags[pfn] & PG.readahead:
         # do_async_mmap_readahead() -> page_cache_async_ra(): folio_clear_readahead(), then the next async
@@ -276,7 +278,7 @@ def filemap_fault(vmf: VmFault) -> Gen[int]:
         mem.flags[pfn] &= PG.mask(PG.readahead)
     mem.get_page(pfn)
     vmf.page = pfn
-    return ret
+    return ret | int(VM_FAULT.LOCKED)                     # the caller unlocks it once mapped
 
 
 def next_uptodate_folio(inode: Inode, mem: "PhysMem", first: int, n: int) -> tuple[np.ndarray, np.ndarray]:

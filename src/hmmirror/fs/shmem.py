@@ -38,6 +38,7 @@ from hmmirror.fs.super import FileSystemType, SuperBlock
 from hmmirror.include.mm_types import FAULT_FLAG, VM, VM_FAULT
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen, Lock
+from hmmirror.mm.folio import folio_test_locked, folio_trylock
 from hmmirror.mm.memory import VmFault, transhuge_vma_suitable
 from hmmirror.mm.mm_struct import VMA, VmOps
 from hmmirror.mm.page_alloc import PG
@@ -181,7 +182,7 @@ def shmem_punch_hole(inode: Inode, offset: int, length: int) -> Gen[int]:
 
 def shmem_fault(vmf: VmFault) -> Gen[int]:
     """shmem_fault() -> shmem_getpage_gfp(SGP_CACHE) (mm/shmem.c): find or allocate the page; ``vmf.page``
-    referenced.  VM_FAULT_SIGBUS at or beyond EOF, VM_FAULT_OOM when no page can be allocated; a fault into a
+    referenced and locked (VM_FAULT_LOCKED).  VM_FAULT_SIGBUS at or beyond EOF, VM_FAULT_OOM when no page can be allocated; a fault into a
     hole being punched waits for the punch (:func:`shmem_falloc_wait`) and returns without a page."""
     vma, mm = vmf.vma, vmf.mm
     machine, mem = mm.machine, mm.machine.mem
@@ -204,8 +205,8 @@ def shmem_fault(vmf: VmFault) -> Gen[int]:
             pfn = shmem_alloc_and_add(machine, inode, index, vma, vmf.address)
             if pfn < 0:
                 return int(VM_FAULT.OOM)
-    while mem.flags[pfn] & PG.locked:
-        yield from sched.wait_event(lambda p=pfn: not mem.flags[p] & PG.locked, "lock_page")
+    while not folio_trylock(mem, pfn):
+        yield from sched.wait_event(lambda p=pfn: not folio_test_locked(mem, p), "lock_page")
         pfn = mapping.find_page(index)
         if pfn < 0:
             return int(VM_FAULT.SIGBUS) if index >= inode.nr_pages else 0
@@ -214,7 +215,7 @@ def shmem_fault(vmf: VmFault) -> Gen[int]:
         mem.flags[pfn] |= PG.uptodate
     mem.get_page(pfn)
     vmf.page = pfn
-    return 0
+    return int(VM_FAULT.LOCKED)                           # shmem_get_folio_gfp() returns it locked
 
 
 class ShmemVmOps(VmOps):

@@ -526,7 +526,10 @@ def vmf_pte_changed(vmf: VmFault, cur: int) -> bool:
 
 def __do_fault(vmf: VmFault) -> Gen[int]:
     """__do_fault() (mm/memory.c): ``vma->vm_ops->fault``; on success ``vmf.page`` holds a referenced pfn
-    (unless the handler installed the entry itself: NOPAGE, or DONE_COW for a DAX copy)."""
+    (unless the handler installed the entry itself: NOPAGE, or DONE_COW for a DAX copy).  The page-cache
+    handlers (filemap_fault, shmem_fault) return it locked (VM_FAULT_LOCKED): the caller unlocks it once it is
+    mapped (:func:`fault_unlock_page`), so a truncation, which locks every folio it drops, cannot drop it in
+    between.  Model: the other handlers' pages are not locked (the kernel locks them here)."""
     ops = vmf.vma.vm_ops
     assert ops is not None
     vmf.page = -1
@@ -535,9 +538,20 @@ def __do_fault(vmf: VmFault) -> Gen[int]:
         return ret
     mem = vmf.mm.machine.mem
     if vmf.page >= 0 and vmf.page < mem.nr_pfns and mem.flags[vmf.page] & PG.hwpoison:
+        fault_unlock_page(vmf, ret)
         _put_fault_page(vmf)
         return int(VM_FAULT.HWPOISON)
     return ret
+
+
+def fault_unlock_page(vmf: VmFault, ret: int, page: int = -2) -> None:
+    """folio_unlock(page_folio(vmf->page)) of a page ``->fault`` returned locked (``ret & VM_FAULT_LOCKED``);
+    ``page``: the pfn when ``vmf.page`` was already handed to a mapping."""
+    if ret & VM_FAULT.LOCKED:
+        pfn = vmf.page if page == -2 else page
+        if pfn >= 0:
+            from hmmirror.mm.folio import folio_unlock
+            folio_unlock(vmf.mm.machine.mem, pfn)
 
 
 def _put_fault_page(vmf: VmFault) -> None:
@@ -560,8 +574,10 @@ def do_read_fault(vmf: VmFault) -> Gen[int]:
     ret = yield from __do_fault(vmf)
     if ret & (_ERR | VM_FAULT.RETRY | VM_FAULT.NOPAGE):
         return ret
+    page = vmf.page
     ret |= yield from finish_fault(vmf)
-    return ret
+    fault_unlock_page(vmf, ret, page)
+    return ret & ~VM_FAULT.LOCKED
 
 
 _ERR = VM_FAULT.OOM | VM_FAULT.SIGBUS | VM_FAULT.SIGSEGV | VM_FAULT.HWPOISON | VM_FAULT.HWPOISON_LARGE
@@ -587,8 +603,9 @@ def do_cow_fault(vmf: VmFault) -> Gen[int]:
     if vmf.page >= 0:
         mem.copy(vmf.cow_page, vmf.page)              # copy_user_highpage()
     ret |= yield from finish_fault(vmf)
-    _put_fault_page(vmf)                              # unlock_page(); put_page(vmf->page)
-    return ret
+    fault_unlock_page(vmf, ret)                       # unlock_page(vmf->page); put_page(vmf->page)
+    _put_fault_page(vmf)
+    return ret & ~VM_FAULT.LOCKED
 
 
 def do_shared_fault(vmf: VmFault) -> Gen[int]:
@@ -600,16 +617,28 @@ def do_shared_fault(vmf: VmFault) -> Gen[int]:
     if ret & (_ERR | VM_FAULT.RETRY | VM_FAULT.NOPAGE):
         return ret
     page = vmf.page
+    mem = vmf.mm.machine.mem
     if ops.page_mkwrite is not None:
+        locked = ret & VM_FAULT.LOCKED
+        fault_unlock_page(vmf, ret)                   # folio_unlock() before do_page_mkwrite()
         tmp = yield from ops.page_mkwrite(vmf, page)
         if tmp & (_ERR | VM_FAULT.NOPAGE):
             _put_fault_page(vmf)
             return tmp
+        if locked:                                    # ->page_mkwrite returns it locked (VM_FAULT_LOCKED)
+            from hmmirror.mm.folio import folio_lock, folio_trylock, folio_unlock
+            if not folio_trylock(mem, page):
+                yield from folio_lock(mem, page, "do_page_mkwrite")
+            inode = vmf.vma.vm_file.inode
+            if inode.i_mapping.find_page(vmf.pgoff) != page:
+                folio_unlock(mem, page)               # truncated meanwhile: the access faults again
+                _put_fault_page(vmf)
+                return int(VM_FAULT.NOPAGE)
     ret |= yield from finish_fault(vmf)
-    mem = vmf.mm.machine.mem
+    fault_unlock_page(vmf, ret, page)                 # fault_dirty_shared_page() unlocks it
     if page >= 0 and page < mem.nr_ram and not ret & (_ERR | VM_FAULT.NOPAGE):
         mem.flags[page] |= PG.dirty                   # fault_dirty_shared_page()
-    return ret
+    return ret & ~VM_FAULT.LOCKED
 
 
 def transhuge_vma_suitable(vma: VMA, haddr: int) -> bool:

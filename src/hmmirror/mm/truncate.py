@@ -267,11 +267,20 @@ def _folios_to_clean(mapping: "AddressSpace", start: int, end: int) -> list[tupl
         pfns = pfns[pfns >= 0]
         head = mem.compound_head(int(pfns[0]))
         if (mem.mapcount[pfns] > 0).any() or (int(mem.order[head]) and (mem.mapcount[head: head + (1 << int(mem.order[head]))] > 0).any()) \
-                or mem.flags[head] & PG.locked:
+                or (mem.flags[_folio_lock_frames(mem, pfns)] & PG.locked).any():
             out.append((first, last))
         while k < len(idx) and idx[k] < last:
             k += 1
     return out
+
+
+def _folio_lock_frames(mem: Any, pfns: Any) -> Any:
+    """Our helper: the frames whose PG_locked is the lock of the folio in these page-cache slots -- the head
+    of a compound folio; every frame of a large folio made of order-0 frames (a 6.x file folio recorded by
+    the mapping's orders; a fault locks the frame it maps)."""
+    valid = pfns[pfns >= 0]
+    order = mem.order[valid].astype(np.int64)
+    return np.unique(valid & ~((np.int64(1) << order) - 1))
 
 
 def truncate_cleanup_folios(mapping: "AddressSpace", start: int, end: int) -> Gen[None]:
@@ -281,8 +290,6 @@ def truncate_cleanup_folios(mapping: "AddressSpace", start: int, end: int) -> Ge
     (unmap_mapping_folio: e.g. a fault mapped it after the caller's unmap_mapping_range); it leaves the cache
     unlocked.  Repeated until no folio of the range is mapped or locked ("restart to make sure all gone").
     Nothing sleeps when no folio is mapped or locked.  Returns the number of slots it dropped."""
-    from hmmirror.mm.folio import folio_lock, folio_trylock, folio_unlock
-
     mem = mapping.host.machine.mem
     dropped = 0
     while True:
@@ -294,14 +301,18 @@ def truncate_cleanup_folios(mapping: "AddressSpace", start: int, end: int) -> Ge
             if not (pfns >= 0).any():
                 continue
             pfn = int(pfns[pfns >= 0][0])
-            if not folio_trylock(mem, pfn):
-                yield from folio_lock(mem, pfn, "truncate_inode_pages_range")
+            locks = _folio_lock_frames(mem, pfns)
+            if (mem.flags[locks] & PG.locked).any():
+                # folio_lock(): wait for the task holding it (a fault maps the page before it unlocks)
+                yield from sched.wait_event(lambda lk=locks: not (mem.flags[lk] & PG.locked).any(),
+                                            "truncate_inode_pages_range")
                 if mapping.find_page(first) < 0 or mem.compound_head(int(mapping.find_page(first))) != \
                         mem.compound_head(pfn):
-                    folio_unlock(mem, pfn)                  # truncated meanwhile (folio->mapping != mapping)
-                    continue
-            folio = mapping.lookup_range(first, last)
-            folio = folio[folio >= 0]
+                    continue                                # truncated meanwhile (folio->mapping != mapping)
+                pfns = mapping.lookup_range(first, last)
+                locks = _folio_lock_frames(mem, pfns)
+            mem.flags[locks] |= np.uint32(PG.locked)
+            folio = pfns[pfns >= 0]
             head = mem.compound_head(pfn)
             nr = 1 << int(mem.order[head])
             mapped = (mem.mapcount[folio] > 0).any() or (nr > 1 and (mem.mapcount[head: head + nr] > 0).any())
@@ -309,7 +320,7 @@ def truncate_cleanup_folios(mapping: "AddressSpace", start: int, end: int) -> Ge
                 if nr > 1:
                     folio = np.arange(head, head + nr, dtype=np.int64)
                 yield from unmap_mapping_folio(mapping, first, last, folio)
-            folio_unlock(mem, pfn)
+            mem.flags[locks] &= PG.mask(PG.locked)          # folio_unlock()
             dropped += mapping.delete_range(mem, max(first, start), min(last, end))
 
 
