@@ -216,11 +216,13 @@ def unmap_mapping_range(mapping: Any, holebegin: int, holelen: int, even_cows: b
 def unmap_mapping_folio(mapping: Any, first: int, end: int, folio: Any) -> Gen[None]:
     """unmap_mapping_folio() (mm/memory.c; 5.2: truncate_cleanup_page -> unmap_mapping_pages): the locked
     page-cache folio in slots ``[first, end)`` (its pfns ``folio``) is unmapped from every mapping of the file
-    under ``i_mmap_rwsem`` for read -- ``details.single_folio``: only entries mapping it; private COW copies
-    (``even_cows`` false) stay."""
+    under ``i_mmap_rwsem`` (read [6.x]; [5.2] unmap_mapping_pages: write) -- ``details.single_folio``: only
+    entries mapping it; private COW copies (``even_cows`` false) stay."""
     vmas, lock = _i_mmap(mapping)
+    shared = _walk_shared(mapping, vmas)
     if lock is not None:
-        yield from sched.down_read(lock)
+        yield from (sched.down_read(lock) if shared else sched.down_write(lock))
+        vmas, _ = _i_mmap(mapping)                       # the tree as it stands once the rwsem is held
     for vma in sorted(vmas, key=lambda v: v.vm_pgoff):
         vba = vma.vm_pgoff
         vea = vba + ((vma.vm_end - vma.vm_start) >> PAGE_SHIFT) - 1
@@ -233,7 +235,7 @@ def unmap_mapping_folio(mapping: Any, first: int, end: int, folio: Any) -> Gen[N
         yield from _unmap_range_keep_cows(vma, start, stop, folio)
         yield from mmu_notifier_invalidate_range_end(r)
     if lock is not None:
-        sched.up_read(lock)
+        (sched.up_read if shared else sched.up_write)(lock)
 
 
 def _folios_to_clean(mapping: "AddressSpace", start: int, end: int) -> list[tuple[int, int]]:
