@@ -24,6 +24,21 @@ DMA_MAPPING_ERROR = ULONG_MAX
 DMA_BASE = 0x8000_0000          # first I/O virtual address handed out by the model's IOMMU
 
 
+def range_items(pfn: Any, write: Any, valid: Any) -> list[tuple[int, bool] | None]:
+    """The ``items`` of :meth:`DevicePageTable.commit_range` from per-page arrays: ``(pfn, write)`` where
+    ``valid`` holds, else None (ints and bools, as ``tolist`` gives them).  The common all-valid range is built
+    without a Python test per page; :func:`range_items_ref` is the page-by-page reference (tested equal)."""
+    pfns, writes = pfn.tolist(), write.tolist()
+    if valid.all():
+        return list(zip(pfns, writes))
+    return [(p, w) if v else None for p, w, v in zip(pfns, writes, valid.tolist())]
+
+
+def range_items_ref(pfn: Any, write: Any, valid: Any) -> list[tuple[int, bool] | None]:
+    """Reference of :func:`range_items`: page by page."""
+    return [(int(p), bool(w)) if v else None for p, w, v in zip(pfn.tolist(), write.tolist(), valid.tolist())]
+
+
 class DevicePageTable:
     """The device's page table ``va -> (pfn, writable)``, its TLB and its DMA mappings.
 

@@ -114,12 +114,16 @@ class PhysMem:
         cur = self.refcount.shape[0]
         start = -(-cur // align_pages) * align_pages
         new = start + npages
+        # np.zeros of a large array is calloc'd: the OS hands out zeroed pages as they are first touched, so the
+        # unused pfns below the aligned start cost nothing (np.empty + a fill wrote every one).  Only RAM and the
+        # device ranges hold frames: growing copies those, never the zero gaps between them (copying a gap
+        # touched it: page faults on both arrays, 2.5 -> 0.37 ms for a second 32 MiB device range)
+        spans = [(0, self.nr_ram)] + [(s, e) for s, e, _ in self.device_ranges]
         for name in ("refcount", "mapcount", "flags", "order"):
             arr = getattr(self, name)
-            # np.zeros of a large array is calloc'd: the OS hands out zeroed pages as they are first touched,
-            # so the unused pfns below the aligned start cost nothing (np.empty + a fill wrote every one)
             grown = np.zeros(new, dtype=arr.dtype)
-            grown[:cur] = arr
+            for s, e in spans:
+                grown[s:e] = arr[s:e]
             setattr(self, name, grown)
         self.flags[start:new] = PG.device
         self.refcount[start:new] = idle_refcount   # idle device pages (memremap_pages)

@@ -20,6 +20,7 @@ import numpy as np
 from hmmirror.arch.x86.pgtable import PAGE_SHIFT, PAGE_SIZE
 from hmmirror.kernel import sched
 from hmmirror.kernel.sched import Gen
+from hmmirror.drivers.device_mmu import range_items
 from hmmirror.sim.driver import DevicePageTable
 
 
@@ -65,11 +66,10 @@ class DmirrorAdapter:
         def _store_range(first: int, entries: np.ndarray) -> None:
             store_range(first, entries)
             e = np.asarray(entries, dtype=np.uint64).reshape(-1)
-            pfns = (e >> np.uint64(2)).tolist()
-            writes = ((e & np.uint64(3)) == np.uint64(th.DPT_XA_TAG_WRITE)).tolist()
             # one range for the device table (page by page: an entry per page, none for a zero)
-            mine.commit_range(first << PAGE_SHIFT, [(p, w) if x else None
-                                                   for p, w, x in zip(pfns, writes, e.tolist())])
+            mine.commit_range(first << PAGE_SHIFT, range_items(e >> np.uint64(2),
+                                                               (e & np.uint64(3)) == np.uint64(th.DPT_XA_TAG_WRITE),
+                                                               e != 0))
 
         def _erase_range(first: int, last: int) -> int:
             n = erase_range(first, last)
@@ -258,11 +258,9 @@ class Hmm52Adapter:
         def _store(addr: int, entries: np.ndarray) -> None:
             store(addr, entries)
             e = np.asarray(entries, dtype=np.uint64).reshape(-1)
-            pfns = (e >> np.uint64(shift)).tolist()
-            writes = ((e & np.uint64(fwrite)) != 0).tolist()
-            valid = ((e & np.uint64(fvalid)) != 0).tolist()
             # one range for the device table (page by page: a valid entry is mapped, any other cleared)
-            mine.commit_range(addr, [(p, w) if v else None for p, w, v in zip(pfns, writes, valid)])
+            mine.commit_range(addr, range_items(e >> np.uint64(shift), (e & np.uint64(fwrite)) != 0,
+                                                (e & np.uint64(fvalid)) != 0))
 
         def _clear(start: int, end: int) -> int:
             n = clear(start, end)

@@ -145,6 +145,7 @@ class Engine:
         self._log_route: dict[str, list[Callable[..., Any]]] = {}     # log kind -> the hooks that hear it
         self.record_trace = True
         self.in_step = False
+        self._live: list[SimTask] | None = None       # the loop's unfinished tasks (while it runs)
         for inst in instruments or ():
             self.add_instrument(inst)
 
@@ -170,6 +171,8 @@ class Engine:
         """Add a task (it first runs when the scheduler picks it)."""
         st = SimTask(len(self.tasks), name, kind, gen, label)
         self.tasks.append(st)
+        if self._live is not None:
+            self._live.append(st)                       # spawned while the loop runs (a kworker)
         if hasattr(self.scheduler, "on_spawn"):
             self.scheduler.on_spawn(self, st)
         for fn in self._hooks["task_spawned"]:
@@ -320,10 +323,15 @@ class Engine:
         trace = self.trace
         picks = self.picks
         record = self.record_trace
+        machine = self.machine
+        smod = sched
+        # the tasks not done, in creation order (a task spawned during the run is appended to both lists): the
+        # same runnable list as filtering ``tasks`` every step, without walking the finished ones
+        live = self._live = [t for t in tasks if not t.done]
         while not self.stopped:
-            runnable = [t for t in tasks if not t.done and (t.ready is None or t.ready())]
+            runnable = [t for t in live if t.ready is None or t.ready()]
             if not runnable:
-                if any(not t.done and not t.daemon for t in tasks):
+                if any(not t.daemon for t in live):
                     self._all_blocked()
                 return
             if self.step >= self.max_steps:
@@ -333,7 +341,7 @@ class Engine:
             self.current = st
             for fn in before:
                 fn(self, st)
-            sched.set_current(st.task)
+            smod._current = st.task                       # sched.set_current(st.task), inlined
             point = None
             self.in_step = True
             try:
@@ -367,10 +375,11 @@ class Engine:
             for fn in after:
                 fn(self, st, point)
             if st.done:
+                live.remove(st)
                 for fn in exited:
                     fn(self, st)
             self.step += 1
-            self.machine.jiffies += 1                     # one tick of virtual time per step (kernel/time.py)
+            machine.jiffies += 1                          # one tick of virtual time per step (kernel/time.py)
 
     def _all_blocked(self) -> None:
         """No task can run but some are not finished: a deadlock or a wait nobody will end."""

@@ -218,12 +218,12 @@ class Steering:
         """The noisy-OR known-only model of the rows that carry job features (refitted as the rows grow)."""
         from hmmirror.sim import steer_features as sf
 
-        data = [(sf.bag(list(self._flat(fc)), jb), float(bool(sg) and all(s in known for s in sg)))
-                for _k, fc, sg, _n, jb in rows if jb is not None]
         kh = hash(frozenset(known))
         seen = len(self.rows)                       # every run so far (the fit sees the latest MAX_ROWS)
         if self._mil is not None and self._mil[1] == kh and seen < self._mil[0] * self.MIL_REFIT:
-            return self._mil[2]
+            return self._mil[2]                     # (before building the bags: they serve only a refit)
+        data = [(sf.bag(list(self._flat(fc)), jb), float(bool(sg) and all(s in known for s in sg)))
+                for _k, fc, sg, _n, jb in rows if jb is not None]
         w = sf.fit_noisy_or([b for b, _y in data], [y for _b, y in data]) if data else {}
         self._mil = (seen, kh, w)
         return w

@@ -228,8 +228,11 @@ class CommitBatch:
         self.va0 = va0
         self.items = items
         self.idx = np.array(mapped, dtype=np.int64)
-        self.pfn = np.array([items[i][0] for i in mapped], dtype=np.int64)   # type: ignore[index]
-        self.write = np.array([items[i][1] for i in mapped], dtype=bool)     # type: ignore[index]
+        # (pfn, write) rows of the mapped pages in one conversion (pfns < 2**63, write 0/1)
+        rows = np.array(items if len(mapped) == len(items) else [items[i] for i in mapped],
+                        dtype=np.int64).reshape(-1, 2)
+        self.pfn = rows[:, 0].copy()
+        self.write = rows[:, 1] != 0
         self.va = va0 + self.idx * PAGE_SIZE
 
 
@@ -414,11 +417,15 @@ class Tracker:
         the pages it returns (a superset of the pages where it can report: a vectorised pre-check); a hook
         without it, for every mapped page."""
         st = self.engine.current
-        mapped = [i for i, it in enumerate(items) if it is not None]
+        if None not in items:                 # the common whole range: no Python test per page
+            mapped = list(range(len(items)))
+            mask = np.ones(len(items), dtype=bool)
+        else:
+            mapped = [i for i, it in enumerate(items) if it is not None]
+            mask = np.array([it is not None for it in items], dtype=bool)
         if not mapped:
             return
         val = (st.idx if st is not None else -1, self.engine.step)
-        mask = np.array([it is not None for it in items], dtype=bool)
         self.last_commit.set_range(va0, mask, val)
         self.commit_code.set_range(va0, mask, committer_frame(sys._getframe(1)).f_code)
         if self.engine.finding is not None or not self.commit_hooks:

@@ -1,0 +1,65 @@
+"""Fast paths of the model/engine hot loop against their references (same results, entry by entry)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hmmirror.drivers.device_mmu import range_items, range_items_ref
+from hmmirror.mm.page_alloc import PG, PhysMem
+from hmmirror.sim.invariants import CommitBatch
+
+
+def test_range_items_is_its_page_by_page_reference() -> None:
+    rng = np.random.default_rng(7)
+    for n in (0, 1, 5, 512, 4099):
+        pfn = rng.integers(0, 1 << 40, n, dtype=np.uint64)
+        write = rng.integers(0, 2, n).astype(bool)
+        for valid in (np.ones(n, dtype=bool), rng.integers(0, 2, n).astype(bool), np.zeros(n, dtype=bool)):
+            got, ref = range_items(pfn, write, valid), range_items_ref(pfn, write, valid)
+            assert got == ref
+            # the same Python types as the reference (the device table stores them, the Tracker reads them)
+            assert [type(x) for it in got if it is not None for x in it] == \
+                [type(x) for it in ref if it is not None for x in it]
+
+
+def test_commit_batch_rows_match_the_items() -> None:
+    items = [(5, True), None, (7, False), (1 << 40, True), None]
+    mapped = [i for i, it in enumerate(items) if it is not None]
+    b = CommitBatch(0x1000, items, mapped)
+    assert b.idx.tolist() == mapped
+    assert b.pfn.tolist() == [items[i][0] for i in mapped]          # type: ignore[index]
+    assert b.write.tolist() == [items[i][1] for i in mapped]        # type: ignore[index]
+    assert b.va.tolist() == [0x1000 + i * 4096 for i in mapped]
+    full = [(3, False), (4, True)]
+    b = CommitBatch(0, full, [0, 1])
+    assert b.pfn.tolist() == [3, 4] and b.write.tolist() == [False, True] and b.write.dtype == bool
+
+
+def test_add_device_range_keeps_ram_and_zeroes_the_gap() -> None:
+    mem = PhysMem(64 << 20)
+    before = {n: getattr(mem, n).copy() for n in ("refcount", "mapcount", "flags", "order")}
+    nram = mem.nr_pfns
+    start = mem.add_device_range(1000, align_pages=1 << 18, idle_refcount=1)
+    assert start == 1 << 18 and mem.nr_pfns == start + 1000
+    for n, arr in before.items():
+        grown = getattr(mem, n)
+        assert grown.dtype == arr.dtype
+        assert np.array_equal(grown[:nram], arr)
+        assert not grown[nram:start].any()                   # the alignment gap: no frame, all zero
+    assert (mem.flags[start:] == PG.device).all() and (mem.refcount[start:] == 1).all()
+    assert not mem.mapcount[start:].any() and not mem.order[start:].any()
+
+
+def test_a_second_device_range_keeps_the_first() -> None:
+    mem = PhysMem(64 << 20)
+    mem.refcount[100] = 3
+    a = mem.add_device_range(512, align_pages=1 << 18, idle_refcount=1)
+    mem.refcount[a + 7] = 5
+    mem.mapcount[a + 7] = 2
+    mem.order[a: a + 512] = 9
+    b = mem.add_device_range(64, align_pages=1 << 18, idle_refcount=0)
+    assert b == 2 << 18
+    assert mem.refcount[100] == 3 and mem.refcount[a + 7] == 5 and mem.mapcount[a + 7] == 2
+    assert (mem.order[a: a + 512] == 9).all() and (mem.flags[a: a + 512] == PG.device).all()
+    assert not mem.refcount[a + 512: b].any() and not mem.flags[a + 512: b].any()
+    assert (mem.flags[b:] == PG.device).all() and not mem.refcount[b:].any()
