@@ -87,3 +87,34 @@ def test_unbind_walk_zaps_a_page_a_concurrent_split_moves_to_a_new_vma(kernel: s
     assert seen == [("walk holds i_mmap_rwsem", True), "walk done", ("munmap", 0)], seen  # the split waited
     assert sorted((v.vm_start, v.vm_end) for v in inode.i_mmap) == sorted(
         [(first, first + 16 * PAGE_SIZE), (b, b + 16 * PAGE_SIZE), (b + 24 * PAGE_SIZE, b + 64 * PAGE_SIZE)])
+
+
+def test_a_new_mapping_of_the_device_enters_i_mmap_after_the_walk():
+    # vma_link_file() (mm/vma.c, 6.18): i_mmap_lock_write around the insert -- it waits for the walk
+    m = Machine("6.18", ram=256 * MiB)
+    m.add_pmem("pmem0", 16 * MiB, "devdax", PAGE_SIZE)
+    p = m.spawn("p")
+    first = p.mmap(16 * PAGE_SIZE, "r", ["shared"], file="/dev/dax0.0")
+    p.touch(first, PAGE_SIZE, write=False)
+    ops = _HoldFirst()
+    assert sched.run(mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, first, 16 * PAGE_SIZE, ops),
+                     p.mm.task) == 0
+    inode = p.mm.vma_lookup(first).vm_file.inode
+    file = p.mm.vma_lookup(first).vm_file
+    seen = []
+
+    def unbind(run):
+        yield from unmap_mapping_range(inode, 0, 0, True)
+        seen.append(("walk done", len(inode.i_mmap)))
+
+    def mapper(run):
+        from hmmirror.include.mm_types import MAP, PROT
+        from hmmirror.mm.mmap import vm_mmap
+        ops.go = True
+        addr = yield from vm_mmap(p.mm, 0, 16 * PAGE_SIZE, PROT.READ, MAP.SHARED, file)
+        seen.append(("mapped", addr > 0, len(inode.i_mmap)))
+
+    f, _eng = run_tasks(m, None, p.mm, [("cpu0", "cpu", unbind), ("cpu1", "cpu", mapper)],
+                        SwitchListScheduler([]), invariants=[], bind=False)
+    assert f is None, f.describe()
+    assert seen == [("walk done", 1), ("mapped", True, 2)], seen

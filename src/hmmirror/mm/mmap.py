@@ -106,12 +106,23 @@ def do_mmap(mm: "MMStruct", addr: int, length: int, prot: int, flags: int, file:
     vma.vm_page_prot = vm_set_page_prot(vma)
     mm.insert_vma(vma)
     if file is not None and hasattr(file, "inode"):
-        file.inode.i_mmap.append(vma)
+        yield from vma_link_file(vma)
     mm.machine.log("mmap", mm=mm.name, start=addr, end=addr + length, kind=vma.kind)
     if flags & MAP.POPULATE:
         from hmmirror.mm.gup import mm_populate
         yield from mm_populate(mm, addr, length)
     return addr
+
+
+def vma_link_file(vma: VMA) -> Gen[None]:
+    """vma_link_file() (mm/vma.c [6.18]; the file half of vma_link() [5.2]): insert a new file VMA into its
+    mapping's i_mmap under i_mmap_lock_write, so it waits for an rmap walk of the file in progress."""
+    lock = file_i_mmap_rwsem(vma.vm_file)
+    if lock is not None:
+        yield from sched.down_write(lock)
+    vma.vm_file.inode.i_mmap.append(vma)
+    if lock is not None:
+        sched.up_write(lock)
 
 
 # --- splitting and merging -------------------------------------------------------------------------------
