@@ -690,6 +690,8 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
             up("mapping:shmem", "target:shmem")
         elif vk == "novma":
             up("range:past", "range:below")
+            if ret in ("0", "-EPERM", "-EBUSY"):          # the gap's pages request nothing, the VMA's do
+                up("mode:fault_perpage", "probe:fault_perpage")
         fn_ingredients(vk, fn)
         if entry == "none":
             up("populate:no", f=BOOST / 2)
@@ -705,21 +707,30 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
                 "hwpoison": "event:memory_failure"}[entry], "ev_target:fit", "ev_page:used")
             if entry == "migration":
                 up("event:compact", "hold:long")
+                if vk == "shmem":                       # [6.x] migrate_vma_setup's entries in a shmem VMA
+                    up("mode:migrate_dev", "dev_target:any", "devices:2")
             down("probe:none", "events:0")
             if fn == "pmd":
                 up("thp:always")
         elif entry == "device_private":
-            up("mode:migrate_dev", "mode:exclusive", "dev_target:fit", "dev_page:used")
+            up("mode:migrate_dev", "mode:exclusive", "dev_target:fit", "dev_page:used", "devices:2")
         if ret == "0":
             up("mode:snapshot", "probe:snapshot", f=BOOST / 2)
             if entry in ("hwpoison", "migration", "swap"):
                 up("job:read")
         elif ret == "-EBUSY":
             up("mode:fault", "probe:fault", "mode:fault_perpage", "probe:fault_perpage", f=BOOST / 2)
+            if entry in ("present", "devmap", "zero", "huge_zero"):   # a mapped page needs a fault for a write
+                up("job:write", f=BOOST / 2)
         elif ret == "-EFAULT":
             # a fault that fails: in an OOM-reaped mm (the reap comes first, the device later), on a dying device
             up("event:oom_reap", "mode:fault", "probe:fault", "job_start:later")
             down("probe:none", "event:exit")
+            # the reaper leaves a VMA whose UNMAP range a subscriber refused (a device job holding its lock):
+            # entries survive in an MMF_UNSTABLE mm, and a later fault of the range fails
+            up("devices:2", "jobs:2", "jobs:3", f=BOOST / 4)
+            if vk == "hugetlb":                         # no free huge page for a COW fault: VM_FAULT_OOM
+                up("cpu:fork", "hugetlb_share:private", "job:write", "populate_huge:touch")
             if vk in ("file", "fsdax"):                 # finish_fault checks MMF_UNSTABLE in private mappings
                 up(f"{vk}_share:private")
             if vk == "devdax":
@@ -735,7 +746,7 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
                                                                                                 "fsdax"):
                 up("prot:r")                            # no page the process must have written first
             else:                                       # written first, then made read-only
-                up("populate:write", "ev_page:used")
+                up("populate:write", "ev_page:used", "shape_block:yes")
         elif ret == "-EAGAIN":
             up("mode:fault", "mode:fault_nonblock")
         elif ret == "-EINVAL":
@@ -760,6 +771,8 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
             up(f"event:{ev}")
             down("events:0")
             # the mapping the event acts on must be there too (Entry.needs)
+            if ev == "evict":                             # device memory must exist first
+                up("mode:migrate_dev", "dev_target:fit", "dev_page:used")
             need = {"reclaim": "mapping:anon", "migrate": "mapping:anon", "compact": "mapping:anon",
                     "numa": "mapping:anon", "khugepaged": "mapping:anon_thp", "thp_split": "mapping:anon_thp",
                     "pmem_unbind": "mapping:devdax", "pmem_remove": "mapping:fsdax"}.get(ev)

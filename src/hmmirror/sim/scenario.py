@@ -565,7 +565,7 @@ def _shape_mapping(g: GenCtx, m: MapInfo, populate: bool = True, holes: bool = T
             setup.append({"op": "touch", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
                           "length": fmt_size(n * 4096), "access": how})
     if m.huge > 4096 or m.pages < 4:
-        if m.huge == 2 << 20 and m.pages >= 512 and c.flip(1, 6):
+        if m.huge == 2 << 20 and m.pages >= 512 and g.flip_as("shape_block", 1, 6, "yes", "no"):
             # a whole 2 MiB block read-only or PROT_NONE: its PMD leaf stays a leaf (change_huge_pmd)
             first = 512 * c.below(m.pages // 512)
             setup.append({"op": "mprotect", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
@@ -1141,9 +1141,9 @@ def generate(c: Choices, kernel: str, driver: str = "builtin", kinds: tuple[str,
             if op is not None:
                 ops.append(op)
         sc.threads.append({"name": f"cpu{t}", "proc": "p", "ops": ops})
-    for d in range(1 + c.below(2)):
+    for d in range(int(g.pick_as("devices", ("1", "2")))):
         jobs = []
-        for _ in range(1 + c.below(3)):
+        for _ in range(int(g.pick_as("jobs", ("1", "2", "3")))):
             e = g.choose("mode", g.usable("mode"))
             job = e.draw(g) if e is not None else None
             if job is not None:
