@@ -166,6 +166,24 @@ def test_cells_of_a_walk_over_a_poisoned_shmem_page():
         assert cov.walk <= set(reachable(k)["walk"])
 
 
+def test_a_5_2_write_fault_over_a_swap_entry_is_reported_not_faulted():
+    """hmm-5.2.md §7.3/§13: [5.2] hmm_vma_handle_pte tests a real swap entry before hmm_pte_need_fault ran, so
+    even a write fault leaves it NONE and returns 0 (the swap cells' -EBUSY/-EFAULT are unreachable); [6.x] the
+    same walk faults it in (hmm_vma_fault: -EBUSY, the walk restarts)."""
+    for k, ret in (("5.2", "0"), ("6.18", "-EBUSY")):
+        sc = _scenario(k, [{"op": "mmap", "as": "m0", "length": "16K", "prot": "rw",
+                            "flags": ["private", "anonymous"]},
+                           {"op": "touch", "addr": "m0", "length": "16K", "access": "write"}],
+                       [{"addr": "m0", "length": "16K", "write": True, "delay": 40}],
+                       [{"name": "ev0", "kind": "reclaim", "addr": "m0", "delay": 0}])
+        sc.scheduler = {"kind": "switch", "switches": [[0, 1]]}      # the event first, then the device
+        cov = Coverage(k)
+        cov.add_run(run_scenario(sc, scheduler_for(sc), coverage=cov.run_collector()))
+        swap = {c[3] for c in cov.walk if c[:3] == ("anon", "pte", "swap")}
+        assert swap == {ret}
+        assert cov.walk <= set(reachable(k)["walk"])
+
+
 def test_cells_are_reachable_and_classification_is_the_spec_s():
     for k in ("5.2", "6.18"):
         r = reachable(k)
