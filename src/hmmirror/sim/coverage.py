@@ -655,6 +655,8 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
             up("mapping:anon_thp", f=f / 2)
         elif fn == "hole":                            # no page table in the 2 MiB around: one mapping, untouched
             up("populate:no", "maps:1", f=f / 2)
+        elif fn == "test":                            # [6.x] 1 / -EFAULT: a VMA without VM_READ (or PFN-mapped)
+            up("prot:none", "shape_prot:none", "shape_mprotect:yes", f=f / 2)
 
     if grid == "walk":
         vk, fn, entry, ret = target[1:]
@@ -692,7 +694,7 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
             up("range:past", "range:below")
             if ret in ("0", "-EPERM", "-EBUSY"):          # the gap's pages request nothing, the VMA's do
                 up("mode:fault_perpage", "probe:fault_perpage")
-        fn_ingredients(vk, fn)
+        fn_ingredients(vk, fn if fn != "test" or ret != "0" else "-")
         if entry == "none":
             up("populate:no", f=BOOST / 2)
         elif entry in ("present", "devmap", "table"):
@@ -776,11 +778,12 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
             need = {"reclaim": "mapping:anon", "migrate": "mapping:anon", "compact": "mapping:anon",
                     "numa": "mapping:anon", "khugepaged": "mapping:anon_thp", "thp_split": "mapping:anon_thp",
                     "pmem_unbind": "mapping:devdax", "pmem_remove": "mapping:fsdax"}.get(ev)
-            if need:
-                up(need, f=BOOST / 2)
+            if need:                                     # two or three mappings: the event's and the walk's
+                up(need, "maps:2", "maps:3")
                 up("prot:rw", "ev_target:fit", f=BOOST / 4)
-        fn_ingredients(None, fn, BOOST / 2)
-        up(f"mode:{'fault' if fn != 'test' else 'snapshot'}", "job_start:later", f=BOOST / 4)
+        fn_ingredients(None, fn if fn != "test" else "-")
+        up("probe_at:other")
+        down("probe:none")
     return w
 
 

@@ -948,6 +948,21 @@ def _probe(g: GenCtx, m: MapInfo, first: int, n: int) -> None:
     mode = g.choice("probe", {"none": 3, "fault": 1, "snapshot": 1, "fault_perpage": 1})
     if mode == "none" or not g.sc.devices:
         return
+    if "probe_at:other" in g.weights and c.flip():
+        # (drawn only when a weight names it: a coverage target ``event x function``) a device of its own walks
+        # a mapping of any kind while the event runs, instead of coming back to the event's pages later
+        o = g.pick_map()
+        if o is not None:
+            g.features.append("probe_at:other")
+            _, addr, n = g.rng(16, o)
+            job = {"addr": addr, "length": fmt_size(n * 4096), "write": g.choice("job", {"read": 1, "write": 1}) == "write"}
+            if mode != "fault":
+                job["mode"] = mode
+            if mode == "fault_perpage":
+                job["pattern"] = c.below(16)
+            job["delay"] = c.below(16)
+            g.sc.devices.append({"name": f"dev{len(g.sc.devices)}", "jobs": [job]})
+            return
     back = min(first, c.below(2))
     first, n = first - back, max(1, min(n + back + c.below(4), m.pages - first + back))
     job: dict[str, Any] = {"addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
