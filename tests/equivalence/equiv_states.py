@@ -399,7 +399,7 @@ def observe(w: World) -> dict[str, Any]:
         "counters": dict(m.counters),
         "events": [dict(e) for e in m.events],
         "pgmaps": [(p.name, p.count, dict(p.ref.stats) if p.ref else None, p.state) for p in m.pgmaps],
-        "anon_vma": [(v.vm_start, v.anon_vma) for v in w.mm.vmas],
+        "anon_vma": [(v.vm_start, v.anon_vma and v.anon_vma.rwsem.name) for v in w.mm.vmas],
         "mmap_sem": (w.mm.mmap_sem.owner is not None, len(w.mm.mmap_sem.readers)),
         "held": [lk.name for lk in w.mm.task.held],
     }

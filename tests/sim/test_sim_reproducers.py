@@ -3,6 +3,7 @@ reproducer re-triggers its violation"); the reproducers of model bugs that were 
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,23 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 KEPT = sorted(DOCS.glob("*.toml"))
 FIXED = sorted((DOCS / "fixed").glob("*.toml"))
+SIMULATOR_MD = DOCS.parent / "simulator.md"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def worked_example_package(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Reproducers found with docs/simulator.md's worked example name its driver ``mypkg.mysvm:MySvm`` (their
+    header says: the example's mypkg directory on PYTHONPATH): the package is made from the document's code
+    block, as a reader would save it."""
+    if "mypkg" in sys.modules:
+        return
+    m = re.search(r"```python\n(# mypkg/mysvm\.py.*?)```", SIMULATOR_MD.read_text(), re.S)
+    assert m, "the worked example's code block (# mypkg/mysvm.py) is missing from docs/simulator.md"
+    root = tmp_path_factory.mktemp("worked")
+    (root / "mypkg").mkdir()
+    (root / "mypkg" / "__init__.py").write_text("")
+    (root / "mypkg" / "mysvm.py").write_text(m.group(1))
+    sys.path.insert(0, str(root))
 
 
 @pytest.mark.parametrize("path", KEPT, ids=[p.stem for p in KEPT])

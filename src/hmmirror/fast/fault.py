@@ -42,6 +42,7 @@ from hmmirror.arch.x86.pgtable import (
 from hmmirror.include.mm_types import FAULT_FLAG, VM
 from hmmirror.kernel import sched
 from hmmirror.mm.page_alloc import PG
+from hmmirror.mm.rmap import anon_vma_prepare
 from hmmirror.mm.pgtable import LVL_PTE
 
 from .gather import entry_is_table, entry_none, row_slice
@@ -140,7 +141,7 @@ def anon_fault_run(vma: "VMA", addr: int, end: int, flags: int) -> int:
     write = bool(flags & FAULT_FLAG.WRITE)
     prot = vma.vm_page_prot & x86.PTE_FLAGS_MASK
     if write:
-        vma.anon_vma = True                                 # anon_vma_prepare()
+        anon_vma_prepare(vma)
         pfns = mem.alloc_pages_bulk(n)
         n = int(pfns.shape[0])
         if n == 0:

@@ -400,7 +400,7 @@ def dup_mmap(mm: "MMStruct", oldmm: "MMStruct") -> Gen[int]:
                 continue
             wipe = bool(mpnt.vm_flags & VM.WIPEONFORK)
             tmp = VMA(mm, mpnt.vm_start, mpnt.vm_end, mpnt.vm_flags & ~VM.LOCKED, mpnt.vm_pgoff, mpnt.vm_file,
-                      mpnt.vm_ops, mpnt.anon_vma and not wipe, mpnt.vm_page_prot, mpnt.hstate_order,
+                      mpnt.vm_ops, None if wipe else mpnt.anon_vma, mpnt.vm_page_prot, mpnt.hstate_order,
                       mpnt.devmap, dict(mpnt.extra))
             mm.insert_vma(tmp)
             if tmp.vm_file is not None and hasattr(tmp.vm_file, "inode"):

@@ -75,7 +75,7 @@ def do_huge_pmd_anonymous_page(vmf: VmFault) -> Gen[int]:
     if haddr < vma.vm_start or haddr + PMD_SIZE > vma.vm_end:
         return int(VM_FAULT.FALLBACK)
     assert vmf.pmdp is not None
-    vma.anon_vma = True
+    rmap.anon_vma_prepare(vma)
     ptl = pmd_lockptr(mm, vmf.pmdp)
     if not vmf.write and machine.thp.use_zero_page:
         zpfn = mem.huge_zero_pfn()
@@ -520,13 +520,30 @@ def split_folio(machine: "Any", folio: int, caller_refs: int = 1) -> Gen[int]:
     again; when that fails the folio stays whole and ``remap_page()`` maps it back with PTEs (the PMD stays
     split).  -EBUSY for a non-anonymous or non-THP folio.  PMD mappings of the folio in every mm are split
     first (model: ``__split_huge_pmd``), then every subpage becomes its own folio: its references are its
-    mappings (the head keeps the caller's).  The caller holds the folio lock.
+    mappings (the head keeps the caller's).  The caller holds the folio lock; the split holds the folio's
+    anon_vma root rwsem for write.
     """
     mem = machine.mem
     if folio >= mem.nr_ram or not mem.flags[folio] & PG.thp or not mem.flags[folio] & PG.head:
         return -16
     if not mem.flags[folio] & PG.anon:
         return -16
+    # folio_get_anon_vma() + anon_vma_lock_write(): the split (unmap_folio with TTU_RMAP_LOCKED, the PMD
+    # splits and their invalidations, remap_page) runs with the anon_vma root rwsem held for write
+    anon_vma = rmap.folio_anon_vma(machine, folio)
+    if anon_vma is not None:
+        yield from rmap.anon_vma_lock_write(anon_vma)
+    try:
+        return (yield from _split_anon_folio(machine, folio, caller_refs))
+    finally:
+        if anon_vma is not None:
+            rmap.anon_vma_unlock_write(anon_vma)
+
+
+def _split_anon_folio(machine: "Any", folio: int, caller_refs: int) -> Gen[int]:
+    """__folio_split() (mm/huge_memory.c, 6.x) of the anonymous THP ``folio`` once its anon_vma is locked:
+    can_split_folio(), unmap_folio(), folio_ref_freeze(), the split itself (see :func:`split_folio`)."""
+    mem = machine.mem
     n = 1 << int(mem.order[folio])
     pmd_maps = _folio_pmd_maps(machine, folio)
     if not _folio_refs_are_mappings(machine, folio, n, pmd_maps, caller_refs):     # can_split_folio()

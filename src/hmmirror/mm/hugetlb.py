@@ -254,7 +254,7 @@ def hugetlb_no_page(mm: "MMStruct", vma: "VMA", mapping: "AddressSpace", idx: in
             mapping.add_huge(idx, page)             # the allocation reference is the cache's
             mem.get_page(page)                      # ... and this one the mapping's
         else:
-            vma.anon_vma = True                     # anon_vma_prepare()
+            rmap.anon_vma_prepare(vma)
             anon_rmap = True
     else:
         mem.get_page(page)
@@ -311,7 +311,7 @@ def hugetlb_cow(mm: "MMStruct", vma: "VMA", address: int, ptep: Ptr, pagecache_p
         yield from sched.spin_lock(ptl)
         return int(VM_FAULT.SIGBUS)
     _copy_huge_page(mem, new, old, nr)
-    vma.anon_vma = True
+    rmap.anon_vma_prepare(vma)
     r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, haddr, haddr + sz)
     yield from mmu_notifier_invalidate_range_start(r)
     yield from sched.spin_lock(ptl)

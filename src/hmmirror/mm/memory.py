@@ -302,7 +302,7 @@ def do_anonymous_page(vmf: VmFault) -> Gen[int]:
         sched.spin_unlock(ptl)
         return ret
     yield from sched.might_sleep("alloc_zeroed_user_highpage_movable")
-    vma.anon_vma = True
+    rmap.anon_vma_prepare(vma)
     pfn = mem.alloc_page()
     if pfn < 0:
         return int(VM_FAULT.OOM)
@@ -428,7 +428,7 @@ def wp_page_copy(vmf: VmFault, old: int) -> Gen[int]:
     vma, mm = vmf.vma, vmf.mm
     machine, pool, mem = mm.machine, mm.machine.pool, mm.machine.mem
     yield from sched.might_sleep("alloc_page_vma")
-    vma.anon_vma = True
+    rmap.anon_vma_prepare(vma)
     new = mem.alloc_page()
     if new < 0:
         return int(VM_FAULT.OOM)
@@ -589,7 +589,7 @@ def do_cow_fault(vmf: VmFault) -> Gen[int]:
     page and map that (no notifier: the entry was none)."""
     vma, mem = vmf.vma, vmf.mm.machine.mem
     yield from sched.might_sleep("alloc_page_vma")
-    vma.anon_vma = True                               # anon_vma_prepare()
+    rmap.anon_vma_prepare(vma)
     vmf.cow_page = mem.alloc_page()
     if vmf.cow_page < 0:
         return int(VM_FAULT.OOM)

@@ -164,7 +164,8 @@ def remove_migration_pmd(mm: "MMStruct", haddr: int, old: int, new: int, exclusi
 
 def migrate_thp(mm: "MMStruct", addr: int, hold: int) -> Gen[int]:
     """migrate_pages() of the PMD-mapped anonymous THP at ``addr``: PMD migration entry, copy (the entry stays
-    ``hold`` preemption points), remove_migration_pmd with a new THP (the old one if none can be allocated).
+    ``hold`` preemption points), remove_migration_pmd with a new THP (the old one if none can be allocated);
+    the unmap and the remap walks each hold the anon_vma root rwsem for read (rmap_walk_anon).
     0, or -EINVAL (no such THP), -EAGAIN (the PMD changed before it was replaced)."""
     got = anon_thp_pmd(mm, addr)
     if got is None:
@@ -175,7 +176,15 @@ def migrate_thp(mm: "MMStruct", addr: int, hold: int) -> Gen[int]:
     exclusive = bool(mem.flags[old] & PG.anon_exclusive)
     haddr = addr & ~(PMD_SIZE - 1)
     yield from sched.might_sleep("migrate_pages")
-    if not (yield from set_pmd_migration_entry(mm, vma, haddr, pmd, old)):
+    anon_vma = vma.anon_vma                         # try_to_migrate() -> rmap_walk_anon(): root rwsem, read
+    if anon_vma is not None:
+        yield from rmap.anon_vma_lock_read(anon_vma)
+    try:
+        ok = yield from set_pmd_migration_entry(mm, vma, haddr, pmd, old)
+    finally:
+        if anon_vma is not None:
+            rmap.anon_vma_unlock_read(anon_vma)
+    if not ok:
         return -EAGAIN
     machine.log("migrate_unmap_pmd", mm=mm.name, addr=haddr, pfn=old)
     for _ in range(hold):
@@ -189,10 +198,16 @@ def migrate_thp(mm: "MMStruct", addr: int, hold: int) -> Gen[int]:
         mem.flags[new] |= mem.flags[old] & PG.dirty
     target = new if new >= 0 else old
     mapped = 0
-    for omm in list(machine.mms.values()):          # the rmap walk finds every copy (fork) of the entry
-        if omm.exited:
-            continue
-        mapped += yield from remove_migration_pmd(omm, haddr, old, target, exclusive and omm is mm)
+    if anon_vma is not None:                        # remove_migration_ptes() -> rmap_walk_anon(): read
+        yield from rmap.anon_vma_lock_read(anon_vma)
+    try:
+        for omm in list(machine.mms.values()):      # the rmap walk finds every copy (fork) of the entry
+            if omm.exited:
+                continue
+            mapped += yield from remove_migration_pmd(omm, haddr, old, target, exclusive and omm is mm)
+    finally:
+        if anon_vma is not None:
+            rmap.anon_vma_unlock_read(anon_vma)
     # references: remove_migration_pmd took one per mapping as it made it; the new folio's own reference goes
     # only after the whole walk (migrate_folio_move), so an unmap racing the walk cannot free it
     if new >= 0:

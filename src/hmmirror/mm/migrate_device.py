@@ -545,7 +545,7 @@ def migrate_vma_insert_page(migrate: MigrateVma, addr: int, page: int, i: int) -
     if x86.pmd_trans_huge(pool.get(pmdp)):
         return abort()
     mm.pt.pte_alloc(pmdp)
-    vma.anon_vma = True                                          # anon_vma_prepare()
+    rmap.anon_vma_prepare(vma)
     yield from sched.might_sleep("mem_cgroup_charge")
     if is_device_private_page(machine, page):
         entry = x86.make_device_private_entry(page, bool(vma.vm_flags & VM.WRITE))
@@ -774,20 +774,47 @@ def remove_migration_ptes(machine: "Machine", pairs: list[tuple[int, int]],
     reference and an rmap (exclusive for writable and readable-exclusive entries).
 
     Ours: ``hints`` (``(mm, address)`` per pair: where migrate_vma_collect put the entry) are looked at first;
-    the rmap is scanned for the folios in ``elsewhere``, whose hint was wrong, or without hints at all."""
+    the rmap is scanned for the folios in ``elsewhere``, whose hint was wrong, or without hints at all.  The
+    walks of anonymous folios hold their anon_vma root rwsem for read (rmap_walk_anon): the model takes it
+    once for consecutive folios of one family, where the kernel takes it per folio."""
     if not pairs:
         return
     dst_of = {s: d for s, d in pairs}
     scan: set[int] = set(dst_of) if hints is None else set(elsewhere or ())
     if hints is not None:
-        for (src, _), (mm, addr) in zip(pairs, hints):
-            if not (yield from _remove_migration_pte(machine, mm, addr, dst_of, src)):
-                scan.add(src)
+        held: Any = None
+        try:
+            for (src, _), (mm, addr) in zip(pairs, hints):
+                av = rmap.vma_anon_vma(mm, addr) if _folio_test_anon(machine, src) else None
+                if av is not held:                       # rmap_walk_anon(): each folio's walk read-locks
+                    if held is not None:                 # its anon_vma root (one lock per run of folios
+                        rmap.anon_vma_unlock_read(held)  # of the same family, ours)
+                        held = None
+                    if av is not None:
+                        yield from rmap.anon_vma_lock_read(av)
+                        held = av
+                if not (yield from _remove_migration_pte(machine, mm, addr, dst_of, src)):
+                    scan.add(src)
+        finally:
+            if held is not None:
+                rmap.anon_vma_unlock_read(held)
     if not scan:
         return
     found = rmap.rmap_find(machine, np.fromiter(scan, dtype=np.int64, count=len(scan)), kinds=("migration",))
-    for mm, addr, _ in found:
-        yield from _remove_migration_pte(machine, mm, addr, dst_of, None)
+    for av, group in rmap.by_anon_vma(found):
+        if av is not None:
+            yield from rmap.anon_vma_lock_read(av)
+        try:
+            for mm, addr, _ in group:
+                yield from _remove_migration_pte(machine, mm, addr, dst_of, None)
+        finally:
+            if av is not None:
+                rmap.anon_vma_unlock_read(av)
+
+
+def _folio_test_anon(machine: "Machine", folio: int) -> bool:
+    """Ours: folio_test_anon() -- the folio has an anon_vma as its mapping."""
+    return bool(machine.mem.flags[folio] & PG.anon)
 
 
 def _remove_migration_pte(machine: "Machine", mm: "MMStruct", addr: int, dst_of: dict[int, int],

@@ -21,6 +21,7 @@ from hmmirror.mm.pgtable import PageTables
 
 if TYPE_CHECKING:
     from hmmirror.machine import Machine
+    from hmmirror.mm.rmap import AnonVma
 
 
 def vm_get_page_prot(vm_flags: int) -> int:
@@ -68,7 +69,7 @@ class VMA:
     vm_pgoff: int = 0                 # file offset in pages (anon: vm_start >> PAGE_SHIFT)
     vm_file: Any = None               # an open file (fs.File) or None for anonymous memory
     vm_ops: VmOps | None = None
-    anon_vma: bool = False            # allocated on the first anon write fault / THP fault
+    anon_vma: "AnonVma | None" = None  # anon_vma_prepare() on the first anon write fault / THP fault
     vm_page_prot: int = 0
     hstate_order: int = 0             # hugetlb: huge page order (9 or 18)
     devmap: Any = None                # model: device backing for PFNMAP / device-dax VMAs

@@ -285,8 +285,11 @@ def mm_take_all_locks(mm: "MMStruct") -> Gen[list[Lock]]:
     __mmu_notifier_register() relies on it ("We can't race against any other mmu notifier method either
     thanks to mm_take_all_locks()"): an invalidation that started before the mm had an interval tree (so
     counted in no ``active_invalidate_ranges``) cannot still be running when the first subscription goes in.
-    Not modelled: vma_start_write() of every VMA (no per-VMA locks in the model) and the anon_vma locks (the
-    model's anonymous rmap walks take none).  Returns what mm_drop_all_locks() releases, the mutex first."""
+    Last, the root rwsem of the anon_vma of every VMA that has one, for write (vm_lock_anon_vma(), each root
+    once): an rmap walk of an anonymous folio (reclaim's try_to_unmap, migration's try_to_migrate, memory
+    failure) holds it for read across its invalidations, so it too is waited for and none starts meanwhile.
+    Not modelled: vma_start_write() of every VMA (no per-VMA locks in the model).  Returns what
+    mm_drop_all_locks() releases, the mutex first."""
     from hmmirror.mm.mm_struct import is_vm_hugetlb_page
     from hmmirror.mm.truncate import _i_mmap
 
@@ -305,12 +308,17 @@ def mm_take_all_locks(mm: "MMStruct") -> Gen[list[Lock]]:
             if lock is not None and lock not in taken:          # vm_lock_mapping(): AS_MM_ALL_LOCKS
                 yield from sched.down_write(lock)
                 taken.append(lock)
+    for vma in vmas:                                            # the anon_vmas after every i_mmap_rwsem
+        av = vma.anon_vma
+        if av is not None and av.root.rwsem not in taken:       # vm_lock_anon_vma(): root bit in rb_root
+            yield from sched.down_write(av.root.rwsem)
+            taken.append(av.root.rwsem)
     return taken
 
 
 def mm_drop_all_locks(locks: list[Lock]) -> None:
-    """mm_drop_all_locks() (mm/vma.c [6.x]): release the rwsems mm_take_all_locks() took, then
-    ``mm_all_locks_mutex``."""
+    """mm_drop_all_locks() (mm/vma.c [6.x]): release the rwsems mm_take_all_locks() took (i_mmap_rwsems and
+    anon_vma roots), then ``mm_all_locks_mutex``."""
     mutex, rwsems = locks[0], locks[1:]
     for lock in rwsems:
         sched.up_write(lock)

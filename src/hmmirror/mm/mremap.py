@@ -172,7 +172,7 @@ def move_vma(vma: VMA, old_addr: int, old_len: int, new_len: int, new_addr: int,
     if flags & MREMAP_DONTUNMAP:
         vma.vm_flags &= ~VM.LOCKED                           # vm_flags_clear(vma, VM_LOCKED_MASK)
         if new_vma is not vma and vma.vm_start == old_addr and vma.vm_end == old_addr + old_len:
-            vma.anon_vma = False                             # unlink_anon_vmas(): a later fault starts afresh
+            vma.anon_vma = None                              # unlink_anon_vmas(): a later fault starts afresh
         vma_merge_range(mm, new_addr, new_addr + new_len)
         return new_addr
     ret = yield from do_munmap(mm, old_addr, old_len)

@@ -18,7 +18,106 @@ from hmmirror.mm.page_alloc import PG, PhysMem
 if TYPE_CHECKING:
     from hmmirror.kernel.sched import Gen
     from hmmirror.machine import Machine
-    from hmmirror.mm.mm_struct import MMStruct
+    from hmmirror.mm.mm_struct import VMA, MMStruct
+
+
+# --- anon_vma (include/linux/rmap.h, mm/rmap.c) ------------------------------------------------------------
+class AnonVma:
+    """``struct anon_vma`` as the model keeps it: one object per family of anonymous VMAs -- made by the first
+    anon_vma_prepare() of a VMA and shared by the VMAs split off it and by fork's children, as every anon_vma
+    of a fork tree shares one ``root`` -- holding only the root's ``rwsem``: every rmap walk of an anonymous
+    folio takes it for read (rmap_walk_anon, folio_lock_anon_vma_read), mm_take_all_locks() for write
+    (vm_lock_anon_vma), a THP split and khugepaged's collapse for write.  No anon_vma_chain, no interval tree
+    and no per-page pointer: the model's rmap walks scan the page tables (:func:`rmap_find`) and find a folio's
+    anon_vma through the VMA of a mapping of it (:func:`folio_anon_vma`)."""
+
+    __slots__ = ("root", "rwsem")
+
+    def __init__(self, name: str) -> None:
+        from hmmirror.kernel.sched import Lock, lockdep_set_class
+
+        self.root = self                 # a family's first anon_vma is its root (anon_vma_alloc: root = self)
+        self.rwsem = lockdep_set_class(Lock(f"{name}.anon_vma.rwsem", "rwsem"), "&anon_vma->rwsem")
+
+    def __repr__(self) -> str:
+        return f"<anon_vma {self.rwsem.name}>"
+
+
+def anon_vma_prepare(vma: "VMA") -> "AnonVma":
+    """anon_vma_prepare() (mm/rmap.c [5.2] / [6.x]): give ``vma`` its anon_vma before its first anonymous page
+    (the kernel may reuse a mergeable neighbour's, find_mergeable_anon_vma(); the model makes a new family)."""
+    av = vma.anon_vma
+    if av is None:
+        av = vma.anon_vma = AnonVma(f"{vma.vm_mm.name}[{vma.vm_start:#x}]")
+    return av
+
+
+def anon_vma_lock_read(anon_vma: AnonVma) -> "Gen[None]":
+    """anon_vma_lock_read() (include/linux/rmap.h [5.2] / [6.x]): down_read() of the root's rwsem."""
+    from hmmirror.kernel import sched
+
+    yield from sched.down_read(anon_vma.root.rwsem)
+
+
+def anon_vma_unlock_read(anon_vma: AnonVma) -> None:
+    """anon_vma_unlock_read() (include/linux/rmap.h [5.2] / [6.x])."""
+    from hmmirror.kernel import sched
+
+    sched.up_read(anon_vma.root.rwsem)
+
+
+def anon_vma_lock_write(anon_vma: AnonVma) -> "Gen[None]":
+    """anon_vma_lock_write() (include/linux/rmap.h [5.2] / [6.x]): down_write() of the root's rwsem."""
+    from hmmirror.kernel import sched
+
+    yield from sched.down_write(anon_vma.root.rwsem)
+
+
+def anon_vma_unlock_write(anon_vma: AnonVma) -> None:
+    """anon_vma_unlock_write() (include/linux/rmap.h [5.2] / [6.x])."""
+    from hmmirror.kernel import sched
+
+    sched.up_write(anon_vma.root.rwsem)
+
+
+def vma_anon_vma(mm: "MMStruct", addr: int) -> "AnonVma | None":
+    """Ours: the anon_vma of the VMA mapping ``addr`` in ``mm`` (None: no VMA, or one without anon_vma)."""
+    vma = mm.vma_lookup(addr)
+    return vma.anon_vma if vma is not None else None
+
+
+def folio_anon_vma(machine: "Machine", folio: int,
+                   found: "list[tuple[MMStruct, int, int]] | None" = None) -> "AnonVma | None":
+    """folio_anon_vma() (mm/util.c [6.x], page_anon_vma [5.2]): the anon_vma of an anonymous folio, None for
+    any other.  Ours: the kernel reads ``folio->mapping``; the model takes the anon_vma of the VMA of the
+    folio's first mapping (``found``: :func:`rmap_find`'s entries of the folio, scanned when not given) -- the
+    same family, since a folio is only ever mapped in the VMAs of the family that faulted it in."""
+    mem = machine.mem
+    if folio >= mem.nr_pfns or not mem.flags[folio] & PG.anon:
+        return None
+    if found is None:
+        n = 1 << int(mem.order[folio]) if folio < mem.nr_ram else 1
+        found = rmap_find(machine, np.arange(folio, folio + n, dtype=np.int64))
+    for mm, addr, _ in found:
+        av = vma_anon_vma(mm, addr)
+        if av is not None:
+            return av
+    return None
+
+
+def by_anon_vma(found: "list[tuple[MMStruct, int, int]]"
+                ) -> "list[tuple[AnonVma | None, list[tuple[MMStruct, int, int]]]]":
+    """Ours: ``found`` (rmap entries) grouped by the anon_vma family of their VMA, in first-seen order -- one
+    group per folio's family, each walked under its own read lock as rmap_walk_anon() walks one folio."""
+    groups: dict[int, tuple[AnonVma | None, list[tuple[MMStruct, int, int]]]] = {}
+    for ent in found:
+        av = vma_anon_vma(ent[0], ent[1])
+        root = av.root if av is not None else None
+        g = groups.get(id(root))
+        if g is None:
+            g = groups[id(root)] = (root, [])
+        g[1].append(ent)
+    return list(groups.values())
 
 
 def counted(mem: PhysMem, pfn: int, dax_refcounted: bool) -> bool:
@@ -114,7 +213,8 @@ def try_to_migrate(machine: "Machine", folio: int) -> "Gen[None]":
     """try_to_migrate() / try_to_migrate_one() (mm/rmap.c): replace every remaining mapping of ``folio`` (a
     present PTE, or a device-private entry) by a migration entry -- writable if the mapping was, readable-
     exclusive for an exclusive anonymous page, else readable -- under an MMU_NOTIFY_CLEAR invalidation of the
-    page, dropping the mapping's rmap and reference.  Mappings of a pinned exclusive page are left alone
+    page, dropping the mapping's rmap and reference.  The walk of an anonymous folio holds its anon_vma root
+    rwsem for read (rmap_walk_anon).  Mappings of a pinned exclusive page are left alone
     (folio_try_share_anon_rmap_pte() fails), so the caller sees the folio still mapped."""
     from hmmirror.arch.x86 import pgtable as x86
     from hmmirror.include.mm_types import MMU_NOTIFY
@@ -130,22 +230,30 @@ def try_to_migrate(machine: "Machine", folio: int) -> "Gen[None]":
     mem = machine.mem
     n = 1 << int(mem.order[folio]) if folio < mem.nr_ram else 1
     pfns = np.arange(folio, folio + n, dtype=np.int64)
-    for mm, addr, _ in rmap_find(machine, pfns, kinds=("present", "device")):
-        vma = mm.vma_lookup(addr)
-        if vma is None:
-            continue
-        r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + x86.PAGE_SIZE)
-        yield from mmu_notifier_invalidate_range_start(r)
-        level, ptep, _ = mm.pt.lookup(addr)
-        if level == "pte" and ptep is not None:
-            pudp = mm.pt.walk_to_pud(addr)
-            assert pudp is not None
-            ptl = pte_lockptr(mm, mm.pt.pmd_offset(pudp, addr))
-            yield from sched.spin_lock(ptl)
-            pte = machine.pool.get(ptep)
-            _try_to_migrate_pte(machine, ptep, pte, pfns, folio_maybe_dma_pinned(mem, folio))
-            sched.spin_unlock(ptl)
-        yield from mmu_notifier_invalidate_range_end(r)
+    found = rmap_find(machine, pfns, kinds=("present", "device"))
+    av = folio_anon_vma(machine, folio, found)
+    if av is not None:                                # rmap_walk_anon(): the walk holds the root rwsem, read
+        yield from anon_vma_lock_read(av)
+    try:
+        for mm, addr, _ in found:
+            vma = mm.vma_lookup(addr)
+            if vma is None:
+                continue
+            r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + x86.PAGE_SIZE)
+            yield from mmu_notifier_invalidate_range_start(r)
+            level, ptep, _ = mm.pt.lookup(addr)
+            if level == "pte" and ptep is not None:
+                pudp = mm.pt.walk_to_pud(addr)
+                assert pudp is not None
+                ptl = pte_lockptr(mm, mm.pt.pmd_offset(pudp, addr))
+                yield from sched.spin_lock(ptl)
+                pte = machine.pool.get(ptep)
+                _try_to_migrate_pte(machine, ptep, pte, pfns, folio_maybe_dma_pinned(mem, folio))
+                sched.spin_unlock(ptl)
+            yield from mmu_notifier_invalidate_range_end(r)
+    finally:
+        if av is not None:
+            anon_vma_unlock_read(av)
 
 
 def _try_to_migrate_pte(machine: "Machine", ptep: "Any", pte: int, pfns: np.ndarray, pinned: bool) -> None:
@@ -264,16 +372,8 @@ def make_device_exclusive_range(mm: "MMStruct", start: int, end: int, owner: Any
     not be locked or made exclusive; those hold no reference), or -errno from GUP.  Marked pages are returned
     locked and referenced."""
     from hmmirror.arch.x86 import pgtable as x86
-    from hmmirror.include.mm_types import MMU_NOTIFY
-    from hmmirror.kernel import sched
     from hmmirror.mm.folio import folio_trylock, folio_unlock
     from hmmirror.mm.gup import FOLL_GET, FOLL_SPLIT_PMD, FOLL_WRITE, __get_user_pages
-    from hmmirror.mm.memory import pte_lockptr
-    from hmmirror.mm.mmu_notifier import (
-        mmu_notifier_invalidate_range_end,
-        mmu_notifier_invalidate_range_start,
-        mmu_notifier_range_init,
-    )
 
     machine = mm.machine
     mem = machine.mem
@@ -291,32 +391,61 @@ def make_device_exclusive_range(mm: "MMStruct", start: int, end: int, owner: Any
             continue
         valid = False
         if mem.flags[folio] & PG.anon and not mem.flags[folio] & PG.hugetlb:
-            for om, oaddr, _ in rmap_find(machine, np.array([page]), kinds=("present",)):
-                vma = om.vma_lookup(oaddr)
-                if vma is None:
-                    continue
-                r = mmu_notifier_range_init(MMU_NOTIFY.EXCLUSIVE, vma, om, oaddr, oaddr + x86.PAGE_SIZE, owner)
-                yield from mmu_notifier_invalidate_range_start(r)
-                level, ptep, _ = om.pt.lookup(oaddr)
-                if level == "pte" and ptep is not None:
-                    pudp = om.pt.walk_to_pud(oaddr)
-                    assert pudp is not None
-                    ptl = pte_lockptr(om, om.pt.pmd_offset(pudp, oaddr))
-                    yield from sched.spin_lock(ptl)
-                    pte = machine.pool.get(ptep)
-                    if pte & x86._PAGE_PRESENT and x86.pte_pfn(pte) == page:
-                        if om is mm and oaddr == addr and x86.pte_write(pte):
-                            valid = True
-                        if pte & x86._PAGE_DIRTY:
-                            mem.flags[folio] |= PG.dirty
-                        machine.pool.set(ptep, x86.swp_entry_to_pte(
-                            x86.SwpEntry(int(x86.SwpType.SWP_DEVICE_EXCLUSIVE), page)))
-                        page_remove_rmap(mem, page)                   # [6.12] the entry has no rmap
-                    sched.spin_unlock(ptl)
-                yield from mmu_notifier_invalidate_range_end(r)
+            found = rmap_find(machine, np.array([page]), kinds=("present",))
+            av = folio_anon_vma(machine, folio, found)
+            if av is not None:                     # folio_make_device_exclusive() -> rmap_walk(): read-locked
+                yield from anon_vma_lock_read(av)
+            try:
+                valid = yield from _make_device_exclusive_walk(machine, mm, addr, page, folio, found, owner)
+            finally:
+                if av is not None:
+                    anon_vma_unlock_read(av)
         if not (valid and mem.mapcount[page] == 0):
             folio_unlock(mem, folio)
             mem.put_page(folio)
             pages[i] = -1
     machine.counters["make_device_exclusive"] += sum(1 for p in pages if p >= 0)
     return pages
+
+
+def _make_device_exclusive_walk(machine: "Machine", mm: "MMStruct", addr: int, page: int, folio: int,
+                                found: list[tuple["MMStruct", int, int]], owner: Any) -> "Gen[bool]":
+    """page_make_device_exclusive_one() (mm/rmap.c, 5.14 - 6.14) for every mapping ``found`` of ``page``: under
+    ``MMU_NOTIFY_EXCLUSIVE`` with ``owner`` the PTE becomes a device-exclusive entry.  Whether the mapping at
+    ``addr`` of ``mm`` was writable (the caller's page is valid)."""
+    from hmmirror.arch.x86 import pgtable as x86
+    from hmmirror.include.mm_types import MMU_NOTIFY
+    from hmmirror.kernel import sched
+    from hmmirror.mm.memory import pte_lockptr
+    from hmmirror.mm.mmu_notifier import (
+        mmu_notifier_invalidate_range_end,
+        mmu_notifier_invalidate_range_start,
+        mmu_notifier_range_init,
+    )
+
+    mem = machine.mem
+    valid = False
+    for om, oaddr, _ in found:
+        vma = om.vma_lookup(oaddr)
+        if vma is None:
+            continue
+        r = mmu_notifier_range_init(MMU_NOTIFY.EXCLUSIVE, vma, om, oaddr, oaddr + x86.PAGE_SIZE, owner)
+        yield from mmu_notifier_invalidate_range_start(r)
+        level, ptep, _ = om.pt.lookup(oaddr)
+        if level == "pte" and ptep is not None:
+            pudp = om.pt.walk_to_pud(oaddr)
+            assert pudp is not None
+            ptl = pte_lockptr(om, om.pt.pmd_offset(pudp, oaddr))
+            yield from sched.spin_lock(ptl)
+            pte = machine.pool.get(ptep)
+            if pte & x86._PAGE_PRESENT and x86.pte_pfn(pte) == page:
+                if om is mm and oaddr == addr and x86.pte_write(pte):
+                    valid = True
+                if pte & x86._PAGE_DIRTY:
+                    mem.flags[folio] |= PG.dirty
+                machine.pool.set(ptep, x86.swp_entry_to_pte(
+                    x86.SwpEntry(int(x86.SwpType.SWP_DEVICE_EXCLUSIVE), page)))
+                page_remove_rmap(mem, page)                   # [6.12] the entry has no rmap
+            sched.spin_unlock(ptl)
+        yield from mmu_notifier_invalidate_range_end(r)
+    return valid

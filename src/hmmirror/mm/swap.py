@@ -11,7 +11,7 @@ the kernel would share one swap-cache page.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hmmirror.arch.x86 import pgtable as x86
 from hmmirror.arch.x86.pgtable import PAGE_SIZE, SwpEntry, make_swap_entry, pte_pfn, pte_present, pte_special
@@ -30,7 +30,7 @@ from hmmirror.mm.page_alloc import PG
 
 if TYPE_CHECKING:
     from hmmirror.mm.memory import VmFault
-    from hmmirror.mm.mm_struct import MMStruct
+    from hmmirror.mm.mm_struct import VMA, MMStruct
 
 SWAP_DEVICE = 0                       # the model's single swap device (swap type 0)
 EINVAL, EBUSY, EAGAIN = 22, 16, 11
@@ -49,7 +49,7 @@ def swapin(vmf: "VmFault", entry: SwpEntry) -> Gen[int]:
     assert vmf.pmdp is not None and vmf.ptep is not None
     yield from sched.might_sleep("swap_readpage")
     data = swap.slots.get(entry.offset)
-    vma.anon_vma = True
+    rmap.anon_vma_prepare(vma)
     pfn = mem.alloc_page()
     if pfn < 0:
         return int(VM_FAULT.OOM)
@@ -81,7 +81,9 @@ def model_swap_out(mm: "MMStruct", addr: int) -> Gen[int]:
     add_to_swap -> try_to_unmap_one -> pageout, for one page of one mm).
 
     A slot is reserved, the PTE becomes a swap entry under notifier CLEAR ``[addr, +4K)``, the slot gets the
-    page's bytes as they are at the unmap (pageout after try_to_unmap), and the page is freed.  Only a private
+    page's bytes as they are at the unmap (pageout after try_to_unmap), and the page is freed.  The unmap
+    holds the anon_vma root rwsem for read (try_to_unmap -> rmap_walk_anon); folio_referenced() before it only
+    trylocks it and leaves the page mapped (-EBUSY) when mm_take_all_locks() holds it.  Only a private
     anonymous page mapped once by a PTE and not otherwise referenced is reclaimed: -EINVAL when nothing suitable is mapped there (no VMA, not anonymous, zero page, a THP),
     -EBUSY when the page is shared, pinned or mlocked, -EAGAIN when the entry changed meanwhile.
     """
@@ -99,11 +101,41 @@ def model_swap_out(mm: "MMStruct", addr: int) -> Gen[int]:
         return -EINVAL
     if vma.vm_flags & VM.LOCKED or int(mem.mapcount[pfn]) != 1 or int(mem.refcount[pfn]) != 1:
         return -EBUSY
+    anon_vma = vma.anon_vma
+    if anon_vma is not None:
+        # folio_check_references() -> folio_referenced(): its rmap walk only trylocks the anon_vma
+        # (rwc.try_lock); contended -- mm_take_all_locks() holds it for write -- the folio is activated
+        if not sched.down_read_trylock(anon_vma.root.rwsem):
+            return -EBUSY
+        rmap.anon_vma_unlock_read(anon_vma)
     yield from sched.might_sleep("add_to_swap")
     offset = swap.next_slot
     swap.next_slot += 1
     swap.slots[offset] = None                         # the slot is reserved; pageout fills it (below)
     swap.swap_map[offset] = 1
+    if anon_vma is not None:
+        # try_to_unmap() -> rmap_walk_anon(): the anon_vma root rwsem is held for read across every
+        # try_to_unmap_one(), so mm_take_all_locks() (a first mmu notifier registering) waits for the unmap
+        yield from rmap.anon_vma_lock_read(anon_vma)
+    try:
+        ret = yield from _try_to_unmap_one(mm, vma, addr, ptep, pte, pfn, offset)
+    finally:
+        if anon_vma is not None:
+            rmap.anon_vma_unlock_read(anon_vma)
+    if ret < 0:
+        return ret
+    mem.put_page(pfn)                                 # the page is freed after pageout
+    machine.counters["pswpout"] += 1
+    machine.log("swap_out", mm=mm.name, addr=addr, slot=offset)
+    return 0
+
+
+def _try_to_unmap_one(mm: "MMStruct", vma: "VMA", addr: int, ptep: Any, pte: int, pfn: int, offset: int) -> Gen[int]:
+    """try_to_unmap_one() (mm/rmap.c [5.2] / [6.x]) of the page ``pfn`` mapped by ``pte`` at ``addr``: the
+    PTE becomes the swap entry of slot ``offset`` under MMU_NOTIFY_CLEAR of the page (pageout's copy of the
+    bytes taken with it).  0, or -EAGAIN (slot released) when the PTE changed meanwhile."""
+    machine = mm.machine
+    pool, mem, swap = machine.pool, machine.mem, machine.swap
     r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + PAGE_SIZE)
     yield from mmu_notifier_invalidate_range_start(r)
     ptl = pool.ptlock(ptep[0])                        # the PTE table's split lock
@@ -123,8 +155,5 @@ def model_swap_out(mm: "MMStruct", addr: int) -> Gen[int]:
     swap.slots[offset] = bytes(data) if data is not None else None
     sched.spin_unlock(ptl)
     yield from mmu_notifier_invalidate_range_end(r)
-    mem.put_page(pfn)                                 # the page is freed after pageout
-    machine.counters["pswpout"] += 1
-    machine.log("swap_out", mm=mm.name, addr=addr, slot=offset)
     return 0
 

@@ -9,9 +9,10 @@ kernel's order of steps (locks, notifier range, entry changes) and named after t
 * ``migrate``: ``migrate_pages`` of one anonymous 4 KiB page -- ``try_to_migrate_one`` (notifier CLEAR
   ``[4K)``, the PTE becomes a migration entry under the PTE lock), the copy (``hold`` preemption points: the
   migration entry is present "for a while", faults and HMM walks wait on it), ``remove_migration_ptes`` (the
-  new page is mapped; no notifier, the entry was not present).
-* ``khugepaged``: ``collapse_huge_page`` of one 2 MiB anonymous range (mmap lock for write, notifier CLEAR
-  ``[2M)``, ``pmdp_collapse_flush`` under the PMD lock, copy, ``set_pmd_at`` of the new THP).
+  new page is mapped; no notifier, the entry was not present); both rmap walks hold the anon_vma for read.
+* ``khugepaged``: ``collapse_huge_page`` of one 2 MiB anonymous range (mmap lock for write, the anon_vma for
+  write, notifier CLEAR ``[2M)``, ``pmdp_collapse_flush`` under the PMD lock, copy, ``set_pmd_at`` of the new
+  THP).
 * ``numa``: ``change_prot_numa`` (mmap lock for read, notifier PROTECTION_VMA, present anonymous PTEs and
   THP PMDs become PROT_NONE hinting entries; the hint fault restores them).
 * ``memory_failure``: ``memory_failure`` of the page mapped at an address -- ``PG_hwpoison``, then
@@ -244,9 +245,25 @@ def migrate_page(mm: Any, addr: int, hold: int) -> Gen[int]:
         from hmmirror.mm.migrate import migrate_thp       # a PMD-mapped THP is migrated whole
         return (yield from migrate_thp(mm, addr, hold))
     vma, ptep, pte, pfn = got
+    yield from sched.might_sleep("migrate_pages")
+    anon_vma = vma.anon_vma
+    if anon_vma is not None:                             # try_to_migrate() -> rmap_walk_anon(): read-locked
+        yield from rmap.anon_vma_lock_read(anon_vma)
+    try:
+        ret = yield from _try_to_migrate_one(mm, vma, addr, ptep, pte, pfn)
+    finally:
+        if anon_vma is not None:
+            rmap.anon_vma_unlock_read(anon_vma)
+    if ret < 0:
+        return ret
+    return (yield from _migrate_copy_remap(mm, addr, pfn, hold, anon_vma))
+
+
+def _try_to_migrate_one(mm: Any, vma: Any, addr: int, ptep: Any, pte: int, pfn: int) -> Gen[int]:
+    """try_to_migrate_one() (mm/rmap.c [5.2] / [6.x]) of the exclusive anonymous page ``pfn`` mapped by
+    ``pte`` at ``addr``: the PTE becomes a migration entry under MMU_NOTIFY_CLEAR of the page.  0 or -EAGAIN."""
     machine = mm.machine
     pool, mem = machine.pool, machine.mem
-    yield from sched.might_sleep("migrate_pages")
     # try_to_migrate_one(): notifier around the replacement of the PTE by a migration entry
     r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + PAGE_SIZE)
     yield from mmu_notifier_invalidate_range_start(r)
@@ -268,6 +285,15 @@ def migrate_page(mm: Any, addr: int, hold: int) -> Gen[int]:
     sched.spin_unlock(ptl)
     yield from mmu_notifier_invalidate_range_end(r)
     machine.log("migrate_unmap", mm=mm.name, addr=addr, pfn=pfn)
+    return 0
+
+
+def _migrate_copy_remap(mm: Any, addr: int, pfn: int, hold: int, anon_vma: Any) -> Gen[int]:
+    """migrate_folio_move() (mm/migrate.c [6.x], __unmap_and_move [5.2]) of the unmapped page ``pfn``: copy it
+    to a new page, then remove_migration_ptes() -- an rmap walk of the new folio, under the anon_vma root
+    rwsem for read (rmap_walk_anon; ``anon_vma``, the old folio's, which the new one takes)."""
+    machine = mm.machine
+    mem = machine.mem
     # the copy: the migration entry stays present for a while
     for _ in range(hold):
         yield from sched.preempt_point("migrate_page_copy")
@@ -275,6 +301,29 @@ def migrate_page(mm: Any, addr: int, hold: int) -> Gen[int]:
     if new >= 0:
         mem.copy(new, pfn)
         mem.flags[new] |= PG.anon | PG.anon_exclusive
+    if anon_vma is not None:
+        yield from rmap.anon_vma_lock_read(anon_vma)
+    try:
+        mapped = yield from _remove_migration_ptes(mm, addr, pfn, new)
+    finally:
+        if anon_vma is not None:
+            rmap.anon_vma_unlock_read(anon_vma)
+    target = new if new >= 0 else pfn
+    if new >= 0:
+        # migrate_folio_move(): the new folio's own reference is dropped only after the whole walk, so an
+        # exit_mmap zapping one remapped entry while the walk waits for another PTE lock cannot free it
+        mem.put_page(new)
+    mem.put_page(pfn)                                    # the migration's reference on the old page
+    still = mapped > 0
+    machine.log("migrate_remap", mm=mm.name, addr=addr, old=pfn, new=target, mapped=still)
+    return 0
+
+
+def _remove_migration_ptes(mm: Any, addr: int, pfn: int, new: int) -> Gen[int]:
+    """remove_migration_ptes() (mm/migrate.c [5.2] / [6.x]) of the migration entries of ``pfn`` at ``addr``:
+    each becomes a mapping of ``new`` (``pfn`` when the allocation failed).  Returns how many it mapped."""
+    machine = mm.machine
+    pool, mem = machine.pool, machine.mem
     # remove_migration_ptes(): every migration entry of the old page -- in this mm and in any child that
     # fork gave a copy of it (read-only after fork) -- is replaced by the new page (or the old one when the
     # allocation failed); the rmap walk finds them all
@@ -300,14 +349,7 @@ def migrate_page(mm: Any, addr: int, hold: int) -> Gen[int]:
             mem.get_page(target)                # remove_migration_pte(): folio_get() for every entry installed
             mapped += 1
         sched.spin_unlock(optl)
-    if new >= 0:
-        # migrate_folio_move(): the new folio's own reference is dropped only after the whole walk, so an
-        # exit_mmap zapping one remapped entry while the walk waits for another PTE lock cannot free it
-        mem.put_page(new)
-    mem.put_page(pfn)                                    # the migration's reference on the old page
-    still = mapped > 0
-    machine.log("migrate_remap", mm=mm.name, addr=addr, old=pfn, new=target, mapped=still)
-    return 0
+    return mapped
 
 
 def _is_migration_of(pte: int, pfn: int) -> bool:
@@ -360,6 +402,9 @@ def collapse_huge_page(mm: Any, addr: int) -> Gen[int]:
                 mem.put_page(new)                         # shared / pinned / zero pages: skip
                 return -EBUSY
         writable = bool(((ents[present] & np.uint64(x86._PAGE_RW)) != 0).any())
+        anon_vma = vma.anon_vma
+        if anon_vma is not None:                          # anon_vma_lock_write(): no rmap walk of the pages
+            yield from rmap.anon_vma_lock_write(anon_vma)   # while the PMD is collapsed and they are isolated
         r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, haddr, haddr + PMD_SIZE)
         yield from mmu_notifier_invalidate_range_start(r)
         pmd_ptl = pmd_lockptr(mm, pmdp)
@@ -368,6 +413,8 @@ def collapse_huge_page(mm: Any, addr: int) -> Gen[int]:
         pool.set(pmdp, 0)                                 # pmdp_collapse_flush()
         sched.spin_unlock(pmd_ptl)
         yield from mmu_notifier_invalidate_range_end(r)
+        if anon_vma is not None:
+            rmap.anon_vma_unlock_write(anon_vma)          # "All pages are isolated and locked"
         # __collapse_huge_page_copy(): copy and release the old pages
         ents = pool.tables[x86.table_id_of(old_table)].copy()
         for k in range(HPAGE_PMD_NR):
@@ -443,19 +490,45 @@ def change_prot_numa(mm: Any, start: int, end: int) -> Gen[int]:
 
 
 def memory_failure(mm: Any, addr: int) -> Gen[int]:
-    """memory_failure() of the anonymous page mapped at ``addr``: poison it and unmap it everywhere."""
+    """memory_failure() of the anonymous page mapped at ``addr``: poison it and unmap it everywhere
+    (hwpoison_user_mappings(): collect_procs_anon() and try_to_unmap() each under the anon_vma root rwsem,
+    read)."""
     addr &= ~(PAGE_SIZE - 1)
     got = _anon_pte(mm, addr)
     if got is None:
         return (yield from _memory_failure_other(mm, addr))
     vma, ptep, pte, pfn = got
     machine = mm.machine
-    pool, mem = machine.pool, machine.mem
+    mem = machine.mem
     if mem.flags[pfn] & PG.hwpoison:                  # TestSetPageHWPoison: set already (another memory_failure
         machine.log("memory_failure", mm=mm.name, addr=addr, pfn=pfn, unmapped=False)   # is handling it)
         return -133                                   # -EHWPOISON "already hardware poisoned" (not unpoisoned)
     mem.flags[pfn] |= PG.hwpoison                     # TestSetPageHWPoison
     yield from sched.might_sleep("hwpoison_user_mappings")
+    anon_vma = vma.anon_vma
+    if anon_vma is not None:
+        # collect_procs() -> collect_procs_anon(): folio_lock_anon_vma_read() around the scan of the tasks
+        # (which kills nobody: vm.memory_failure_early_kill = 0), released before the unmap
+        yield from rmap.anon_vma_lock_read(anon_vma)
+        rmap.anon_vma_unlock_read(anon_vma)
+        # try_to_unmap(TTU_HWPOISON) -> rmap_walk_anon(): the root rwsem held for read across the unmap
+        yield from rmap.anon_vma_lock_read(anon_vma)
+    try:
+        done = yield from _try_to_unmap_hwpoison_one(mm, vma, addr, ptep, pfn)
+    finally:
+        if anon_vma is not None:
+            rmap.anon_vma_unlock_read(anon_vma)
+    machine.log("memory_failure", mm=mm.name, addr=addr, pfn=pfn, unmapped=bool(done))
+    if not done:
+        mem.flags[pfn] &= _NOT_HWPOISON
+    return 0 if done else -EAGAIN
+
+
+def _try_to_unmap_hwpoison_one(mm: Any, vma: Any, addr: int, ptep: Any, pfn: int) -> Gen[bool]:
+    """try_to_unmap_one() with TTU_HWPOISON (mm/rmap.c [5.2] / [6.x]) of the exclusive anonymous page ``pfn``
+    at ``addr``: the PTE becomes a hwpoison entry under MMU_NOTIFY_CLEAR of the page.  Whether it did."""
+    machine = mm.machine
+    pool, mem = machine.pool, machine.mem
     r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + PAGE_SIZE)
     yield from mmu_notifier_invalidate_range_start(r)
     ptl = pte_lockptr(mm, _pmdp_of(mm, addr))
@@ -472,10 +545,7 @@ def memory_failure(mm: Any, addr: int) -> Gen[int]:
         rmap.page_remove_rmap(mem, pfn)                # the mapping's reference stays with memory_failure
     sched.spin_unlock(ptl)
     yield from mmu_notifier_invalidate_range_end(r)
-    machine.log("memory_failure", mm=mm.name, addr=addr, pfn=pfn, unmapped=bool(done))
-    if not done:
-        mem.flags[pfn] &= _NOT_HWPOISON
-    return 0 if done else -EAGAIN
+    return bool(done)
 
 
 def _memory_failure_other(mm: Any, addr: int) -> Gen[int]:
