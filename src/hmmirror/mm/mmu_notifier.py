@@ -291,6 +291,7 @@ def mm_take_all_locks(mm: "MMStruct") -> Gen[list[Lock]]:
     Not modelled: vma_start_write() of every VMA (no per-VMA locks in the model).  Returns what
     mm_drop_all_locks() releases, the mutex first."""
     from hmmirror.mm.mm_struct import is_vm_hugetlb_page
+    from hmmirror.mm.rmap import anon_vma_lock_write
     from hmmirror.mm.truncate import _i_mmap
 
     mutex = mm.machine.mm_all_locks_mutex
@@ -311,7 +312,7 @@ def mm_take_all_locks(mm: "MMStruct") -> Gen[list[Lock]]:
     for vma in vmas:                                            # the anon_vmas after every i_mmap_rwsem
         av = vma.anon_vma
         if av is not None and av.root.rwsem not in taken:       # vm_lock_anon_vma(): root bit in rb_root
-            yield from sched.down_write(av.root.rwsem)
+            yield from anon_vma_lock_write(av)                  # (uncontended: no sleep, as the mutex)
             taken.append(av.root.rwsem)
     return taken
 

@@ -31,12 +31,13 @@ class AnonVma:
     and no per-page pointer: the model's rmap walks scan the page tables (:func:`rmap_find`) and find a folio's
     anon_vma through the VMA of a mapping of it (:func:`folio_anon_vma`)."""
 
-    __slots__ = ("root", "rwsem")
+    __slots__ = ("root", "rwsem", "mm")
 
     def __init__(self, name: str) -> None:
         from hmmirror.kernel.sched import Lock, lockdep_set_class
 
         self.root = self                 # a family's first anon_vma is its root (anon_vma_alloc: root = self)
+        self.mm: Any = None              # ours: the mm whose VMA made the family (reusable_anon_vma)
         self.rwsem = lockdep_set_class(Lock(f"{name}.anon_vma.rwsem", "rwsem"), "&anon_vma->rwsem")
 
     def __repr__(self) -> str:
@@ -45,18 +46,52 @@ class AnonVma:
 
 def anon_vma_prepare(vma: "VMA") -> "AnonVma":
     """anon_vma_prepare() (mm/rmap.c [5.2] / [6.x]): give ``vma`` its anon_vma before its first anonymous page
-    (the kernel may reuse a mergeable neighbour's, find_mergeable_anon_vma(); the model makes a new family)."""
+    -- a neighbour's when find_mergeable_anon_vma() finds one it may share (so the two VMAs can merge again
+    later), else a new family."""
     av = vma.anon_vma
     if av is None:
-        av = vma.anon_vma = AnonVma(f"{vma.vm_mm.name}[{vma.vm_start:#x}]")
+        av = find_mergeable_anon_vma(vma)
+        if av is None:
+            av = AnonVma(f"{vma.vm_mm.name}[{vma.vm_start:#x}]")
+            av.mm = vma.vm_mm
+        vma.anon_vma = av
     return av
 
 
+def find_mergeable_anon_vma(vma: "VMA") -> "AnonVma | None":
+    """find_mergeable_anon_vma() (mm/vma.c [6.x], mm/mmap.c [5.2]): the anon_vma of the next, else the previous
+    VMA when it is adjacent and anon_vma_compatible() (same file, flags equal but for the access bits,
+    contiguous pgoff) and reusable_anon_vma() (the neighbour's anon_vma chain is singular: it is not a VMA
+    that fork gave this mm -- ours: the family was made in this mm)."""
+    from hmmirror.include.mm_types import VM
+
+    mm = vma.vm_mm
+    access = int(VM.READ | VM.WRITE | VM.EXEC)
+
+    def compatible(a: "VMA", b: "VMA") -> bool:                 # anon_vma_compatible(a, b): a below b
+        return (a.vm_end == b.vm_start and a.vm_file is b.vm_file
+                and not ((a.vm_flags ^ b.vm_flags) & ~access)
+                and b.vm_pgoff == a.vm_pgoff + ((a.vm_end - a.vm_start) >> 12))
+
+    for other in (mm.vma_lookup(vma.vm_end), mm.vma_lookup(vma.vm_start - 1) if vma.vm_start else None):
+        if other is None or other is vma or other.anon_vma is None:
+            continue
+        ok = compatible(vma, other) if other.vm_start >= vma.vm_end else compatible(other, vma)
+        if ok and other.anon_vma.mm is mm:
+            return other.anon_vma
+    return None
+
+
 def anon_vma_lock_read(anon_vma: AnonVma) -> "Gen[None]":
-    """anon_vma_lock_read() (include/linux/rmap.h [5.2] / [6.x]): down_read() of the root's rwsem."""
+    """anon_vma_lock_read() / folio_lock_anon_vma_read() (include/linux/rmap.h, mm/rmap.c [5.2] / [6.x]): the
+    root's rwsem for read.  folio_lock_anon_vma_read() (the ``anon_lock`` of try_to_unmap/try_to_migrate)
+    tries down_read_trylock() before it sleeps; the model does so for every reader, so an uncontended walk
+    takes no preemption point (as mm_take_all_locks()'s mutex), only a contended one sleeps in down_read()."""
     from hmmirror.kernel import sched
 
-    yield from sched.down_read(anon_vma.root.rwsem)
+    rwsem = anon_vma.root.rwsem
+    if not sched.down_read_trylock(rwsem):
+        yield from sched.down_read(rwsem)
 
 
 def anon_vma_unlock_read(anon_vma: AnonVma) -> None:
@@ -67,10 +102,13 @@ def anon_vma_unlock_read(anon_vma: AnonVma) -> None:
 
 
 def anon_vma_lock_write(anon_vma: AnonVma) -> "Gen[None]":
-    """anon_vma_lock_write() (include/linux/rmap.h [5.2] / [6.x]): down_write() of the root's rwsem."""
+    """anon_vma_lock_write() (include/linux/rmap.h [5.2] / [6.x]): the root's rwsem for write (uncontended:
+    no preemption point, as :func:`anon_vma_lock_read`; contended: down_write() sleeps)."""
     from hmmirror.kernel import sched
 
-    yield from sched.down_write(anon_vma.root.rwsem)
+    rwsem = anon_vma.root.rwsem
+    if not sched.down_write_trylock(rwsem):
+        yield from sched.down_write(rwsem)
 
 
 def anon_vma_unlock_write(anon_vma: AnonVma) -> None:
