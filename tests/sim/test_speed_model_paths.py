@@ -63,3 +63,49 @@ def test_a_second_device_range_keeps_the_first() -> None:
     assert (mem.order[a: a + 512] == 9).all() and (mem.flags[a: a + 512] == PG.device).all()
     assert not mem.refcount[a + 512: b].any() and not mem.flags[a + 512: b].any()
     assert (mem.flags[b:] == PG.device).all() and not mem.refcount[b:].any()
+
+
+def test_encode_schedule_is_its_reference() -> None:
+    from hmmirror.sim.schedulers import encode_schedule, encode_schedule_ref
+
+    class T:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    class E:
+        pass
+
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 2, 50, 3000):
+        e = E()
+        e.tasks = [T("a"), T("b"), T("a"), T("kworker/x")]     # two tasks may share a name: runs go by name
+        e.picks = rng.integers(0, 4, n).tolist() if n != 50 else [0] * 20 + [2] * 10 + [1] * 20
+        assert encode_schedule(e) == encode_schedule_ref(e)
+
+
+def test_fused_log_records_and_routes_as_the_plain_wrapper() -> None:
+    from hmmirror.machine import Machine
+    from hmmirror.sim.engine import Engine
+
+    heard: list[tuple[str, dict]] = []
+
+    class Inst:
+        log_kinds = frozenset({"x"})
+
+        def on_log(self, eng: object, ev: dict) -> None:
+            heard.append((ev["what"], dict(ev)))
+
+    def run(fuse: bool, logging: bool) -> tuple[list, list]:
+        heard.clear()
+        m = Machine(ram=64 << 20)
+        m.logging = logging
+        eng = Engine(m, None, [Inst()])
+        orig = m.log if fuse else (lambda what, **f: Machine.log(m, what, **f))
+        log = eng._on_log(orig)
+        log("x", a=1)
+        log("y", b=2)
+        log("x", c=[3])
+        return list(m.events), list(heard)
+
+    for logging in (True, False):
+        assert run(True, logging) == run(False, logging)

@@ -16,6 +16,7 @@ The schedule of every run is recorded (``engine.picks``) whatever the scheduler.
 
 from __future__ import annotations
 
+from itertools import groupby
 from typing import Any
 
 from hmmirror.sim.choices import Choices
@@ -152,7 +153,14 @@ class ReplayScheduler:
 
 
 def encode_schedule(engine: Any) -> list[list[Any]]:
-    """The recorded picks as run-length ``[[task name, steps], ...]``."""
+    """The recorded picks as run-length ``[[task name, steps], ...]`` (consecutive picks of one name form one
+    run; grouped in C: a run records a pick per step; :func:`encode_schedule_ref` is the reference)."""
+    names = [t.name for t in engine.tasks]
+    return [[n, len(list(g))] for n, g in groupby(map(names.__getitem__, engine.picks))]
+
+
+def encode_schedule_ref(engine: Any) -> list[list[Any]]:
+    """Reference of :func:`encode_schedule`: pick by pick."""
     out: list[list[Any]] = []
     names = [t.name for t in engine.tasks]
     for idx in engine.picks:
