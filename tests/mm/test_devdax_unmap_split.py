@@ -118,3 +118,34 @@ def test_a_new_mapping_of_the_device_enters_i_mmap_after_the_walk():
                         SwitchListScheduler([]), invariants=[], bind=False)
     assert f is None, f.describe()
     assert seen == [("walk done", 1), ("mapped", True, 2)], seen
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "6.18"])
+def test_exit_mmap_unlinks_a_device_vma_only_after_the_walk(kernel: str):
+    # free_pgtables() -> unlink_file_vma_batch_process() (mm/vma.c, 6.18): i_mmap_lock_write before the page
+    # tables go, so a walk that holds the VMA in its list is done with it first
+    from hmmirror.kernel.fork import mmput
+    m = Machine(kernel, ram=256 * MiB)
+    m.add_pmem("pmem0", 16 * MiB, "devdax", PAGE_SIZE)
+    p = m.spawn("p")
+    a = p.mmap(16 * PAGE_SIZE, "r", ["shared"], file="/dev/dax0.0")
+    p.touch(a, PAGE_SIZE, write=False)
+    ops = _HoldFirst()
+    assert sched.run(mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, a, 16 * PAGE_SIZE, ops),
+                     p.mm.task) == 0
+    inode = p.mm.vma_lookup(a).vm_file.inode
+    seen = []
+
+    def unbind(run):
+        yield from unmap_mapping_range(inode, 0, 0, True)
+        seen.append(("walk done", len(inode.i_mmap)))
+
+    def exiter(run):
+        ops.go = True
+        yield from mmput(p.mm)                                 # the last user: exit_mmap
+        seen.append(("exit done", len(inode.i_mmap)))
+
+    f, _eng = run_tasks(m, None, p.mm, [("cpu0", "cpu", unbind), ("cpu1", "cpu", exiter)],
+                        SwitchListScheduler([]), invariants=[], bind=False)
+    assert f is None, f.describe()
+    assert seen == [("walk done", 1), ("exit done", 0)], seen

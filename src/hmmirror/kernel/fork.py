@@ -450,11 +450,12 @@ def exit_mmap(mm: "MMStruct") -> Gen[None]:
     if locked:
         sched.up_read(mm.mmap_sem)
         yield from sched.down_write(mm.mmap_sem)
+    from hmmirror.mm.mmap import unlink_file_vma
+
+    for vma in vmas:                                           # free_pgtables(): unlink_file_vma first
+        yield from unlink_file_vma(vma)
     for vma in vmas:                                           # remove_vma()
         mm.remove_vma(vma)
-        f = vma.vm_file
-        if f is not None and hasattr(f, "inode") and vma in f.inode.i_mmap:
-            f.inode.i_mmap.remove(vma)
     free_pgtables(mm, 0, mm.machine.geo.task_size + PAGE_SIZE)
     if locked:
         sched.up_write(mm.mmap_sem)

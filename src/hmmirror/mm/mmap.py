@@ -125,6 +125,22 @@ def vma_link_file(vma: VMA) -> Gen[None]:
         sched.up_write(lock)
 
 
+def unlink_file_vma(vma: VMA) -> Gen[None]:
+    """unlink_file_vma() (mm/mmap.c [5.2]; unlink_file_vma_batch_process() mm/vma.c [6.18]): free_pgtables()
+    takes a file VMA out of i_mmap under i_mmap_lock_write before its page tables go, so an rmap walk of the
+    file in progress (unmap_mapping_range, memory_failure) has finished with it first."""
+    f = vma.vm_file
+    if f is None or not hasattr(f, "inode") or vma not in f.inode.i_mmap:
+        return
+    lock = file_i_mmap_rwsem(f)
+    if lock is not None:
+        yield from sched.down_write(lock)
+    if vma in f.inode.i_mmap:
+        f.inode.i_mmap.remove(vma)
+    if lock is not None:
+        sched.up_write(lock)
+
+
 # --- splitting and merging -------------------------------------------------------------------------------
 def split_alignment(vma: VMA) -> int:
     """The alignment a split of ``vma`` must respect (hugetlb page size, device-dax ``align``)."""
@@ -255,14 +271,7 @@ def do_munmap(mm: "MMStruct", start: int, length: int) -> Gen[int]:
     # 6.18 vms_complete_munmap_vmas -> vms_clear_ptes), so an rmap walk of the file meanwhile
     # (unmap_mapping_range, memory_failure) still finds and zaps it
     for vma in victims:
-        if vma.vm_file is not None and hasattr(vma.vm_file, "inode") and vma in vma.vm_file.inode.i_mmap:
-            lock = file_i_mmap_rwsem(vma.vm_file)                   # i_mmap_lock_write(): waits for rmap walks
-            if lock is not None:
-                yield from sched.down_write(lock)
-            if vma in vma.vm_file.inode.i_mmap:
-                vma.vm_file.inode.i_mmap.remove(vma)
-            if lock is not None:
-                sched.up_write(lock)
+        yield from unlink_file_vma(vma)
     free_pgtables(mm, start, end)
     mm.machine.log("munmap", mm=mm.name, start=start, end=end)
     return 0
