@@ -660,6 +660,7 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
 
     if grid == "walk":
         vk, fn, entry, ret = target[1:]
+        down("event:exit")                              # the walk needs the mm it walks
         cow = entry in ("swap", "migration", "device_private") or (vk == "fsdax" and entry == "present")
         if vk == "anon":
             up("mapping:anon_thp" if fn == "pmd" or entry == "huge_zero" else "mapping:anon", "target:anon")
@@ -709,8 +710,8 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
                 "hwpoison": "event:memory_failure"}[entry], "ev_target:fit", "ev_page:used")
             if entry == "migration":
                 up("event:compact", "hold:long")
-                if vk == "shmem":                       # [6.x] migrate_vma_setup's entries in a shmem VMA
-                    up("mode:migrate_dev", "dev_target:any", "devices:2")
+                if vk == "shmem":                       # [6.x] migrate_vma_setup's entries in a shmem VMA, walked
+                    up("mode:migrate_dev", "dev_target:any", "devices:2", "job_start:now")   # meanwhile
             down("probe:none", "events:0")
             if fn == "pmd":
                 up("thp:always")
@@ -718,8 +719,9 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
             up("mode:migrate_dev", "mode:exclusive", "dev_target:fit", "dev_page:used", "devices:2")
         if ret == "0":
             up("mode:snapshot", "probe:snapshot", f=BOOST / 2)
-            if entry in ("hwpoison", "migration", "swap"):
-                up("job:read")
+            if entry in ("hwpoison", "migration", "swap", "protnone", "none"):   # reported only without a request
+                up("mode:snapshot", "probe:snapshot", "job:read", f=2.0)
+                down("probe:fault")
         elif ret == "-EBUSY":
             up("mode:fault", "probe:fault", "mode:fault_perpage", "probe:fault_perpage", f=BOOST / 2)
             if entry in ("present", "devmap", "zero", "huge_zero"):   # a mapped page needs a fault for a write
@@ -744,8 +746,8 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
             down("events:0")
         elif ret == "-EPERM":
             up("job:write", "mode:fault", "probe:fault", "mprotect:r", "shape_mprotect:yes", "shape_prot:r")
-            if entry in ("none", "present", "devmap", "zero", "huge_zero", "table") or vk not in ("anon", "file",
-                                                                                                "fsdax"):
+            written = cow or (vk == "anon" and entry in ("present", "protnone", "hwpoison"))
+            if not written:
                 up("prot:r")                            # no page the process must have written first
             else:                                       # written first, then made read-only
                 up("populate:write", "ev_page:used", "shape_block:yes")
@@ -756,13 +758,18 @@ def target_weights(target: tuple[str, ...], kernel: str) -> dict[str, float]:
     elif grid == "mode_ret":
         mode, ret = target[1:]
         up(f"mode:{mode}")
+        if mode.endswith("_huge"):                      # [5.2] huge page_shift jobs: hugetlb ranges
+            up("mapping:hugetlb", "target:hugetlb", "populate_huge:touch")
+        if ret in ("-EBUSY", "-EAGAIN"):                # [5.2] the range invalidated while (or before) it walked
+            up("event:clear_refs", "clear_refs:storm", "cpu:munmap", "cpu:mprotect", "cpu:madvise")
         if ret == "-EFAULT":
             up("event:oom_reap", "range:past", "range:below")
         elif ret == "-EPERM":
             up("prot:r", "prot:none", "job:write")
         elif ret == "-EAGAIN":
             # [5.2] the range was invalidated after hmm_range_wait_until_valid: clear_refs, munmap, mprotect
-            up("event:clear_refs", "event:notifier_churn", "cpu:munmap", "cpu:mprotect", "file_cache:cold")
+            up("event:clear_refs", "clear_refs:storm", "event:notifier_churn", "cpu:munmap", "cpu:mprotect",
+               "file_cache:cold")
         elif ret == "-EINVAL":
             up("huge_range:unaligned")
         elif ret == "-EBUSY":

@@ -568,6 +568,8 @@ def _shape_mapping(g: GenCtx, m: MapInfo, populate: bool = True, holes: bool = T
         if m.huge == 2 << 20 and m.pages >= 512 and g.flip_as("shape_block", 1, 6, "yes", "no"):
             # a whole 2 MiB block read-only or PROT_NONE: its PMD leaf stays a leaf (change_huge_pmd)
             first = 512 * c.below(m.pages // 512)
+            if g.target is not None:                 # a coverage target: later draws come back to the block
+                g.spot(m.name, first, 512)
             setup.append({"op": "mprotect", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
                           "length": "2M", "prot": g.pick_as("shape_prot", ("r", "none", "r"))})
         return
@@ -580,6 +582,8 @@ def _shape_mapping(g: GenCtx, m: MapInfo, populate: bool = True, holes: bool = T
         n = 1 + c.below(min(m.pages - first, 16))
         setup.append({"op": "mprotect", "addr": f"{m.name}+{fmt_size(first * 4096)}" if first else m.name,
                       "length": fmt_size(n * 4096), "prot": g.pick_as("shape_prot", ("r", "none", "r"))})
+        if g.target is not None:                     # a coverage target: later draws come back to these pages
+            g.spot(m.name, first, n)
 
 
 # -- MAPPINGS ----------------------------------------------------------------------------------------------
@@ -1053,7 +1057,7 @@ for _e in (Entry("reclaim", 3, _ev_page("reclaim", _reclaimable), needs=_needs(_
 # devsim: the device-side events (sim/kevents.py): compaction without an mm reference, sustained
 # invalidation (clear_refs storms that outlast any driver timeout), the driver closed during a run
 def _ev_clear_refs(g: GenCtx, name: str) -> dict[str, Any]:
-    rounds = 1 + g.c.below(8) if g.c.flip(7, 8) else 200 + g.c.below(150)
+    rounds = 1 + g.c.below(8) if g.flip_as("clear_refs", 7, 8, "short", "storm") else 200 + g.c.below(150)
     return {"name": name, "kind": "clear_refs", "rounds": rounds}
 
 
