@@ -594,16 +594,18 @@ def _device_refs(machine: "Machine", walked_ref: np.ndarray, in_flight: np.ndarr
             continue
         lo, hi = pgmap.res.start, pgmap.res.end
         drc = mem.refcount[lo:hi]
-        dwant = walked_ref[lo:hi].copy()
-        if extra_refs:
-            for h, k in extra_refs.items():
-                if lo <= h < hi:
-                    dwant[h - lo] += k
-        bad = np.nonzero((drc != dwant) & ~in_flight[lo:hi])[0]
+        wr = walked_ref[lo:hi]
+        ne = drc != wr                          # one pass; the extra references and the folios in flight are
+        extra = {h - lo: k for h, k in (extra_refs or {}).items() if lo <= h < hi}   # few: fixed up after it
+        for off, k in extra.items():
+            ne[off] = int(drc[off]) != int(wr[off]) + k
+        bad = np.flatnonzero(ne)
+        bad = bad[~in_flight[lo + bad]]
         for off in bad[:limit].tolist():
             out.append(f"device pfn {lo + off:#x} ({pgmap.name}): refcount {int(drc[off])}, but "
-                       f"{int(dwant[off])} entries map it")
-        locked_free = np.nonzero((drc == 0) & ((mem.flags[lo:hi] & PG.locked) != 0))[0]
+                       f"{int(wr[off]) + extra.get(off, 0)} entries map it")
+        locked = np.flatnonzero((mem.flags[lo:hi] & np.uint32(PG.locked)) != 0)
+        locked_free = locked[drc[locked] == 0]
         for off in locked_free[:limit].tolist():
             out.append(f"device pfn {lo + off:#x} ({pgmap.name}): free but locked")
     return out
