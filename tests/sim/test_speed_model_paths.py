@@ -109,3 +109,32 @@ def test_fused_log_records_and_routes_as_the_plain_wrapper() -> None:
 
     for logging in (True, False):
         assert run(True, logging) == run(False, logging)
+
+
+def test_may_sleep_record_has_the_lock_context_fields() -> None:
+    from hmmirror.kernel import sched
+    from hmmirror.mm.hmm.v5_2 import _may_sleep
+
+    class M:
+        logging = True
+
+        def __init__(self) -> None:
+            self.recs: list[tuple[str, dict]] = []
+
+        def log(self, what: str, **fields: object) -> None:
+            self.recs.append((what, fields))
+
+    t = sched.Task("cpu0", "cpu")
+    a, b = sched.Lock("mmap_sem", "rwsem"), sched.Lock("ptl", "spin")
+    t.held += [a, b]
+    t.atomic = 1
+    prev = sched.set_current(t)
+    try:
+        m = M()
+        _may_sleep(m, "handle_mm_fault", addr=0x1000)
+        ctx = sched.lock_context(t)
+    finally:
+        sched.set_current(prev)
+    assert m.recs == [("may_sleep", {"call": "handle_mm_fault", "task": ctx.task, "locks": ctx.locks, "atomic": 1,
+                                     "addr": 0x1000})]
+    assert ctx.locks == ["rwsem:mmap_sem", "spin:ptl"]

@@ -444,8 +444,9 @@ def _may_sleep(machine: "Machine | None", call: str, **fields: Any) -> None:
     if machine is None or not machine.logging:
         return
     task = sched.current()
-    ctx = sched.lock_context(task)
-    machine.log("may_sleep", call=call, task=ctx.task, locks=ctx.locks, atomic=task.atomic, **fields)
+    # the fields of sched.lock_context(task), without its Held object (one record per faulted page)
+    machine.log("may_sleep", call=call, task=task.name, locks=[f"{lk.kind}:{lk.name}" for lk in task.held],
+                atomic=task.atomic, **fields)
 
 
 def _count(range: HmmRange, key: str, n: int = 1) -> None:
