@@ -6,11 +6,11 @@
 For every kernel and seed, each tree draws the scenario with its own generator (``generate(SeededChoices(seed))``)
 and runs it under the seeded random scheduler with every invariant (``run_scenario``, as a campaign's seeded run
 does, plus the trace); the fingerprint of a run is the scenario's TOML, the SHA-256 of its event log and trace
-(``SimResult.log_bytes``), its schedule, every finding (signature, message, step, task, stack, VMA kind,
-entry, kevent), the consequences and the count of repeated violations.  A speed change must leave every
-fingerprint as it was; the script prints the runs that differ and exits 1 if any does.  Optionally also
-``--campaign-runs N``: ``hmmirror fuzz --runs N --seed S --json`` of both trees (findings, signatures, hits,
-coverage; timings dropped).
+(``SimResult.log_bytes``), its schedule, every finding (signature, message, step, task, stack without line
+numbers -- any edit of a model file moves them --, VMA kind, entry, kevent), the consequences and the count of
+repeated violations.  A speed change must leave every fingerprint as it was; the script prints the runs that
+differ and exits 1 if any does.  Optionally also ``--campaign-runs N``: ``hmmirror fuzz --runs N --seed S --json``
+of both trees (findings, signatures, hits, coverage, the reproducers' text; timings dropped).
 
 Each side runs from its ``src`` through ``PYTHONPATH`` in its own process (``git archive`` of a revision into a
 temporary directory, or a directory used as it is).
@@ -29,7 +29,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FINGERPRINT = r"""
-import hashlib, json, sys
+import hashlib, json, re, sys
 from hmmirror.sim.choices import SeededChoices
 from hmmirror.sim.runner import run_scenario
 from hmmirror.sim.scenario import generate
@@ -44,7 +44,8 @@ for k in kernels:
             "scenario": hashlib.sha256(sc.to_toml("x").encode()).hexdigest(), "steps": r.steps,
             "log": hashlib.sha256(r.log_bytes()).hexdigest(),
             "schedule": hashlib.sha256(json.dumps(r.schedule, default=str).encode()).hexdigest(),
-            "findings": [[f.signature, f.message, f.step, f.task, list(f.stack), f.vma_kind, f.entry, f.kevent]
+            "findings": [[f.signature, f.message, f.step, f.task, [re.sub(r":[0-9]+$", "", x) for x in f.stack],
+                          f.vma_kind, f.entry, f.kevent]
                          for f in r.findings],
             "consequences": [[f.signature, f.message, f.step] for f in r.consequences],
             "extra": r.extra_findings}
@@ -68,7 +69,8 @@ def tree_src(rev: str, work: str, name: str) -> str:
 
 def run_py(src: str, code: str, *args: str) -> str:
     env = dict(os.environ, PYTHONPATH=src)
-    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                       cwd=tempfile.gettempdir())
     if r.returncode != 0:
         raise SystemExit(f"{src}: failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return r.stdout
@@ -138,7 +140,8 @@ def main() -> None:
                     bad += 1
                     for key in docs["baseline"]:
                         if docs["baseline"][key] != docs["current"].get(key):
-                            print(f"  {key}: {str(docs['baseline'][key])[:200]} vs {str(docs['current'].get(key))[:200]}")
+                            b, c = str(docs["baseline"][key])[:200], str(docs["current"].get(key))[:200]
+                            print(f"  {key}: {b} vs {c}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     sys.exit(1 if bad else 0)
