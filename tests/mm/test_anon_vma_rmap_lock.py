@@ -176,3 +176,47 @@ def test_reclaim_leaves_the_page_mapped_while_mm_take_all_locks_holds_its_anon_v
     assert sched.run(model_swap_out(p.mm, a), sched.Task("kswapd", "kthread")) == -EBUSY
     assert not any(e["what"] == "invalidate_range_start" for e in m.events[n:])
     assert m.counters["pswpout"] == 0
+
+
+def test_a_classic_notifier_registering_during_reclaim_never_sees_an_end_without_its_start():
+    # __mmu_notifier_register() ([5.2] do_mmu_notifier_register, [6.x]) links the subscriber under
+    # mm_take_all_locks(): the reclaim's walk (anon_vma held for read across its start/end) ends first
+    from hmmirror.mm.mmu_notifier import MmuNotifier, MmuNotifierOps, mmu_notifier_register
+
+    calls: list = []
+
+    class Ops(MmuNotifierOps):
+        def invalidate_range_start(self, mn, r):
+            calls.append("start")
+            return 0
+            yield
+
+        def invalidate_range_end(self, mn, r):
+            calls.append("end")
+            return
+            yield
+
+    for kernel in ("5.2", "6.18"):
+        m = Machine(kernel, ram=64 << 20)
+        p, a = _anon_process(m)
+        since = len(m.events)
+        order: list = []
+
+        def kthread(run, p=p, a=a, order=order):
+            order.append("walk begins")
+            ret = yield from model_swap_out(p.mm, a + 3 * PAGE)
+            order.append(("walk ends", ret))
+
+        def registrar(run, p=p, order=order):
+            ret = yield from mmu_notifier_register(MmuNotifier(Ops()), p.mm)
+            order.append(("registered", ret))
+
+        calls.clear()
+        f, _eng = run_tasks(m, None, p.mm, [("ev0", "kevent:walk", kthread), ("cpu0", "cpu", registrar)],
+                            _SwitchInsideRange(m, "ev0", "cpu0"), invariants=[LockDiscipline()], bind=False)
+        assert f is None, f.describe()
+        assert order == ["walk begins", ("walk ends", 0), ("registered", 0)], (kernel, order)
+        assert calls == [], (kernel, calls)
+        log = [e["what"] for e in m.events[since:]
+               if e["what"] in ("invalidate_range_start", "invalidate_range_end", "mmu_notifier_register")]
+        assert log == ["invalidate_range_start", "invalidate_range_end", "mmu_notifier_register"], (kernel, log)

@@ -206,14 +206,19 @@ def _log(mm: "MMStruct", what: str, r: MmuNotifierRange, **extra: Any) -> None:
 
 # --- classic registration --------------------------------------------------------------------------------
 def __mmu_notifier_register(mn: MmuNotifier, mm: "MMStruct") -> Gen[int]:
-    """__mmu_notifier_register(): caller holds mmap lock for write; mm_take_all_locks() sleeps."""
+    """__mmu_notifier_register() (mm/mmu_notifier.c [6.x]; do_mmu_notifier_register [5.2]): the caller holds the
+    mmap lock for write; the subscriber is linked with mm_take_all_locks() held, so an invalidation that
+    started before it (an rmap walk holding an i_mmap_rwsem or an anon_vma for read) has ended first and
+    none starts meanwhile -- a new subscriber never gets an invalidate_range_end without its start."""
     if mm.mm_users <= 0:
         sched.report("WARN_ON", f"__mmu_notifier_register on {mm.name} with mm_users == 0")
     yield from sched.might_sleep("mm_take_all_locks")
+    locks = yield from mm_take_all_locks(mm)
     subs = _subs(mm)
     mm.mm_count += 1                                  # mmgrab
     mn.mm = mm
     subs.list.insert(0, mn)
+    mm_drop_all_locks(locks)
     mm.machine.log("mmu_notifier_register", mm=mm.name)
     return 0
 
@@ -275,7 +280,7 @@ def mmu_interval_notifier_insert(sub: MmuIntervalNotifier, mm: "MMStruct", start
 
 
 def mm_take_all_locks(mm: "MMStruct") -> Gen[list[Lock]]:
-    """mm_take_all_locks() (mm/vma.c [6.x]): with the mmap lock held for write, take the global
+    """mm_take_all_locks() (mm/vma.c [6.x], mm/mmap.c [5.2]): with the mmap lock held for write, take the global
     ``mm_all_locks_mutex``, then the ``i_mmap_rwsem`` of the mapping of every file VMA of ``mm`` for write
     (each mapping once, AS_MM_ALL_LOCKS): first the hugetlbfs mappings (their rwsem is a lock class of its own,
     hugetlbfs_i_mmap_rwsem_key, ordered before every other ``i_mmap_rwsem`` in mm/rmap.c), then all the others.
@@ -318,7 +323,7 @@ def mm_take_all_locks(mm: "MMStruct") -> Gen[list[Lock]]:
 
 
 def mm_drop_all_locks(locks: list[Lock]) -> None:
-    """mm_drop_all_locks() (mm/vma.c [6.x]): release the rwsems mm_take_all_locks() took (i_mmap_rwsems and
+    """mm_drop_all_locks() (mm/vma.c [6.x], mm/mmap.c [5.2]): release the rwsems mm_take_all_locks() took (i_mmap_rwsems and
     anon_vma roots), then ``mm_all_locks_mutex``."""
     mutex, rwsems = locks[0], locks[1:]
     for lock in rwsems:
