@@ -149,3 +149,33 @@ def test_exit_mmap_unlinks_a_device_vma_only_after_the_walk(kernel: str):
                         SwitchListScheduler([]), invariants=[], bind=False)
     assert f is None, f.describe()
     assert seen == [("walk done", 1), ("exit done", 0)], seen
+
+
+def test_fork_links_the_child_device_vma_only_after_the_walk():
+    # dup_mmap() (kernel/fork.c, 6.18): i_mmap_lock_write around vma_interval_tree_insert_after(tmp, mpnt)
+    from hmmirror.kernel.fork import dup_mm
+    m = Machine("6.18", ram=256 * MiB)
+    m.add_pmem("pmem0", 16 * MiB, "devdax", PAGE_SIZE)
+    p = m.spawn("p")
+    a = p.mmap(16 * PAGE_SIZE, "r", ["shared"], file="/dev/dax0.0")
+    p.touch(a, PAGE_SIZE, write=False)
+    ops = _HoldFirst()
+    assert sched.run(mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, a, 16 * PAGE_SIZE, ops),
+                     p.mm.task) == 0
+    inode = p.mm.vma_lookup(a).vm_file.inode
+    seen = []
+
+    def unbind(run):
+        yield from unmap_mapping_range(inode, 0, 0, True)
+        seen.append(("walk done", len(inode.i_mmap)))
+
+    def forker(run):
+        ops.go = True
+        child = yield from dup_mm(p.mm, "c")
+        seen.append(("forked", not isinstance(child, int), len(inode.i_mmap)))
+
+    f, _eng = run_tasks(m, None, p.mm, [("cpu0", "cpu", unbind), ("cpu1", "cpu", forker)],
+                        SwitchListScheduler([]), invariants=[], bind=False)
+    assert f is None, f.describe()
+    assert seen == [("walk done", 1), ("forked", True, 2)], seen
+    assert not _mapped(p, a)

@@ -404,7 +404,13 @@ def dup_mmap(mm: "MMStruct", oldmm: "MMStruct") -> Gen[int]:
                       mpnt.devmap, dict(mpnt.extra))
             mm.insert_vma(tmp)
             if tmp.vm_file is not None and hasattr(tmp.vm_file, "inode"):
+                from hmmirror.mm.mmap import file_i_mmap_rwsem
+                lock = file_i_mmap_rwsem(tmp.vm_file)         # i_mmap_lock_write(): waits for rmap walks
+                if lock is not None:
+                    yield from sched.down_write(lock)
                 tmp.vm_file.inode.i_mmap.append(tmp)          # vma_interval_tree_insert_after()
+                if lock is not None:
+                    sched.up_write(lock)
             if not wipe:                                       # "VM_WIPEONFORK gets a clean slate in the child"
                 ret = yield from copy_page_range(tmp, mpnt)
                 if ret:
