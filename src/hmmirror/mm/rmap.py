@@ -258,7 +258,6 @@ def try_to_migrate(machine: "Machine", folio: int) -> "Gen[None]":
     from hmmirror.include.mm_types import MMU_NOTIFY
     from hmmirror.kernel import sched
     from hmmirror.mm.folio import folio_maybe_dma_pinned
-    from hmmirror.mm.memory import pte_lockptr
     from hmmirror.mm.mmu_notifier import (
         mmu_notifier_invalidate_range_end,
         mmu_notifier_invalidate_range_start,
@@ -279,11 +278,8 @@ def try_to_migrate(machine: "Machine", folio: int) -> "Gen[None]":
                 continue
             r = mmu_notifier_range_init(MMU_NOTIFY.CLEAR, vma, mm, addr, addr + x86.PAGE_SIZE)
             yield from mmu_notifier_invalidate_range_start(r)
-            level, ptep, _ = mm.pt.lookup(addr)
-            if level == "pte" and ptep is not None:
-                pudp = mm.pt.walk_to_pud(addr)
-                assert pudp is not None
-                ptl = pte_lockptr(mm, mm.pt.pmd_offset(pudp, addr))
+            ptep, ptl = _pte_and_ptl(mm, addr)
+            if ptep is not None:
                 yield from sched.spin_lock(ptl)
                 pte = machine.pool.get(ptep)
                 _try_to_migrate_pte(machine, ptep, pte, pfns, folio_maybe_dma_pinned(mem, folio))
@@ -292,6 +288,19 @@ def try_to_migrate(machine: "Machine", folio: int) -> "Gen[None]":
     finally:
         if av is not None:
             anon_vma_unlock_read(av)
+
+
+def _pte_and_ptl(mm: "MMStruct", addr: int) -> tuple[Any, Any]:
+    """The PTE slot mapping ``addr`` in ``mm`` and its table's split lock, as page_vma_mapped_walk() maps and
+    locks it; (None, None) where no PTE table maps ``addr`` (a hole or a huge entry)."""
+    from hmmirror.mm.memory import pte_lockptr
+
+    level, ptep, _ = mm.pt.lookup(addr)
+    if level != "pte" or ptep is None:
+        return None, None
+    pudp = mm.pt.walk_to_pud(addr)
+    assert pudp is not None
+    return ptep, pte_lockptr(mm, mm.pt.pmd_offset(pudp, addr))
 
 
 def _try_to_migrate_pte(machine: "Machine", ptep: "Any", pte: int, pfns: np.ndarray, pinned: bool) -> None:
@@ -351,7 +360,6 @@ def make_device_exclusive(mm: "MMStruct", addr: int, owner: Any) -> "Gen[tuple[i
     from hmmirror.kernel import sched
     from hmmirror.mm.folio import folio_lock, folio_unlock
     from hmmirror.mm.gup import FOLL_GET, FOLL_SPLIT_PMD, FOLL_WRITE, get_user_page_vma_remote
-    from hmmirror.mm.memory import pte_lockptr
     from hmmirror.mm.mmu_notifier import (
         mmu_notifier_invalidate_range_end,
         mmu_notifier_invalidate_range_start,
@@ -374,13 +382,9 @@ def make_device_exclusive(mm: "MMStruct", addr: int, owner: Any) -> "Gen[tuple[i
         yield from folio_lock(mem, folio, "make_device_exclusive")
         r = mmu_notifier_range_init(MMU_NOTIFY.EXCLUSIVE, vma, mm, addr, addr + x86.PAGE_SIZE, owner)
         yield from mmu_notifier_invalidate_range_start(r)
-        level, ptep, _ = mm.pt.lookup(addr)
-        ok = level == "pte" and ptep is not None
+        ptep, ptl = _pte_and_ptl(mm, addr)
+        ok = ptep is not None
         if ok:
-            assert ptep is not None
-            pudp = mm.pt.walk_to_pud(addr)
-            assert pudp is not None
-            ptl = pte_lockptr(mm, mm.pt.pmd_offset(pudp, addr))
             yield from sched.spin_lock(ptl)
             pte = machine.pool.get(ptep)
             # folio_walk_start(): still the same page, mapped by a writable PTE?
@@ -454,7 +458,6 @@ def _make_device_exclusive_walk(machine: "Machine", mm: "MMStruct", addr: int, p
     from hmmirror.arch.x86 import pgtable as x86
     from hmmirror.include.mm_types import MMU_NOTIFY
     from hmmirror.kernel import sched
-    from hmmirror.mm.memory import pte_lockptr
     from hmmirror.mm.mmu_notifier import (
         mmu_notifier_invalidate_range_end,
         mmu_notifier_invalidate_range_start,
@@ -469,11 +472,8 @@ def _make_device_exclusive_walk(machine: "Machine", mm: "MMStruct", addr: int, p
             continue
         r = mmu_notifier_range_init(MMU_NOTIFY.EXCLUSIVE, vma, om, oaddr, oaddr + x86.PAGE_SIZE, owner)
         yield from mmu_notifier_invalidate_range_start(r)
-        level, ptep, _ = om.pt.lookup(oaddr)
-        if level == "pte" and ptep is not None:
-            pudp = om.pt.walk_to_pud(oaddr)
-            assert pudp is not None
-            ptl = pte_lockptr(om, om.pt.pmd_offset(pudp, oaddr))
+        ptep, ptl = _pte_and_ptl(om, oaddr)
+        if ptep is not None:
             yield from sched.spin_lock(ptl)
             pte = machine.pool.get(ptep)
             if pte & x86._PAGE_PRESENT and x86.pte_pfn(pte) == page:

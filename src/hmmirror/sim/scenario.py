@@ -17,12 +17,13 @@ import copy
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypeVar
 
 from hmmirror.errors import InputError
 from hmmirror.sim.choices import Choices
 from hmmirror.sim.tomlw import dumps
 
+T = TypeVar("T")
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 _SIZE = re.compile(r"^(0x[0-9a-fA-F]+|\d+)\s*([KMG]?)(?:i?B)?$", re.I)
 _ADDR = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(?:([+-])\s*(.+))?$")
@@ -364,16 +365,20 @@ class GenCtx:
         for e in entries:
             f = self.weights.get(f"{table}:{e.name}", 1.0)
             ws.append(max(0, int(round(e.weight * 16 * f))))
-        total = sum(ws)
-        if total <= 0:
+        if sum(ws) <= 0:
             return None
-        r = self.c.below(total)
-        for e, w in zip(entries, ws):
+        e = self._by_weight(entries, ws)
+        self.features.append(f"{table}:{e.name}")
+        return e
+
+    def _by_weight(self, items: Sequence[T], ws: list[int]) -> T:
+        """One of ``items`` drawn in proportion to the integer weights ``ws`` (a positive total): one draw."""
+        r = self.c.below(sum(ws))
+        for item, w in zip(items, ws):
             if r < w:
-                self.features.append(f"{table}:{e.name}")
-                return e
+                return item
             r -= w
-        return entries[-1]
+        return items[-1]
 
     def choice(self, name: str, options: dict[str, int]) -> str:
         """One of ``options`` (name -> weight) by weight; steerable like a table entry (``weights["name:opt"]``
@@ -383,18 +388,11 @@ class GenCtx:
         for opt, w in options.items():
             f = self.weights.get(f"{name}:{opt}", 1.0)
             ws.append(max(0, int(round(w * 16 * f))))
-        total = sum(ws)
-        keys = list(options)
-        if total <= 0:
-            ws, total = [int(w) * 16 for w in options.values()], sum(options.values()) * 16
-        r = self.c.below(total)
-        for k, w in zip(keys, ws):
-            if r < w:
-                self.features.append(f"{name}:{k}")
-                return k
-            r -= w
-        self.features.append(f"{name}:{keys[-1]}")
-        return keys[-1]
+        if sum(ws) <= 0:
+            ws = [int(w) * 16 for w in options.values()]
+        k = self._by_weight(list(options), ws)
+        self.features.append(f"{name}:{k}")
+        return k
 
     def flip_as(self, name: str, num: int, den: int, yes: str, no: str) -> bool:
         """``c.flip(num, den)`` named as the choice ``name:yes|no``: the same draw as a plain flip unless the
@@ -420,14 +418,7 @@ class GenCtx:
             for o in seq:
                 opts[o] = opts.get(o, 0) + 1
             ws = [max(0, int(round(k * 16 * self.weights.get(f"{name}:{o}", 1.0)))) for o, k in opts.items()]
-            if sum(ws) <= 0:
-                v = self.c.pick(seq)
-            else:
-                r = self.c.below(sum(ws))
-                for v, w in zip(opts, ws):
-                    if r < w:
-                        break
-                    r -= w
+            v = self.c.pick(seq) if sum(ws) <= 0 else self._by_weight(list(opts), ws)
         self.features.append(f"{name}:{v}")
         return v
 
@@ -444,14 +435,9 @@ class GenCtx:
         # the more a mapping was used already, the likelier it is used again (operations meet on it)
         ws = [max(0, int(round(16 * (1 + len(self.spots.get(m.name, ()))) * self.weights.get(f"target:{m.kind}", 1.0))))
               for m in cands]
-        total = sum(ws)
-        if total <= 0:
-            ws, total = [1] * len(cands), len(cands)
-        r = self.c.below(total)
-        for m, w in zip(cands, ws):
-            if r < w:
-                break
-            r -= w
+        if sum(ws) <= 0:
+            ws = [1] * len(cands)
+        m = self._by_weight(cands, ws)
         self.features.append(f"target:{m.kind}")
         return m
 
