@@ -109,3 +109,16 @@ def build(scenario: SimScenario, strict: bool = True) -> SimRun:
 
 
 __all__ = ["DriverFinding", "build", "check_scenario", "replay_hint", "reproducer_toml"]
+
+
+def invalidations(machine: Any, since: int = 0, event: str = "CLEAR") -> list[tuple[str, int, int]]:
+    """``(mm, start, end)`` of every ``invalidate_range_start`` of ``event`` (an ``MMU_NOTIFY`` name) logged
+    since the event index ``since`` (``len(machine.events)`` taken before the step under test)."""
+    return [(e["mm"], e["start"], e["end"]) for e in machine.events[since:]
+            if e["what"] == "invalidate_range_start" and e["event"] == event]
+
+
+def present_pages(process: Any, addr: int, npages: int) -> list[int]:
+    """Indexes of the pages of ``[addr, addr + npages pages)`` that ``process`` maps present."""
+    return [i for i, s in enumerate(process.inspect(addr, npages * 4096)) if s.present]
+

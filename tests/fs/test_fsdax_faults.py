@@ -18,6 +18,7 @@ from hmmirror.errors import KernelError
 from hmmirror.fs.file import HOLE
 from hmmirror.include.mm_types import VM
 from hmmirror.mm.mm_struct import vma_is_dax
+from hmmirror.testing import invalidations as clears
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -33,11 +34,6 @@ def dax(machine: Machine):
 def entry(p, addr: int) -> tuple[str, int]:
     lvl, _, e = p.mm.pt.lookup(addr)
     return lvl, e
-
-
-def clears(machine: Machine, since: int = 0) -> list[tuple[str, int, int]]:
-    return [(e["mm"], e["start"], e["end"]) for e in machine.events[since:]
-            if e["what"] == "invalidate_range_start" and e["event"] == "CLEAR"]
 
 
 def invalidations(machine: Machine, since: int = 0) -> list[dict]:

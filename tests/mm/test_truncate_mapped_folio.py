@@ -27,17 +27,10 @@ from hmmirror.kernel import sched
 from hmmirror.mm.memory import handle_mm_fault
 from hmmirror.mm.page_alloc import PG
 from hmmirror.mm.truncate import truncate_inode_pages_range
+from hmmirror.testing import invalidations as clears
+from hmmirror.testing import present_pages as present
 
 P = 4096
-
-
-def clears(m: Machine, since: int) -> list[tuple[str, int, int]]:
-    return [(e["mm"], e["start"], e["end"]) for e in m.events[since:]
-            if e["what"] == "invalidate_range_start" and e["event"] == "CLEAR"]
-
-
-def present(p, addr: int, n: int) -> list[int]:
-    return [i for i, s in enumerate(p.inspect(addr, n * P)) if s.present]
 
 
 @pytest.mark.parametrize("kernel", ["5.2", "6.18"])

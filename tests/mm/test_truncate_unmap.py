@@ -15,18 +15,11 @@ from hmmirror.fs.file import HOLE
 from hmmirror.fs.super import vfs_fallocate_punch_hole
 from hmmirror.kernel import sched
 from hmmirror.mm.truncate import unmap_mapping_range
+from hmmirror.testing import invalidations as clears
+from hmmirror.testing import present_pages as present
 
 P = 4096
 BASE = 0x7F00_0000_0000
-
-
-def clears(m: Machine, since: int) -> list[tuple[str, int, int]]:
-    return [(e["mm"], e["start"], e["end"]) for e in m.events[since:]
-            if e["what"] == "invalidate_range_start" and e["event"] == "CLEAR"]
-
-
-def present(p, addr: int, n: int) -> list[int]:
-    return [i for i, s in enumerate(p.inspect(addr, n * P)) if s.present]
 
 
 @pytest.mark.parametrize("kernel", ["5.2", "6.18"])
