@@ -111,15 +111,20 @@ def _run_to_end(gen, task):
         sched.set_current(prev)
 
 
-@pytest.mark.parametrize("kernel", ["5.2", "6.18"])
-@pytest.mark.parametrize("retry", [False, True])
-def test_fault_into_a_hole_being_punched_waits_for_the_punch(kernel: str, retry: bool) -> None:
+def _shmem_written(kernel: str):
+    """A process ``p`` with eight written pages of a shared anonymous (shmem) mapping at ``a``."""
     m = Machine(kernel, ram=64 << 20)
     p = m.spawn("p")
     a = p.mmap(8 * P, "rw", ["shared", "anonymous"])
     p.touch(a, 8 * P, write=True)
     vma = p.mm.find_vma(a)
-    inode = vma.vm_file.inode
+    return m, p, a, vma, vma.vm_file.inode
+
+
+@pytest.mark.parametrize("kernel", ["5.2", "6.18"])
+@pytest.mark.parametrize("retry", [False, True])
+def test_fault_into_a_hole_being_punched_waits_for_the_punch(kernel: str, retry: bool) -> None:
+    m, p, a, vma, inode = _shmem_written(kernel)
     old = inode.i_mapping.find_page(2)
     puncher, cpu = sched.Task("punch"), sched.Task("cpu0")
     punch = shmem_punch_hole(inode, 0, 4 * P)
@@ -167,12 +172,7 @@ def test_fault_around_into_a_hole_being_punched_is_unmapped_by_the_truncation(ke
     """A read fault into the hole after the punch's unmap maps the still-cached pages through fault-around
     (filemap_map_pages does not look at ``i_private``); shmem_truncate_range then finds them mapped and
     unmaps them (truncate_cleanup_folio) before they leave the cache: nothing of the hole stays mapped."""
-    m = Machine(kernel, ram=64 << 20)
-    p = m.spawn("p")
-    a = p.mmap(8 * P, "rw", ["shared", "anonymous"])
-    p.touch(a, 8 * P, write=True)
-    vma = p.mm.find_vma(a)
-    inode = vma.vm_file.inode
+    m, p, a, vma, inode = _shmem_written(kernel)
     free0 = m.mem.nr_free_pages()
     puncher, cpu = sched.Task("punch"), sched.Task("cpu0")
     punch = shmem_punch_hole(inode, 0, 4 * P)
