@@ -89,42 +89,10 @@ def test_unbind_walk_zaps_a_page_a_concurrent_split_moves_to_a_new_vma(kernel: s
         [(first, first + 16 * PAGE_SIZE), (b, b + 16 * PAGE_SIZE), (b + 24 * PAGE_SIZE, b + 64 * PAGE_SIZE)])
 
 
-def test_a_new_mapping_of_the_device_enters_i_mmap_after_the_walk():
-    # vma_link_file() (mm/vma.c, 6.18): i_mmap_lock_write around the insert -- it waits for the walk
-    m = Machine("6.18", ram=256 * MiB)
-    m.add_pmem("pmem0", 16 * MiB, "devdax", PAGE_SIZE)
-    p = m.spawn("p")
-    first = p.mmap(16 * PAGE_SIZE, "r", ["shared"], file="/dev/dax0.0")
-    p.touch(first, PAGE_SIZE, write=False)
-    ops = _HoldFirst()
-    assert sched.run(mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, first, 16 * PAGE_SIZE, ops),
-                     p.mm.task) == 0
-    inode = p.mm.vma_lookup(first).vm_file.inode
-    file = p.mm.vma_lookup(first).vm_file
-    seen = []
-
-    def unbind(run):
-        yield from unmap_mapping_range(inode, 0, 0, True)
-        seen.append(("walk done", len(inode.i_mmap)))
-
-    def mapper(run):
-        from hmmirror.include.mm_types import MAP, PROT
-        from hmmirror.mm.mmap import vm_mmap
-        ops.go = True
-        addr = yield from vm_mmap(p.mm, 0, 16 * PAGE_SIZE, PROT.READ, MAP.SHARED, file)
-        seen.append(("mapped", addr > 0, len(inode.i_mmap)))
-
-    f, _eng = run_tasks(m, None, p.mm, [("cpu0", "cpu", unbind), ("cpu1", "cpu", mapper)],
-                        SwitchListScheduler([]), invariants=[], bind=False)
-    assert f is None, f.describe()
-    assert seen == [("walk done", 1), ("mapped", True, 2)], seen
-
-
-@pytest.mark.parametrize("kernel", ["6.12", "6.18"])
-def test_exit_mmap_unlinks_a_device_vma_only_after_the_walk(kernel: str):
-    # free_pgtables() -> unlink_file_vma_batch_process() (mm/vma.c, 6.18): i_mmap_lock_write before the page
-    # tables go, so a walk that holds the VMA in its list is done with it first
-    from hmmirror.kernel.fork import mmput
+def _unbind_walk_against(kernel: str, other) -> tuple[list, object, int]:
+    """kill_dev_dax()'s walk of a mapped device held in the first invalidation it sends, while the generator
+    ``other(p, file, seen)`` runs on a second CPU: what both recorded in ``seen``, in order; the process and
+    its mapping's address."""
     m = Machine(kernel, ram=256 * MiB)
     m.add_pmem("pmem0", 16 * MiB, "devdax", PAGE_SIZE)
     p = m.spawn("p")
@@ -133,49 +101,58 @@ def test_exit_mmap_unlinks_a_device_vma_only_after_the_walk(kernel: str):
     ops = _HoldFirst()
     assert sched.run(mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, a, 16 * PAGE_SIZE, ops),
                      p.mm.task) == 0
-    inode = p.mm.vma_lookup(a).vm_file.inode
-    seen = []
+    file = p.mm.vma_lookup(a).vm_file
+    seen: list = []
 
     def unbind(run):
-        yield from unmap_mapping_range(inode, 0, 0, True)
-        seen.append(("walk done", len(inode.i_mmap)))
+        yield from unmap_mapping_range(file.inode, 0, 0, True)
+        seen.append(("walk done", len(file.inode.i_mmap)))
 
-    def exiter(run):
+    def second(run):
         ops.go = True
-        yield from mmput(p.mm)                                 # the last user: exit_mmap
-        seen.append(("exit done", len(inode.i_mmap)))
+        yield from other(p, file, seen)
 
-    f, _eng = run_tasks(m, None, p.mm, [("cpu0", "cpu", unbind), ("cpu1", "cpu", exiter)],
+    f, _eng = run_tasks(m, None, p.mm, [("cpu0", "cpu", unbind), ("cpu1", "cpu", second)],
                         SwitchListScheduler([]), invariants=[], bind=False)
     assert f is None, f.describe()
+    return seen, p, a
+
+
+def test_a_new_mapping_of_the_device_enters_i_mmap_after_the_walk():
+    # vma_link_file() (mm/vma.c, 6.18): i_mmap_lock_write around the insert -- it waits for the walk
+    from hmmirror.include.mm_types import MAP, PROT
+    from hmmirror.mm.mmap import vm_mmap
+
+    def mapper(p, file, seen):
+        addr = yield from vm_mmap(p.mm, 0, 16 * PAGE_SIZE, PROT.READ, MAP.SHARED, file)
+        seen.append(("mapped", addr > 0, len(file.inode.i_mmap)))
+
+    seen, _p, _a = _unbind_walk_against("6.18", mapper)
+    assert seen == [("walk done", 1), ("mapped", True, 2)], seen
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "6.18"])
+def test_exit_mmap_unlinks_a_device_vma_only_after_the_walk(kernel: str):
+    # free_pgtables() -> unlink_file_vma_batch_process() (mm/vma.c, 6.18): i_mmap_lock_write before the page
+    # tables go, so a walk that holds the VMA in its list is done with it first
+    from hmmirror.kernel.fork import mmput
+
+    def exiter(p, file, seen):
+        yield from mmput(p.mm)                                 # the last user: exit_mmap
+        seen.append(("exit done", len(file.inode.i_mmap)))
+
+    seen, _p, _a = _unbind_walk_against(kernel, exiter)
     assert seen == [("walk done", 1), ("exit done", 0)], seen
 
 
 def test_fork_links_the_child_device_vma_only_after_the_walk():
     # dup_mmap() (kernel/fork.c, 6.18): i_mmap_lock_write around vma_interval_tree_insert_after(tmp, mpnt)
     from hmmirror.kernel.fork import dup_mm
-    m = Machine("6.18", ram=256 * MiB)
-    m.add_pmem("pmem0", 16 * MiB, "devdax", PAGE_SIZE)
-    p = m.spawn("p")
-    a = p.mmap(16 * PAGE_SIZE, "r", ["shared"], file="/dev/dax0.0")
-    p.touch(a, PAGE_SIZE, write=False)
-    ops = _HoldFirst()
-    assert sched.run(mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, a, 16 * PAGE_SIZE, ops),
-                     p.mm.task) == 0
-    inode = p.mm.vma_lookup(a).vm_file.inode
-    seen = []
 
-    def unbind(run):
-        yield from unmap_mapping_range(inode, 0, 0, True)
-        seen.append(("walk done", len(inode.i_mmap)))
-
-    def forker(run):
-        ops.go = True
+    def forker(p, file, seen):
         child = yield from dup_mm(p.mm, "c")
-        seen.append(("forked", not isinstance(child, int), len(inode.i_mmap)))
+        seen.append(("forked", not isinstance(child, int), len(file.inode.i_mmap)))
 
-    f, _eng = run_tasks(m, None, p.mm, [("cpu0", "cpu", unbind), ("cpu1", "cpu", forker)],
-                        SwitchListScheduler([]), invariants=[], bind=False)
-    assert f is None, f.describe()
+    seen, p, a = _unbind_walk_against("6.18", forker)
     assert seen == [("walk done", 1), ("forked", True, 2)], seen
     assert not _mapped(p, a)
