@@ -99,18 +99,6 @@ def _step_until(gen, task, pred, limit=10000):
     raise AssertionError("never reached")
 
 
-def _run_to_end(gen, task):
-    prev = sched.set_current(task)
-    try:
-        while True:
-            pt = next(gen)
-            assert pt.ready is None or pt.ready(), f"{task.name} blocked at {pt.what}"
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        sched.set_current(prev)
-
-
 def _shmem_written(kernel: str):
     """A process ``p`` with eight written pages of a shared anonymous (shmem) mapping at ``a``."""
     m = Machine(kernel, ram=64 << 20)
@@ -145,7 +133,7 @@ def test_fault_into_a_hole_being_punched_waits_for_the_punch(kernel: str, retry:
         return ret
 
     # a fault outside the hole goes on
-    assert _run_to_end(fault(a + 6 * P), cpu) == 0
+    assert sched.run(fault(a + 6 * P), cpu) == 0
     # a fault in it sleeps on the waitq, having dropped the mmap lock when it may retry
     f = fault(a + 2 * P)
     prev = sched.set_current(cpu)
@@ -156,9 +144,9 @@ def test_fault_into_a_hole_being_punched_waits_for_the_punch(kernel: str, retry:
     assert pt.what == "shmem_falloc_waitq"
     assert p.mm.mmap_sem.is_locked() is (not retry)
     assert inode.i_mapping.find_page(2) == old
-    assert _run_to_end(punch, puncher) == 0
+    assert sched.run(punch, puncher) == 0
     assert inode.private.get("shmem_falloc") is None and inode.i_mapping.find_page(2) == -1
-    ret = _run_to_end(f, cpu)
+    ret = sched.run(f, cpu)
     assert ret == (VM_FAULT.RETRY if retry else VM_FAULT.NOPAGE)
     assert not p.mm.mmap_sem.is_locked()
     assert inode.i_mapping.find_page(2) == -1 and present(p, a, 8) == [4, 5, 6, 7]
@@ -184,10 +172,10 @@ def test_fault_around_into_a_hole_being_punched_is_unmapped_by_the_truncation(ke
         sched.up_read(p.mm.mmap_sem)
         return ret
 
-    assert _run_to_end(fault(a + 2 * P), cpu) == VM_FAULT.NOPAGE      # mapped by fault-around
+    assert sched.run(fault(a + 2 * P), cpu) == VM_FAULT.NOPAGE      # mapped by fault-around
     assert present(p, a, 8) == list(range(8))
     ev0 = len(m.events)
-    assert _run_to_end(punch, puncher) == 0
+    assert sched.run(punch, puncher) == 0
     assert present(p, a, 8) == [4, 5, 6, 7]
     assert [inode.i_mapping.find_page(k) for k in range(4)] == [-1] * 4
     assert m.mem.nr_free_pages() - free0 == 4
@@ -231,10 +219,10 @@ def test_truncation_waits_for_a_fault_holding_the_page_lock(kernel: str, fstype:
     finally:
         sched.set_current(prev)
     assert pt.what == "truncate_inode_pages_range"               # folio_lock() of the faulted page
-    assert _run_to_end(f, cpu) == 0
+    assert sched.run(f, cpu) == 0
     assert p.inspect(a + 6 * P, P)[0].present                    # mapped, then unlocked
     ev0 = len(m.events)
-    assert _run_to_end(t, trunc) is None
+    assert sched.run(t, trunc) is None
     assert not p.inspect(a + 6 * P, P)[0].present
     # unmap_mapping_folio's CLEAR over the folio holding page 6 (a 4-page folio of the 6.18 ext4 file)
     assert any(mm == "p" and s <= a + 6 * P and a + 7 * P <= e for mm, s, e in clears(m, ev0))
