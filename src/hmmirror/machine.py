@@ -92,6 +92,8 @@ class Machine:
         self.events: list[dict[str, Any]] = []
         self.logging = True
         self.counters: Counter[str] = Counter()
+        #: device pages on which a CPU fault (do_swap_page) holds a reference across migrate_to_ram: page -> faults
+        self.swap_fault_pages: Counter[int] = Counter()
         self.mms: dict[str, MMStruct] = {}
         self.devices: dict[str, Any] = {}      # pmem devices by name, device-dax by /dev path
         self.mounts: dict[str, Any] = {}       # mount point -> filesystem

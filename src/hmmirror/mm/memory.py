@@ -911,15 +911,29 @@ def do_swap_page_device_private(vmf: VmFault, e: x86.SwpEntry) -> Gen[int]:
             return 0
         mem.get_page(page)
         sched.spin_unlock(ptl)
-        ret = yield from pgmap.ops.migrate_to_ram(vmf)
+        ret = yield from _migrate_to_ram_holding(machine, pgmap, vmf, page)
         folio_unlock(mem, page)
         mem.put_page(page)
         return ret
     mem.get_page(page)
     sched.spin_unlock(ptl)
-    ret = yield from pgmap.ops.migrate_to_ram(vmf)
+    ret = yield from _migrate_to_ram_holding(machine, pgmap, vmf, page)
     mem.put_page(page)
     return ret
+
+
+def _migrate_to_ram_holding(machine: Any, pgmap: Any, vmf: VmFault, page: int) -> Gen[int]:
+    """``pgmap->ops->migrate_to_ram(vmf)`` while do_swap_page holds its reference on ``page``: the fault's
+    reference is listed in ``machine.swap_fault_pages`` meanwhile (checks judge the page as it will be
+    once the fault has put it)."""
+    held = machine.swap_fault_pages
+    held[page] += 1
+    try:
+        return (yield from pgmap.ops.migrate_to_ram(vmf))
+    finally:
+        held[page] -= 1
+        if not held[page]:
+            del held[page]
 
 
 def remove_device_exclusive_entry(vmf: VmFault) -> Gen[int]:

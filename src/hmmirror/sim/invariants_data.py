@@ -412,7 +412,8 @@ class PagePlace:
     def _bad(self, pfns: np.ndarray, fault_page: int = -1) -> tuple[str, int] | None:
         """``(neither|both, pfn)`` of the first page of ``pfns`` out of place.  ``fault_page``: the page a CPU
         fault is migrating back (do_swap_page holds it locked, with one reference, until migrate_to_ram
-        returned: judged as it will be then)."""
+        returned: judged as it will be then); the references of other CPU faults still in migrate_to_ram
+        (``machine.swap_fault_pages``) are discounted the same way."""
         from hmmirror.mm.page_alloc import PG
 
         mem = self.machine.mem
@@ -425,6 +426,12 @@ class PagePlace:
             fp = pfns == fault_page
             ref = ref - fp
             locked &= ~fp
+        for p, n in getattr(self.machine, "swap_fault_pages", {}).items():
+            # the reference of a CPU fault in another task's migrate_to_ram on ``p`` (6.12's do_swap_page takes
+            # it without the page lock): judged as the page will be once that fault has put it
+            k = n - (p == fault_page)
+            if k > 0:
+                ref = ref - (pfns == p) * k
         neither = np.flatnonzero((ref <= 0) & (mc > 0))
         if neither.size:
             return "neither", int(pfns[neither[0]])
