@@ -207,17 +207,23 @@ def _run_event(run: Any, ev: dict[str, Any], kind: str, mm: Any, addr: Any) -> G
 
 # --- events ----------------------------------------------------------------------------------------------
 def thp_split(mm: Any, addr: int) -> Gen[int]:
-    """split_huge_pmd() of the PMD leaf mapping ``addr`` (deferred split / reclaim of a THP)."""
+    """split_huge_pmd() of the PMD leaf mapping ``addr``, under the mmap lock for read as its VMA-operation
+    callers hold it (madvise, mprotect, debugfs split_huge_pages_pid): a first mmu_interval_notifier_insert
+    (mm_take_all_locks, mmap lock for write) cannot start inside the split's invalidation."""
     from hmmirror.mm.huge_memory import __split_huge_pmd
 
-    vma = mm.vma_lookup(addr)
-    if vma is None:
-        return -ENOENT
-    level, p, e = mm.pt.lookup(addr)
-    if level != "pmd" or p is None or not x86.pmd_leaf(e):
-        return -EINVAL
-    yield from __split_huge_pmd(vma, p, addr)
-    return 0
+    yield from sched.down_read(mm.mmap_sem)
+    try:
+        vma = mm.vma_lookup(addr)
+        if vma is None:
+            return -ENOENT
+        level, p, e = mm.pt.lookup(addr)
+        if level != "pmd" or p is None or not x86.pmd_leaf(e):
+            return -EINVAL
+        yield from __split_huge_pmd(vma, p, addr)
+        return 0
+    finally:
+        sched.up_read(mm.mmap_sem)
 
 
 def _anon_pte(mm: Any, addr: int) -> tuple[Any, Any, int, int] | None:
