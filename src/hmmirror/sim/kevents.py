@@ -500,16 +500,20 @@ def memory_failure(mm: Any, addr: int) -> Gen[int]:
     (hwpoison_user_mappings(): collect_procs_anon() and try_to_unmap() each under the anon_vma root rwsem,
     read)."""
     addr &= ~(PAGE_SIZE - 1)
+    machine = mm.machine
+    mem = machine.mem
+    level, ptep, pte = mm.pt.lookup(addr)
+    if mm.vma_lookup(addr) is not None and level == "pte" and ptep is not None and pte & x86._PAGE_PRESENT \
+            and x86.pte_pfn(pte) < mem.nr_ram and mem.flags[x86.pte_pfn(pte)] & PG.hwpoison:
+        # TestSetPageHWPoison: set already (another memory_failure is handling it, holding its reference)
+        machine.log("memory_failure", mm=mm.name, addr=addr, pfn=x86.pte_pfn(pte), unmapped=False)
+        return -133                                   # -EHWPOISON "already hardware poisoned" (not unpoisoned)
     got = _anon_pte(mm, addr)
     if got is None:
         return (yield from _memory_failure_other(mm, addr))
     vma, ptep, pte, pfn = got
-    machine = mm.machine
-    mem = machine.mem
-    if mem.flags[pfn] & PG.hwpoison:                  # TestSetPageHWPoison: set already (another memory_failure
-        machine.log("memory_failure", mm=mm.name, addr=addr, pfn=pfn, unmapped=False)   # is handling it)
-        return -133                                   # -EHWPOISON "already hardware poisoned" (not unpoisoned)
     mem.flags[pfn] |= PG.hwpoison                     # TestSetPageHWPoison
+    mem.get_page(pfn)                                 # get_hwpoison_page(): memory_failure's own reference
     yield from sched.might_sleep("hwpoison_user_mappings")
     anon_vma = vma.anon_vma
     if anon_vma is not None:
@@ -527,6 +531,7 @@ def memory_failure(mm: Any, addr: int) -> Gen[int]:
     machine.log("memory_failure", mm=mm.name, addr=addr, pfn=pfn, unmapped=bool(done))
     if not done:
         mem.flags[pfn] &= _NOT_HWPOISON
+        mem.put_page(pfn)                             # put_page() of get_hwpoison_page's reference
     return 0 if done else -EAGAIN
 
 
@@ -548,7 +553,8 @@ def _try_to_unmap_hwpoison_one(mm: Any, vma: Any, addr: int, ptep: Any, pfn: int
         mem.flags[pfn] &= _NOT_HWPOISON
     if done:
         pool.set(ptep, x86.make_hwpoison_entry(pfn))
-        rmap.page_remove_rmap(mem, pfn)                # the mapping's reference stays with memory_failure
+        rmap.page_remove_rmap(mem, pfn)
+        mem.put_page(pfn)                              # the mapping's reference; get_hwpoison_page's stays
     sched.spin_unlock(ptl)
     yield from mmu_notifier_invalidate_range_end(r)
     return bool(done)
